@@ -1,0 +1,146 @@
+"""Pyro's autoguides behind one naming scheme: ``auto_<family>``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pyro import poutine
+from pyro.infer import autoguide
+from pyro.infer.autoguide import initialization as init
+
+from guides.spec import GuideSpec
+from vimodels.errors import OptionError, check_option
+
+INIT_LOC_FNS: dict[str, Callable] = {
+    "feasible": init.init_to_feasible,
+    "median": init.init_to_median,
+    "mean": init.init_to_mean,
+    "sample": init.init_to_sample,
+    "uniform": init.init_to_uniform,
+}
+
+
+def resolve_init_loc_fn(value: str | Callable | None) -> Callable | None:
+    """Map an ``init_loc_fn`` option (a name in :data:`INIT_LOC_FNS` or a callable)."""
+    if value is None or callable(value):
+        return value
+    if isinstance(value, str) and value.removeprefix("init_to_") in INIT_LOC_FNS:
+        return INIT_LOC_FNS[value.removeprefix("init_to_")]
+    raise OptionError(
+        f"init_loc_fn must be a callable or one of {', '.join(INIT_LOC_FNS)}, got {value!r}"
+    )
+
+
+def _hide(model: Callable, hidden: tuple[str, ...]) -> Callable:
+    return poutine.block(model, hide=list(hidden)) if hidden else model
+
+
+def _common(options: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "init_scale" in options:
+        value = options.pop("init_scale")
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        check_option("init_scale", value, kind=float, low=0.0, low_inclusive=False)
+        out["init_scale"] = value
+    if "init_loc_fn" in options:
+        fn = resolve_init_loc_fn(options.pop("init_loc_fn"))
+        if fn is not None:
+            out["init_loc_fn"] = fn
+    return out
+
+
+def _reject_rest(name: str, options: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    if options:
+        raise OptionError(
+            f"guide {name!r} does not take option(s) {', '.join(sorted(options))}; "
+            f"it takes: {', '.join(allowed) or 'no options'}"
+        )
+
+
+def _simple(cls: type, name: str, allowed: tuple[str, ...]):
+    def factory(model: Callable, data: dict, hidden: tuple[str, ...] = (), **options):
+        options = dict(options)
+        kwargs = _common(options)
+        if "init_scale" not in allowed:
+            kwargs.pop("init_scale", None)
+        _reject_rest(name, options, allowed)
+        return cls(_hide(model, hidden), **kwargs)
+
+    factory.__name__ = f"make_{name}"
+    return factory
+
+
+def _lowrank(model: Callable, data: dict, hidden: tuple[str, ...] = (), **options):
+    options = dict(options)
+    kwargs = _common(options)
+    if "rank" in options:
+        rank = options.pop("rank")
+        check_option("rank", rank, kind=int, low=1)
+        kwargs["rank"] = rank
+    _reject_rest("auto_lowrank_multivariate_normal", options,
+                 ("init_scale", "init_loc_fn", "rank"))
+    return autoguide.AutoLowRankMultivariateNormal(_hide(model, hidden), **kwargs)
+
+
+def _iaf(model: Callable, data: dict, hidden: tuple[str, ...] = (), **options):
+    options = dict(options)
+    kwargs = _common(options)
+    kwargs.pop("init_scale", None)
+    if "num_transforms" in options:
+        n = options.pop("num_transforms")
+        check_option("num_transforms", n, kind=int, low=1)
+        kwargs["num_transforms"] = n
+    if "hidden_dim" in options:
+        h = options.pop("hidden_dim")
+        hs = [h] if isinstance(h, int) else list(h)
+        for v in hs:
+            check_option("hidden_dim", v, kind=int, low=1)
+        kwargs["hidden_dim"] = hs
+    _reject_rest("auto_iaf_normal", options, ("init_loc_fn", "num_transforms", "hidden_dim"))
+    kwargs.setdefault("num_transforms", 2)
+    return autoguide.AutoIAFNormal(_hide(model, hidden), **kwargs)
+
+
+def _structured(model: Callable, data: dict, hidden: tuple[str, ...] = (), **options):
+    options = dict(options)
+    kwargs = _common(options)
+    for key in ("conditionals", "dependencies"):
+        if key in options:
+            kwargs[key] = options.pop(key)
+    _reject_rest("auto_structured", options,
+                 ("init_scale", "init_loc_fn", "conditionals", "dependencies"))
+    kwargs.setdefault("conditionals", "normal")
+    kwargs.setdefault("dependencies", "linear")
+    return autoguide.AutoStructured(_hide(model, hidden), **kwargs)
+
+
+_SCALE = ("init_scale", "init_loc_fn")
+
+AUTO_GUIDES: tuple[GuideSpec, ...] = (
+    GuideSpec("auto_normal", _simple(autoguide.AutoNormal, "auto_normal", _SCALE),
+              "AutoNormal: mean-field Normal per site in unconstrained space", options=_SCALE),
+    GuideSpec("auto_diagonal_normal",
+              _simple(autoguide.AutoDiagonalNormal, "auto_diagonal_normal", _SCALE),
+              "AutoDiagonalNormal: one diagonal Normal over all latents", options=_SCALE),
+    GuideSpec("auto_multivariate_normal",
+              _simple(autoguide.AutoMultivariateNormal, "auto_multivariate_normal", _SCALE),
+              "AutoMultivariateNormal: full-rank Gaussian over all latents", options=_SCALE),
+    GuideSpec("auto_lowrank_multivariate_normal", _lowrank,
+              "AutoLowRankMultivariateNormal: low-rank plus diagonal covariance",
+              options=(*_SCALE, "rank")),
+    GuideSpec("auto_iaf_normal", _iaf,
+              "AutoIAFNormal: inverse autoregressive normalizing flow",
+              options=("init_loc_fn", "num_transforms", "hidden_dim")),
+    GuideSpec("auto_delta", _simple(autoguide.AutoDelta, "auto_delta", ("init_loc_fn",)),
+              "AutoDelta: point estimate (MAP); its ELBO omits entropy",
+              options=("init_loc_fn",)),
+    GuideSpec("auto_laplace",
+              _simple(autoguide.AutoLaplaceApproximation, "auto_laplace", ("init_loc_fn",)),
+              "AutoLaplaceApproximation: MAP, then a Gaussian from the Hessian",
+              options=("init_loc_fn",)),
+    GuideSpec("auto_structured", _structured,
+              "AutoStructured: Normal conditionals with linear dependencies between sites",
+              options=(*_SCALE, "conditionals", "dependencies")),
+)

@@ -1,0 +1,43 @@
+"""The guide interface: a named factory and what it applies to."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+GuideFactory = Callable[..., Callable[..., Any]]
+
+
+@dataclass(frozen=True)
+class GuideSpec:
+    """A registered guide.
+
+    Attributes
+    ----------
+    name : str
+        Registry name, snake_case (``auto_*`` for Pyro autoguides).
+    factory : callable
+        ``factory(model, data, **options) -> guide``; the guide is called as ``guide(**data)``.
+    description : str
+        One line shown by ``vimodels list``.
+    families : tuple of str or None
+        Model families the guide is written for; ``None`` means any model.
+    discrete : bool
+        Whether the guide can serve a model with discrete latent sites
+        (by hiding them for enumeration).
+    options : tuple of str
+        Options the factory accepts.
+    """
+
+    name: str
+    factory: GuideFactory
+    description: str
+    families: tuple[str, ...] | None = None
+    discrete: bool = True
+    options: tuple[str, ...] = ()
+
+    @property
+    def generic(self) -> bool:
+        """True for guides that apply to any model."""
+        return self.families is None

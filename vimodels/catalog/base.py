@@ -1,0 +1,156 @@
+"""The catalog entry contract.
+
+A catalog *entry* binds a Pyro model function (a *family*) to one data set.
+Entries are frozen dataclasses; building one never reads data: the loader
+runs the first time :meth:`CatalogEntry.data` is called and is cached.
+
+Model functions take their data as keyword arguments (``model(**data)``), with
+observed values among them; passing ``None`` for an observed value turns the
+model into its prior predictive. Tensor-valued data is passed positionally by
+the fitting code so that models can be JIT-compiled.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+DataDict = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NutsSettings:
+    """Settings under which an entry's NUTS reference passes its checks.
+
+    Attributes
+    ----------
+    num_warmup, num_samples : int
+        Warm-up and kept draws per chain.
+    num_chains : int
+        Independent chains (run in parallel processes where cores allow).
+    target_accept_prob : float
+        Dual-averaging target acceptance.
+    max_tree_depth : int
+        NUTS maximum tree depth.
+    jit_compile : bool
+        Whether the model's potential may be JIT-compiled.
+    """
+
+    num_warmup: int = 500
+    num_samples: int = 500
+    num_chains: int = 4
+    target_accept_prob: float = 0.8
+    max_tree_depth: int = 10
+    jit_compile: bool = True
+
+
+@dataclass(frozen=True)
+class ExactPosterior:
+    """Closed-form posterior of an entry, for validating everything else.
+
+    Attributes
+    ----------
+    mean : dict of str to ndarray
+        Posterior mean of each site of interest, in the site's shape.
+    sd : dict of str to ndarray
+        Posterior standard deviation of each site, in the site's shape.
+    cov : ndarray or None
+        Joint covariance of the flattened, concatenated sites of interest
+        (order of ``sites``), shape ``(D, D)``, where Gaussian.
+    log_evidence : float or None
+        Exact ``log p(data)`` in nats.
+    sampler : callable or None
+        ``sampler(n, rng) -> dict[str, ndarray]`` exact draws with a leading axis ``n``.
+    """
+
+    mean: Mapping[str, np.ndarray]
+    sd: Mapping[str, np.ndarray]
+    cov: np.ndarray | None = None
+    log_evidence: float | None = None
+    sampler: Callable[[int, np.random.Generator], dict[str, np.ndarray]] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class CatalogEntry:
+    """A model bound to its data, with what is worth checking.
+
+    Attributes
+    ----------
+    name : str
+        Unique snake_case name, ``<dataset>_<family>``.
+    description : str
+        One line: what the model is, the data's provenance and units.
+    model : callable
+        Pyro model, called as ``model(**data)``.
+    loader : callable
+        ``loader() -> dict`` returning the data (tensors and static options).
+    sites : tuple of str
+        Sites of interest (latent or deterministic) reported by metrics.
+    family : str
+        Key under which hand-written guides are registered.
+    observed : tuple of str
+        Names of data entries that are observed values (set to ``None`` for prediction).
+    discrete : bool
+        True if the model has discrete latent sites (only the ``enum`` ELBO applies).
+    amortized : bool
+        True if the default guide is an amortized encoder.
+    nuts : NutsSettings
+        Settings for the reference sampler.
+    exact : callable or None
+        ``exact(data) -> ExactPosterior`` where the posterior is known in closed form.
+    default_guides : tuple of str
+        Guides compared by default.
+    max_plate_nesting : int or None
+        Plate depth, when it cannot be guessed by a trace.
+    options : dict
+        Static keyword arguments for the model (e.g. number of components).
+    """
+
+    name: str
+    description: str
+    model: Callable[..., Any]
+    loader: Callable[[], DataDict]
+    sites: tuple[str, ...]
+    family: str
+    observed: tuple[str, ...] = ()
+    discrete: bool = False
+    amortized: bool = False
+    nuts: NutsSettings = field(default_factory=NutsSettings)
+    exact: Callable[[DataDict], ExactPosterior] | None = None
+    default_guides: tuple[str, ...] = ("mean_field", "full_rank")
+    max_plate_nesting: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def data(self) -> DataDict:
+        """Load (once) and return the data dict; tensors are shared, do not mutate."""
+        with self._lock:
+            if "data" not in self._cache:
+                loaded = dict(self.loader())
+                loaded.update(self.options)
+                self._cache["data"] = loaded
+            return dict(self._cache["data"])
+
+    @property
+    def data_loaded(self) -> bool:
+        """Whether the loader has run."""
+        return "data" in self._cache
+
+    def exact_posterior(self) -> ExactPosterior | None:
+        """Return the closed-form posterior, or None when not known."""
+        if self.exact is None:
+            return None
+        if "exact" not in self._cache:
+            self._cache["exact"] = self.exact(self.data())
+        return self._cache["exact"]
+
+
+def as_tensor(x: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Convert array-like data to a tensor of ``dtype`` (default float32, Pyro's default)."""
+    return torch.as_tensor(np.asarray(x), dtype=dtype)

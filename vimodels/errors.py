@@ -1,0 +1,73 @@
+"""Exception types raised for user mistakes.
+
+Every error a user can cause derives from :class:`VimodelsError`, so the
+command line can turn it into one line and exit code 2 while genuine bugs
+still show a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class VimodelsError(ValueError):
+    """Base class of every error caused by user input."""
+
+
+class UnknownNameError(VimodelsError, KeyError):
+    """A model, guide or ELBO name that is not registered."""
+
+    def __init__(self, kind: str, name: object, valid: Iterable[str]):
+        self.kind = kind
+        self.name = name
+        self.valid = sorted(valid)
+        super().__init__(
+            f"unknown {kind} {name!r}; valid {kind}s are: {', '.join(self.valid)}"
+        )
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return self.args[0]
+
+
+class DataError(VimodelsError):
+    """Data that is missing, mis-shaped, of the wrong dtype or not finite."""
+
+
+class OptionError(VimodelsError):
+    """An option of the wrong type or out of its valid range."""
+
+
+class IncompatibleError(VimodelsError):
+    """A guide or ELBO that cannot be used with the given model."""
+
+
+class OutputError(VimodelsError):
+    """An output location that cannot be written."""
+
+
+def check_option(name: str, value: object, *, kind: type | tuple[type, ...], low=None,
+                 low_inclusive: bool = True, high=None) -> None:
+    """Raise :class:`OptionError` unless ``value`` has the type and range required.
+
+    Parameters
+    ----------
+    name : str
+        Option name used in the message.
+    value : object
+        The value given by the user.
+    kind : type or tuple of types
+        Accepted types (``bool`` is never accepted for numeric options).
+    low, high : number, optional
+        Bounds; ``low`` is inclusive unless ``low_inclusive`` is False, ``high`` inclusive.
+    """
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise OptionError(f"{name} must be {names}, got {value!r} ({type(value).__name__})")
+    if low is not None:
+        bad = value < low if low_inclusive else value <= low
+        if bad:
+            op = ">=" if low_inclusive else ">"
+            raise OptionError(f"{name} must be {op} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise OptionError(f"{name} must be <= {high}, got {value!r}")

@@ -1,0 +1,555 @@
+"""The SVI fit loop and its immutable result.
+
+``fit`` accepts a catalog name, a :class:`CatalogEntry` or a user's Pyro model
+with a data dict, builds the guide and ELBO by name, and runs Adam with:
+
+- a seed (same seed, same losses on CPU) and one torch thread by default
+  (small models run many times slower with two threads on a loaded 2-core
+  machine; pass ``num_threads`` to change it);
+- Pyro validation on for the first step and off in the hot loop;
+- JIT-compiled ELBOs where valid, falling back with a one-line message;
+- a statistical convergence rule (:mod:`vimodels.convergence`);
+- a guard that stops at the first non-finite loss or gradient, keeping the
+  last good parameters, and a Ctrl-C handler that keeps the partial result.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import Predictive, config_enumerate
+from pyro.infer.autoguide import AutoLaplaceApproximation
+from pyro.infer.util import zero_grads
+from pyro.poutine.util import site_is_subsample
+
+import guides as guide_registry
+from vimodels import elbos as elbo_registry
+from vimodels.catalog.base import CatalogEntry
+from vimodels.catalog.registry import get_model
+from vimodels.convergence import ConvergenceRule, is_flat
+from vimodels.data import prepare_data, trace_check
+from vimodels.errors import IncompatibleError, OptionError, check_option
+from vimodels.weights import elbo_estimate, log_weights
+
+CONVERGED = "converged"
+MAX_STEPS = "max_steps"
+NONFINITE = "nonfinite"
+INTERRUPTED = "interrupted"
+
+
+class Bound:
+    """``fn(**data)`` exposed as ``fn(*tensors)`` with the non-tensor data bound.
+
+    JIT-compiled ELBOs need tensor inputs positionally; this adapter keeps the
+    catalog's keyword contract for model and guide alike.
+    """
+
+    def __init__(self, fn: Callable, tensor_keys: tuple[str, ...], static: Mapping[str, Any]):
+        self.fn = fn
+        self.tensor_keys = tensor_keys
+        self.static = dict(static)
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+
+    def __call__(self, *tensors: torch.Tensor):
+        return self.fn(**dict(zip(self.tensor_keys, tensors)), **self.static)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a fit produced. Immutable; parameters are kept in their own store state.
+
+    Attributes
+    ----------
+    model_name, guide_name, elbo_name : str
+    losses : ndarray, shape (num_steps,)
+        Loss (negative objective, nats) per step.
+    elbo, elbo_se : float
+        ELBO estimate (nats) from ``num_eval`` draws and its standard error.
+    params : dict of str to ndarray
+        Constrained parameter values.
+    status : str
+        ``converged``, ``max_steps``, ``nonfinite`` or ``interrupted``.
+    converged : bool
+        Whether the stopping rule declared convergence.
+    num_steps : int
+        Steps completed (excluding a failed one).
+    wall_time : float
+        Seconds spent in the loop.
+    seed : int
+    settings : dict
+        Settings actually used (ELBO class, particles, JIT, threads, guide options...).
+    message : str
+        One-line account of how the fit ended.
+    sites : tuple of str
+        Sites returned by :meth:`sample`.
+    """
+
+    model_name: str
+    guide_name: str
+    elbo_name: str
+    losses: np.ndarray
+    elbo: float
+    elbo_se: float
+    params: dict[str, np.ndarray]
+    status: str
+    converged: bool
+    num_steps: int
+    wall_time: float
+    seed: int
+    settings: dict[str, Any]
+    message: str
+    sites: tuple[str, ...]
+    entry: CatalogEntry | None = field(repr=False, default=None)
+    model: Callable = field(repr=False, default=None)
+    guide: Callable = field(repr=False, default=None)
+    args: tuple = field(repr=False, default=())
+    data: dict = field(repr=False, default_factory=dict)
+    param_state: dict = field(repr=False, default_factory=dict)
+    max_plate_nesting: int = 1
+    discrete_sites: tuple[str, ...] = ()
+    site_shapes: dict[str, tuple[int, ...]] = field(repr=False, default_factory=dict)
+
+    @property
+    def partial(self) -> bool:
+        """True when the fit was interrupted or stopped on a non-finite loss."""
+        return self.status in (INTERRUPTED, NONFINITE)
+
+    def sample(self, num_samples: int = 1000, seed: int | None = None,
+               sites: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Draw from the fitted guide.
+
+        Parameters
+        ----------
+        num_samples : int
+            Number of draws.
+        seed : int, optional
+            Defaults to the fit's seed + 1.
+        sites : tuple of str, optional
+            Defaults to the sites of interest.
+
+        Returns
+        -------
+        dict of str to ndarray
+            Each array has shape ``(num_samples, *site_shape)``, constrained space.
+        """
+        check_option("num_samples", num_samples, kind=int, low=1)
+        sites = tuple(sites or self.sites)
+        pyro.set_rng_seed(self.seed + 1 if seed is None else seed)
+        with pyro.get_param_store().scope(self.param_state), torch.no_grad():
+            try:
+                pred = Predictive(self.model, guide=self.guide, num_samples=num_samples,
+                                  return_sites=list(sites), parallel=True)
+                out = pred(*self.args)
+            except (RuntimeError, ValueError, IndexError):
+                pred = Predictive(self.model, guide=self.guide, num_samples=num_samples,
+                                  return_sites=list(sites), parallel=False)
+                out = pred(*self.args)
+        result = {}
+        for name in sites:
+            if name not in out:
+                continue
+            value = out[name].detach().double().numpy()
+            shape = self.site_shapes.get(name)
+            if shape is None or value.size != num_samples * int(np.prod(shape)):
+                shape = value.shape[1:]
+            result[name] = value.reshape((num_samples, *shape))
+        return result
+
+    def log_weights(self, num_samples: int = 1000, seed: int | None = None) -> np.ndarray:
+        """``log p(x, z) - log q(z)`` for ``num_samples`` guide draws, shape ``(num_samples,)``."""
+        pyro.set_rng_seed(self.seed + 2 if seed is None else seed)
+        with pyro.get_param_store().scope(self.param_state):
+            return log_weights(_kw(self.model), _kw(self.guide), self._kwargs(), num_samples,
+                               self.max_plate_nesting, discrete=bool(self.discrete_sites))
+
+    def _kwargs(self) -> dict:
+        return {f"_{i}": a for i, a in enumerate(self.args)}
+
+    def to_inference_data(self, num_samples: int = 1000, seed: int | None = None):
+        """ArviZ InferenceData of guide draws (see :mod:`diagnostics.convert`)."""
+        from diagnostics.convert import fit_to_inference_data
+
+        return fit_to_inference_data(self, num_samples=num_samples, seed=seed)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly summary: names, status, ELBO, timing and settings."""
+        return {
+            "model": self.model_name, "guide": self.guide_name, "elbo_name": self.elbo_name,
+            "status": self.status, "converged": self.converged, "message": self.message,
+            "num_steps": self.num_steps, "final_loss": float(self.losses[-1])
+            if len(self.losses) else None,
+            "elbo": self.elbo, "elbo_se": self.elbo_se, "wall_time_s": self.wall_time,
+            "seed": self.seed, "settings": _jsonable(self.settings),
+        }
+
+
+def _kw(bound: Bound) -> Callable:
+    """Call a positional ``Bound`` with ``_0``, ``_1``... keyword arguments."""
+
+    def fn(**kwargs):
+        return bound(*(kwargs[f"_{i}"] for i in range(len(kwargs))))
+
+    fn.__name__ = getattr(bound, "__name__", "fn")
+    return fn
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if callable(obj):
+        return getattr(obj, "__name__", repr(obj))
+    return repr(obj)
+
+
+def _latent_sites(tr: poutine.Trace) -> dict[str, dict]:
+    return {n: s for n, s in tr.nodes.items() if s["type"] == "sample"
+            and not s["is_observed"] and not s["infer"].get("is_auxiliary")
+            and not site_is_subsample(s)}
+
+
+def discrete_sites(tr: poutine.Trace) -> tuple[str, ...]:
+    """Latent sites with discrete support in a model trace."""
+    return tuple(n for n, s in _latent_sites(tr).items()
+                 if getattr(s["fn"], "support", None) is not None and s["fn"].support.is_discrete)
+
+
+def plate_depth(tr: poutine.Trace) -> int:
+    """Deepest vectorized plate dimension used in a trace (0 when none)."""
+    depth = 0
+    for site in tr.nodes.values():
+        if site["type"] == "sample":
+            for f in site["cond_indep_stack"]:
+                if f.vectorized:
+                    depth = max(depth, -f.dim)
+    return depth
+
+
+def check_guide_matches(model_tr: poutine.Trace, guide: Callable, args: tuple,
+                        hidden: tuple[str, ...], guide_name: str, model_name: str) -> None:
+    """Raise IncompatibleError unless the guide's sites are the model's latent sites."""
+    try:
+        with poutine.block():
+            guide_tr = poutine.trace(guide).get_trace(*args)
+    except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as exc:
+        raise IncompatibleError(
+            f"guide {guide_name!r} fails on model {model_name!r}: {exc}") from exc
+    latent = set(_latent_sites(model_tr)) - set(hidden)
+    guided = set(_latent_sites(guide_tr))
+    missing, extra = sorted(latent - guided), sorted(guided - latent)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"model sites not in the guide: {', '.join(missing)}")
+        if extra:
+            parts.append(f"guide sites not in the model: {', '.join(extra)}")
+        raise IncompatibleError(
+            f"guide {guide_name!r} does not fit model {model_name!r} ({'; '.join(parts)})")
+
+
+def _resolve_model(model: str | CatalogEntry | Callable, data: Mapping | None
+                   ) -> tuple[CatalogEntry | None, Callable, dict, str]:
+    if isinstance(model, str):
+        entry = get_model(model)
+    elif isinstance(model, CatalogEntry):
+        entry = model
+    elif callable(model):
+        name = getattr(model, "__name__", "user_model")
+        return None, model, prepare_data(model, data), name
+    else:
+        raise OptionError(
+            f"model must be a catalog name, a CatalogEntry or a Pyro model function, "
+            f"got {type(model).__name__}")
+    base = entry.data()
+    if data is not None:
+        base.update(data)
+    return entry, entry.model, prepare_data(entry.model, base), entry.name
+
+
+def fit(
+    model: str | CatalogEntry | Callable,
+    data: Mapping[str, Any] | None = None,
+    *,
+    guide: str | Callable = "auto_normal",
+    elbo: str = "trace",
+    num_steps: int = 2000,
+    lr: float = 0.01,
+    num_particles: int | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+    vectorize_particles: bool = True,
+    jit: bool | None = None,
+    num_threads: int | None = 1,
+    guide_options: Mapping[str, Any] | None = None,
+    elbo_options: Mapping[str, Any] | None = None,
+    convergence: ConvergenceRule | None = None,
+    num_eval: int = 1000,
+    sites: tuple[str, ...] | None = None,
+    validate_first_step: bool = True,
+) -> FitResult:
+    """Fit a guide to a model with SVI.
+
+    Parameters
+    ----------
+    model : str, CatalogEntry or callable
+        A catalog name (see ``vimodels list``), an entry, or a Pyro model called
+        as ``model(**data)``.
+    data : dict, optional
+        Data for a user model; for a catalog entry, overrides of its data.
+    guide : str or callable
+        Registered guide name (``auto_*`` apply to any model) or a guide function
+        called as ``guide(**data)``.
+    elbo : str
+        ELBO name (see :data:`vimodels.elbos.ELBOS`).
+    num_steps : int
+        Maximum Adam steps.
+    lr : float
+        Adam learning rate.
+    num_particles : int, optional
+        Particles per step (K for ``iwae``); the ELBO's default when omitted.
+    seed : int
+        Seed for Pyro, torch and numpy.
+    progress : bool, optional
+        Show a progress bar; default: only when stderr is a terminal.
+    vectorize_particles : bool
+        Vectorize particles where the ELBO supports it.
+    jit : bool, optional
+        JIT-compile the ELBO; default on where a JIT variant exists (falls back
+        with a one-line message when the model cannot be traced).
+    num_threads : int or None
+        Torch intra-op threads during the fit (1 by default; None leaves torch's).
+    guide_options, elbo_options : dict, optional
+        Passed to the guide factory and the ELBO.
+    convergence : ConvergenceRule, optional
+        Stopping rule; default :class:`ConvergenceRule()`.
+    num_eval : int
+        Draws for the final ELBO estimate.
+    sites : tuple of str, optional
+        Sites to report; defaults to the entry's sites of interest, or every
+        latent and deterministic site of a user model.
+    validate_first_step : bool
+        Run the first step with Pyro validation on.
+
+    Returns
+    -------
+    FitResult
+    """
+    check_option("num_steps", num_steps, kind=int, low=1)
+    if isinstance(lr, int) and not isinstance(lr, bool):
+        lr = float(lr)
+    check_option("lr", lr, kind=float, low=0.0, low_inclusive=False)
+    check_option("seed", seed, kind=int, low=0)
+    check_option("num_eval", num_eval, kind=int, low=2)
+    if num_particles is not None:
+        check_option("num_particles", num_particles, kind=int, low=1)
+    if num_threads is not None:
+        check_option("num_threads", num_threads, kind=int, low=1)
+    rule = convergence or ConvergenceRule()
+    elbo_spec = elbo_registry.get_elbo_spec(elbo)
+
+    entry, model_fn, data_dict, model_name = _resolve_model(model, data)
+    tensor_keys = tuple(k for k, v in data_dict.items() if isinstance(v, torch.Tensor))
+    static = {k: v for k, v in data_dict.items() if k not in tensor_keys}
+    args = tuple(data_dict[k] for k in tensor_keys)
+
+    model_tr = trace_check(model_fn, data_dict, model_name)
+    hidden = discrete_sites(model_tr)
+    if hidden and not elbo_spec.discrete:
+        raise IncompatibleError(
+            f"model {model_name!r} has discrete latent site(s) {', '.join(hidden)}; only the "
+            f"'enum' ELBO sums them out (others would sample them from the prior). "
+            f"Use elbo='enum'")
+    depth = plate_depth(model_tr)
+    if entry is not None and entry.max_plate_nesting is not None:
+        depth = max(depth, entry.max_plate_nesting)
+    if sites is None:
+        if entry is not None:
+            sites = entry.sites
+        else:
+            sites = tuple(n for n, s in model_tr.nodes.items()
+                          if (s["type"] == "sample" and not s["is_observed"]
+                              and n not in hidden and not site_is_subsample(s))
+                          or (s["type"] == "sample" and s["infer"].get("_deterministic")))
+    model_kw = config_enumerate(model_fn, default="parallel") if hidden else model_fn
+    bound_model = Bound(model_kw, tensor_keys, static)
+
+    guide_opts = dict(guide_options or {})
+    elbo_opts = dict(elbo_options or {})
+    use_jit = elbo_spec.jit if jit is None else bool(jit and elbo_spec.jit)
+    threads_before = torch.get_num_threads()
+    if progress is None:
+        progress = sys.stderr.isatty()
+
+    def build(jit_now: bool):
+        if callable(guide) and not isinstance(guide, str):
+            g = Bound(guide, tensor_keys, static)
+            gname = getattr(guide, "__name__", "user_guide")
+        else:
+            family = entry.family if entry is not None else None
+            made = guide_registry.make_guide(guide, bound_model if guide_registry.get_guide_spec(
+                guide, family).generic else model_kw, data_dict, family=family,
+                hidden=hidden, **guide_opts)
+            g = made if guide_registry.get_guide_spec(guide, family).generic else Bound(
+                made, tensor_keys, static)
+            gname = guide
+        loss = elbo_registry.make_elbo(elbo, num_particles=num_particles,
+                                       vectorize_particles=vectorize_particles, jit=jit_now,
+                                       max_plate_nesting=depth, **elbo_opts)
+        return g, gname, loss
+
+    settings: dict[str, Any] = {}
+    with pyro.get_param_store().scope() as state:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        try:
+            pyro.set_rng_seed(seed)
+            guide_fn, guide_name, loss_fn = build(use_jit)
+            check_guide_matches(model_tr, guide_fn, args, hidden, guide_name, model_name)
+            optim = pyro.optim.Adam({"lr": lr})
+            jit_note = None
+            pyro.set_rng_seed(seed)
+            t0 = time.perf_counter()
+            losses: list[float] = []
+            status, message = MAX_STEPS, ""
+            window = rule.resolve_window(num_steps)
+            flat_checks = 0
+            converged = False
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=num_steps, desc=f"{model_name}/{guide_name}/{elbo}",
+                           file=sys.stderr, leave=False)
+            try:
+                for step in range(num_steps):
+                    validate = validate_first_step and step == 0
+                    try:
+                        with pyro.validation_enabled(validate):
+                            loss, finite = _step(bound_model, guide_fn, loss_fn, optim, args)
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as exc:  # JIT tracing failures vary widely
+                        if step == 0 and use_jit:
+                            jit_note = (f"JIT unavailable for {model_name}/{guide_name}/{elbo} "
+                                        f"({type(exc).__name__}); using the Python ELBO")
+                            print(jit_note, file=sys.stderr)
+                            use_jit = False
+                            pyro.get_param_store().clear()
+                            pyro.set_rng_seed(seed)
+                            guide_fn, guide_name, loss_fn = build(False)
+                            optim = pyro.optim.Adam({"lr": lr})
+                            with pyro.validation_enabled(validate):
+                                loss, finite = _step(bound_model, guide_fn, loss_fn, optim,
+                                                     args)
+                        else:
+                            raise
+                    if not finite:
+                        status = NONFINITE
+                        message = (f"stopped at step {step}: the loss or a gradient was "
+                                   f"{loss} (non-finite); kept the parameters of step "
+                                   f"{step - 1}")
+                        break
+                    losses.append(loss)
+                    if bar is not None:
+                        bar.update(1)
+                        if step % 50 == 0:
+                            bar.set_postfix(loss=f"{loss:.4g}")
+                    if (step + 1) % window == 0 and is_flat(np.asarray(losses), window, rule):
+                        flat_checks += 1
+                        if flat_checks >= rule.patience:
+                            converged = True
+                            if rule.early_stop:
+                                status = CONVERGED
+                                message = (f"converged at step {step + 1}: no significant "
+                                           f"improvement over {rule.patience} windows of "
+                                           f"{window} steps")
+                                break
+                    elif (step + 1) % window == 0:
+                        flat_checks = 0
+            except KeyboardInterrupt:
+                status = INTERRUPTED
+                message = f"interrupted at step {len(losses)}; kept the parameters learned"
+            finally:
+                if bar is not None:
+                    bar.close()
+            wall = time.perf_counter() - t0
+            if status == MAX_STEPS:
+                message = (f"ran all {num_steps} steps; "
+                           + ("the loss had flattened" if converged
+                              else "the loss was still improving (not converged)"))
+            sample_guide = guide_fn
+            if isinstance(guide_fn, AutoLaplaceApproximation) and status != NONFINITE \
+                    and losses:
+                sample_guide = guide_fn.laplace_approximation(*args)
+            settings = {
+                "guide": guide_name, "guide_options": guide_opts, "elbo": elbo,
+                "elbo_class": type(getattr(loss_fn, "inner", loss_fn)).__name__,
+                "elbo_options": elbo_opts, "num_particles": loss_fn.num_particles,
+                "vectorize_particles": bool(getattr(loss_fn, "vectorize_particles", False)),
+                "jit": use_jit, "jit_note": jit_note, "num_steps_max": num_steps,
+                "lr": lr, "optimizer": "Adam", "num_threads": torch.get_num_threads(),
+                "max_plate_nesting": depth, "discrete_sites": list(hidden),
+                "convergence": {"window": window, "z": rule.z, "rtol": rule.rtol,
+                                "patience": rule.patience, "early_stop": rule.early_stop},
+                "num_eval": num_eval, "versions": versions(),
+            }
+            pyro.set_rng_seed(seed + 3)
+            if losses:
+                with torch.no_grad():
+                    log_w = log_weights(_kw(bound_model), _kw(sample_guide),
+                                        {f"_{i}": a for i, a in enumerate(args)}, num_eval,
+                                        depth, discrete=bool(hidden))
+                est, se = elbo_estimate(log_w)
+            else:
+                est, se = math.nan, math.nan
+        finally:
+            torch.set_num_threads(threads_before)
+        params = {name: pyro.param(name).detach().double().numpy().copy()
+                  for name in pyro.get_param_store().keys()}
+    return FitResult(
+        model_name=model_name, guide_name=guide_name, elbo_name=elbo,
+        losses=np.asarray(losses, dtype=float), elbo=est, elbo_se=se, params=params,
+        status=status, converged=converged, num_steps=len(losses), wall_time=wall, seed=seed,
+        settings=settings, message=message, sites=tuple(sites), entry=entry, model=bound_model,
+        guide=sample_guide, args=args, data=data_dict, param_state=state,
+        max_plate_nesting=depth, discrete_sites=hidden,
+        site_shapes={n: tuple(s["value"].shape) for n, s in model_tr.nodes.items()
+                     if s["type"] == "sample" and isinstance(s["value"], torch.Tensor)},
+    )
+
+
+def _step(model: Callable, guide: Callable, loss_fn: Any, optim: Any, args: tuple
+          ) -> tuple[float, bool]:
+    """One SVI step that refuses to apply non-finite gradients."""
+    with poutine.trace(param_only=True) as capture:
+        loss = loss_fn.loss_and_grads(model, guide, *args)
+    params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+    loss = float(loss)
+    finite = math.isfinite(loss) and all(
+        p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+    if finite:
+        optim(params)
+    zero_grads(params)
+    return loss, finite
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that shape numerical results."""
+    import arviz
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "pyro": pyro.__version__, "numpy": np.__version__, "arviz": arviz.__version__}
