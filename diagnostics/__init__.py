@@ -1,0 +1,1 @@
+"""Diagnostics: NUTS reference, comparison metrics, ArviZ export and reports."""

@@ -1,0 +1,111 @@
+"""``vimodels list``, ``fit`` and ``check``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vimodels.io import atomic_write_json, ensure_dir, safe_name
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the basic subcommands."""
+    p = sub.add_parser("list", help="list models, guides and ELBOs")
+    p.add_argument("what", nargs="?", choices=["models", "guides", "elbos", "all"], default="all")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("fit", help="fit a catalog model with SVI")
+    p.add_argument("model")
+    add_fit_arguments(p)
+    p.add_argument("--guide", default="auto_normal")
+    p.add_argument("--elbo", default="trace")
+    p.add_argument("--draws", type=int, default=1000, help="guide draws written to netcdf")
+    p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("check", help="check a model: log density, gradients, transforms")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_check)
+
+
+def add_fit_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``fit`` and ``compare``."""
+    p.add_argument("--steps", type=int, default=2000, help="maximum SVI steps")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
+    p.add_argument("--particles", type=int, default=None, help="particles per step (K)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guide-opt", action="append", metavar="KEY=VALUE",
+                   help="guide option, e.g. init_scale=0.05 (repeatable)")
+    p.add_argument("--elbo-opt", action="append", metavar="KEY=VALUE",
+                   help="ELBO option, e.g. alpha=0.5 (repeatable)")
+    p.add_argument("--no-jit", action="store_true", help="do not JIT-compile the ELBO")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the registries."""
+    from guides.registry import GENERIC, HANDWRITTEN
+    from vimodels.catalog.registry import MODELS
+    from vimodels.elbos import ELBOS
+
+    if args.what in ("models", "all"):
+        print("models:")
+        for name, entry in MODELS.items():
+            print(f"  {name:34s} {entry.description}")
+    if args.what in ("guides", "all"):
+        print("guides (any model):")
+        for name, spec in GENERIC.items():
+            print(f"  {name:34s} {spec.description}")
+        print("guides (hand-written, per model family):")
+        for family, specs in HANDWRITTEN.items():
+            print(f"  {family}: {', '.join(specs)}")
+    if args.what in ("elbos", "all"):
+        print("elbos:")
+        for name, spec in ELBOS.items():
+            print(f"  {name:34s} {spec.description}")
+    return 0
+
+
+def fit_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :func:`vimodels.fit` from parsed CLI options."""
+    from vimodels.cli import parse_options
+
+    return dict(num_steps=args.steps, lr=args.lr, num_particles=args.particles, seed=args.seed,
+                guide_options=parse_options(args.guide_opt, "guide"),
+                elbo_options=parse_options(args.elbo_opt, "ELBO"),
+                jit=False if args.no_jit else None, progress=False if args.quiet else None)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    """Fit one model/guide/ELBO and write draws (netcdf) and a JSON summary."""
+    from vimodels.catalog.registry import get_model
+    from vimodels.errors import check_option
+    from vimodels.fit import fit
+
+    entry = get_model(args.model)
+    check_option("--draws", args.draws, kind=int, low=1)
+    out = ensure_dir(args.out or Path("runs") / safe_name(entry.name))
+    result = fit(entry, guide=args.guide, elbo=args.elbo, **fit_kwargs(args))
+    stem = safe_name(f"{entry.name}__{result.guide_name}__{args.elbo}")
+    from diagnostics.convert import save_netcdf
+
+    idata = result.to_inference_data(args.draws)
+    nc = save_netcdf(idata, out / f"{stem}.nc")
+    summary = result.summary()
+    summary["netcdf"] = nc.name
+    atomic_write_json(out / f"{stem}.json", summary)
+    print(f"{result.model_name} / {result.guide_name} / {args.elbo}: {result.message}")
+    print(f"ELBO {result.elbo:.3f} +- {result.elbo_se:.3f} nats, {result.num_steps} steps, "
+          f"{result.wall_time:.1f} s")
+    print(f"wrote {out / (stem + '.nc')} and {out / (stem + '.json')}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Run the model checks and print one line per check; exit 1 if any fails."""
+    from vimodels.check import check_model
+
+    report = check_model(args.model)
+    for item in report:
+        print(f"[{'ok' if item.ok else 'FAIL'}] {item.name}: {item.detail}")
+    return 0 if all(item.ok for item in report) else 1
