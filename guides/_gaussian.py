@@ -51,8 +51,9 @@ def positive() -> transforms.Transform:
     return transforms.ExpTransform()
 
 
-def joint_gaussian(prefix: str, specs: Sequence[SiteSpec], init_loc: torch.Tensor,
-                   init_scale: float = 0.1) -> dict[str, torch.Tensor]:
+def joint_gaussian(
+    prefix: str, specs: Sequence[SiteSpec], init_loc: torch.Tensor, init_scale: float = 0.1
+) -> dict[str, torch.Tensor]:
     """Sample ``specs`` from one full-rank Gaussian in unconstrained space.
 
     Parameters
@@ -74,11 +75,15 @@ def joint_gaussian(prefix: str, specs: Sequence[SiteSpec], init_loc: torch.Tenso
     dim = sum(s.size for s in specs)
     loc = pyro.param(f"{prefix}.loc", init_loc.detach().clone())
     scale_tril = pyro.param(
-        f"{prefix}.scale_tril", init_scale * torch.eye(dim, dtype=init_loc.dtype),
+        f"{prefix}.scale_tril",
+        init_scale * torch.eye(dim, dtype=init_loc.dtype),
         constraint=constraints.lower_cholesky,
     )
-    z = pyro.sample(f"_{prefix}_latent", dist.MultivariateNormal(loc, scale_tril=scale_tril),
-                    infer={"is_auxiliary": True})
+    z = pyro.sample(
+        f"_{prefix}_latent",
+        dist.MultivariateNormal(loc, scale_tril=scale_tril),
+        infer={"is_auxiliary": True},
+    )
     return _split(z, specs)
 
 
@@ -87,7 +92,7 @@ def _split(z: torch.Tensor, specs: Sequence[SiteSpec]) -> dict[str, torch.Tensor
     pos = 0
     vectorized = z.dim() >= 3  # (particles, 1, D) under a particle plate at dim -2
     for spec in specs:
-        u = z[..., pos:pos + spec.size]
+        u = z[..., pos : pos + spec.size]
         pos += spec.size
         x = spec.transform(u)
         log_det = spec.transform.log_abs_det_jacobian(u, x)
@@ -98,17 +103,21 @@ def _split(z: torch.Tensor, specs: Sequence[SiteSpec]) -> dict[str, torch.Tensor
                 out[spec.name] = pyro.sample(spec.name, dist.Delta(x, log_density=-log_det))
         elif spec.event:
             out[spec.name] = pyro.sample(
-                spec.name, dist.Delta(x, log_density=-log_det.sum(-1), event_dim=1))
+                spec.name, dist.Delta(x, log_density=-log_det.sum(-1), event_dim=1)
+            )
         else:
             out[spec.name] = pyro.sample(
-                spec.name, dist.Delta(x[..., 0], log_density=-log_det[..., 0]))
+                spec.name, dist.Delta(x[..., 0], log_density=-log_det[..., 0])
+            )
     return out
 
 
-def normal_param(prefix: str, init_loc: torch.Tensor, init_scale: float = 0.1
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def normal_param(
+    prefix: str, init_loc: torch.Tensor, init_scale: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Register ``{prefix}.loc`` and a positive ``{prefix}.scale`` of ``init_loc``'s shape."""
     loc = pyro.param(f"{prefix}.loc", init_loc.detach().clone())
-    scale = pyro.param(f"{prefix}.scale", torch.full_like(init_loc, init_scale),
-                       constraint=constraints.positive)
+    scale = pyro.param(
+        f"{prefix}.scale", torch.full_like(init_loc, init_scale), constraint=constraints.positive
+    )
     return loc, scale

@@ -79,8 +79,7 @@ def _lowrank(model: Callable, data: dict, hidden: tuple[str, ...] = (), **option
         rank = options.pop("rank")
         check_option("rank", rank, kind=int, low=1)
         kwargs["rank"] = rank
-    _reject_rest("auto_lowrank_multivariate_normal", options,
-                 ("init_scale", "init_loc_fn", "rank"))
+    _reject_rest("auto_lowrank_multivariate_normal", options, ("init_scale", "init_loc_fn", "rank"))
     return autoguide.AutoLowRankMultivariateNormal(_hide(model, hidden), **kwargs)
 
 
@@ -109,8 +108,9 @@ def _structured(model: Callable, data: dict, hidden: tuple[str, ...] = (), **opt
     for key in ("conditionals", "dependencies"):
         if key in options:
             kwargs[key] = options.pop(key)
-    _reject_rest("auto_structured", options,
-                 ("init_scale", "init_loc_fn", "conditionals", "dependencies"))
+    _reject_rest(
+        "auto_structured", options, ("init_scale", "init_loc_fn", "conditionals", "dependencies")
+    )
     kwargs.setdefault("conditionals", "normal")
     kwargs.setdefault("dependencies", "linear")
     return autoguide.AutoStructured(_hide(model, hidden), **kwargs)
@@ -119,28 +119,52 @@ def _structured(model: Callable, data: dict, hidden: tuple[str, ...] = (), **opt
 _SCALE = ("init_scale", "init_loc_fn")
 
 AUTO_GUIDES: tuple[GuideSpec, ...] = (
-    GuideSpec("auto_normal", _simple(autoguide.AutoNormal, "auto_normal", _SCALE),
-              "AutoNormal: mean-field Normal per site in unconstrained space", options=_SCALE),
-    GuideSpec("auto_diagonal_normal",
-              _simple(autoguide.AutoDiagonalNormal, "auto_diagonal_normal", _SCALE),
-              "AutoDiagonalNormal: one diagonal Normal over all latents", options=_SCALE),
-    GuideSpec("auto_multivariate_normal",
-              _simple(autoguide.AutoMultivariateNormal, "auto_multivariate_normal", _SCALE),
-              "AutoMultivariateNormal: full-rank Gaussian over all latents", options=_SCALE),
-    GuideSpec("auto_lowrank_multivariate_normal", _lowrank,
-              "AutoLowRankMultivariateNormal: low-rank plus diagonal covariance",
-              options=(*_SCALE, "rank")),
-    GuideSpec("auto_iaf_normal", _iaf,
-              "AutoIAFNormal: inverse autoregressive normalizing flow",
-              options=("init_loc_fn", "num_transforms", "hidden_dim")),
-    GuideSpec("auto_delta", _simple(autoguide.AutoDelta, "auto_delta", ("init_loc_fn",)),
-              "AutoDelta: point estimate (MAP); its ELBO omits entropy",
-              options=("init_loc_fn",)),
-    GuideSpec("auto_laplace",
-              _simple(autoguide.AutoLaplaceApproximation, "auto_laplace", ("init_loc_fn",)),
-              "AutoLaplaceApproximation: MAP, then a Gaussian from the Hessian",
-              options=("init_loc_fn",)),
-    GuideSpec("auto_structured", _structured,
-              "AutoStructured: Normal conditionals with linear dependencies between sites",
-              options=(*_SCALE, "conditionals", "dependencies")),
+    GuideSpec(
+        "auto_normal",
+        _simple(autoguide.AutoNormal, "auto_normal", _SCALE),
+        "AutoNormal: mean-field Normal per site in unconstrained space",
+        options=_SCALE,
+    ),
+    GuideSpec(
+        "auto_diagonal_normal",
+        _simple(autoguide.AutoDiagonalNormal, "auto_diagonal_normal", _SCALE),
+        "AutoDiagonalNormal: one diagonal Normal over all latents",
+        options=_SCALE,
+    ),
+    GuideSpec(
+        "auto_multivariate_normal",
+        _simple(autoguide.AutoMultivariateNormal, "auto_multivariate_normal", _SCALE),
+        "AutoMultivariateNormal: full-rank Gaussian over all latents",
+        options=_SCALE,
+    ),
+    GuideSpec(
+        "auto_lowrank_multivariate_normal",
+        _lowrank,
+        "AutoLowRankMultivariateNormal: low-rank plus diagonal covariance",
+        options=(*_SCALE, "rank"),
+    ),
+    GuideSpec(
+        "auto_iaf_normal",
+        _iaf,
+        "AutoIAFNormal: inverse autoregressive normalizing flow",
+        options=("init_loc_fn", "num_transforms", "hidden_dim"),
+    ),
+    GuideSpec(
+        "auto_delta",
+        _simple(autoguide.AutoDelta, "auto_delta", ("init_loc_fn",)),
+        "AutoDelta: point estimate (MAP); its ELBO omits entropy",
+        options=("init_loc_fn",),
+    ),
+    GuideSpec(
+        "auto_laplace",
+        _simple(autoguide.AutoLaplaceApproximation, "auto_laplace", ("init_loc_fn",)),
+        "AutoLaplaceApproximation: MAP, then a Gaussian from the Hessian",
+        options=("init_loc_fn",),
+    ),
+    GuideSpec(
+        "auto_structured",
+        _structured,
+        "AutoStructured: Normal conditionals with linear dependencies between sites",
+        options=(*_SCALE, "conditionals", "dependencies"),
+    ),
 )

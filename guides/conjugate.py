@@ -36,8 +36,11 @@ def _full_rank(model: Callable, data: dict, init_scale: float = 0.1, **_) -> Cal
 
     def guide(X, y=None, noise_scale=None, prior_scale=None, subsample_size=None) -> None:
         loc = pyro.param("full_rank.beta.loc", init.clone())
-        tril = pyro.param("full_rank.beta.scale_tril", init_scale * torch.eye(dim),
-                          constraint=constraints.lower_cholesky)
+        tril = pyro.param(
+            "full_rank.beta.scale_tril",
+            init_scale * torch.eye(dim),
+            constraint=constraints.lower_cholesky,
+        )
         pyro.sample("beta", dist.MultivariateNormal(loc, scale_tril=tril))
 
     return guide
@@ -46,8 +49,20 @@ def _full_rank(model: Callable, data: dict, init_scale: float = 0.1, **_) -> Cal
 def specs() -> tuple[GuideSpec, ...]:
     """Guides registered for the conjugate regression."""
     return (
-        GuideSpec("mean_field", _mean_field, "independent Normals for each coefficient",
-                  families=(FAMILY,), discrete=False, options=("init_scale",)),
-        GuideSpec("full_rank", _full_rank, "full-rank Gaussian over beta (contains the posterior)",
-                  families=(FAMILY,), discrete=False, options=("init_scale",)),
+        GuideSpec(
+            "mean_field",
+            _mean_field,
+            "independent Normals for each coefficient",
+            families=(FAMILY,),
+            discrete=False,
+            options=("init_scale",),
+        ),
+        GuideSpec(
+            "full_rank",
+            _full_rank,
+            "full-rank Gaussian over beta (contains the posterior)",
+            families=(FAMILY,),
+            discrete=False,
+            options=("init_scale",),
+        ),
     )

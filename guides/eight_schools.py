@@ -44,10 +44,10 @@ def _mean_field(family: str) -> Callable:
 
         def guide(sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:
             mu_loc, mu_scale = normal_param("mean_field.mu", y_init.new_tensor(4.0), init_scale)
-            tau_loc, tau_scale = normal_param("mean_field.log_tau", y_init.new_tensor(1.5),
-                                              init_scale)
-            loc, scale = normal_param(f"mean_field.{site}", _init_local(family, y_init),
-                                      init_scale)
+            tau_loc, tau_scale = normal_param(
+                "mean_field.log_tau", y_init.new_tensor(1.5), init_scale
+            )
+            loc, scale = normal_param(f"mean_field.{site}", _init_local(family, y_init), init_scale)
             pyro.sample("mu", dist.Normal(mu_loc, mu_scale))
             pyro.sample("tau", dist.LogNormal(tau_loc, tau_scale))
             with pyro.plate("schools", sigma.shape[-1], dim=-1):
@@ -65,8 +65,11 @@ def _full_rank(family: str) -> Callable:
     def factory(model: Callable, data: dict, init_scale: float = 0.1, **_) -> Callable:
         y = data["y"]
         num = y.shape[-1]
-        specs = [SiteSpec("mu"), SiteSpec("tau", transform=positive()),
-                 SiteSpec(site, size=num, plate="schools")]
+        specs = [
+            SiteSpec("mu"),
+            SiteSpec("tau", transform=positive()),
+            SiteSpec(site, size=num, plate="schools"),
+        ]
         init = torch.cat([y.new_tensor([4.0, 1.5]), _init_local(family, y)])
 
         def guide(sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:
@@ -85,13 +88,17 @@ def _structured(family: str) -> Callable:
         init = y0.new_tensor([4.0, 1.5])
 
         def guide(sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:
-            glob = joint_gaussian("structured.global",
-                                  [SiteSpec("mu"), SiteSpec("tau", transform=positive())],
-                                  init, init_scale)
+            glob = joint_gaussian(
+                "structured.global",
+                [SiteSpec("mu"), SiteSpec("tau", transform=positive())],
+                init,
+                init_scale,
+            )
             mu, tau = glob["mu"], glob["tau"]
             m = pyro.param("structured.pseudo_y", y0.detach().clone())
-            s = pyro.param("structured.pseudo_sigma", sigma0.detach().clone(),
-                           constraint=constraints.positive)
+            s = pyro.param(
+                "structured.pseudo_sigma", sigma0.detach().clone(), constraint=constraints.positive
+            )
             precision = s.pow(-2) + tau.pow(-2)
             cond_loc = (m * s.pow(-2) + mu * tau.pow(-2)) / precision
             cond_scale = precision.rsqrt()
@@ -111,14 +118,29 @@ def specs() -> tuple[GuideSpec, ...]:
     out = []
     for family in (CENTERED, NONCENTERED):
         out += [
-            GuideSpec("mean_field", _mean_field(family),
-                      "independent Normals in unconstrained space", families=(family,),
-                      discrete=False, options=("init_scale",)),
-            GuideSpec("full_rank", _full_rank(family),
-                      "one full-rank Gaussian over (mu, log tau, theta)", families=(family,),
-                      discrete=False, options=("init_scale",)),
-            GuideSpec("structured", _structured(family),
-                      "q(mu, log tau) q(theta | mu, tau) with the model's conditional form",
-                      families=(family,), discrete=False, options=("init_scale",)),
+            GuideSpec(
+                "mean_field",
+                _mean_field(family),
+                "independent Normals in unconstrained space",
+                families=(family,),
+                discrete=False,
+                options=("init_scale",),
+            ),
+            GuideSpec(
+                "full_rank",
+                _full_rank(family),
+                "one full-rank Gaussian over (mu, log tau, theta)",
+                families=(family,),
+                discrete=False,
+                options=("init_scale",),
+            ),
+            GuideSpec(
+                "structured",
+                _structured(family),
+                "q(mu, log tau) q(theta | mu, tau) with the model's conditional form",
+                families=(family,),
+                discrete=False,
+                options=("init_scale",),
+            ),
         ]
     return tuple(out)

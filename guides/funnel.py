@@ -59,10 +59,28 @@ def _structured(model: Callable, data: dict, init_scale: float = 0.1, **_) -> Ca
 def specs() -> tuple[GuideSpec, ...]:
     """Guides registered for the funnel."""
     return (
-        GuideSpec("mean_field", _mean_field, "independent Normals for v and x",
-                  families=(FAMILY,), discrete=False, options=("init_scale",)),
-        GuideSpec("full_rank", _full_rank, "full-rank Gaussian over (v, x)",
-                  families=(FAMILY,), discrete=False, options=("init_scale",)),
-        GuideSpec("structured", _structured, "q(v) q(x | v) with scale exp(a + b v)",
-                  families=(FAMILY,), discrete=False, options=("init_scale",)),
+        GuideSpec(
+            "mean_field",
+            _mean_field,
+            "independent Normals for v and x",
+            families=(FAMILY,),
+            discrete=False,
+            options=("init_scale",),
+        ),
+        GuideSpec(
+            "full_rank",
+            _full_rank,
+            "full-rank Gaussian over (v, x)",
+            families=(FAMILY,),
+            discrete=False,
+            options=("init_scale",),
+        ),
+        GuideSpec(
+            "structured",
+            _structured,
+            "q(v) q(x | v) with scale exp(a + b v)",
+            families=(FAMILY,),
+            discrete=False,
+            options=("init_scale",),
+        ),
     )

@@ -60,8 +60,14 @@ def get_guide_spec(name: str, family: str | None = None) -> GuideSpec:
     raise UnknownNameError("guide", name, guide_names(family))
 
 
-def make_guide(name: str, model: Callable, data: dict, family: str | None = None,
-               hidden: tuple[str, ...] = (), **options: Any) -> Callable:
+def make_guide(
+    name: str,
+    model: Callable,
+    data: dict,
+    family: str | None = None,
+    hidden: tuple[str, ...] = (),
+    **options: Any,
+) -> Callable:
     """Build guide ``name`` for ``model`` with its ``data``.
 
     Parameters
@@ -82,7 +88,8 @@ def make_guide(name: str, model: Callable, data: dict, family: str | None = None
     spec = get_guide_spec(name, family)
     if hidden and not spec.discrete:
         raise IncompatibleError(
-            f"guide {name!r} cannot serve a model with discrete sites {list(hidden)}")
+            f"guide {name!r} cannot serve a model with discrete sites {list(hidden)}"
+        )
     if spec.generic:
         return spec.factory(model, data, hidden=hidden, **options)
     unknown = set(options) - set(spec.options)
@@ -91,5 +98,6 @@ def make_guide(name: str, model: Callable, data: dict, family: str | None = None
 
         raise OptionError(
             f"guide {name!r} does not take option(s) {', '.join(sorted(unknown))}; "
-            f"it takes: {', '.join(spec.options) or 'no options'}")
+            f"it takes: {', '.join(spec.options) or 'no options'}"
+        )
     return spec.factory(model, data, **options)

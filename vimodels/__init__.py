@@ -1,6 +1,13 @@
 """vimodels: a variational-inference workbench on Pyro."""
 
-from vimodels.catalog import MODELS, CatalogEntry, ExactPosterior, NutsSettings, get_model, list_models
+from vimodels.catalog import (
+    MODELS,
+    CatalogEntry,
+    ExactPosterior,
+    NutsSettings,
+    get_model,
+    list_models,
+)
 from vimodels.convergence import ConvergenceRule
 from vimodels.elbos import ELBOS, make_elbo
 from vimodels.errors import (
@@ -16,7 +23,21 @@ from vimodels.fit import FitResult, fit
 __version__ = "0.1.0"
 
 __all__ = [
-    "MODELS", "ELBOS", "CatalogEntry", "ConvergenceRule", "DataError", "ExactPosterior",
-    "FitResult", "IncompatibleError", "NutsSettings", "OptionError", "OutputError",
-    "UnknownNameError", "VimodelsError", "fit", "get_model", "list_models", "make_elbo",
+    "MODELS",
+    "ELBOS",
+    "CatalogEntry",
+    "ConvergenceRule",
+    "DataError",
+    "ExactPosterior",
+    "FitResult",
+    "IncompatibleError",
+    "NutsSettings",
+    "OptionError",
+    "OutputError",
+    "UnknownNameError",
+    "VimodelsError",
+    "fit",
+    "get_model",
+    "list_models",
+    "make_elbo",
 ]

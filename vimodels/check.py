@@ -34,8 +34,9 @@ class CheckItem:
     detail: str
 
 
-def check_model(model: str | CatalogEntry | Callable, data: dict[str, Any] | None = None
-                ) -> list[CheckItem]:
+def check_model(
+    model: str | CatalogEntry | Callable, data: dict[str, Any] | None = None
+) -> list[CheckItem]:
     """Run the checks in order and stop at the first failure.
 
     Returns
@@ -43,8 +44,11 @@ def check_model(model: str | CatalogEntry | Callable, data: dict[str, Any] | Non
     list of CheckItem
     """
     items: list[CheckItem] = []
-    entry = get_model(model) if isinstance(model, str) else (
-        model if isinstance(model, CatalogEntry) else None)
+    entry = (
+        get_model(model)
+        if isinstance(model, str)
+        else (model if isinstance(model, CatalogEntry) else None)
+    )
     fn = entry.model if entry is not None else model
     name = entry.name if entry is not None else getattr(model, "__name__", "model")
     try:
@@ -57,8 +61,11 @@ def check_model(model: str | CatalogEntry | Callable, data: dict[str, Any] | Non
     except VimodelsError as exc:
         items.append(CheckItem("data", False, str(exc)))
         return items
-    latent = {n: s for n, s in tr.nodes.items() if s["type"] == "sample"
-              and not s["is_observed"] and not site_is_subsample(s)}
+    latent = {
+        n: s
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+    }
     items.append(CheckItem("trace", True, f"{len(latent)} latent sites: {', '.join(latent)}"))
     discrete = [n for n, s in latent.items() if s["fn"].support.is_discrete]
     continuous = {n: s for n, s in latent.items() if n not in discrete}
@@ -73,10 +80,12 @@ def check_model(model: str | CatalogEntry | Callable, data: dict[str, Any] | Non
         if discrete:
             from pyro.infer import TraceEnum_ELBO, config_enumerate
 
-            elbo = TraceEnum_ELBO(max_plate_nesting=entry.max_plate_nesting or 1
-                                  if entry is not None else 1)
-            return -elbo.differentiable_loss(config_enumerate(cond, "parallel"),
-                                             lambda **kw: None, **d)
+            elbo = TraceEnum_ELBO(
+                max_plate_nesting=entry.max_plate_nesting or 1 if entry is not None else 1
+            )
+            return -elbo.differentiable_loss(
+                config_enumerate(cond, "parallel"), lambda **kw: None, **d
+            )
         t = poutine.trace(cond).get_trace(**d)
         total = t.log_prob_sum()
         for n, u in unconstrained.items():
@@ -92,11 +101,18 @@ def check_model(model: str | CatalogEntry | Callable, data: dict[str, Any] | Non
             return items
         if unconstrained:
             grads = torch.autograd.grad(lp, list(unconstrained.values()), allow_unused=True)
-            bad = [n for n, g in zip(unconstrained, grads)
-                   if g is not None and not bool(torch.isfinite(g).all())]
-            items.append(CheckItem("gradients", not bad,
-                                   "finite for all sites" if not bad
-                                   else f"non-finite for {', '.join(bad)}"))
+            bad = [
+                n
+                for n, g in zip(unconstrained, grads)
+                if g is not None and not bool(torch.isfinite(g).all())
+            ]
+            items.append(
+                CheckItem(
+                    "gradients",
+                    not bad,
+                    "finite for all sites" if not bad else f"non-finite for {', '.join(bad)}",
+                )
+            )
             if bad:
                 return items
     except (ValueError, RuntimeError) as exc:
@@ -110,9 +126,19 @@ def check_model(model: str | CatalogEntry | Callable, data: dict[str, Any] | Non
         if err > worst:
             worst, worst_site = err, n
     ok = worst < 1e-4
-    items.append(CheckItem("transforms", ok, f"max round-trip error {worst:.2e}"
-                           + (f" at {worst_site}" if worst_site else "")))
+    items.append(
+        CheckItem(
+            "transforms",
+            ok,
+            f"max round-trip error {worst:.2e}" + (f" at {worst_site}" if worst_site else ""),
+        )
+    )
     if discrete:
-        items.append(CheckItem("discrete", True, f"sites {', '.join(discrete)} summed out by "
-                               "enumeration; use elbo='enum'"))
+        items.append(
+            CheckItem(
+                "discrete",
+                True,
+                f"sites {', '.join(discrete)} summed out by enumeration; use elbo='enum'",
+            )
+        )
     return items

@@ -23,7 +23,7 @@ class ConvergenceRule:
     Attributes
     ----------
     window : int or None
-        Steps per window; ``None`` picks ``max(50, num_steps // 20)``.
+        Steps per window; ``None`` picks ``max(50, num_steps // 10)``.
     z : float
         Significance of the improvement in standard errors.
     rtol : float
@@ -45,7 +45,7 @@ class ConvergenceRule:
 
     def resolve_window(self, num_steps: int) -> int:
         """Window length for a fit of ``num_steps`` steps."""
-        return self.window if self.window is not None else max(50, num_steps // 20)
+        return self.window if self.window is not None else max(50, num_steps // 10)
 
 
 def _batch_mean_se(x: np.ndarray, num_batches: int) -> float:
@@ -54,8 +54,9 @@ def _batch_mean_se(x: np.ndarray, num_batches: int) -> float:
     return float(means.std(ddof=1) / np.sqrt(len(means)))
 
 
-def window_improvement(losses: np.ndarray, window: int, num_batches: int = 10
-                       ) -> tuple[float, float, float]:
+def window_improvement(
+    losses: np.ndarray, window: int, num_batches: int = 10
+) -> tuple[float, float, float]:
     """Drop in mean loss between the last two windows and its standard error.
 
     Parameters
@@ -74,7 +75,7 @@ def window_improvement(losses: np.ndarray, window: int, num_batches: int = 10
     level : float
         Mean loss of the last window.
     """
-    prev = np.asarray(losses[-2 * window:-window], dtype=float)
+    prev = np.asarray(losses[-2 * window : -window], dtype=float)
     last = np.asarray(losses[-window:], dtype=float)
     nb = max(2, min(num_batches, window // 2))
     se = float(np.hypot(_batch_mean_se(prev, nb), _batch_mean_se(last, nb)))

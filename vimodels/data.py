@@ -32,7 +32,8 @@ def _to_tensor(key: str, value: Any) -> Any:
             return torch.as_tensor(arr, dtype=torch.int64)
         raise DataError(
             f"data[{key!r}] has dtype {arr.dtype} ({arr.dtype.kind!r}); give numbers "
-            "(float or int arrays)")
+            "(float or int arrays)"
+        )
     return value
 
 
@@ -46,7 +47,8 @@ def check_finite(data: Mapping[str, Any]) -> None:
                 first = tuple(int(i) for i in bad.nonzero()[0]) if value.dim() else ()
                 raise DataError(
                     f"data[{key!r}] has {n} NaN or infinite value(s) (first at index "
-                    f"{first}); drop or impute them before fitting")
+                    f"{first}); drop or impute them before fitting"
+                )
         elif isinstance(value, float) and not np.isfinite(value):
             raise DataError(f"data[{key!r}] is {value}; give a finite number")
 
@@ -60,20 +62,24 @@ def check_signature(model: Callable, data: Mapping[str, Any]) -> None:
     params = sig.parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
-    accepted = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD,
-                                                           p.KEYWORD_ONLY)}
+    accepted = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     unknown = sorted(set(data) - accepted)
     if unknown:
         raise DataError(
             f"model {getattr(model, '__name__', model)!r} takes no argument(s) "
-            f"{', '.join(unknown)}; it takes: {', '.join(sorted(accepted)) or 'nothing'}")
-    required = [n for n, p in params.items()
-                if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            f"{', '.join(unknown)}; it takes: {', '.join(sorted(accepted)) or 'nothing'}"
+        )
+    required = [
+        n
+        for n, p in params.items()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
     missing = [n for n in required if n not in data]
     if missing:
         raise DataError(
             f"data is missing key(s) {', '.join(missing)} required by model "
-            f"{getattr(model, '__name__', model)!r}; pass them in data={{...}}")
+            f"{getattr(model, '__name__', model)!r}; pass them in data={{...}}"
+        )
 
 
 def prepare_data(model: Callable, data: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -111,6 +117,6 @@ def trace_check(model: Callable, data: Mapping[str, Any], name: str) -> poutine.
     except (ValueError, RuntimeError, IndexError, TypeError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"data does not fit model {name!r}: {msg}; check the shapes and values "
-            "of the data") from exc
+            f"data does not fit model {name!r}: {msg}; check the shapes and values of the data"
+        ) from exc
     return tr

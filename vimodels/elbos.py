@@ -65,13 +65,21 @@ def _plate_kwargs(max_plate_nesting: int | None) -> dict[str, Any]:
 
 
 def _pyro(cls: type, jit_cls: type | None):
-    def build(num_particles: int, vectorize: bool, jit: bool, max_plate_nesting: int | None,
-              **options: Any):
+    def build(
+        num_particles: int,
+        vectorize: bool,
+        jit: bool,
+        max_plate_nesting: int | None,
+        **options: Any,
+    ):
         if options:
             raise OptionError(f"{cls.__name__} takes no options, got {sorted(options)}")
         chosen = jit_cls if (jit and jit_cls is not None) else cls
-        kwargs = dict(num_particles=num_particles, vectorize_particles=vectorize,
-                      **_plate_kwargs(max_plate_nesting))
+        kwargs = dict(
+            num_particles=num_particles,
+            vectorize_particles=vectorize,
+            **_plate_kwargs(max_plate_nesting),
+        )
         if chosen is jit_cls:
             kwargs["ignore_jit_warnings"] = True
         return chosen(**kwargs)
@@ -79,20 +87,30 @@ def _pyro(cls: type, jit_cls: type | None):
     return build
 
 
-def _enum(num_particles: int, vectorize: bool, jit: bool, max_plate_nesting: int | None,
-          **options: Any):
+def _enum(
+    num_particles: int, vectorize: bool, jit: bool, max_plate_nesting: int | None, **options: Any
+):
     if options:
         raise OptionError(f"TraceEnum_ELBO takes no options, got {sorted(options)}")
     cls = infer.JitTraceEnum_ELBO if jit else infer.TraceEnum_ELBO
-    kwargs = dict(num_particles=num_particles, vectorize_particles=vectorize,
-                  max_plate_nesting=1 if max_plate_nesting is None else max_plate_nesting)
+    kwargs = dict(
+        num_particles=num_particles,
+        vectorize_particles=vectorize,
+        max_plate_nesting=1 if max_plate_nesting is None else max_plate_nesting,
+    )
     if jit:
         kwargs["ignore_jit_warnings"] = True
     return cls(**kwargs)
 
 
-def _renyi(num_particles: int, vectorize: bool, jit: bool, max_plate_nesting: int | None,
-           alpha: float = 0.5, **options: Any):
+def _renyi(
+    num_particles: int,
+    vectorize: bool,
+    jit: bool,
+    max_plate_nesting: int | None,
+    alpha: float = 0.5,
+    **options: Any,
+):
     if options:
         raise OptionError(f"renyi takes only 'alpha', got {sorted(options)}")
     if isinstance(alpha, int) and not isinstance(alpha, bool):
@@ -100,12 +118,17 @@ def _renyi(num_particles: int, vectorize: bool, jit: bool, max_plate_nesting: in
     check_option("alpha", alpha, kind=float)
     if alpha == 1.0:
         raise OptionError("renyi alpha must differ from 1 (alpha = 1 is the ELBO: use 'trace')")
-    return infer.RenyiELBO(alpha=alpha, num_particles=num_particles,
-                           vectorize_particles=vectorize, **_plate_kwargs(max_plate_nesting))
+    return infer.RenyiELBO(
+        alpha=alpha,
+        num_particles=num_particles,
+        vectorize_particles=vectorize,
+        **_plate_kwargs(max_plate_nesting),
+    )
 
 
-def _iwae(num_particles: int, vectorize: bool, jit: bool, max_plate_nesting: int | None,
-          **options: Any):
+def _iwae(
+    num_particles: int, vectorize: bool, jit: bool, max_plate_nesting: int | None, **options: Any
+):
     if options:
         raise OptionError(f"iwae takes no options, got {sorted(options)}")
     return IWAE(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
@@ -152,43 +175,81 @@ class WeightedKL:
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
         """Differentiable loss tensor."""
-        return self.inner.differentiable_loss(self._wrap(model), self._wrap(guide), *args,
-                                              **kwargs)
+        return self.inner.differentiable_loss(self._wrap(model), self._wrap(guide), *args, **kwargs)
 
 
-def _weighted_kl(num_particles: int, vectorize: bool, jit: bool, max_plate_nesting: int | None,
-                 beta: float = 1.0, analytic: bool = True, **options: Any):
+def _weighted_kl(
+    num_particles: int,
+    vectorize: bool,
+    jit: bool,
+    max_plate_nesting: int | None,
+    beta: float = 1.0,
+    analytic: bool = True,
+    **options: Any,
+):
     if options:
         raise OptionError(f"weighted_kl takes 'beta' and 'analytic', got {sorted(options)}")
     if isinstance(beta, int) and not isinstance(beta, bool):
         beta = float(beta)
     check_option("beta", beta, kind=float, low=0.0)
     jit = jit and not analytic  # JitTraceMeanField_ELBO is slower than the Python version
-    cls = (infer.TraceMeanField_ELBO if analytic
-           else (infer.JitTrace_ELBO if jit else infer.Trace_ELBO))
-    kwargs = dict(num_particles=num_particles, vectorize_particles=vectorize,
-                  **_plate_kwargs(max_plate_nesting))
+    cls = (
+        infer.TraceMeanField_ELBO
+        if analytic
+        else (infer.JitTrace_ELBO if jit else infer.Trace_ELBO)
+    )
+    kwargs = dict(
+        num_particles=num_particles,
+        vectorize_particles=vectorize,
+        **_plate_kwargs(max_plate_nesting),
+    )
     if jit:
         kwargs["ignore_jit_warnings"] = True
     return WeightedKL(cls(**kwargs), beta)
 
 
 _SPECS = (
-    ElboSpec("trace", "Trace_ELBO: Monte Carlo ELBO (reparameterized gradients)",
-             _pyro(infer.Trace_ELBO, infer.JitTrace_ELBO)),
+    ElboSpec(
+        "trace",
+        "Trace_ELBO: Monte Carlo ELBO (reparameterized gradients)",
+        _pyro(infer.Trace_ELBO, infer.JitTrace_ELBO),
+    ),
     # JitTraceMeanField_ELBO measured 8x slower than the Python version here: no JIT.
-    ElboSpec("meanfield", "TraceMeanField_ELBO: ELBO with analytic KL terms",
-             _pyro(infer.TraceMeanField_ELBO, None), jit=False),
-    ElboSpec("iwae", "importance-weighted bound, K particles, log-mean-exp per data point",
-             _iwae, default_particles=8, jit=False),
-    ElboSpec("renyi", "RenyiELBO: Renyi alpha-divergence bound (alpha=0.5 by default)",
-             _renyi, default_particles=8, jit=False, options=("alpha",)),
-    ElboSpec("tracegraph", "TraceGraph_ELBO: score-function terms with Rao-Blackwellization",
-             _pyro(infer.TraceGraph_ELBO, infer.JitTraceGraph_ELBO)),
-    ElboSpec("enum", "TraceEnum_ELBO: discrete latent sites summed out exactly",
-             _enum, discrete=True),
-    ElboSpec("weighted_kl", "beta-weighted KL: E[log p(x|z)] - beta * KL(q || p)",
-             _weighted_kl, options=("beta", "analytic")),
+    ElboSpec(
+        "meanfield",
+        "TraceMeanField_ELBO: ELBO with analytic KL terms",
+        _pyro(infer.TraceMeanField_ELBO, None),
+        jit=False,
+    ),
+    ElboSpec(
+        "iwae",
+        "importance-weighted bound, K particles, log-mean-exp per data point",
+        _iwae,
+        default_particles=8,
+        jit=False,
+    ),
+    ElboSpec(
+        "renyi",
+        "RenyiELBO: Renyi alpha-divergence bound (alpha=0.5 by default)",
+        _renyi,
+        default_particles=8,
+        jit=False,
+        options=("alpha",),
+    ),
+    ElboSpec(
+        "tracegraph",
+        "TraceGraph_ELBO: score-function terms with Rao-Blackwellization",
+        _pyro(infer.TraceGraph_ELBO, infer.JitTraceGraph_ELBO),
+    ),
+    ElboSpec(
+        "enum", "TraceEnum_ELBO: discrete latent sites summed out exactly", _enum, discrete=True
+    ),
+    ElboSpec(
+        "weighted_kl",
+        "beta-weighted KL: E[log p(x|z)] - beta * KL(q || p)",
+        _weighted_kl,
+        options=("beta", "analytic"),
+    ),
 )
 
 ELBOS: dict[str, ElboSpec] = {spec.name: spec for spec in _SPECS}
@@ -202,8 +263,14 @@ def get_elbo_spec(name: str) -> ElboSpec:
         raise UnknownNameError("ELBO", name, ELBOS) from None
 
 
-def make_elbo(name: str, num_particles: int | None = None, vectorize_particles: bool = True,
-              jit: bool = False, max_plate_nesting: int | None = None, **options: Any):
+def make_elbo(
+    name: str,
+    num_particles: int | None = None,
+    vectorize_particles: bool = True,
+    jit: bool = False,
+    max_plate_nesting: int | None = None,
+    **options: Any,
+):
     """Build ELBO ``name``.
 
     Parameters

@@ -21,9 +21,7 @@ class UnknownNameError(VimodelsError, KeyError):
         self.kind = kind
         self.name = name
         self.valid = sorted(valid)
-        super().__init__(
-            f"unknown {kind} {name!r}; valid {kind}s are: {', '.join(self.valid)}"
-        )
+        super().__init__(f"unknown {kind} {name!r}; valid {kind}s are: {', '.join(self.valid)}")
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return self.args[0]
@@ -45,8 +43,15 @@ class OutputError(VimodelsError):
     """An output location that cannot be written."""
 
 
-def check_option(name: str, value: object, *, kind: type | tuple[type, ...], low=None,
-                 low_inclusive: bool = True, high=None) -> None:
+def check_option(
+    name: str,
+    value: object,
+    *,
+    kind: type | tuple[type, ...],
+    low=None,
+    low_inclusive: bool = True,
+    high=None,
+) -> None:
     """Raise :class:`OptionError` unless ``value`` has the type and range required.
 
     Parameters

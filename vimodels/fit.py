@@ -26,7 +26,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import Predictive, config_enumerate
+from pyro.infer import config_enumerate
 from pyro.infer.autoguide import AutoLaplaceApproximation
 from pyro.infer.util import zero_grads
 from pyro.poutine.util import site_is_subsample
@@ -38,7 +38,7 @@ from vimodels.catalog.registry import get_model
 from vimodels.convergence import ConvergenceRule, is_flat
 from vimodels.data import prepare_data, trace_check
 from vimodels.errors import IncompatibleError, OptionError, check_option
-from vimodels.weights import elbo_estimate, log_weights
+from vimodels.weights import draw_sites, elbo_estimate, log_weights
 
 CONVERGED = "converged"
 MAX_STEPS = "max_steps"
@@ -60,6 +60,7 @@ class Bound:
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
 
     def __call__(self, *tensors: torch.Tensor):
+        """Call the wrapped function with keyword data."""
         return self.fn(**dict(zip(self.tensor_keys, tensors)), **self.static)
 
 
@@ -123,8 +124,9 @@ class FitResult:
         """True when the fit was interrupted or stopped on a non-finite loss."""
         return self.status in (INTERRUPTED, NONFINITE)
 
-    def sample(self, num_samples: int = 1000, seed: int | None = None,
-               sites: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    def sample(
+        self, num_samples: int = 1000, seed: int | None = None, sites: tuple[str, ...] | None = None
+    ) -> dict[str, np.ndarray]:
         """Draw from the fitted guide.
 
         Parameters
@@ -144,32 +146,29 @@ class FitResult:
         check_option("num_samples", num_samples, kind=int, low=1)
         sites = tuple(sites or self.sites)
         pyro.set_rng_seed(self.seed + 1 if seed is None else seed)
-        with pyro.get_param_store().scope(self.param_state), torch.no_grad():
-            try:
-                pred = Predictive(self.model, guide=self.guide, num_samples=num_samples,
-                                  return_sites=list(sites), parallel=True)
-                out = pred(*self.args)
-            except (RuntimeError, ValueError, IndexError):
-                pred = Predictive(self.model, guide=self.guide, num_samples=num_samples,
-                                  return_sites=list(sites), parallel=False)
-                out = pred(*self.args)
-        result = {}
-        for name in sites:
-            if name not in out:
-                continue
-            value = out[name].detach().double().numpy()
-            shape = self.site_shapes.get(name)
-            if shape is None or value.size != num_samples * int(np.prod(shape)):
-                shape = value.shape[1:]
-            result[name] = value.reshape((num_samples, *shape))
-        return result
+        with pyro.get_param_store().scope(self.param_state):
+            return draw_sites(
+                _kw(self.model),
+                _kw(self.guide),
+                self._kwargs(),
+                num_samples,
+                self.max_plate_nesting,
+                sites,
+                self.site_shapes,
+            )
 
     def log_weights(self, num_samples: int = 1000, seed: int | None = None) -> np.ndarray:
         """``log p(x, z) - log q(z)`` for ``num_samples`` guide draws, shape ``(num_samples,)``."""
         pyro.set_rng_seed(self.seed + 2 if seed is None else seed)
         with pyro.get_param_store().scope(self.param_state):
-            return log_weights(_kw(self.model), _kw(self.guide), self._kwargs(), num_samples,
-                               self.max_plate_nesting, discrete=bool(self.discrete_sites))
+            return log_weights(
+                _kw(self.model),
+                _kw(self.guide),
+                self._kwargs(),
+                num_samples,
+                self.max_plate_nesting,
+                discrete=bool(self.discrete_sites),
+            )
 
     def _kwargs(self) -> dict:
         return {f"_{i}": a for i, a in enumerate(self.args)}
@@ -183,12 +182,19 @@ class FitResult:
     def summary(self) -> dict[str, Any]:
         """JSON-friendly summary: names, status, ELBO, timing and settings."""
         return {
-            "model": self.model_name, "guide": self.guide_name, "elbo_name": self.elbo_name,
-            "status": self.status, "converged": self.converged, "message": self.message,
-            "num_steps": self.num_steps, "final_loss": float(self.losses[-1])
-            if len(self.losses) else None,
-            "elbo": self.elbo, "elbo_se": self.elbo_se, "wall_time_s": self.wall_time,
-            "seed": self.seed, "settings": _jsonable(self.settings),
+            "model": self.model_name,
+            "guide": self.guide_name,
+            "elbo_name": self.elbo_name,
+            "status": self.status,
+            "converged": self.converged,
+            "message": self.message,
+            "num_steps": self.num_steps,
+            "final_loss": float(self.losses[-1]) if len(self.losses) else None,
+            "elbo": self.elbo,
+            "elbo_se": self.elbo_se,
+            "wall_time_s": self.wall_time,
+            "seed": self.seed,
+            "settings": _jsonable(self.settings),
         }
 
 
@@ -217,15 +223,23 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _latent_sites(tr: poutine.Trace) -> dict[str, dict]:
-    return {n: s for n, s in tr.nodes.items() if s["type"] == "sample"
-            and not s["is_observed"] and not s["infer"].get("is_auxiliary")
-            and not site_is_subsample(s)}
+    return {
+        n: s
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample"
+        and not s["is_observed"]
+        and not s["infer"].get("is_auxiliary")
+        and not site_is_subsample(s)
+    }
 
 
 def discrete_sites(tr: poutine.Trace) -> tuple[str, ...]:
     """Latent sites with discrete support in a model trace."""
-    return tuple(n for n, s in _latent_sites(tr).items()
-                 if getattr(s["fn"], "support", None) is not None and s["fn"].support.is_discrete)
+    return tuple(
+        n
+        for n, s in _latent_sites(tr).items()
+        if getattr(s["fn"], "support", None) is not None and s["fn"].support.is_discrete
+    )
 
 
 def plate_depth(tr: poutine.Trace) -> int:
@@ -239,15 +253,22 @@ def plate_depth(tr: poutine.Trace) -> int:
     return depth
 
 
-def check_guide_matches(model_tr: poutine.Trace, guide: Callable, args: tuple,
-                        hidden: tuple[str, ...], guide_name: str, model_name: str) -> None:
+def check_guide_matches(
+    model_tr: poutine.Trace,
+    guide: Callable,
+    args: tuple,
+    hidden: tuple[str, ...],
+    guide_name: str,
+    model_name: str,
+) -> None:
     """Raise IncompatibleError unless the guide's sites are the model's latent sites."""
     try:
         with poutine.block():
             guide_tr = poutine.trace(guide).get_trace(*args)
     except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as exc:
         raise IncompatibleError(
-            f"guide {guide_name!r} fails on model {model_name!r}: {exc}") from exc
+            f"guide {guide_name!r} fails on model {model_name!r}: {exc}"
+        ) from exc
     latent = set(_latent_sites(model_tr)) - set(hidden)
     guided = set(_latent_sites(guide_tr))
     missing, extra = sorted(latent - guided), sorted(guided - latent)
@@ -258,11 +279,13 @@ def check_guide_matches(model_tr: poutine.Trace, guide: Callable, args: tuple,
         if extra:
             parts.append(f"guide sites not in the model: {', '.join(extra)}")
         raise IncompatibleError(
-            f"guide {guide_name!r} does not fit model {model_name!r} ({'; '.join(parts)})")
+            f"guide {guide_name!r} does not fit model {model_name!r} ({'; '.join(parts)})"
+        )
 
 
-def _resolve_model(model: str | CatalogEntry | Callable, data: Mapping | None
-                   ) -> tuple[CatalogEntry | None, Callable, dict, str]:
+def _resolve_model(
+    model: str | CatalogEntry | Callable, data: Mapping | None
+) -> tuple[CatalogEntry | None, Callable, dict, str]:
     if isinstance(model, str):
         entry = get_model(model)
     elif isinstance(model, CatalogEntry):
@@ -273,7 +296,8 @@ def _resolve_model(model: str | CatalogEntry | Callable, data: Mapping | None
     else:
         raise OptionError(
             f"model must be a catalog name, a CatalogEntry or a Pyro model function, "
-            f"got {type(model).__name__}")
+            f"got {type(model).__name__}"
+        )
     base = entry.data()
     if data is not None:
         base.update(data)
@@ -288,6 +312,7 @@ def fit(
     elbo: str = "trace",
     num_steps: int = 2000,
     lr: float = 0.01,
+    lr_decay: float | None = None,
     num_particles: int | None = None,
     seed: int = 0,
     progress: bool | None = None,
@@ -319,6 +344,9 @@ def fit(
         Maximum Adam steps.
     lr : float
         Adam learning rate.
+    lr_decay : float, optional
+        Final learning rate as a fraction of ``lr``, reached by geometric decay
+        over ``num_steps`` (ClippedAdam's ``lrd``); ``None`` keeps ``lr`` fixed.
     num_particles : int, optional
         Particles per step (K for ``iwae``); the ELBO's default when omitted.
     seed : int
@@ -354,6 +382,15 @@ def fit(
     check_option("lr", lr, kind=float, low=0.0, low_inclusive=False)
     check_option("seed", seed, kind=int, low=0)
     check_option("num_eval", num_eval, kind=int, low=2)
+    if lr_decay is not None:
+        check_option(
+            "lr_decay",
+            float(lr_decay) if isinstance(lr_decay, int) else lr_decay,
+            kind=float,
+            low=0.0,
+            low_inclusive=False,
+            high=1.0,
+        )
     if num_particles is not None:
         check_option("num_particles", num_particles, kind=int, low=1)
     if num_threads is not None:
@@ -372,7 +409,8 @@ def fit(
         raise IncompatibleError(
             f"model {model_name!r} has discrete latent site(s) {', '.join(hidden)}; only the "
             f"'enum' ELBO sums them out (others would sample them from the prior). "
-            f"Use elbo='enum'")
+            f"Use elbo='enum'"
+        )
     depth = plate_depth(model_tr)
     if entry is not None and entry.max_plate_nesting is not None:
         depth = max(depth, entry.max_plate_nesting)
@@ -380,10 +418,17 @@ def fit(
         if entry is not None:
             sites = entry.sites
         else:
-            sites = tuple(n for n, s in model_tr.nodes.items()
-                          if (s["type"] == "sample" and not s["is_observed"]
-                              and n not in hidden and not site_is_subsample(s))
-                          or (s["type"] == "sample" and s["infer"].get("_deterministic")))
+            sites = tuple(
+                n
+                for n, s in model_tr.nodes.items()
+                if (
+                    s["type"] == "sample"
+                    and not s["is_observed"]
+                    and n not in hidden
+                    and not site_is_subsample(s)
+                )
+                or (s["type"] == "sample" and s["infer"].get("_deterministic"))
+            )
     model_kw = config_enumerate(model_fn, default="parallel") if hidden else model_fn
     bound_model = Bound(model_kw, tensor_keys, static)
 
@@ -400,15 +445,28 @@ def fit(
             gname = getattr(guide, "__name__", "user_guide")
         else:
             family = entry.family if entry is not None else None
-            made = guide_registry.make_guide(guide, bound_model if guide_registry.get_guide_spec(
-                guide, family).generic else model_kw, data_dict, family=family,
-                hidden=hidden, **guide_opts)
-            g = made if guide_registry.get_guide_spec(guide, family).generic else Bound(
-                made, tensor_keys, static)
+            made = guide_registry.make_guide(
+                guide,
+                bound_model if guide_registry.get_guide_spec(guide, family).generic else model_kw,
+                data_dict,
+                family=family,
+                hidden=hidden,
+                **guide_opts,
+            )
+            g = (
+                made
+                if guide_registry.get_guide_spec(guide, family).generic
+                else Bound(made, tensor_keys, static)
+            )
             gname = guide
-        loss = elbo_registry.make_elbo(elbo, num_particles=num_particles,
-                                       vectorize_particles=vectorize_particles, jit=jit_now,
-                                       max_plate_nesting=depth, **elbo_opts)
+        loss = elbo_registry.make_elbo(
+            elbo,
+            num_particles=num_particles,
+            vectorize_particles=vectorize_particles,
+            jit=jit_now,
+            max_plate_nesting=depth,
+            **elbo_opts,
+        )
         return g, gname, loss
 
     settings: dict[str, Any] = {}
@@ -419,7 +477,7 @@ def fit(
             pyro.set_rng_seed(seed)
             guide_fn, guide_name, loss_fn = build(use_jit)
             check_guide_matches(model_tr, guide_fn, args, hidden, guide_name, model_name)
-            optim = pyro.optim.Adam({"lr": lr})
+            optim = _optimizer(lr, lr_decay, num_steps)
             jit_note = None
             pyro.set_rng_seed(seed)
             t0 = time.perf_counter()
@@ -432,8 +490,12 @@ def fit(
             if progress:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=num_steps, desc=f"{model_name}/{guide_name}/{elbo}",
-                           file=sys.stderr, leave=False)
+                bar = tqdm(
+                    total=num_steps,
+                    desc=f"{model_name}/{guide_name}/{elbo}",
+                    file=sys.stderr,
+                    leave=False,
+                )
             try:
                 for step in range(num_steps):
                     validate = validate_first_step and step == 0
@@ -444,24 +506,27 @@ def fit(
                         raise
                     except Exception as exc:  # JIT tracing failures vary widely
                         if step == 0 and use_jit:
-                            jit_note = (f"JIT unavailable for {model_name}/{guide_name}/{elbo} "
-                                        f"({type(exc).__name__}); using the Python ELBO")
+                            jit_note = (
+                                f"JIT unavailable for {model_name}/{guide_name}/{elbo} "
+                                f"({type(exc).__name__}); using the Python ELBO"
+                            )
                             print(jit_note, file=sys.stderr)
                             use_jit = False
                             pyro.get_param_store().clear()
                             pyro.set_rng_seed(seed)
                             guide_fn, guide_name, loss_fn = build(False)
-                            optim = pyro.optim.Adam({"lr": lr})
+                            optim = _optimizer(lr, lr_decay, num_steps)
                             with pyro.validation_enabled(validate):
-                                loss, finite = _step(bound_model, guide_fn, loss_fn, optim,
-                                                     args)
+                                loss, finite = _step(bound_model, guide_fn, loss_fn, optim, args)
                         else:
                             raise
                     if not finite:
                         status = NONFINITE
-                        message = (f"stopped at step {step}: the loss or a gradient was "
-                                   f"{loss} (non-finite); kept the parameters of step "
-                                   f"{step - 1}")
+                        message = (
+                            f"stopped at step {step}: the loss or a gradient was "
+                            f"{loss} (non-finite); kept the parameters of step "
+                            f"{step - 1}"
+                        )
                         break
                     losses.append(loss)
                     if bar is not None:
@@ -474,9 +539,11 @@ def fit(
                             converged = True
                             if rule.early_stop:
                                 status = CONVERGED
-                                message = (f"converged at step {step + 1}: no significant "
-                                           f"improvement over {rule.patience} windows of "
-                                           f"{window} steps")
+                                message = (
+                                    f"converged at step {step + 1}: no significant "
+                                    f"improvement over {rule.patience} windows of "
+                                    f"{window} steps"
+                                )
                                 break
                     elif (step + 1) % window == 0:
                         flat_checks = 0
@@ -488,59 +555,111 @@ def fit(
                     bar.close()
             wall = time.perf_counter() - t0
             if status == MAX_STEPS:
-                message = (f"ran all {num_steps} steps; "
-                           + ("the loss had flattened" if converged
-                              else "the loss was still improving (not converged)"))
+                message = f"ran all {num_steps} steps; " + (
+                    "the loss had flattened"
+                    if converged
+                    else "the loss was still improving (not converged)"
+                )
             sample_guide = guide_fn
-            if isinstance(guide_fn, AutoLaplaceApproximation) and status != NONFINITE \
-                    and losses:
+            if isinstance(guide_fn, AutoLaplaceApproximation) and status != NONFINITE and losses:
                 sample_guide = guide_fn.laplace_approximation(*args)
             settings = {
-                "guide": guide_name, "guide_options": guide_opts, "elbo": elbo,
+                "guide": guide_name,
+                "guide_options": guide_opts,
+                "elbo": elbo,
                 "elbo_class": type(getattr(loss_fn, "inner", loss_fn)).__name__,
-                "elbo_options": elbo_opts, "num_particles": loss_fn.num_particles,
+                "elbo_options": elbo_opts,
+                "num_particles": loss_fn.num_particles,
                 "vectorize_particles": bool(getattr(loss_fn, "vectorize_particles", False)),
-                "jit": use_jit, "jit_note": jit_note, "num_steps_max": num_steps,
-                "lr": lr, "optimizer": "Adam", "num_threads": torch.get_num_threads(),
-                "max_plate_nesting": depth, "discrete_sites": list(hidden),
-                "convergence": {"window": window, "z": rule.z, "rtol": rule.rtol,
-                                "patience": rule.patience, "early_stop": rule.early_stop},
-                "num_eval": num_eval, "versions": versions(),
+                "jit": use_jit,
+                "jit_note": jit_note,
+                "num_steps_max": num_steps,
+                "lr": lr,
+                "lr_decay": lr_decay,
+                "optimizer": "Adam" if lr_decay is None else "ClippedAdam",
+                "num_threads": torch.get_num_threads(),
+                "max_plate_nesting": depth,
+                "discrete_sites": list(hidden),
+                "convergence": {
+                    "window": window,
+                    "z": rule.z,
+                    "rtol": rule.rtol,
+                    "patience": rule.patience,
+                    "early_stop": rule.early_stop,
+                },
+                "num_eval": num_eval,
+                "versions": versions(),
             }
             pyro.set_rng_seed(seed + 3)
             if losses:
                 with torch.no_grad():
-                    log_w = log_weights(_kw(bound_model), _kw(sample_guide),
-                                        {f"_{i}": a for i, a in enumerate(args)}, num_eval,
-                                        depth, discrete=bool(hidden))
+                    log_w = log_weights(
+                        _kw(bound_model),
+                        _kw(sample_guide),
+                        {f"_{i}": a for i, a in enumerate(args)},
+                        num_eval,
+                        depth,
+                        discrete=bool(hidden),
+                    )
                 est, se = elbo_estimate(log_w)
             else:
                 est, se = math.nan, math.nan
         finally:
             torch.set_num_threads(threads_before)
-        params = {name: pyro.param(name).detach().double().numpy().copy()
-                  for name in pyro.get_param_store().keys()}
+        params = {
+            name: pyro.param(name).detach().double().numpy().copy()
+            for name in pyro.get_param_store().keys()
+        }
     return FitResult(
-        model_name=model_name, guide_name=guide_name, elbo_name=elbo,
-        losses=np.asarray(losses, dtype=float), elbo=est, elbo_se=se, params=params,
-        status=status, converged=converged, num_steps=len(losses), wall_time=wall, seed=seed,
-        settings=settings, message=message, sites=tuple(sites), entry=entry, model=bound_model,
-        guide=sample_guide, args=args, data=data_dict, param_state=state,
-        max_plate_nesting=depth, discrete_sites=hidden,
-        site_shapes={n: tuple(s["value"].shape) for n, s in model_tr.nodes.items()
-                     if s["type"] == "sample" and isinstance(s["value"], torch.Tensor)},
+        model_name=model_name,
+        guide_name=guide_name,
+        elbo_name=elbo,
+        losses=np.asarray(losses, dtype=float),
+        elbo=est,
+        elbo_se=se,
+        params=params,
+        status=status,
+        converged=converged,
+        num_steps=len(losses),
+        wall_time=wall,
+        seed=seed,
+        settings=settings,
+        message=message,
+        sites=tuple(sites),
+        entry=entry,
+        model=bound_model,
+        guide=sample_guide,
+        args=args,
+        data=data_dict,
+        param_state=state,
+        max_plate_nesting=depth,
+        discrete_sites=hidden,
+        site_shapes={
+            n: tuple(s["value"].shape)
+            for n, s in model_tr.nodes.items()
+            if s["type"] == "sample" and isinstance(s["value"], torch.Tensor)
+        },
     )
 
 
-def _step(model: Callable, guide: Callable, loss_fn: Any, optim: Any, args: tuple
-          ) -> tuple[float, bool]:
+def _optimizer(lr: float, lr_decay: float | None, num_steps: int):
+    if lr_decay is None:
+        return pyro.optim.Adam({"lr": lr})
+    gamma = float(lr_decay) ** (1.0 / num_steps)
+    return pyro.optim.ClippedAdam({"lr": lr, "lrd": gamma, "clip_norm": 1e6})
+
+
+def _step(
+    model: Callable, guide: Callable, loss_fn: Any, optim: Any, args: tuple
+) -> tuple[float, bool]:
     """One SVI step that refuses to apply non-finite gradients."""
     with poutine.trace(param_only=True) as capture:
         loss = loss_fn.loss_and_grads(model, guide, *args)
     params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
     loss = float(loss)
     finite = math.isfinite(loss) and all(
-        p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+        p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params
+    )
     if finite:
         optim(params)
     zero_grads(params)
@@ -551,5 +670,10 @@ def versions() -> dict[str, str]:
     """Versions of the libraries that shape numerical results."""
     import arviz
 
-    return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "pyro": pyro.__version__, "numpy": np.__version__, "arviz": arviz.__version__}
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "numpy": np.__version__,
+        "arviz": arviz.__version__,
+    }

@@ -1,4 +1,4 @@
-"""Importance-weighted bound (IWAE) that stays a bound under subsampling.
+r"""Importance-weighted bound (IWAE) that stays a bound under subsampling.
 
 Pyro's ``RenyiELBO(alpha=0)`` puts the subsample scale ``N / b`` inside the
 log-sum-exp over particles, which overestimates ``log p(x)``. Here the bound is
@@ -6,9 +6,9 @@ taken per data point wherever a data plate encloses local latent sites:
 
 .. math::
 
-    \\mathcal{L}_K = \\mathbb{E}_{q(g)}\\Big[\\log \\frac{p(g)}{q(g)}
-      + \\frac{N}{b} \\sum_{i \\in \\text{batch}} \\log \\frac{1}{K}
-      \\sum_{k=1}^K \\frac{p(x_i, z_{ik} \\mid g)}{q(z_{ik} \\mid x_i, g)}\\Big]
+    \mathcal{L}_K = \mathbb{E}_{q(g)}\Big[\log \frac{p(g)}{q(g)}
+      + \frac{N}{b} \sum_{i \in \text{batch}} \log \frac{1}{K}
+      \sum_{k=1}^K \frac{p(x_i, z_{ik} \mid g)}{q(z_{ik} \mid x_i, g)}\Big]
 
 with the global latents ``g`` drawn once and shared by the ``K`` local particles.
 The mode is chosen from the model's structure (see :class:`IWAE`).
@@ -49,8 +49,13 @@ def _frames(site: dict) -> dict[str, object]:
     return {f.name: f for f in site["cond_indep_stack"] if f.vectorized}
 
 
-def analyse(model: Callable, guide: Callable, args: tuple, kwargs: dict,
-            max_plate_nesting: int | None = None) -> Structure:
+def analyse(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    max_plate_nesting: int | None = None,
+) -> Structure:
     """Trace once and decide how the IWAE bound decomposes for this model and guide."""
     with poutine.block():
         guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -64,27 +69,40 @@ def analyse(model: Callable, guide: Callable, args: tuple, kwargs: dict,
                         depth = max(depth, -f.dim)
     if max_plate_nesting is not None:
         depth = max(depth, max_plate_nesting)
-    latent = {n: s for n, s in model_tr.nodes.items()
-              if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)}
-    observed = {n: s for n, s in model_tr.nodes.items()
-                if s["type"] == "sample" and s["is_observed"]}
+    latent = {
+        n: s
+        for n, s in model_tr.nodes.items()
+        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+    }
+    observed = {
+        n: s for n, s in model_tr.nodes.items() if s["type"] == "sample" and s["is_observed"]
+    }
     for name, site in guide_tr.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(
-                site) and not site["fn"].has_rsample:
+        if (
+            site["type"] == "sample"
+            and not site["is_observed"]
+            and not site_is_subsample(site)
+            and not site["fn"].has_rsample
+        ):
             raise IncompatibleError(
                 f"iwae needs reparameterizable guide sites; {name!r} is not "
-                "(use the 'renyi' or 'enum' ELBO for discrete latents)")
-    observed_plates = set().union(*[set(_frames(s)) for s in observed.values()]) \
-        if observed else set()
+                "(use the 'renyi' or 'enum' ELBO for discrete latents)"
+            )
+    observed_plates = (
+        set().union(*[set(_frames(s)) for s in observed.values()]) if observed else set()
+    )
     local_plates: dict[str, object] = {}
     for site in latent.values():
         for name, frame in _frames(site).items():
             if name in observed_plates:
                 local_plates[name] = frame
     subsampled = any(
-        not isinstance(s["scale"], torch.Tensor) and s["scale"] != 1.0
-        or isinstance(s["scale"], torch.Tensor) and bool((s["scale"] != 1).any())
-        for s in observed.values())
+        not isinstance(s["scale"], torch.Tensor)
+        and s["scale"] != 1.0
+        or isinstance(s["scale"], torch.Tensor)
+        and bool((s["scale"] != 1).any())
+        for s in observed.values()
+    )
     if local_plates:
         # the outermost local plate is the data plate
         name, frame = max(local_plates.items(), key=lambda kv: -kv[1].dim)
@@ -142,9 +160,11 @@ class IWAE(ELBO):
     """
 
     def __init__(self, num_particles: int = 8, max_plate_nesting: int | None = None):
-        super().__init__(num_particles=num_particles, vectorize_particles=True,
-                         max_plate_nesting=max_plate_nesting if max_plate_nesting is not None
-                         else float("inf"))
+        super().__init__(
+            num_particles=num_particles,
+            vectorize_particles=True,
+            max_plate_nesting=max_plate_nesting if max_plate_nesting is not None else float("inf"),
+        )
         self._user_depth = max_plate_nesting
         self._structure: dict[tuple[int, int], Structure] = {}
 
@@ -167,15 +187,15 @@ class IWAE(ELBO):
         particles = pyro.plate("_iwae_particles", K, dim=pdim)
         if st.mode == HIERARCHICAL:
             guide_g = poutine.trace(guide).get_trace(*args, **kwargs)
-            fixed = {n: guide_g.nodes[n]["value"] for n in st.global_sites
-                     if n in guide_g.nodes}
+            fixed = {n: guide_g.nodes[n]["value"] for n in st.global_sites if n in guide_g.nodes}
             run_guide = poutine.condition(guide, data=fixed)
         else:
             run_guide = guide
         with particles:
             guide_tr = poutine.trace(run_guide).get_trace(*args, **kwargs)
             model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
-                *args, **kwargs)
+                *args, **kwargs
+            )
         global_w = torch.zeros(1)
         local_w = None
         plate_scale = None

@@ -64,8 +64,7 @@ EIGHT_SCHOOLS_CENTERED = CatalogEntry(
     family="eight_schools_centered",
     observed=("y",),
     # The centered form has a funnel: a high target acceptance keeps divergences rare.
-    nuts=NutsSettings(num_warmup=1000, num_samples=1000, num_chains=4,
-                      target_accept_prob=0.99),
+    nuts=NutsSettings(num_warmup=1000, num_samples=1000, num_chains=4, target_accept_prob=0.99),
     default_guides=("mean_field", "full_rank", "structured"),
     max_plate_nesting=1,
 )

@@ -45,7 +45,9 @@ def exact_posterior(data: dict) -> ExactPosterior:
     return ExactPosterior(
         mean={"v": np.zeros(()), "x": np.zeros(dim)},
         sd={"v": np.full((), V_SCALE), "x": np.full(dim, sd_x)},
-        cov=None, log_evidence=0.0, sampler=sampler,
+        cov=None,
+        log_evidence=0.0,
+        sampler=sampler,
     )
 
 
@@ -64,8 +66,7 @@ NEALS_FUNNEL = CatalogEntry(
     loader=load_funnel,
     sites=("v", "x"),
     family="neals_funnel",
-    nuts=NutsSettings(num_warmup=1000, num_samples=1000, num_chains=4,
-                      target_accept_prob=0.95),
+    nuts=NutsSettings(num_warmup=1000, num_samples=1000, num_chains=4, target_accept_prob=0.95),
     exact=exact_posterior,
     max_plate_nesting=0,
 )

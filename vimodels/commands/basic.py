@@ -34,10 +34,18 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
     p.add_argument("--particles", type=int, default=None, help="particles per step (K)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guide-opt", action="append", metavar="KEY=VALUE",
-                   help="guide option, e.g. init_scale=0.05 (repeatable)")
-    p.add_argument("--elbo-opt", action="append", metavar="KEY=VALUE",
-                   help="ELBO option, e.g. alpha=0.5 (repeatable)")
+    p.add_argument(
+        "--guide-opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="guide option, e.g. init_scale=0.05 (repeatable)",
+    )
+    p.add_argument(
+        "--elbo-opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="ELBO option, e.g. alpha=0.5 (repeatable)",
+    )
     p.add_argument("--no-jit", action="store_true", help="do not JIT-compile the ELBO")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -70,10 +78,16 @@ def fit_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments of :func:`vimodels.fit` from parsed CLI options."""
     from vimodels.cli import parse_options
 
-    return dict(num_steps=args.steps, lr=args.lr, num_particles=args.particles, seed=args.seed,
-                guide_options=parse_options(args.guide_opt, "guide"),
-                elbo_options=parse_options(args.elbo_opt, "ELBO"),
-                jit=False if args.no_jit else None, progress=False if args.quiet else None)
+    return dict(
+        num_steps=args.steps,
+        lr=args.lr,
+        num_particles=args.particles,
+        seed=args.seed,
+        guide_options=parse_options(args.guide_opt, "guide"),
+        elbo_options=parse_options(args.elbo_opt, "ELBO"),
+        jit=False if args.no_jit else None,
+        progress=False if args.quiet else None,
+    )
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -95,8 +109,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     summary["netcdf"] = nc.name
     atomic_write_json(out / f"{stem}.json", summary)
     print(f"{result.model_name} / {result.guide_name} / {args.elbo}: {result.message}")
-    print(f"ELBO {result.elbo:.3f} +- {result.elbo_se:.3f} nats, {result.num_steps} steps, "
-          f"{result.wall_time:.1f} s")
+    print(
+        f"ELBO {result.elbo:.3f} +- {result.elbo_se:.3f} nats, {result.num_steps} steps, "
+        f"{result.wall_time:.1f} s"
+    )
     print(f"wrote {out / (stem + '.nc')} and {out / (stem + '.json')}")
     return 0
 
