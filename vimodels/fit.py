@@ -561,8 +561,17 @@ def fit(
                     else "the loss was still improving (not converged)"
                 )
             sample_guide = guide_fn
+            laplace_note = None
             if isinstance(guide_fn, AutoLaplaceApproximation) and status != NONFINITE and losses:
-                sample_guide = guide_fn.laplace_approximation(*args)
+                try:
+                    sample_guide = guide_fn.laplace_approximation(*args)
+                except (RuntimeError, ValueError) as exc:  # Hessian not positive definite
+                    laplace_note = (
+                        "Laplace approximation failed (the Hessian at the estimate is not "
+                        f"positive definite: {type(exc).__name__}); draws are the MAP point. "
+                        "Run more steps so the estimate reaches a mode"
+                    )
+                    message = f"{message}; {laplace_note}"
             settings = {
                 "guide": guide_name,
                 "guide_options": guide_opts,
@@ -588,6 +597,7 @@ def fit(
                     "early_stop": rule.early_stop,
                 },
                 "num_eval": num_eval,
+                "laplace_note": laplace_note,
                 "versions": versions(),
             }
             pyro.set_rng_seed(seed + 3)

@@ -186,9 +186,13 @@ class IWAE(ELBO):
         ndim = st.max_plate_nesting + 1
         particles = pyro.plate("_iwae_particles", K, dim=pdim)
         if st.mode == HIERARCHICAL:
+            # draw the globals once; the K local particles share them
             guide_g = poutine.trace(guide).get_trace(*args, **kwargs)
-            fixed = {n: guide_g.nodes[n]["value"] for n in st.global_sites if n in guide_g.nodes}
-            run_guide = poutine.condition(guide, data=fixed)
+            for name in list(guide_g.nodes):
+                site = guide_g.nodes[name]
+                if site["type"] == "sample" and name not in st.global_sites:
+                    guide_g.remove_node(name)
+            run_guide = poutine.replay(guide, trace=guide_g)
         else:
             run_guide = guide
         with particles:
@@ -204,7 +208,7 @@ class IWAE(ELBO):
             for site in tr.nodes.values():
                 if site["type"] != "sample" or site_is_subsample(site):
                     continue
-                if tr is guide_tr and site["is_observed"] and st.mode != HIERARCHICAL:
+                if tr is guide_tr and site["is_observed"]:
                     continue
                 if per_point and st.plate in _frames(site):
                     if plate_scale is None:
