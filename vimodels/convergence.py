@@ -23,7 +23,7 @@ class ConvergenceRule:
     Attributes
     ----------
     window : int or None
-        Steps per window; ``None`` picks ``max(50, num_steps // 10)``.
+        Steps per window; ``None`` picks ``num_steps // 10`` clipped to [50, 500].
     z : float
         Significance of the improvement in standard errors.
     rtol : float
@@ -45,7 +45,7 @@ class ConvergenceRule:
 
     def resolve_window(self, num_steps: int) -> int:
         """Window length for a fit of ``num_steps`` steps."""
-        return self.window if self.window is not None else max(50, num_steps // 10)
+        return self.window if self.window is not None else min(500, max(50, num_steps // 10))
 
 
 def _batch_mean_se(x: np.ndarray, num_batches: int) -> float:

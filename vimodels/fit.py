@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -602,7 +603,7 @@ def fit(
             }
             pyro.set_rng_seed(seed + 3)
             if losses:
-                with torch.no_grad():
+                with torch.no_grad(), pyro.validation_enabled(False):
                     log_w = log_weights(
                         _kw(bound_model),
                         _kw(sample_guide),
@@ -663,7 +664,9 @@ def _step(
     model: Callable, guide: Callable, loss_fn: Any, optim: Any, args: tuple
 ) -> tuple[float, bool]:
     """One SVI step that refuses to apply non-finite gradients."""
-    with poutine.trace(param_only=True) as capture:
+    with poutine.trace(param_only=True) as capture, warnings.catch_warnings():
+        # non-finite losses are detected and reported below, with the step number
+        warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
         loss = loss_fn.loss_and_grads(model, guide, *args)
     params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
     loss = float(loss)

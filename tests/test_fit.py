@@ -1,0 +1,204 @@
+"""The fit loop: seeding, convergence, non-finite losses, interrupts, user models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import vimodels
+from vimodels.convergence import ConvergenceRule, is_flat, window_improvement
+
+
+def normal_model(x):
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_same_seed_same_losses(jit):
+    kw = dict(num_steps=60, num_eval=50, progress=False, jit=jit, num_particles=2)
+    a = vimodels.fit("eight_schools_noncentered", seed=3, **kw)
+    b = vimodels.fit("eight_schools_noncentered", seed=3, **kw)
+    c = vimodels.fit("eight_schools_noncentered", seed=4, **kw)
+    np.testing.assert_array_equal(a.losses, b.losses)
+    assert a.elbo == b.elbo
+    assert not np.array_equal(a.losses, c.losses)
+    assert a.settings["jit"] is jit
+
+
+def test_result_is_immutable_and_describes_settings():
+    r = vimodels.fit("eight_schools_noncentered", num_steps=20, num_eval=20, progress=False)
+    with pytest.raises(AttributeError):
+        r.elbo = 0.0
+    s = r.settings
+    assert s["elbo_class"] in ("JitTrace_ELBO", "Trace_ELBO")
+    assert s["num_threads"] == 1 and s["lr"] == 0.01 and s["num_steps_max"] == 20
+    assert set(s["versions"]) >= {"torch", "pyro", "arviz"}
+    summary = r.summary()
+    assert summary["model"] == "eight_schools_noncentered" and summary["num_steps"] == 20
+
+
+def test_results_do_not_share_parameters():
+    a = vimodels.fit(
+        "eight_schools_noncentered",
+        guide="mean_field",
+        num_steps=200,
+        num_eval=20,
+        progress=False,
+        seed=0,
+    )
+    b = vimodels.fit(
+        "eight_schools_noncentered",
+        guide="mean_field",
+        num_steps=5,
+        num_eval=20,
+        progress=False,
+        seed=0,
+    )
+    # b's fit reuses the same parameter names, yet a still samples from its own values
+    da = a.sample(4000, seed=1)["mu"]
+    db = b.sample(4000, seed=1)["mu"]
+    assert abs(da.mean() - a.params["mean_field.mu.loc"]) < 5 * da.std() / math.sqrt(4000)
+    assert abs(db.mean() - b.params["mean_field.mu.loc"]) < 5 * db.std() / math.sqrt(4000)
+    assert abs(a.params["mean_field.mu.loc"] - b.params["mean_field.mu.loc"]) > 0.1
+
+
+def test_user_model_recovers_conjugate_posterior():
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 1.0, 40)
+    r = vimodels.fit(
+        normal_model,
+        data={"x": x},
+        guide="auto_normal",
+        num_steps=1500,
+        lr=0.05,
+        lr_decay=0.01,
+        num_particles=8,
+        progress=False,
+        num_eval=500,
+    )
+    assert r.sites == ("mu",) and r.model_name == "normal_model"
+    post_prec = 1 / 100 + len(x)
+    post_mean = x.astype(np.float32).sum() / post_prec
+    draws = r.sample(10_000, seed=2)["mu"]
+    assert abs(draws.mean() - post_mean) <= 5 * post_prec**-0.5 / 100 + 0.01
+    assert abs(draws.std() - post_prec**-0.5) <= 0.05 * post_prec**-0.5
+
+
+def test_convergence_rule_on_synthetic_losses():
+    rng = np.random.default_rng(1)
+    window = 100
+    flat = 10 + rng.normal(0, 1, 2 * window)
+    falling = np.linspace(20, 10, 2 * window) + rng.normal(0, 1, 2 * window)
+    rule = ConvergenceRule()
+    assert is_flat(flat, window, rule)
+    assert not is_flat(falling, window, rule)
+    drop, se, level = window_improvement(falling, window)
+    assert drop > 3 * se and abs(level - 12.5) < 1
+
+
+def test_fit_stops_early_when_converged():
+    r = vimodels.fit(
+        "eight_schools_noncentered",
+        guide="mean_field",
+        num_steps=4000,
+        lr=0.05,
+        num_eval=50,
+        progress=False,
+    )
+    assert r.converged and r.status == "converged"
+    assert r.num_steps < 4000 and "converged at step" in r.message
+
+
+def test_not_converged_is_reported():
+    r = vimodels.fit("conjugate_linear_regression", num_steps=100, num_eval=50, progress=False)
+    assert not r.converged and r.status == "max_steps" and "not converged" in r.message
+
+
+def nan_model(x):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    # the likelihood breaks once the estimate passes 3: a NaN loss mid-fit
+    scale = torch.where(mu > 3.0, torch.tensor(float("nan")), torch.tensor(1.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("obs", dist.Normal(mu, scale), obs=x)
+
+
+def nan_guide(x):
+    loc = pyro.param("loc", torch.tensor(0.0))
+    pyro.sample("mu", dist.Normal(loc, 0.01))
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_parameters():
+    data = {"x": np.full(10, 10.0)}
+    kw = dict(data=data, guide=nan_guide, lr=0.1, progress=False, num_eval=20, seed=5, jit=False)
+    r = vimodels.fit(nan_model, num_steps=500, **kw)
+    assert r.status == "nonfinite" and r.partial
+    k = r.num_steps
+    assert 0 < k < 500 and f"stopped at step {k}" in r.message
+    assert np.isfinite(r.params["loc"]) and r.params["loc"] < 3.5
+    # the kept parameters are exactly those after step k - 1: rerun k steps with the seed
+    again = vimodels.fit(nan_model, num_steps=k, **kw)
+    assert again.status != "nonfinite"
+    np.testing.assert_array_equal(again.params["loc"], r.params["loc"])
+
+
+def test_keyboard_interrupt_keeps_partial_result():
+    calls = {"n": 0}
+
+    def model(x):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise KeyboardInterrupt
+        normal_model(x)
+
+    r = vimodels.fit(
+        model,
+        data={"x": np.ones(5)},
+        guide="auto_normal",
+        num_steps=1000,
+        jit=False,
+        progress=False,
+        num_eval=20,
+    )
+    assert r.status == "interrupted" and r.partial and 0 < r.num_steps < 40
+    assert "interrupted at step" in r.message
+    assert np.isfinite(r.sample(10)["mu"]).all()
+
+
+def test_num_threads_restored():
+    before = torch.get_num_threads()
+    vimodels.fit(
+        "eight_schools_noncentered", num_steps=5, num_eval=10, progress=False, num_threads=2
+    )
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("elbo", ["trace", "iwae", "renyi", "weighted_kl"])
+def test_vectorized_and_sequential_log_weights_agree(elbo):
+    # the ELBO estimate is a mean of log weights: vectorized draws must match a loop
+    from vimodels.weights import log_weights
+
+    r = vimodels.fit(
+        "eight_schools_noncentered",
+        guide="full_rank",
+        elbo=elbo,
+        num_steps=50,
+        num_eval=20,
+        progress=False,
+    )
+    from vimodels.fit import _kw
+
+    kwargs = r._kwargs()
+    with pyro.get_param_store().scope(r.param_state):
+        pyro.set_rng_seed(0)
+        vec = log_weights(_kw(r.model), _kw(r.guide), kwargs, 4000, r.max_plate_nesting)
+        pyro.set_rng_seed(1)
+        seq = log_weights(_kw(r.model), _kw(r.guide), kwargs, 4000, r.max_plate_nesting, chunk=1)
+    se = np.hypot(vec.std(), seq.std()) / np.sqrt(4000)
+    assert abs(vec.mean() - seq.mean()) < 5 * se
