@@ -38,7 +38,8 @@ def test_result_is_immutable_and_describes_settings():
         r.elbo = 0.0
     s = r.settings
     assert s["elbo_class"] in ("JitTrace_ELBO", "Trace_ELBO")
-    assert s["num_threads"] == 1 and s["lr"] == 0.01 and s["num_steps_max"] == 20
+    assert s["num_threads"] == 1 and s["lr"] == 0.02 and s["num_steps_max"] == 20
+    assert s["optimizer"] == "ClippedAdam" and s["lr_decay"] == 0.1
     assert set(s["versions"]) >= {"torch", "pyro", "arviz"}
     summary = r.summary()
     assert summary["model"] == "eight_schools_noncentered" and summary["num_steps"] == 20
@@ -136,7 +137,16 @@ def nan_guide(x):
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_parameters():
     data = {"x": np.full(10, 10.0)}
-    kw = dict(data=data, guide=nan_guide, lr=0.1, progress=False, num_eval=20, seed=5, jit=False)
+    kw = dict(
+        data=data,
+        guide=nan_guide,
+        lr=0.1,
+        lr_decay=None,
+        progress=False,
+        num_eval=20,
+        seed=5,
+        jit=False,
+    )
     r = vimodels.fit(nan_model, num_steps=500, **kw)
     assert r.status == "nonfinite" and r.partial
     k = r.num_steps

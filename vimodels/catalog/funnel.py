@@ -68,5 +68,6 @@ NEALS_FUNNEL = CatalogEntry(
     family="neals_funnel",
     nuts=NutsSettings(num_warmup=1000, num_samples=1000, num_chains=4, target_accept_prob=0.95),
     exact=exact_posterior,
+    default_guides=("mean_field", "full_rank", "structured"),
     max_plate_nesting=0,
 )

@@ -12,6 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the basic subcommands."""
     p = sub.add_parser("list", help="list models, guides and ELBOs")
     p.add_argument("what", nargs="?", choices=["models", "guides", "elbos", "all"], default="all")
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables (README)")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("fit", help="fit a catalog model with SVI")
@@ -31,7 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def add_fit_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``fit`` and ``compare``."""
     p.add_argument("--steps", type=int, default=2000, help="maximum SVI steps")
-    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=0.02, help="Adam learning rate")
+    p.add_argument(
+        "--lr-decay",
+        type=float,
+        default=0.1,
+        help="final learning rate as a fraction of --lr (1 = constant)",
+    )
     p.add_argument("--particles", type=int, default=None, help="particles per step (K)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -56,6 +63,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     from vimodels.catalog.registry import MODELS
     from vimodels.elbos import ELBOS
 
+    if args.markdown:
+        print(markdown_tables(args.what))
+        return 0
     if args.what in ("models", "all"):
         print("models:")
         for name, entry in MODELS.items():
@@ -114,7 +124,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         f"{result.wall_time:.1f} s"
     )
     print(f"wrote {out / (stem + '.nc')} and {out / (stem + '.json')}")
-    return 0
+    return 130 if result.status == "interrupted" else 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -125,3 +135,63 @@ def cmd_check(args: argparse.Namespace) -> int:
     for item in report:
         print(f"[{'ok' if item.ok else 'FAIL'}] {item.name}: {item.detail}")
     return 0 if all(item.ok for item in report) else 1
+
+
+def markdown_tables(what: str = "all") -> str:
+    """Markdown tables of the registries, as embedded in README.md."""
+    from guides.registry import GENERIC, HANDWRITTEN
+    from vimodels.catalog.registry import MODELS
+    from vimodels.elbos import ELBOS
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    parts = []
+    if what in ("models", "all"):
+        rows = [
+            "<!-- models -->",
+            "| model | sites of interest | guides | description |",
+            "|---|---|---|---|",
+        ]
+        for name, e in MODELS.items():
+            flags = " (discrete: `enum` ELBO)" if e.discrete else ""
+            rows.append(
+                f"| `{name}` | {', '.join(e.sites)} | {', '.join(e.default_guides)} "
+                f"| {cell(e.description)}{flags} |"
+            )
+        parts.append("\n".join(rows + ["<!-- /models -->"]))
+    if what in ("guides", "all"):
+        rows = [
+            "<!-- guides -->",
+            "| guide | applies to | options | description |",
+            "|---|---|---|---|",
+        ]
+        for name, spec in GENERIC.items():
+            rows.append(
+                f"| `{name}` | any model | {', '.join(spec.options)} | {cell(spec.description)} |"
+            )
+        by_name: dict[str, list[str]] = {}
+        desc: dict[str, str] = {}
+        for family, specs in HANDWRITTEN.items():
+            for name, spec in specs.items():
+                by_name.setdefault(name, []).append(family)
+                desc.setdefault(name, spec.description)
+        for name, families in by_name.items():
+            rows.append(
+                f"| `{name}` | {', '.join(families)} | init_scale | "
+                f"hand-written; e.g. {cell(desc[name])} |"
+            )
+        parts.append("\n".join(rows + ["<!-- /guides -->"]))
+    if what in ("elbos", "all"):
+        rows = [
+            "<!-- elbos -->",
+            "| ELBO | default particles | JIT | options | description |",
+            "|---|---|---|---|---|",
+        ]
+        for name, spec in ELBOS.items():
+            rows.append(
+                f"| `{name}` | {spec.default_particles} | {'yes' if spec.jit else 'no'} "
+                f"| {', '.join(spec.options)} | {cell(spec.description)} |"
+            )
+        parts.append("\n".join(rows + ["<!-- /elbos -->"]))
+    return "\n\n".join(parts)

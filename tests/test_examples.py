@@ -1,0 +1,43 @@
+"""Every example runs as a user would run it, with tiny arguments."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+# every script in examples/ must appear here with arguments that make it quick
+SMOKE_ARGS: dict[str, list[str]] = {
+    "eight_schools_three_guides.py": ["--steps", "30", "--draws", "50"],
+    "user_model.py": ["--steps", "30", "--draws", "50"],
+}
+
+
+def test_every_example_is_listed():
+    scripts = {p.name for p in EXAMPLES.glob("*.py")}
+    assert scripts == set(SMOKE_ARGS), (
+        f"unlisted: {sorted(scripts - set(SMOKE_ARGS))}, "
+        f"missing: {sorted(set(SMOKE_ARGS) - scripts)}"
+    )
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE_ARGS))
+def test_example_runs(script, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    args = [a.replace("{tmp}", str(tmp_path)) for a in SMOKE_ARGS[script]]
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip(), "an example should print what it found"
