@@ -57,7 +57,7 @@ def linear_regression(X: torch.Tensor, y: torch.Tensor | None = None,
         "beta", dist.Normal(X.new_zeros(num_features), prior_scale).to_event(1)
     )
     with pyro.plate("data", X.shape[0], subsample_size=subsample_size, dim=-1) as idx:
-        mean = (X[idx] * beta.unsqueeze(-2)).sum(-1)
+        mean = (X[idx] * beta).sum(-1)  # beta (..., 1, D) under outer plates
         pyro.sample("obs", dist.Normal(mean, noise_scale), obs=None if y is None else y[idx])
 
 
