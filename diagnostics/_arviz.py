@@ -76,8 +76,14 @@ def group_arrays(idata: InferenceData, group: str) -> dict[str, np.ndarray]:
 
 
 def rhat(draws: np.ndarray) -> float:
-    """Rank-normalized split R-hat of one scalar quantity, ``draws`` shape (chain, draw)."""
-    return float(az.rhat(np.asarray(draws, dtype=float), method="rank"))
+    """Rank-normalized split R-hat of one scalar quantity, ``draws`` shape (chain, draw).
+
+    NaN for fewer than two chains (between-chain agreement cannot be checked).
+    """
+    draws = np.asarray(draws, dtype=float)
+    if draws.ndim != 2 or draws.shape[0] < 2:
+        return float("nan")
+    return float(az.rhat(draws, method="rank"))
 
 
 def ess(draws: np.ndarray, method: str = "bulk") -> float:

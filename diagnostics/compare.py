@@ -290,7 +290,7 @@ def compare(
     le = _log_evidence(fits, named, summary, log_evidence, num_evidence, seed)
     summary["log_evidence"] = le.value
     summary["gap"] = le.value - summary["elbo"]
-    summary["gap_se"] = np.sqrt(summary["elbo_se"] ** 2 + (le.se if np.isfinite(le.se) else 0))
+    summary["gap_se"] = np.sqrt(summary["elbo_se"] ** 2 + (le.se**2 if np.isfinite(le.se) else 0))
     summary["iwae_gap"] = le.value - summary["iwae"]
     summary["reliable"] = (
         summary["converged"]

@@ -30,6 +30,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO, config_enumerate, infer_discrete
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 LATENT = "latent"
@@ -457,6 +458,16 @@ def _sample_guide_discrete(
     return {name: np.concatenate(v) for name, v in out.items()}, log_w
 
 
+def _in_plate(fn: Callable, n: int, depth: int) -> Callable:
+    """``fn`` run inside a plate of ``n`` draws just outside its own plates."""
+
+    def wrapped(*args, **kwargs):
+        with pyro.plate(_DRAWS_PLATE, n, dim=-(depth + 1)):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def recover_discrete(
     model: Callable,
     args: tuple,
@@ -489,13 +500,15 @@ def recover_discrete(
             for start, stop in _chunks(n, chunk):
                 part = {k: v[start:stop] for k, v in cont.items()}
                 m = stop - start
-                with pyro.plate(_DRAWS_PLATE, m, dim=-(depth + 1)):
-                    sampler = infer_discrete(
-                        poutine.replay(enum_model, trace=_fake_trace(part, info, depth)),
-                        first_available_dim=-(depth + 2),
-                        temperature=1,
-                    )
-                    tr = poutine.trace(sampler).get_trace(*args, **kwargs)
+                # the draws plate must sit inside what infer_discrete traces
+                sampler = infer_discrete(
+                    _in_plate(
+                        poutine.replay(enum_model, trace=_fake_trace(part, info, depth)), m, depth
+                    ),
+                    first_available_dim=-(depth + 2),
+                    temperature=1,
+                )
+                tr = poutine.trace(sampler).get_trace(*args, **kwargs)
                 for name in info.discrete:
                     out[name].append(_as_draws(tr.nodes[name]["value"], m, info.sites[name].shape))
         except _FALLBACK_ERRORS:
@@ -510,6 +523,18 @@ def recover_discrete(
                 for name in info.discrete:
                     out[name].append(_as_draws(tr.nodes[name]["value"], 1, info.sites[name].shape))
     return {name: np.concatenate(v) for name, v in out.items()}
+
+
+class _ResampleObserved(Messenger):
+    """Draw observed sites anew; unlike ``poutine.uncondition`` leaves deterministic sites."""
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["is_observed"] and not msg["infer"].get("_deterministic"):
+            msg["is_observed"] = False
+            msg["infer"]["was_observed"] = True
+            msg["infer"]["obs"] = msg["value"]
+            msg["value"] = None
+            msg["done"] = False
 
 
 @dataclass(frozen=True)
@@ -597,7 +622,7 @@ def replay_model(
                         if site["type"] == "sample" and not site_is_subsample(site):
                             _check_vectorized(site, m, info)
                     pp = (
-                        run(poutine.uncondition(poutine.replay(model, trace=fake)))
+                        run(_ResampleObserved()(poutine.replay(model, trace=fake)))
                         if predictive
                         else None
                     )
@@ -608,7 +633,7 @@ def replay_model(
                 fake = _fake_trace(latent, info, None, index=i)
                 tr = run(poutine.replay(model, trace=fake))
                 pp = (
-                    run(poutine.uncondition(poutine.replay(model, trace=fake)))
+                    run(_ResampleObserved()(poutine.replay(model, trace=fake)))
                     if predictive
                     else None
                 )

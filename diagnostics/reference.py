@@ -259,9 +259,24 @@ def run_checks(
     tuple of Check
         ``rhat`` (< 1.01), ``ess_bulk`` and ``ess_tail`` (>= 400), ``divergences`` (0).
     """
-    rows = [r for r in _site_rows(draws, sites) if np.isfinite(r["rhat"])]
+    rows = [r for r in _site_rows(draws, sites) if np.isfinite(r["ess_bulk"])]
+    chains = int(next(iter(draws.values())).shape[0]) if draws else 0
     checks = []
-    if rows:
+    if not rows:
+        checks.append(
+            Check("rhat", False, float("nan"), RHAT_MAX, "no varying site of interest to check")
+        )
+    elif chains < 2:
+        checks.append(
+            Check(
+                "rhat",
+                False,
+                float("nan"),
+                RHAT_MAX,
+                f"split R-hat needs at least 2 chains, got {chains}",
+            )
+        )
+    else:
         worst = max(rows, key=lambda r: r["rhat"])
         checks.append(
             Check(
@@ -272,21 +287,17 @@ def run_checks(
                 f"max split R-hat {worst['rhat']:.4f} at {worst['element']} (needs < {RHAT_MAX})",
             )
         )
-        for key in ("ess_bulk", "ess_tail"):
-            worst = min(rows, key=lambda r, k=key: r[k])
-            checks.append(
-                Check(
-                    key,
-                    worst[key] >= ESS_MIN,
-                    worst[key],
-                    ESS_MIN,
-                    f"min {key.replace('_', ' ')} {worst[key]:.0f} at "
-                    f"{worst['element']} (needs >= {ESS_MIN:.0f})",
-                )
-            )
-    else:
+    for key in ("ess_bulk", "ess_tail") if rows else ():
+        worst = min(rows, key=lambda r, k=key: r[k])
         checks.append(
-            Check("rhat", False, float("nan"), RHAT_MAX, "no varying site of interest to check")
+            Check(
+                key,
+                worst[key] >= ESS_MIN,
+                worst[key],
+                ESS_MIN,
+                f"min {key.replace('_', ' ')} {worst[key]:.0f} at "
+                f"{worst['element']} (needs >= {ESS_MIN:.0f})",
+            )
         )
     if num_divergences is not None:
         checks.append(
@@ -566,7 +577,7 @@ class _RecordingNUTS(NUTS):
             s["step_size"].append(float(self.step_size))
             s["tree_depth"].append(depth.count)
             s["lp"].append(-float(self._potential_energy_last))
-            s["acceptance_rate"].append(float(accept))
+            s["acceptance_rate"].append(min(max(float(accept), 0.0), 1.0))  # round-off
         return out
 
 
