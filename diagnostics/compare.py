@@ -1,0 +1,642 @@
+"""Compare fitted approximations with a reference, and run the whole grid.
+
+:func:`compare` takes fit results and a :class:`~diagnostics.reference.Reference`
+and returns a :class:`Comparison`: one table row per method (ELBO, IWAE
+bound, gap to the log evidence, PSIS k-hat, joint distances, worst sd ratio,
+coverage, convergence, wall time), one row per method and site element, the
+draws as ArviZ data, and the flags and lessons a report states.
+
+:func:`run_compare` is what ``vimodels compare`` runs: fit the grid of
+guides x ELBOs, get the (cached) reference, compare, write the report.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.distributions import biject_to
+
+from diagnostics import metrics
+from diagnostics.convert import fit_to_inference_data, group_arrays
+from diagnostics.draws import ModelInfo, model_info
+from diagnostics.reference import Reference, get_reference, resolve_model
+from vimodels.catalog.base import CatalogEntry
+from vimodels.errors import IncompatibleError, OptionError, VimodelsError, check_option
+
+if TYPE_CHECKING:
+    from vimodels.fit import FitResult
+
+EXACT = "exact"
+ESTIMATED = "estimated"
+GIVEN = "given"
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class LogEvidence:
+    """``log p(x)`` in nats and where it comes from.
+
+    Attributes
+    ----------
+    value, se : float
+        Estimate and standard error (``se`` 0 when exact; NaN when unknown).
+    kind : str
+        ``exact`` (closed form), ``estimated`` (importance sampling), ``given``
+        (passed by the caller) or ``unknown``.
+    source : str
+        One line: how it was obtained.
+    """
+
+    value: float
+    se: float
+    kind: str
+    source: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {"value": self.value, "se": self.se, "kind": self.kind, "source": self.source}
+
+
+@dataclass(frozen=True, eq=False)
+class Comparison:
+    """Approximations compared with a reference.
+
+    Attributes
+    ----------
+    model_name : str
+    methods : tuple of str
+        ``<guide>/<elbo>`` names, in grid order.
+    summary : DataFrame
+        One row per method (see :func:`compare` for the columns).
+    sites : DataFrame
+        One row per method and element of each site of interest.
+    reference : Reference
+    log_evidence : LogEvidence
+    draws : dict of str to dict of str to ndarray
+        Per method, the posterior draws ``(n, *shape)`` used by the metrics.
+    inference_data : dict of str to InferenceData
+        Per method, the same draws as ArviZ data (with log weights and log likelihood).
+    losses : dict of str to ndarray
+        Per method, the loss per step (nats).
+    flags : tuple of str
+        Results not to be trusted, one line each.
+    lessons : tuple of str
+        What the comparison shows, one line each.
+    pair : tuple of str or None
+        The two site elements shown in the pair plot.
+    settings : dict
+        Draws, IWAE K and seed used.
+    skipped : tuple of str
+        Grid cells that could not be fitted, with the reason.
+    """
+
+    model_name: str
+    methods: tuple[str, ...]
+    summary: pd.DataFrame
+    sites: pd.DataFrame
+    reference: Reference
+    log_evidence: LogEvidence
+    draws: dict[str, dict[str, np.ndarray]] = field(repr=False)
+    inference_data: dict[str, Any] = field(repr=False)
+    losses: dict[str, np.ndarray] = field(repr=False)
+    flags: tuple[str, ...] = ()
+    lessons: tuple[str, ...] = ()
+    pair: tuple[str, str] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    skipped: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the draws, JSON-friendly (NaN as None by the writer)."""
+        return {
+            "model": self.model_name,
+            "methods": list(self.methods),
+            "reference": self.reference.summary(),
+            "log_evidence": self.log_evidence.as_dict(),
+            "summary": _records(self.summary),
+            "sites": _records(self.sites),
+            "flags": list(self.flags),
+            "lessons": list(self.lessons),
+            "pair": list(self.pair) if self.pair else None,
+            "settings": self.settings,
+            "skipped": list(self.skipped),
+        }
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    out = []
+    for row in df.to_dict(orient="records"):
+        out.append({k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()})
+    return out
+
+
+def method_name(result: FitResult) -> str:
+    """``<guide>/<elbo>``: how a fit is named in tables and files."""
+    return f"{result.guide_name}/{result.elbo_name}"
+
+
+def _unconstrained(
+    draws: Mapping[str, np.ndarray], info: ModelInfo, sites: Sequence[str], sample_ndim: int
+) -> np.ndarray:
+    """Draws of continuous latent ``sites`` mapped to unconstrained space, ``(n, D)``."""
+    cols = []
+    for name in sites:
+        x = np.asarray(draws[name], dtype=float)
+        lead = x.shape[:sample_ndim]
+        x = x.reshape((int(np.prod(lead)),) + x.shape[sample_ndim:])
+        support = info.sites[name].support
+        with torch.no_grad():
+            u = biject_to(support).inv(torch.as_tensor(x, dtype=torch.float64)).numpy()
+        cols.append(u.reshape(len(u), -1))
+    return np.concatenate(cols, axis=1) if cols else np.empty((0, 0))
+
+
+def _exact_log_evidence(results: Sequence[FitResult]) -> float | None:
+    entry = results[0].entry
+    if entry is None or entry.exact is None:
+        return None
+    exact = entry.exact_posterior()
+    return None if exact is None else exact.log_evidence
+
+
+def _worst_sd(rows: pd.DataFrame) -> tuple[float, str]:
+    ratios = rows["sd_ratio"].to_numpy(dtype=float)
+    ok = np.isfinite(ratios) & (ratios > 0)
+    if not ok.any():
+        return float("nan"), ""
+    k = int(np.argmax(np.where(ok, np.abs(np.log(np.where(ok, ratios, 1.0))), -np.inf)))
+    return float(ratios[k]), str(rows["element"].iloc[k])
+
+
+def compare(
+    results: Sequence[FitResult] | Mapping[str, FitResult],
+    reference: Reference,
+    *,
+    num_draws: int = 4000,
+    iwae_k: int = 50,
+    num_evidence: int = 20000,
+    seed: int = 0,
+    log_evidence: float | None = None,
+    sites: Sequence[str] | None = None,
+) -> Comparison:
+    """Compare fitted approximations with a reference.
+
+    Parameters
+    ----------
+    results : sequence of FitResult, or dict of name to FitResult
+        Fits of the reference's model; names default to ``<guide>/<elbo>``.
+    reference : Reference
+    num_draws : int
+        Guide draws per method for the metrics (and its log weights).
+    iwae_k : int
+        Importance samples K of the IWAE bound (``num_draws // K`` groups).
+    num_evidence : int
+        Draws of the best proposal for the importance-sampling estimate of
+        ``log p(x)`` when it is not known exactly.
+    seed : int
+        Seed of the guide draws and of the metric subsampling.
+    log_evidence : float, optional
+        A known ``log p(x)`` (nats); default: the catalog's exact value, else estimated.
+    sites : sequence of str, optional
+        Sites of interest; default the reference's.
+
+    Returns
+    -------
+    Comparison
+        ``summary`` columns: ``method guide elbo_name status converged num_steps
+        wall_time_s elbo elbo_se iwae iwae_se iwae_k gap gap_se iwae_gap khat
+        khat_verdict w1_mean w1_max max_abs_std_mean_error worst_sd_ratio
+        worst_sd_element coverage_min coverage_mean w2 sliced_w2 energy
+        corr_max_error corr_rms_error reliable``.
+    """
+    check_option("num_draws", num_draws, kind=int, low=10)
+    check_option("iwae_k", iwae_k, kind=int, low=1)
+    check_option("num_evidence", num_evidence, kind=int, low=10)
+    named = dict(results) if isinstance(results, Mapping) else {}
+    if not named:
+        for r in results:
+            name = method_name(r)
+            k = 2
+            while name in named:
+                name = f"{method_name(r)}#{k}"
+                k += 1
+            named[name] = r
+    if not named:
+        raise OptionError("compare needs at least one fit result")
+    fits = list(named.values())
+    wrong = sorted({r.model_name for r in fits} - {reference.model_name})
+    if wrong:
+        raise IncompatibleError(
+            f"fits of {', '.join(wrong)} cannot be compared with a reference for "
+            f"{reference.model_name!r}"
+        )
+    first = fits[0]
+    info = model_info(first.model, first.args, {}, first.max_plate_nesting)
+    sites = tuple(s for s in (sites or reference.sites) if s in reference.draws)
+    joint_sites = tuple(s for s in info.continuous if s in reference.draws)
+    ref_unc = _unconstrained(reference.draws, info, joint_sites, 2)
+    ref_ok = np.all(np.isfinite(ref_unc), axis=1) if ref_unc.size else None
+    floor = metrics.joint_floor(ref_unc[ref_ok], seed=seed) if joint_sites else {}
+
+    site_frames, rows, draws, idatas, log_ws = [], [], {}, {}, {}
+    for name, result in named.items():
+        idata = fit_to_inference_data(result, num_draws, seed=seed)
+        post = {k: v[0] for k, v in group_arrays(idata, "posterior").items()}
+        lw = group_arrays(idata, "sample_stats")["log_weight"][0]
+        draws[name], idatas[name], log_ws[name] = post, idata, lw
+        table = metrics.marginal_table(post, reference.draws, sites)
+        table.insert(0, "method", name)
+        site_frames.append(table)
+        row: dict[str, Any] = {
+            "method": name,
+            "guide": result.guide_name,
+            "elbo_name": result.elbo_name,
+            "status": result.status,
+            "converged": bool(result.converged),
+            "num_steps": int(result.num_steps),
+            "wall_time_s": float(result.wall_time),
+        }
+        finite = np.isfinite(lw)
+        row["elbo"], row["elbo_se"] = (
+            metrics.elbo(lw[finite]) if finite.sum() > 1 else (float("nan"), float("nan"))
+        )
+        k = min(iwae_k, max(1, len(lw) // 2))
+        row["iwae"], row["iwae_se"] = (
+            metrics.iwae_bound(lw, k) if finite.all() else (float("nan"), float("nan"))
+        )
+        row["iwae_k"] = k
+        row["khat"] = metrics.psis_khat(lw) if finite.all() else float("inf")
+        row["khat_verdict"] = metrics.khat_verdict(row["khat"])
+        row["w1_mean"] = float(table["w1"].mean())
+        row["w1_max"] = float(table["w1"].max())
+        row["max_abs_std_mean_error"] = float(np.nanmax(np.abs(table["std_mean_error"])))
+        row["worst_sd_ratio"], row["worst_sd_element"] = _worst_sd(table)
+        row["coverage_min"] = float(table["coverage90"].min())
+        row["coverage_mean"] = float(table["coverage90"].mean())
+        if joint_sites:
+            unc = _unconstrained(post, info, joint_sites, 1)
+            ok = np.all(np.isfinite(unc), axis=1)
+            row.update(metrics.joint_metrics(unc[ok], ref_unc[ref_ok], seed=seed))
+            row["joint_dim"] = int(unc.shape[1])
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+
+    le = _log_evidence(fits, named, summary, log_evidence, num_evidence, seed)
+    summary["log_evidence"] = le.value
+    summary["gap"] = le.value - summary["elbo"]
+    summary["gap_se"] = np.sqrt(summary["elbo_se"] ** 2 + (le.se**2 if np.isfinite(le.se) else 0))
+    summary["iwae_gap"] = le.value - summary["iwae"]
+    summary["reliable"] = (
+        summary["converged"]
+        & (summary["khat"] < metrics.KHAT_BAD)
+        & (summary["status"] != "nonfinite")
+        & reference.trusted
+    )
+    sites_df = pd.concat(site_frames, ignore_index=True) if site_frames else pd.DataFrame()
+    flags = _flags(summary, reference, le)
+    pair = _pick_pair(sites_df, reference, sites)
+    lessons = _lessons(summary, sites_df, reference, le, draws, pair)
+    return Comparison(
+        model_name=reference.model_name,
+        methods=tuple(named),
+        summary=summary,
+        sites=sites_df,
+        reference=reference,
+        log_evidence=le,
+        draws=draws,
+        inference_data=idatas,
+        losses={n: np.asarray(r.losses) for n, r in named.items()},
+        flags=tuple(flags),
+        lessons=tuple(lessons),
+        pair=pair,
+        settings={
+            "num_draws": num_draws,
+            "iwae_k": iwae_k,
+            "num_evidence": num_evidence,
+            "seed": seed,
+            "joint_sites": list(joint_sites),
+            "sites": list(sites),
+            "joint_floor": floor,
+        },
+    )
+
+
+def _log_evidence(
+    fits: Sequence[FitResult],
+    named: Mapping[str, FitResult],
+    summary: pd.DataFrame,
+    given: float | None,
+    num: int,
+    seed: int,
+) -> LogEvidence:
+    if given is not None:
+        return LogEvidence(float(given), 0.0, GIVEN, "given by the caller")
+    exact = _exact_log_evidence(fits)
+    if exact is not None:
+        return LogEvidence(float(exact), 0.0, EXACT, "closed form (catalog)")
+    usable = summary[np.isfinite(summary["khat"]) | (summary["khat"] == -np.inf)]
+    usable = usable[usable["status"] != "nonfinite"]
+    if usable.empty:
+        return LogEvidence(
+            float("nan"), float("nan"), UNKNOWN, "no method gives finite importance weights"
+        )
+    best = usable.sort_values(["khat", "elbo"], ascending=[True, False]).iloc[0]
+    result = named[best["method"]]
+    lw = result.log_weights(num, seed=seed + 7)
+    value, se = metrics.log_evidence_is(lw)
+    khat = metrics.psis_khat(lw)
+    return LogEvidence(
+        value,
+        se,
+        ESTIMATED,
+        f"importance sampling with {best['method']} as proposal, {num} draws, "
+        f"k-hat {khat:.2f} ({metrics.khat_verdict(khat)})",
+    )
+
+
+def _flags(summary: pd.DataFrame, reference: Reference, le: LogEvidence) -> list[str]:
+    flags = []
+    if not reference.trusted:
+        failing = "; ".join(c.detail for c in reference.checks if not c.ok)
+        flags.append(
+            f"UNTRUSTED REFERENCE: the {reference.kind} reference fails its checks "
+            f"({failing}); every metric below compares against draws that may be "
+            "wrong"
+        )
+    for row in summary.itertuples():
+        if row.khat >= metrics.KHAT_BAD:
+            flags.append(
+                f"{row.method}: PSIS k-hat {row.khat:.2f} > {metrics.KHAT_BAD}: q "
+                "misses posterior mass; its importance-weighted estimates (IWAE, "
+                "log evidence) are unreliable"
+            )
+        if row.status == "nonfinite":
+            flags.append(f"{row.method}: the fit stopped on a non-finite loss")
+        elif not row.converged:
+            flags.append(
+                f"{row.method}: not converged ({row.status}, {row.num_steps} steps): "
+                "its metrics mix optimisation error with the family's bias"
+            )
+    if le.kind == ESTIMATED and "(bad)" in le.source:
+        flags.append(f"log evidence estimate unreliable: {le.source}")
+    return flags
+
+
+def _pick_pair(
+    sites_df: pd.DataFrame, reference: Reference, sites: Sequence[str]
+) -> tuple[str, str] | None:
+    """The element with the largest bias, and the element most correlated with it."""
+    if sites_df.empty:
+        return None
+    score = sites_df["std_mean_error"].abs().fillna(0) + np.abs(
+        np.log(sites_df["sd_ratio"].clip(lower=1e-12))
+    ).fillna(0)
+    by_element = score.groupby(sites_df["element"]).max()
+    matrix, labels = metrics.flatten(reference.draws, sites, sample_ndim=2)
+    if len(labels) < 2:
+        return None
+    first = str(by_element.idxmax())
+    i = labels.index(first)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.corrcoef(matrix, rowvar=False)[i]
+    corr = np.nan_to_num(np.abs(corr))
+    corr[i] = -1.0
+    return first, labels[int(np.argmax(corr))]
+
+
+def _lessons(
+    summary: pd.DataFrame,
+    sites_df: pd.DataFrame,
+    reference: Reference,
+    le: LogEvidence,
+    draws: Mapping[str, Mapping[str, np.ndarray]],
+    pair: tuple[str, str] | None,
+) -> list[str]:
+    out = []
+    if le.kind != UNKNOWN and np.isfinite(le.value):
+        gaps = ", ".join(f"{r.method} {r.gap:.3g} +- {r.gap_se:.2g}" for r in summary.itertuples())
+        out.append(
+            f"The ELBO is a lower bound on log p(x) = {le.value:.4g} nats ({le.kind}); the gap "
+            f"log p(x) - ELBO = KL(q || p) is what each method leaves on the table: {gaps}. "
+            "A higher ELBO means a smaller KL to the posterior, not a correct posterior."
+        )
+    if not sites_df.empty:
+        for row in summary.itertuples():
+            table = sites_df[sites_df["method"] == row.method]
+            narrow = table[table["sd_ratio"] < 0.8]
+            if len(narrow):
+                worst = narrow.loc[narrow["sd_ratio"].idxmin()]
+                out.append(
+                    f"{row.method} is too narrow: sd ratio {worst['sd_ratio']:.2f} at "
+                    f"{worst['element']}, and its central 90% interval covers only "
+                    f"{worst['coverage90']:.0%} of the reference draws there "
+                    f"({len(narrow)} of {len(table)} elements have sd ratio < 0.8)."
+                )
+            biased = table[table["std_mean_error"].abs() > 0.5]
+            if len(biased):
+                worst = biased.loc[biased["std_mean_error"].abs().idxmax()]
+                out.append(
+                    f"{row.method} shifts the mean of {worst['element']} by "
+                    f"{worst['std_mean_error']:+.2f} reference sd."
+                )
+    if pair is not None:
+        ref_corr = _pair_corr(reference.draws, pair, 2)
+        if np.isfinite(ref_corr) and abs(ref_corr) >= 0.3:
+            lost = []
+            for method, post in draws.items():
+                c = _pair_corr(post, pair, 1)
+                if np.isfinite(c) and abs(c - ref_corr) >= 0.2:
+                    lost.append(f"{method} {c:+.2f}")
+            if lost:
+                out.append(
+                    f"Correlation between {pair[0]} and {pair[1]} is {ref_corr:+.2f} "
+                    f"under the reference but {', '.join(lost)}: a factorized or "
+                    "Gaussian family cannot represent it."
+                )
+    bad = summary[summary["khat"] >= metrics.KHAT_BAD]
+    if len(bad):
+        out.append(
+            "PSIS k-hat above 0.7 (" + ", ".join(bad["method"]) + ") means the "
+            "approximation misses regions the posterior puts mass on; importance "
+            "weighting cannot repair it."
+        )
+    good = summary[summary["khat"] < metrics.KHAT_GOOD]
+    if len(good):
+        out.append(
+            "PSIS k-hat below 0.5 (" + ", ".join(good["method"]) + "): importance "
+            "sampling with these approximations as proposals is reliable."
+        )
+    if not reference.trusted:
+        out.append(
+            "The reference itself failed its checks, so none of the above is "
+            "established; rerun NUTS with more draws or a higher target acceptance, or "
+            "reparameterize the model."
+        )
+    return out
+
+
+def _pair_corr(draws: Mapping[str, np.ndarray], pair: tuple[str, str], sample_ndim: int) -> float:
+    sites = []
+    for label in pair:
+        site = label.split("[", 1)[0]
+        if site not in sites:
+            sites.append(site)
+    if any(s not in draws for s in sites):
+        return float("nan")
+    matrix, labels = metrics.flatten(draws, sites, sample_ndim)
+    a, b = matrix[:, labels.index(pair[0])], matrix[:, labels.index(pair[1])]
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+@dataclass(frozen=True, eq=False)
+class CompareRun:
+    """What :func:`run_compare` produced.
+
+    Attributes
+    ----------
+    comparison : Comparison
+    files : dict of str to Path
+        Files written (empty when no output folder was given).
+    """
+
+    comparison: Comparison
+    files: dict[str, Path]
+
+
+def default_guides(entry: CatalogEntry | None) -> tuple[str, ...]:
+    """The entry's default guides plus an autoregressive flow (a non-Gaussian family)."""
+    if entry is None:
+        return ("auto_normal", "auto_multivariate_normal")
+    guides = tuple(entry.default_guides)
+    if not entry.discrete and not entry.amortized and "auto_iaf_normal" not in guides:
+        guides += ("auto_iaf_normal",)
+    return guides
+
+
+def run_compare(
+    model: str | CatalogEntry | Callable,
+    guides: Sequence[str] | None = None,
+    elbos: Sequence[str] = ("trace",),
+    steps: int = 2000,
+    out: str | Path | None = None,
+    *,
+    data: Mapping[str, Any] | None = None,
+    reference: str | Reference = "auto",
+    seed: int = 0,
+    num_draws: int = 4000,
+    iwae_k: int = 50,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+    nuts_settings: Mapping[str, Any] | None = None,
+    num_workers: int | None = None,
+    fit_options: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    netcdf: bool = True,
+) -> CompareRun:
+    """Fit a grid of guides x ELBOs, get the reference, compare, write the report.
+
+    Parameters
+    ----------
+    model : str, CatalogEntry or callable
+        Catalog name or entry, or a Pyro model with ``data``.
+    guides : sequence of str, optional
+        Default :func:`default_guides`.
+    elbos : sequence of str
+        ELBO names.
+    steps : int
+        Maximum SVI steps per fit.
+    out : path, optional
+        Output folder; nothing is written when omitted.
+    data : dict, optional
+        Data for a user model.
+    reference : str or Reference
+        ``auto`` (exact draws where the catalog has a sampler, else NUTS), ``nuts``,
+        ``exact``, or a Reference already computed.
+    seed : int
+        Seed of the fits, the reference and the draws.
+    num_draws, iwae_k
+        Passed to :func:`compare`.
+    cache, cache_dir, nuts_settings, num_workers
+        Passed to :func:`~diagnostics.reference.run_nuts`.
+    fit_options : dict, optional
+        Extra keyword arguments of :func:`vimodels.fit.fit` (``lr``, ``num_particles`` ...).
+    progress : bool
+        One line per stage on stderr.
+    netcdf : bool
+        Write one netcdf file per method and one for the reference.
+
+    Returns
+    -------
+    CompareRun
+    """
+    from diagnostics.report import write_report
+    from vimodels.fit import fit
+
+    check_option("steps", steps, kind=int, low=1)
+    entry, fn, _, name = resolve_model(model, data)
+    guides = tuple(guides) if guides else default_guides(entry)
+    elbos = tuple(elbos) if elbos else ("trace",)
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    if isinstance(reference, Reference):
+        ref = reference
+    else:
+        say(f"reference for {name} ({reference}) ...")
+        ref = get_reference(
+            entry if entry is not None else fn,
+            data,
+            kind=reference,
+            settings=nuts_settings,
+            seed=seed,
+            cache=cache,
+            cache_dir=cache_dir,
+            num_workers=num_workers,
+            progress=progress,
+        )
+        say(
+            f"  {ref.describe()}" + (" [cached]" if ref.from_cache else f" [{ref.wall_time:.0f} s]")
+        )
+    results, skipped = [], []
+    options = dict(fit_options or {})
+    options.setdefault("progress", False)
+    for guide in guides:
+        for elbo in elbos:
+            try:
+                r = fit(
+                    entry if entry is not None else fn,
+                    data,
+                    guide=guide,
+                    elbo=elbo,
+                    num_steps=steps,
+                    seed=seed,
+                    **options,
+                )
+            except (IncompatibleError, OptionError) as exc:
+                skipped.append(f"{guide}/{elbo}: {exc}")
+                say(f"  skipped {guide}/{elbo}: {exc}")
+                continue
+            say(f"  {method_name(r)}: {r.message} ({r.wall_time:.1f} s)")
+            results.append(r)
+    if not results:
+        raise VimodelsError("no guide/ELBO pair of the grid could be fitted: " + "; ".join(skipped))
+    comparison = compare(results, ref, num_draws=num_draws, iwae_k=iwae_k, seed=seed)
+    if skipped:
+        comparison = _with_skipped(comparison, skipped)
+    files = write_report(comparison, out, netcdf=netcdf) if out is not None else {}
+    return CompareRun(comparison, files)
+
+
+def _with_skipped(c: Comparison, skipped: list[str]) -> Comparison:
+    import dataclasses
+
+    return dataclasses.replace(c, skipped=tuple(skipped))

@@ -1,0 +1,1041 @@
+"""Ground truth: a self-checked NUTS reference (or exact draws), cached on disk.
+
+:func:`run_nuts` runs Pyro's NUTS (JIT-compiled where the model allows) in
+several independently seeded chains, in parallel processes where cores
+allow, then checks the draws before anyone trusts them:
+
+- rank-normalized split R-hat < 1.01,
+- bulk and tail effective sample size >= 400,
+
+for every element of every site of interest, and no divergent transition.
+A reference that fails a check is returned with ``trusted=False``; reports
+and JSON files show it, nothing uses it silently.
+
+Results are cached under :func:`default_cache_dir` (``$VIMODELS_CACHE`` or
+the platform's user cache folder), keyed by a SHA-256 of the model's
+source, the data, the settings and the library versions. Draws are stored
+as ``.npz`` (read with ``allow_pickle=False``) next to a JSON manifest that
+holds the draws' checksum; both are written atomically, the manifest last.
+An entry that is half-written or does not match its checksum is recomputed
+with a :class:`CacheWarning`.
+
+:func:`exact_reference` draws from an entry's closed-form posterior where one
+exists (reference kind ``"exact"``); :func:`get_reference` picks one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import multiprocessing
+import os
+import pickle
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from pyro.infer import MCMC, NUTS
+from pyro.poutine.messenger import Messenger
+
+from diagnostics import _arviz
+from diagnostics.draws import model_info, recover_discrete, replay_model
+from diagnostics.metrics import element_labels
+from vimodels.catalog.base import CatalogEntry, NutsSettings
+from vimodels.catalog.registry import get_model
+from vimodels.data import prepare_data, trace_check
+from vimodels.errors import OptionError, check_option
+from vimodels.io import atomic_write, atomic_write_json, ensure_dir, safe_name
+
+RHAT_MAX = 1.01
+ESS_MIN = 400.0
+CACHE_FORMAT = 1
+NUTS_KIND = "nuts"
+EXACT_KIND = "exact"
+_GROUPS = ("posterior", "sample_stats", "log_likelihood", "observed_data")
+
+
+class CacheWarning(UserWarning):
+    """A cache entry was unreadable, half-written or corrupted and is recomputed."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One self-check of a reference.
+
+    Attributes
+    ----------
+    name : str
+        ``rhat``, ``ess_bulk``, ``ess_tail`` or ``divergences``.
+    ok : bool
+    value : float
+        Worst value seen (max R-hat, min ESS, number of divergences).
+    threshold : float
+    detail : str
+        One line naming the worst site element.
+    """
+
+    name: str
+    ok: bool
+    value: float
+    threshold: float
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """Reference draws of a posterior and how far to trust them.
+
+    Attributes
+    ----------
+    model_name : str
+    kind : str
+        ``"nuts"`` or ``"exact"`` (independent draws from a closed form).
+    draws : dict of str to ndarray
+        Latent, discrete (recovered) and deterministic sites, shape ``(chain, draw, *shape)``.
+    sites : tuple of str
+        Sites of interest (checked and reported).
+    latent_sites : tuple of str
+        Sampled latent sites (the joint metrics use their continuous ones).
+    sample_stats : dict of str to ndarray
+        ``(chain, draw)``: ``diverging``, ``step_size``, ``tree_depth``, ``lp``,
+        ``acceptance_rate`` (NUTS only).
+    log_likelihood : dict of str to ndarray
+        Pointwise log likelihood of observed sites, ``(chain, draw, *batch_shape)``.
+    observed_data : dict of str to ndarray
+    dims : dict of str to tuple of str
+        Dimension names of each site (without chain and draw).
+    plate_sizes : dict of str to int
+    settings : dict
+        Sampler settings actually used (NUTS settings, seeds, JIT, workers).
+    versions : dict of str to str
+    checks : tuple of Check
+    trusted : bool
+        All checks passed.
+    wall_time : float
+        Seconds spent computing the draws (not loading them).
+    cache_key : str
+        SHA-256 hex digest of what produced the draws.
+    cache_path : Path or None
+        The ``.npz`` file of the cache entry.
+    from_cache : bool
+        Loaded rather than computed in this call.
+    notes : tuple of str
+        One-line remarks (JIT fallback, serial chains ...).
+    """
+
+    model_name: str
+    kind: str
+    draws: dict[str, np.ndarray] = field(repr=False)
+    sites: tuple[str, ...]
+    latent_sites: tuple[str, ...]
+    sample_stats: dict[str, np.ndarray] = field(repr=False)
+    log_likelihood: dict[str, np.ndarray] = field(repr=False)
+    observed_data: dict[str, np.ndarray] = field(repr=False)
+    dims: dict[str, tuple[str, ...]] = field(repr=False)
+    plate_sizes: dict[str, int] = field(repr=False)
+    settings: dict[str, Any] = field(repr=False)
+    versions: dict[str, str] = field(repr=False)
+    checks: tuple[Check, ...]
+    trusted: bool
+    wall_time: float
+    cache_key: str
+    cache_path: Path | None = None
+    from_cache: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def num_chains(self) -> int:
+        """Number of chains."""
+        return int(next(iter(self.draws.values())).shape[0])
+
+    @property
+    def num_draws(self) -> int:
+        """Draws per chain."""
+        return int(next(iter(self.draws.values())).shape[1])
+
+    @property
+    def num_divergences(self) -> int:
+        """Divergent transitions after warm-up (0 for exact draws)."""
+        div = self.sample_stats.get("diverging")
+        return int(np.sum(div)) if div is not None else 0
+
+    def flat(self, site: str) -> np.ndarray:
+        """Draws of ``site`` with chains pooled, shape ``(chain * draw, *shape)``."""
+        x = self.draws[site]
+        return x.reshape((-1,) + x.shape[2:])
+
+    def site_table(self) -> pd.DataFrame:
+        """Per-element mean, sd, MCSE, split R-hat and bulk/tail ESS of the sites of interest."""
+        return pd.DataFrame(_site_rows(self.draws, self.sites))
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly account: kind, trust, checks, settings, versions, cache."""
+        return {
+            "model": self.model_name,
+            "kind": self.kind,
+            "trusted": self.trusted,
+            "checks": [c.as_dict() for c in self.checks],
+            "num_chains": self.num_chains,
+            "num_draws": self.num_draws,
+            "num_divergences": self.num_divergences,
+            "sites": list(self.sites),
+            "settings": _jsonable(self.settings),
+            "versions": dict(self.versions),
+            "wall_time_s": self.wall_time,
+            "cache_key": self.cache_key,
+            "cache_path": str(self.cache_path) if self.cache_path else None,
+            "from_cache": self.from_cache,
+            "notes": list(self.notes),
+        }
+
+    def describe(self) -> str:
+        """One line: kind, size, trust and the failing checks."""
+        failing = [c.detail for c in self.checks if not c.ok]
+        trust = "trusted" if self.trusted else "UNTRUSTED (" + "; ".join(failing) + ")"
+        return (
+            f"{self.kind} reference for {self.model_name}: {self.num_chains} chains x "
+            f"{self.num_draws} draws, {trust}"
+        )
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _site_rows(draws: Mapping[str, np.ndarray], sites: tuple[str, ...]) -> list[dict]:
+    rows = []
+    for site in sites:
+        if site not in draws:
+            continue
+        x = np.asarray(draws[site], dtype=float)
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        for j, label in enumerate(element_labels(site, x.shape[2:])):
+            d = flat[:, :, j]
+            constant = bool(np.ptp(d) == 0)
+            rows.append(
+                {
+                    "site": site,
+                    "element": label,
+                    "mean": float(d.mean()),
+                    "sd": float(d.std(ddof=1)) if d.size > 1 else float("nan"),
+                    "mcse_mean": float("nan") if constant else _arviz.mcse_mean(d),
+                    "rhat": float("nan") if constant else _arviz.rhat(d),
+                    "ess_bulk": float("nan") if constant else _arviz.ess(d, "bulk"),
+                    "ess_tail": float("nan") if constant else _arviz.ess(d, "tail"),
+                }
+            )
+    return rows
+
+
+def run_checks(
+    draws: Mapping[str, np.ndarray], sites: tuple[str, ...], num_divergences: int | None
+) -> tuple[Check, ...]:
+    """The reference checks on the sites of interest.
+
+    Parameters
+    ----------
+    draws : dict of str to ndarray
+        ``(chain, draw, *shape)``.
+    sites : tuple of str
+    num_divergences : int or None
+        Divergent transitions; ``None`` for exact draws (no check).
+
+    Returns
+    -------
+    tuple of Check
+        ``rhat`` (< 1.01), ``ess_bulk`` and ``ess_tail`` (>= 400), ``divergences`` (0).
+    """
+    rows = [r for r in _site_rows(draws, sites) if np.isfinite(r["ess_bulk"])]
+    chains = int(next(iter(draws.values())).shape[0]) if draws else 0
+    checks = []
+    if not rows:
+        checks.append(
+            Check("rhat", False, float("nan"), RHAT_MAX, "no varying site of interest to check")
+        )
+    elif chains < 2:
+        checks.append(
+            Check(
+                "rhat",
+                False,
+                float("nan"),
+                RHAT_MAX,
+                f"split R-hat needs at least 2 chains, got {chains}",
+            )
+        )
+    else:
+        worst = max(rows, key=lambda r: r["rhat"])
+        checks.append(
+            Check(
+                "rhat",
+                worst["rhat"] < RHAT_MAX,
+                worst["rhat"],
+                RHAT_MAX,
+                f"max split R-hat {worst['rhat']:.4f} at {worst['element']} (needs < {RHAT_MAX})",
+            )
+        )
+    for key in ("ess_bulk", "ess_tail") if rows else ():
+        worst = min(rows, key=lambda r, k=key: r[k])
+        checks.append(
+            Check(
+                key,
+                worst[key] >= ESS_MIN,
+                worst[key],
+                ESS_MIN,
+                f"min {key.replace('_', ' ')} {worst[key]:.0f} at "
+                f"{worst['element']} (needs >= {ESS_MIN:.0f})",
+            )
+        )
+    if num_divergences is not None:
+        checks.append(
+            Check(
+                "divergences",
+                num_divergences == 0,
+                float(num_divergences),
+                0.0,
+                f"{num_divergences} divergent transition(s) after warm-up (needs 0)",
+            )
+        )
+    return tuple(checks)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def resolve_model(
+    model: str | CatalogEntry | Callable, data: Mapping[str, Any] | None = None
+) -> tuple[CatalogEntry | None, Callable, dict[str, Any], str]:
+    """``(entry or None, model function, prepared data, name)`` for a name, entry or function."""
+    if isinstance(model, str):
+        entry: CatalogEntry | None = get_model(model)
+    elif isinstance(model, CatalogEntry):
+        entry = model
+    elif callable(model):
+        name = getattr(model, "__name__", "user_model")
+        return None, model, prepare_data(model, data), name
+    else:
+        raise OptionError(
+            f"model must be a catalog name, a CatalogEntry or a Pyro model function, "
+            f"got {type(model).__name__}"
+        )
+    base = entry.data()
+    if data is not None:
+        base.update(data)
+    return entry, entry.model, prepare_data(entry.model, base), entry.name
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that shape the draws."""
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _model_source(fn: Callable) -> str:
+    target = inspect.unwrap(fn)
+    try:
+        return inspect.getsource(target)
+    except (OSError, TypeError):
+        code = getattr(target, "__code__", None)
+        if code is None:
+            return f"{type(target).__module__}.{type(target).__qualname__}"
+        return f"{code.co_code.hex()}|{code.co_consts!r}|{code.co_names!r}"
+
+
+def _hash_data(h: Any, data: Mapping[str, Any]) -> None:
+    for key in sorted(data):
+        value = data[key]
+        h.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        if isinstance(value, np.ndarray):
+            h.update(f"{value.dtype.str}{value.shape}".encode())
+            h.update(np.ascontiguousarray(value).tobytes())
+        else:
+            h.update(repr(value).encode())
+
+
+def cache_key(
+    model: Callable,
+    data: Mapping[str, Any],
+    settings: NutsSettings,
+    seed: int,
+    sites: tuple[str, ...],
+    kind: str = NUTS_KIND,
+) -> str:
+    """SHA-256 of the model's source, the data, the settings, the seed and the versions."""
+    h = hashlib.sha256()
+    h.update(f"vimodels-reference-v{CACHE_FORMAT}|{kind}|".encode())
+    h.update(_model_source(model).encode())
+    _hash_data(h, data)
+    h.update(
+        json.dumps(
+            {
+                "settings": dataclasses.asdict(settings),
+                "seed": seed,
+                "sites": list(sites),
+                "versions": versions(),
+            },
+            sort_keys=True,
+        ).encode()
+    )
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$VIMODELS_CACHE``, else the platform's user cache folder + ``vimodels``."""
+    env = os.environ.get("VIMODELS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+        return base / "vimodels" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "vimodels"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vimodels"
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _entry_paths(cache_dir: Path, name: str, key: str) -> tuple[Path, Path]:
+    stem = f"{safe_name(name)}-{key[:24]}"
+    folder = cache_dir / "reference"
+    return folder / f"{stem}.npz", folder / f"{stem}.json"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_cache(ref: Reference, npz: Path) -> None:
+    ensure_dir(npz.parent)
+    arrays = {}
+    for group in _GROUPS:
+        source = {
+            "posterior": ref.draws,
+            "sample_stats": ref.sample_stats,
+            "log_likelihood": ref.log_likelihood,
+            "observed_data": ref.observed_data,
+        }[group]
+        for name, value in source.items():
+            arrays[f"{group}__{name}"] = np.asarray(value)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    atomic_write(npz, write)
+    manifest = {
+        "format": CACHE_FORMAT,
+        "key": ref.cache_key,
+        "model": ref.model_name,
+        "kind": ref.kind,
+        "sites": list(ref.sites),
+        "latent_sites": list(ref.latent_sites),
+        "dims": {k: list(v) for k, v in ref.dims.items()},
+        "plate_sizes": ref.plate_sizes,
+        "settings": _jsonable(ref.settings),
+        "versions": ref.versions,
+        "wall_time_s": ref.wall_time,
+        "notes": list(ref.notes),
+        "checks": [c.as_dict() for c in ref.checks],
+        "trusted": ref.trusted,
+        "arrays": {k: [str(v.dtype), list(v.shape)] for k, v in arrays.items()},
+        "npz_file": npz.name,
+        "npz_sha256": _sha256_file(npz),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_json(npz.with_suffix(".json"), manifest)
+
+
+def _read_cache(npz: Path, manifest_path: Path, key: str) -> Reference | None:
+    """Load a cache entry; ``None`` when absent; warn and return ``None`` when broken."""
+    if not manifest_path.exists():
+        if npz.exists():
+            warnings.warn(
+                f"reference cache entry {npz.name} has no manifest (half-written); recomputing",
+                CacheWarning,
+                stacklevel=3,
+            )
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("format") != CACHE_FORMAT or manifest.get("key") != key:
+            raise ValueError("manifest does not match this reference's key")
+        if not npz.exists():
+            raise ValueError("draws file missing")
+        if _sha256_file(npz) != manifest["npz_sha256"]:
+            raise ValueError("draws file does not match its checksum (truncated or changed)")
+        with np.load(npz, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        expected = manifest["arrays"]
+        if set(arrays) != set(expected) or any(
+            [str(arrays[k].dtype), list(arrays[k].shape)] != v for k, v in expected.items()
+        ):
+            raise ValueError("arrays differ from the manifest")
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        warnings.warn(
+            f"reference cache entry {npz.name} is unreadable ({exc}); recomputing",
+            CacheWarning,
+            stacklevel=3,
+        )
+        return None
+    groups: dict[str, dict[str, np.ndarray]] = {g: {} for g in _GROUPS}
+    for k, v in arrays.items():
+        group, name = k.split("__", 1)
+        groups[group][name] = v
+    sites = tuple(manifest["sites"])
+    kind = manifest["kind"]
+    div = groups["sample_stats"].get("diverging")
+    checks = run_checks(
+        groups["posterior"],
+        sites,
+        int(np.sum(div)) if kind == NUTS_KIND and div is not None else None,
+    )
+    return Reference(
+        model_name=manifest["model"],
+        kind=kind,
+        draws=groups["posterior"],
+        sites=sites,
+        latent_sites=tuple(manifest["latent_sites"]),
+        sample_stats=groups["sample_stats"],
+        log_likelihood=groups["log_likelihood"],
+        observed_data=groups["observed_data"],
+        dims={k: tuple(v) for k, v in manifest["dims"].items()},
+        plate_sizes={k: int(v) for k, v in manifest["plate_sizes"].items()},
+        settings=manifest["settings"],
+        versions=manifest["versions"],
+        checks=checks,
+        trusted=all(c.ok for c in checks),
+        wall_time=float(manifest["wall_time_s"]),
+        cache_key=key,
+        cache_path=npz,
+        from_cache=True,
+        notes=tuple(manifest["notes"]),
+    )
+
+
+# ----------------------------------------------------------------------------- NUTS
+
+
+class _DepthCounter(Messenger):
+    """Counts NUTS tree doublings (its ``direction_t=..`` sample sites) in one transition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if str(msg["name"]).startswith("direction_t="):
+            self.count += 1
+
+
+class _RecordingNUTS(NUTS):
+    """NUTS that records per-transition statistics after warm-up."""
+
+    def setup(self, warmup_steps: int, *args, **kwargs) -> None:  # noqa: D102
+        self.stats: dict[str, list] = {
+            "diverging": [],
+            "step_size": [],
+            "tree_depth": [],
+            "lp": [],
+            "acceptance_rate": [],
+        }
+        super().setup(warmup_steps, *args, **kwargs)
+
+    def sample(self, params: dict) -> dict:  # noqa: D102
+        divergences = len(self._divergences)
+        mean_before = self._mean_accept_prob
+        with _DepthCounter() as depth:
+            out = super().sample(params)
+        if self._t > self._warmup_steps:
+            n = self._t - self._warmup_steps
+            accept = mean_before + n * (self._mean_accept_prob - mean_before)
+            s = self.stats
+            s["diverging"].append(len(self._divergences) > divergences)
+            s["step_size"].append(float(self.step_size))
+            s["tree_depth"].append(depth.count)
+            s["lp"].append(-float(self._potential_energy_last))
+            s["acceptance_rate"].append(min(max(float(accept), 0.0), 1.0))  # round-off
+        return out
+
+
+def _resolve_worker_model(model: str | Callable) -> Callable:
+    return get_model(model).model if isinstance(model, str) else model
+
+
+def _run_chain(spec: dict) -> dict:
+    """Run one NUTS chain (in this process or a worker); arrays come back as numpy."""
+    torch.set_num_threads(1)
+    model = _resolve_worker_model(spec["model"])
+    data = {
+        k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in spec["data"].items()
+    }
+    s: NutsSettings = spec["settings"]
+    jit = bool(s.jit_compile)
+    note = None
+    t0 = time.perf_counter()
+    while True:
+        pyro.set_rng_seed(spec["seed"])
+        kernel = _RecordingNUTS(
+            model,
+            jit_compile=jit,
+            ignore_jit_warnings=True,
+            target_accept_prob=s.target_accept_prob,
+            max_tree_depth=s.max_tree_depth,
+            max_plate_nesting=spec["max_plate_nesting"],
+        )
+        mcmc = MCMC(
+            kernel,
+            num_samples=s.num_samples,
+            warmup_steps=s.num_warmup,
+            num_chains=1,
+            disable_progbar=True,
+        )
+        try:
+            mcmc.run(**data)
+            break
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # JIT tracing failures vary widely
+            if not jit:
+                raise
+            jit = False
+            note = f"JIT unavailable ({type(exc).__name__}); ran the Python potential"
+    samples = {
+        k: v.detach().double().numpy() if v.is_floating_point() else v.numpy()
+        for k, v in mcmc.get_samples().items()
+    }
+    stats = {k: np.asarray(v) for k, v in kernel.stats.items()}
+    return {
+        "chain": spec["chain"],
+        "samples": samples,
+        "stats": stats,
+        "jit": jit,
+        "note": note,
+        "wall_time": time.perf_counter() - t0,
+    }
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        pickle.dumps(obj)
+        return True
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return False
+
+
+def _run_chains(
+    specs: list[dict], num_workers: int, progress: bool
+) -> tuple[list[dict], int, str | None]:
+    note = None
+    if num_workers > 1 and not _picklable(specs[0]):
+        note = "the model cannot be sent to worker processes (not importable); chains ran serially"
+        num_workers = 1
+    if num_workers > 1:
+        ctx = multiprocessing.get_context("spawn")
+        out = []
+        with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx) as pool:
+            for result in pool.map(_run_chain, specs):
+                out.append(result)
+                if progress:
+                    print(
+                        f"  chain {result['chain']} done in {result['wall_time']:.1f} s",
+                        file=sys.stderr,
+                    )
+        return out, num_workers, note
+    out = []
+    threads = torch.get_num_threads()
+    try:
+        for spec in specs:
+            result = _run_chain(spec)
+            out.append(result)
+            if progress:
+                print(
+                    f"  chain {result['chain']} done in {result['wall_time']:.1f} s",
+                    file=sys.stderr,
+                )
+    finally:
+        torch.set_num_threads(threads)
+    return out, 1, note
+
+
+def _auto_workers(settings: NutsSettings) -> int:
+    """Worker processes for the chains.
+
+    One per chain up to the core count, for chains long enough to pay for a
+    process start (about 3 s importing torch and Pyro); else 1.
+    """
+    cores = os.cpu_count() or 1
+    if settings.num_chains < 2 or cores < 2:
+        return 1
+    if settings.num_warmup + settings.num_samples < 1000:
+        return 1
+    return min(settings.num_chains, cores)
+
+
+def _chain_seeds(seed: int, num_chains: int) -> list[int]:
+    seq = np.random.SeedSequence(seed)
+    return [int(s.generate_state(1)[0]) for s in seq.spawn(num_chains)]
+
+
+def _settings_for(
+    entry: CatalogEntry | None, settings: NutsSettings | Mapping | None
+) -> NutsSettings:
+    base = entry.nuts if entry is not None else NutsSettings()
+    if settings is None:
+        return base
+    if isinstance(settings, NutsSettings):
+        return settings
+    unknown = set(settings) - {f.name for f in dataclasses.fields(NutsSettings)}
+    if unknown:
+        raise OptionError(
+            f"unknown NUTS setting(s) {sorted(unknown)}; valid: "
+            f"{', '.join(f.name for f in dataclasses.fields(NutsSettings))}"
+        )
+    return dataclasses.replace(base, **{k: v for k, v in settings.items() if v is not None})
+
+
+def _validate(settings: NutsSettings) -> None:
+    check_option("num_warmup", settings.num_warmup, kind=int, low=0)
+    check_option("num_samples", settings.num_samples, kind=int, low=2)
+    check_option("num_chains", settings.num_chains, kind=int, low=1)
+    check_option("max_tree_depth", settings.max_tree_depth, kind=int, low=1)
+    check_option(
+        "target_accept_prob",
+        float(settings.target_accept_prob),
+        kind=float,
+        low=0.0,
+        low_inclusive=False,
+        high=1.0,
+    )
+    if float(settings.target_accept_prob) >= 1.0:
+        raise OptionError("target_accept_prob must be < 1")
+
+
+def run_nuts(
+    model: str | CatalogEntry | Callable,
+    data: Mapping[str, Any] | None = None,
+    *,
+    settings: NutsSettings | Mapping[str, Any] | None = None,
+    seed: int = 0,
+    sites: tuple[str, ...] | None = None,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> Reference:
+    """NUTS reference draws of a model's posterior, checked and cached.
+
+    Parameters
+    ----------
+    model : str, CatalogEntry or callable
+        Catalog name or entry, or a Pyro model called as ``model(**data)``.
+    data : dict, optional
+        Data of a user model; overrides for a catalog entry.
+    settings : NutsSettings or dict, optional
+        Defaults to the entry's ``nuts`` settings; a dict overrides single fields.
+    seed : int
+        Master seed; chain ``c`` gets an independent seed derived from it.
+    sites : tuple of str, optional
+        Sites of interest to check; defaults to the entry's, or every latent and
+        deterministic site.
+    cache : bool
+        Read and write the on-disk cache.
+    cache_dir : path, optional
+        Defaults to :func:`default_cache_dir`.
+    force : bool
+        Recompute even when a valid entry exists (and overwrite it).
+    num_workers : int, optional
+        Processes running chains in parallel; default one per chain up to the
+        number of cores when chains have at least 1000 iterations, else 1.
+    progress : bool
+        Print a line per finished chain to stderr.
+
+    Returns
+    -------
+    Reference
+    """
+    check_option("seed", seed, kind=int, low=0)
+    entry, fn, data_dict, name = resolve_model(model, data)
+    s = _settings_for(entry, settings)
+    _validate(s)
+    tr = trace_check(fn, data_dict, name)
+    del tr
+    depth = entry.max_plate_nesting if entry is not None else None
+    info = model_info(fn, (), data_dict, depth)
+    sites = (
+        tuple(sites)
+        if sites
+        else (entry.sites if entry is not None else info.latent + info.deterministic)
+    )
+    unknown = [x for x in sites if x not in info.sites or info.sites[x].kind == "observed"]
+    if unknown:
+        raise OptionError(
+            f"unknown site(s) of interest {unknown}; the model's latent and "
+            f"deterministic sites are {list(info.latent + info.deterministic)}"
+        )
+    key = cache_key(fn, data_dict, s, seed, sites)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    npz, manifest = _entry_paths(root, name, key)
+    if cache:
+        ensure_dir(npz.parent)
+        from filelock import FileLock
+
+        with FileLock(str(npz.with_suffix(".lock"))):
+            if not force:
+                found = _read_cache(npz, manifest, key)
+                if found is not None:
+                    return found
+            ref = _compute_nuts(
+                entry, fn, data_dict, name, s, seed, sites, info, key, num_workers, progress
+            )
+            _write_cache(ref, npz)
+            return dataclasses.replace(ref, cache_path=npz)
+    return _compute_nuts(
+        entry, fn, data_dict, name, s, seed, sites, info, key, num_workers, progress
+    )
+
+
+def _compute_nuts(
+    entry: CatalogEntry | None,
+    fn: Callable,
+    data: dict,
+    name: str,
+    s: NutsSettings,
+    seed: int,
+    sites: tuple[str, ...],
+    info: Any,
+    key: str,
+    num_workers: int | None,
+    progress: bool,
+) -> Reference:
+    if num_workers is None:
+        num_workers = _auto_workers(s)
+    check_option("num_workers", num_workers, kind=int, low=1)
+    num_workers = min(num_workers, s.num_chains)
+    seeds = _chain_seeds(seed, s.num_chains)
+    worker_data = {
+        k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in data.items()
+    }
+    model_ref: str | Callable = entry.name if entry is not None and fn is entry.model else fn
+    specs = [
+        {
+            "model": model_ref,
+            "data": worker_data,
+            "settings": s,
+            "seed": seeds[c],
+            "chain": c,
+            "max_plate_nesting": info.max_plate_nesting,
+        }
+        for c in range(s.num_chains)
+    ]
+    if progress:
+        print(
+            f"NUTS on {name}: {s.num_chains} chains x ({s.num_warmup} warm-up + "
+            f"{s.num_samples}) draws, {num_workers} process(es)",
+            file=sys.stderr,
+        )
+    t0 = time.perf_counter()
+    results, used_workers, note = _run_chains(specs, num_workers, progress)
+    results.sort(key=lambda r: r["chain"])
+    notes = [note] if note else []
+    notes += sorted({r["note"] for r in results if r["note"]})
+    continuous = {k: np.stack([r["samples"][k] for r in results]) for k in info.continuous}
+    stats = {k: np.stack([r["stats"][k] for r in results]) for k in results[0]["stats"]}
+    shape = (s.num_chains, s.num_samples)
+    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in continuous.items()}
+    flat.update(recover_discrete(fn, (), data, info, flat))
+    replay = replay_model(fn, (), data, info, flat)
+    draws = {k: flat[k].reshape(shape + flat[k].shape[1:]) for k in info.latent}
+    draws.update({k: v.reshape(shape + v.shape[1:]) for k, v in replay.deterministic.items()})
+    log_lik = {k: v.reshape(shape + v.shape[1:]) for k, v in replay.log_likelihood.items()}
+    wall = time.perf_counter() - t0
+    if info.discrete:
+        notes.append(
+            f"discrete site(s) {', '.join(info.discrete)} summed out by NUTS and "
+            "recovered with infer_discrete"
+        )
+    checks = run_checks(draws, sites, int(stats["diverging"].sum()))
+    used = {
+        **dataclasses.asdict(s),
+        "sampler": "pyro NUTS (multinomial, diagonal mass matrix)",
+        "seed": seed,
+        "chain_seeds": seeds,
+        "num_workers": used_workers,
+        "jit_used": all(r["jit"] for r in results),
+        "init_strategy": "init_to_uniform",
+        "max_plate_nesting": info.max_plate_nesting,
+        "chain_wall_time_s": [r["wall_time"] for r in results],
+    }
+    return Reference(
+        model_name=name,
+        kind=NUTS_KIND,
+        draws=draws,
+        sites=sites,
+        latent_sites=info.latent,
+        sample_stats=stats,
+        log_likelihood=log_lik,
+        observed_data=info.observed_values,
+        dims=info.dims,
+        plate_sizes=info.plate_sizes,
+        settings=used,
+        versions=versions(),
+        checks=checks,
+        trusted=all(c.ok for c in checks),
+        wall_time=wall,
+        cache_key=key,
+        notes=tuple(notes),
+    )
+
+
+# ----------------------------------------------------------------------------- exact
+
+
+def exact_reference(
+    model: str | CatalogEntry, *, num_chains: int = 4, num_draws: int | None = None, seed: int = 0
+) -> Reference:
+    """Independent draws from an entry's closed-form posterior (reference kind ``"exact"``).
+
+    Parameters
+    ----------
+    model : str or CatalogEntry
+        An entry whose exact posterior has a ``sampler``.
+    num_chains, num_draws : int
+        Layout of the draws (chains are independent blocks); ``num_draws``
+        defaults to ``max(entry.nuts.num_samples, 1000)``.
+    seed : int
+        Seed of the numpy generator.
+    """
+    entry = get_model(model) if isinstance(model, str) else model
+    exact = entry.exact_posterior()
+    if exact is None or exact.sampler is None:
+        raise OptionError(f"model {entry.name!r} has no exact posterior sampler; use NUTS")
+    num_draws = num_draws or max(entry.nuts.num_samples, 1000)
+    check_option("num_chains", num_chains, kind=int, low=1)
+    check_option("num_draws", num_draws, kind=int, low=2)
+    _, fn, data, name = resolve_model(entry)
+    info = model_info(fn, (), data, entry.max_plate_nesting)
+    t0 = time.perf_counter()
+    raw = exact.sampler(num_chains * num_draws, np.random.default_rng(seed))
+    flat = {k: np.asarray(v, dtype=float) for k, v in raw.items()}
+    shape = (num_chains, num_draws)
+    notes = ["independent draws from the closed-form posterior"]
+    log_lik: dict[str, np.ndarray] = {}
+    if all(k in flat for k in info.latent):
+        replay = replay_model(fn, (), data, info, flat)
+        flat.update(replay.deterministic)
+        log_lik = {k: v.reshape(shape + v.shape[1:]) for k, v in replay.log_likelihood.items()}
+    else:
+        notes.append("the exact sampler does not give every latent site: no log likelihood")
+    draws = {k: v.reshape(shape + v.shape[1:]) for k, v in flat.items()}
+    wall = time.perf_counter() - t0
+    sites = tuple(x for x in entry.sites if x in draws)
+    checks = run_checks(draws, sites, None)
+    settings = {
+        "sampler": "exact",
+        "num_chains": num_chains,
+        "num_samples": num_draws,
+        "seed": seed,
+    }
+    h = hashlib.sha256()
+    h.update(f"vimodels-reference-v{CACHE_FORMAT}|exact|{_model_source(fn)}".encode())
+    _hash_data(h, data)
+    h.update(json.dumps({**settings, "versions": versions()}, sort_keys=True).encode())
+    return Reference(
+        model_name=name,
+        kind=EXACT_KIND,
+        draws=draws,
+        sites=sites,
+        latent_sites=tuple(k for k in info.latent if k in draws),
+        sample_stats={},
+        log_likelihood=log_lik,
+        observed_data=info.observed_values,
+        dims={k: v for k, v in info.dims.items()},
+        plate_sizes=info.plate_sizes,
+        settings=settings,
+        versions=versions(),
+        checks=checks,
+        trusted=all(c.ok for c in checks),
+        wall_time=wall,
+        cache_key=h.hexdigest(),
+        notes=tuple(notes),
+    )
+
+
+def get_reference(
+    model: str | CatalogEntry | Callable,
+    data: Mapping[str, Any] | None = None,
+    *,
+    kind: str = "auto",
+    **nuts_options: Any,
+) -> Reference:
+    """The reference for a model: exact draws where a closed-form sampler exists, else NUTS.
+
+    Parameters
+    ----------
+    model, data
+        As for :func:`run_nuts`.
+    kind : str
+        ``"auto"``, ``"nuts"`` or ``"exact"``.
+    **nuts_options
+        Passed to :func:`run_nuts` (``settings``, ``seed``, ``cache_dir`` ...); for exact
+        draws only ``seed`` is used.
+    """
+    if kind not in ("auto", NUTS_KIND, EXACT_KIND):
+        raise OptionError(f"reference kind must be auto, nuts or exact, got {kind!r}")
+    entry = (
+        get_model(model)
+        if isinstance(model, str)
+        else (model if isinstance(model, CatalogEntry) else None)
+    )
+    has_exact = (
+        entry is not None
+        and data is None
+        and entry.exact is not None
+        and entry.exact_posterior().sampler is not None
+    )
+    if kind == EXACT_KIND or (kind == "auto" and has_exact):
+        if entry is None or not has_exact:
+            raise OptionError(
+                "exact reference draws need a catalog entry with an exact "
+                "posterior sampler (and its own data)"
+            )
+        return exact_reference(entry, seed=nuts_options.get("seed", 0))
+    return run_nuts(model, data, **nuts_options)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return repr(obj)
