@@ -24,8 +24,7 @@ from vimodels.fit import fit
 def _quick_fit(entry, steps=30, **kw):
     guide = kw.pop("guide", entry.default_guides[0])
     elbo = "enum" if entry.discrete else "trace"
-    return fit(entry, guide=guide, elbo=elbo, num_steps=steps, progress=False, num_eval=200,
-               **kw)
+    return fit(entry, guide=guide, elbo=elbo, num_steps=steps, progress=False, num_eval=200, **kw)
 
 
 def assert_round_trip(idata, path):
@@ -81,13 +80,15 @@ def test_log_weights_are_the_elbo_and_loglik_is_pointwise():
     data = entry.data()
     theta = idata.posterior["theta"].values[0]
     # theta is deterministic: mu + tau * theta_tilde, recomputed for every draw
-    recomputed = (idata.posterior["mu"].values[0][:, None]
-                  + idata.posterior["tau"].values[0][:, None]
-                  * idata.posterior["theta_tilde"].values[0])
+    recomputed = (
+        idata.posterior["mu"].values[0][:, None]
+        + idata.posterior["tau"].values[0][:, None] * idata.posterior["theta_tilde"].values[0]
+    )
     np.testing.assert_allclose(theta, recomputed, rtol=1e-5, atol=1e-4)
     expected = stats.norm.logpdf(data["y"].numpy()[None], theta, data["sigma"].numpy()[None])
-    np.testing.assert_allclose(idata.log_likelihood["obs"].values[0], expected, rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        idata.log_likelihood["obs"].values[0], expected, rtol=1e-4, atol=1e-4
+    )
     assert idata.posterior["theta"].dims == ("chain", "draw", "schools")
     assert idata.log_likelihood["obs"].dims == ("chain", "draw", "schools")
 
