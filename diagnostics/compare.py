@@ -456,8 +456,8 @@ def _lessons(
             if lost:
                 out.append(
                     f"Correlation between {pair[0]} and {pair[1]} is {ref_corr:+.2f} "
-                    f"under the reference but {', '.join(lost)}: a factorized or "
-                    "Gaussian family cannot represent it."
+                    f"under the reference but {', '.join(lost)}: these approximations lose "
+                    "the dependence (a factorized family cannot represent it at all)."
                 )
     bad = summary[summary["khat"] >= metrics.KHAT_BAD]
     if len(bad):
