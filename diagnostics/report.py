@@ -320,7 +320,8 @@ def _floor_line(c: Comparison) -> str:
         return ""
     return (
         "Noise floor of the joint distances (two halves of the reference; with half the "
-        f"reference per side it slightly overstates the floor): W2 {fmt(floor['w2'])}, sliced W2 {fmt(floor['sliced_w2'])}, energy "
+        "reference per side it slightly overstates the floor): "
+        f"W2 {fmt(floor['w2'])}, sliced W2 {fmt(floor['sliced_w2'])}, energy "
         f"{fmt(floor['energy'])}, max corr error {fmt(floor['corr_max_error'])}; a perfect "
         "approximation scores about this."
     )
