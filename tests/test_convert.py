@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
+import torch
 from scipy import stats
 
 from diagnostics.convert import (
@@ -148,3 +151,37 @@ def test_fit_result_method_uses_this_path():
     a = result.to_inference_data(100, seed=3)
     b = fit_to_inference_data(result, 100, seed=3)
     np.testing.assert_array_equal(a.posterior["beta"].values, b.posterior["beta"].values)
+
+
+def two_component(x):
+    """loc ~ N(0, 3); z_i ~ Bernoulli(0.3); x_i ~ N(loc + 4 z_i, 1)."""
+    loc = pyro.sample("loc", dist.Normal(0.0, 3.0))
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Bernoulli(0.3))
+        pyro.sample("x", dist.Normal(loc + 4.0 * z, 1.0), obs=x)
+
+
+def test_enumerated_model_log_weights_are_exact_per_draw():
+    x = torch.tensor([-1.0, 0.5, 2.0, 4.5, 5.0, 0.0])
+    result = fit(
+        two_component,
+        {"x": x},
+        guide="auto_normal",
+        elbo="enum",
+        num_steps=100,
+        progress=False,
+        num_eval=200,
+    )
+    idata = fit_to_inference_data(result, num_samples=1000)
+    loc = idata.posterior["loc"].values[0]
+    assert idata.posterior["z"].shape == (1, 1000, 6)
+    assert idata.posterior["z"].dims == ("chain", "draw", "data")
+    with pyro.get_param_store().scope(result.param_state):
+        q_loc = pyro.param("AutoNormal.locs.loc").item()
+        q_scale = pyro.param("AutoNormal.scales.loc").item()
+    xs = x.numpy()[None]
+    log_p = stats.norm.logpdf(loc, 0, 3) + np.log(
+        0.7 * stats.norm.pdf(xs, loc[:, None], 1) + 0.3 * stats.norm.pdf(xs, loc[:, None] + 4, 1)
+    ).sum(1)
+    expected = log_p - stats.norm.logpdf(loc, q_loc, q_scale)
+    np.testing.assert_allclose(idata.sample_stats["log_weight"].values[0], expected, atol=1e-4)
