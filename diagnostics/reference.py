@@ -207,7 +207,7 @@ class Reference:
         failing = [c.detail for c in self.checks if not c.ok]
         trust = "trusted" if self.trusted else "UNTRUSTED (" + "; ".join(failing) + ")"
         return (
-            f"{self.kind} reference for {self.model_name}: {self.num_chains} chains x "
+            f"{self.kind} reference for {self.model_name}: {self.num_chains} chain(s) x "
             f"{self.num_draws} draws, {trust}"
         )
 
