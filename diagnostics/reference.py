@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
+from filelock import FileLock
 
 from diagnostics import _arviz
 from diagnostics._chain import run_chain
@@ -682,8 +683,7 @@ def run_nuts(
     entry, fn, data_dict, name = resolve_model(model, data)
     s = _settings_for(entry, settings)
     _validate(s)
-    tr = trace_check(fn, data_dict, name)
-    del tr
+    trace_check(fn, data_dict, name)  # data errors surface as one-line DataErrors
     depth = entry.max_plate_nesting if entry is not None else None
     info = model_info(fn, (), data_dict, depth)
     sites = (
@@ -702,8 +702,6 @@ def run_nuts(
     npz, manifest = _entry_paths(root, name, key)
     if cache:
         ensure_dir(npz.parent)
-        from filelock import FileLock
-
         with FileLock(str(npz.with_suffix(".lock"))):
             if not force:
                 found = _read_cache(npz, manifest, key)
