@@ -1,6 +1,7 @@
 """Diagnostics: NUTS reference, comparison metrics, ArviZ export and reports.
 
-The public API, re-exported from the modules that hold it:
+The public API, re-exported (lazily, so that worker processes stay light)
+from the modules that hold it:
 
 - :func:`run_nuts`, :func:`exact_reference`, :func:`get_reference` and the
   :class:`Reference` record (:mod:`diagnostics.reference`);
@@ -12,42 +13,43 @@ The public API, re-exported from the modules that hold it:
 - :mod:`diagnostics.metrics`: pure functions on arrays.
 """
 
-from diagnostics import metrics
-from diagnostics.compare import CompareRun, Comparison, LogEvidence, compare, run_compare
-from diagnostics.convert import (
-    fit_to_inference_data,
-    load_netcdf,
-    reference_to_inference_data,
-    save_netcdf,
-)
-from diagnostics.reference import (
-    CacheWarning,
-    Check,
-    Reference,
-    default_cache_dir,
-    exact_reference,
-    get_reference,
-    run_nuts,
-)
-from diagnostics.report import write_report
+from __future__ import annotations
 
-__all__ = [
-    "CacheWarning",
-    "Check",
-    "CompareRun",
-    "Comparison",
-    "LogEvidence",
-    "Reference",
-    "compare",
-    "default_cache_dir",
-    "exact_reference",
-    "fit_to_inference_data",
-    "get_reference",
-    "load_netcdf",
-    "metrics",
-    "reference_to_inference_data",
-    "run_compare",
-    "run_nuts",
-    "save_netcdf",
-    "write_report",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CacheWarning": "diagnostics.reference",
+    "Check": "diagnostics.reference",
+    "Reference": "diagnostics.reference",
+    "default_cache_dir": "diagnostics.reference",
+    "exact_reference": "diagnostics.reference",
+    "get_reference": "diagnostics.reference",
+    "run_nuts": "diagnostics.reference",
+    "fit_to_inference_data": "diagnostics.convert",
+    "load_netcdf": "diagnostics.convert",
+    "reference_to_inference_data": "diagnostics.convert",
+    "save_netcdf": "diagnostics.convert",
+    "CompareRun": "diagnostics.compare",
+    "Comparison": "diagnostics.compare",
+    "LogEvidence": "diagnostics.compare",
+    "compare": "diagnostics.compare",
+    "run_compare": "diagnostics.compare",
+    "write_report": "diagnostics.report",
+    "metrics": "diagnostics.metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'diagnostics' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    value = module if name == "metrics" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

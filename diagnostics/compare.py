@@ -210,10 +210,11 @@ def compare(
     -------
     Comparison
         ``summary`` columns: ``method guide elbo_name status converged num_steps
-        wall_time_s elbo elbo_se iwae iwae_se iwae_k gap gap_se iwae_gap khat
-        khat_verdict w1_mean w1_max max_abs_std_mean_error worst_sd_ratio
-        worst_sd_element coverage_min coverage_mean w2 sliced_w2 energy
-        corr_max_error corr_rms_error reliable``.
+        wall_time_s elbo elbo_se iwae iwae_se iwae_k khat khat_verdict w1_mean
+        w1_max max_abs_std_mean_error worst_sd_ratio worst_sd_element coverage_min
+        coverage_mean w2 sliced_w2 energy corr_max_error corr_rms_error joint_dim
+        log_evidence gap gap_se iwae_gap reliable`` (nats for ELBO, IWAE and gaps;
+        joint distances in reference-sd units of the unconstrained space).
     """
     check_option("num_draws", num_draws, kind=int, low=10)
     check_option("iwae_k", iwae_k, kind=int, low=1)
@@ -456,8 +457,8 @@ def _lessons(
             if lost:
                 out.append(
                     f"Correlation between {pair[0]} and {pair[1]} is {ref_corr:+.2f} "
-                    f"under the reference but {', '.join(lost)}: a factorized or "
-                    "Gaussian family cannot represent it."
+                    f"under the reference but {', '.join(lost)}: these approximations lose "
+                    "the dependence (a factorized family cannot represent it at all)."
                 )
     bad = summary[summary["khat"] >= metrics.KHAT_BAD]
     if len(bad):

@@ -30,6 +30,10 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO, config_enumerate, infer_discrete
+from pyro.infer.enum import get_importance_trace
+from pyro.infer.traceenum_elbo import _compute_model_factors
+from pyro.ops.contract import contract_to_tensor
+from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
@@ -375,7 +379,10 @@ def sample_guide(
     """
     kwargs = dict(kwargs)
     if info.discrete:
-        return _sample_guide_discrete(model, guide, args, kwargs, info, num_samples)
+        try:
+            return _sample_guide_enum(model, guide, args, kwargs, info, num_samples, chunk)
+        except _FALLBACK_ERRORS:
+            return _sample_guide_discrete(model, guide, args, kwargs, info, num_samples)
     depth = info.max_plate_nesting
     ndim = depth + 1
     parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
@@ -428,6 +435,66 @@ def _weights_and_values(
         for name in info.latent
     }
     return values, total.numpy().copy()
+
+
+def _per_draw(t: torch.Tensor, symbol: str, n: int) -> torch.Tensor:
+    """Sum a packed log-density tensor over every dimension but the draws plate's."""
+    dims = getattr(t, "_pyro_dims", "")
+    if symbol not in dims:
+        return t.sum().expand(n)
+    axis = dims.index(symbol)
+    other = [d for d in range(t.dim()) if d != axis]
+    out = t.sum(other) if other else t
+    return out.reshape(-1).expand(n) if out.numel() == 1 else out.reshape(n)
+
+
+def _sample_guide_enum(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    info: ModelInfo,
+    num_samples: int,
+    chunk: int,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Vectorized draws and log weights of a model whose discrete sites are enumerated.
+
+    ``log p(x, z)`` sums the discrete sites out exactly (Pyro's tensor
+    contraction, as in ``TraceEnum_ELBO``) separately for every draw; the
+    discrete sites themselves are then drawn by :func:`recover_discrete`.
+    """
+    depth = info.max_plate_nesting
+    enum_model = config_enumerate(model, default="parallel")
+    values: dict[str, list[np.ndarray]] = {name: [] for name in info.continuous}
+    weights = []
+    with torch.no_grad():
+        for start, stop in _chunks(num_samples, chunk):
+            n = stop - start
+            g = EnumMessenger(first_available_dim=-2 - depth)(_in_plate(guide, n, depth))
+            m = EnumMessenger()(_in_plate(enum_model, n, depth))
+            model_tr, guide_tr = get_importance_trace("flat", depth + 1, m, g, args, kwargs)
+            model_tr.pack_tensors()
+            guide_tr.pack_tensors(model_tr.plate_to_symbol)
+            costs, log_factors, _, sum_dims, scale = _compute_model_factors(model_tr, guide_tr)
+            symbol = model_tr.plate_to_symbol[_DRAWS_PLATE]
+            total = torch.zeros(n, dtype=torch.float64)
+            for terms in costs.values():
+                for t in terms:
+                    total = total + _per_draw(t, symbol, n).double()
+            if log_factors:
+                t = contract_to_tensor(log_factors, sum_dims, target_ordinal=frozenset({symbol}))
+                total = total + scale * _per_draw(t, symbol, n).double()
+            for site in guide_tr.nodes.values():
+                if site["type"] == "sample" and not site["is_observed"]:
+                    total = total - _per_draw(site["packed"]["log_prob"], symbol, n).double()
+            weights.append(total.numpy().copy())
+            for name in info.continuous:
+                values[name].append(
+                    _as_draws(model_tr.nodes[name]["value"], n, info.sites[name].shape)
+                )
+    draws = {name: np.concatenate(v) for name, v in values.items()}
+    draws.update(recover_discrete(model, args, kwargs, info, draws, chunk))
+    return {name: draws[name] for name in info.latent}, np.concatenate(weights)
 
 
 def _sample_guide_discrete(

@@ -45,10 +45,10 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
-from pyro.infer import MCMC, NUTS
-from pyro.poutine.messenger import Messenger
+from filelock import FileLock
 
 from diagnostics import _arviz
+from diagnostics._chain import run_chain
 from diagnostics.draws import model_info, recover_discrete, replay_model
 from diagnostics.metrics import element_labels
 from vimodels.catalog.base import CatalogEntry, NutsSettings
@@ -208,7 +208,7 @@ class Reference:
         failing = [c.detail for c in self.checks if not c.ok]
         trust = "trusted" if self.trusted else "UNTRUSTED (" + "; ".join(failing) + ")"
         return (
-            f"{self.kind} reference for {self.model_name}: {self.num_chains} chains x "
+            f"{self.kind} reference for {self.model_name}: {self.num_chains} chain(s) x "
             f"{self.num_draws} draws, {trust}"
         )
 
@@ -539,105 +539,6 @@ def _read_cache(npz: Path, manifest_path: Path, key: str) -> Reference | None:
 # ----------------------------------------------------------------------------- NUTS
 
 
-class _DepthCounter(Messenger):
-    """Counts NUTS tree doublings (its ``direction_t=..`` sample sites) in one transition."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def _pyro_sample(self, msg: dict) -> None:
-        if str(msg["name"]).startswith("direction_t="):
-            self.count += 1
-
-
-class _RecordingNUTS(NUTS):
-    """NUTS that records per-transition statistics after warm-up."""
-
-    def setup(self, warmup_steps: int, *args, **kwargs) -> None:  # noqa: D102
-        self.stats: dict[str, list] = {
-            "diverging": [],
-            "step_size": [],
-            "tree_depth": [],
-            "lp": [],
-            "acceptance_rate": [],
-        }
-        super().setup(warmup_steps, *args, **kwargs)
-
-    def sample(self, params: dict) -> dict:  # noqa: D102
-        divergences = len(self._divergences)
-        mean_before = self._mean_accept_prob
-        with _DepthCounter() as depth:
-            out = super().sample(params)
-        if self._t > self._warmup_steps:
-            n = self._t - self._warmup_steps
-            accept = mean_before + n * (self._mean_accept_prob - mean_before)
-            s = self.stats
-            s["diverging"].append(len(self._divergences) > divergences)
-            s["step_size"].append(float(self.step_size))
-            s["tree_depth"].append(depth.count)
-            s["lp"].append(-float(self._potential_energy_last))
-            s["acceptance_rate"].append(min(max(float(accept), 0.0), 1.0))  # round-off
-        return out
-
-
-def _resolve_worker_model(model: str | Callable) -> Callable:
-    return get_model(model).model if isinstance(model, str) else model
-
-
-def _run_chain(spec: dict) -> dict:
-    """Run one NUTS chain (in this process or a worker); arrays come back as numpy."""
-    torch.set_num_threads(1)
-    model = _resolve_worker_model(spec["model"])
-    data = {
-        k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in spec["data"].items()
-    }
-    s: NutsSettings = spec["settings"]
-    jit = bool(s.jit_compile)
-    note = None
-    t0 = time.perf_counter()
-    while True:
-        pyro.set_rng_seed(spec["seed"])
-        kernel = _RecordingNUTS(
-            model,
-            jit_compile=jit,
-            ignore_jit_warnings=True,
-            target_accept_prob=s.target_accept_prob,
-            max_tree_depth=s.max_tree_depth,
-            max_plate_nesting=spec["max_plate_nesting"],
-        )
-        mcmc = MCMC(
-            kernel,
-            num_samples=s.num_samples,
-            warmup_steps=s.num_warmup,
-            num_chains=1,
-            disable_progbar=True,
-        )
-        try:
-            mcmc.run(**data)
-            break
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # JIT tracing failures vary widely
-            if not jit:
-                raise
-            jit = False
-            note = f"JIT unavailable ({type(exc).__name__}); ran the Python potential"
-    samples = {
-        k: v.detach().double().numpy() if v.is_floating_point() else v.numpy()
-        for k, v in mcmc.get_samples().items()
-    }
-    stats = {k: np.asarray(v) for k, v in kernel.stats.items()}
-    return {
-        "chain": spec["chain"],
-        "samples": samples,
-        "stats": stats,
-        "jit": jit,
-        "note": note,
-        "wall_time": time.perf_counter() - t0,
-    }
-
-
 def _picklable(obj: Any) -> bool:
     try:
         pickle.dumps(obj)
@@ -657,7 +558,7 @@ def _run_chains(
         ctx = multiprocessing.get_context("spawn")
         out = []
         with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx) as pool:
-            for result in pool.map(_run_chain, specs):
+            for result in pool.map(run_chain, specs):
                 out.append(result)
                 if progress:
                     print(
@@ -669,7 +570,7 @@ def _run_chains(
     threads = torch.get_num_threads()
     try:
         for spec in specs:
-            result = _run_chain(spec)
+            result = run_chain(spec)
             out.append(result)
             if progress:
                 print(
@@ -782,8 +683,7 @@ def run_nuts(
     entry, fn, data_dict, name = resolve_model(model, data)
     s = _settings_for(entry, settings)
     _validate(s)
-    tr = trace_check(fn, data_dict, name)
-    del tr
+    trace_check(fn, data_dict, name)  # data errors surface as one-line DataErrors
     depth = entry.max_plate_nesting if entry is not None else None
     info = model_info(fn, (), data_dict, depth)
     sites = (
@@ -802,8 +702,6 @@ def run_nuts(
     npz, manifest = _entry_paths(root, name, key)
     if cache:
         ensure_dir(npz.parent)
-        from filelock import FileLock
-
         with FileLock(str(npz.with_suffix(".lock"))):
             if not force:
                 found = _read_cache(npz, manifest, key)

@@ -32,16 +32,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    settings = {"num_chains": args.nuts_chains, "num_warmup": args.nuts_warmup,
-                "num_samples": args.nuts_samples}
+    settings = {
+        "num_chains": args.nuts_chains,
+        "num_warmup": args.nuts_warmup,
+        "num_samples": args.nuts_samples,
+    }
     reference = get_reference(MODEL, settings=settings, seed=args.seed, progress=True)
     print(reference.describe())
 
-    results = [fit(MODEL, guide=g, num_steps=args.steps, seed=args.seed, progress=False)
-               for g in args.guides]
+    results = [
+        fit(MODEL, guide=g, num_steps=args.steps, seed=args.seed, progress=False)
+        for g in args.guides
+    ]
     comparison = compare(results, reference, num_draws=args.draws, seed=args.seed)
-    print(comparison.summary[["method", "elbo", "gap", "khat", "worst_sd_ratio",
-                              "coverage_min"]].to_string(index=False))
+    print(
+        comparison.summary[
+            ["method", "elbo", "gap", "khat", "worst_sd_ratio", "coverage_min"]
+        ].to_string(index=False)
+    )
     for lesson in comparison.lessons:
         print("-", lesson)
     files = write_report(comparison, args.out)

@@ -42,6 +42,9 @@ def tiny_nuts_eight_schools(_isolated_cache):
     """A deliberately short NUTS run (2 chains x 60 draws): real sample stats, fails its checks."""
     from diagnostics.reference import run_nuts
 
-    return run_nuts("eight_schools_noncentered",
-                    settings={"num_chains": 2, "num_warmup": 60, "num_samples": 60},
-                    seed=3, num_workers=1)
+    return run_nuts(
+        "eight_schools_noncentered",
+        settings={"num_chains": 2, "num_warmup": 60, "num_samples": 60},
+        seed=3,
+        num_workers=1,
+    )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
+import torch
 from scipy import stats
 
 from diagnostics.convert import (
@@ -24,8 +27,7 @@ from vimodels.fit import fit
 def _quick_fit(entry, steps=30, **kw):
     guide = kw.pop("guide", entry.default_guides[0])
     elbo = "enum" if entry.discrete else "trace"
-    return fit(entry, guide=guide, elbo=elbo, num_steps=steps, progress=False, num_eval=200,
-               **kw)
+    return fit(entry, guide=guide, elbo=elbo, num_steps=steps, progress=False, num_eval=200, **kw)
 
 
 def assert_round_trip(idata, path):
@@ -81,13 +83,15 @@ def test_log_weights_are_the_elbo_and_loglik_is_pointwise():
     data = entry.data()
     theta = idata.posterior["theta"].values[0]
     # theta is deterministic: mu + tau * theta_tilde, recomputed for every draw
-    recomputed = (idata.posterior["mu"].values[0][:, None]
-                  + idata.posterior["tau"].values[0][:, None]
-                  * idata.posterior["theta_tilde"].values[0])
+    recomputed = (
+        idata.posterior["mu"].values[0][:, None]
+        + idata.posterior["tau"].values[0][:, None] * idata.posterior["theta_tilde"].values[0]
+    )
     np.testing.assert_allclose(theta, recomputed, rtol=1e-5, atol=1e-4)
     expected = stats.norm.logpdf(data["y"].numpy()[None], theta, data["sigma"].numpy()[None])
-    np.testing.assert_allclose(idata.log_likelihood["obs"].values[0], expected, rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        idata.log_likelihood["obs"].values[0], expected, rtol=1e-4, atol=1e-4
+    )
     assert idata.posterior["theta"].dims == ("chain", "draw", "schools")
     assert idata.log_likelihood["obs"].dims == ("chain", "draw", "schools")
 
@@ -147,3 +151,37 @@ def test_fit_result_method_uses_this_path():
     a = result.to_inference_data(100, seed=3)
     b = fit_to_inference_data(result, 100, seed=3)
     np.testing.assert_array_equal(a.posterior["beta"].values, b.posterior["beta"].values)
+
+
+def two_component(x):
+    """loc ~ N(0, 3); z_i ~ Bernoulli(0.3); x_i ~ N(loc + 4 z_i, 1)."""
+    loc = pyro.sample("loc", dist.Normal(0.0, 3.0))
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Bernoulli(0.3))
+        pyro.sample("x", dist.Normal(loc + 4.0 * z, 1.0), obs=x)
+
+
+def test_enumerated_model_log_weights_are_exact_per_draw():
+    x = torch.tensor([-1.0, 0.5, 2.0, 4.5, 5.0, 0.0])
+    result = fit(
+        two_component,
+        {"x": x},
+        guide="auto_normal",
+        elbo="enum",
+        num_steps=100,
+        progress=False,
+        num_eval=200,
+    )
+    idata = fit_to_inference_data(result, num_samples=1000)
+    loc = idata.posterior["loc"].values[0]
+    assert idata.posterior["z"].shape == (1, 1000, 6)
+    assert idata.posterior["z"].dims == ("chain", "draw", "data")
+    with pyro.get_param_store().scope(result.param_state):
+        q_loc = pyro.param("AutoNormal.locs.loc").item()
+        q_scale = pyro.param("AutoNormal.scales.loc").item()
+    xs = x.numpy()[None]
+    log_p = stats.norm.logpdf(loc, 0, 3) + np.log(
+        0.7 * stats.norm.pdf(xs, loc[:, None], 1) + 0.3 * stats.norm.pdf(xs, loc[:, None] + 4, 1)
+    ).sum(1)
+    expected = log_p - stats.norm.logpdf(loc, q_loc, q_scale)
+    np.testing.assert_allclose(idata.sample_stats["log_weight"].values[0], expected, atol=1e-4)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import warnings
 
@@ -80,8 +79,13 @@ def test_second_run_reuses_the_cache(conjugate_nuts, conj_cache):
         np.testing.assert_array_equal(again.sample_stats[name], conjugate_nuts.sample_stats[name])
     assert [c.as_dict() for c in again.checks] == [c.as_dict() for c in conjugate_nuts.checks]
     # a different seed is a different entry
-    other = cache_key(MODELS[CONJ].model, MODELS[CONJ].data(),
-                      NutsSettings(**{**vars(MODELS[CONJ].nuts), **CONJ_SETTINGS}), 1, ("beta",))
+    other = cache_key(
+        MODELS[CONJ].model,
+        MODELS[CONJ].data(),
+        NutsSettings(**{**vars(MODELS[CONJ].nuts), **CONJ_SETTINGS}),
+        1,
+        ("beta",),
+    )
     assert other != conjugate_nuts.cache_key
 
 
@@ -102,8 +106,9 @@ def _assert_same_draws(a, b):
         np.testing.assert_array_equal(a.draws[site], b.draws[site])
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "no_manifest", "bad_manifest",
-                                    "no_draws"])
+@pytest.mark.parametrize(
+    "damage", ["truncate", "flip_byte", "no_manifest", "bad_manifest", "no_draws"]
+)
 def test_damaged_cache_entry_is_recomputed_with_a_warning(tiny_entry, damage):
     first, run = tiny_entry
     npz = first.cache_path
@@ -150,8 +155,13 @@ def test_short_run_is_untrusted_everywhere(tiny_nuts_eight_schools):
     assert {"ess_bulk"} <= failing
     assert "UNTRUSTED" in ref.describe()
     assert ref.summary()["trusted"] is False
-    assert set(ref.sample_stats) == {"diverging", "step_size", "tree_depth", "lp",
-                                     "acceptance_rate"}
+    assert set(ref.sample_stats) == {
+        "diverging",
+        "step_size",
+        "tree_depth",
+        "lp",
+        "acceptance_rate",
+    }
     # sites of interest include the deterministic theta, recomputed per draw
     theta = ref.draws["mu"][..., None] + ref.draws["tau"][..., None] * ref.draws["theta_tilde"]
     np.testing.assert_allclose(ref.draws["theta"], theta, rtol=1e-5, atol=1e-4)
@@ -205,9 +215,11 @@ def test_exact_reference_and_auto_choice(tiny_nuts_eight_schools):
     assert abs(ref.flat("v").mean()) < 5 * 3.0 / np.sqrt(2000)
     assert get_reference(CONJ).kind == "exact"
     # eight schools has no closed form: auto means NUTS (here loaded from the session cache)
-    es = get_reference("eight_schools_noncentered", settings={"num_chains": 2,
-                                                              "num_warmup": 60,
-                                                              "num_samples": 60}, seed=3)
+    es = get_reference(
+        "eight_schools_noncentered",
+        settings={"num_chains": 2, "num_warmup": 60, "num_samples": 60},
+        seed=3,
+    )
     assert es.kind == "nuts" and es.from_cache
     assert es.cache_key == tiny_nuts_eight_schools.cache_key
 
@@ -245,8 +257,12 @@ def mixture(x):
 @pytest.mark.slow
 def test_discrete_sites_are_recovered_from_their_conditional():
     x = torch.tensor([-1.0, 0.5, 2.0, 4.5, 5.0, 0.0])
-    ref = run_nuts(mixture, {"x": x}, settings={"num_chains": 1, "num_warmup": 100,
-                                                "num_samples": 400}, cache=False)
+    ref = run_nuts(
+        mixture,
+        {"x": x},
+        settings={"num_chains": 1, "num_warmup": 100, "num_samples": 400},
+        cache=False,
+    )
     assert ref.draws["z"].shape == (1, 400, 6)
     assert any("infer_discrete" in n for n in ref.notes)
     loc, z = ref.flat("loc"), ref.flat("z")

@@ -1,0 +1,118 @@
+"""One NUTS chain, run in this process or in a spawned worker.
+
+Kept apart from :mod:`diagnostics.reference` so that a worker process imports
+only torch, Pyro and the catalog, not ArviZ, POT or matplotlib.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import MCMC, NUTS
+from pyro.poutine.messenger import Messenger
+
+from vimodels.catalog.base import NutsSettings
+from vimodels.catalog.registry import get_model
+
+
+class _DepthCounter(Messenger):
+    """Counts NUTS tree doublings (its ``direction_t=..`` sample sites) in one transition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if str(msg["name"]).startswith("direction_t="):
+            self.count += 1
+
+
+class _RecordingNUTS(NUTS):
+    """NUTS that records per-transition statistics after warm-up."""
+
+    def setup(self, warmup_steps: int, *args, **kwargs) -> None:  # noqa: D102
+        self.stats: dict[str, list] = {
+            "diverging": [],
+            "step_size": [],
+            "tree_depth": [],
+            "lp": [],
+            "acceptance_rate": [],
+        }
+        super().setup(warmup_steps, *args, **kwargs)
+
+    def sample(self, params: dict) -> dict:  # noqa: D102
+        divergences = len(self._divergences)
+        mean_before = self._mean_accept_prob
+        with _DepthCounter() as depth:
+            out = super().sample(params)
+        if self._t > self._warmup_steps:
+            n = self._t - self._warmup_steps
+            accept = mean_before + n * (self._mean_accept_prob - mean_before)
+            s = self.stats
+            s["diverging"].append(len(self._divergences) > divergences)
+            s["step_size"].append(float(self.step_size))
+            s["tree_depth"].append(depth.count)
+            s["lp"].append(-float(self._potential_energy_last))
+            s["acceptance_rate"].append(min(max(float(accept), 0.0), 1.0))  # round-off
+        return out
+
+
+def _resolve_worker_model(model: str | Callable) -> Callable:
+    return get_model(model).model if isinstance(model, str) else model
+
+
+def run_chain(spec: dict) -> dict:
+    """Run one NUTS chain (in this process or a worker); arrays come back as numpy."""
+    torch.set_num_threads(1)
+    model = _resolve_worker_model(spec["model"])
+    data = {
+        k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in spec["data"].items()
+    }
+    s: NutsSettings = spec["settings"]
+    jit = bool(s.jit_compile)
+    note = None
+    t0 = time.perf_counter()
+    while True:
+        pyro.set_rng_seed(spec["seed"])
+        kernel = _RecordingNUTS(
+            model,
+            jit_compile=jit,
+            ignore_jit_warnings=True,
+            target_accept_prob=s.target_accept_prob,
+            max_tree_depth=s.max_tree_depth,
+            max_plate_nesting=spec["max_plate_nesting"],
+        )
+        mcmc = MCMC(
+            kernel,
+            num_samples=s.num_samples,
+            warmup_steps=s.num_warmup,
+            num_chains=1,
+            disable_progbar=True,
+        )
+        try:
+            mcmc.run(**data)
+            break
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # JIT tracing failures vary widely
+            if not jit:
+                raise
+            jit = False
+            note = f"JIT unavailable ({type(exc).__name__}); ran the Python potential"
+    samples = {
+        k: v.detach().double().numpy() if v.is_floating_point() else v.numpy()
+        for k, v in mcmc.get_samples().items()
+    }
+    stats = {k: np.asarray(v) for k, v in kernel.stats.items()}
+    return {
+        "chain": spec["chain"],
+        "samples": samples,
+        "stats": stats,
+        "jit": jit,
+        "note": note,
+        "wall_time": time.perf_counter() - t0,
+    }
