@@ -74,3 +74,21 @@ def test_safe_name_stays_in_folder(name, tmp_path):
     assert target.parent == tmp_path.resolve()
     atomic_write_text(tmp_path / safe_name(name), "ok")
     assert target.read_text() == "ok"
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "out.json"
+    atomic_write_text(target, "old")
+
+    def broken(tmp):
+        with open(tmp, "w") as fh:
+            fh.write("half")
+        raise RuntimeError("killed mid-write")
+
+    from vimodels.io import atomic_write
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, broken)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    assert target.stat().st_mode & 0o777 != 0o600

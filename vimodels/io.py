@@ -47,6 +47,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], Any]) -> Path:
         writer(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -55,6 +56,12 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], Any]) -> Path:
             pass
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
