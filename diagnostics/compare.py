@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyro
 import torch
 from torch.distributions import biject_to
 
 from diagnostics import metrics
 from diagnostics.convert import fit_to_inference_data, group_arrays
-from diagnostics.draws import ModelInfo, model_info
+from diagnostics.draws import ModelInfo, model_info, sample_guide
 from diagnostics.reference import Reference, get_reference, resolve_model
 from vimodels.catalog.base import CatalogEntry
 from vimodels.errors import IncompatibleError, OptionError, VimodelsError, check_option
@@ -349,7 +350,7 @@ def _log_evidence(
         )
     best = usable.sort_values(["khat", "elbo"], ascending=[True, False]).iloc[0]
     result = named[best["method"]]
-    lw = result.log_weights(num, seed=seed + 7)
+    lw = _log_weights(result, num, seed + 7)
     value, se = metrics.log_evidence_is(lw)
     khat = metrics.psis_khat(lw)
     return LogEvidence(
@@ -359,6 +360,15 @@ def _log_evidence(
         f"importance sampling with {best['method']} as proposal, {num} draws, "
         f"k-hat {khat:.2f} ({metrics.khat_verdict(khat)})",
     )
+
+
+def _log_weights(result: FitResult, num: int, seed: int) -> np.ndarray:
+    """``num`` log weights of a fit's guide (vectorized, discrete sites summed out)."""
+    info = model_info(result.model, result.args, {}, result.max_plate_nesting)
+    pyro.set_rng_seed(seed)
+    with pyro.get_param_store().scope(result.param_state):
+        _, lw = sample_guide(result.model, result.guide, result.args, {}, info, num)
+    return lw
 
 
 def _flags(summary: pd.DataFrame, reference: Reference, le: LogEvidence) -> list[str]:

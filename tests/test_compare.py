@@ -288,26 +288,40 @@ def test_cli_compare_and_nuts(tmp_path, capsys):
     )
 
 
+# smoke-test arguments of this module's examples; the NUTS settings and seed match the
+# session fixture, so the reference comes from the test cache
+EXAMPLES = {
+    "compare_eight_schools.py": [
+        "--steps",
+        "30",
+        "--draws",
+        "200",
+        "--nuts-chains",
+        "2",
+        "--nuts-warmup",
+        "60",
+        "--nuts-samples",
+        "60",
+        "--seed",
+        "3",
+    ],
+}
+
+
+def test_every_compare_example_is_smoke_tested():
+    present = {p.name for p in (ROOT / "examples").glob("compare_*.py")}
+    assert present == set(EXAMPLES)
+
+
 @pytest.mark.slow
-def test_example_script_runs(tiny_nuts_eight_schools, tmp_path):
-    # same NUTS settings and seed as the session fixture: the reference comes from the cache
+@pytest.mark.parametrize("script", sorted(EXAMPLES))
+def test_example_script_runs(script, tiny_nuts_eight_schools, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "examples" / "compare_eight_schools.py"),
-            "--steps",
-            "30",
-            "--draws",
-            "200",
-            "--nuts-chains",
-            "2",
-            "--nuts-warmup",
-            "60",
-            "--nuts-samples",
-            "60",
-            "--seed",
-            "3",
+            str(ROOT / "examples" / script),
+            *EXAMPLES[script],
             "--out",
             str(tmp_path / "example"),
         ],
