@@ -6,6 +6,20 @@ from vimodels.catalog.base import CatalogEntry
 from vimodels.catalog.conjugate import CONJUGATE_LINEAR_REGRESSION
 from vimodels.catalog.eight_schools import EIGHT_SCHOOLS_CENTERED, EIGHT_SCHOOLS_NONCENTERED
 from vimodels.catalog.funnel import NEALS_FUNNEL
+from vimodels.catalog.logistic import BREAST_CANCER_LOGISTIC_REGRESSION
+from vimodels.catalog.mixture import (
+    FAITHFUL_GAUSSIAN_MIXTURE,
+    FAITHFUL_GAUSSIAN_MIXTURE_MARGINALIZED,
+    GALAXIES_GAUSSIAN_MIXTURE,
+    GALAXIES_GAUSSIAN_MIXTURE_MARGINALIZED,
+)
+from vimodels.catalog.radon import (
+    RADON_CONTEXTUAL,
+    RADON_VARYING_INTERCEPT_CENTERED,
+    RADON_VARYING_INTERCEPT_NONCENTERED,
+    RADON_VARYING_SLOPE,
+)
+from vimodels.catalog.sleepstudy import SLEEPSTUDY_RANDOM_SLOPES
 from vimodels.errors import UnknownNameError
 
 _ENTRIES: tuple[CatalogEntry, ...] = (
@@ -13,6 +27,16 @@ _ENTRIES: tuple[CatalogEntry, ...] = (
     EIGHT_SCHOOLS_NONCENTERED,
     CONJUGATE_LINEAR_REGRESSION,
     NEALS_FUNNEL,
+    RADON_VARYING_INTERCEPT_CENTERED,
+    RADON_VARYING_INTERCEPT_NONCENTERED,
+    RADON_VARYING_SLOPE,
+    RADON_CONTEXTUAL,
+    SLEEPSTUDY_RANDOM_SLOPES,
+    GALAXIES_GAUSSIAN_MIXTURE,
+    GALAXIES_GAUSSIAN_MIXTURE_MARGINALIZED,
+    FAITHFUL_GAUSSIAN_MIXTURE,
+    FAITHFUL_GAUSSIAN_MIXTURE_MARGINALIZED,
+    BREAST_CANCER_LOGISTIC_REGRESSION,
 )
 
 MODELS: dict[str, CatalogEntry] = {entry.name: entry for entry in _ENTRIES}
