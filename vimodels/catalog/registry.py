@@ -6,6 +6,7 @@ from vimodels.catalog.base import CatalogEntry
 from vimodels.catalog.conjugate import CONJUGATE_LINEAR_REGRESSION
 from vimodels.catalog.eight_schools import EIGHT_SCHOOLS_CENTERED, EIGHT_SCHOOLS_NONCENTERED
 from vimodels.catalog.funnel import NEALS_FUNNEL
+from vimodels.catalog.vae import DIGITS_VAE
 from vimodels.errors import UnknownNameError
 
 _ENTRIES: tuple[CatalogEntry, ...] = (
@@ -13,6 +14,7 @@ _ENTRIES: tuple[CatalogEntry, ...] = (
     EIGHT_SCHOOLS_NONCENTERED,
     CONJUGATE_LINEAR_REGRESSION,
     NEALS_FUNNEL,
+    DIGITS_VAE,
 )
 
 MODELS: dict[str, CatalogEntry] = {entry.name: entry for entry in _ENTRIES}
