@@ -610,3 +610,111 @@ def decoder_means(
     with torch.no_grad(), poutine.block():
         tr = poutine.trace(poutine.condition(model, data={latent: z})).get_trace(**data)
     return tr.nodes[observed]["fn"].mean.double().numpy()
+
+
+@dataclass(frozen=True)
+class VaeEvaluation:
+    """Evaluation of a trained digits VAE.
+
+    Attributes
+    ----------
+    summary : dict
+        JSON-friendly numbers: ``test`` (:meth:`LikelihoodEstimate.summary`),
+        ``gap`` (:meth:`GapEstimate.summary`), ``nuts`` (one dict per image:
+        :func:`compare_draws` plus R-hat, ESS, divergences), timings.
+    arrays : dict of str to ndarray
+        ``inputs``, ``recon``, ``samples``, ``latents``, ``labels`` for the report.
+    """
+
+    summary: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+
+def evaluate_digits_vae(
+    result: Any,
+    *,
+    ll_particles: int = 5000,
+    gap_images: int = 20,
+    gap_steps: int = 500,
+    gap_particles: int = 5000,
+    nuts_images: int = 3,
+    nuts_warmup: int = 300,
+    nuts_samples: int = 300,
+    nuts_chains: int = 2,
+    num_test: int | None = None,
+    seed: int = 0,
+) -> VaeEvaluation:
+    """Test log-likelihood and ELBO, gaps, NUTS comparison and report arrays.
+
+    Parameters
+    ----------
+    result : TrainResult
+        A run of :func:`vimodels.vae_train.train_digits_vae`.
+    ll_particles : int
+        ``K`` for the test log-likelihood.
+    gap_images, gap_steps, gap_particles :
+        Test images (a seeded random sample), optimisation steps of ``q*`` and
+        draws per estimate for :func:`amortization_gap` (0 images: skipped).
+    nuts_images, nuts_warmup, nuts_samples, nuts_chains :
+        Test images analysed with :func:`nuts_latent_posterior` (0: skipped).
+    num_test : int, optional
+        Evaluate the log-likelihood on the first ``num_test`` test images only.
+    seed : int
+    """
+    from guides.vae import encoder_guide
+    from vimodels.catalog.vae import digits_split, digits_vae
+
+    split = digits_split()
+    static = dict(result.settings["static"])
+    test = {"x": split.x_test, **static}
+    labels = split.y_test
+    if num_test is not None:
+        test, labels = subset(test, slice(0, num_test)), labels[:num_test]
+    n = split_data(test)[2]
+    order = np.random.default_rng(seed).permutation(n)
+    summary: dict[str, Any] = {}
+    with result.scope():
+        t0 = time.perf_counter()
+        ll = log_likelihood(digits_vae, encoder_guide, test, ll_particles, seed=seed)
+        summary["test"] = {**ll.summary(), "seconds": time.perf_counter() - t0}
+        summary["gap"] = None
+        if gap_images > 0:
+            t0 = time.perf_counter()
+            gap = amortization_gap(
+                digits_vae, encoder_guide, test, order[:gap_images], steps=gap_steps,
+                num_particles=gap_particles, seed=seed + 1,
+            )  # fmt: skip
+            summary["gap"] = {**gap.summary(), "seconds": time.perf_counter() - t0}
+        summary["nuts"] = []
+        for i in order[:nuts_images]:
+            one = subset(test, [int(i)])
+            ref = nuts_latent_posterior(
+                digits_vae, one, num_warmup=nuts_warmup, num_samples=nuts_samples,
+                num_chains=nuts_chains, seed=seed + 2,
+            )  # fmt: skip
+            q = guide_draws(encoder_guide, one, max(len(ref.flat), 2), seed=seed + 3)
+            summary["nuts"].append(
+                {
+                    "image": int(i),
+                    **compare_draws(q, ref.flat),
+                    "rhat_max": float(np.max(ref.rhat)),
+                    "ess_min": float(np.min(ref.ess)),
+                    "divergences": ref.divergences,
+                    "seconds": ref.wall_time,
+                }
+            )
+        shown = subset(test, slice(0, 16))
+        loc, _ = gaussian_encoder(encoder_guide, shown)
+        latents, _ = gaussian_encoder(encoder_guide, test)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 4)
+            z_prior = torch.randn(64, static.get("latent_dim", 8))
+        prior = {"x": None, "num_data": 64, **static}
+        arrays = {
+            "inputs": shown["x"].numpy().astype(float),
+            "recon": decoder_means(digits_vae, shown, loc),
+            "samples": decoder_means(digits_vae, prior, z_prior),
+            "latents": latents.numpy().astype(float),
+            "labels": np.asarray(labels),
+        }
+    return VaeEvaluation(summary, arrays)

@@ -52,6 +52,8 @@ class DigitsSplit:
         Pixels ``>= 8`` (of 16 grey levels) are 1.
     y_train, y_test : ndarray of int, shape (N,)
         Digit labels 0..9 (not used by the model; for plots).
+    train_index, test_index : ndarray of int
+        Rows of ``load_digits().data`` in each set (sorted).
     seed : int
         Seed of the stratified split.
     """
@@ -60,6 +62,8 @@ class DigitsSplit:
     x_test: torch.Tensor
     y_train: np.ndarray
     y_test: np.ndarray
+    train_index: np.ndarray
+    test_index: np.ndarray
     seed: int
 
 
@@ -89,6 +93,8 @@ def digits_split(seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION) -
         x_test=torch.from_numpy(x[test]),
         y_train=digits.target[train].astype(np.int64),
         y_test=digits.target[test].astype(np.int64),
+        train_index=train,
+        test_index=test,
         seed=seed,
     )
 
