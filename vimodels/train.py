@@ -394,6 +394,10 @@ def _train_loop(
     pyro.set_rng_seed(seed)
     first = {**tensors, **static, "subsample": torch.arange(min(batch_size, n))}
     model_names, guide_names = _param_names(model, guide, first)
+    # one-time set-up of the objective (e.g. IWAE's structure analysis draws from the
+    # RNG): done here so that a resumed run, which then restores the RNG, matches
+    with pyro.validation_enabled(False):
+        loss_fn.loss(model, guide, **first)
     optim = pyro.optim.Adam({"lr": settings["lr"]})
     history: dict[str, list[float]] = {"train_loss": [], "val_bound": [], "epoch_time": []}
     best = {"epoch": 0, "val": -math.inf, "params": None}
