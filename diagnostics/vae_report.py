@@ -35,12 +35,12 @@ def _pyplot():
     return plt
 
 
-def image_grid(images: np.ndarray, ncol: int, side: int = 8) -> np.ndarray:
-    """Tile ``images`` (n, side*side) into one array with a 1-pixel gap, row-major."""
+def image_grid(images: np.ndarray, ncol: int, side: int = 8, gap: float = 0.25) -> np.ndarray:
+    """Tile ``images`` (n, side*side) into one array with 1-pixel gaps of value ``gap``."""
     images = np.asarray(images, dtype=float).reshape(-1, side, side)
     n = len(images)
     nrow = max(1, math.ceil(n / ncol))
-    out = np.ones((nrow * (side + 1) + 1, ncol * (side + 1) + 1))
+    out = np.full((nrow * (side + 1) + 1, ncol * (side + 1) + 1), gap)
     for i, img in enumerate(images):
         r, c = divmod(i, ncol)
         out[

@@ -497,3 +497,25 @@ def test_example_runs_with_tiny_arguments(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "test log-likelihood" in proc.stdout
     assert (tmp_path / "report.html").is_file()
+
+
+@pytest.mark.parametrize(
+    "elbo, options, particles",
+    [
+        ("trace", {}, None),
+        ("trace", {"estimator": "stl"}, None),
+        ("meanfield", {}, None),
+        ("iwae", {}, 4),
+        ("iwae", {"estimator": "dreg"}, 4),
+        ("weighted_kl", {"beta": 0.5}, None),
+    ],
+)
+def test_generic_fit_runs_every_objective_on_the_catalog_entry(elbo, options, particles):
+    from vimodels.fit import fit
+
+    data = {"subsample_size": 20, "latent_dim": 2, "hidden_dim": 8, "num_layers": 1}
+    result = fit("digits_vae", data, guide="encoder", elbo=elbo, elbo_options=options,
+                 num_particles=particles, num_steps=3, num_eval=2, progress=False,
+                 jit=False)  # fmt: skip
+    assert result.num_steps == 3 and np.all(np.isfinite(result.losses))
+    assert result.settings["elbo_options"] == options

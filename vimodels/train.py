@@ -54,6 +54,7 @@ _IDENTITY = (
     "elbo_options",
     "batch_size",
     "lr",
+    "weight_decay",
     "seed",
     "val_particles",
     "num_data",
@@ -266,6 +267,7 @@ def train(
     elbo_options: Mapping[str, Any] | None = None,
     batch_size: int = 100,
     lr: float = 1e-3,
+    weight_decay: float = 0.0,
     max_epochs: int = 100,
     patience: int = 20,
     val_particles: int = 64,
@@ -298,6 +300,8 @@ def train(
         Minibatch size ``b``; the last batch of an epoch may be smaller.
     lr : float
         Adam learning rate.
+    weight_decay : float
+        Adam's L2 penalty on the parameters (0: none).
     max_epochs : int
         Epochs to run at most (counting those of a resumed run).
     patience : int
@@ -307,7 +311,8 @@ def train(
     seed : int
         Seeds the initialisation, minibatch order and Monte Carlo draws.
     time_budget : float, optional
-        Stop after this many seconds of optimisation (checked after each epoch).
+        Stop after this many seconds of training, optimisation and validation
+        together (checked after each epoch).
     checkpoint : path, optional
         Checkpoint file, written every ``checkpoint_every`` epochs and at the end.
     resume : bool
@@ -330,6 +335,8 @@ def train(
     if isinstance(lr, int) and not isinstance(lr, bool):
         lr = float(lr)
     check_option("lr", lr, kind=float, low=0.0, low_inclusive=False)
+    weight_decay = float(weight_decay)
+    check_option("weight_decay", weight_decay, kind=float, low=0.0)
     if time_budget is not None:
         check_option("time_budget", float(time_budget), kind=float, low=0.0, low_inclusive=False)
     if resume and checkpoint is None:
@@ -349,6 +356,7 @@ def train(
         "elbo_options": _jsonable(elbo_opts),
         "batch_size": batch_size,
         "lr": lr,
+        "weight_decay": weight_decay,
         "optimizer": "Adam",
         "seed": seed,
         "val_particles": val_particles,
@@ -398,10 +406,10 @@ def _train_loop(
     # RNG): done here so that a resumed run, which then restores the RNG, matches
     with pyro.validation_enabled(False):
         loss_fn.loss(model, guide, **first)
-    optim = pyro.optim.Adam({"lr": settings["lr"]})
+    optim = pyro.optim.Adam({"lr": settings["lr"], "weight_decay": settings["weight_decay"]})
     history: dict[str, list[float]] = {"train_loss": [], "val_bound": [], "epoch_time": []}
     best = {"epoch": 0, "val": -math.inf, "params": None}
-    bad_epochs, wall, epoch = 0, 0.0, 0
+    bad_epochs, wall, loop_time, epoch = 0, 0.0, 0.0, 0
     if resume:
         state = load_checkpoint(checkpoint)
         saved = state["settings"]
@@ -418,6 +426,7 @@ def _train_loop(
         history = {k: list(v) for k, v in state["history"].items()}
         best = dict(state["best"])
         bad_epochs, wall, epoch = state["bad_epochs"], state["wall_time"], state["epoch"]
+        loop_time = state["loop_time"]
 
     def snapshot() -> dict[str, Any]:
         return {
@@ -431,6 +440,7 @@ def _train_loop(
             "best": dict(best),
             "bad_epochs": bad_epochs,
             "wall_time": wall,
+            "loop_time": loop_time,
             "settings": settings,
         }
 
@@ -452,7 +462,7 @@ def _train_loop(
             if best["epoch"] and bad_epochs >= patience:
                 status = EARLY_STOPPED
                 break
-            if budget is not None and wall >= budget:
+            if budget is not None and loop_time >= budget:
                 status = TIME_BUDGET
                 break
             order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
@@ -484,6 +494,7 @@ def _train_loop(
                 else:
                     bad_epochs += 1
             history["val_bound"].append(val)
+            loop_time += time.perf_counter() - t0
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{total / n:.3f}", val=f"{val:.3f}")

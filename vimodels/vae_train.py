@@ -130,6 +130,7 @@ def train_digits_vae(
     epochs: int = 500,
     batch_size: int = 100,
     lr: float = 1e-3,
+    weight_decay: float = 0.0,
     patience: int = 30,
     val_particles: int = 64,
     seed: int = 0,
@@ -147,7 +148,7 @@ def train_digits_vae(
     ----------
     objective : Objective, optional
         Default ``Objective()`` (``trace``).
-    epochs, batch_size, lr, patience, val_particles, seed, time_budget :
+    epochs, batch_size, lr, weight_decay, patience, val_particles, seed, time_budget :
         As in :func:`vimodels.train.train` (``epochs`` is ``max_epochs``).
     checkpoint, checkpoint_every, resume, progress :
         As in :func:`vimodels.train.train`.
@@ -173,6 +174,7 @@ def train_digits_vae(
         elbo_options=objective.elbo_options,
         batch_size=batch_size,
         lr=lr,
+        weight_decay=weight_decay,
         max_epochs=epochs,
         patience=patience,
         val_particles=val_particles,
