@@ -34,9 +34,10 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", default=["trace", "iwae-8", "iwae-8-dreg"])
     parser.add_argument("--budget", type=float, default=180.0, help="training seconds each")
     parser.add_argument("--epochs", type=int, default=100_000, help="epoch cap")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--patience", type=int, default=50)
+    parser.add_argument("--lr-patience", type=int, default=None)
     parser.add_argument("--eval-particles", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
@@ -55,6 +56,7 @@ def main() -> None:
             lr=args.lr,
             batch_size=args.batch_size,
             patience=args.patience,
+            lr_patience=args.lr_patience,
             time_budget=args.budget,
             seed=args.seed,
             progress=False,

@@ -132,6 +132,8 @@ def train_digits_vae(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     patience: int = 30,
+    lr_patience: int | None = None,
+    lr_factor: float = 0.3,
     val_particles: int = 64,
     seed: int = 0,
     time_budget: float | None = None,
@@ -148,7 +150,8 @@ def train_digits_vae(
     ----------
     objective : Objective, optional
         Default ``Objective()`` (``trace``).
-    epochs, batch_size, lr, weight_decay, patience, val_particles, seed, time_budget :
+    epochs, batch_size, lr, weight_decay, patience, lr_patience, lr_factor, val_particles, seed,
+    time_budget :
         As in :func:`vimodels.train.train` (``epochs`` is ``max_epochs``).
     checkpoint, checkpoint_every, resume, progress :
         As in :func:`vimodels.train.train`.
@@ -177,6 +180,8 @@ def train_digits_vae(
         weight_decay=weight_decay,
         max_epochs=epochs,
         patience=patience,
+        lr_patience=lr_patience,
+        lr_factor=lr_factor,
         val_particles=val_particles,
         seed=seed,
         time_budget=time_budget,

@@ -30,6 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--patience", type=int, default=30, help="early-stopping patience (epochs)")
+    p.add_argument(
+        "--lr-patience", type=int, default=None, help="reduce the lr after N flat epochs"
+    )
+    p.add_argument("--lr-factor", type=float, default=0.3, help="lr reduction factor")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam L2 penalty")
     p.add_argument("--time-budget", type=float, default=None, help="seconds of training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latent-dim", type=int, default=8)
@@ -68,7 +73,10 @@ def cmd_vae(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        weight_decay=args.weight_decay,
         patience=args.patience,
+        lr_patience=args.lr_patience,
+        lr_factor=args.lr_factor,
         seed=args.seed,
         time_budget=args.time_budget,
         checkpoint=run_dir / "checkpoint.pt",
