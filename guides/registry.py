@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from guides import conjugate, eight_schools, funnel, logistic, mixture, radon, sleepstudy
+from guides import conjugate, eight_schools, funnel, logistic, mixture, radon, sleepstudy, vae
 from guides.auto import AUTO_GUIDES
 from guides.spec import GuideSpec
 from vimodels.errors import IncompatibleError, UnknownNameError
@@ -17,8 +17,16 @@ from vimodels.errors import IncompatibleError, UnknownNameError
 GENERIC: dict[str, GuideSpec] = {spec.name: spec for spec in AUTO_GUIDES}
 
 HANDWRITTEN: dict[str, dict[str, GuideSpec]] = {}
-for _spec in (*eight_schools.specs(), *conjugate.specs(), *funnel.specs(),
-              *radon.specs(), *sleepstudy.specs(), *mixture.specs(), *logistic.specs()):
+for _spec in (
+    *eight_schools.specs(),
+    *conjugate.specs(),
+    *funnel.specs(),
+    *radon.specs(),
+    *sleepstudy.specs(),
+    *mixture.specs(),
+    *logistic.specs(),
+    *vae.specs(),
+):
     for _family in _spec.families or ():
         family_guides = HANDWRITTEN.setdefault(_family, {})
         assert _spec.name not in family_guides, f"duplicate guide {_family}/{_spec.name}"

@@ -11,6 +11,10 @@ name           objective
 ``enum``       ``TraceEnum_ELBO``: discrete latent sites enumerated exactly
 ``weighted_kl````-(E[log p(x|z)] - beta * KL(q || p))`` (beta-VAE objective)
 =============  ==============================================================
+
+Gradient estimators (option ``estimator``): ``trace`` takes ``"standard"`` or
+``"stl"`` (sticking the landing, :mod:`vimodels.estimators`); ``iwae`` takes
+``"standard"`` or ``"dreg"`` (doubly reparameterized, :mod:`vimodels.iwae`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ import pyro.infer as infer
 from pyro.poutine.messenger import Messenger
 
 from vimodels.errors import OptionError, UnknownNameError, check_option
+from vimodels.estimators import StickingTheLanding
+from vimodels.iwae import ESTIMATORS as IWAE_ESTIMATORS
 from vimodels.iwae import IWAE
+
+TRACE_ESTIMATORS = ("standard", "stl")
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,27 @@ def _pyro(cls: type, jit_cls: type | None):
     return build
 
 
+def _trace(
+    num_particles: int,
+    vectorize: bool,
+    jit: bool,
+    max_plate_nesting: int | None,
+    estimator: str = "standard",
+    **options: Any,
+):
+    if options:
+        raise OptionError(f"trace takes only 'estimator', got {sorted(options)}")
+    if estimator not in TRACE_ESTIMATORS:
+        raise OptionError(
+            f"trace estimator must be one of {', '.join(TRACE_ESTIMATORS)}, got {estimator!r}"
+        )
+    if estimator == "stl":
+        return StickingTheLanding(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+    return _pyro(infer.Trace_ELBO, infer.JitTrace_ELBO)(
+        num_particles, vectorize, jit, max_plate_nesting
+    )
+
+
 def _enum(
     num_particles: int, vectorize: bool, jit: bool, max_plate_nesting: int | None, **options: Any
 ):
@@ -127,11 +156,22 @@ def _renyi(
 
 
 def _iwae(
-    num_particles: int, vectorize: bool, jit: bool, max_plate_nesting: int | None, **options: Any
+    num_particles: int,
+    vectorize: bool,
+    jit: bool,
+    max_plate_nesting: int | None,
+    estimator: str = "standard",
+    **options: Any,
 ):
     if options:
-        raise OptionError(f"iwae takes no options, got {sorted(options)}")
-    return IWAE(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+        raise OptionError(f"iwae takes only 'estimator', got {sorted(options)}")
+    if estimator not in IWAE_ESTIMATORS:
+        raise OptionError(
+            f"iwae estimator must be one of {', '.join(IWAE_ESTIMATORS)}, got {estimator!r}"
+        )
+    return IWAE(
+        num_particles=num_particles, max_plate_nesting=max_plate_nesting, estimator=estimator
+    )
 
 
 class ScaleLatent(Messenger):
@@ -212,7 +252,8 @@ _SPECS = (
     ElboSpec(
         "trace",
         "Trace_ELBO: Monte Carlo ELBO (reparameterized gradients)",
-        _pyro(infer.Trace_ELBO, infer.JitTrace_ELBO),
+        _trace,
+        options=("estimator",),
     ),
     # JitTraceMeanField_ELBO measured 8x slower than the Python version here: no JIT.
     ElboSpec(
@@ -227,6 +268,7 @@ _SPECS = (
         _iwae,
         default_particles=8,
         jit=False,
+        options=("estimator",),
     ),
     ElboSpec(
         "renyi",
@@ -286,7 +328,8 @@ def make_elbo(
     max_plate_nesting : int, optional
         Plate depth of the model.
     **options
-        ELBO-specific options (``alpha`` for ``renyi``, ``beta`` for ``weighted_kl``).
+        ELBO-specific options (``alpha`` for ``renyi``, ``beta`` for ``weighted_kl``,
+        ``estimator`` for ``trace`` and ``iwae``).
     """
     spec = get_elbo_spec(name)
     n = spec.default_particles if num_particles is None else num_particles

@@ -12,6 +12,13 @@ taken per data point wherever a data plate encloses local latent sites:
 
 with the global latents ``g`` drawn once and shared by the ``K`` local particles.
 The mode is chosen from the model's structure (see :class:`IWAE`).
+
+With ``estimator="dreg"`` the guide's gradient is the doubly reparameterized
+estimator (Tucker et al. 2019): ``sum_k w~_k^2 d log w_k / d z_k * d z_k / d phi``
+with ``w~`` the normalised importance weights of each data point; the model's
+gradient is the usual ``sum_k w~_k d log w_k / d theta``. It is implemented by
+evaluating ``log q`` with detached parameters and multiplying the gradient that
+reaches each sample ``z_k`` by ``w~_k`` with a backward hook.
 """
 
 from __future__ import annotations
@@ -21,12 +28,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import ELBO
 from pyro.poutine.util import site_is_subsample
 
-from vimodels.errors import IncompatibleError
+from vimodels.errors import IncompatibleError, OptionError
+from vimodels.estimators import detach_distribution
+
+ESTIMATORS = ("standard", "dreg")
 
 JOINT = "joint"  # one log-sum-exp over the whole log weight (no subsampling)
 PER_DATAPOINT = "per_datapoint"  # local plate, no global latents
@@ -157,14 +168,27 @@ class IWAE(ELBO):
         a valid bound.
 
     Gradients are reparameterized (all guide sites must have ``rsample``).
+    ``estimator="dreg"`` (doubly reparameterized guide gradient) applies in the
+    ``joint`` and ``per_datapoint`` modes, for guides whose parameters are not
+    shared with the model.
     """
 
-    def __init__(self, num_particles: int = 8, max_plate_nesting: int | None = None):
+    def __init__(
+        self,
+        num_particles: int = 8,
+        max_plate_nesting: int | None = None,
+        estimator: str = "standard",
+    ):
         super().__init__(
             num_particles=num_particles,
             vectorize_particles=True,
             max_plate_nesting=max_plate_nesting if max_plate_nesting is not None else float("inf"),
         )
+        if estimator not in ESTIMATORS:
+            raise OptionError(
+                f"iwae estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}"
+            )
+        self.estimator = estimator
         self._user_depth = max_plate_nesting
         self._structure: dict[tuple[int, int], Structure] = {}
 
@@ -175,7 +199,10 @@ class IWAE(ELBO):
         """The decomposition used for ``model`` and ``guide`` (cached per pair)."""
         key = (id(model), id(guide))
         if key not in self._structure:
-            self._structure[key] = analyse(model, guide, args, kwargs, self._user_depth)
+            st = analyse(model, guide, args, kwargs, self._user_depth)
+            if self.estimator == "dreg":
+                _check_dreg(model, guide, args, kwargs, st)
+            self._structure[key] = st
         return self._structure[key]
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
@@ -204,16 +231,18 @@ class IWAE(ELBO):
         local_w = None
         plate_scale = None
         per_point = st.mode in (PER_DATAPOINT, HIERARCHICAL)
+        dreg = self.estimator == "dreg"
         for sign, tr in ((1.0, model_tr), (-1.0, guide_tr)):
             for site in tr.nodes.values():
                 if site["type"] != "sample" or site_is_subsample(site):
                     continue
                 if tr is guide_tr and site["is_observed"]:
                     continue
+                fn = detach_distribution(site["fn"]) if dreg and tr is guide_tr else site["fn"]
                 if per_point and st.plate in _frames(site):
                     if plate_scale is None:
                         plate_scale = _plate_scale(site, st.plate)
-                    lp = _pad(site["fn"].log_prob(site["value"]), ndim)
+                    lp = _pad(fn.log_prob(site["value"]), ndim)
                     inner = site["scale"] / plate_scale
                     if not (isinstance(inner, float) and inner == 1.0):
                         lp = lp * inner
@@ -222,7 +251,7 @@ class IWAE(ELBO):
                     lp = lp.sum(dims) if dims else lp
                     local_w = sign * lp if local_w is None else local_w + sign * lp
                 else:
-                    lp = _pad(_log_prob(site), ndim)
+                    lp = _pad(_log_prob(dict(site, fn=fn)), ndim)
                     global_w = global_w + sign * lp.reshape(lp.shape[0], -1).sum(-1)
         global_w = global_w.expand(K)
         if st.mode == JOINT:
@@ -230,12 +259,16 @@ class IWAE(ELBO):
             if local_w is not None:
                 total = total + local_w.reshape(K, -1).sum(-1)
             bound = torch.logsumexp(total, 0) - math.log(K)
+            if dreg and bound.requires_grad:
+                _dreg_hooks(guide_tr, torch.softmax(total.detach(), 0), ndim, None)
         elif st.mode == ELBO_FALLBACK:
             bound = global_w.mean()
         else:
             local = local_w.expand(K, *local_w.shape[1:]).reshape(K, -1)
             lme = torch.logsumexp(local, 0) - math.log(K)
             bound = global_w.mean() + plate_scale * lme.sum()
+            if dreg and bound.requires_grad:
+                _dreg_hooks(guide_tr, torch.softmax(local.detach(), 0), ndim, st.plate_dim)
         return -bound
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
@@ -260,3 +293,66 @@ def _plate_scale(site: dict, plate: str) -> float:
                 return float(full) / float(f.size)
     scale = site["scale"]
     return float(scale) if not isinstance(scale, torch.Tensor) else float(scale.max())
+
+
+def _guide_sample_sites(guide_tr: poutine.Trace) -> list[dict]:
+    """Latent guide sites that draw randomness (``Delta`` sites are functions of others)."""
+    return [
+        site
+        for site in guide_tr.nodes.values()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site_is_subsample(site)
+        and not isinstance(site["fn"], dist.Delta)
+    ]
+
+
+def _check_dreg(model: Callable, guide: Callable, args: tuple, kwargs: dict, st: Structure) -> None:
+    """Raise IncompatibleError where the DReG estimator is not defined."""
+    if st.mode not in (JOINT, PER_DATAPOINT):
+        raise IncompatibleError(
+            f"the 'dreg' estimator needs all latents local to the data plate (or no "
+            f"subsampling); this model/guide decomposes as {st.mode!r}: use the standard "
+            "estimator"
+        )
+    with poutine.block():
+        with poutine.trace(param_only=True) as guide_params:
+            guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+        with poutine.trace(param_only=True) as model_params:
+            poutine.replay(model, trace=guide_tr)(*args, **kwargs)
+    shared = set(guide_params.trace.nodes) & set(model_params.trace.nodes)
+    if shared:
+        raise IncompatibleError(
+            f"the 'dreg' estimator needs separate model and guide parameters; shared: "
+            f"{', '.join(sorted(shared))}"
+        )
+    for site in _guide_sample_sites(guide_tr):
+        detach_distribution(site["fn"])  # raises for distributions it cannot rebuild
+        if st.mode == PER_DATAPOINT and st.plate not in _frames(site):
+            raise IncompatibleError(
+                f"the 'dreg' estimator needs every guide sample site inside the data plate "
+                f"{st.plate!r}; {site['name']!r} is not"
+            )
+
+
+def _dreg_hooks(
+    guide_tr: poutine.Trace, w_tilde: torch.Tensor, ndim: int, plate_dim: int | None
+) -> None:
+    """Scale the gradient reaching each guide sample by its normalised weight.
+
+    ``w_tilde`` has shape ``(K,)`` (joint) or ``(K, B)`` with ``B`` the data
+    plate size (per data point, ``plate_dim`` its dim).
+    """
+    for site in _guide_sample_sites(guide_tr):
+        value = site["value"]
+        if not value.requires_grad:
+            continue
+        event_dim = site["fn"].event_dim
+        batch_ndim = value.dim() - event_dim
+        first = batch_ndim - ndim  # position of the particle dim
+        shape = [1] * value.dim()
+        shape[first] = w_tilde.shape[0]
+        if plate_dim is not None:
+            shape[batch_ndim + plate_dim] = w_tilde.shape[1]
+        weight = w_tilde.reshape(shape)
+        value.register_hook(lambda grad, weight=weight: grad * weight)

@@ -20,6 +20,7 @@ from vimodels.catalog.radon import (
     RADON_VARYING_SLOPE,
 )
 from vimodels.catalog.sleepstudy import SLEEPSTUDY_RANDOM_SLOPES
+from vimodels.catalog.vae import DIGITS_VAE
 from vimodels.errors import UnknownNameError
 
 _ENTRIES: tuple[CatalogEntry, ...] = (
@@ -37,6 +38,7 @@ _ENTRIES: tuple[CatalogEntry, ...] = (
     FAITHFUL_GAUSSIAN_MIXTURE,
     FAITHFUL_GAUSSIAN_MIXTURE_MARGINALIZED,
     BREAST_CANCER_LOGISTIC_REGRESSION,
+    DIGITS_VAE,
 )
 
 MODELS: dict[str, CatalogEntry] = {entry.name: entry for entry in _ENTRIES}
