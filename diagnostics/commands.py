@@ -11,6 +11,7 @@ from vimodels.io import ensure_dir, safe_name
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``nuts`` and ``compare`` subcommands."""
     from vimodels.commands.basic import add_fit_arguments
+    from vimodels.commands.sweep import add_executor_arguments
 
     p = sub.add_parser("nuts", help="NUTS reference draws of a catalog model (cached, checked)")
     p.add_argument("model")
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iwae-k", type=int, default=50, help="K of the IWAE bound")
     p.add_argument("--no-netcdf", action="store_true", help="do not write netcdf files")
     _add_nuts_arguments(p)
+    add_executor_arguments(p)
     p.set_defaults(func=cmd_compare)
 
 
@@ -126,6 +128,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from diagnostics.compare import run_compare
     from vimodels.catalog.registry import get_model
     from vimodels.commands.basic import fit_kwargs
+    from vimodels.commands.sweep import make_cli_executor
     from vimodels.errors import check_option
 
     entry = get_model(args.model)
@@ -135,24 +138,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     kwargs = fit_kwargs(args)
     kwargs.pop("num_steps")
     seed = kwargs.pop("seed")
-    run = run_compare(
-        entry,
-        guides=args.guides,
-        elbos=args.elbos,
-        steps=args.steps,
-        out=out,
-        reference=args.reference,
-        seed=seed,
-        num_draws=args.draws,
-        iwae_k=args.iwae_k,
-        cache=not args.no_cache,
-        cache_dir=args.cache,
-        nuts_settings=_nuts_settings(args),
-        num_workers=args.workers,
-        fit_options=kwargs,
-        progress=not args.quiet,
-        netcdf=not args.no_netcdf,
-    )
+    with make_cli_executor(args) as executor:
+        run = run_compare(
+            entry,
+            guides=args.guides,
+            elbos=args.elbos,
+            steps=args.steps,
+            out=out,
+            reference=args.reference,
+            seed=seed,
+            num_draws=args.draws,
+            iwae_k=args.iwae_k,
+            cache=not args.no_cache,
+            cache_dir=args.cache,
+            nuts_settings=_nuts_settings(args),
+            num_workers=args.workers,
+            fit_options=kwargs,
+            progress=not args.quiet,
+            netcdf=not args.no_netcdf,
+            executor=executor,
+        )
     c = run.comparison
     cols = [
         "method",

@@ -25,7 +25,7 @@ import torch
 from torch.distributions import biject_to
 
 from diagnostics import metrics
-from diagnostics.convert import fit_to_inference_data, group_arrays
+from diagnostics.convert import group_arrays
 from diagnostics.draws import ModelInfo, model_info, sample_guide
 from diagnostics.reference import Reference, get_reference, resolve_model
 from vimodels.catalog.base import CatalogEntry
@@ -248,7 +248,7 @@ def compare(
 
     site_frames, rows, draws, idatas, log_ws = [], [], {}, {}, {}
     for name, result in named.items():
-        idata = fit_to_inference_data(result, num_draws, seed=seed)
+        idata = result.to_inference_data(num_draws, seed=seed)
         post = {k: v[0] for k, v in group_arrays(idata, "posterior").items()}
         lw = group_arrays(idata, "sample_stats")["log_weight"][0]
         draws[name], idatas[name], log_ws[name] = post, idata, lw
@@ -554,6 +554,7 @@ def run_compare(
     fit_options: Mapping[str, Any] | None = None,
     progress: bool = True,
     netcdf: bool = True,
+    executor: Any = None,
 ) -> CompareRun:
     """Fit a grid of guides x ELBOs, get the reference, compare, write the report.
 
@@ -586,6 +587,11 @@ def run_compare(
         One line per stage on stderr.
     netcdf : bool
         Write one netcdf file per method and one for the reference.
+    executor : str or executor, optional
+        Run the fits as tasks (:mod:`diagnostics.tasks`) on ``local`` (a process
+        pool), ``dask``, ``serial`` or an executor object, writing ``out/fits/``
+        and reusing fits finished there before; a catalog model with its own
+        data only. Default: fit in this process.
 
     Returns
     -------
@@ -620,6 +626,25 @@ def run_compare(
     results, skipped = [], []
     options = dict(fit_options or {})
     options.setdefault("progress", False)
+    if executor is not None:
+        from diagnostics.sweep import fit_with_executor
+
+        if entry is None or data is not None:
+            raise OptionError("an executor runs catalog models by name, with their own data")
+        results, skipped = fit_with_executor(
+            entry.name,
+            guides,
+            elbos,
+            steps=steps,
+            seed=seed,
+            fit_options=options,
+            num_draws=num_draws,
+            num_evidence=20000,  # compare()'s default, used below
+            executor=executor,
+            out=out,
+            say=say,
+        )
+        guides = ()  # fitted by the executor: the loop below has nothing left to do
     for guide in guides:
         for elbo in elbos:
             try:

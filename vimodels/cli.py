@@ -57,7 +57,9 @@ def _command_modules() -> list:
     except ImportError:  # pragma: no cover - diagnostics ships with the package
         diag_commands = None
     if diag_commands is not None:
-        modules.append(diag_commands)
+        from vimodels.commands import sweep
+
+        modules += [diag_commands, sweep]
     return modules
 
 
