@@ -49,18 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_modules() -> list:
-    from vimodels.commands import basic
+    from diagnostics import commands as diag_commands
+    from vimodels.commands import basic, sweep, vae
 
-    modules = [basic]
-    try:
-        from diagnostics import commands as diag_commands
-    except ImportError:  # pragma: no cover - diagnostics ships with the package
-        diag_commands = None
-    if diag_commands is not None:
-        from vimodels.commands import sweep
-
-        modules += [diag_commands, sweep]
-    return modules
+    return [basic, diag_commands, vae, sweep]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
