@@ -199,12 +199,12 @@ def _weighted_kl(num_particles: int, vectorize: bool, jit: bool, max_plate_nesti
 
 
 _SPECS = (
-    ElboSpec("trace", "Trace_ELBO: Monte Carlo ELBO (reparameterized gradients)",
+    ElboSpec("trace", "Trace_ELBO: Monte Carlo ELBO (estimator=stl: sticking the landing)",
              _trace, options=("estimator",)),
     # JitTraceMeanField_ELBO measured 8x slower than the Python version here: no JIT.
     ElboSpec("meanfield", "TraceMeanField_ELBO: ELBO with analytic KL terms",
              _pyro(infer.TraceMeanField_ELBO, None), jit=False),
-    ElboSpec("iwae", "importance-weighted bound, K particles, log-mean-exp per data point",
+    ElboSpec("iwae", "importance-weighted bound, K per data point (estimator=dreg: DReG)",
              _iwae, default_particles=8, jit=False, options=("estimator",)),
     ElboSpec("renyi", "RenyiELBO: Renyi alpha-divergence bound (alpha=0.5 by default)",
              _renyi, default_particles=8, jit=False, options=("alpha",)),
