@@ -154,7 +154,7 @@ COLUMNS = (
     "L[q*] - L[q_phi]",
     "NUTS vs q: mean err. (sd)",
     "sd ratio",
-    "W2",
+    "W2 (sd units)",
 )
 
 

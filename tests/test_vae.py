@@ -320,9 +320,13 @@ def test_nuts_latent_posterior_matches_exact_gaussian_posterior():
     assert np.all(np.abs(nuts.flat.mean(0) - mean.numpy()) <= 5 * mcse)
     # the comparison metrics: exact draws against NUTS draws are close
     exact = np.random.default_rng(0).multivariate_normal(mean.numpy(), cov.numpy(), size=600)
-    metrics = vae_eval.compare_draws(exact, nuts.flat)
+    metrics = vae_eval.compare_draws(exact, nuts.draws)
     assert metrics["mean_error_sd"] < 0.3
     assert 0.8 < metrics["sd_ratio_min"] <= metrics["sd_ratio_max"] < 1.25
+    assert metrics["coverage90_min"] > 0.8
+    # a wrong approximation is told apart: shifted by one posterior sd in each coordinate
+    shifted = vae_eval.compare_draws(exact + np.sqrt(np.diag(cov.numpy())), nuts.draws)
+    assert shifted["mean_error_sd"] > 0.7 and shifted["w2"] > metrics["w2"] + 0.5
 
 
 # ------------------------------------------------- training and evaluation

@@ -251,7 +251,7 @@ def _weighted_kl(
 _SPECS = (
     ElboSpec(
         "trace",
-        "Trace_ELBO: Monte Carlo ELBO (reparameterized gradients)",
+        "Trace_ELBO: Monte Carlo ELBO (estimator=stl: sticking the landing)",
         _trace,
         options=("estimator",),
     ),
@@ -264,7 +264,7 @@ _SPECS = (
     ),
     ElboSpec(
         "iwae",
-        "importance-weighted bound, K particles, log-mean-exp per data point",
+        "importance-weighted bound, K per data point (estimator=dreg: DReG)",
         _iwae,
         default_particles=8,
         jit=False,

@@ -13,8 +13,8 @@ model and guide are called as ``fn(**data)`` with a data plate ``"data"`` at
   ``log p(x) - L[q_phi] = (log p(x) - L[q*]) + (L[q*] - L[q_phi])``
   into the approximation and the amortization gap.
 - :func:`nuts_latent_posterior`: NUTS on ``z`` of one data point.
-- :func:`compare_draws`: mean error in posterior sds, sd ratio and the
-  2-Wasserstein distance between two sets of draws.
+- :func:`compare_draws`: mean error in posterior sds, sd ratio, coverage and
+  the standardized 2-Wasserstein distance between two sets of draws.
 """
 
 from __future__ import annotations
@@ -595,31 +595,70 @@ def guide_draws(
     return tr.nodes[latent]["value"].reshape(num_samples, -1).double().numpy()
 
 
-def compare_draws(approx: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Compare draws of an approximation with reference (NUTS) draws, both ``(n, D)``.
+def compare_draws(approx: np.ndarray, reference: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """Compare draws of an approximation with reference (NUTS) draws.
+
+    Uses the project's shared metrics (``diagnostics.metrics``: per-coordinate
+    marginal metrics and joint metrics) when that module is present, else local
+    implementations of the same definitions.
+
+    Parameters
+    ----------
+    approx : ndarray, shape (n, D)
+    reference : ndarray, shape (chains, draws, D) or (m, D)
+    seed : int
+        Seed of the subsample used by the exact Wasserstein distance.
 
     Returns
     -------
     dict
-        ``mean_error_sd``: largest ``|mean_q - mean_ref| / sd_ref`` over dims;
-        ``sd_ratio_min`` / ``sd_ratio_max``: range of ``sd_q / sd_ref`` over dims;
-        ``w2``: 2-Wasserstein distance between the two empirical distributions
-        (exact optimal transport, at most 1000 draws of each).
+        ``mean_error_sd``: largest ``|mean_q - mean_ref| / sd_ref`` over coordinates;
+        ``sd_ratio_min`` / ``sd_ratio_max``: range of ``sd_q / sd_ref``;
+        ``coverage90_min``: smallest fraction of reference draws inside the
+        approximation's central 90 % interval (0.90 when right);
+        ``w2``: 2-Wasserstein distance with every coordinate standardized by the
+        reference sd (exact optimal transport on at most 1000 draws of each);
+        ``metrics``: which implementation was used.
     """
-    import ot
+    a = np.asarray(approx, dtype=float)
+    ref = np.asarray(reference, dtype=float)
+    if ref.ndim == 2:
+        ref = ref[None]
+    flat = ref.reshape(-1, ref.shape[-1])
+    try:
+        from diagnostics import metrics as shared
+    except ImportError:
+        shared = None
+    if shared is not None and hasattr(shared, "marginal_metrics"):
+        rows = [shared.marginal_metrics(a[:, d], ref[..., d]) for d in range(a.shape[1])]
+        err = np.array([abs(r["std_mean_error"]) for r in rows])
+        ratio = np.array([r["sd_ratio"] for r in rows])
+        cover = np.array([r["coverage90"] for r in rows])
+        w2 = shared.joint_metrics(a, flat, seed=seed)["w2"]
+        source = "diagnostics.metrics"
+    else:
+        import ot
 
-    approx, reference = np.asarray(approx, float), np.asarray(reference, float)
-    sd_ref = reference.std(0, ddof=1)
-    err = np.abs(approx.mean(0) - reference.mean(0)) / sd_ref
-    ratio = approx.std(0, ddof=1) / sd_ref
-    a, b = approx[:1000], reference[:1000]
-    cost = ot.dist(a, b)  # squared Euclidean
-    w2 = math.sqrt(ot.emd2(np.full(len(a), 1 / len(a)), np.full(len(b), 1 / len(b)), cost))
+        mu, sd = flat.mean(0), flat.std(0, ddof=1)
+        err = np.abs(a.mean(0) - mu) / sd
+        ratio = a.std(0, ddof=1) / sd
+        lo, hi = np.quantile(a, [0.05, 0.95], axis=0)
+        cover = ((flat >= lo) & (flat <= hi)).mean(0)
+        rng = np.random.default_rng(seed)
+        x = (a - mu) / sd
+        y = (flat - mu) / sd
+        x = x[rng.choice(len(x), min(len(x), 1000), replace=False)]
+        y = y[rng.choice(len(y), min(len(y), 1000), replace=False)]
+        cost = ot.dist(x, y)  # squared Euclidean
+        w2 = math.sqrt(ot.emd2(np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y)), cost))
+        source = "local"
     return {
         "mean_error_sd": float(err.max()),
         "sd_ratio_min": float(ratio.min()),
         "sd_ratio_max": float(ratio.max()),
+        "coverage90_min": float(cover.min()),
         "w2": float(w2),
+        "metrics": source,
     }
 
 
@@ -718,7 +757,7 @@ def evaluate_digits_vae(
             summary["nuts"].append(
                 {
                     "image": int(i),
-                    **compare_draws(q, ref.flat),
+                    **compare_draws(q, ref.draws),
                     "rhat_max": float(np.max(ref.rhat)),
                     "ess_min": float(np.min(ref.ess)),
                     "divergences": ref.divergences,
