@@ -206,7 +206,7 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
 
     from diagnostics.convert import fit_to_inference_data, save_netcdf
     from vimodels.convergence import ConvergenceRule
-    from vimodels.fit import fit
+    from vimodels.fit import INTERRUPTED, fit
 
     t0 = time.perf_counter()
     torch.set_num_threads(1)
@@ -225,6 +225,8 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
         progress=False,
         **options,
     )
+    if result.status == INTERRUPTED:  # Ctrl-C reached the worker: not a result to keep
+        raise RuntimeError(f"{task.label} was interrupted at step {result.num_steps}; not saved")
     idata = fit_to_inference_data(result, task.num_draws, seed=task.seed)
     ensure_dir(folder)
     save_netcdf(idata, folder / DRAWS)
@@ -426,7 +428,10 @@ def load_fit(task: Task, out_dir: str | os.PathLike) -> StoredFit:
     summary = read_summary(task, out_dir)
     folder = Path(out_dir) / task.folder_name
     if summary is None:
-        raise OptionError(f"task {task.label} has no finished folder at {str(folder)!r}")
+        raise OptionError(
+            f"task {task.label} has no finished folder at {str(folder)!r} (on a cluster, the "
+            "output folder must be one that every worker and this machine share)"
+        )
     with np.load(folder / ARRAYS, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     return StoredFit(
