@@ -1,10 +1,11 @@
 """One fit of a grid as a pure task: inputs in, one result folder out.
 
 A :class:`Task` names everything that shapes a fit (model, guide, ELBO,
-seed, steps, other :func:`vimodels.fit.fit` options, and the draws kept for
-the comparison). :func:`run_task` runs it anywhere (this process, a pool
-worker, a Dask worker) and writes one folder named by :attr:`Task.folder_name`
-(readable parts + a hash of every input) under the output folder:
+seed, steps, other :func:`vimodels.fit.fit` options, the draws kept for the
+comparison, and a fingerprint of the fitting code and library versions).
+:func:`run_task` runs it anywhere (this process, a pool worker, a Dask
+worker) and writes one folder named by :attr:`Task.folder_name` (readable
+parts + a hash of every input) under the output folder:
 
 ``draws.nc``
     ``num_draws`` guide draws as ArviZ data (posterior, ``log_weight``,
@@ -88,6 +89,9 @@ class Task:
         Guide draws stored for the metrics.
     num_evidence : int
         Log weights stored for the importance-sampling estimate of ``log p(x)``.
+    code : str
+        :func:`code_fingerprint` of the code that fits and draws: a folder
+        written by other code (or library versions) is not reused.
     """
 
     model: str
@@ -98,6 +102,7 @@ class Task:
     options: str = "{}"
     num_draws: int = 4000
     num_evidence: int = 20000
+    code: str = ""
 
     @property
     def fit_options(self) -> dict[str, Any]:
@@ -175,7 +180,29 @@ def make_task(
         raise OptionError(
             f"fit options of a task must be plain values (numbers, strings, lists, tables): {exc}"
         ) from exc
-    return Task(model, guide, elbo, seed, steps, text, num_draws, num_evidence)
+    return Task(model, guide, elbo, seed, steps, text, num_draws, num_evidence, code_fingerprint())
+
+
+# the modules whose code shapes a task's files: all of vimodels and guides, and these
+_DRAW_MODULES = ("_arviz.py", "convert.py", "draws.py", "tasks.py")
+
+
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """SHA-256 (16 hex digits) of the fitting and drawing source files and library versions."""
+    import importlib
+
+    from vimodels.fit import versions
+
+    h = hashlib.sha256(_canonical(versions()).encode())
+    for package in ("vimodels", "guides", "diagnostics"):
+        root = Path(importlib.import_module(package).__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            if package == "diagnostics" and path.name not in _DRAW_MODULES:
+                continue
+            h.update(path.relative_to(root.parent).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _sha256(path: Path) -> str:
