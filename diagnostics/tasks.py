@@ -13,7 +13,8 @@ parts + a hash of every input) under the output folder:
     :func:`diagnostics.compare.compare` draws them;
 ``arrays.npz``
     ``losses`` per step, and ``evidence_log_weights`` (``num_evidence``
-    draws, seed + 7) where the model has no exact log evidence;
+    draws by :func:`diagnostics.compare.evidence_log_weights`, seed + 7)
+    where the model has no exact log evidence;
 ``summary.json``
     the task, the fit's summary and the SHA-256 of the two files. Written
     last: a folder without it (or whose files do not match it) is unfinished
@@ -50,9 +51,6 @@ TASK_FORMAT = 1
 SUMMARY = "summary.json"
 DRAWS = "draws.nc"
 ARRAYS = "arrays.npz"
-# diagnostics.compare estimates log p(x) from the best method's log weights drawn
-# with seed + 7; StoredFit.log_weights checks the request matches what is stored.
-EVIDENCE_SEED_OFFSET = 7
 # keyword arguments of vimodels.fit.fit that a task sets itself
 _FIXED = frozenset({"model", "data", "guide", "elbo", "num_steps", "seed", "progress"})
 
@@ -231,6 +229,7 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
     """
     import torch
 
+    from diagnostics.compare import EVIDENCE_SEED_OFFSET, evidence_log_weights
     from diagnostics.convert import fit_to_inference_data, save_netcdf
     from vimodels.convergence import ConvergenceRule
     from vimodels.fit import INTERRUPTED, fit
@@ -260,7 +259,7 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
     arrays = {"losses": np.asarray(result.losses, dtype=float)}
     if _exact_log_evidence(task.model) is None:
         arrays["evidence_log_weights"] = np.asarray(
-            result.log_weights(task.num_evidence, seed=task.seed + EVIDENCE_SEED_OFFSET)
+            evidence_log_weights(result, task.num_evidence, task.seed + EVIDENCE_SEED_OFFSET)
         )
 
     def write(tmp: str) -> None:
@@ -433,8 +432,13 @@ class StoredFit:
             )
         return self.inference_data
 
-    def log_weights(self, num_samples: int = 1000, seed: int | None = None) -> np.ndarray:
-        """The stored evidence log weights; the request must match how they were drawn."""
+    def stored_evidence_log_weights(self, num_samples: int, seed: int) -> np.ndarray:
+        """The stored evidence log weights; the request must match how they were drawn.
+
+        See :func:`diagnostics.compare.evidence_log_weights`.
+        """
+        from diagnostics.compare import EVIDENCE_SEED_OFFSET
+
         want = self.task.seed + EVIDENCE_SEED_OFFSET
         if self.evidence_log_weights is None or (num_samples, seed) != (
             self.task.num_evidence,
