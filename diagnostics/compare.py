@@ -38,6 +38,8 @@ EXACT = "exact"
 ESTIMATED = "estimated"
 GIVEN = "given"
 UNKNOWN = "unknown"
+# log p(x) is estimated from the best method's log weights drawn with seed + this
+EVIDENCE_SEED_OFFSET = 7
 
 
 @dataclass(frozen=True)
@@ -350,7 +352,7 @@ def _log_evidence(
         )
     best = usable.sort_values(["khat", "elbo"], ascending=[True, False]).iloc[0]
     result = named[best["method"]]
-    lw = _log_weights(result, num, seed + 7)
+    lw = evidence_log_weights(result, num, seed + EVIDENCE_SEED_OFFSET)
     value, se = metrics.log_evidence_is(lw)
     khat = metrics.psis_khat(lw)
     return LogEvidence(
@@ -362,8 +364,16 @@ def _log_evidence(
     )
 
 
-def _log_weights(result: FitResult, num: int, seed: int) -> np.ndarray:
-    """``num`` log weights of a fit's guide (vectorized, discrete sites summed out)."""
+def evidence_log_weights(result: FitResult, num: int, seed: int) -> np.ndarray:
+    """``num`` log weights ``log p(x, z) - log q(z)`` of a fit's guide, drawn with ``seed``.
+
+    What the importance-sampling estimate of ``log p(x)`` uses. A result that
+    stores its own (a :class:`~diagnostics.tasks.StoredFit`, whose task called
+    this function on the live fit) returns those.
+    """
+    stored = getattr(result, "stored_evidence_log_weights", None)
+    if stored is not None:
+        return stored(num, seed)
     info = model_info(result.model, result.args, {}, result.max_plate_nesting)
     pyro.set_rng_seed(seed)
     with pyro.get_param_store().scope(result.param_state):

@@ -22,7 +22,7 @@ Executors are context managers; a pool or cluster starts on the first
 ``map`` and is reused by later calls until :meth:`close`.
 
 Tasks and ``fn`` must be picklable (module-level functions, plain records).
-This module imports neither torch nor Dask at import time.
+Dask is imported only when a :class:`DaskExecutor` starts.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ class LocalExecutor(_Base):
     Parameters
     ----------
     max_workers : int, optional
-        Worker processes; default ``os.cpu_count()``, and never more than the
-        tasks of a ``map`` call.
+        Worker processes; default ``os.cpu_count()``. They start on demand (never
+        more than the tasks in flight) and stay up for later ``map`` calls.
     """
 
     name = "local"
@@ -140,18 +140,15 @@ class LocalExecutor(_Base):
             check_option("max_workers", max_workers, kind=int, low=1)
         self.max_workers = max_workers or os.cpu_count() or 1
         self._pool: ProcessPoolExecutor | None = None
-        self._pool_size = 0
 
     def describe(self) -> str:
         """One line: what runs the tasks."""
         return f"local process pool (up to {self.max_workers} workers)"
 
-    def _get_pool(self, size: int) -> ProcessPoolExecutor:
-        if self._pool is None or self._pool_size != size:
-            self._shutdown()
+    def _get_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
             ctx = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(max_workers=size, mp_context=ctx)
-            self._pool_size = size
+            self._pool = ProcessPoolExecutor(max_workers=self.max_workers, mp_context=ctx)
         return self._pool
 
     def _shutdown(self, wait: bool = True) -> None:
@@ -168,7 +165,7 @@ class LocalExecutor(_Base):
         queue = list(tasks)
         size = min(self.max_workers, len(queue))
         while queue:
-            unfinished = yield from self._run(fn, queue, size)
+            unfinished = yield from self._run(fn, queue)
             if not unfinished:
                 return
             # A worker died. Tasks run in submission order, so the ones in flight
@@ -176,7 +173,7 @@ class LocalExecutor(_Base):
             # Rerun those alone to find which one kills its process.
             suspects, queue = unfinished[: size + 1], unfinished[size + 1 :]
             for task in suspects:
-                again = yield from self._run(fn, [task], 1)
+                again = yield from self._run(fn, [task])
                 if again:
                     yield Outcome(
                         task,
@@ -184,9 +181,9 @@ class LocalExecutor(_Base):
                         "task (alone in its process): out of memory or a crash in native code",
                     )
 
-    def _run(self, fn: Callable, tasks: list, size: int) -> Iterator[Outcome]:
+    def _run(self, fn: Callable, tasks: list) -> Iterator[Outcome]:
         """Run ``tasks``; yield outcomes; return the tasks cut short by a dead worker."""
-        pool = self._get_pool(size)
+        pool = self._get_pool()
         futures: dict[Future, int] = {}
         try:
             for i, task in enumerate(tasks):
@@ -342,7 +339,7 @@ def make_executor(
     """
     if name not in EXECUTORS:
         raise OptionError(f"unknown executor {name!r}; valid executors are: {', '.join(EXECUTORS)}")
-    if scheduler is not None and name != "dask":
+    if (scheduler is not None or dask_options) and name != "dask":
         raise OptionError("a scheduler address needs the dask executor (--executor dask)")
     if name == "dask":
         return DaskExecutor(scheduler, workers, **dask_options)

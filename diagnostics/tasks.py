@@ -1,10 +1,11 @@
 """One fit of a grid as a pure task: inputs in, one result folder out.
 
 A :class:`Task` names everything that shapes a fit (model, guide, ELBO,
-seed, steps, other :func:`vimodels.fit.fit` options, and the draws kept for
-the comparison). :func:`run_task` runs it anywhere (this process, a pool
-worker, a Dask worker) and writes one folder named by :attr:`Task.folder_name`
-(readable parts + a hash of every input) under the output folder:
+seed, steps, other :func:`vimodels.fit.fit` options, the draws kept for the
+comparison, and a fingerprint of the fitting code and library versions).
+:func:`run_task` runs it anywhere (this process, a pool worker, a Dask
+worker) and writes one folder named by :attr:`Task.folder_name` (readable
+parts + a hash of every input) under the output folder:
 
 ``draws.nc``
     ``num_draws`` guide draws as ArviZ data (posterior, ``log_weight``,
@@ -12,7 +13,8 @@ worker, a Dask worker) and writes one folder named by :attr:`Task.folder_name`
     :func:`diagnostics.compare.compare` draws them;
 ``arrays.npz``
     ``losses`` per step, and ``evidence_log_weights`` (``num_evidence``
-    draws, seed + 7) where the model has no exact log evidence;
+    draws by :func:`diagnostics.compare.evidence_log_weights`, seed + 7)
+    where the model has no exact log evidence;
 ``summary.json``
     the task, the fit's summary and the SHA-256 of the two files. Written
     last: a folder without it (or whose files do not match it) is unfinished
@@ -49,9 +51,6 @@ TASK_FORMAT = 1
 SUMMARY = "summary.json"
 DRAWS = "draws.nc"
 ARRAYS = "arrays.npz"
-# diagnostics.compare estimates log p(x) from the best method's log weights drawn
-# with seed + 7; StoredFit.log_weights checks the request matches what is stored.
-EVIDENCE_SEED_OFFSET = 7
 # keyword arguments of vimodels.fit.fit that a task sets itself
 _FIXED = frozenset({"model", "data", "guide", "elbo", "num_steps", "seed", "progress"})
 
@@ -88,6 +87,9 @@ class Task:
         Guide draws stored for the metrics.
     num_evidence : int
         Log weights stored for the importance-sampling estimate of ``log p(x)``.
+    code : str
+        :func:`code_fingerprint` of the code that fits and draws: a folder
+        written by other code (or library versions) is not reused.
     """
 
     model: str
@@ -98,6 +100,7 @@ class Task:
     options: str = "{}"
     num_draws: int = 4000
     num_evidence: int = 20000
+    code: str = ""
 
     @property
     def fit_options(self) -> dict[str, Any]:
@@ -175,7 +178,29 @@ def make_task(
         raise OptionError(
             f"fit options of a task must be plain values (numbers, strings, lists, tables): {exc}"
         ) from exc
-    return Task(model, guide, elbo, seed, steps, text, num_draws, num_evidence)
+    return Task(model, guide, elbo, seed, steps, text, num_draws, num_evidence, code_fingerprint())
+
+
+# the modules whose code shapes a task's files: all of vimodels and guides, and these
+_DRAW_MODULES = ("_arviz.py", "convert.py", "draws.py", "tasks.py")
+
+
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """SHA-256 (16 hex digits) of the fitting and drawing source files and library versions."""
+    import importlib
+
+    from vimodels.fit import versions
+
+    h = hashlib.sha256(_canonical(versions()).encode())
+    for package in ("vimodels", "guides", "diagnostics"):
+        root = Path(importlib.import_module(package).__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            if package == "diagnostics" and path.name not in _DRAW_MODULES:
+                continue
+            h.update(path.relative_to(root.parent).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _sha256(path: Path) -> str:
@@ -204,9 +229,10 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
     """
     import torch
 
+    from diagnostics.compare import EVIDENCE_SEED_OFFSET, evidence_log_weights
     from diagnostics.convert import fit_to_inference_data, save_netcdf
     from vimodels.convergence import ConvergenceRule
-    from vimodels.fit import fit
+    from vimodels.fit import INTERRUPTED, fit
 
     t0 = time.perf_counter()
     torch.set_num_threads(1)
@@ -225,13 +251,15 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
         progress=False,
         **options,
     )
+    if result.status == INTERRUPTED:  # Ctrl-C reached the worker: not a result to keep
+        raise RuntimeError(f"{task.label} was interrupted at step {result.num_steps}; not saved")
     idata = fit_to_inference_data(result, task.num_draws, seed=task.seed)
     ensure_dir(folder)
     save_netcdf(idata, folder / DRAWS)
     arrays = {"losses": np.asarray(result.losses, dtype=float)}
     if _exact_log_evidence(task.model) is None:
         arrays["evidence_log_weights"] = np.asarray(
-            result.log_weights(task.num_evidence, seed=task.seed + EVIDENCE_SEED_OFFSET)
+            evidence_log_weights(result, task.num_evidence, task.seed + EVIDENCE_SEED_OFFSET)
         )
 
     def write(tmp: str) -> None:
@@ -404,8 +432,13 @@ class StoredFit:
             )
         return self.inference_data
 
-    def log_weights(self, num_samples: int = 1000, seed: int | None = None) -> np.ndarray:
-        """The stored evidence log weights; the request must match how they were drawn."""
+    def stored_evidence_log_weights(self, num_samples: int, seed: int) -> np.ndarray:
+        """The stored evidence log weights; the request must match how they were drawn.
+
+        See :func:`diagnostics.compare.evidence_log_weights`.
+        """
+        from diagnostics.compare import EVIDENCE_SEED_OFFSET
+
         want = self.task.seed + EVIDENCE_SEED_OFFSET
         if self.evidence_log_weights is None or (num_samples, seed) != (
             self.task.num_evidence,
@@ -426,7 +459,10 @@ def load_fit(task: Task, out_dir: str | os.PathLike) -> StoredFit:
     summary = read_summary(task, out_dir)
     folder = Path(out_dir) / task.folder_name
     if summary is None:
-        raise OptionError(f"task {task.label} has no finished folder at {str(folder)!r}")
+        raise OptionError(
+            f"task {task.label} has no finished folder at {str(folder)!r} (on a cluster, the "
+            "output folder must be one that every worker and this machine share)"
+        )
     with np.load(folder / ARRAYS, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     return StoredFit(

@@ -87,9 +87,7 @@ def test_building_an_entry_reads_no_data(name):
         calls.append(1)
         return entry.loader()
 
-    fresh = dataclasses.replace(
-        entry, loader=counting_loader, _cache={}, _lock=threading.Lock()
-    )
+    fresh = dataclasses.replace(entry, loader=counting_loader, _cache={}, _lock=threading.Lock())
     assert not fresh.data_loaded and calls == []
     data = fresh.data()
     assert fresh.data_loaded and len(calls) == 1
@@ -138,7 +136,13 @@ def test_sites_of_interest_exist(name):
 def test_short_fit_runs(name, guide, elbo):
     entry = MODELS[name]
     r = fit(
-        entry, guide=guide, elbo=elbo, num_steps=3, num_eval=4, jit=False, progress=False,
+        entry,
+        guide=guide,
+        elbo=elbo,
+        num_steps=3,
+        num_eval=4,
+        jit=False,
+        progress=False,
         num_particles=2 if elbo == "iwae" else None,
     )
     assert r.num_steps == 3 and np.isfinite(r.losses).all(), r.message
@@ -232,8 +236,16 @@ def test_responsibilities_match_a_direct_computation():
 
 def test_number_of_components_is_configurable():
     entry = MODELS["galaxies_gaussian_mixture"]
-    r = fit(entry, data={"num_components": 4}, guide="mean_field", elbo="enum", num_steps=2,
-            num_eval=2, jit=False, progress=False)
+    r = fit(
+        entry,
+        data={"num_components": 4},
+        guide="mean_field",
+        elbo="enum",
+        num_steps=2,
+        num_eval=2,
+        jit=False,
+        progress=False,
+    )
     draws = r.sample(5)
     assert draws["weights"].shape == (5, 4) and draws["locs"].shape == (5, 4, 1)
     assert (np.diff(draws["locs"][..., 0], axis=-1) > 0).all()
@@ -246,8 +258,9 @@ def test_number_of_components_is_configurable():
 def test_faithful_assignments_separate_short_and_long_eruptions():
     """Old Faithful's two regimes: short eruptions (< 3 min) and long ones (> 3 min)."""
     entry = MODELS["faithful_gaussian_mixture"]
-    r = fit(entry, guide="mean_field", elbo="enum", num_steps=400, lr=0.05, num_eval=10,
-            progress=False)
+    r = fit(
+        entry, guide="mean_field", elbo="enum", num_steps=400, lr=0.05, num_eval=10, progress=False
+    )
     probs = mixture.assignment_probabilities(r, num_samples=200, seed=1)
     eruptions = entry.data()["x"][:, 0].numpy()
     short, long = eruptions < 2.5, eruptions > 3.5
@@ -260,18 +273,32 @@ def test_faithful_assignments_separate_short_and_long_eruptions():
 # ----------------------------------------------------------------------------- structured guides
 
 GLOBALS = {
-    "mu_a": 1.5, "sigma_a": 0.3, "beta": -0.7, "sigma_y": 0.8, "mu_b": -0.6, "sigma_b": 0.2,
-    "gamma_uranium": 0.7, "gamma_floor_mean": 0.4,
-    "intercept_std": 0.0, "slope_std": 0.5, "tau_std": [0.5, 0.6],
-    "L_omega": [[1.0, 0.0], [0.3, math.sqrt(1 - 0.09)]], "sigma_std": 0.5,
+    "mu_a": 1.5,
+    "sigma_a": 0.3,
+    "beta": -0.7,
+    "sigma_y": 0.8,
+    "mu_b": -0.6,
+    "sigma_b": 0.2,
+    "gamma_uranium": 0.7,
+    "gamma_floor_mean": 0.4,
+    "intercept_std": 0.0,
+    "slope_std": 0.5,
+    "tau_std": [0.5, 0.6],
+    "L_omega": [[1.0, 0.0], [0.3, math.sqrt(1 - 0.09)]],
+    "sigma_std": 0.5,
 }
-STRUCTURED = [e.name for e in ENTRIES if "structured" in e.default_guides
-              and e.family.startswith(("radon", "sleepstudy"))]
+STRUCTURED = [
+    e.name
+    for e in ENTRIES
+    if "structured" in e.default_guides and e.family.startswith(("radon", "sleepstudy"))
+]
 
 
 def _double(data: dict) -> dict:
-    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-            for k, v in data.items()}
+    return {
+        k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in data.items()
+    }
 
 
 @pytest.mark.parametrize("name", STRUCTURED)
@@ -292,13 +319,23 @@ def test_structured_guide_draws_locals_from_their_exact_conditional(name):
             guide = make_guide("structured", entry.model, data, family=entry.family)
             with poutine.block():
                 model_tr = poutine.trace(entry.model).get_trace(**data)
-            latent = [n for n, s in model_tr.nodes.items() if s["type"] == "sample"
-                      and not s["is_observed"] and not s["infer"].get("_deterministic")
-                      and s["cond_indep_stack"] == ()]
+            latent = [
+                n
+                for n, s in model_tr.nodes.items()
+                if s["type"] == "sample"
+                and not s["is_observed"]
+                and not s["infer"].get("_deterministic")
+                and s["cond_indep_stack"] == ()
+            ]
             given = {n: torch.tensor(GLOBALS[n], dtype=torch.float64) for n in latent}
-            local = [n for n, s in model_tr.nodes.items() if s["type"] == "sample"
-                     and not s["is_observed"] and not s["infer"].get("_deterministic")
-                     and s["cond_indep_stack"] != ()]
+            local = [
+                n
+                for n, s in model_tr.nodes.items()
+                if s["type"] == "sample"
+                and not s["is_observed"]
+                and not s["infer"].get("_deterministic")
+                and s["cond_indep_stack"] != ()
+            ]
             # conditional means: the first local site's mean, then the next given it
             fixed = dict(given)
             fns = {}
@@ -314,7 +351,7 @@ def test_structured_guide_draws_locals_from_their_exact_conditional(name):
                 values, pos = dict(given), 0
                 for s, shape in zip(local, shapes):
                     n = math.prod(shape)
-                    values[s] = flat[pos:pos + n].reshape(shape)
+                    values[s] = flat[pos : pos + n].reshape(shape)
                     pos += n
                 cond = poutine.condition(entry.model, data=values)
                 return poutine.trace(cond).get_trace(**data).log_prob_sum()
@@ -329,8 +366,9 @@ def test_structured_guide_draws_locals_from_their_exact_conditional(name):
     assert (grad.abs() / curvature).max() < 1e-6
     first = fns[local[0]]
     if isinstance(first, pyro.distributions.MultivariateNormal):  # sleep study: 2 x 2 blocks
-        blocks = torch.stack([hess[2 * j:2 * j + 2, 2 * j:2 * j + 2]
-                              for j in range(first.batch_shape[-1])])
+        blocks = torch.stack(
+            [hess[2 * j : 2 * j + 2, 2 * j : 2 * j + 2] for j in range(first.batch_shape[-1])]
+        )
         torch.testing.assert_close(-blocks, first.precision_matrix, rtol=1e-8, atol=1e-10)
     elif len(local) == 1:  # one intercept per county: diagonal Hessian
         torch.testing.assert_close(-hess.diagonal(), first.scale.pow(-2), rtol=1e-8, atol=1e-10)
@@ -341,5 +379,6 @@ def test_structured_guide_draws_locals_from_their_exact_conditional(name):
         cov = torch.linalg.inv(-hess)
         torch.testing.assert_close(cov.diagonal()[:J], first.scale.pow(2), rtol=1e-7, atol=0.0)
         second = fns[local[1]]
-        torch.testing.assert_close(-hess.diagonal()[J:], second.scale.pow(-2), rtol=1e-8,
-                                   atol=1e-10)
+        torch.testing.assert_close(
+            -hess.diagonal()[J:], second.scale.pow(-2), rtol=1e-8, atol=1e-10
+        )

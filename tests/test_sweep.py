@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def test_task_folder_names_are_deterministic_and_unique():
         make_task("eight_schools_noncentered", "auto_normal", seed=1, steps=30, num_draws=100),
         make_task("eight_schools_noncentered", "auto_normal", "iwae", seed=1, steps=30),
     ]
+    variants.append(dataclasses.replace(a, code="0" * 16))  # other code or library versions
+    assert a.code and a.code != "0" * 16
     names = {a.folder_name} | {t.folder_name for t in variants}
     assert len(names) == 1 + len(variants)
     # option order does not matter; empty option tables are dropped
