@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from vimodels.io import ensure_dir, safe_name
@@ -91,16 +92,20 @@ def cmd_nuts(args: argparse.Namespace) -> int:
     from diagnostics.reference import run_nuts
     from vimodels.io import atomic_write_json
 
-    ref = run_nuts(
-        args.model,
-        settings=_nuts_settings(args),
-        seed=args.seed,
-        cache=not args.no_cache,
-        cache_dir=args.cache,
-        force=args.force,
-        num_workers=args.workers,
-        progress=not args.quiet,
-    )
+    try:
+        ref = run_nuts(
+            args.model,
+            settings=_nuts_settings(args),
+            seed=args.seed,
+            cache=not args.no_cache,
+            cache_dir=args.cache,
+            force=args.force,
+            num_workers=args.workers,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:  # the cache entry is written only after every chain finished
+        print("vimodels: NUTS interrupted; no reference was cached or written", file=sys.stderr)
+        return 130
     print(ref.describe())
     for check in ref.checks:
         print(f"[{'ok' if check.ok else 'FAIL'}] {check.detail}")
@@ -181,4 +186,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         f"wrote {run.files['html']} (and report.md, summary.csv, diagnostics.json, "
         f"netcdf files) in {out}"
     )
+    if c.partial:
+        print(f"PARTIAL RESULT: {c.interrupted_line()}")
+        return 130
     return 0

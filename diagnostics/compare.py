@@ -12,6 +12,7 @@ guides x ELBOs, get the (cached) reference, compare, write the report.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,10 @@ class Comparison:
         Draws, IWAE K and seed used.
     skipped : tuple of str
         Grid cells that could not be fitted, with the reason.
+    partial : bool
+        True when the grid was interrupted (Ctrl-C): some fits are missing or stopped early.
+    not_run : tuple of str
+        Methods of the grid not run because of the interruption.
     """
 
     model_name: str
@@ -114,6 +119,16 @@ class Comparison:
     pair: tuple[str, str] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()
+    partial: bool = False
+    not_run: tuple[str, ...] = ()
+
+    def interrupted_line(self) -> str | None:
+        """``interrupted: methods not run: ...`` for a partial comparison, else None."""
+        if not self.partial:
+            return None
+        return "interrupted: methods not run: " + (
+            ", ".join(self.not_run) if self.not_run else "none (the last fit stopped early)"
+        )
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the draws, JSON-friendly (NaN as None by the writer)."""
@@ -129,6 +144,8 @@ class Comparison:
             "pair": list(self.pair) if self.pair else None,
             "settings": self.settings,
             "skipped": list(self.skipped),
+            "partial": self.partial,
+            "not_run": list(self.not_run),
         }
 
 
@@ -655,34 +672,45 @@ def run_compare(
             say=say,
         )
         guides = ()  # fitted by the executor: the loop below has nothing left to do
-    for guide in guides:
-        for elbo in elbos:
-            try:
-                r = fit(
-                    entry if entry is not None else fn,
-                    data,
-                    guide=guide,
-                    elbo=elbo,
-                    num_steps=steps,
-                    seed=seed,
-                    **options,
-                )
-            except (IncompatibleError, OptionError) as exc:
-                skipped.append(f"{guide}/{elbo}: {exc}")
-                say(f"  skipped {guide}/{elbo}: {exc}")
-                continue
-            say(f"  {method_name(r)}: {r.message} ({r.wall_time:.1f} s)")
-            results.append(r)
+    cells = [(guide, elbo) for guide in guides for elbo in elbos]
+    partial, not_run = False, []
+    for i, (guide, elbo) in enumerate(cells):
+        try:
+            r = fit(
+                entry if entry is not None else fn,
+                data,
+                guide=guide,
+                elbo=elbo,
+                num_steps=steps,
+                seed=seed,
+                **options,
+            )
+        except (IncompatibleError, OptionError) as exc:
+            skipped.append(f"{guide}/{elbo}: {exc}")
+            say(f"  skipped {guide}/{elbo}: {exc}")
+            continue
+        except KeyboardInterrupt:  # outside fit()'s step loop (setup): this cell is lost
+            partial, not_run = True, [f"{g}/{e}" for g, e in cells[i:]]
+            break
+        say(f"  {method_name(r)}: {r.message} ({r.wall_time:.1f} s)")
+        if r.status == "interrupted":  # Ctrl-C: keep what was learned, run nothing more
+            partial, not_run = True, [f"{g}/{e}" for g, e in cells[i + 1 :]]
+            if r.num_steps > 0:
+                results.append(r)
+            else:
+                not_run.insert(0, f"{guide}/{elbo}")
+            break
+        results.append(r)
     if not results:
+        if partial:
+            raise KeyboardInterrupt
         raise VimodelsError("no guide/ELBO pair of the grid could be fitted: " + "; ".join(skipped))
+    if partial:
+        say("  interrupted: methods not run: " + (", ".join(not_run) or "none"))
     comparison = compare(results, ref, num_draws=num_draws, iwae_k=iwae_k, seed=seed)
-    if skipped:
-        comparison = _with_skipped(comparison, skipped)
+    if skipped or partial:
+        comparison = dataclasses.replace(
+            comparison, skipped=tuple(skipped), partial=partial, not_run=tuple(not_run)
+        )
     files = write_report(comparison, out, netcdf=netcdf) if out is not None else {}
     return CompareRun(comparison, files)
-
-
-def _with_skipped(c: Comparison, skipped: list[str]) -> Comparison:
-    import dataclasses
-
-    return dataclasses.replace(c, skipped=tuple(skipped))

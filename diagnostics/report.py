@@ -356,6 +356,10 @@ def render_html(c: Comparison, figures: Mapping[str, bytes]) -> str:
         f"{e(c.model_name)}</title><style>{_CSS}</style></head><body>",
         f"<h1>Variational approximations vs. reference: {e(c.model_name)}</h1>",
     ]
+    if c.partial:
+        parts.append(
+            f"<div class='untrusted'>PARTIAL RESULT: {e(c.interrupted_line() or '')}</div>"
+        )
     if not c.reference.trusted:
         parts.append(
             "<div class='untrusted'>UNTRUSTED REFERENCE: it fails its own checks; "
@@ -408,6 +412,8 @@ def render_html(c: Comparison, figures: Mapping[str, bytes]) -> str:
 def render_markdown(c: Comparison, figure_files: Mapping[str, str]) -> str:
     """The Markdown report; figures are linked from ``figure_files`` (relative paths)."""
     lines = [f"# Variational approximations vs. reference: {c.model_name}", ""]
+    if c.partial:
+        lines += [f"**PARTIAL RESULT: {c.interrupted_line()}**", ""]
     if not c.reference.trusted:
         lines += [
             "**UNTRUSTED REFERENCE: it fails its own checks; the metrics below compare "

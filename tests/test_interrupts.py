@@ -1,0 +1,217 @@
+"""Ctrl-C in compare and nuts, two processes on one cache entry, SIGKILL mid-write."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vimodels.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+    )
+
+
+def _wait_for(stream, needle: str, timeout: float = 120) -> list[str]:
+    """Read lines of ``stream`` until one contains ``needle``; return them."""
+    lines, t0 = [], time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        line = stream.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} never appeared: {''.join(lines)}")
+
+
+_COMPARE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from diagnostics.compare import run_compare
+    run = run_compare("conjugate_linear_regression", guides=sys.argv[2:], steps=1_000_000,
+                      out=sys.argv[1], reference="exact", num_draws=200, iwae_k=10,
+                      cache=False, netcdf=False, progress=True,
+                      fit_options={"num_particles": 64, "lr_decay": 1.0, "jit": False})
+    c = run.comparison
+    print(c.interrupted_line())
+    sys.exit(130 if c.partial else 0)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_compare_keeps_a_partial_report(tmp_path):
+    """In-process grid (``run_compare`` without an executor)."""
+    out = tmp_path / "cmp"
+    guides = ["auto_normal", "auto_multivariate_normal", "auto_iaf_normal"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _COMPARE_SCRIPT, str(out), *guides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+    )
+    # the exact reference comes first; its line means the grid of fits has started
+    try:
+        _wait_for(proc.stderr, "exact reference for")
+    except AssertionError:
+        proc.kill()
+        proc.communicate()
+        raise
+    time.sleep(5.0)  # into the first fit's steps
+    proc.send_signal(signal.SIGINT)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    diag = json.loads((out / "diagnostics.json").read_text())
+    assert diag["partial"] is True
+    done = diag["methods"]
+    assert len(done) >= 1 and len(done) + len(diag["not_run"]) == len(guides)
+    assert diag["not_run"], "the last guide cannot have been reached"
+    statuses = {row["method"]: row["status"] for row in diag["summary"]}
+    assert statuses[done[-1]] == "interrupted"  # the fit running at Ctrl-C is kept
+    report = (out / "report.md").read_text()
+    assert "interrupted: methods not run: " + ", ".join(diag["not_run"]) in report
+    assert "PARTIAL RESULT" in (out / "report.html").read_text()
+    assert "interrupted: methods not run" in stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_nuts_caches_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    proc = _cli(
+        "nuts",
+        "eight_schools_noncentered",
+        "--chains",
+        "1",
+        "--warmup",
+        "200000",
+        "--samples",
+        "10",
+        "--workers",
+        "1",
+        "--no-nuts-jit",
+        "--cache",
+        str(cache),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    t0 = time.monotonic()  # the lock file appears when the computation starts
+    while not list(cache.rglob("*.lock")) and time.monotonic() - t0 < 120:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert lines[-1] == "vimodels: NUTS interrupted; no reference was cached or written"
+    written = [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".lock"]
+    assert written == [], written
+    assert not (tmp_path / "out").exists()
+
+
+_REFERENCE_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, sys
+    from diagnostics.reference import run_nuts
+    ref = run_nuts("conjugate_linear_regression",
+                   settings={"num_chains": 2, "num_warmup": 50, "num_samples": 50},
+                   seed=11, cache_dir=sys.argv[1], num_workers=1)
+    h = hashlib.sha256()
+    for site in sorted(ref.draws):
+        h.update(ref.draws[site].tobytes())
+    print(json.dumps({"from_cache": ref.from_cache, "sha": h.hexdigest()}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_computing_the_same_reference(tmp_path):
+    cache = tmp_path / "cache"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _REFERENCE_SCRIPT, str(cache)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=ENV,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+        assert "Warning" not in err, err  # no corrupted entry was seen
+    results = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    assert results[0]["sha"] == results[1]["sha"]
+    # the lock lets one compute; the other waits and loads its entry
+    assert sorted(r["from_cache"] for r in results) == [False, True]
+    assert len(list(cache.rglob("*.npz"))) == 1
+    assert len(list(cache.rglob("*.json"))) == 1
+    assert not list(cache.rglob("*.tmp"))
+
+
+_WRITER_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading, time
+    from vimodels.io import atomic_write
+    started = threading.Barrier(3)
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            for i in range(10_000):
+                fh.write(b"n" * (1 << 16))
+                fh.flush()
+                if i == 20:
+                    started.wait()
+                time.sleep(0.01)
+    for target in sys.argv[1:]:
+        threading.Thread(target=atomic_write, args=(target, write), daemon=True).start()
+    started.wait()
+    print("writing", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_sigkill_mid_write_leaves_old_file_or_none(tmp_path):
+    existing, new = tmp_path / "old.nc", tmp_path / "new.nc"
+    old = b"old complete file\n" * 1000
+    existing.write_bytes(old)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER_SCRIPT, str(existing), str(new)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+    )
+    _wait_for(proc.stdout, "writing", timeout=60)
+    tmp = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(tmp) == 2 and all(p.stat().st_size > 20 * (1 << 16) for p in tmp)  # under way
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert existing.read_bytes() == old  # the old complete file, untouched
+    assert not new.exists()  # no truncated file under the target's name
+    # the partial temporary files stay, hidden (leading dot), never read as a target
+    assert all(p.exists() and p.name.startswith(".") for p in tmp)
