@@ -91,6 +91,7 @@ def fit_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         num_steps=args.steps,
         lr=args.lr,
+        lr_decay=None if args.lr_decay == 1.0 else args.lr_decay,
         num_particles=args.particles,
         seed=args.seed,
         guide_options=parse_options(args.guide_opt, "guide"),
