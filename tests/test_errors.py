@@ -128,7 +128,8 @@ def test_discrete_model_fits_with_enum():
             "rank must be >= 1",
         ),
         (dict(elbo="renyi", elbo_options={"alpha": 1.0}), "alpha must differ from 1"),
-        (dict(elbo="trace", elbo_options={"alpha": 0.5}), "takes no options"),
+        (dict(elbo="meanfield", elbo_options={"alpha": 0.5}), "takes no options"),
+        (dict(elbo="trace", elbo_options={"alpha": 0.5}), "takes only 'estimator'"),
         (dict(guide_options={"init_loc_fn": "nonsense"}), "init_loc_fn must be"),
     ],
 )

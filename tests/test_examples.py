@@ -18,6 +18,8 @@ SMOKE_ARGS: dict[str, list[str] | None] = {
     "user_model.py": ["--steps", "30", "--draws", "50"],
     # run by tests/test_compare.py, where it reuses the session's cached NUTS reference
     "compare_eight_schools.py": None,
+    # run by tests/test_vae.py with one epoch
+    "train_digits_vae.py": None,
 }
 
 

@@ -49,7 +49,8 @@ def test_results_do_not_share_parameters():
     a = vimodels.fit(
         "eight_schools_noncentered",
         guide="mean_field",
-        num_steps=200,
+        num_steps=400,
+        lr=0.1,
         num_eval=20,
         progress=False,
         seed=0,
