@@ -174,12 +174,13 @@ MIXTURES = [
 
 def test_sorted_normal_is_the_order_statistics_density():
     # normalised on the ordered cone: integrate exp(log_prob) over x1 < x2 on a grid
-    d = mixture.SortedNormal(0.5, 1.5, 2)
     grid = torch.linspace(-10, 11, 801, dtype=torch.float64)
     x1, x2 = torch.meshgrid(grid, grid, indexing="ij")
     pts = torch.stack([x1, x2], -1)
     inside = x1 < x2
-    dens = torch.where(inside, d.log_prob(pts.float()).double().exp(), 0.0)
+    with pyro.validation_enabled(False):  # the grid also covers the unordered half
+        d = mixture.SortedNormal(0.5, 1.5, 2)
+        dens = torch.where(inside, d.log_prob(pts.float()).double().exp(), 0.0)
     step = float(grid[1] - grid[0])
     assert abs(float(dens.sum()) * step**2 - 1.0) < 1e-2
     # draws are sorted and the minimum of two N(0.5, 1.5) has mean 0.5 - 1.5 / sqrt(pi)
@@ -207,8 +208,8 @@ def test_enumerated_and_marginalized_mixtures_agree(enumerated, marginalized):
     log_p_marg = marg.log_prob_sum()
     elbo = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1)
     cond = pyro.infer.config_enumerate(poutine.condition(e_enum.model, data=latent))
-    log_p_enum = -elbo.differentiable_loss(cond, lambda **kw: None, **e_enum.data())
-    assert torch.allclose(log_p_enum, log_p_marg, rtol=1e-5, atol=1e-3)
+    log_p_enum = -elbo.loss(cond, lambda **kw: None, **e_enum.data())
+    assert abs(log_p_enum - float(log_p_marg)) <= 1e-5 * abs(float(log_p_marg)) + 1e-3
 
 
 def test_responsibilities_match_a_direct_computation():
@@ -326,6 +327,7 @@ def test_structured_guide_draws_locals_from_their_exact_conditional(name):
                 and not s["is_observed"]
                 and not s["infer"].get("_deterministic")
                 and s["cond_indep_stack"] == ()
+                and type(s["fn"]).__name__ != "_Subsample"
             ]
             given = {n: torch.tensor(GLOBALS[n], dtype=torch.float64) for n in latent}
             local = [
