@@ -53,7 +53,7 @@ from diagnostics.draws import model_info, recover_discrete, replay_model
 from diagnostics.metrics import element_labels
 from vimodels.catalog.base import CatalogEntry, NutsSettings
 from vimodels.catalog.registry import get_model
-from vimodels.data import prepare_data, trace_check
+from vimodels.data import trace_check
 from vimodels.errors import OptionError, check_option
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, safe_name
 
@@ -318,23 +318,13 @@ def run_checks(
 def resolve_model(
     model: str | CatalogEntry | Callable, data: Mapping[str, Any] | None = None
 ) -> tuple[CatalogEntry | None, Callable, dict[str, Any], str]:
-    """``(entry or None, model function, prepared data, name)`` for a name, entry or function."""
-    if isinstance(model, str):
-        entry: CatalogEntry | None = get_model(model)
-    elif isinstance(model, CatalogEntry):
-        entry = model
-    elif callable(model):
-        name = getattr(model, "__name__", "user_model")
-        return None, model, prepare_data(model, data), name
-    else:
-        raise OptionError(
-            f"model must be a catalog name, a CatalogEntry or a Pyro model function, "
-            f"got {type(model).__name__}"
-        )
-    base = entry.data()
-    if data is not None:
-        base.update(data)
-    return entry, entry.model, prepare_data(entry.model, base), entry.name
+    """``(entry or None, model function, prepared data, name)`` for a name, entry or function.
+
+    The same resolution as :func:`vimodels.fit` uses, so fits and references agree.
+    """
+    from vimodels.fit import resolve_model as _resolve
+
+    return _resolve(model, data)
 
 
 def versions() -> dict[str, str]:

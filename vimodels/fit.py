@@ -284,9 +284,16 @@ def check_guide_matches(
         )
 
 
-def _resolve_model(
-    model: str | CatalogEntry | Callable, data: Mapping | None
+def resolve_model(
+    model: str | CatalogEntry | Callable, data: Mapping | None = None
 ) -> tuple[CatalogEntry | None, Callable, dict, str]:
+    """``(entry or None, model function, checked data, name)`` for a name, entry or function.
+
+    Raises
+    ------
+    UnknownNameError, OptionError, DataError
+        For an unknown catalog name, a non-model argument or bad data.
+    """
     if isinstance(model, str):
         entry = get_model(model)
     elif isinstance(model, CatalogEntry):
@@ -401,7 +408,7 @@ def fit(
     rule = convergence or ConvergenceRule()
     elbo_spec = elbo_registry.get_elbo_spec(elbo)
 
-    entry, model_fn, data_dict, model_name = _resolve_model(model, data)
+    entry, model_fn, data_dict, model_name = resolve_model(model, data)
     tensor_keys = tuple(k for k, v in data_dict.items() if isinstance(v, torch.Tensor))
     static = {k: v for k, v in data_dict.items() if k not in tensor_keys}
     args = tuple(data_dict[k] for k in tensor_keys)
