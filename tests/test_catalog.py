@@ -20,6 +20,7 @@ import pyro
 import pytest
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from vimodels.catalog import mixture
 from vimodels.catalog.registry import MODELS
@@ -89,9 +90,7 @@ def test_building_an_entry_reads_no_data(name):
         calls.append(1)
         return entry.loader()
 
-    fresh = dataclasses.replace(
-        entry, loader=counting_loader, _cache={}, _lock=threading.Lock()
-    )
+    fresh = dataclasses.replace(entry, loader=counting_loader, _cache={}, _lock=threading.Lock())
     assert not fresh.data_loaded and calls == []
     data = fresh.data()
     assert fresh.data_loaded and len(calls) == 1
@@ -140,7 +139,13 @@ def test_sites_of_interest_exist(name):
 def test_short_fit_runs(name, guide, elbo):
     entry = MODELS[name]
     r = fit(
-        entry, guide=guide, elbo=elbo, num_steps=3, num_eval=4, jit=False, progress=False,
+        entry,
+        guide=guide,
+        elbo=elbo,
+        num_steps=3,
+        num_eval=4,
+        jit=False,
+        progress=False,
         num_particles=2 if elbo == "iwae" else None,
     )
     assert r.num_steps == 3 and np.isfinite(r.losses).all(), r.message
@@ -172,7 +177,7 @@ MIXTURES = [
 
 def test_sorted_normal_is_the_order_statistics_density():
     # normalised on the ordered cone: integrate exp(log_prob) over x1 < x2 on a grid
-    d = mixture.SortedNormal(0.5, 1.5, 2)
+    d = mixture.SortedNormal(0.5, 1.5, 2, validate_args=False)  # evaluated off the cone too
     grid = torch.linspace(-10, 11, 801, dtype=torch.float64)
     x1, x2 = torch.meshgrid(grid, grid, indexing="ij")
     pts = torch.stack([x1, x2], -1)
@@ -205,8 +210,8 @@ def test_enumerated_and_marginalized_mixtures_agree(enumerated, marginalized):
     log_p_marg = marg.log_prob_sum()
     elbo = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1)
     cond = pyro.infer.config_enumerate(poutine.condition(e_enum.model, data=latent))
-    log_p_enum = -elbo.differentiable_loss(cond, lambda **kw: None, **e_enum.data())
-    assert torch.allclose(log_p_enum, log_p_marg, rtol=1e-5, atol=1e-3)
+    log_p_enum = -elbo.loss(cond, lambda **kw: None, **e_enum.data())
+    assert log_p_enum == pytest.approx(float(log_p_marg), rel=1e-5, abs=1e-3)
 
 
 def test_responsibilities_match_a_direct_computation():
@@ -234,8 +239,16 @@ def test_responsibilities_match_a_direct_computation():
 
 def test_number_of_components_is_configurable():
     entry = MODELS["galaxies_gaussian_mixture"]
-    r = fit(entry, data={"num_components": 4}, guide="mean_field", elbo="enum", num_steps=2,
-            num_eval=2, jit=False, progress=False)
+    r = fit(
+        entry,
+        data={"num_components": 4},
+        guide="mean_field",
+        elbo="enum",
+        num_steps=2,
+        num_eval=2,
+        jit=False,
+        progress=False,
+    )
     draws = r.sample(5)
     assert draws["weights"].shape == (5, 4) and draws["locs"].shape == (5, 4, 1)
     assert (np.diff(draws["locs"][..., 0], axis=-1) > 0).all()
@@ -248,8 +261,9 @@ def test_number_of_components_is_configurable():
 def test_faithful_assignments_separate_short_and_long_eruptions():
     """Old Faithful's two regimes: short eruptions (< 3 min) and long ones (> 3 min)."""
     entry = MODELS["faithful_gaussian_mixture"]
-    r = fit(entry, guide="mean_field", elbo="enum", num_steps=400, lr=0.05, num_eval=10,
-            progress=False)
+    r = fit(
+        entry, guide="mean_field", elbo="enum", num_steps=400, lr=0.05, num_eval=10, progress=False
+    )
     probs = mixture.assignment_probabilities(r, num_samples=200, seed=1)
     eruptions = entry.data()["x"][:, 0].numpy()
     short, long = eruptions < 2.5, eruptions > 3.5
@@ -262,18 +276,32 @@ def test_faithful_assignments_separate_short_and_long_eruptions():
 # ----------------------------------------------------------------------------- structured guides
 
 GLOBALS = {
-    "mu_a": 1.5, "sigma_a": 0.3, "beta": -0.7, "sigma_y": 0.8, "mu_b": -0.6, "sigma_b": 0.2,
-    "gamma_uranium": 0.7, "gamma_floor_mean": 0.4,
-    "intercept_std": 0.0, "slope_std": 0.5, "tau_std": [0.5, 0.6],
-    "L_omega": [[1.0, 0.0], [0.3, math.sqrt(1 - 0.09)]], "sigma_std": 0.5,
+    "mu_a": 1.5,
+    "sigma_a": 0.3,
+    "beta": -0.7,
+    "sigma_y": 0.8,
+    "mu_b": -0.6,
+    "sigma_b": 0.2,
+    "gamma_uranium": 0.7,
+    "gamma_floor_mean": 0.4,
+    "intercept_std": 0.0,
+    "slope_std": 0.5,
+    "tau_std": [0.5, 0.6],
+    "L_omega": [[1.0, 0.0], [0.3, math.sqrt(1 - 0.09)]],
+    "sigma_std": 0.5,
 }
-STRUCTURED = [e.name for e in ENTRIES if "structured" in e.default_guides
-              and e.family.startswith(("radon", "sleepstudy"))]
+STRUCTURED = [
+    e.name
+    for e in ENTRIES
+    if "structured" in e.default_guides and e.family.startswith(("radon", "sleepstudy"))
+]
 
 
 def _double(data: dict) -> dict:
-    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-            for k, v in data.items()}
+    return {
+        k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in data.items()
+    }
 
 
 @pytest.mark.parametrize("name", STRUCTURED)
@@ -294,13 +322,24 @@ def test_structured_guide_draws_locals_from_their_exact_conditional(name):
             guide = make_guide("structured", entry.model, data, family=entry.family)
             with poutine.block():
                 model_tr = poutine.trace(entry.model).get_trace(**data)
-            latent = [n for n, s in model_tr.nodes.items() if s["type"] == "sample"
-                      and not s["is_observed"] and not s["infer"].get("_deterministic")
-                      and s["cond_indep_stack"] == ()]
+            latent = [
+                n
+                for n, s in model_tr.nodes.items()
+                if s["type"] == "sample"
+                and not s["is_observed"]
+                and not s["infer"].get("_deterministic")
+                and not site_is_subsample(s)
+                and s["cond_indep_stack"] == ()
+            ]
             given = {n: torch.tensor(GLOBALS[n], dtype=torch.float64) for n in latent}
-            local = [n for n, s in model_tr.nodes.items() if s["type"] == "sample"
-                     and not s["is_observed"] and not s["infer"].get("_deterministic")
-                     and s["cond_indep_stack"] != ()]
+            local = [
+                n
+                for n, s in model_tr.nodes.items()
+                if s["type"] == "sample"
+                and not s["is_observed"]
+                and not s["infer"].get("_deterministic")
+                and s["cond_indep_stack"] != ()
+            ]
             # conditional means: the first local site's mean, then the next given it
             fixed = dict(given)
             fns = {}
@@ -316,7 +355,7 @@ def test_structured_guide_draws_locals_from_their_exact_conditional(name):
                 values, pos = dict(given), 0
                 for s, shape in zip(local, shapes):
                     n = math.prod(shape)
-                    values[s] = flat[pos:pos + n].reshape(shape)
+                    values[s] = flat[pos : pos + n].reshape(shape)
                     pos += n
                 cond = poutine.condition(entry.model, data=values)
                 return poutine.trace(cond).get_trace(**data).log_prob_sum()
@@ -331,8 +370,9 @@ def test_structured_guide_draws_locals_from_their_exact_conditional(name):
     assert (grad.abs() / curvature).max() < 1e-6
     first = fns[local[0]]
     if isinstance(first, pyro.distributions.MultivariateNormal):  # sleep study: 2 x 2 blocks
-        blocks = torch.stack([hess[2 * j:2 * j + 2, 2 * j:2 * j + 2]
-                              for j in range(first.batch_shape[-1])])
+        blocks = torch.stack(
+            [hess[2 * j : 2 * j + 2, 2 * j : 2 * j + 2] for j in range(first.batch_shape[-1])]
+        )
         torch.testing.assert_close(-blocks, first.precision_matrix, rtol=1e-8, atol=1e-10)
     elif len(local) == 1:  # one intercept per county: diagonal Hessian
         torch.testing.assert_close(-hess.diagonal(), first.scale.pow(-2), rtol=1e-8, atol=1e-10)
@@ -343,8 +383,9 @@ def test_structured_guide_draws_locals_from_their_exact_conditional(name):
         cov = torch.linalg.inv(-hess)
         torch.testing.assert_close(cov.diagonal()[:J], first.scale.pow(2), rtol=1e-7, atol=0.0)
         second = fns[local[1]]
-        torch.testing.assert_close(-hess.diagonal()[J:], second.scale.pow(-2), rtol=1e-8,
-                                   atol=1e-10)
+        torch.testing.assert_close(
+            -hess.diagonal()[J:], second.scale.pow(-2), rtol=1e-8, atol=1e-10
+        )
 
 
 # ----------------------------------------------------------------------------- references (slow)
@@ -385,7 +426,7 @@ def _sd_and_se(draws: np.ndarray) -> tuple[float, float]:
 
 @pytest.mark.slow
 def test_radon_mean_field_underestimates_county_scale_sd(reference_cache):
-    """Mean-field shrinks sd(sigma_a); the structured and full-rank guides do better.
+    """Mean-field shrinks sd(sigma_a) (to about 60% of NUTS); the structured guide does not.
 
     Differences are judged against the Monte Carlo error of both sides: the
     reference's MCSE of the sd (ArviZ, from its effective sample size) and the
@@ -399,16 +440,25 @@ def test_radon_mean_field_underestimates_county_scale_sd(reference_cache):
     ref_sd = float(ref_draws.std(ddof=1))
     ref_se = float(az.mcse(az.convert_to_dataset({"x": ref_draws}), method="sd")["x"])
     errors = {}
-    for guide in ("mean_field", "structured", "full_rank"):
-        r = fit(name, guide=guide, elbo="trace", num_steps=RADON_STEPS, lr=0.02, seed=1,
-                num_particles=4, num_eval=10, progress=False)
+    for guide in ("mean_field", "structured"):
+        r = fit(
+            name,
+            guide=guide,
+            elbo="trace",
+            num_steps=RADON_STEPS,
+            lr=0.02,
+            seed=1,
+            num_particles=4,
+            num_eval=10,
+            progress=False,
+        )
+        assert r.converged, r.message
         sd, se = _sd_and_se(r.sample(NUM_GUIDE_DRAWS, sites=("sigma_a",))["sigma_a"])
         errors[guide] = (sd - ref_sd, math.hypot(se, ref_se))
     gap, se = errors["mean_field"]
     assert gap < -4 * se, f"mean-field sd(sigma_a) minus NUTS: {gap:.4f} (se {se:.4f})"
-    for guide in ("structured", "full_rank"):
-        better, se_b = errors[guide]
-        assert abs(better) + 4 * math.hypot(se, se_b) < abs(gap), (guide, errors)
+    better, se_b = errors["structured"]
+    assert abs(better) + 4 * math.hypot(se, se_b) < abs(gap), errors
 
 
 @pytest.mark.slow
@@ -421,10 +471,24 @@ def test_compare_command_writes_a_report(name, reference_cache, tmp_path):
     entry = MODELS[name]
     out = tmp_path / name
     argv = [
-        "compare", name, "--guides", entry.default_guides[0],
-        "--elbos", "enum" if entry.discrete else "trace",
-        "--steps", "5", "--draws", "100", "--iwae-k", "2", "--no-netcdf", "--quiet",
-        "--cache", str(reference_cache), "--out", str(out),
+        "compare",
+        name,
+        "--guides",
+        entry.default_guides[0],
+        "--elbos",
+        "enum" if entry.discrete else "trace",
+        "--steps",
+        "5",
+        "--draws",
+        "100",
+        "--iwae-k",
+        "2",
+        "--no-netcdf",
+        "--quiet",
+        "--cache",
+        str(reference_cache),
+        "--out",
+        str(out),
     ]
     assert main(argv) == 0
     for filename in ("report.md", "report.html", "summary.csv", "diagnostics.json"):
