@@ -56,6 +56,13 @@ SIGMA_SCALE = 50.0
 LKJ_CONCENTRATION = 2.0
 
 
+# Reference sampler: 4 chains x (300 warm-up + 700 kept) draws. 300 kept draws per
+# chain gave ESS >= 400 but a worst split R-hat of 1.01-1.02 over the sites of
+# interest; warm-up + kept = 1000 lets the reference run two chains at a time.
+# Trees stayed at depth 3-5 after warm-up; depth 8 caps the cost of early warm-up.
+NUTS = NutsSettings(num_warmup=300, num_samples=700, num_chains=4, max_tree_depth=8)
+
+
 def load_sleepstudy() -> dict[str, torch.Tensor | int]:
     """Read the sleep-study data.
 
@@ -166,7 +173,7 @@ SLEEPSTUDY_RANDOM_SLOPES = CatalogEntry(
     sites=("intercept", "slope", "tau", "rho", "sigma"),
     family="sleepstudy_random_slopes",
     observed=("reaction",),
-    nuts=NutsSettings(num_warmup=400, num_samples=300, num_chains=4),
+    nuts=NUTS,
     default_guides=("mean_field", "full_rank", "structured"),
     max_plate_nesting=1,
 )
