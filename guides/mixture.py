@@ -27,7 +27,7 @@ from guides.spec import GuideSpec
 FAMILY = "gaussian_mixture"
 
 
-def _sites(num_components: int, dim: int) -> list[Site]:
+def _sites(num_components: int, dim: int, shared_scale: bool) -> list[Site]:
     K = num_components
     sites = [
         Site("weights", constraints.simplex, (K,)),
@@ -35,7 +35,7 @@ def _sites(num_components: int, dim: int) -> list[Site]:
     ]
     if dim > 1:
         sites.append(Site("locs_rest", constraints.real, (K, dim - 1)))
-    sites.append(Site("scales_std", constraints.positive, (K, dim)))
+    sites.append(Site("scales_std", constraints.positive, (1 if shared_scale else K, dim)))
     return sites
 
 
@@ -47,6 +47,8 @@ def _initial(data: dict, sites: list[Site]) -> dict[str, torch.Tensor]:
     bins = [x[idx] for idx in torch.tensor_split(order, K)]
     means = torch.stack([b.mean(0) if len(b) else x.mean(0) for b in bins])  # (K, D)
     sds = torch.stack([b.std(0) if len(b) > 1 else x.std(0) for b in bins]).clamp(min=0.05)
+    if data.get("shared_scale", False):
+        sds = sds.pow(2).mean(0, keepdim=True).sqrt()
     first = means[:, 0].cummax(0).values + 1e-3 * torch.arange(K)  # strictly increasing
     values = {
         "weights": torch.full((K,), 1.0 / K),
@@ -61,7 +63,11 @@ def _factory(kind: str) -> Callable:
     block = _blocks.mean_field if kind == "mean_field" else _blocks.full_rank
 
     def factory(model: Callable, data: dict, init_scale: float = 0.1, **_) -> Callable:
-        sites = _sites(int(data["num_components"]), int(data["center"].shape[-1]))
+        sites = _sites(
+            int(data["num_components"]),
+            int(data["center"].shape[-1]),
+            bool(data.get("shared_scale", False)),
+        )
         init = _initial(data, sites)
         return _blocks.keyword_guide(lambda: block(kind, sites, init, init_scale))
 

@@ -31,6 +31,13 @@ INTERCEPT_SCALE = 5.0
 COEF_SCALE = 1.0
 
 
+# Reference sampler: 4 chains x (300 warm-up + 700 kept) draws. 300 kept draws per
+# chain gave ESS >= 400 but a worst split R-hat of 1.01-1.02 over the sites of
+# interest; warm-up + kept = 1000 lets the reference run two chains at a time.
+# Trees stayed at depth 3-5 after warm-up; depth 8 caps the cost of early warm-up.
+NUTS = NutsSettings(num_warmup=300, num_samples=700, num_chains=4, max_tree_depth=8)
+
+
 def load_breast_cancer() -> dict[str, torch.Tensor]:
     """Read and standardize the breast-cancer data.
 
@@ -78,7 +85,7 @@ BREAST_CANCER_LOGISTIC_REGRESSION = CatalogEntry(
     sites=("intercept", "beta"),
     family="breast_cancer_logistic_regression",
     observed=("label",),
-    nuts=NutsSettings(num_warmup=400, num_samples=300, num_chains=4),
+    nuts=NUTS,
     default_guides=("mean_field", "full_rank"),
     max_plate_nesting=1,
 )
