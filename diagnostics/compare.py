@@ -629,6 +629,12 @@ def run_compare(
 
     check_option("steps", steps, kind=int, low=1)
     entry, fn, _, name = resolve_model(model, data)
+    if entry is not None and entry.amortized:
+        raise IncompatibleError(
+            f"{name!r} is amortized (a latent per image): its posterior has no global sites "
+            "for NUTS to compare against; run `vimodels vae` (trains the encoder per "
+            "objective, NUTS on z for a few test images, writes the report)"
+        )
     guides = tuple(guides) if guides else default_guides(entry)
     elbos = tuple(elbos) if elbos else ("trace",)
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)

@@ -54,7 +54,7 @@ from diagnostics.metrics import element_labels
 from vimodels.catalog.base import CatalogEntry, NutsSettings
 from vimodels.catalog.registry import get_model
 from vimodels.data import trace_check
-from vimodels.errors import OptionError, check_option
+from vimodels.errors import IncompatibleError, OptionError, check_option
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, safe_name
 
 RHAT_MAX = 1.01
@@ -912,7 +912,58 @@ def get_reference(
                 "posterior sampler (and its own data)"
             )
         return exact_reference(entry, seed=nuts_options.get("seed", 0))
+    if entry is not None and data is None and entry.reference_from is not None:
+        return reparameterized_reference(entry, run_nuts(entry.reference_from, **nuts_options))
     return run_nuts(model, data, **nuts_options)
+
+
+def reparameterized_reference(entry: CatalogEntry, source: Reference) -> Reference:
+    """``source``'s draws as the reference of ``entry``, the same posterior in another form.
+
+    Keeps the draws of ``entry``'s latent sites and sites of interest (deterministic
+    sites of the source, such as ``theta = mu + tau * theta_tilde``), re-runs the
+    checks on them and notes where the draws came from.
+
+    Parameters
+    ----------
+    entry : CatalogEntry
+        The entry the reference is for (its ``reference_from`` names the source).
+    source : Reference
+        NUTS draws of the source entry (same data, same observed sites).
+
+    Raises
+    ------
+    IncompatibleError
+        When the source lacks one of ``entry``'s latent sites or sites of interest.
+    """
+    _, fn, data, name = resolve_model(entry)
+    info = model_info(fn, (), data, entry.max_plate_nesting)
+    wanted = tuple(dict.fromkeys(info.latent + tuple(entry.sites)))
+    missing = [k for k in wanted if k not in source.draws]
+    if missing:
+        raise IncompatibleError(
+            f"{source.model_name!r} cannot stand in for {name!r}: its draws lack "
+            f"{', '.join(missing)}; record them as deterministic sites of {source.model_name!r}"
+        )
+    draws = {k: source.draws[k] for k in wanted}
+    checks = run_checks(
+        draws, entry.sites, source.num_divergences if source.kind == NUTS_KIND else None
+    )
+    note = (
+        f"draws of {source.model_name} (the same posterior in another parameterization), "
+        f"kept for the sites of {name}"
+    )
+    return dataclasses.replace(
+        source,
+        model_name=name,
+        draws=draws,
+        sites=tuple(entry.sites),
+        latent_sites=tuple(info.latent),
+        dims={k: info.dims[k] for k in wanted if k in info.dims},
+        checks=checks,
+        trusted=all(c.ok for c in checks),
+        notes=source.notes + (note,),
+    )
 
 
 def _jsonable(obj: Any) -> Any:

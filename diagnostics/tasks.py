@@ -502,14 +502,15 @@ class ReferenceTask:
         return f"{self.model} NUTS reference seed={self.seed}"
 
     def run(self, out_dir: str | os.PathLike | None = None) -> Any:
-        """:func:`diagnostics.reference.run_nuts` with one process; returns the Reference."""
+        """The NUTS reference (:func:`diagnostics.reference.get_reference`) in one process."""
         import torch
 
-        from diagnostics.reference import run_nuts
+        from diagnostics.reference import get_reference
 
         torch.set_num_threads(1)
-        return run_nuts(
+        return get_reference(
             self.model,
+            kind="nuts",
             settings=json.loads(self.settings),
             seed=self.seed,
             cache=self.cache,

@@ -12,6 +12,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from diagnostics.compare import compare
 from diagnostics.reference import (
     ESS_MIN,
     RHAT_MAX,
@@ -20,12 +21,14 @@ from diagnostics.reference import (
     default_cache_dir,
     exact_reference,
     get_reference,
+    reparameterized_reference,
     run_checks,
     run_nuts,
 )
 from vimodels.catalog.base import NutsSettings
-from vimodels.catalog.registry import MODELS
-from vimodels.errors import OptionError
+from vimodels.catalog.registry import MODELS, get_model
+from vimodels.errors import IncompatibleError, OptionError
+from vimodels.fit import fit
 
 CONJ = "conjugate_linear_regression"
 # the posterior is correlated (features with rho 0.8): 2 x 1000 draws give ESS comfortably >= 400
@@ -223,6 +226,30 @@ def test_exact_reference_and_auto_choice(tiny_nuts_eight_schools):
     )
     assert es.kind == "nuts" and es.from_cache
     assert es.cache_key == tiny_nuts_eight_schools.cache_key
+
+
+def test_centered_reference_is_noncentered_nuts_on_the_same_sites(tiny_nuts_eight_schools):
+    """eight_schools_centered takes its draws from NUTS on the non-centered form."""
+    src = tiny_nuts_eight_schools
+    ref = get_reference(
+        "eight_schools_centered",
+        settings={"num_chains": 2, "num_warmup": 60, "num_samples": 60},
+        seed=3,
+    )
+    assert ref.from_cache and ref.cache_key == src.cache_key  # the same NUTS run, reused
+    assert ref.model_name == "eight_schools_centered" and ref.kind == "nuts"
+    assert ref.latent_sites == ("mu", "tau", "theta") and "theta_tilde" not in ref.draws
+    np.testing.assert_array_equal(ref.draws["theta"], src.draws["theta"])
+    theta = src.draws["mu"][..., None] + src.draws["tau"][..., None] * src.draws["theta_tilde"]
+    np.testing.assert_allclose(ref.draws["theta"], theta, rtol=1e-5, atol=1e-4)
+    assert any("eight_schools_noncentered" in n for n in ref.notes)
+    assert [c.name for c in ref.checks] == [c.name for c in src.checks]
+    # the compare machinery takes it as a reference of the centered model
+    r = fit("eight_schools_centered", guide="mean_field", num_steps=5, num_eval=4, progress=False)
+    assert compare([r], ref, num_draws=50, iwae_k=2).model_name == "eight_schools_centered"
+    # a source without the entry's sites cannot stand in for it
+    with pytest.raises(IncompatibleError, match="lack"):
+        reparameterized_reference(get_model("radon_varying_intercept_centered"), src)
 
 
 def test_bad_options():

@@ -109,6 +109,12 @@ class CatalogEntry:
         Plate depth, when it cannot be guessed by a trace.
     options : dict
         Static keyword arguments for the model (e.g. number of components).
+    reference_from : str or None
+        Name of an entry with the same data and the same posterior over this
+        entry's latent sites, in another parameterization (e.g. non-centered),
+        whose NUTS draws serve as this entry's reference. Set it where NUTS on
+        this form is unreliable (funnels); :func:`diagnostics.reference.run_nuts`
+        on this entry still samples this form.
     """
 
     name: str
@@ -125,6 +131,7 @@ class CatalogEntry:
     default_guides: tuple[str, ...] = ("mean_field", "full_rank")
     max_plate_nesting: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    reference_from: str | None = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
