@@ -14,7 +14,7 @@ import torch
 from torch.distributions import constraints
 
 from guides._gaussian import normal_param
-from guides.spec import GuideSpec
+from guides.spec import GuideSpec, handwritten
 
 FAMILY = "conjugate_linear_regression"
 
@@ -49,20 +49,16 @@ def _full_rank(model: Callable, data: dict, init_scale: float = 0.1, **_) -> Cal
 def specs() -> tuple[GuideSpec, ...]:
     """Guides registered for the conjugate regression."""
     return (
-        GuideSpec(
+        handwritten(
             "mean_field",
             _mean_field,
             "independent Normals for each coefficient",
-            families=(FAMILY,),
-            discrete=False,
-            options=("init_scale",),
+            FAMILY,
         ),
-        GuideSpec(
+        handwritten(
             "full_rank",
             _full_rank,
             "full-rank Gaussian over beta (contains the posterior)",
-            families=(FAMILY,),
-            discrete=False,
-            options=("init_scale",),
+            FAMILY,
         ),
     )

@@ -22,7 +22,7 @@ import torch
 from torch.distributions import constraints
 
 from guides._gaussian import SiteSpec, joint_gaussian, normal_param, positive
-from guides.spec import GuideSpec
+from guides.spec import GuideSpec, handwritten
 
 CENTERED = "eight_schools_centered"
 NONCENTERED = "eight_schools_noncentered"
@@ -118,29 +118,23 @@ def specs() -> tuple[GuideSpec, ...]:
     out = []
     for family in (CENTERED, NONCENTERED):
         out += [
-            GuideSpec(
+            handwritten(
                 "mean_field",
                 _mean_field(family),
                 "independent Normals in unconstrained space",
-                families=(family,),
-                discrete=False,
-                options=("init_scale",),
+                family,
             ),
-            GuideSpec(
+            handwritten(
                 "full_rank",
                 _full_rank(family),
                 "one full-rank Gaussian over (mu, log tau, theta)",
-                families=(family,),
-                discrete=False,
-                options=("init_scale",),
+                family,
             ),
-            GuideSpec(
+            handwritten(
                 "structured",
                 _structured(family),
                 "q(mu, log tau) q(theta | mu, tau) with the model's conditional form",
-                families=(family,),
-                discrete=False,
-                options=("init_scale",),
+                family,
             ),
         ]
     return tuple(out)

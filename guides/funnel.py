@@ -14,7 +14,7 @@ import pyro.distributions as dist
 import torch
 
 from guides._gaussian import SiteSpec, joint_gaussian, normal_param
-from guides.spec import GuideSpec
+from guides.spec import GuideSpec, handwritten
 
 FAMILY = "neals_funnel"
 
@@ -59,28 +59,22 @@ def _structured(model: Callable, data: dict, init_scale: float = 0.1, **_) -> Ca
 def specs() -> tuple[GuideSpec, ...]:
     """Guides registered for the funnel."""
     return (
-        GuideSpec(
+        handwritten(
             "mean_field",
             _mean_field,
             "independent Normals for v and x",
-            families=(FAMILY,),
-            discrete=False,
-            options=("init_scale",),
+            FAMILY,
         ),
-        GuideSpec(
+        handwritten(
             "full_rank",
             _full_rank,
             "full-rank Gaussian over (v, x)",
-            families=(FAMILY,),
-            discrete=False,
-            options=("init_scale",),
+            FAMILY,
         ),
-        GuideSpec(
+        handwritten(
             "structured",
             _structured,
             "q(v) q(x | v) with scale exp(a + b v)",
-            families=(FAMILY,),
-            discrete=False,
-            options=("init_scale",),
+            FAMILY,
         ),
     )

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from guides import _blocks
 from guides._blocks import Site
-from guides.spec import GuideSpec
+from guides.spec import GuideSpec, handwritten
 
 FAMILY = "breast_cancer_logistic_regression"
 
@@ -36,20 +36,16 @@ def _factory(kind: str) -> Callable:
 def specs() -> tuple[GuideSpec, ...]:
     """Guides registered for the logistic regression."""
     return (
-        GuideSpec(
+        handwritten(
             "mean_field",
             _factory("mean_field"),
             "independent Normals for the intercept and each coefficient",
-            families=(FAMILY,),
-            discrete=False,
-            options=("init_scale",),
+            FAMILY,
         ),
-        GuideSpec(
+        handwritten(
             "full_rank",
             _factory("full_rank"),
             "one full-rank Gaussian over the intercept and coefficients",
-            families=(FAMILY,),
-            discrete=False,
-            options=("init_scale",),
+            FAMILY,
         ),
     )

@@ -30,7 +30,7 @@ from torch.distributions import constraints
 
 from guides import _blocks
 from guides._blocks import Site
-from guides.spec import GuideSpec
+from guides.spec import GuideSpec, handwritten
 
 CENTERED = "radon_varying_intercept_centered"
 NONCENTERED = "radon_varying_intercept_noncentered"
@@ -253,30 +253,24 @@ def specs() -> tuple[GuideSpec, ...]:
     out = []
     for family in FAMILIES:
         out += [
-            GuideSpec(
+            handwritten(
                 "mean_field",
                 _mean_field(family),
                 "independent Normals in unconstrained space",
-                families=(family,),
-                discrete=False,
-                options=("init_scale",),
+                family,
             ),
-            GuideSpec(
+            handwritten(
                 "full_rank",
                 _full_rank(family),
                 "one full-rank Gaussian over all unconstrained coordinates",
-                families=(family,),
-                discrete=False,
-                options=("init_scale",),
+                family,
             ),
-            GuideSpec(
+            handwritten(
                 "structured",
                 _structured(family),
                 "full-rank Gaussian over the globals, county effects from their exact "
                 "conditional given them",
-                families=(family,),
-                discrete=False,
-                options=("init_scale",),
+                family,
             ),
         ]
     return tuple(out)

@@ -29,7 +29,7 @@ from torch.distributions import constraints
 
 from guides import _blocks
 from guides._blocks import Site
-from guides.spec import GuideSpec
+from guides.spec import GuideSpec, handwritten
 from vimodels.catalog.sleepstudy import (
     INTERCEPT_PRIOR,
     MID_DAY,
@@ -147,29 +147,23 @@ def _structured(model: Callable, data: dict, init_scale: float = 0.1, **_) -> Ca
 def specs() -> tuple[GuideSpec, ...]:
     """Guides registered for the sleep-study model."""
     return (
-        GuideSpec(
+        handwritten(
             "mean_field",
             _mean_field,
             "independent Normals in unconstrained space",
-            families=(FAMILY,),
-            discrete=False,
-            options=("init_scale",),
+            FAMILY,
         ),
-        GuideSpec(
+        handwritten(
             "full_rank",
             _full_rank,
             "one full-rank Gaussian over all 42 coordinates",
-            families=(FAMILY,),
-            discrete=False,
-            options=("init_scale",),
+            FAMILY,
         ),
-        GuideSpec(
+        handwritten(
             "structured",
             _structured,
             "full-rank Gaussian over the globals, subject lines from their exact "
             "conditional given them",
-            families=(FAMILY,),
-            discrete=False,
-            options=("init_scale",),
+            FAMILY,
         ),
     )

@@ -41,3 +41,20 @@ class GuideSpec:
     def generic(self) -> bool:
         """True for guides that apply to any model."""
         return self.families is None
+
+
+def handwritten(
+    name: str,
+    factory: GuideFactory,
+    description: str,
+    family: str,
+    *,
+    discrete: bool = False,
+    options: tuple[str, ...] = ("init_scale",),
+) -> GuideSpec:
+    """A :class:`GuideSpec` for a guide written for one model family.
+
+    Hand-written guides take ``init_scale`` (the initial sd in unconstrained
+    space) and, unless said otherwise, do not serve discrete models.
+    """
+    return GuideSpec(name, factory, description, (family,), discrete, options)
