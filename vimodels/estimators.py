@@ -121,7 +121,27 @@ def _check_reparameterized(guide_tr: poutine.Trace, what: str) -> None:
             raise IncompatibleError(f"{what} needs reparameterizable guide sites; {name!r} is not")
 
 
-class StickingTheLanding(ELBO):
+class DifferentiableLossELBO(ELBO):
+    """A Pyro ``ELBO`` defined by its ``differentiable_loss``.
+
+    Subclasses implement ``differentiable_loss(model, guide, *args, **kwargs)``
+    (a scalar tensor, minus the bound); ``loss`` and ``loss_and_grads`` follow.
+    """
+
+    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        """Return minus the bound as a float (no gradients)."""
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        """Compute minus the bound, backpropagate its gradient, return it as a float."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward()
+        return float(loss.detach())
+
+
+class StickingTheLanding(DifferentiableLossELBO):
     """Monte Carlo ELBO with the sticking-the-landing gradient.
 
     The loss value equals ``Trace_ELBO``'s; the gradient for the guide flows
@@ -188,15 +208,3 @@ class StickingTheLanding(ELBO):
             if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
                 log_w = log_w - particle_sum(site_log_prob(site, detach=True), ndim, K)
         return -log_w.mean()
-
-    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        """Return ``-ELBO`` as a float (no gradients)."""
-        with torch.no_grad():
-            return float(self.differentiable_loss(model, guide, *args, **kwargs))
-
-    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        """Compute ``-ELBO``, backpropagate the STL gradient, return the loss."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward()
-        return float(loss.detach())

@@ -31,11 +31,10 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer import ELBO
 from pyro.poutine.util import site_is_subsample
 
 from vimodels.errors import IncompatibleError, OptionError
-from vimodels.estimators import detach_distribution
+from vimodels.estimators import DifferentiableLossELBO, detach_distribution
 
 ESTIMATORS = ("standard", "dreg")
 
@@ -140,7 +139,7 @@ def _pad(x: torch.Tensor, ndim: int) -> torch.Tensor:
     return x
 
 
-class IWAE(ELBO):
+class IWAE(DifferentiableLossELBO):
     """Importance-weighted autoencoder bound with ``num_particles`` = K.
 
     Parameters
@@ -270,18 +269,6 @@ class IWAE(ELBO):
             if dreg and bound.requires_grad:
                 _dreg_hooks(guide_tr, torch.softmax(local.detach(), 0), ndim, st.plate_dim)
         return -bound
-
-    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        """Return ``-bound`` as a float (no gradients)."""
-        with torch.no_grad():
-            return float(self.differentiable_loss(model, guide, *args, **kwargs))
-
-    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        """Compute ``-bound``, backpropagate, and return it as a float."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward()
-        return float(loss.detach())
 
 
 def _plate_scale(site: dict, plate: str) -> float:
