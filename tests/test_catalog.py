@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import subprocess
 import sys
@@ -396,8 +397,18 @@ NO_REFERENCE = "diagnostics.reference (the NUTS reference, issue #3) is not avai
 
 @pytest.fixture(scope="session")
 def reference_cache(tmp_path_factory):
-    """One reference cache for the session: each entry's NUTS runs once."""
-    return tmp_path_factory.mktemp("references")
+    """One reference cache for the run: each entry's NUTS runs once.
+
+    Under pytest-xdist the folder is shared by the workers (the base temporary
+    folder of the run, fresh each run); the cache's file lock makes a worker that
+    needs an entry another one is computing wait for it instead of recomputing.
+    """
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path = base / "references"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def _reference(name: str, cache_dir):
@@ -495,6 +506,8 @@ def test_compare_command_writes_a_report(name, reference_cache, tmp_path):
         "2",
         "--no-netcdf",
         "--quiet",
+        "--executor",
+        "serial",  # in this process: no worker start-up per entry (the pool has its own tests)
         "--cache",
         str(reference_cache),
         "--out",
