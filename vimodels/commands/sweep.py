@@ -54,10 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Run the sweep; print the table per model; exit 1 when a task failed."""
+    """Run the sweep; print the table per model; exit 1 when a task failed, 130 on Ctrl-C."""
     from diagnostics.report import fmt
     from diagnostics.sweep import default_out, run_sweep
     from diagnostics.sweep_config import load_config
+    from diagnostics.sweep_report import partial_line
 
     config = load_config(args.config)
     out = Path(args.out) if args.out else default_out(args.config)
@@ -87,4 +88,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for failure in run.failures:
         print(f"FAILED {failure.label}", file=sys.stderr)
     print(f"wrote {run.files['html']} (and report.md, summary.csv, sweep.json) in {run.out}")
+    if run.partial:
+        print(f"PARTIAL RESULT: {partial_line(run)}")
+        return 130
     return 1 if run.failures else 0
