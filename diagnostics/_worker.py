@@ -7,13 +7,15 @@ process of its group; an idle worker must not die with a traceback). While
 it runs a task, the first Ctrl-C raises :class:`KeyboardInterrupt` in the
 task, and later ones are ignored until the task returns, so that it can
 save what it has. A worker of a pool that was stopped starts no further
-task.
+task. :func:`interrupts_deferred` holds Ctrl-C while a result is written.
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -31,14 +33,17 @@ _STOP: Any = None  # the pool's stop event (a multiprocessing Event)
 def init_worker(stop: Any) -> None:
     """Worker start: ignore Ctrl-C while idle; remember the pool's stop event.
 
-    The worker was spawned with SIGINT blocked (see ``executors._sigint_blocked``):
-    a Ctrl-C during its start-up stays pending until now and is dropped here.
+    (The worker was started with SIGINT ignored already, so that its start-up
+    is safe too; see ``executors._children_ignore_sigint``.)
     """
     global _STOP
     _STOP = stop
+    ignore_sigint()
+
+
+def ignore_sigint() -> None:
+    """Ignore Ctrl-C in this process (call in its main thread)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _interrupt_once(signum: int, frame: Any) -> None:
@@ -66,3 +71,27 @@ def call_in_worker(fn: Callable[[Any], Any], task: Any) -> Any:
         raise TaskInterrupted(str(exc) or "interrupted by Ctrl-C") from None
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends (writing a finished result), then act on it.
+
+    A Ctrl-C during the block is passed to the handler that was in place, once,
+    after the block: KeyboardInterrupt in the main process or a busy worker;
+    nothing where it was ignored. Outside the main thread (Dask worker threads)
+    signals cannot be handled: a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held and callable(previous):
+        previous(signal.SIGINT, None)
+    elif held and previous == signal.SIG_DFL:
+        raise KeyboardInterrupt

@@ -41,16 +41,24 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from diagnostics._worker import TaskCancelled, TaskInterrupted, call_in_worker, init_worker
+from diagnostics._worker import (
+    TaskCancelled,
+    TaskInterrupted,
+    call_in_worker,
+    ignore_sigint,
+    init_worker,
+)
 from vimodels.errors import OptionError, VimodelsError, check_option
 
 __all__ = [
@@ -123,7 +131,9 @@ class _Base:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.interrupt()  # nothing may run on once Ctrl-C left the block
         self.close()
 
     def close(self) -> None:
@@ -257,8 +267,8 @@ class LocalExecutor(_Base):
         pool = self._get_pool()
         futures: dict[Future, int] = {}
         try:
-            with _sigint_blocked():  # workers spawned now start deaf to Ctrl-C
-                for i, task in enumerate(tasks):
+            for i, task in enumerate(tasks):
+                with _children_ignore_sigint():  # submit() may start a worker
                     futures[pool.submit(call_in_worker, fn, task)] = i
         except BrokenProcessPool:
             pass
@@ -293,23 +303,24 @@ def _wait_exit(procs: list, timeout: float) -> None:
         alive = [p for p in alive if p.exitcode is None]
 
 
-class _sigint_blocked:
-    """Block SIGINT in this thread; a child forked meanwhile inherits the mask.
+@contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Ignore SIGINT while worker processes are started here, so that they start deaf to it.
 
-    The spawned worker unblocks it in :func:`~diagnostics._worker.init_worker`, after choosing to
-    ignore it; a Ctrl-C that arrives meanwhile stays pending there and is then
-    dropped. (Python's handler still runs in this process: other threads
-    take the signal.) A no-op where signal masks do not exist.
+    An ignored signal stays ignored across ``exec`` (Python then installs no
+    KeyboardInterrupt handler), which covers a worker's start-up, before its
+    own code runs. A Ctrl-C in these few milliseconds of process starts is lost
+    for this process too (pressing it again works). Only the main thread can
+    change signal handlers; elsewhere this is a no-op.
     """
-
-    def __enter__(self) -> None:
-        self._old = None
-        if hasattr(signal, "pthread_sigmask"):
-            self._old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-
-    def __exit__(self, *exc: object) -> None:
-        if self._old is not None and signal.SIGINT not in self._old:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class DaskExecutor(_Base):
@@ -373,6 +384,9 @@ class DaskExecutor(_Base):
                 options.update(self.cluster_options)
                 self._cluster = distributed.LocalCluster(n_workers=self.n_workers, **options)
                 self._client = distributed.Client(self._cluster)
+                # its workers are in this process group: a terminal's Ctrl-C must not
+                # kill each with a traceback (:meth:`interrupt` stops them)
+                self._client.run(ignore_sigint)
         return self._client
 
     def close(self) -> None:

@@ -289,8 +289,8 @@ def run_tasks(
             )
     except KeyboardInterrupt:
         say(
-            "interrupted: stopping the workers; running fits save what they learned "
-            "(Ctrl-C again to quit now)"
+            "interrupted: stopping; running fits save what they learned (not on Dask); "
+            "Ctrl-C again to quit now"
         )
         executor.interrupt()
         return TaskRun(outcomes, executed, reused, interrupted=True)

@@ -243,9 +243,15 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
     """
     import torch
 
+    # what writing the result needs, imported before the fit: a Ctrl-C during these
+    # (slow) imports costs no fitted steps, and after the fit nothing slow is left
+    import diagnostics.compare  # noqa: F401
+    import diagnostics.convert  # noqa: F401
+    from diagnostics._worker import interrupts_deferred
     from vimodels.convergence import ConvergenceRule
-    from vimodels.fit import INTERRUPTED, fit
+    from vimodels.fit import INTERRUPTED, fit, versions
 
+    versions()  # imports arviz, as fit() does once its steps are done
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     folder = Path(out_dir) / task.folder_name
@@ -266,11 +272,13 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
     if result.status == INTERRUPTED:  # Ctrl-C: keep what was learned, apart; not done
         where = "nothing learned to keep"
         if result.num_steps > 0:
-            _write_result(task, result, folder / PARTIAL, t0)
+            with interrupts_deferred():
+                _write_result(task, result, folder / PARTIAL, t0)
             where = f"partial result in {folder / PARTIAL}"
         raise KeyboardInterrupt(f"{task.label} interrupted at step {result.num_steps}; {where}")
-    summary = _write_result(task, result, folder, t0)
-    drop_partial(task, out_dir)
+    with interrupts_deferred():  # a Ctrl-C now would lose a finished fit: it waits
+        summary = _write_result(task, result, folder, t0)
+        drop_partial(task, out_dir)
     return summary
 
 
