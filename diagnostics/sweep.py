@@ -142,7 +142,8 @@ class SweepRun:
     tasks : tuple of Task
         Every fit of the grid.
     executed : tuple of Task
-        Fits run by this call (the others were finished before).
+        Fits run by this call (the others were finished before); after Ctrl-C,
+        those that finished.
     reused : tuple of Task
         Fits found finished and not run again.
     failures : tuple of Failure
@@ -377,6 +378,7 @@ def run_sweep(
     failed = {o.task for o in outcomes if not o.ok and not _stopped(o, ran.interrupted)}
     fits_of = _collect(tasks, failed, out / FITS, ran.interrupted)
     not_run = [t for t in tasks if t not in failed and t not in fits_of]
+    stopped = {t for t, f in fits_of.items() if f.status == "interrupted"}  # partial results
     if ran.interrupted:
         say(
             f"interrupted: {len(fits_of)} of {len(tasks)} fit(s) to report, "
@@ -420,7 +422,9 @@ def run_sweep(
         out=out,
         executor=ex.describe(),
         tasks=tuple(tasks),
-        executed=tuple(executed),
+        executed=tuple(
+            t for t in executed if not ran.interrupted or (t in fits_of and t not in stopped)
+        ),
         reused=tuple(reused),
         failures=tuple(failures),
         skipped=tuple(skipped),
