@@ -64,8 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VimodelsError as exc:
         print(f"vimodels: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt as exc:  # the message, if any, says what was (not) kept
-        print(f"vimodels: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("vimodels: interrupted", file=sys.stderr)
         return 130
 
 

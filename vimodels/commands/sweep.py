@@ -62,8 +62,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     out = Path(args.out) if args.out else default_out(args.config)
-    with make_cli_executor(args) as executor:
-        run = run_sweep(config, out, executor, progress=not args.quiet)
+    try:
+        with make_cli_executor(args) as executor:
+            run = run_sweep(config, out, executor, progress=not args.quiet)
+    except KeyboardInterrupt as exc:  # before the report: say what is kept
+        kept = f"no report was written; fits finished so far stay in {out / 'fits'}"
+        print(
+            f"vimodels: sweep interrupted: {str(exc) or kept + ', reused by a rerun'}",
+            file=sys.stderr,
+        )
+        return 130
     if not run.by_method.empty:
         cols = [
             c
