@@ -22,14 +22,21 @@ Executors are context managers; a pool or cluster starts on the first
 ``map`` and is reused by later calls until :meth:`close`.
 
 Ctrl-C: whoever consumes ``map`` catches :class:`KeyboardInterrupt` and calls
-``interrupt()``, which stops the run promptly and leaves no worker behind.
-Queued tasks are cancelled; a task running in a :class:`LocalExecutor`
-worker gets one ``KeyboardInterrupt`` (a terminal's Ctrl-C reaches the
-workers too, being in the same process group; ``interrupt`` sends one to
-workers that did not get it) and a grace period to save what it has; a
-second Ctrl-C in a worker is ignored while that task finishes. Idle workers
-ignore Ctrl-C, so they never die with a traceback. Workers still alive
-after the grace period are terminated and reaped.
+``interrupt()`` (leaving the ``with`` block with it does too), which stops
+the run promptly and leaves no worker behind:
+
+- :class:`LocalExecutor`: queued tasks are cancelled; a running task gets one
+  ``KeyboardInterrupt`` (a terminal's Ctrl-C reaches the workers too, being
+  in the same process group; ``interrupt`` sends one to workers that did not
+  get it) and a grace period to save what it has; a second Ctrl-C in a
+  worker is ignored while that task finishes. Idle or starting workers
+  ignore Ctrl-C, so they never die with a traceback. Workers still alive
+  after the grace period are terminated, and all are reaped.
+- :class:`SerialExecutor`: the task itself gets the ``KeyboardInterrupt`` and
+  ``map`` stops there.
+- :class:`DaskExecutor`: the tasks are cancelled and a LocalCluster is shut
+  down (its workers ignore Ctrl-C themselves); a task already running is
+  lost (Dask cannot interrupt it), or on a remote cluster runs to its end.
 
 Tasks and ``fn`` must be picklable (module-level functions, plain records).
 Dask is imported only when a :class:`DaskExecutor` starts.
