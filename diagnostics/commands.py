@@ -128,6 +128,9 @@ def cmd_nuts(args: argparse.Namespace) -> int:
     return 0 if ref.trusted else 1
 
 
+_NO_REPORT = "no report was written; fits finished so far stay in {} and a rerun reuses them"
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Fit the grid, compare with the reference and write the report."""
     from diagnostics.compare import run_compare
@@ -143,26 +146,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     kwargs = fit_kwargs(args)
     kwargs.pop("num_steps")
     seed = kwargs.pop("seed")
-    with make_cli_executor(args) as executor:
-        run = run_compare(
-            entry,
-            guides=args.guides,
-            elbos=args.elbos,
-            steps=args.steps,
-            out=out,
-            reference=args.reference,
-            seed=seed,
-            num_draws=args.draws,
-            iwae_k=args.iwae_k,
-            cache=not args.no_cache,
-            cache_dir=args.cache,
-            nuts_settings=_nuts_settings(args),
-            num_workers=args.workers,
-            fit_options=kwargs,
-            progress=not args.quiet,
-            netcdf=not args.no_netcdf,
-            executor=executor,
+    try:
+        with make_cli_executor(args) as executor:
+            run = run_compare(
+                entry,
+                guides=args.guides,
+                elbos=args.elbos,
+                steps=args.steps,
+                out=out,
+                reference=args.reference,
+                seed=seed,
+                num_draws=args.draws,
+                iwae_k=args.iwae_k,
+                cache=not args.no_cache,
+                cache_dir=args.cache,
+                nuts_settings=_nuts_settings(args),
+                num_workers=args.workers,
+                fit_options=kwargs,
+                progress=not args.quiet,
+                netcdf=not args.no_netcdf,
+                executor=executor,
+            )
+    except KeyboardInterrupt as exc:  # before the report: say what is kept
+        print(
+            f"vimodels: compare interrupted: {str(exc) or _NO_REPORT.format(out / 'fits')}",
+            file=sys.stderr,
         )
+        return 130
     c = run.comparison
     cols = [
         "method",

@@ -123,12 +123,15 @@ class Comparison:
     not_run: tuple[str, ...] = ()
 
     def interrupted_line(self) -> str | None:
-        """``interrupted: methods not run: ...`` for a partial comparison, else None."""
+        """``interrupted: methods not run: ...; stopped early: ...`` when partial, else None."""
         if not self.partial:
             return None
-        return "interrupted: methods not run: " + (
-            ", ".join(self.not_run) if self.not_run else "none (the last fit stopped early)"
-        )
+        line = "interrupted: methods not run: " + (", ".join(self.not_run) or "none")
+        if "status" in self.summary:
+            stopped = self.summary.loc[self.summary["status"] == "interrupted", "method"]
+            if len(stopped):
+                line += "; stopped early (what they learned is kept): " + ", ".join(stopped)
+        return line
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the draws, JSON-friendly (NaN as None by the writer)."""
@@ -657,6 +660,7 @@ def run_compare(
             f"  {ref.describe()}" + (" [cached]" if ref.from_cache else f" [{ref.wall_time:.0f} s]")
         )
     results, skipped = [], []
+    partial, not_run = False, []
     options = dict(fit_options or {})
     options.setdefault("progress", False)
     if executor is not None:
@@ -664,7 +668,7 @@ def run_compare(
 
         if entry is None or data is not None:
             raise OptionError("an executor runs catalog models by name, with their own data")
-        results, skipped = fit_with_executor(
+        got = fit_with_executor(
             entry.name,
             guides,
             elbos,
@@ -677,9 +681,10 @@ def run_compare(
             out=out,
             say=say,
         )
+        results, skipped = list(got.fits), list(got.skipped)
+        partial, not_run = got.partial, list(got.not_run)
         guides = ()  # fitted by the executor: the loop below has nothing left to do
     cells = [(guide, elbo) for guide in guides for elbo in elbos]
-    partial, not_run = False, []
     for i, (guide, elbo) in enumerate(cells):
         try:
             r = fit(
@@ -709,7 +714,7 @@ def run_compare(
         results.append(r)
     if not results:
         if partial:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("no fit of the grid had finished: nothing to report")
         raise VimodelsError("no guide/ELBO pair of the grid could be fitted: " + "; ".join(skipped))
     if partial:
         say("  interrupted: methods not run: " + (", ".join(not_run) or "none"))

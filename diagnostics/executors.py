@@ -21,6 +21,23 @@ running:
 Executors are context managers; a pool or cluster starts on the first
 ``map`` and is reused by later calls until :meth:`close`.
 
+Ctrl-C: whoever consumes ``map`` catches :class:`KeyboardInterrupt` and calls
+``interrupt()`` (leaving the ``with`` block with it does too), which stops
+the run promptly and leaves no worker behind:
+
+- :class:`LocalExecutor`: queued tasks are cancelled; a running task gets one
+  ``KeyboardInterrupt`` (a terminal's Ctrl-C reaches the workers too, being
+  in the same process group; ``interrupt`` sends one to workers that did not
+  get it) and a grace period to save what it has; a second Ctrl-C in a
+  worker is ignored while that task finishes. Idle or starting workers
+  ignore Ctrl-C, so they never die with a traceback. Workers still alive
+  after the grace period are terminated, and all are reaped.
+- :class:`SerialExecutor`: the task itself gets the ``KeyboardInterrupt`` and
+  ``map`` stops there.
+- :class:`DaskExecutor`: the tasks are cancelled and a LocalCluster is shut
+  down (its workers ignore Ctrl-C themselves); a task already running is
+  lost (Dask cannot interrupt it), or on a remote cluster runs to its end.
+
 Tasks and ``fn`` must be picklable (module-level functions, plain records).
 Dask is imported only when a :class:`DaskExecutor` starts.
 """
@@ -28,19 +45,43 @@ Dask is imported only when a :class:`DaskExecutor` starts.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from diagnostics._worker import (
+    TaskCancelled,
+    TaskInterrupted,
+    call_in_worker,
+    ignore_sigint,
+    init_worker,
+)
 from vimodels.errors import OptionError, VimodelsError, check_option
+
+__all__ = [
+    "EXECUTORS",
+    "DaskExecutor",
+    "LocalExecutor",
+    "Outcome",
+    "SerialExecutor",
+    "TaskCancelled",
+    "TaskInterrupted",
+    "make_executor",
+]
 
 EXECUTORS = ("local", "dask", "serial")
 WORKER_LOST = "WorkerLost"
+INTERRUPT_GRACE_S = 60.0  # how long interrupted tasks may take to save a partial result
 
 
 @dataclass(frozen=True)
@@ -97,11 +138,16 @@ class _Base:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.interrupt()  # nothing may run on once Ctrl-C left the block
         self.close()
 
     def close(self) -> None:
         """Release workers (nothing to release here)."""
+
+    def interrupt(self, grace: float = INTERRUPT_GRACE_S) -> None:
+        """Stop after Ctrl-C (nothing runs in the background here)."""
 
     def describe(self) -> str:
         """One line: what runs the tasks."""
@@ -140,6 +186,7 @@ class LocalExecutor(_Base):
             check_option("max_workers", max_workers, kind=int, low=1)
         self.max_workers = max_workers or os.cpu_count() or 1
         self._pool: ProcessPoolExecutor | None = None
+        self._stop: Any = None  # the pool's event: set, its workers start no more tasks
 
     def describe(self) -> str:
         """One line: what runs the tasks."""
@@ -148,7 +195,13 @@ class LocalExecutor(_Base):
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             ctx = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(max_workers=self.max_workers, mp_context=ctx)
+            self._stop = ctx.Event()
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.max_workers,
+                mp_context=ctx,
+                initializer=init_worker,
+                initargs=(self._stop,),
+            )
         return self._pool
 
     def _shutdown(self, wait: bool = True) -> None:
@@ -159,6 +212,41 @@ class LocalExecutor(_Base):
     def close(self) -> None:
         """Stop the worker processes (they exit in the background)."""
         self._shutdown(wait=False)
+
+    def interrupt(self, grace: float = INTERRUPT_GRACE_S) -> None:
+        """Stop after Ctrl-C: cancel queued tasks, interrupt running ones, end every worker.
+
+        A running task gets one ``KeyboardInterrupt`` and up to ``grace``
+        seconds to return (a fit saves its partial result); workers still
+        alive then are terminated. Returns once every worker has exited and
+        been reaped. A second Ctrl-C here cuts the wait short (workers are
+        still terminated).
+        """
+        pool = self._pool
+        if pool is None:
+            return
+        # the pool's own table of worker processes (pid -> Process); shutdown() drops it
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        self._stop.set()  # workers start no further task, even one already handed over
+        pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+        try:
+            for p in procs:
+                if p.exitcode is None and p.pid is not None:
+                    try:
+                        os.kill(p.pid, signal.SIGINT)
+                    except ProcessLookupError:
+                        pass
+            _wait_exit(procs, grace)
+        finally:
+            for p in procs:
+                if p.exitcode is None:
+                    p.terminate()
+            _wait_exit(procs, 5.0)
+            for p in procs:
+                if p.exitcode is None:
+                    p.kill()
+                p.join(5.0)
 
     def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Outcome]:
         """Yield one :class:`Outcome` per task, in the order they finish."""
@@ -187,7 +275,8 @@ class LocalExecutor(_Base):
         futures: dict[Future, int] = {}
         try:
             for i, task in enumerate(tasks):
-                futures[pool.submit(fn, task)] = i
+                with _children_ignore_sigint():  # submit() may start a worker
+                    futures[pool.submit(call_in_worker, fn, task)] = i
         except BrokenProcessPool:
             pass
         cut: set[int] = set(range(len(tasks))) - set(futures.values())
@@ -208,6 +297,37 @@ class LocalExecutor(_Base):
         if cut:
             self._shutdown()
         return [tasks[i] for i in sorted(cut)]
+
+
+def _wait_exit(procs: list, timeout: float) -> None:
+    """Wait until every process in ``procs`` has exited, or ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if p.exitcode is None]
+    while alive and time.monotonic() < deadline:
+        multiprocessing.connection.wait(
+            [p.sentinel for p in alive], timeout=max(0.0, deadline - time.monotonic())
+        )
+        alive = [p for p in alive if p.exitcode is None]
+
+
+@contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Ignore SIGINT while worker processes are started here, so that they start deaf to it.
+
+    An ignored signal stays ignored across ``exec`` (Python then installs no
+    KeyboardInterrupt handler), which covers a worker's start-up, before its
+    own code runs. A Ctrl-C in these few milliseconds of process starts is lost
+    for this process too (pressing it again works). Only the main thread can
+    change signal handlers; elsewhere this is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class DaskExecutor(_Base):
@@ -246,6 +366,7 @@ class DaskExecutor(_Base):
         self.cluster_options = cluster_options
         self._client: Any = None
         self._cluster: Any = None
+        self._futures: list = []  # of the map in progress
 
     def describe(self) -> str:
         """One line: what runs the tasks."""
@@ -270,6 +391,9 @@ class DaskExecutor(_Base):
                 options.update(self.cluster_options)
                 self._cluster = distributed.LocalCluster(n_workers=self.n_workers, **options)
                 self._client = distributed.Client(self._cluster)
+                # its workers are in this process group: a terminal's Ctrl-C must not
+                # kill each with a traceback (:meth:`interrupt` stops them)
+                self._client.run(ignore_sigint)
         return self._client
 
     def close(self) -> None:
@@ -280,6 +404,21 @@ class DaskExecutor(_Base):
         if self._cluster is not None:
             self._cluster.close()
             self._cluster = None
+
+    def interrupt(self, grace: float = INTERRUPT_GRACE_S) -> None:
+        """Stop after Ctrl-C: cancel the tasks of the current ``map``; stop a LocalCluster.
+
+        Tasks already running on a remote cluster run to the end (Dask cannot
+        interrupt them); their folders are kept for a rerun.
+        """
+        if self._client is not None and self._futures:
+            try:
+                self._client.cancel(self._futures, force=True)
+            except Exception:  # a scheduler gone or going: nothing left to cancel
+                pass
+        self._futures = []
+        if self._cluster is not None:
+            self.close()
 
     def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Outcome]:
         """Yield one :class:`Outcome` per task, in the order they finish."""
@@ -296,6 +435,7 @@ class DaskExecutor(_Base):
             client.submit(call_guarded, fn, task, key=f"{label}-{batch}-{i}", pure=False): i
             for i, task in enumerate(tasks)
         }
+        self._futures = list(futures)
         for fut in distributed.as_completed(futures):
             i = futures[fut]
             try:

@@ -8,6 +8,11 @@ one :class:`~diagnostics.tasks.ReferenceTask` per model that needs NUTS
 finished are not run again; the others go to the executor together, and a
 task that fails is reported with its inputs while the rest finish.
 
+Ctrl-C stops the executor (queued tasks cancelled, running fits interrupted
+and given time to save a partial result, see :mod:`diagnostics.executors`);
+the report is then written from what finished, marked partial, with the
+cells not finished listed. Finished task folders are reused by a rerun.
+
 Then, per model and seed, the stored fits are compared with the model's
 reference (:func:`diagnostics.compare.compare`, the same numbers ``vimodels
 compare`` gives), and :mod:`diagnostics.sweep_report` writes the combined
@@ -33,15 +38,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from diagnostics.executors import Outcome, make_executor
+from diagnostics.executors import Outcome, TaskCancelled, TaskInterrupted, make_executor
 from diagnostics.sweep_config import SweepConfig
 from diagnostics.tasks import (
     ReferenceTask,
     StoredFit,
     Task,
+    drop_partial,
     execute,
     is_done,
     load_fit,
+    load_partial,
     make_reference_task,
     make_task,
 )
@@ -135,7 +142,8 @@ class SweepRun:
     tasks : tuple of Task
         Every fit of the grid.
     executed : tuple of Task
-        Fits run by this call (the others were finished before).
+        Fits run by this call (the others were finished before); after Ctrl-C,
+        those that finished.
     reused : tuple of Task
         Fits found finished and not run again.
     failures : tuple of Failure
@@ -154,6 +162,12 @@ class SweepRun:
     wall_time : float
         Seconds the whole call took.
     files : dict of str to Path
+    partial : bool
+        True when Ctrl-C interrupted the run: the tables cover what finished.
+    not_run : tuple of str
+        Labels of the fits not finished because of the interruption (a fit
+        stopped early with a partial result is in the tables instead, status
+        ``interrupted``).
     """
 
     config: SweepConfig
@@ -171,6 +185,8 @@ class SweepRun:
     by_method: pd.DataFrame
     wall_time: float
     files: dict[str, Path] = dataclasses.field(default_factory=dict)
+    partial: bool = False
+    not_run: tuple[str, ...] = ()
 
 
 def grid(config: SweepConfig) -> tuple[list[Task], list[str]]:
@@ -218,39 +234,68 @@ def _needs_nuts(model: str, kind: str) -> bool:
     return kind == "nuts" or (kind == "auto" and (exact is None or exact.sampler is None))
 
 
+@dataclass(frozen=True, eq=False)
+class TaskRun:
+    """What :func:`run_tasks` did.
+
+    Attributes
+    ----------
+    outcomes : list of Outcome
+        One per task that came back (reference tasks always run: the cache makes
+        them cheap).
+    executed, reused : list of Task
+        Fit tasks handed to the executor, and fit tasks found finished.
+    interrupted : bool
+        Ctrl-C stopped the run: tasks without an outcome did not finish (look
+        for their folders with :func:`~diagnostics.tasks.is_done` and
+        :func:`~diagnostics.tasks.load_partial`).
+    """
+
+    outcomes: list[Outcome]
+    executed: list[Task]
+    reused: list[Task]
+    interrupted: bool = False
+
+
 def run_tasks(
     tasks: Sequence[Task | ReferenceTask],
     fits_dir: str | Path,
     executor: Any,
     say: Callable[[str], None] = lambda msg: None,
-) -> tuple[list[Outcome], list[Task], list[Task]]:
-    """Run the unfinished tasks on ``executor``.
+) -> TaskRun:
+    """Run the unfinished tasks on ``executor``; on Ctrl-C, stop it and say so.
 
-    Returns
-    -------
-    outcomes : list of Outcome
-        One per task run (reference tasks always run: the cache makes them cheap).
-    executed, reused : list of Task
-        Fit tasks run now, and fit tasks found finished.
+    Partial results of earlier interrupted runs are dropped first: a partial
+    result found after this call was written by it.
     """
     fits_dir = ensure_dir(fits_dir).resolve()
     reused = [t for t in tasks if isinstance(t, Task) and is_done(t, fits_dir)]
     done = set(reused)
     todo = [t for t in tasks if not (isinstance(t, Task) and t in done)]
     executed = [t for t in todo if isinstance(t, Task)]
+    for t in executed:
+        drop_partial(t, fits_dir)
     if reused:
         say(f"{len(reused)} fit(s) already finished in {fits_dir}; not run again")
-    outcomes = []
+    outcomes: list[Outcome] = []
     t0 = time.perf_counter()
-    for k, outcome in enumerate(executor.map(partial(execute, out_dir=str(fits_dir)), todo)):
-        outcomes.append(outcome)
-        state = "done  " if outcome.ok else "FAILED"
-        detail = "" if outcome.ok else f": {outcome.error}"
+    try:
+        for k, outcome in enumerate(executor.map(partial(execute, out_dir=str(fits_dir)), todo)):
+            outcomes.append(outcome)
+            state = "done  " if outcome.ok else "FAILED"
+            detail = "" if outcome.ok else f": {outcome.error}"
+            say(
+                f"[{k + 1}/{len(todo)}] {state} {outcome.task.label} "
+                f"({time.perf_counter() - t0:.0f} s){detail}"
+            )
+    except KeyboardInterrupt:
         say(
-            f"[{k + 1}/{len(todo)}] {state} {outcome.task.label} "
-            f"({time.perf_counter() - t0:.0f} s){detail}"
+            "interrupted: stopping; running fits save what they learned (not on Dask); "
+            "Ctrl-C again to quit now"
         )
-    return outcomes, executed, reused
+        executor.interrupt()
+        return TaskRun(outcomes, executed, reused, interrupted=True)
+    return TaskRun(outcomes, executed, reused)
 
 
 def _executor(executor: Any, scheduler: str | None, workers: int | None) -> tuple[Any, bool]:
@@ -316,13 +361,12 @@ def run_sweep(
         f"on {ex.describe()}"
     )
     try:
-        outcomes, executed, reused = run_tasks(
-            list(ref_tasks.values()) + tasks, out / FITS, ex, say
-        )
+        ran = run_tasks(list(ref_tasks.values()) + tasks, out / FITS, ex, say)
     finally:
         if owned:
             ex.close()
-    failures = [_failure(o) for o in outcomes if not o.ok]
+    outcomes, executed, reused = ran.outcomes, ran.executed, ran.reused
+    failures = [_failure(o) for o in outcomes if not o.ok and not _stopped(o, ran.interrupted)]
     references: dict[str, Reference] = {
         o.task.model: o.result for o in outcomes if o.ok and isinstance(o.task, ReferenceTask)
     }
@@ -331,25 +375,39 @@ def run_sweep(
             references[model] = get_reference(
                 model, kind=config.reference, seed=config.reference_seed
             )
-    failed = {o.task for o in outcomes if not o.ok}
-    finished = [t for t in tasks if t not in failed]
+    failed = {o.task for o in outcomes if not o.ok and not _stopped(o, ran.interrupted)}
+    fits_of = _collect(tasks, failed, out / FITS, ran.interrupted)
+    not_run = [t for t in tasks if t not in failed and t not in fits_of]
+    stopped = {t for t, f in fits_of.items() if f.status == "interrupted"}  # partial results
+    if ran.interrupted:
+        say(
+            f"interrupted: {len(fits_of)} of {len(tasks)} fit(s) to report, "
+            f"{len(not_run)} not finished"
+        )
+        if not fits_of:
+            raise KeyboardInterrupt("no fit of the sweep had finished: nothing to report")
     comparisons, rows, site_rows = {}, [], []
     for model in config.models:
         for seed in config.seeds:
-            group = [t for t in finished if t.model == model and t.seed == seed]
+            group = [t for t in tasks if t in fits_of and t.model == model and t.seed == seed]
             lost = [
                 f"{f.guide}/{f.elbo}: {f.error}"
                 for f in failures
                 if f.stage == "fit" and f.model == model and f.seed == seed
             ]
+            missing = [
+                f"{t.guide}/{t.elbo}" for t in not_run if t.model == model and t.seed == seed
+            ]
             if not group:
                 continue
-            fits = {f"{t.guide}/{t.elbo}": load_fit(t, out / FITS) for t in group}
+            fits = {f"{t.guide}/{t.elbo}": fits_of[t] for t in group}
             if model not in references:
                 rows.append(_fit_rows(fits, model, seed))
                 continue
             try:
                 c = _compare(fits, references[model], config, seed, lost)
+                if ran.interrupted:
+                    c = dataclasses.replace(c, partial=True, not_run=tuple(missing))
             except VimodelsError as exc:
                 failures.append(Failure("compare", model, None, None, seed, str(exc)))
                 rows.append(_fit_rows(fits, model, seed))
@@ -364,7 +422,9 @@ def run_sweep(
         out=out,
         executor=ex.describe(),
         tasks=tuple(tasks),
-        executed=tuple(executed),
+        executed=tuple(
+            t for t in executed if not ran.interrupted or (t in fits_of and t not in stopped)
+        ),
         reused=tuple(reused),
         failures=tuple(failures),
         skipped=tuple(skipped),
@@ -374,8 +434,33 @@ def run_sweep(
         sites=sites,
         by_method=by_method(summary),
         wall_time=time.perf_counter() - t0,
+        partial=ran.interrupted,
+        not_run=tuple(t.label for t in not_run),
     )
     return dataclasses.replace(run, files=write_sweep_report(run))
+
+
+def _stopped(outcome: Outcome, interrupted: bool) -> bool:
+    """An outcome of the interruption itself (not a failure of the task)."""
+    return interrupted and bool(outcome.error) and outcome.error.startswith(_STOP_ERRORS)
+
+
+_STOP_ERRORS = (TaskInterrupted.__name__, TaskCancelled.__name__)
+
+
+def _collect(
+    tasks: Sequence[Task], failed: set, fits_dir: Path, interrupted: bool
+) -> dict[Task, StoredFit]:
+    """The stored fit of every task that finished (and, after Ctrl-C, every partial one)."""
+    out = {}
+    for t in tasks:
+        if t in failed:
+            continue
+        if not interrupted or is_done(t, fits_dir):
+            out[t] = load_fit(t, fits_dir)
+        elif (stored := load_partial(t, fits_dir)) is not None:
+            out[t] = stored
+    return out
 
 
 def _compare(
@@ -464,6 +549,29 @@ def by_method(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+@dataclass(frozen=True, eq=False)
+class ExecutorFits:
+    """The fits :func:`fit_with_executor` got.
+
+    Attributes
+    ----------
+    fits : tuple of StoredFit
+        In grid order: the finished fits and, after Ctrl-C, the partial ones
+        (status ``interrupted``).
+    skipped : tuple of str
+        ``"<guide>/<elbo>: <error>"`` for each fit that failed.
+    partial : bool
+        Ctrl-C interrupted the grid.
+    not_run : tuple of str
+        ``"<guide>/<elbo>"`` of the cells with neither a finished nor a partial fit.
+    """
+
+    fits: tuple[StoredFit, ...]
+    skipped: tuple[str, ...]
+    partial: bool = False
+    not_run: tuple[str, ...] = ()
+
+
 def fit_with_executor(
     model: str,
     guides: Iterable[str],
@@ -477,18 +585,13 @@ def fit_with_executor(
     executor: Any,
     out: str | Path | None,
     say: Callable[[str], None] = lambda msg: None,
-) -> tuple[list[StoredFit], list[str]]:
+) -> ExecutorFits:
     """The guide x ELBO fits of ``vimodels compare`` as tasks on an executor.
 
     Task folders go to ``out/fits`` (a temporary folder when ``out`` is None),
-    so a rerun with the same settings reuses finished fits.
-
-    Returns
-    -------
-    fits : list of StoredFit
-        In grid order.
-    skipped : list of str
-        ``"<guide>/<elbo>: <error>"`` for each fit that failed.
+    so a rerun with the same settings reuses finished fits. On Ctrl-C the
+    executor is stopped and what finished (or stopped early with a partial
+    result) is returned, marked partial.
     """
     tasks = [
         make_task(
@@ -508,14 +611,20 @@ def fit_with_executor(
     with tempfile.TemporaryDirectory(prefix="vimodels-fits-") as tmp:
         fits_dir = Path(out) / FITS if out is not None else Path(tmp)
         try:
-            outcomes, _, _ = run_tasks(tasks, fits_dir, ex, say)
+            ran = run_tasks(tasks, fits_dir, ex, say)
         finally:
             if owned:
                 ex.close()
-        failed = {o.task: o.error for o in outcomes if not o.ok}
-        fits = [load_fit(t, fits_dir) for t in tasks if t not in failed]
-    skipped = [f"{t.guide}/{t.elbo}: {failed[t]}" for t in tasks if t in failed]
-    return fits, skipped
+        failed = {
+            o.task: o.error for o in ran.outcomes if not o.ok and not _stopped(o, ran.interrupted)
+        }
+        fits_of = _collect(tasks, set(failed), fits_dir, ran.interrupted)
+    return ExecutorFits(
+        fits=tuple(fits_of[t] for t in tasks if t in fits_of),
+        skipped=tuple(f"{t.guide}/{t.elbo}: {failed[t]}" for t in tasks if t in failed),
+        partial=ran.interrupted,
+        not_run=tuple(f"{t.guide}/{t.elbo}" for t in tasks if t not in fits_of and t not in failed),
+    )
 
 
 def default_out(config_path: str | Path) -> Path:

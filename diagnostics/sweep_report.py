@@ -70,6 +70,19 @@ def _counts(run: SweepRun) -> str:
     )
 
 
+def partial_line(run: SweepRun) -> str:
+    """``interrupted: N fit(s) not run: ...`` (what Ctrl-C left out of the tables)."""
+    line = f"interrupted: {len(run.not_run)} fit(s) not run" + (
+        ": " + "; ".join(run.not_run) if run.not_run else ""
+    )
+    if not run.summary.empty and "status" in run.summary:
+        stopped = run.summary[run.summary["status"] == "interrupted"]
+        if len(stopped):
+            names = "; ".join(f"{r.model} {r.method} seed={r.seed}" for r in stopped.itertuples())
+            line += f"; stopped early (what they learned is kept): {names}"
+    return line
+
+
 def _reference_line(run: SweepRun, model: str) -> str:
     ref = run.references.get(model)
     if ref is None:
@@ -109,6 +122,8 @@ def _sections(run: SweepRun) -> list[dict[str, Any]]:
 def render_markdown(run: SweepRun) -> str:
     """The combined Markdown report."""
     lines = [f"# Sweep {run.config.name}", "", _counts(run), ""]
+    if run.partial:
+        lines += [f"**PARTIAL RESULT: {partial_line(run)}**", ""]
     if run.failures:
         lines += ["## Failed tasks", ""]
         lines += [_md_table(failures_table(run)), ""]
@@ -135,6 +150,8 @@ def render_html(run: SweepRun) -> str:
         f"{e(run.config.name)}</title><style>{_CSS}</style></head><body>",
         f"<h1>Sweep {e(run.config.name)}</h1><p>{e(_counts(run))}</p>",
     ]
+    if run.partial:
+        parts.append(f"<div class='untrusted'>PARTIAL RESULT: {e(partial_line(run))}</div>")
     if run.failures:
         parts.append("<h2>Failed tasks</h2>" + _html_table(failures_table(run), "failures"))
     if run.skipped:
@@ -190,6 +207,8 @@ def write_sweep_report(run: SweepRun) -> dict[str, Path]:
         "reused": [t.folder_name for t in run.reused],
         "failures": [f.as_dict() for f in run.failures],
         "skipped": list(run.skipped),
+        "partial": run.partial,
+        "not_run": list(run.not_run),
         "references": {m: r.summary() for m, r in run.references.items()},
         "files": {k: str(v.relative_to(out)) for k, v in files.items()},
     }

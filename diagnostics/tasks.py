@@ -19,6 +19,11 @@ parts + a hash of every input) under the output folder:
     the task, the fit's summary and the SHA-256 of the two files. Written
     last: a folder without it (or whose files do not match it) is unfinished
     and is rerun; a folder with it is skipped by the next run.
+``partial/``
+    only when Ctrl-C stopped the fit after at least one step: the same three
+    files for the parameters learned so far (status ``interrupted``).
+    :func:`is_done` never accepts it, so a rerun recomputes the task;
+    :func:`load_partial` reads it for the report of the interrupted run.
 
 :func:`load_fit` reads a folder back as a :class:`StoredFit`, which
 :func:`diagnostics.compare.compare` accepts in place of a live
@@ -34,6 +39,7 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Mapping
@@ -51,6 +57,7 @@ TASK_FORMAT = 1
 SUMMARY = "summary.json"
 DRAWS = "draws.nc"
 ARRAYS = "arrays.npz"
+PARTIAL = "partial"  # subfolder: what an interrupted fit learned (never counts as done)
 # keyword arguments of vimodels.fit.fit that a task sets itself
 _FIXED = frozenset({"model", "data", "guide", "elbo", "num_steps", "seed", "progress"})
 
@@ -226,14 +233,25 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
         The contents of ``summary.json``: ``task``, ``folder``, ``fit`` (the
         :meth:`~vimodels.fit.FitResult.summary`), ``files`` (name to SHA-256),
         ``host``, ``pid``, ``task_wall_time_s``.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        When Ctrl-C stopped the fit: what it learned (after at least one
+        step) is written to the ``partial/`` subfolder first, and the message
+        says so. The task stays unfinished.
     """
     import torch
 
-    from diagnostics.compare import EVIDENCE_SEED_OFFSET, evidence_log_weights
-    from diagnostics.convert import fit_to_inference_data, save_netcdf
+    # what writing the result needs, imported before the fit: a Ctrl-C during these
+    # (slow) imports costs no fitted steps, and after the fit nothing slow is left
+    import diagnostics.compare  # noqa: F401
+    import diagnostics.convert  # noqa: F401
+    from diagnostics._worker import interrupts_deferred
     from vimodels.convergence import ConvergenceRule
-    from vimodels.fit import INTERRUPTED, fit
+    from vimodels.fit import INTERRUPTED, fit, versions
 
+    versions()  # imports arviz, as fit() does once its steps are done
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     folder = Path(out_dir) / task.folder_name
@@ -251,8 +269,25 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
         progress=False,
         **options,
     )
-    if result.status == INTERRUPTED:  # Ctrl-C reached the worker: not a result to keep
-        raise RuntimeError(f"{task.label} was interrupted at step {result.num_steps}; not saved")
+    if result.status == INTERRUPTED:  # Ctrl-C: keep what was learned, apart; not done
+        where = "nothing learned to keep"
+        if result.num_steps > 0:
+            with interrupts_deferred():
+                _write_result(task, result, folder / PARTIAL, t0)
+            where = f"partial result in {folder / PARTIAL}"
+        raise KeyboardInterrupt(f"{task.label} interrupted at step {result.num_steps}; {where}")
+    with interrupts_deferred():  # a Ctrl-C now would lose a finished fit: it waits
+        summary = _write_result(task, result, folder, t0)
+        drop_partial(task, out_dir)
+    return summary
+
+
+def _write_result(task: Task, result: Any, folder: Path, t0: float) -> dict[str, Any]:
+    """Write draws, arrays and (last) the summary of ``result`` into ``folder``."""
+    from diagnostics.compare import EVIDENCE_SEED_OFFSET, evidence_log_weights
+    from diagnostics.convert import fit_to_inference_data, save_netcdf
+
+    (folder / SUMMARY).unlink(missing_ok=True)
     idata = fit_to_inference_data(result, task.num_draws, seed=task.seed)
     ensure_dir(folder)
     save_netcdf(idata, folder / DRAWS)
@@ -284,6 +319,11 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
     return summary
 
 
+def drop_partial(task: Task, out_dir: str | os.PathLike) -> None:
+    """Remove the partial result of an earlier interrupted run of ``task`` (if any)."""
+    shutil.rmtree(Path(out_dir) / task.folder_name / PARTIAL, ignore_errors=True)
+
+
 def _exact_log_evidence(model: str) -> float | None:
     from vimodels.catalog.registry import get_model
 
@@ -291,9 +331,14 @@ def _exact_log_evidence(model: str) -> float | None:
     return None if exact is None else exact.log_evidence
 
 
-def read_summary(task: Task, out_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The summary of a finished task folder; ``None`` when absent, unfinished or altered."""
-    folder = Path(out_dir) / task.folder_name
+def read_summary(
+    task: Task, out_dir: str | os.PathLike, *, partial: bool = False
+) -> dict[str, Any] | None:
+    """The summary of a finished task folder; ``None`` when absent, unfinished or altered.
+
+    With ``partial``, that of the task's partial result instead.
+    """
+    folder = _folder(task, out_dir, partial)
     try:
         summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
         if summary.get("format") != TASK_FORMAT or summary.get("digest") != task.digest:
@@ -304,6 +349,11 @@ def read_summary(task: Task, out_dir: str | os.PathLike) -> dict[str, Any] | Non
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return summary
+
+
+def _folder(task: Task, out_dir: str | os.PathLike, partial: bool) -> Path:
+    folder = Path(out_dir) / task.folder_name
+    return folder / PARTIAL if partial else folder
 
 
 def is_done(task: Task, out_dir: str | os.PathLike) -> bool:
@@ -454,15 +504,30 @@ class StoredFit:
 
 def load_fit(task: Task, out_dir: str | os.PathLike) -> StoredFit:
     """Read a finished task folder (raises OptionError when it is not finished)."""
-    from diagnostics.convert import load_netcdf
-
     summary = read_summary(task, out_dir)
-    folder = Path(out_dir) / task.folder_name
+    folder = _folder(task, out_dir, False)
     if summary is None:
         raise OptionError(
             f"task {task.label} has no finished folder at {str(folder)!r} (on a cluster, the "
             "output folder must be one that every worker and this machine share)"
         )
+    return _load(task, summary, folder)
+
+
+def load_partial(task: Task, out_dir: str | os.PathLike) -> StoredFit | None:
+    """The partial result an interrupted run of ``task`` left (status ``interrupted``), or None.
+
+    For the report of that run only: a partial result never counts as done.
+    """
+    summary = read_summary(task, out_dir, partial=True)
+    if summary is None:
+        return None
+    return _load(task, summary, _folder(task, out_dir, True))
+
+
+def _load(task: Task, summary: dict[str, Any], folder: Path) -> StoredFit:
+    from diagnostics.convert import load_netcdf
+
     with np.load(folder / ARRAYS, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     return StoredFit(

@@ -11,13 +11,14 @@ import textwrap
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def _cli(*args: str) -> subprocess.Popen:
+def _cli(*args: str, **popen) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "vimodels.cli", *args],
         stdout=subprocess.PIPE,
@@ -25,6 +26,7 @@ def _cli(*args: str) -> subprocess.Popen:
         text=True,
         cwd=ROOT,
         env=ENV,
+        **popen,
     )
 
 
@@ -215,3 +217,186 @@ def test_sigkill_mid_write_leaves_old_file_or_none(tmp_path):
     assert not new.exists()  # no truncated file under the target's name
     # the partial temporary files stay, hidden (leading dot), never read as a target
     assert all(p.exists() and p.name.startswith(".") for p in tmp)
+
+
+# ------------------------------------------------ Ctrl-C while an executor runs a grid
+
+_EXECUTOR_SCRIPT = textwrap.dedent(
+    """
+    import json, os, signal, sys, threading, time
+    from pathlib import Path
+    from diagnostics.executors import LocalExecutor
+    from sweep_helpers import sleep_until_interrupted
+
+    folder = Path(sys.argv[1])
+    tasks = [str(folder / name) for name in "abcd"]
+
+    def ctrl_c():  # once both workers run a task
+        while len(list(folder.glob("*.started"))) < 2:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        # a terminal's Ctrl-C reaches worker a as well; worker b hears only of this process
+        os.kill(int((folder / "a.started").read_text()), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    ex = LocalExecutor(2)
+    try:
+        for outcome in ex.map(sleep_until_interrupted, tasks):
+            print("finished", outcome.task, flush=True)
+    except KeyboardInterrupt:
+        t0 = time.monotonic()
+        ex.interrupt(grace=30)
+        print(json.dumps({"stop_s": time.monotonic() - t0}))
+    """
+)
+
+
+def test_interrupting_a_local_executor_stops_every_worker(tmp_path):
+    """Running tasks get one KeyboardInterrupt and time to save; queued ones never start.
+
+    Worker a gets SIGINT twice (as from a terminal, then from ``interrupt``): the
+    second must not cut its saving short. Worker b gets it only from ``interrupt``
+    (``kill -INT`` of the main process): without that it would run on and the
+    main process would wait for it at exit.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _EXECUTOR_SCRIPT, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr
+    stop_s = json.loads(stdout.strip().splitlines()[-1])["stop_s"]
+    assert stop_s < 10, stop_s  # as soon as the workers exit, not after the 30 s grace
+    files = sorted(p.name for p in tmp_path.iterdir())
+    # a and b ran and saved; c (already handed to the pool) and d never started
+    assert files == ["a.saved", "a.started", "b.saved", "b.started"], files
+    for name in "ab":
+        pid = int((tmp_path / f"{name}.started").read_text())
+        with pytest.raises(ProcessLookupError):  # exited and reaped: no zombie, nothing running
+            os.kill(pid, 0)
+
+
+STEPS = 500
+
+
+def _compare_args(out: Path, guides: list[str], executor: str) -> list[str]:
+    """``vimodels compare`` of the conjugate model (exact reference) through an executor."""
+    return [
+        "compare",
+        "conjugate_linear_regression",
+        "--guides",
+        *guides,
+        "--steps",
+        str(STEPS),
+        "--reference",
+        "exact",
+        "--draws",
+        "200",
+        "--iwae-k",
+        "10",
+        "--no-netcdf",
+        "--executor",
+        executor,
+        "--jobs",
+        "1",  # local: one worker, so the cells run one after another, in grid order
+        "--out",
+        str(out),
+    ]
+
+
+def _wait_for_file(pattern: str, folder: Path, proc: subprocess.Popen, timeout: float = 240):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout and proc.poll() is None:
+        if list(folder.glob(pattern)):
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"{pattern} never appeared in {folder}: {proc.communicate()[1]}")
+
+
+def _running_in_session(sid: int) -> list[int]:
+    """Pids of the processes of session ``sid`` still running (Linux ``/proc``).
+
+    Zombies do not count: an orphan (a pool's resource tracker, which exits
+    after its parent) may stay one for a while where nothing reaps orphans.
+    """
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if int(session) == sid and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["local", "serial"])
+def test_ctrl_c_in_compare_with_an_executor_keeps_a_partial_report(tmp_path, capsys, executor):
+    """``vimodels compare --executor local|serial``: finished fits, the one stopped early, a report.
+
+    Grid of three cells run in order. Ctrl-C comes once the first cell's folder is
+    finished, a moment into the second: the first is reported as finished, the
+    second with what it learned (status ``interrupted``), the third as not run.
+    local: a terminal's Ctrl-C (the whole process group); serial: ``kill -INT``.
+    """
+    out = tmp_path / "cmp"
+    first, second, third = "auto_normal", "auto_diagonal_normal", "auto_multivariate_normal"
+    proc = _cli(*_compare_args(out, [first, second, third], executor), start_new_session=True)
+    _wait_for_file(f"fits/*__{first}__*/summary.json", out, proc)
+    # The second cell starts now and runs as many steps, in about half the first one's
+    # time (which includes compiling the first ELBO): a tenth of it is inside its steps.
+    (summary,) = out.glob(f"fits/*__{first}__*/summary.json")
+    time.sleep(max(0.3, 0.1 * json.loads(summary.read_text())["fit"]["wall_time_s"]))
+    if executor == "local":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    assert _running_in_session(proc.pid) == []  # the workers were stopped and reaped
+
+    line = (
+        f"interrupted: methods not run: {third}/trace; "
+        f"stopped early (what they learned is kept): {second}/trace"
+    )
+    assert f"PARTIAL RESULT: {line}" in stdout
+    assert f"**PARTIAL RESULT: {line}**" in (out / "report.md").read_text()
+    diag = json.loads((out / "diagnostics.json").read_text())
+    assert diag["partial"] is True and diag["not_run"] == [f"{third}/trace"]
+    summary = pd.read_csv(out / "summary.csv").set_index("method")
+    assert list(summary.index) == [f"{first}/trace", f"{second}/trace"]
+    assert summary.loc[f"{first}/trace", "status"] in ("max_steps", "converged")
+    assert summary.loc[f"{second}/trace", "status"] == "interrupted"
+    assert 0 < summary.loc[f"{second}/trace", "num_steps"] < STEPS
+    # only the first cell's folder is finished; the second keeps its partial result apart
+    (done,) = (out / "fits").glob(f"*__{first}__*")
+    (stopped,) = (out / "fits").glob(f"*__{second}__*")
+    assert (done / "summary.json").exists() and not (stopped / "summary.json").exists()
+    assert (stopped / "partial" / "summary.json").exists()
+    if executor == "serial":
+        return
+    # a rerun (here, in this process) reuses the finished fit and recomputes nothing
+    from vimodels.cli import main
+
+    before = (done / "summary.json").read_bytes()
+    args = _compare_args(out, [first], "serial")
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "1 fit(s) already finished" in captured.err and "PARTIAL" not in captured.out
+    assert (done / "summary.json").read_bytes() == before
+    assert list(pd.read_csv(out / "summary.csv")["method"]) == [f"{first}/trace"]

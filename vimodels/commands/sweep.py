@@ -54,15 +54,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Run the sweep; print the table per model; exit 1 when a task failed."""
+    """Run the sweep; print the table per model; exit 1 when a task failed, 130 on Ctrl-C."""
     from diagnostics.report import fmt
     from diagnostics.sweep import default_out, run_sweep
     from diagnostics.sweep_config import load_config
+    from diagnostics.sweep_report import partial_line
 
     config = load_config(args.config)
     out = Path(args.out) if args.out else default_out(args.config)
-    with make_cli_executor(args) as executor:
-        run = run_sweep(config, out, executor, progress=not args.quiet)
+    try:
+        with make_cli_executor(args) as executor:
+            run = run_sweep(config, out, executor, progress=not args.quiet)
+    except KeyboardInterrupt as exc:  # before the report: say what is kept
+        kept = f"no report was written; fits finished so far stay in {out / 'fits'}"
+        print(
+            f"vimodels: sweep interrupted: {str(exc) or kept + ', reused by a rerun'}",
+            file=sys.stderr,
+        )
+        return 130
     if not run.by_method.empty:
         cols = [
             c
@@ -87,4 +96,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for failure in run.failures:
         print(f"FAILED {failure.label}", file=sys.stderr)
     print(f"wrote {run.files['html']} (and report.md, summary.csv, sweep.json) in {run.out}")
+    if run.partial:
+        print(f"PARTIAL RESULT: {partial_line(run)}")
+        return 130
     return 1 if run.failures else 0
