@@ -8,7 +8,11 @@ and their imports. Times (seconds):
 
 - ``import``: importing the library (and the model) in the fresh process;
 - ``run``: the sampling call, compile included (the figure compared);
-- ``total``: the whole child process, as seen by the parent.
+- ``total``: the whole child process, as seen by the parent;
+- ``cpu_run`` and ``cpu_total``: CPU seconds (user + system, worker processes
+  and threads included) of the call and of the whole child. On a machine
+  shared with other jobs, wall times stretch with the load; CPU time much
+  less so, and ``cpu_run / cores`` bounds the wall time an idle machine needs.
 
 Variants:
 
@@ -36,6 +40,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -66,6 +71,13 @@ def have_numpyro() -> bool:
 # ----------------------------------------------------------------------------- children
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its waited-for children (workers)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _child_vimodels(s: dict, cache_dir: str) -> dict:
     t0 = time.perf_counter()
     from diagnostics.reference import run_nuts
@@ -73,15 +85,16 @@ def _child_vimodels(s: dict, cache_dir: str) -> dict:
 
     t_import = time.perf_counter() - t0
     settings = NutsSettings(**s, max_tree_depth=10, jit_compile=True)
-    t0 = time.perf_counter()
+    c0, t0 = _cpu(), time.perf_counter()
     ref = run_nuts(MODEL, settings=settings, cache_dir=cache_dir)
-    t_run = time.perf_counter() - t0
+    t_run, cpu_run = time.perf_counter() - t0, _cpu() - c0
     t0 = time.perf_counter()
     ref2 = run_nuts(MODEL, settings=settings, cache_dir=cache_dir)
     t_second = time.perf_counter() - t0
     return {
         "import": t_import,
         "run": t_run,
+        "cpu_run": cpu_run,
         "second": t_second,
         "from_cache": [ref.from_cache, ref2.from_cache],
         "workers": ref.settings["num_workers"],
@@ -110,7 +123,7 @@ def _child_pyro(s: dict, jit: bool) -> dict:
 
     t_import = time.perf_counter() - t0
     sigma, y = torch.tensor(SIGMA), torch.tensor(Y)
-    t0 = time.perf_counter()
+    c0, t0 = _cpu(), time.perf_counter()
     pyro.set_rng_seed(0)
     kernel = NUTS(
         model, target_accept_prob=s["target_accept_prob"], jit_compile=jit, ignore_jit_warnings=jit
@@ -123,7 +136,7 @@ def _child_pyro(s: dict, jit: bool) -> dict:
         disable_progbar=True,
     )
     mcmc.run(sigma, y)
-    t_run = time.perf_counter() - t0
+    t_run, cpu_run = time.perf_counter() - t0, _cpu() - c0
     samples = {k: v.numpy() for k, v in mcmc.get_samples(group_by_chain=True).items()}
     if "theta" not in samples:
         samples["theta"] = (
@@ -133,6 +146,7 @@ def _child_pyro(s: dict, jit: bool) -> dict:
     return {
         "import": t_import,
         "run": t_run,
+        "cpu_run": cpu_run,
         "divergences": int(sum(len(v) for v in div.values())),
         "draws": {k: samples[k] for k in SITES},
     }
@@ -162,7 +176,7 @@ def _child_numpyro(s: dict, method: str) -> dict:
 
     t_import = time.perf_counter() - t0
     sigma, y = jnp.asarray(SIGMA), jnp.asarray(Y)
-    t0 = time.perf_counter()
+    c0, t0 = _cpu(), time.perf_counter()
     mcmc = MCMC(
         NUTS(model, target_accept_prob=s["target_accept_prob"]),
         num_warmup=s["num_warmup"],
@@ -174,10 +188,11 @@ def _child_numpyro(s: dict, method: str) -> dict:
     mcmc.run(jax.random.PRNGKey(0), sigma, y, extra_fields=("diverging",))
     samples = mcmc.get_samples(group_by_chain=True)
     jax.block_until_ready(samples)
-    t_run = time.perf_counter() - t0
+    t_run, cpu_run = time.perf_counter() - t0, _cpu() - c0
     return {
         "import": t_import,
         "run": t_run,
+        "cpu_run": cpu_run,
         "devices": len(jax.devices()),
         "divergences": int(np.sum(mcmc.get_extra_fields()["diverging"])),
         "draws": {k: np.asarray(samples[k]) for k in SITES},
@@ -224,13 +239,13 @@ def _run_child(variant: str, s: dict, cache_dir: str, work: Path, tag: str) -> d
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant]
     cmd += ["--settings", json.dumps(s), "--cache-dir", cache_dir, "--out", out]
-    t0 = time.perf_counter()
+    c0, t0 = _cpu(), time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    total = time.perf_counter() - t0
+    total, cpu_total = time.perf_counter() - t0, _cpu() - c0
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{proc.stderr[-3000:]}")
     res = json.loads(Path(out + ".json").read_text())
-    res.update(_quality(Path(out + ".npz")), total=total, variant=variant)
+    res.update(_quality(Path(out + ".npz")), total=total, cpu_total=cpu_total, variant=variant)
     return res
 
 
@@ -266,7 +281,8 @@ def nuts_benchmark(
                 runs[v].append(res)
                 print(
                     f"  [{r}] {v}: run {res['run']:.2f} s (import {res['import']:.2f} s,"
-                    f" total {res['total']:.2f} s)"
+                    f" total {res['total']:.2f} s; CPU run {res['cpu_run']:.1f} s,"
+                    f" total {res['cpu_total']:.1f} s)"
                     + (f", second call {res['second']:.3f} s" if "second" in res else "")
                     + f"; divergences {res['divergences']}, min ESS {res['min_ess_bulk']:.0f},"
                     f" max R-hat {res['max_rhat']:.3f}; load {os.getloadavg()[0]:.2f}",
@@ -276,7 +292,7 @@ def nuts_benchmark(
     for v, rs in runs.items():
         row = {
             k: statistics.median(x[k] for x in rs)
-            for k in ("run", "import", "total", "second")
+            for k in ("run", "import", "total", "second", "cpu_run", "cpu_total")
             if k in rs[0]
         }
         row.update({k: rs[-1][k] for k in ("divergences", "min_ess_bulk", "max_rhat", "means")})
@@ -295,6 +311,7 @@ def nuts_benchmark(
             baseline_s=rows[best]["run"],
             ours_s=rows["vimodels"]["run"],
             ratio=rows["vimodels"]["run"] / rows[best]["run"],
+            cpu_ratio=rows["vimodels"]["cpu_run"] / rows[best]["cpu_run"],
             target=1.0,
         )
     return out
