@@ -60,12 +60,15 @@ def _flatten(draws: dict[str, np.ndarray], sites: tuple[str, ...], lead: int) ->
 
 def reference_moments(name: str, cache_dir: str | None) -> dict:
     """NUTS means and sds of the flattened sites of interest, and the reference's record."""
+    from diagnostics.metrics import element_labels
     from diagnostics.reference import run_nuts
 
     ref = run_nuts(name, cache_dir=cache_dir, progress=True)
     flat = _flatten(ref.draws, ref.sites, 2)
+    labels = [x for s in ref.sites for x in element_labels(s, ref.draws[s].shape[2:])]
     return {
         "sites": ref.sites,
+        "labels": labels,
         "mean": flat.mean(axis=0),
         "sd": flat.std(axis=0, ddof=1),
         "wall_time": ref.wall_time,
@@ -113,6 +116,7 @@ def time_to_accuracy(name: str, guide: str, ref: dict, every: int, draws: int, s
         "settled_s": trail[settled][1] if settled is not None else None,
         "settled_step": trail[settled][0] if settled is not None else None,
         "z_final": float(z_final.max()),
+        "worst_final": ref["labels"][int(z_final.argmax())],
         "z_min": min(z for _, _, z in trail),
         "trail": trail,
     }
@@ -150,7 +154,7 @@ def accuracy_benchmark(
                 f"{_s(res['first_s'])} (step {res['first_step']}), settled at "
                 f"{_s(res['settled_s'])} (step {res['settled_step']}) = {ratio}; fit "
                 f"{res['fit_time']:.1f} s, {res['num_steps']} steps ({res['status']}), "
-                f"final z {res['z_final']:.3f}, best z {res['z_min']:.3f}; "
+                f"final z {res['z_final']:.3f} ({res['worst_final']}), best z {res['z_min']:.3f}; "
                 f"NUTS {ref['wall_time']:.1f} s; load {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
