@@ -20,6 +20,7 @@ The per-process peaks and the number of live processes at the peak say what
 dominates.
 
 Usage: python benchmarks/bench_memory.py [--steps N] [--interval S] [--model NAME]
+       [--cache-dir DIR] [compare options, e.g. --jobs 1 or --executor serial]
 """
 
 from __future__ import annotations
@@ -154,17 +155,22 @@ def memory_benchmark(
     steps: int | None = None,
     interval: float = 0.1,
     extra: tuple[str, ...] = (),
+    cache_dir: str | None = None,
 ) -> dict:
-    """Cold-cache and warm-cache runs of ``vimodels compare``; see the module docstring."""
+    """Cold-cache and warm-cache runs of ``vimodels compare``; see the module docstring.
+
+    With ``cache_dir`` (a reference cache that already holds the model's reference),
+    only the warm-cache run.
+    """
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     rows = {}
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
         base = [sys.executable, "-m", "vimodels.cli", "compare", model, "--quiet"]
-        base += ["--cache", str(Path(tmp) / "cache")]
+        base += ["--cache", cache_dir or str(Path(tmp) / "cache")]
         if steps:
             base += ["--steps", str(steps)]
         base += list(extra)
-        for label in ("cold cache", "warm cache"):
+        for label in ("warm cache",) if cache_dir else ("cold cache", "warm cache"):
             cmd = base + ["--out", str(Path(tmp) / label.replace(" ", "_"))]
             res = measure(cmd, interval, env, Path(tmp) / f"maxrss-{len(rows)}")
             rows[label] = res
@@ -189,9 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="eight_schools_noncentered")
     parser.add_argument("--steps", type=int, help="SVI steps per fit (default: compare's)")
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between samples")
+    parser.add_argument("--cache-dir", help="a warm reference cache: run only the warm case")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args, extra = parser.parse_known_args(argv)
-    res = memory_benchmark(args.model, args.steps, args.interval, tuple(extra))
+    res = memory_benchmark(args.model, args.steps, args.interval, tuple(extra), args.cache_dir)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
 
