@@ -92,7 +92,8 @@ class FitProgress:
         """Draw from the guide at the current parameters, as :meth:`FitResult.sample` does.
 
         The fit's random stream is saved and restored around the draws, so a
-        callback that samples does not change the fit.
+        callback that samples does not change the fit. (An ``auto_laplace`` guide
+        draws its MAP point here; its Laplace approximation is built at the end.)
 
         Returns
         -------
