@@ -18,7 +18,7 @@ from vimodels.errors import (
     UnknownNameError,
     VimodelsError,
 )
-from vimodels.fit import FitResult, fit
+from vimodels.fit import FitProgress, FitResult, fit
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ __all__ = [
     "ConvergenceRule",
     "DataError",
     "ExactPosterior",
+    "FitProgress",
     "FitResult",
     "IncompatibleError",
     "NutsSettings",

@@ -1,0 +1,341 @@
+"""Benchmark 3: the project's NUTS reference against plain Pyro NUTS and NumPyro NUTS.
+
+Eight schools (non-centered), the entry's reference settings for every sampler:
+4 chains x (500 warm-up + 500 draws), target acceptance 0.9, tree depth 10,
+float32. Each variant runs in a fresh Python process, so that the time of a
+call includes everything a first call pays: JIT compilation, worker processes
+and their imports. Times (seconds):
+
+- ``import``: importing the library (and the model) in the fresh process;
+- ``run``: the sampling call, compile included (the figure compared);
+- ``total``: the whole child process, as seen by the parent;
+- ``cpu_run`` and ``cpu_total``: CPU seconds (user + system, worker processes
+  and threads included) of the call and of the whole child. On a machine
+  shared with other jobs, wall times stretch with the load; CPU time much
+  less so, and ``cpu_run / cores`` bounds the wall time an idle machine needs.
+
+Variants:
+
+- ``vimodels``: ``diagnostics.reference.run_nuts`` on an empty cache folder
+  (chains in parallel worker processes, JIT, checks, cache write); then the
+  same call again in the same process (``second``: the cache is reused);
+- ``vimodels_cached``: a fresh process calling ``run_nuts`` on the warm cache;
+- ``pyro``: ``MCMC(NUTS(model, target_accept_prob=0.9), num_chains=4)`` as a
+  user writes it (on 2 cores Pyro draws the chains sequentially, without JIT);
+- ``pyro_jit``: the same with ``jit_compile=True``;
+- ``numpyro_sequential``: NumPyro, ``chain_method="sequential"``;
+- ``numpyro_parallel``: NumPyro, ``numpyro.set_host_device_count(4)`` and
+  ``chain_method="parallel"`` (one XLA host device per chain).
+
+The NumPyro variants need the ``bench`` extra (``pip install -e .[bench]``);
+without it they are skipped with a message. Quality is reported next to time:
+divergences, min bulk ESS and max R-hat of ``mu``, ``tau`` and ``theta``.
+
+Usage: python benchmarks/bench_nuts.py [--repeats N] [--quick] [--variants ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "eight_schools_noncentered"
+SETTINGS = {"num_warmup": 500, "num_samples": 500, "num_chains": 4, "target_accept_prob": 0.9}
+QUICK = {"num_warmup": 100, "num_samples": 100, "num_chains": 2, "target_accept_prob": 0.9}
+VARIANTS = (
+    "vimodels",
+    "vimodels_cached",
+    "pyro",
+    "pyro_jit",
+    "numpyro_sequential",
+    "numpyro_parallel",
+)
+SITES = ("mu", "tau", "theta")
+
+
+def have_numpyro() -> bool:
+    """Whether NumPyro and JAX are importable (the ``bench`` extra)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("numpyro", "jax"))
+
+
+# ----------------------------------------------------------------------------- children
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and its waited-for children (workers)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _child_vimodels(s: dict, cache_dir: str) -> dict:
+    t0 = time.perf_counter()
+    from diagnostics.reference import run_nuts
+    from vimodels.catalog.base import NutsSettings
+
+    t_import = time.perf_counter() - t0
+    settings = NutsSettings(**s, max_tree_depth=10, jit_compile=True)
+    c0, t0 = _cpu(), time.perf_counter()
+    ref = run_nuts(MODEL, settings=settings, cache_dir=cache_dir)
+    t_run, cpu_run = time.perf_counter() - t0, _cpu() - c0
+    t0 = time.perf_counter()
+    ref2 = run_nuts(MODEL, settings=settings, cache_dir=cache_dir)
+    t_second = time.perf_counter() - t0
+    return {
+        "import": t_import,
+        "run": t_run,
+        "cpu_run": cpu_run,
+        "second": t_second,
+        "from_cache": [ref.from_cache, ref2.from_cache],
+        "workers": ref.settings["num_workers"],
+        "chain_wall_time_s": ref.settings["chain_wall_time_s"],
+        "divergences": ref.num_divergences,
+        "draws": {k: ref.draws[k] for k in SITES},
+    }
+
+
+def _child_pyro(s: dict, jit: bool) -> dict:
+    t0 = time.perf_counter()
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from pyro.infer import MCMC, NUTS
+
+    from vimodels.catalog.eight_schools import SIGMA, Y
+
+    def model(sigma, y=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        with pyro.plate("schools", sigma.shape[-1]):
+            theta_tilde = pyro.sample("theta_tilde", dist.Normal(0.0, 1.0))
+            pyro.deterministic("theta", mu + tau * theta_tilde)
+            pyro.sample("obs", dist.Normal(mu + tau * theta_tilde, sigma), obs=y)
+
+    t_import = time.perf_counter() - t0
+    sigma, y = torch.tensor(SIGMA), torch.tensor(Y)
+    c0, t0 = _cpu(), time.perf_counter()
+    pyro.set_rng_seed(0)
+    kernel = NUTS(
+        model, target_accept_prob=s["target_accept_prob"], jit_compile=jit, ignore_jit_warnings=jit
+    )
+    mcmc = MCMC(
+        kernel,
+        num_samples=s["num_samples"],
+        warmup_steps=s["num_warmup"],
+        num_chains=s["num_chains"],
+        disable_progbar=True,
+    )
+    mcmc.run(sigma, y)
+    t_run, cpu_run = time.perf_counter() - t0, _cpu() - c0
+    samples = {k: v.numpy() for k, v in mcmc.get_samples(group_by_chain=True).items()}
+    if "theta" not in samples:
+        samples["theta"] = (
+            samples["mu"][..., None] + samples["tau"][..., None] * samples["theta_tilde"]
+        )
+    div = mcmc.diagnostics()["divergences"]
+    return {
+        "import": t_import,
+        "run": t_run,
+        "cpu_run": cpu_run,
+        "divergences": int(sum(len(v) for v in div.values())),
+        "draws": {k: samples[k] for k in SITES},
+    }
+
+
+def _child_numpyro(s: dict, method: str) -> dict:
+    t0 = time.perf_counter()
+    import numpyro
+
+    if method == "parallel":
+        numpyro.set_host_device_count(s["num_chains"])
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import numpyro.distributions as dist
+    from numpyro.infer import MCMC, NUTS
+
+    from vimodels.catalog.eight_schools import SIGMA, Y
+
+    def model(sigma, y=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
+        with numpyro.plate("schools", sigma.shape[-1]):
+            theta_tilde = numpyro.sample("theta_tilde", dist.Normal(0.0, 1.0))
+            theta = numpyro.deterministic("theta", mu + tau * theta_tilde)
+            numpyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+    t_import = time.perf_counter() - t0
+    sigma, y = jnp.asarray(SIGMA), jnp.asarray(Y)
+    c0, t0 = _cpu(), time.perf_counter()
+    mcmc = MCMC(
+        NUTS(model, target_accept_prob=s["target_accept_prob"]),
+        num_warmup=s["num_warmup"],
+        num_samples=s["num_samples"],
+        num_chains=s["num_chains"],
+        chain_method=method,
+        progress_bar=False,
+    )
+    mcmc.run(jax.random.PRNGKey(0), sigma, y, extra_fields=("diverging",))
+    samples = mcmc.get_samples(group_by_chain=True)
+    jax.block_until_ready(samples)
+    t_run, cpu_run = time.perf_counter() - t0, _cpu() - c0
+    return {
+        "import": t_import,
+        "run": t_run,
+        "cpu_run": cpu_run,
+        "devices": len(jax.devices()),
+        "divergences": int(np.sum(mcmc.get_extra_fields()["diverging"])),
+        "draws": {k: np.asarray(samples[k]) for k in SITES},
+    }
+
+
+def child(variant: str, s: dict, cache_dir: str, out: str) -> None:
+    """Run one variant in this (fresh) process; write timings and draws to ``out``."""
+    import numpy as np
+
+    if variant in ("vimodels", "vimodels_cached"):
+        res = _child_vimodels(s, cache_dir)
+    elif variant.startswith("pyro"):
+        res = _child_pyro(s, jit=variant == "pyro_jit")
+    else:
+        res = _child_numpyro(s, variant.split("_", 1)[1])
+    draws = res.pop("draws")
+    np.savez(out + ".npz", **{k: np.asarray(v, dtype=float) for k, v in draws.items()})
+    Path(out + ".json").write_text(json.dumps(res))
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def _quality(npz: Path) -> dict:
+    import numpy as np
+
+    from diagnostics import _arviz
+
+    with np.load(npz) as f:
+        draws = {k: f[k] for k in f.files}
+    ess, rhat = [], []
+    for x in draws.values():
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        for j in range(flat.shape[2]):
+            ess.append(_arviz.ess(flat[:, :, j], "bulk"))
+            rhat.append(_arviz.rhat(flat[:, :, j]))
+    means = {k: np.round(v.mean(axis=(0, 1)), 2).tolist() for k, v in draws.items()}
+    return {"min_ess_bulk": min(ess), "max_rhat": max(rhat), "means": means}
+
+
+def _run_child(variant: str, s: dict, cache_dir: str, work: Path, tag: str) -> dict:
+    out = str(work / f"{variant}-{tag}")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant]
+    cmd += ["--settings", json.dumps(s), "--cache-dir", cache_dir, "--out", out]
+    c0, t0 = _cpu(), time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    total, cpu_total = time.perf_counter() - t0, _cpu() - c0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(Path(out + ".json").read_text())
+    res.update(_quality(Path(out + ".npz")), total=total, cpu_total=cpu_total, variant=variant)
+    return res
+
+
+def nuts_benchmark(
+    repeats: int = 3, quick: bool = False, variants: tuple[str, ...] | None = None
+) -> dict:
+    """Run the variants interleaved ``repeats`` times, each in a fresh process.
+
+    Returns
+    -------
+    dict
+        ``rows`` (median times and the last repeat's quality per variant), the
+        ratio of ``vimodels`` to the faster NumPyro variant, and the settings.
+    """
+    s = QUICK if quick else SETTINGS
+    variants = tuple(variants or VARIANTS)
+    skipped = []
+    if not have_numpyro():
+        skipped = [v for v in variants if v.startswith("numpyro")]
+        variants = tuple(v for v in variants if v not in skipped)
+        print(
+            "benchmark 3: NumPyro/JAX not installed; skipping the NumPyro variants "
+            "(install the 'bench' extra: pip install -e .[bench])",
+            flush=True,
+        )
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory(prefix="bench-nuts-") as tmp:
+        work = Path(tmp)
+        for r in range(repeats):
+            cache_dir = str(work / f"cache-{r}")  # empty at each repeat's first call
+            for v in variants:
+                res = _run_child(v, s, cache_dir, work, str(r))
+                runs[v].append(res)
+                print(
+                    f"  [{r}] {v}: run {res['run']:.2f} s (import {res['import']:.2f} s,"
+                    f" total {res['total']:.2f} s; CPU run {res['cpu_run']:.1f} s,"
+                    f" total {res['cpu_total']:.1f} s)"
+                    + (f", second call {res['second']:.3f} s" if "second" in res else "")
+                    + f"; divergences {res['divergences']}, min ESS {res['min_ess_bulk']:.0f},"
+                    f" max R-hat {res['max_rhat']:.3f}; load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
+    rows = {}
+    for v, rs in runs.items():
+        row = {
+            k: statistics.median(x[k] for x in rs)
+            for k in ("run", "import", "total", "second", "cpu_run", "cpu_total")
+            if k in rs[0]
+        }
+        row.update({k: rs[-1][k] for k in ("divergences", "min_ess_bulk", "max_rhat", "means")})
+        row["runs"] = [x["run"] for x in rs]
+        for k in ("workers", "chain_wall_time_s", "from_cache", "devices"):
+            if k in rs[-1]:
+                row[k] = rs[-1][k]
+        rows[v] = row
+    out = {"name": "ground truth: NUTS wall time incl. compile", "settings": s, "rows": rows}
+    out["skipped"] = skipped
+    numpyro = [v for v in rows if v.startswith("numpyro")]
+    if "vimodels" in rows and numpyro:
+        best = min(numpyro, key=lambda v: rows[v]["run"])
+        out.update(
+            baseline=best,
+            baseline_s=rows[best]["run"],
+            ours_s=rows["vimodels"]["run"],
+            ratio=rows["vimodels"]["run"] / rows[best]["run"],
+            cpu_ratio=rows["vimodels"]["cpu_run"] / rows[best]["cpu_run"],
+            target=1.0,
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="2 chains x (100 + 100), 1 repeat")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child, json.loads(args.settings), args.cache_dir, args.out)
+        return
+    res = nuts_benchmark(1 if args.quick else args.repeats, args.quick, args.variants)
+    print(json.dumps(res, indent=1, default=str))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
