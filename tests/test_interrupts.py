@@ -78,7 +78,7 @@ def test_ctrl_c_in_compare_keeps_a_partial_report(tmp_path):
         proc.kill()
         proc.communicate()
         raise
-    time.sleep(5.0)  # into the first fit's steps
+    time.sleep(20.0)  # well into the first fit (1e6 steps: it never ends itself); slack for load
     proc.send_signal(signal.SIGINT)
     try:
         stdout, stderr = proc.communicate(timeout=120)
