@@ -97,8 +97,15 @@ def mcse_mean(draws: np.ndarray) -> float:
 
 
 def psis_khat(log_weights: np.ndarray) -> float:
-    """Pareto k-hat of importance log weights, shape (n,) (ArviZ ``psislw``, r_eff = 1)."""
-    _, khat = az.psislw(np.asarray(log_weights, dtype=float), reff=1.0)
+    """Pareto k-hat of importance log weights, shape (n,) (ArviZ ``psislw``, r_eff = 1).
+
+    ArviZ's generalized-Pareto fit exponentiates differences of profile
+    log likelihoods; with very heavy tails (a barely fitted guide, thousands of
+    draws) some overflow to ``inf``, whose reciprocal is the correct weight 0.
+    The overflow warning is therefore silenced here, not passed on.
+    """
+    with np.errstate(over="ignore"):
+        _, khat = az.psislw(np.asarray(log_weights, dtype=float), reff=1.0)
     return float(np.asarray(khat))
 
 
