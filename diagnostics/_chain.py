@@ -15,6 +15,7 @@ import torch
 from pyro.infer import MCMC, NUTS
 from pyro.poutine.messenger import Messenger
 
+from diagnostics._nuts import sample_chain
 from vimodels.catalog.base import NutsSettings
 from vimodels.catalog.registry import get_model
 
@@ -73,6 +74,8 @@ def run_chain(spec: dict) -> dict:
         k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in spec["data"].items()
     }
     s: NutsSettings = spec["settings"]
+    if s.sampler == "vimodels":
+        return _run_lean_chain(spec, model, data, s)
     jit = bool(s.jit_compile)
     note = None
     t0 = time.perf_counter()
@@ -115,4 +118,31 @@ def run_chain(spec: dict) -> dict:
         "jit": jit,
         "note": note,
         "wall_time": time.perf_counter() - t0,
+        "leapfrog_steps": None,
+    }
+
+
+def _run_lean_chain(spec: dict, model: Callable, data: dict, s: NutsSettings) -> dict:
+    t0 = time.perf_counter()
+    out = sample_chain(
+        model,
+        data,
+        num_warmup=s.num_warmup,
+        num_samples=s.num_samples,
+        seed=spec["seed"],
+        target_accept_prob=s.target_accept_prob,
+        max_tree_depth=s.max_tree_depth,
+        max_plate_nesting=spec["max_plate_nesting"],
+        jit=bool(s.jit_compile),
+    )
+    stats = dict(out["stats"])
+    steps = stats.pop("num_steps")
+    return {
+        "chain": spec["chain"],
+        "samples": out["samples"],
+        "stats": stats,
+        "jit": out["jit"],
+        "note": out["note"],
+        "wall_time": time.perf_counter() - t0,
+        "leapfrog_steps": {"warmup": int(out["warmup_steps"]), "sampling": int(steps.sum())},
     }

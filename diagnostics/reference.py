@@ -61,6 +61,11 @@ RHAT_MAX = 1.01
 ESS_MIN = 400.0
 CACHE_FORMAT = 1
 NUTS_KIND = "nuts"
+SAMPLER_NAMES = {
+    "vimodels": "vimodels NUTS (Stan's multinomial NUTS and warm-up, diagonal metric, "
+    "on Pyro's potential)",
+    "pyro": "pyro NUTS (multinomial, diagonal mass matrix)",
+}
 EXACT_KIND = "exact"
 _GROUPS = ("posterior", "sample_stats", "log_likelihood", "observed_data")
 
@@ -613,6 +618,10 @@ def _validate(settings: NutsSettings) -> None:
     check_option("num_samples", settings.num_samples, kind=int, low=2)
     check_option("num_chains", settings.num_chains, kind=int, low=1)
     check_option("max_tree_depth", settings.max_tree_depth, kind=int, low=1)
+    if settings.sampler not in SAMPLER_NAMES:
+        raise OptionError(
+            f"unknown NUTS sampler {settings.sampler!r}; valid: {', '.join(SAMPLER_NAMES)}"
+        )
     check_option(
         "target_accept_prob",
         float(settings.target_accept_prob),
@@ -769,7 +778,7 @@ def _compute_nuts(
     checks = run_checks(draws, sites, int(stats["diverging"].sum()))
     used = {
         **dataclasses.asdict(s),
-        "sampler": "pyro NUTS (multinomial, diagonal mass matrix)",
+        "sampler": SAMPLER_NAMES[s.sampler],
         "seed": seed,
         "chain_seeds": seeds,
         "num_workers": used_workers,
@@ -777,6 +786,7 @@ def _compute_nuts(
         "init_strategy": "init_to_uniform",
         "max_plate_nesting": info.max_plate_nesting,
         "chain_wall_time_s": [r["wall_time"] for r in results],
+        "chain_leapfrog_steps": [r.get("leapfrog_steps") for r in results],
     }
     return Reference(
         model_name=name,

@@ -39,6 +39,11 @@ class NutsSettings:
         NUTS maximum tree depth.
     jit_compile : bool
         Whether the model's potential may be JIT-compiled.
+    sampler : str
+        ``"vimodels"`` (default): the project's NUTS on the flat unconstrained
+        vector (:mod:`diagnostics._nuts`; Pyro's potential, Stan's algorithm
+        and warm-up, about 5x less Python per leapfrog step); ``"pyro"``:
+        :class:`pyro.infer.NUTS`.
     """
 
     num_warmup: int = 500
@@ -47,6 +52,7 @@ class NutsSettings:
     target_accept_prob: float = 0.8
     max_tree_depth: int = 10
     jit_compile: bool = True
+    sampler: str = "vimodels"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,180 @@
+"""The project's NUTS (diagnostics._nuts): exact targets, warm-up, the compiled potential."""
+
+from __future__ import annotations
+
+import math
+
+import arviz as az
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.mcmc.util import initialize_model
+
+from diagnostics import _nuts
+from diagnostics._nuts import FlatPotential, NUTSChain, Windows, sample_chain
+
+# A Gaussian whose scales span three orders of magnitude, with one correlated
+# pair: the diagonal metric must learn the scales, the trajectory the correlation.
+SCALES = torch.tensor([0.01, 0.1, 1.0, 10.0, 1.0, 1.0])
+MEANS = torch.tensor([1.0, -2.0, 0.5, 30.0, 0.0, 0.0])
+RHO = 0.9
+
+
+def _cov() -> torch.Tensor:
+    cov = torch.diag(SCALES**2)
+    cov[4, 5] = cov[5, 4] = RHO
+    return cov
+
+
+SCALE_TRIL = torch.linalg.cholesky(_cov())
+
+
+def gaussian_model():
+    pyro.sample("x", dist.MultivariateNormal(MEANS, scale_tril=SCALE_TRIL))
+
+
+def positive_model():
+    # log-normal: exercises the transform to the unconstrained space and back
+    pyro.sample(
+        "s", dist.LogNormal(torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.25])).to_event(1)
+    )
+
+
+def _chains(model, num_chains=4, **kw):
+    return [sample_chain(model, {}, seed=100 + c, **kw) for c in range(num_chains)]
+
+
+def _mcse_check(draws: np.ndarray, truth_mean: np.ndarray, truth_sd: np.ndarray) -> None:
+    """|mean - truth| <= 5 MCSE and |sd - truth| <= 5 MCSE(sd), per coordinate; draws (chain, draw, k)."""
+    for k in range(draws.shape[-1]):
+        x = draws[..., k]
+        assert az.rhat(x) < 1.01, k
+        m_se = float(az.mcse(x, method="mean"))
+        s_se = float(az.mcse(x, method="sd"))
+        assert abs(x.mean() - truth_mean[k]) <= 5 * m_se, (k, x.mean(), truth_mean[k], m_se)
+        assert abs(x.std() - truth_sd[k]) <= 5 * s_se, (k, x.std(), truth_sd[k], s_se)
+
+
+@pytest.mark.slow
+def test_gaussian_with_scales_over_three_decades_is_sampled_exactly():
+    runs = _chains(gaussian_model, num_chains=2, num_warmup=300, num_samples=500, max_tree_depth=8)
+    draws = np.stack([r["samples"]["x"] for r in runs])  # (2, 500, 6)
+    _mcse_check(draws, MEANS.numpy(), SCALES.numpy())
+    corr = np.corrcoef(draws[..., 4].ravel(), draws[..., 5].ravel())[0, 1]
+    assert abs(corr - RHO) < 0.03
+    for r in runs:
+        # the adapted inverse metric is the target's variance (within the noise of
+        # its last window, a few hundred correlated draws)
+        ratio = r["inv_mass"] / SCALES.numpy() ** 2
+        assert np.all((ratio > 0.5) & (ratio < 2.0)), ratio
+        assert not r["stats"]["diverging"].any()
+        # dual averaging aims warm-up at 0.8; with the averaged step size the
+        # sampling phase accepts more (Pyro's NUTS: 0.92-0.93 on this target)
+        assert 0.75 < r["stats"]["acceptance_rate"].mean() < 0.98
+
+
+def test_constrained_site_comes_back_on_its_support_with_the_right_moments():
+    runs = _chains(positive_model, num_warmup=300, num_samples=500)
+    draws = np.log(np.stack([r["samples"]["s"] for r in runs]))  # log of a log-normal: normal
+    assert (np.stack([r["samples"]["s"] for r in runs]) > 0).all()
+    _mcse_check(draws, np.array([0.0, 1.0]), np.array([0.5, 0.25]))
+
+
+def test_same_seed_same_chain_and_another_seed_another():
+    a = sample_chain(positive_model, {}, num_warmup=50, num_samples=20, seed=3)
+    b = sample_chain(positive_model, {}, num_warmup=50, num_samples=20, seed=3)
+    c = sample_chain(positive_model, {}, num_warmup=50, num_samples=20, seed=4)
+    np.testing.assert_array_equal(a["samples"]["s"], b["samples"]["s"])
+    assert not np.array_equal(a["samples"]["s"], c["samples"]["s"])
+
+
+def _potential(model, data=None, jit=True):
+    params, potential_fn, _, _ = initialize_model(model, model_kwargs=data or {})
+    names = list(params)
+    z0 = np.concatenate([params[k].detach().reshape(-1).double().numpy() for k in names])
+    shapes = {k: tuple(params[k].shape) for k in names}
+    return FlatPotential(potential_fn, shapes, params[names[0]].dtype, jit, z0), z0
+
+
+def test_compiled_value_and_gradient_equal_autograd_on_a_catalog_model():
+    from vimodels.catalog.registry import get_model
+
+    entry = get_model("eight_schools_noncentered")
+    pyro.set_rng_seed(0)
+    compiled, z0 = _potential(entry.model, entry.data())
+    assert compiled.mode == "fx"
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        z = z0 + rng.normal(size=z0.shape)
+        u, g = compiled(z)
+        t = torch.tensor(z, dtype=torch.float32, requires_grad=True)
+        u_ref = compiled.python_potential(t)
+        (g_ref,) = torch.autograd.grad(u_ref, t)
+        assert u == pytest.approx(float(u_ref.detach()), rel=1e-5)
+        np.testing.assert_allclose(g, g_ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def branching_model():
+    # Python control flow on a value: a trace taken at one point is wrong at others
+    x = pyro.sample("x", dist.Normal(0.0, 1.0))
+    if bool(x.detach() > 0):
+        pyro.factor("kink", -x)
+
+
+def test_model_with_value_dependent_python_branches_is_not_traced():
+    pyro.set_rng_seed(1)
+    potential, z0 = _potential(branching_model)
+    for z in (np.array([-0.7]), np.array([0.7])):
+        u, _ = potential(z)
+        expected = 0.5 * z[0] ** 2 + 0.5 * math.log(2 * math.pi) + max(z[0], 0.0)
+        assert u == pytest.approx(expected, rel=1e-5)
+
+
+def test_leapfrog_is_reversible_and_nearly_conserves_energy():
+    pyro.set_rng_seed(0)
+    potential, z0 = _potential(gaussian_model)
+    z_mean = MEANS.double().numpy() + SCALES.double().numpy()  # one sd out: energy O(D)
+    chain = NUTSChain(potential, z_mean, np.random.default_rng(0))
+    chain.inv_mass = SCALES.numpy() ** 2
+    r0 = chain._momentum()
+    start = _nuts._Point(chain.z, r0, chain.u, chain.g)
+    p = start
+    for _ in range(20):
+        p = chain._leapfrog(p, 0.05)
+    h0, h1 = chain._energy(start.u, start.r), chain._energy(p.u, p.r)
+    assert abs(h1 - h0) < 0.05  # second-order error at a small step
+    p.r = -p.r
+    for _ in range(20):
+        p = chain._leapfrog(p, 0.05)
+    np.testing.assert_allclose((p.z - start.z) / SCALES.numpy(), 0.0, atol=1e-3)
+
+
+def test_warmup_windows_follow_stan():
+    def closes(num_warmup):
+        w = Windows(num_warmup)
+        out = []
+        for i in range(num_warmup):
+            if w.end_of_window():
+                out.append(i)
+                w.advance()
+            w.counter += 1
+        return out
+
+    # 75 fast + 25, 50, 100, 200, then the last slow window stretched to 950 - 1
+    assert closes(1000) == [99, 149, 249, 449, 949]
+    assert closes(300) == [99, 149, 249]
+    # short warm-up: 15% / 75% / 10%
+    assert closes(100) == [89]
+    assert closes(10) == []
+
+
+def test_divergence_is_flagged_on_a_step_far_too_large():
+    pyro.set_rng_seed(0)
+    potential, z0 = _potential(gaussian_model)
+    chain = NUTSChain(potential, z0, np.random.default_rng(0))
+    chain.step_size = 50.0  # 5000 sd of the narrowest coordinate
+    info = chain.transition()
+    assert info["diverging"]
+    assert info["acceptance_rate"] < 0.01
