@@ -153,7 +153,10 @@ def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _trace_value_and_grad(fn: Callable, example: torch.Tensor) -> Callable:
-    """``z -> (grad, value)`` of ``fn`` as one frozen TorchScript graph (checked at a second point)."""
+    """``z -> (grad, value)`` of ``fn`` as one frozen TorchScript graph.
+
+    Checked against autograd at a second point.
+    """
     from torch.fx.experimental.proxy_tensor import make_fx
 
     with warnings.catch_warnings(), pyro.util.ignore_jit_warnings():

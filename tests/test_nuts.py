@@ -47,7 +47,10 @@ def _chains(model, num_chains=4, **kw):
 
 
 def _mcse_check(draws: np.ndarray, truth_mean: np.ndarray, truth_sd: np.ndarray) -> None:
-    """|mean - truth| <= 5 MCSE and |sd - truth| <= 5 MCSE(sd), per coordinate; draws (chain, draw, k)."""
+    """|mean - truth| <= 5 MCSE and |sd - truth| <= 5 MCSE(sd) per coordinate.
+
+    ``draws`` has shape (chain, draw, k).
+    """
     for k in range(draws.shape[-1]):
         x = draws[..., k]
         assert az.rhat(x) < 1.01, k
