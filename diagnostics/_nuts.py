@@ -130,8 +130,12 @@ class FlatPotential:
                 g, u = self._value_and_grad(torch.from_numpy(z).to(self.dtype))
             return float(u), g.numpy().astype(np.float64)
         t = torch.tensor(z, dtype=self.dtype, requires_grad=True)
-        u = self._fn(t)
-        (g,) = torch.autograd.grad(u, t)
+        try:
+            with _validation_off():
+                u = self._fn(t)
+                (g,) = torch.autograd.grad(u, t)
+        except ValueError:  # a point where the model cannot be evaluated: no mass there
+            return math.inf, np.zeros_like(z)
         return float(u.detach()), g.numpy().astype(np.float64)
 
 
@@ -152,6 +156,23 @@ def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * (1.0 + float(b.abs().max()))))
 
 
+def _value_and_grad_fn(fn: Callable) -> Callable:
+    """``z -> (grad, value)`` by ``torch.autograd.grad`` (which ``make_fx`` records).
+
+    Not ``torch.func.grad_and_value``: Pyro's enumeration uses autograd
+    Functions (``safe_log``) that functorch transforms reject.
+    """
+
+    def value_and_grad(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            u = fn(z)
+            (g,) = torch.autograd.grad(u, z)
+        return g, u.detach()
+
+    return value_and_grad
+
+
 def _trace_value_and_grad(fn: Callable, example: torch.Tensor) -> Callable:
     """``z -> (grad, value)`` of ``fn`` as one frozen TorchScript graph.
 
@@ -162,7 +183,7 @@ def _trace_value_and_grad(fn: Callable, example: torch.Tensor) -> Callable:
     with warnings.catch_warnings(), pyro.util.ignore_jit_warnings():
         warnings.simplefilter("ignore")
         with _validation_off():
-            graph = make_fx(torch.func.grad_and_value(lambda z: fn(z)))(example)
+            graph = make_fx(_value_and_grad_fn(fn))(example)
         with torch.no_grad():
             compiled = torch.jit.freeze(
                 torch.jit.trace(graph, (example,), check_trace=False).eval()
@@ -189,7 +210,12 @@ def _trace_potential(fn: Callable, example: torch.Tensor) -> Callable:
         warnings.simplefilter("always")
         with _validation_off():
             traced = torch.jit.trace(fn, (example,), check_trace=False)
-    frozen = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    frozen = [
+        w
+        for w in caught
+        if issubclass(w.category, torch.jit.TracerWarning)
+        and "Converting a tensor to a Python" in str(w.message)
+    ]
     if frozen:
         raise RuntimeError(f"value-dependent Python in the model: {frozen[0].message}")
     z1 = example + 0.1
