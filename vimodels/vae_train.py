@@ -16,13 +16,23 @@ from typing import Any
 import numpy as np
 
 from guides.vae import encoder_guide
-from vimodels.catalog.vae import HIDDEN_DIM, LATENT_DIM, NUM_LAYERS, digits_split, digits_vae
+from vimodels.catalog.vae import (
+    HIDDEN_DIM,
+    LATENT_DIM,
+    NUM_LAYERS,
+    digits_split,
+    digits_vae,
+    evaluation_options,
+)
 from vimodels.elbos import get_elbo_spec
 from vimodels.errors import OptionError, check_option
 from vimodels.train import TrainResult, train
 
 VAL_FRACTION = 0.1
 VAL_SEED = 7
+DECODER_DROPOUT = 0.0
+ENCODER_DROPOUT = 0.0
+PRIOR_COMPONENTS = 0
 
 
 @dataclass(frozen=True)
@@ -115,13 +125,32 @@ def train_val_split(
 
 
 def network_options(
-    latent_dim: int = LATENT_DIM, hidden_dim: int = HIDDEN_DIM, num_layers: int = NUM_LAYERS
-) -> dict[str, int]:
-    """Static model options (validated)."""
+    latent_dim: int = LATENT_DIM,
+    hidden_dim: int = HIDDEN_DIM,
+    num_layers: int = NUM_LAYERS,
+    decoder_dropout: float = DECODER_DROPOUT,
+    encoder_dropout: float = ENCODER_DROPOUT,
+    prior_components: int = PRIOR_COMPONENTS,
+) -> dict[str, Any]:
+    """Static model options (validated); see :func:`vimodels.catalog.vae.digits_vae`."""
     check_option("latent_dim", latent_dim, kind=int, low=1)
     check_option("hidden_dim", hidden_dim, kind=int, low=1)
     check_option("num_layers", num_layers, kind=int, low=0)
-    return {"latent_dim": latent_dim, "hidden_dim": hidden_dim, "num_layers": num_layers}
+    for name, rate in (("decoder_dropout", decoder_dropout), ("encoder_dropout", encoder_dropout)):
+        if isinstance(rate, int) and not isinstance(rate, bool):
+            rate = float(rate)
+        check_option(name, rate, kind=float, low=0.0, high=1.0)
+        if rate == 1.0:
+            raise OptionError(f"{name} must be < 1 (a rate of 1 drops every unit)")
+    check_option("prior_components", prior_components, kind=int, low=0)
+    return {
+        "latent_dim": latent_dim,
+        "hidden_dim": hidden_dim,
+        "num_layers": num_layers,
+        "decoder_dropout": float(decoder_dropout),
+        "encoder_dropout": float(encoder_dropout),
+        "prior_components": prior_components,
+    }
 
 
 def train_digits_vae(
@@ -171,7 +200,7 @@ def train_digits_vae(
         digits_vae,
         encoder_guide,
         {"x": x[tr], **static},
-        val_data={"x": x[va], **static},
+        val_data={"x": x[va], **evaluation_options(static)},
         elbo=objective.elbo,
         num_particles=objective.num_particles,
         elbo_options=objective.elbo_options,

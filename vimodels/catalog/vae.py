@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+from torch.distributions import constraints
 
 from vimodels.catalog.base import CatalogEntry, NutsSettings
 from vimodels.errors import DataError
@@ -40,6 +42,9 @@ NUM_PIXELS = 64
 LATENT_DIM = 8
 HIDDEN_DIM = 128
 NUM_LAYERS = 2
+PRIOR_LOC_INIT = 1.0
+# options that regularise training only; evaluation sets them to 0
+TRAINING_ONLY = ("decoder_dropout", "encoder_dropout")
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,7 @@ def mlp(
     inputs: torch.Tensor,
     sizes: Sequence[int],
     out_bias=None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     """A ``tanh`` MLP whose weights are Pyro parameters ``{prefix}.{layer}.weight/bias``.
 
@@ -125,6 +131,9 @@ def mlp(
         Layer widths, input first; the last layer is linear.
     out_bias : callable, optional
         Lazy initial value of the output bias (default: PyTorch's ``Linear`` init).
+    dropout : float
+        Probability of zeroing each hidden unit (independently per element,
+        survivors scaled by ``1 / (1 - dropout)``); 0 is the deterministic network.
 
     Returns
     -------
@@ -140,6 +149,8 @@ def mlp(
         h = torch.nn.functional.linear(h, w, b)
         if i < last:
             h = torch.tanh(h)
+            if dropout > 0:
+                h = torch.nn.functional.dropout(h, dropout, training=True)
     return h
 
 
@@ -154,17 +165,50 @@ def decode(
     hidden_dim: int = HIDDEN_DIM,
     num_layers: int = NUM_LAYERS,
     pixel_mean: torch.Tensor | None = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     """Bernoulli logits of the pixels, shape ``(..., num_pixels)``, from ``z`` ``(..., D)``.
 
-    ``pixel_mean`` (64,) initialises the output bias to the marginal logits.
+    ``pixel_mean`` (64,) initialises the output bias to the marginal logits;
+    ``dropout`` is the hidden-unit dropout rate (see :func:`mlp`).
     """
     out_bias = None
     if pixel_mean is not None:
         p = pixel_mean.detach().clamp(1e-3, 1 - 1e-3)
         out_bias = lambda: torch.log(p) - torch.log1p(-p)  # noqa: E731
     sizes = layer_sizes(z.shape[-1], hidden_dim, num_layers, num_pixels)
-    return mlp("decoder", z, sizes, out_bias=out_bias)
+    return mlp("decoder", z, sizes, out_bias=out_bias, dropout=dropout)
+
+
+def latent_prior(latent_dim: int = LATENT_DIM, prior_components: int = 0) -> dist.Distribution:
+    """The prior ``p(z)``: event shape ``(latent_dim,)``, batch shape ``()``.
+
+    ``prior_components = 0`` gives the fixed ``N(0, I)``; ``C >= 1`` a learned
+    mixture ``sum_c pi_c N(z; m_c, diag(s_c^2))`` whose weights (softmax of
+    ``prior.logits``), means ``prior.loc`` (C, D) and scales ``prior.scale``
+    (C, D) are Pyro parameters of the model. Either is a normalised density,
+    so ``log p(x) = log E_q[p(x | z) p(z) / q(z | x)]`` stays exact.
+    """
+    if prior_components == 0:
+        return dist.Normal(torch.zeros(latent_dim), 1.0).to_event(1)
+    c = prior_components
+    logits = pyro.param("prior.logits", lambda: torch.zeros(c))
+    loc = pyro.param("prior.loc", lambda: PRIOR_LOC_INIT * torch.randn(c, latent_dim))
+    scale = pyro.param(
+        "prior.scale", lambda: torch.ones(c, latent_dim), constraint=constraints.positive
+    )
+    return dist.MixtureSameFamily(
+        dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1)
+    )
+
+
+def evaluation_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with the training-only regularisers (:data:`TRAINING_ONLY`) switched off.
+
+    Dropout makes the networks random; the model that is evaluated (test
+    log-likelihood, validation bound, gaps, NUTS) is the deterministic one.
+    """
+    return {k: (0.0 if k in TRAINING_ONLY else v) for k, v in options.items()}
 
 
 def digits_vae(
@@ -175,8 +219,11 @@ def digits_vae(
     latent_dim: int = LATENT_DIM,
     hidden_dim: int = HIDDEN_DIM,
     num_layers: int = NUM_LAYERS,
+    decoder_dropout: float = 0.0,
+    encoder_dropout: float = 0.0,
+    prior_components: int = 0,
 ) -> None:
-    """The VAE's generative model ``p(x, z) = N(z; 0, I) Bernoulli(x; decoder(z))``.
+    """The VAE's generative model ``p(x, z) = p(z) Bernoulli(x; decoder(z))``.
 
     Parameters
     ----------
@@ -190,6 +237,14 @@ def digits_vae(
         Explicit minibatch indices (used by the epoch loop).
     latent_dim, hidden_dim, num_layers : int
         Network sizes (latent dimension ``D``, hidden width, hidden layers).
+    decoder_dropout : float
+        Dropout rate of the decoder's hidden units: a training-time
+        regulariser, 0 to evaluate (:func:`evaluation_options`).
+    encoder_dropout : float
+        Used by the guide only (accepted here because model and guide share arguments).
+    prior_components : int
+        0: ``p(z) = N(0, I)``; ``C >= 1``: a learned mixture of ``C``
+        diagonal Gaussians (:func:`latent_prior`).
     """
     if x is None:
         n, pixel_mean = (1 if num_data is None else num_data), None
@@ -198,9 +253,10 @@ def digits_vae(
             raise DataError(f"x must have shape (N, pixels), got {tuple(x.shape)}")
         n, pixel_mean = x.shape[0], x.mean(0)
     num_pixels = NUM_PIXELS if x is None else x.shape[-1]
+    prior = latent_prior(latent_dim, prior_components)
     with pyro.plate("data", n, subsample_size=subsample_size, subsample=subsample, dim=-1) as idx:
-        z = pyro.sample("z", dist.Normal(torch.zeros(latent_dim), 1.0).to_event(1))
-        logits = decode(z, num_pixels, hidden_dim, num_layers, pixel_mean)
+        z = pyro.sample("z", prior)
+        logits = decode(z, num_pixels, hidden_dim, num_layers, pixel_mean, decoder_dropout)
         pyro.sample(
             "x", dist.Bernoulli(logits=logits).to_event(1), obs=None if x is None else x[idx]
         )
@@ -224,5 +280,12 @@ DIGITS_VAE = CatalogEntry(
     nuts=NutsSettings(num_warmup=300, num_samples=500, num_chains=2, jit_compile=False),
     default_guides=("encoder",),
     max_plate_nesting=1,
-    options={"latent_dim": LATENT_DIM, "hidden_dim": HIDDEN_DIM, "num_layers": NUM_LAYERS},
+    options={
+        "latent_dim": LATENT_DIM,
+        "hidden_dim": HIDDEN_DIM,
+        "num_layers": NUM_LAYERS,
+        "decoder_dropout": 0.0,
+        "encoder_dropout": 0.0,
+        "prior_components": 0,
+    },
 )
