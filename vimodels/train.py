@@ -54,6 +54,7 @@ _IDENTITY = (
     "batch_size",
     "lr",
     "weight_decay",
+    "ema_decay",
     "lr_patience",
     "lr_factor",
     "seed",
@@ -90,6 +91,12 @@ class TrainResult:
     message : str
     wall_time : float
         Seconds of optimisation in total (validation excluded), over resumes.
+    elapsed : float
+        Seconds of optimisation and validation together, over resumes (what
+        ``time_budget`` counts).
+    selection : TrainResult or None
+        For a model refitted on more data, the run that chose its number of
+        epochs (see :func:`vimodels.vae_train.train_digits_vae`).
     params : dict of str to Tensor
         Unconstrained parameter values (model and guide).
     model_params, guide_params : tuple of str
@@ -110,6 +117,8 @@ class TrainResult:
     message: str
     wall_time: float
     params: dict[str, torch.Tensor] = field(repr=False)
+    elapsed: float = math.nan
+    selection: TrainResult | None = field(repr=False, default=None)
     model_params: tuple[str, ...] = ()
     guide_params: tuple[str, ...] = ()
     checkpoint: str | None = None
@@ -140,10 +149,12 @@ class TrainResult:
             "best_epoch": self.best_epoch,
             "best_val": self.best_val,
             "wall_time_s": self.wall_time,
+            "elapsed_s": self.elapsed,
             "seconds_per_epoch": self.seconds_per_epoch,
             "train_loss": [float(v) for v in self.train_loss],
             "val_bound": [float(v) for v in self.val_bound],
             "settings": self.settings,
+            "selection": None if self.selection is None else self.selection.summary(),
         }
 
 
@@ -243,6 +254,53 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+class _Average:
+    """Exponential moving average of parameters (Polyak averaging over steps)."""
+
+    def __init__(self, params: list[torch.Tensor], decay: float):
+        self.params = params
+        self.decay = decay
+        self.steps = 0
+        self.values = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the average towards the current parameters (after an optimizer step)."""
+        self.steps += 1
+        weight = 1.0 - min(self.decay, (1.0 + self.steps) / (10.0 + self.steps))
+        for avg, p in zip(self.values, self.params):
+            avg.lerp_(p.detach(), weight)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain types (for a ``weights_only`` checkpoint)."""
+        return {"steps": self.steps, "values": [v.clone() for v in self.values]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.steps = int(state["steps"])
+        with torch.no_grad():
+            for avg, v in zip(self.values, state["values"]):
+                avg.copy_(v)
+
+
+@contextlib.contextmanager
+def _swapped(params: list[torch.Tensor], values: list[torch.Tensor] | None) -> Iterator[None]:
+    """Within the block ``params`` hold ``values`` (unchanged when None); restored after."""
+    if values is None:
+        yield
+        return
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+
+
 def _step(
     loss_fn: Any,
     model: Callable,
@@ -275,6 +333,7 @@ def train(
     batch_size: int = 100,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
+    ema_decay: float | None = None,
     max_epochs: int = 100,
     patience: int = 20,
     lr_patience: int | None = None,
@@ -311,6 +370,11 @@ def train(
         Adam learning rate.
     weight_decay : float
         Adam's L2 penalty on the parameters (0: none).
+    ema_decay : float, optional
+        Keep an exponential moving average of the parameters over steps
+        (Polyak averaging), with decay ``min(ema_decay, (1 + t) / (10 + t))``
+        at step ``t``; validation, the best epoch and the result then use the
+        averaged parameters. Off when None.
     max_epochs : int
         Epochs to run at most (counting those of a resumed run).
     patience : int
@@ -354,6 +418,11 @@ def train(
     check_option("lr", lr, kind=float, low=0.0, low_inclusive=False)
     weight_decay = float(weight_decay)
     check_option("weight_decay", weight_decay, kind=float, low=0.0)
+    if ema_decay is not None:
+        ema_decay = float(ema_decay)
+        check_option("ema_decay", ema_decay, kind=float, low=0.0, high=1.0)
+        if ema_decay == 1.0:
+            raise OptionError("ema_decay must be < 1 (1 would never move the average)")
     if time_budget is not None:
         check_option("time_budget", float(time_budget), kind=float, low=0.0, low_inclusive=False)
     if resume and checkpoint is None:
@@ -374,6 +443,7 @@ def train(
         "batch_size": batch_size,
         "lr": lr,
         "weight_decay": weight_decay,
+        "ema_decay": ema_decay,
         "optimizer": "Adam",
         "seed": seed,
         "val_particles": val_particles,
@@ -440,6 +510,7 @@ def _train_loop(
     history: dict[str, list[float]] = {"train_loss": [], "val_bound": [], "epoch_time": []}
     best = {"epoch": 0, "val": -math.inf, "params": None}
     bad_epochs, wall, loop_time, epoch = 0, 0.0, 0.0, 0
+    ema = None if settings["ema_decay"] is None else _Average(params, settings["ema_decay"])
     if resume:
         state = load_checkpoint(checkpoint)
         saved = state["settings"]
@@ -461,6 +532,8 @@ def _train_loop(
         best = dict(state["best"])
         bad_epochs, wall, epoch = state["bad_epochs"], state["wall_time"], state["epoch"]
         loop_time = state["loop_time"]
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
 
     def snapshot() -> dict[str, Any]:
         return {
@@ -471,6 +544,7 @@ def _train_loop(
             "optimizer": optim.state_dict(),
             "param_order": list(model_names + guide_names),
             "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "ema": None if ema is None else ema.state_dict(),
             "rng": torch.get_rng_state(),
             "history": {k: list(v) for k, v in history.items()},
             "best": dict(best),
@@ -517,6 +591,8 @@ def _train_loop(
                     )
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"epoch {epoch + 1}, batch starting at {start}")
+                if ema is not None:
+                    ema.update()
                 total += loss * len(idx) / n  # each step estimates the full-data loss
             elapsed = time.perf_counter() - t0
             wall += elapsed
@@ -525,17 +601,18 @@ def _train_loop(
             history["epoch_time"].append(elapsed)
             val = math.nan
             if val_data is not None:
-                val = validation_bound(
-                    model, guide, val_data, settings["val_particles"], seed=seed + 7919
-                )
+                with _swapped(params, None if ema is None else ema.values):
+                    val = validation_bound(
+                        model, guide, val_data, settings["val_particles"], seed=seed + 7919
+                    )
+                    if val > best["val"]:
+                        best = {"epoch": epoch, "val": val, "params": _unconstrained(
+                            model_names + guide_names)}  # fmt: skip
+                        bad_epochs = 0
+                    else:
+                        bad_epochs += 1
                 if scheduler is not None:
                     scheduler.step(val)
-                if val > best["val"]:
-                    best = {"epoch": epoch, "val": val, "params": _unconstrained(
-                        model_names + guide_names)}  # fmt: skip
-                    bad_epochs = 0
-                else:
-                    bad_epochs += 1
             history["val_bound"].append(val)
             loop_time += time.perf_counter() - t0
             if bar is not None:
@@ -564,6 +641,12 @@ def _train_loop(
     if best["params"] is not None:
         _load_unconstrained(best["params"])
         message += f"; kept epoch {best['epoch']} (best validation bound {best['val']:.4f})"
+    elif ema is not None:
+        with torch.no_grad():
+            for p, v in zip(params, ema.values):
+                p.copy_(v)
+    if ema is not None:
+        message += f"; parameters averaged (EMA decay {settings['ema_decay']:g})"
     names = model_names + guide_names
     constraints = pyro.get_param_store().get_state()["constraints"]
     return TrainResult(
@@ -578,6 +661,7 @@ def _train_loop(
         status=status,
         message=message,
         wall_time=wall,
+        elapsed=loop_time,
         params=_unconstrained(names),
         model_params=model_names,
         guide_params=guide_names,

@@ -9,7 +9,7 @@ validation set from the training images and calls :func:`vimodels.train.train`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,7 @@ def train_digits_vae(
     batch_size: int = 100,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
+    ema_decay: float | None = None,
     patience: int = 30,
     lr_patience: int | None = None,
     lr_factor: float = 0.3,
@@ -171,7 +172,8 @@ def train_digits_vae(
     resume: bool = False,
     progress: bool | None = None,
     num_train: int | None = None,
-    **network: int,
+    refit: bool = False,
+    **network: Any,
 ) -> TrainResult:
     """Train the digits VAE with ``objective`` (see :func:`vimodels.train.train`).
 
@@ -179,15 +181,25 @@ def train_digits_vae(
     ----------
     objective : Objective, optional
         Default ``Objective()`` (``trace``).
-    epochs, batch_size, lr, weight_decay, patience, lr_patience, lr_factor, val_particles, seed,
-    time_budget :
+    epochs, batch_size, lr, weight_decay, ema_decay, patience, lr_patience, lr_factor,
+    val_particles, seed, time_budget :
         As in :func:`vimodels.train.train` (``epochs`` is ``max_epochs``).
     checkpoint, checkpoint_every, resume, progress :
         As in :func:`vimodels.train.train`.
     num_train : int, optional
         Use only the first ``num_train`` training images (quick runs).
-    **network : int
-        ``latent_dim``, ``hidden_dim``, ``num_layers``.
+    refit : bool
+        After the run on the training images has chosen the number of epochs
+        ``E`` (its best epoch on the validation bound), train a fresh model on
+        the training and validation images together for ``E`` epochs, with the
+        same settings and seed and without validation, within what is left of
+        ``time_budget``; return that model, with the selection run as
+        ``result.selection``. When no time is left the selection run's model
+        is returned. The refit's checkpoint is ``<checkpoint>`` with
+        ``-refit`` added to its stem.
+    **network :
+        ``latent_dim``, ``hidden_dim``, ``num_layers``, ``decoder_dropout``,
+        ``encoder_dropout``, ``prior_components`` (:func:`network_options`).
     """
     objective = objective or Objective()
     static = network_options(**network)
@@ -196,26 +208,69 @@ def train_digits_vae(
     if num_train is not None:
         check_option("num_train", num_train, kind=int, low=1)
         tr = tr[:num_train]
-    return train(
-        digits_vae,
-        encoder_guide,
-        {"x": x[tr], **static},
-        val_data={"x": x[va], **evaluation_options(static)},
+    common = dict(
         elbo=objective.elbo,
         num_particles=objective.num_particles,
         elbo_options=objective.elbo_options,
         batch_size=batch_size,
         lr=lr,
         weight_decay=weight_decay,
-        max_epochs=epochs,
-        patience=patience,
+        ema_decay=ema_decay,
         lr_patience=lr_patience,
         lr_factor=lr_factor,
-        val_particles=val_particles,
         seed=seed,
-        time_budget=time_budget,
-        checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
-        resume=resume,
         progress=progress,
     )
+    selection = train(
+        digits_vae,
+        encoder_guide,
+        {"x": x[tr], **static},
+        val_data={"x": x[va], **evaluation_options(static)},
+        max_epochs=epochs,
+        patience=patience,
+        val_particles=val_particles,
+        time_budget=time_budget,
+        checkpoint=checkpoint,
+        resume=resume,
+        **common,
+    )
+    if not refit:
+        return selection
+    left = None if time_budget is None else time_budget - selection.elapsed
+    if left is not None and left <= 0:
+        return replace(
+            selection, message=selection.message + "; no time left to refit on train+validation"
+        )
+    refit_checkpoint = None
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        refit_checkpoint = path.with_name(f"{path.stem}-refit{path.suffix}")
+    both = np.sort(np.concatenate([tr, va]))
+    final = train(
+        digits_vae,
+        encoder_guide,
+        {"x": x[both], **static},
+        max_epochs=selection.best_epoch,
+        patience=1,
+        time_budget=left,
+        checkpoint=refit_checkpoint,
+        resume=resume and refit_checkpoint is not None and refit_checkpoint.exists(),
+        **common,
+    )
+    settings = {
+        **final.settings,
+        "refit": {
+            "epochs": selection.best_epoch,
+            "num_images": len(both),
+            "selection_status": selection.status,
+            "selection_epochs": selection.epochs,
+            "selection_best_val": selection.best_val,
+            "selection_elapsed": selection.elapsed,
+        },
+    }
+    message = (
+        f"selection on {len(tr)} images: {selection.message}; refit on {len(both)} "
+        f"train+validation images for {selection.best_epoch} epochs: {final.message}"
+    )
+    return replace(final, settings=settings, message=message, selection=selection)
