@@ -225,3 +225,22 @@ def test_bad_network_options_raise(bad):
 def test_bad_ema_decay_raises():
     with pytest.raises(OptionError):
         _tiny_train(ema_decay=1.0)
+
+
+def test_cli_exposes_the_options(tmp_path):
+    from vimodels.cli import _Parser
+    from vimodels.commands import vae
+    from vimodels.errors import VimodelsError
+
+    parser = _Parser(prog="vimodels")
+    vae.register(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    args = parser.parse_args(["vae", "--out", str(tmp_path), "--decoder-dropout", "0.1",
+                              "--encoder-dropout", "0.2", "--prior-components", "3",
+                              "--ema-decay", "0.99", "--refit"])  # fmt: skip
+    assert (args.decoder_dropout, args.encoder_dropout, args.prior_components) == (0.1, 0.2, 3)
+    assert args.ema_decay == 0.99 and args.refit
+    # the values reach the trainer's checks (which run before any training)
+    for flag, value in (("--decoder-dropout", "1.0"), ("--prior-components", "-2")):
+        args = parser.parse_args(["vae", "--out", str(tmp_path), flag, value])
+        with pytest.raises(VimodelsError, match=flag[2:].replace("-", "_")):
+            args.func(args)
