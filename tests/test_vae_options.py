@@ -21,7 +21,13 @@ from vimodels.catalog.vae import (
 )
 from vimodels.errors import OptionError
 from vimodels.train import _Average, load_checkpoint, validation_bound
-from vimodels.vae_train import network_options, parse_objective, train_digits_vae, train_val_split
+from vimodels.vae_train import (
+    PixelFlip,
+    network_options,
+    parse_objective,
+    train_digits_vae,
+    train_val_split,
+)
 
 TINY = dict(batch_size=50, latent_dim=2, hidden_dim=8, num_layers=1, val_particles=4)
 
@@ -187,6 +193,29 @@ def test_ema_training_validates_the_average_and_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(resumed.val_bound, full.val_bound)
     for name, value in full.params.items():
         assert torch.equal(resumed.params[name], value), name
+
+
+# ----------------------------------------------------------- pixel flips
+
+
+def test_pixel_flip_flips_at_its_rate_and_only_the_training_images(tmp_path):
+    x = digits_split().x_train
+    flipped = PixelFlip(0.1)({"x": x}, np.random.default_rng(0))["x"]
+    changed = (flipped != x).double().mean()
+    assert abs(float(changed) - 0.1) <= 5 * math.sqrt(0.1 * 0.9 / x.numel())
+    assert set(np.unique(flipped.numpy())) == {0.0, 1.0}
+    again = PixelFlip(0.1)({"x": x}, np.random.default_rng(0))["x"]
+    assert torch.equal(flipped, again)
+    plain = _tiny_train(epochs=2)
+    noisy = _tiny_train(epochs=2, pixel_flip=0.1, checkpoint=tmp_path / "a.pt")
+    assert noisy.settings["augment"] == "PixelFlip(rate=0.1)"
+    assert noisy.train_loss[0] != plain.train_loss[0]
+    # resumable: the flips of an epoch depend on the seed and the epoch only
+    _tiny_train(epochs=1, pixel_flip=0.1, checkpoint=tmp_path / "b.pt")
+    resumed = _tiny_train(epochs=2, pixel_flip=0.1, checkpoint=tmp_path / "b.pt", resume=True)
+    np.testing.assert_array_equal(resumed.train_loss, noisy.train_loss)
+    with pytest.raises(OptionError):
+        _tiny_train(pixel_flip=0.7)
 
 
 # ----------------------------------------------------------------- refit

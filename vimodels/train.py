@@ -55,6 +55,7 @@ _IDENTITY = (
     "lr",
     "weight_decay",
     "ema_decay",
+    "augment",
     "lr_patience",
     "lr_factor",
     "seed",
@@ -334,6 +335,7 @@ def train(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     ema_decay: float | None = None,
+    augment: Callable[[dict[str, torch.Tensor], np.random.Generator], dict] | None = None,
     max_epochs: int = 100,
     patience: int = 20,
     lr_patience: int | None = None,
@@ -375,6 +377,12 @@ def train(
         (Polyak averaging), with decay ``min(ema_decay, (1 + t) / (10 + t))``
         at step ``t``; validation, the best epoch and the result then use the
         averaged parameters. Off when None.
+    augment : callable, optional
+        Data augmentation: ``augment(tensors, rng)`` is called at the start of
+        each epoch with the training tensors and a generator seeded by
+        ``(seed, epoch)`` and returns the tensors to train on in that epoch
+        (same keys and shapes). Validation data is never augmented. Its
+        ``repr`` is recorded in the settings (give it a descriptive one).
     max_epochs : int
         Epochs to run at most (counting those of a resumed run).
     patience : int
@@ -444,6 +452,7 @@ def train(
         "lr": lr,
         "weight_decay": weight_decay,
         "ema_decay": ema_decay,
+        "augment": None if augment is None else repr(augment),
         "optimizer": "Adam",
         "seed": seed,
         "val_particles": val_particles,
@@ -464,7 +473,7 @@ def train(
     try:
         with pyro.get_param_store().scope():
             return _train_loop(
-                model, guide, tensors, static, n, val_data, loss_fn, settings,
+                model, guide, tensors, static, n, val_data, loss_fn, settings, augment,
                 checkpoint=None if checkpoint is None else Path(checkpoint),
                 checkpoint_every=checkpoint_every, resume=resume, progress=progress,
             )  # fmt: skip
@@ -481,6 +490,7 @@ def _train_loop(
     val_data: Mapping[str, Any] | None,
     loss_fn: Any,
     settings: dict,
+    augment: Callable | None,
     *,
     checkpoint: Path | None,
     checkpoint_every: int,
@@ -577,6 +587,9 @@ def _train_loop(
                 break
             order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
             t0 = time.perf_counter()
+            epoch_tensors = tensors
+            if augment is not None:
+                epoch_tensors = augment(dict(tensors), np.random.default_rng([seed, epoch, 1]))
             total = 0.0
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
@@ -587,7 +600,7 @@ def _train_loop(
                         guide,
                         optim,
                         params,
-                        {**tensors, **static, "subsample": idx},
+                        {**epoch_tensors, **static, "subsample": idx},
                     )
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"epoch {epoch + 1}, batch starting at {start}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from guides.vae import encoder_guide
 from vimodels.catalog.vae import (
@@ -112,6 +113,23 @@ def parse_objective(tag: str) -> Objective:
     )
 
 
+@dataclass(frozen=True)
+class PixelFlip:
+    """Data augmentation: flip each training pixel with probability ``rate``, anew every epoch.
+
+    The encoder and the decoder see the same flipped image within a step;
+    validation and test images are never flipped.
+    """
+
+    rate: float
+
+    def __call__(self, tensors: dict[str, torch.Tensor], rng: np.random.Generator) -> dict:
+        """``tensors`` with ``x`` (N, 64) flipped at random."""
+        x = tensors["x"]
+        flip = torch.from_numpy(rng.random(tuple(x.shape)) < self.rate)
+        return {**tensors, "x": torch.where(flip, 1.0 - x, x)}
+
+
 def train_val_split(
     val_fraction: float = VAL_FRACTION, seed: int = VAL_SEED
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -161,6 +179,7 @@ def train_digits_vae(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     ema_decay: float | None = None,
+    pixel_flip: float = 0.0,
     patience: int = 30,
     lr_patience: int | None = None,
     lr_factor: float = 0.3,
@@ -188,6 +207,9 @@ def train_digits_vae(
         As in :func:`vimodels.train.train`.
     num_train : int, optional
         Use only the first ``num_train`` training images (quick runs).
+    pixel_flip : float
+        Flip each training pixel with this probability, anew every epoch
+        (:class:`PixelFlip`; 0: off), a regulariser.
     refit : bool
         After the run on the training images has chosen the number of epochs
         ``E`` (its best epoch on the validation bound), train a fresh model on
@@ -203,6 +225,9 @@ def train_digits_vae(
     """
     objective = objective or Objective()
     static = network_options(**network)
+    if isinstance(pixel_flip, int) and not isinstance(pixel_flip, bool):
+        pixel_flip = float(pixel_flip)
+    check_option("pixel_flip", pixel_flip, kind=float, low=0.0, high=0.5)
     x = digits_split().x_train
     tr, va = train_val_split()
     if num_train is not None:
@@ -216,6 +241,7 @@ def train_digits_vae(
         lr=lr,
         weight_decay=weight_decay,
         ema_decay=ema_decay,
+        augment=PixelFlip(pixel_flip) if pixel_flip > 0 else None,
         lr_patience=lr_patience,
         lr_factor=lr_factor,
         seed=seed,

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--ema-decay", type=float, default=None, help="keep an average of the parameters (EMA)"
     )
     p.add_argument(
+        "--pixel-flip", type=float, default=0.0, help="flip training pixels with this probability"
+    )
+    p.add_argument(
         "--refit",
         action="store_true",
         help="after early stopping, retrain on train+validation for the chosen epochs",
@@ -88,6 +91,7 @@ def cmd_vae(args: argparse.Namespace) -> int:
         lr=args.lr,
         weight_decay=args.weight_decay,
         ema_decay=args.ema_decay,
+        pixel_flip=args.pixel_flip,
         patience=args.patience,
         lr_patience=args.lr_patience,
         lr_factor=args.lr_factor,
