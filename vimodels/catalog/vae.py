@@ -32,6 +32,7 @@ import torch
 from torch.distributions import constraints
 
 from vimodels.catalog.base import CatalogEntry, NutsSettings
+from vimodels.catalog.vae_prior import DiagonalNormalMixture
 from vimodels.errors import DataError
 
 FAMILY = "digits_vae"
@@ -197,9 +198,7 @@ def latent_prior(latent_dim: int = LATENT_DIM, prior_components: int = 0) -> dis
     scale = pyro.param(
         "prior.scale", lambda: torch.ones(c, latent_dim), constraint=constraints.positive
     )
-    return dist.MixtureSameFamily(
-        dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1)
-    )
+    return DiagonalNormalMixture(logits, loc, scale)
 
 
 def evaluation_options(options: Mapping[str, Any]) -> dict[str, Any]:
