@@ -19,6 +19,7 @@ from vimodels.catalog.vae import (
     latent_prior,
     mlp,
 )
+from vimodels.catalog.vae_prior import DiagonalNormalMixture
 from vimodels.errors import OptionError
 from vimodels.train import _Average, load_checkpoint, validation_bound
 from vimodels.vae_train import (
@@ -112,13 +113,18 @@ def test_mixture_prior_is_a_normalised_density_matching_its_formula():
     pyro.param("prior.scale", 0.3 + torch.rand(c, d, generator=g),
                constraint=torch.distributions.constraints.positive)  # fmt: skip
     prior = latent_prior(d, c)
+    assert isinstance(prior, DiagonalNormalMixture)
     assert prior.event_shape == (d,) and prior.batch_shape == ()
-    # the closed form log sum_c pi_c N(z; m_c, s_c^2)
-    z = torch.randn(7, d, generator=g)
-    w = torch.log_softmax(pyro.param("prior.logits"), 0)
-    comp = torch.distributions.Normal(pyro.param("prior.loc"), pyro.param("prior.scale"))
-    manual = torch.logsumexp(w + comp.log_prob(z[:, None]).sum(-1), -1)
-    torch.testing.assert_close(prior.log_prob(z), manual)
+    # the closed form log sum_c pi_c N(z; m_c, s_c^2), computed independently by torch
+    z = 3 * torch.randn(4, 7, d, generator=g)
+    reference = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=pyro.param("prior.logits")),
+        torch.distributions.Independent(
+            torch.distributions.Normal(pyro.param("prior.loc"), pyro.param("prior.scale")), 1
+        ),
+    )
+    assert prior.log_prob(z).shape == (4, 7)
+    torch.testing.assert_close(prior.log_prob(z), reference.log_prob(z), atol=1e-4, rtol=1e-5)
     # it integrates to one (midpoint rule on a grid far wider than the components)
     h = 0.04
     grid = torch.arange(-12.0, 12.0, h, dtype=torch.float64) + h / 2
@@ -126,11 +132,17 @@ def test_mixture_prior_is_a_normalised_density_matching_its_formula():
     with torch.no_grad():
         mass = float(prior.log_prob(zz.float()).double().exp().sum() * h * h)
     assert mass == pytest.approx(1.0, abs=2e-3)
+    # its draws have the mixture's mean and variance
+    draws = prior.sample((20000,))
+    assert draws.shape == (20000, d)
+    se = (prior.variance / len(draws)).sqrt()
+    assert torch.all((draws.mean(0) - prior.mean).abs() <= 5 * se)
+    torch.testing.assert_close(prior.mean, reference.mean)
+    torch.testing.assert_close(prior.variance, reference.variance)
     # no components: the fixed standard normal
     std = latent_prior(d, 0)
-    torch.testing.assert_close(
-        std.log_prob(z), torch.distributions.Normal(0, 1).log_prob(z).sum(-1)
-    )
+    standard = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    torch.testing.assert_close(std.log_prob(z), standard)
 
 
 def test_mixture_prior_parameters_belong_to_the_model_and_are_trained():
