@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -158,6 +159,22 @@ def test_mixture_prior_parameters_belong_to_the_model_and_are_trained():
         )
     assert samples.nodes["x"]["value"].shape == (5, 64)
     assert samples.nodes["z"]["value"].shape == (5, 2)
+    # the evaluation's sample grid draws z from the learned prior, not from N(0, I):
+    # move every component far out with a tiny scale and the samples follow
+    far = {
+        **result.params,
+        "prior.loc": torch.full((3, 2), 20.0),
+        "prior.scale": torch.full((3, 2), math.log(1e-3)),
+    }  # unconstrained: log scale
+    moved = dataclasses.replace(result, params=far)
+    ev = vae_eval.evaluate_digits_vae(moved, ll_particles=4, gap_images=0, nuts_images=0,
+                                      num_test=4)  # fmt: skip
+    static = evaluation_options(result.settings["static"])
+    with moved.scope():
+        at_far = vae_eval.decoder_means(
+            digits_vae, {"x": None, "num_data": 64, **static}, torch.full((64, 2), 20.0)
+        )
+    np.testing.assert_allclose(ev.arrays["samples"], at_far, atol=1e-3)
 
 
 # ------------------------------------------------------------ bias init

@@ -767,10 +767,10 @@ def evaluate_digits_vae(
         shown = subset(test, slice(0, 16))
         loc, _ = gaussian_encoder(encoder_guide, shown)
         latents, _ = gaussian_encoder(encoder_guide, test)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 4)
-            z_prior = torch.randn(64, static.get("latent_dim", 8))
         prior = {"x": None, "num_data": 64, **static}
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), poutine.block():
+            torch.manual_seed(seed + 4)  # z from the model's prior (learned or N(0, I))
+            z_prior = poutine.trace(digits_vae).get_trace(**prior).nodes[LATENT]["value"]
         arrays = {
             "inputs": shown["x"].numpy().astype(float),
             "recon": decoder_means(digits_vae, shown, loc),
