@@ -27,14 +27,9 @@ def encode(
     latent_dim: int = LATENT_DIM,
     hidden_dim: int = HIDDEN_DIM,
     num_layers: int = NUM_LAYERS,
-    dropout: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Location and scale of ``q(z | x)``, each of shape ``(..., latent_dim)``.
-
-    ``dropout`` is the hidden-unit dropout rate (training only; see :func:`mlp`).
-    """
-    sizes = layer_sizes(x.shape[-1], hidden_dim, num_layers, 2 * latent_dim)
-    out = mlp("encoder", x, sizes, dropout=dropout)
+    """Location and scale of ``q(z | x)``, each of shape ``(..., latent_dim)``."""
+    out = mlp("encoder", x, layer_sizes(x.shape[-1], hidden_dim, num_layers, 2 * latent_dim))
     loc, raw = out[..., :latent_dim], out[..., latent_dim:]
     return loc, torch.nn.functional.softplus(raw) + MIN_SCALE
 
@@ -47,21 +42,18 @@ def encoder_guide(
     latent_dim: int = LATENT_DIM,
     hidden_dim: int = HIDDEN_DIM,
     num_layers: int = NUM_LAYERS,
-    decoder_dropout: float = 0.0,
-    encoder_dropout: float = 0.0,
     prior_components: int = 0,
 ) -> None:
     """Sample ``z`` for each image of the (sub)sampled data plate from the encoder.
 
-    Takes the model's arguments; uses ``encoder_dropout`` (training only) and
-    ignores ``decoder_dropout`` and ``prior_components``.
+    Takes the model's arguments; ``prior_components`` (the model's prior) is not used here.
     """
     if x is None:
         raise DataError("the encoder guide needs images x (it conditions on them)")
     with pyro.plate(
         "data", x.shape[0], subsample_size=subsample_size, subsample=subsample, dim=-1
     ) as idx:
-        loc, scale = encode(x[idx], latent_dim, hidden_dim, num_layers, encoder_dropout)
+        loc, scale = encode(x[idx], latent_dim, hidden_dim, num_layers)
         pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 

@@ -54,8 +54,6 @@ _IDENTITY = (
     "batch_size",
     "lr",
     "weight_decay",
-    "ema_decay",
-    "augment",
     "lr_patience",
     "lr_factor",
     "seed",
@@ -95,9 +93,6 @@ class TrainResult:
     elapsed : float
         Seconds of optimisation and validation together, over resumes (what
         ``time_budget`` counts).
-    selection : TrainResult or None
-        For a model refitted on more data, the run that chose its number of
-        epochs (see :func:`vimodels.vae_train.train_digits_vae`).
     params : dict of str to Tensor
         Unconstrained parameter values (model and guide).
     model_params, guide_params : tuple of str
@@ -119,7 +114,6 @@ class TrainResult:
     wall_time: float
     params: dict[str, torch.Tensor] = field(repr=False)
     elapsed: float = math.nan
-    selection: TrainResult | None = field(repr=False, default=None)
     model_params: tuple[str, ...] = ()
     guide_params: tuple[str, ...] = ()
     checkpoint: str | None = None
@@ -155,7 +149,6 @@ class TrainResult:
             "train_loss": [float(v) for v in self.train_loss],
             "val_bound": [float(v) for v in self.val_bound],
             "settings": self.settings,
-            "selection": None if self.selection is None else self.selection.summary(),
         }
 
 
@@ -255,53 +248,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-class _Average:
-    """Exponential moving average of parameters (Polyak averaging over steps)."""
-
-    def __init__(self, params: list[torch.Tensor], decay: float):
-        self.params = params
-        self.decay = decay
-        self.steps = 0
-        self.values = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        """Move the average towards the current parameters (after an optimizer step)."""
-        self.steps += 1
-        weight = 1.0 - min(self.decay, (1.0 + self.steps) / (10.0 + self.steps))
-        for avg, p in zip(self.values, self.params):
-            avg.lerp_(p.detach(), weight)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Tensors and plain types (for a ``weights_only`` checkpoint)."""
-        return {"steps": self.steps, "values": [v.clone() for v in self.values]}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.steps = int(state["steps"])
-        with torch.no_grad():
-            for avg, v in zip(self.values, state["values"]):
-                avg.copy_(v)
-
-
-@contextlib.contextmanager
-def _swapped(params: list[torch.Tensor], values: list[torch.Tensor] | None) -> Iterator[None]:
-    """Within the block ``params`` hold ``values`` (unchanged when None); restored after."""
-    if values is None:
-        yield
-        return
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, v in zip(params, values):
-            p.copy_(v)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, v in zip(params, saved):
-                p.copy_(v)
-
-
 def _step(
     loss_fn: Any,
     model: Callable,
@@ -334,8 +280,6 @@ def train(
     batch_size: int = 100,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
-    ema_decay: float | None = None,
-    augment: Callable[[dict[str, torch.Tensor], np.random.Generator], dict] | None = None,
     max_epochs: int = 100,
     patience: int = 20,
     lr_patience: int | None = None,
@@ -372,17 +316,6 @@ def train(
         Adam learning rate.
     weight_decay : float
         Adam's L2 penalty on the parameters (0: none).
-    ema_decay : float, optional
-        Keep an exponential moving average of the parameters over steps
-        (Polyak averaging), with decay ``min(ema_decay, (1 + t) / (10 + t))``
-        at step ``t``; validation, the best epoch and the result then use the
-        averaged parameters. Off when None.
-    augment : callable, optional
-        Data augmentation: ``augment(tensors, rng)`` is called at the start of
-        each epoch with the training tensors and a generator seeded by
-        ``(seed, epoch)`` and returns the tensors to train on in that epoch
-        (same keys and shapes). Validation data is never augmented. Its
-        ``repr`` is recorded in the settings (give it a descriptive one).
     max_epochs : int
         Epochs to run at most (counting those of a resumed run).
     patience : int
@@ -426,11 +359,6 @@ def train(
     check_option("lr", lr, kind=float, low=0.0, low_inclusive=False)
     weight_decay = float(weight_decay)
     check_option("weight_decay", weight_decay, kind=float, low=0.0)
-    if ema_decay is not None:
-        ema_decay = float(ema_decay)
-        check_option("ema_decay", ema_decay, kind=float, low=0.0, high=1.0)
-        if ema_decay == 1.0:
-            raise OptionError("ema_decay must be < 1 (1 would never move the average)")
     if time_budget is not None:
         check_option("time_budget", float(time_budget), kind=float, low=0.0, low_inclusive=False)
     if resume and checkpoint is None:
@@ -451,8 +379,6 @@ def train(
         "batch_size": batch_size,
         "lr": lr,
         "weight_decay": weight_decay,
-        "ema_decay": ema_decay,
-        "augment": None if augment is None else repr(augment),
         "optimizer": "Adam",
         "seed": seed,
         "val_particles": val_particles,
@@ -473,7 +399,7 @@ def train(
     try:
         with pyro.get_param_store().scope():
             return _train_loop(
-                model, guide, tensors, static, n, val_data, loss_fn, settings, augment,
+                model, guide, tensors, static, n, val_data, loss_fn, settings,
                 checkpoint=None if checkpoint is None else Path(checkpoint),
                 checkpoint_every=checkpoint_every, resume=resume, progress=progress,
             )  # fmt: skip
@@ -490,7 +416,6 @@ def _train_loop(
     val_data: Mapping[str, Any] | None,
     loss_fn: Any,
     settings: dict,
-    augment: Callable | None,
     *,
     checkpoint: Path | None,
     checkpoint_every: int,
@@ -520,7 +445,6 @@ def _train_loop(
     history: dict[str, list[float]] = {"train_loss": [], "val_bound": [], "epoch_time": []}
     best = {"epoch": 0, "val": -math.inf, "params": None}
     bad_epochs, wall, loop_time, epoch = 0, 0.0, 0.0, 0
-    ema = None if settings["ema_decay"] is None else _Average(params, settings["ema_decay"])
     if resume:
         state = load_checkpoint(checkpoint)
         saved = state["settings"]
@@ -542,8 +466,6 @@ def _train_loop(
         best = dict(state["best"])
         bad_epochs, wall, epoch = state["bad_epochs"], state["wall_time"], state["epoch"]
         loop_time = state["loop_time"]
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
 
     def snapshot() -> dict[str, Any]:
         return {
@@ -554,7 +476,6 @@ def _train_loop(
             "optimizer": optim.state_dict(),
             "param_order": list(model_names + guide_names),
             "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "ema": None if ema is None else ema.state_dict(),
             "rng": torch.get_rng_state(),
             "history": {k: list(v) for k, v in history.items()},
             "best": dict(best),
@@ -587,9 +508,6 @@ def _train_loop(
                 break
             order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
             t0 = time.perf_counter()
-            epoch_tensors = tensors
-            if augment is not None:
-                epoch_tensors = augment(dict(tensors), np.random.default_rng([seed, epoch, 1]))
             total = 0.0
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
@@ -600,12 +518,10 @@ def _train_loop(
                         guide,
                         optim,
                         params,
-                        {**epoch_tensors, **static, "subsample": idx},
+                        {**tensors, **static, "subsample": idx},
                     )
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"epoch {epoch + 1}, batch starting at {start}")
-                if ema is not None:
-                    ema.update()
                 total += loss * len(idx) / n  # each step estimates the full-data loss
             elapsed = time.perf_counter() - t0
             wall += elapsed
@@ -614,18 +530,17 @@ def _train_loop(
             history["epoch_time"].append(elapsed)
             val = math.nan
             if val_data is not None:
-                with _swapped(params, None if ema is None else ema.values):
-                    val = validation_bound(
-                        model, guide, val_data, settings["val_particles"], seed=seed + 7919
-                    )
-                    if val > best["val"]:
-                        best = {"epoch": epoch, "val": val, "params": _unconstrained(
-                            model_names + guide_names)}  # fmt: skip
-                        bad_epochs = 0
-                    else:
-                        bad_epochs += 1
+                val = validation_bound(
+                    model, guide, val_data, settings["val_particles"], seed=seed + 7919
+                )
                 if scheduler is not None:
                     scheduler.step(val)
+                if val > best["val"]:
+                    best = {"epoch": epoch, "val": val, "params": _unconstrained(
+                        model_names + guide_names)}  # fmt: skip
+                    bad_epochs = 0
+                else:
+                    bad_epochs += 1
             history["val_bound"].append(val)
             loop_time += time.perf_counter() - t0
             if bar is not None:
@@ -654,12 +569,6 @@ def _train_loop(
     if best["params"] is not None:
         _load_unconstrained(best["params"])
         message += f"; kept epoch {best['epoch']} (best validation bound {best['val']:.4f})"
-    elif ema is not None:
-        with torch.no_grad():
-            for p, v in zip(params, ema.values):
-                p.copy_(v)
-    if ema is not None:
-        message += f"; parameters averaged (EMA decay {settings['ema_decay']:g})"
     names = model_names + guide_names
     constraints = pyro.get_param_store().get_state()["constraints"]
     return TrainResult(

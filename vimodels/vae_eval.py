@@ -723,10 +723,10 @@ def evaluate_digits_vae(
     seed : int
     """
     from guides.vae import encoder_guide
-    from vimodels.catalog.vae import digits_split, digits_vae, evaluation_options
+    from vimodels.catalog.vae import digits_split, digits_vae
 
     split = digits_split()
-    static = evaluation_options(result.settings["static"])
+    static = dict(result.settings["static"])
     test = {"x": split.x_test, **static}
     labels = split.y_test
     if num_test is not None:

@@ -9,30 +9,20 @@ validation set from the training images and calls :func:`vimodels.train.train`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from guides.vae import encoder_guide
-from vimodels.catalog.vae import (
-    HIDDEN_DIM,
-    LATENT_DIM,
-    NUM_LAYERS,
-    digits_split,
-    digits_vae,
-    evaluation_options,
-)
+from vimodels.catalog.vae import HIDDEN_DIM, LATENT_DIM, NUM_LAYERS, digits_split, digits_vae
 from vimodels.elbos import get_elbo_spec
 from vimodels.errors import OptionError, check_option
 from vimodels.train import TrainResult, train
 
 VAL_FRACTION = 0.1
 VAL_SEED = 7
-DECODER_DROPOUT = 0.0
-ENCODER_DROPOUT = 0.0
 PRIOR_COMPONENTS = 0
 
 
@@ -113,23 +103,6 @@ def parse_objective(tag: str) -> Objective:
     )
 
 
-@dataclass(frozen=True)
-class PixelFlip:
-    """Data augmentation: flip each training pixel with probability ``rate``, anew every epoch.
-
-    The encoder and the decoder see the same flipped image within a step;
-    validation and test images are never flipped.
-    """
-
-    rate: float
-
-    def __call__(self, tensors: dict[str, torch.Tensor], rng: np.random.Generator) -> dict:
-        """``tensors`` with ``x`` (N, 64) flipped at random."""
-        x = tensors["x"]
-        flip = torch.from_numpy(rng.random(tuple(x.shape)) < self.rate)
-        return {**tensors, "x": torch.where(flip, 1.0 - x, x)}
-
-
 def train_val_split(
     val_fraction: float = VAL_FRACTION, seed: int = VAL_SEED
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -146,27 +119,17 @@ def network_options(
     latent_dim: int = LATENT_DIM,
     hidden_dim: int = HIDDEN_DIM,
     num_layers: int = NUM_LAYERS,
-    decoder_dropout: float = DECODER_DROPOUT,
-    encoder_dropout: float = ENCODER_DROPOUT,
     prior_components: int = PRIOR_COMPONENTS,
-) -> dict[str, Any]:
+) -> dict[str, int]:
     """Static model options (validated); see :func:`vimodels.catalog.vae.digits_vae`."""
     check_option("latent_dim", latent_dim, kind=int, low=1)
     check_option("hidden_dim", hidden_dim, kind=int, low=1)
     check_option("num_layers", num_layers, kind=int, low=0)
-    for name, rate in (("decoder_dropout", decoder_dropout), ("encoder_dropout", encoder_dropout)):
-        if isinstance(rate, int) and not isinstance(rate, bool):
-            rate = float(rate)
-        check_option(name, rate, kind=float, low=0.0, high=1.0)
-        if rate == 1.0:
-            raise OptionError(f"{name} must be < 1 (a rate of 1 drops every unit)")
     check_option("prior_components", prior_components, kind=int, low=0)
     return {
         "latent_dim": latent_dim,
         "hidden_dim": hidden_dim,
         "num_layers": num_layers,
-        "decoder_dropout": float(decoder_dropout),
-        "encoder_dropout": float(encoder_dropout),
         "prior_components": prior_components,
     }
 
@@ -178,8 +141,6 @@ def train_digits_vae(
     batch_size: int = 100,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
-    ema_decay: float | None = None,
-    pixel_flip: float = 0.0,
     patience: int = 30,
     lr_patience: int | None = None,
     lr_factor: float = 0.3,
@@ -191,8 +152,7 @@ def train_digits_vae(
     resume: bool = False,
     progress: bool | None = None,
     num_train: int | None = None,
-    refit: bool = False,
-    **network: Any,
+    **network: int,
 ) -> TrainResult:
     """Train the digits VAE with ``objective`` (see :func:`vimodels.train.train`).
 
@@ -200,103 +160,44 @@ def train_digits_vae(
     ----------
     objective : Objective, optional
         Default ``Objective()`` (``trace``).
-    epochs, batch_size, lr, weight_decay, ema_decay, patience, lr_patience, lr_factor,
-    val_particles, seed, time_budget :
+    epochs, batch_size, lr, weight_decay, patience, lr_patience, lr_factor, val_particles, seed,
+    time_budget :
         As in :func:`vimodels.train.train` (``epochs`` is ``max_epochs``).
     checkpoint, checkpoint_every, resume, progress :
         As in :func:`vimodels.train.train`.
     num_train : int, optional
         Use only the first ``num_train`` training images (quick runs).
-    pixel_flip : float
-        Flip each training pixel with this probability, anew every epoch
-        (:class:`PixelFlip`; 0: off), a regulariser.
-    refit : bool
-        After the run on the training images has chosen the number of epochs
-        ``E`` (its best epoch on the validation bound), train a fresh model on
-        the training and validation images together for ``E`` epochs, with the
-        same settings and seed and without validation, within what is left of
-        ``time_budget``; return that model, with the selection run as
-        ``result.selection``. When no time is left the selection run's model
-        is returned. The refit's checkpoint is ``<checkpoint>`` with
-        ``-refit`` added to its stem.
-    **network :
-        ``latent_dim``, ``hidden_dim``, ``num_layers``, ``decoder_dropout``,
-        ``encoder_dropout``, ``prior_components`` (:func:`network_options`).
+    **network : int
+        ``latent_dim``, ``hidden_dim``, ``num_layers``, ``prior_components``
+        (:func:`network_options`).
     """
     objective = objective or Objective()
     static = network_options(**network)
-    if isinstance(pixel_flip, int) and not isinstance(pixel_flip, bool):
-        pixel_flip = float(pixel_flip)
-    check_option("pixel_flip", pixel_flip, kind=float, low=0.0, high=0.5)
     x = digits_split().x_train
     tr, va = train_val_split()
     if num_train is not None:
         check_option("num_train", num_train, kind=int, low=1)
         tr = tr[:num_train]
-    common = dict(
+    return train(
+        digits_vae,
+        encoder_guide,
+        {"x": x[tr], **static},
+        val_data={"x": x[va], **static},
         elbo=objective.elbo,
         num_particles=objective.num_particles,
         elbo_options=objective.elbo_options,
         batch_size=batch_size,
         lr=lr,
         weight_decay=weight_decay,
-        ema_decay=ema_decay,
-        augment=PixelFlip(pixel_flip) if pixel_flip > 0 else None,
-        lr_patience=lr_patience,
-        lr_factor=lr_factor,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        progress=progress,
-    )
-    selection = train(
-        digits_vae,
-        encoder_guide,
-        {"x": x[tr], **static},
-        val_data={"x": x[va], **evaluation_options(static)},
         max_epochs=epochs,
         patience=patience,
+        lr_patience=lr_patience,
+        lr_factor=lr_factor,
         val_particles=val_particles,
+        seed=seed,
         time_budget=time_budget,
         checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
         resume=resume,
-        **common,
+        progress=progress,
     )
-    if not refit:
-        return selection
-    left = None if time_budget is None else time_budget - selection.elapsed
-    if left is not None and left <= 0:
-        return replace(
-            selection, message=selection.message + "; no time left to refit on train+validation"
-        )
-    refit_checkpoint = None
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        refit_checkpoint = path.with_name(f"{path.stem}-refit{path.suffix}")
-    both = np.sort(np.concatenate([tr, va]))
-    final = train(
-        digits_vae,
-        encoder_guide,
-        {"x": x[both], **static},
-        max_epochs=selection.best_epoch,
-        patience=1,
-        time_budget=left,
-        checkpoint=refit_checkpoint,
-        resume=resume and refit_checkpoint is not None and refit_checkpoint.exists(),
-        **common,
-    )
-    settings = {
-        **final.settings,
-        "refit": {
-            "epochs": selection.best_epoch,
-            "num_images": len(both),
-            "selection_status": selection.status,
-            "selection_epochs": selection.epochs,
-            "selection_best_val": selection.best_val,
-            "selection_elapsed": selection.elapsed,
-        },
-    }
-    message = (
-        f"selection on {len(tr)} images: {selection.message}; refit on {len(both)} "
-        f"train+validation images for {selection.best_epoch} epochs: {final.message}"
-    )
-    return replace(final, settings=settings, message=message, selection=selection)

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyro
@@ -44,8 +43,6 @@ LATENT_DIM = 8
 HIDDEN_DIM = 128
 NUM_LAYERS = 2
 PRIOR_LOC_INIT = 1.0
-# options that regularise training only; evaluation sets them to 0
-TRAINING_ONLY = ("decoder_dropout", "encoder_dropout")
 
 
 @dataclass(frozen=True)
@@ -119,7 +116,6 @@ def mlp(
     inputs: torch.Tensor,
     sizes: Sequence[int],
     out_bias=None,
-    dropout: float = 0.0,
 ) -> torch.Tensor:
     """A ``tanh`` MLP whose weights are Pyro parameters ``{prefix}.{layer}.weight/bias``.
 
@@ -132,9 +128,6 @@ def mlp(
         Layer widths, input first; the last layer is linear.
     out_bias : callable, optional
         Lazy initial value of the output bias (default: PyTorch's ``Linear`` init).
-    dropout : float
-        Probability of zeroing each hidden unit (independently per element,
-        survivors scaled by ``1 / (1 - dropout)``); 0 is the deterministic network.
 
     Returns
     -------
@@ -150,8 +143,6 @@ def mlp(
         h = torch.nn.functional.linear(h, w, b)
         if i < last:
             h = torch.tanh(h)
-            if dropout > 0:
-                h = torch.nn.functional.dropout(h, dropout, training=True)
     return h
 
 
@@ -166,19 +157,17 @@ def decode(
     hidden_dim: int = HIDDEN_DIM,
     num_layers: int = NUM_LAYERS,
     pixel_mean: torch.Tensor | None = None,
-    dropout: float = 0.0,
 ) -> torch.Tensor:
     """Bernoulli logits of the pixels, shape ``(..., num_pixels)``, from ``z`` ``(..., D)``.
 
-    ``pixel_mean`` (64,) initialises the output bias to the marginal logits;
-    ``dropout`` is the hidden-unit dropout rate (see :func:`mlp`).
+    ``pixel_mean`` (64,) initialises the output bias to the marginal logits.
     """
     out_bias = None
     if pixel_mean is not None:
         p = pixel_mean.detach().clamp(1e-3, 1 - 1e-3)
         out_bias = lambda: torch.log(p) - torch.log1p(-p)  # noqa: E731
     sizes = layer_sizes(z.shape[-1], hidden_dim, num_layers, num_pixels)
-    return mlp("decoder", z, sizes, out_bias=out_bias, dropout=dropout)
+    return mlp("decoder", z, sizes, out_bias=out_bias)
 
 
 def latent_prior(latent_dim: int = LATENT_DIM, prior_components: int = 0) -> dist.Distribution:
@@ -201,15 +190,6 @@ def latent_prior(latent_dim: int = LATENT_DIM, prior_components: int = 0) -> dis
     return DiagonalNormalMixture(logits, loc, scale)
 
 
-def evaluation_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` with the training-only regularisers (:data:`TRAINING_ONLY`) switched off.
-
-    Dropout makes the networks random; the model that is evaluated (test
-    log-likelihood, validation bound, gaps, NUTS) is the deterministic one.
-    """
-    return {k: (0.0 if k in TRAINING_ONLY else v) for k, v in options.items()}
-
-
 def digits_vae(
     x: torch.Tensor | None = None,
     num_data: int | None = None,
@@ -218,8 +198,6 @@ def digits_vae(
     latent_dim: int = LATENT_DIM,
     hidden_dim: int = HIDDEN_DIM,
     num_layers: int = NUM_LAYERS,
-    decoder_dropout: float = 0.0,
-    encoder_dropout: float = 0.0,
     prior_components: int = 0,
 ) -> None:
     """The VAE's generative model ``p(x, z) = p(z) Bernoulli(x; decoder(z))``.
@@ -236,11 +214,6 @@ def digits_vae(
         Explicit minibatch indices (used by the epoch loop).
     latent_dim, hidden_dim, num_layers : int
         Network sizes (latent dimension ``D``, hidden width, hidden layers).
-    decoder_dropout : float
-        Dropout rate of the decoder's hidden units: a training-time
-        regulariser, 0 to evaluate (:func:`evaluation_options`).
-    encoder_dropout : float
-        Used by the guide only (accepted here because model and guide share arguments).
     prior_components : int
         0: ``p(z) = N(0, I)``; ``C >= 1``: a learned mixture of ``C``
         diagonal Gaussians (:func:`latent_prior`).
@@ -255,7 +228,7 @@ def digits_vae(
     prior = latent_prior(latent_dim, prior_components)
     with pyro.plate("data", n, subsample_size=subsample_size, subsample=subsample, dim=-1) as idx:
         z = pyro.sample("z", prior)
-        logits = decode(z, num_pixels, hidden_dim, num_layers, pixel_mean, decoder_dropout)
+        logits = decode(z, num_pixels, hidden_dim, num_layers, pixel_mean)
         pyro.sample(
             "x", dist.Bernoulli(logits=logits).to_event(1), obs=None if x is None else x[idx]
         )
@@ -283,8 +256,6 @@ DIGITS_VAE = CatalogEntry(
         "latent_dim": LATENT_DIM,
         "hidden_dim": HIDDEN_DIM,
         "num_layers": NUM_LAYERS,
-        "decoder_dropout": 0.0,
-        "encoder_dropout": 0.0,
         "prior_components": 0,
     },
 )

@@ -35,24 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--lr-factor", type=float, default=0.3, help="lr reduction factor")
     p.add_argument("--weight-decay", type=float, default=0.0, help="Adam L2 penalty")
-    p.add_argument(
-        "--ema-decay", type=float, default=None, help="keep an average of the parameters (EMA)"
-    )
-    p.add_argument(
-        "--pixel-flip", type=float, default=0.0, help="flip training pixels with this probability"
-    )
-    p.add_argument(
-        "--refit",
-        action="store_true",
-        help="after early stopping, retrain on train+validation for the chosen epochs",
-    )
     p.add_argument("--time-budget", type=float, default=None, help="seconds of training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latent-dim", type=int, default=8)
     p.add_argument("--hidden-dim", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--decoder-dropout", type=float, help="decoder dropout (training only)")
-    p.add_argument("--encoder-dropout", type=float, help="encoder dropout (training only)")
     p.add_argument(
         "--prior-components", type=int, help="0: N(0, I) prior; C: learned mixture of C Gaussians"
     )
@@ -90,8 +77,6 @@ def cmd_vae(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,
-        ema_decay=args.ema_decay,
-        pixel_flip=args.pixel_flip,
         patience=args.patience,
         lr_patience=args.lr_patience,
         lr_factor=args.lr_factor,
@@ -101,15 +86,11 @@ def cmd_vae(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=False if args.quiet else None,
         num_train=args.num_train,
-        refit=args.refit,
         latent_dim=args.latent_dim,
         hidden_dim=args.hidden_dim,
         num_layers=args.num_layers,
-        **{
-            name: getattr(args, name)
-            for name in ("decoder_dropout", "encoder_dropout", "prior_components")
-            if getattr(args, name) is not None  # else the trainer's default
-        },
+        # None: the trainer's default
+        **({} if args.prior_components is None else {"prior_components": args.prior_components}),
     )
     print(f"{objective.tag}: {result.message}")
     print(f"{result.epochs} epochs, {result.seconds_per_epoch:.3f} s per epoch")
@@ -131,11 +112,10 @@ def cmd_vae(args: argparse.Namespace) -> int:
         "evaluation": evaluation.summary,
     }
     atomic_write_json(run_dir / "result.json", summary)
-    curves = result.selection or result  # a refitted model has no validation curve
     arrays = {
         **evaluation.arrays,
-        "train_loss": curves.train_loss,
-        "val_bound": curves.val_bound,
+        "train_loss": result.train_loss,
+        "val_bound": result.val_bound,
     }
     atomic_write(run_dir / "arrays.npz", lambda tmp: _save_npz(tmp, arrays))
     test = evaluation.summary["test"]
