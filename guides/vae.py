@@ -42,7 +42,7 @@ def encoder_guide(
     latent_dim: int = LATENT_DIM,
     hidden_dim: int = HIDDEN_DIM,
     num_layers: int = NUM_LAYERS,
-    prior_components: int = 0,
+    prior_components: int | None = None,
 ) -> None:
     """Sample ``z`` for each image of the (sub)sampled data plate from the encoder.
 

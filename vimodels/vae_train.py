@@ -16,14 +16,20 @@ from typing import Any
 import numpy as np
 
 from guides.vae import encoder_guide
-from vimodels.catalog.vae import HIDDEN_DIM, LATENT_DIM, NUM_LAYERS, digits_split, digits_vae
+from vimodels.catalog.vae import (
+    HIDDEN_DIM,
+    LATENT_DIM,
+    NUM_LAYERS,
+    PRIOR_COMPONENTS,
+    digits_split,
+    digits_vae,
+)
 from vimodels.elbos import get_elbo_spec
 from vimodels.errors import OptionError, check_option
 from vimodels.train import TrainResult, train
 
 VAL_FRACTION = 0.1
 VAL_SEED = 7
-PRIOR_COMPONENTS = 0
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,15 @@ data is the training set; :func:`digits_split` gives both sets and the labels.
 
 Model, per image ``i`` (``D`` = ``latent_dim``, 64 pixels)::
 
-    z_i ~ Normal(0, I_D)
+    z_i ~ p(z) = sum_c pi_c Normal(m_c, diag(s_c^2))   (C = prior_components)
     x_i ~ Bernoulli(logits = decoder(z_i))        (64 independent pixels)
+
+The prior is a learned mixture of ``C`` diagonal Gaussians (default 30; its
+weights, means and scales are model parameters ``prior.*``) or, with
+``prior_components=0``, the fixed ``Normal(0, I_D)``. The learned prior is
+the default because it generalises better: at the same training budget it
+raises the test log-likelihood by about 0.25 nats per image (benchmark 5 of
+``benchmarks/README.md``).
 
 The decoder is an MLP ``D -> hidden_dim (x num_layers) -> 64`` with ``tanh``
 hidden units, its weights are Pyro parameters named ``decoder.<layer>.weight``
@@ -42,6 +49,7 @@ NUM_PIXELS = 64
 LATENT_DIM = 8
 HIDDEN_DIM = 128
 NUM_LAYERS = 2
+PRIOR_COMPONENTS = 30
 PRIOR_LOC_INIT = 1.0
 
 
@@ -170,7 +178,9 @@ def decode(
     return mlp("decoder", z, sizes, out_bias=out_bias)
 
 
-def latent_prior(latent_dim: int = LATENT_DIM, prior_components: int = 0) -> dist.Distribution:
+def latent_prior(
+    latent_dim: int = LATENT_DIM, prior_components: int = PRIOR_COMPONENTS
+) -> dist.Distribution:
     """The prior ``p(z)``: event shape ``(latent_dim,)``, batch shape ``()``.
 
     ``prior_components = 0`` gives the fixed ``N(0, I)``; ``C >= 1`` a learned
@@ -198,7 +208,7 @@ def digits_vae(
     latent_dim: int = LATENT_DIM,
     hidden_dim: int = HIDDEN_DIM,
     num_layers: int = NUM_LAYERS,
-    prior_components: int = 0,
+    prior_components: int = PRIOR_COMPONENTS,
 ) -> None:
     """The VAE's generative model ``p(x, z) = p(z) Bernoulli(x; decoder(z))``.
 
@@ -238,7 +248,8 @@ DIGITS_VAE = CatalogEntry(
     name="digits_vae",
     description=(
         "VAE on scikit-learn's 8x8 digits binarized at >= 8 (1437 train images of a stratified "
-        "80/20 split), z ~ N(0, I_8), tanh MLP decoder 8-128-128-64, Bernoulli pixels"
+        "80/20 split), z in R^8 with a learned 30-component Gaussian-mixture prior, tanh MLP "
+        "decoder 8-128-128-64, Bernoulli pixels"
     ),
     model=digits_vae,
     loader=load_train,
@@ -256,6 +267,6 @@ DIGITS_VAE = CatalogEntry(
         "latent_dim": LATENT_DIM,
         "hidden_dim": HIDDEN_DIM,
         "num_layers": NUM_LAYERS,
-        "prior_components": 0,
+        "prior_components": PRIOR_COMPONENTS,
     },
 )

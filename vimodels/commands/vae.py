@@ -41,7 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden-dim", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument(
-        "--prior-components", type=int, help="0: N(0, I) prior; C: learned mixture of C Gaussians"
+        "--prior-components",
+        type=int,
+        help="components of the learned Gaussian-mixture prior (default 30; 0: N(0, I))",
     )
     p.add_argument("--num-train", type=int, default=None, help="use only N training images")
     p.add_argument("--out", default=None, help=f"output folder (default {DEFAULT_OUT})")
