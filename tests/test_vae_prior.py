@@ -137,3 +137,16 @@ def test_cli_exposes_the_prior_option(tmp_path):
     args = parser.parse_args(["vae", "--out", str(tmp_path), "--prior-components", "-2"])
     with pytest.raises(VimodelsError, match="prior_components"):
         args.func(args)
+
+
+def test_chain_diagnostics_report_a_stuck_chain_instead_of_failing():
+    rng = np.random.default_rng(0)
+    draws = rng.standard_normal((2, 50, 3))
+    rhat, ess = vae_eval.chain_diagnostics(draws)
+    assert np.all(np.abs(rhat - 1) < 0.1) and np.all(ess > 20)
+    draws[1] = draws[1, 0]  # the second chain never moves
+    rhat, _ = vae_eval.chain_diagnostics(draws)
+    assert np.all(rhat > 1.1)
+    draws[0] = draws[0, 0]  # neither moves: R-hat is undefined, reported as non-finite
+    rhat, ess = vae_eval.chain_diagnostics(draws)
+    assert rhat.shape == ess.shape == (3,) and not np.any(np.isfinite(rhat))
