@@ -13,9 +13,9 @@ Model, per image ``i`` (``D`` = ``latent_dim``, 64 pixels)::
 The prior is a learned mixture of ``C`` diagonal Gaussians (default 30; its
 weights, means and scales are model parameters ``prior.*``) or, with
 ``prior_components=0``, the fixed ``Normal(0, I_D)``. The learned prior is
-the default because it generalises better: at the same training budget it
-raises the test log-likelihood by about 0.25 nats per image (benchmark 5 of
-``benchmarks/README.md``).
+the default because it generalises better: with the same training protocol it
+raises the test log-likelihood by 0.24 to 0.36 nats per image, depending on
+the objective (benchmark 5 of ``benchmarks/README.md``).
 
 The decoder is an MLP ``D -> hidden_dim (x num_layers) -> 64`` with ``tanh``
 hidden units, its weights are Pyro parameters named ``decoder.<layer>.weight``
