@@ -42,8 +42,12 @@ def encoder_guide(
     latent_dim: int = LATENT_DIM,
     hidden_dim: int = HIDDEN_DIM,
     num_layers: int = NUM_LAYERS,
+    prior_components: int | None = None,
 ) -> None:
-    """Sample ``z`` for each image of the (sub)sampled data plate from the encoder."""
+    """Sample ``z`` for each image of the (sub)sampled data plate from the encoder.
+
+    Takes the model's arguments; ``prior_components`` (the model's prior) is not used here.
+    """
     if x is None:
         raise DataError("the encoder guide needs images x (it conditions on them)")
     with pyro.plate(

@@ -90,6 +90,9 @@ class TrainResult:
     message : str
     wall_time : float
         Seconds of optimisation in total (validation excluded), over resumes.
+    elapsed : float
+        Seconds of optimisation and validation together, over resumes (what
+        ``time_budget`` counts).
     params : dict of str to Tensor
         Unconstrained parameter values (model and guide).
     model_params, guide_params : tuple of str
@@ -110,6 +113,7 @@ class TrainResult:
     message: str
     wall_time: float
     params: dict[str, torch.Tensor] = field(repr=False)
+    elapsed: float = math.nan
     model_params: tuple[str, ...] = ()
     guide_params: tuple[str, ...] = ()
     checkpoint: str | None = None
@@ -140,6 +144,7 @@ class TrainResult:
             "best_epoch": self.best_epoch,
             "best_val": self.best_val,
             "wall_time_s": self.wall_time,
+            "elapsed_s": self.elapsed,
             "seconds_per_epoch": self.seconds_per_epoch,
             "train_loss": [float(v) for v in self.train_loss],
             "val_bound": [float(v) for v in self.val_bound],
@@ -578,6 +583,7 @@ def _train_loop(
         status=status,
         message=message,
         wall_time=wall,
+        elapsed=loop_time,
         params=_unconstrained(names),
         model_params=model_names,
         guide_params=guide_names,

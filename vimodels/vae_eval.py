@@ -541,7 +541,6 @@ def nuts_latent_posterior(
     """
     import sys
 
-    import arviz as az
     from pyro.infer import MCMC, NUTS
 
     check_option("num_chains", num_chains, kind=int, low=1)
@@ -578,10 +577,23 @@ def nuts_latent_posterior(
             for div in mcmc.diagnostics().get("divergences", {}).values():
                 divergences += len(div)
     draws = np.stack(chains)
-    dataset = az.convert_to_dataset({latent: draws})
-    rhat = np.asarray(az.rhat(dataset)[latent].values)
-    ess = np.asarray(az.ess(dataset)[latent].values)
+    rhat, ess = chain_diagnostics(draws)
     return NutsDraws(draws, rhat, ess, divergences, time.perf_counter() - t0)
+
+
+def chain_diagnostics(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split R-hat and bulk ESS (ArviZ) per coordinate of ``draws`` (chains, samples, D).
+
+    A chain that never moved (zero variance, e.g. after a very short warm-up)
+    gives a non-finite R-hat, reported as such instead of a division warning.
+    """
+    import arviz as az
+
+    dataset = az.convert_to_dataset({"z": draws})
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rhat = np.asarray(az.rhat(dataset)["z"].values)
+        ess = np.asarray(az.ess(dataset)["z"].values)
+    return rhat, ess
 
 
 def guide_draws(
@@ -767,10 +779,10 @@ def evaluate_digits_vae(
         shown = subset(test, slice(0, 16))
         loc, _ = gaussian_encoder(encoder_guide, shown)
         latents, _ = gaussian_encoder(encoder_guide, test)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 4)
-            z_prior = torch.randn(64, static.get("latent_dim", 8))
         prior = {"x": None, "num_data": 64, **static}
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), poutine.block():
+            torch.manual_seed(seed + 4)  # z from the model's prior (learned or N(0, I))
+            z_prior = poutine.trace(digits_vae).get_trace(**prior).nodes[LATENT]["value"]
         arrays = {
             "inputs": shown["x"].numpy().astype(float),
             "recon": decoder_means(digits_vae, shown, loc),

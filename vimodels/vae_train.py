@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 
 from guides.vae import encoder_guide
-from vimodels.catalog.vae import HIDDEN_DIM, LATENT_DIM, NUM_LAYERS, digits_split, digits_vae
+from vimodels.catalog.vae import (
+    HIDDEN_DIM,
+    LATENT_DIM,
+    NUM_LAYERS,
+    PRIOR_COMPONENTS,
+    digits_split,
+    digits_vae,
+)
 from vimodels.elbos import get_elbo_spec
 from vimodels.errors import OptionError, check_option
 from vimodels.train import TrainResult, train
@@ -115,13 +122,22 @@ def train_val_split(
 
 
 def network_options(
-    latent_dim: int = LATENT_DIM, hidden_dim: int = HIDDEN_DIM, num_layers: int = NUM_LAYERS
+    latent_dim: int = LATENT_DIM,
+    hidden_dim: int = HIDDEN_DIM,
+    num_layers: int = NUM_LAYERS,
+    prior_components: int = PRIOR_COMPONENTS,
 ) -> dict[str, int]:
-    """Static model options (validated)."""
+    """Static model options (validated); see :func:`vimodels.catalog.vae.digits_vae`."""
     check_option("latent_dim", latent_dim, kind=int, low=1)
     check_option("hidden_dim", hidden_dim, kind=int, low=1)
     check_option("num_layers", num_layers, kind=int, low=0)
-    return {"latent_dim": latent_dim, "hidden_dim": hidden_dim, "num_layers": num_layers}
+    check_option("prior_components", prior_components, kind=int, low=0)
+    return {
+        "latent_dim": latent_dim,
+        "hidden_dim": hidden_dim,
+        "num_layers": num_layers,
+        "prior_components": prior_components,
+    }
 
 
 def train_digits_vae(
@@ -158,7 +174,8 @@ def train_digits_vae(
     num_train : int, optional
         Use only the first ``num_train`` training images (quick runs).
     **network : int
-        ``latent_dim``, ``hidden_dim``, ``num_layers``.
+        ``latent_dim``, ``hidden_dim``, ``num_layers``, ``prior_components``
+        (:func:`network_options`).
     """
     objective = objective or Objective()
     static = network_options(**network)

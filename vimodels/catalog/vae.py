@@ -7,8 +7,15 @@ data is the training set; :func:`digits_split` gives both sets and the labels.
 
 Model, per image ``i`` (``D`` = ``latent_dim``, 64 pixels)::
 
-    z_i ~ Normal(0, I_D)
+    z_i ~ p(z) = sum_c pi_c Normal(m_c, diag(s_c^2))   (C = prior_components)
     x_i ~ Bernoulli(logits = decoder(z_i))        (64 independent pixels)
+
+The prior is a learned mixture of ``C`` diagonal Gaussians (default 30; its
+weights, means and scales are model parameters ``prior.*``) or, with
+``prior_components=0``, the fixed ``Normal(0, I_D)``. The learned prior is
+the default because it generalises better: with the same training protocol it
+raises the test log-likelihood by 0.24 to 0.36 nats per image, depending on
+the objective (benchmark 5 of ``benchmarks/README.md``).
 
 The decoder is an MLP ``D -> hidden_dim (x num_layers) -> 64`` with ``tanh``
 hidden units, its weights are Pyro parameters named ``decoder.<layer>.weight``
@@ -28,8 +35,10 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+from torch.distributions import constraints
 
 from vimodels.catalog.base import CatalogEntry, NutsSettings
+from vimodels.catalog.vae_prior import DiagonalNormalMixture
 from vimodels.errors import DataError
 
 FAMILY = "digits_vae"
@@ -40,6 +49,8 @@ NUM_PIXELS = 64
 LATENT_DIM = 8
 HIDDEN_DIM = 128
 NUM_LAYERS = 2
+PRIOR_COMPONENTS = 30
+PRIOR_LOC_INIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -167,6 +178,28 @@ def decode(
     return mlp("decoder", z, sizes, out_bias=out_bias)
 
 
+def latent_prior(
+    latent_dim: int = LATENT_DIM, prior_components: int = PRIOR_COMPONENTS
+) -> dist.Distribution:
+    """The prior ``p(z)``: event shape ``(latent_dim,)``, batch shape ``()``.
+
+    ``prior_components = 0`` gives the fixed ``N(0, I)``; ``C >= 1`` a learned
+    mixture ``sum_c pi_c N(z; m_c, diag(s_c^2))`` whose weights (softmax of
+    ``prior.logits``), means ``prior.loc`` (C, D) and scales ``prior.scale``
+    (C, D) are Pyro parameters of the model. Either is a normalised density,
+    so ``log p(x) = log E_q[p(x | z) p(z) / q(z | x)]`` stays exact.
+    """
+    if prior_components == 0:
+        return dist.Normal(torch.zeros(latent_dim), 1.0).to_event(1)
+    c = prior_components
+    logits = pyro.param("prior.logits", lambda: torch.zeros(c))
+    loc = pyro.param("prior.loc", lambda: PRIOR_LOC_INIT * torch.randn(c, latent_dim))
+    scale = pyro.param(
+        "prior.scale", lambda: torch.ones(c, latent_dim), constraint=constraints.positive
+    )
+    return DiagonalNormalMixture(logits, loc, scale)
+
+
 def digits_vae(
     x: torch.Tensor | None = None,
     num_data: int | None = None,
@@ -175,8 +208,9 @@ def digits_vae(
     latent_dim: int = LATENT_DIM,
     hidden_dim: int = HIDDEN_DIM,
     num_layers: int = NUM_LAYERS,
+    prior_components: int = PRIOR_COMPONENTS,
 ) -> None:
-    """The VAE's generative model ``p(x, z) = N(z; 0, I) Bernoulli(x; decoder(z))``.
+    """The VAE's generative model ``p(x, z) = p(z) Bernoulli(x; decoder(z))``.
 
     Parameters
     ----------
@@ -190,6 +224,9 @@ def digits_vae(
         Explicit minibatch indices (used by the epoch loop).
     latent_dim, hidden_dim, num_layers : int
         Network sizes (latent dimension ``D``, hidden width, hidden layers).
+    prior_components : int
+        0: ``p(z) = N(0, I)``; ``C >= 1``: a learned mixture of ``C``
+        diagonal Gaussians (:func:`latent_prior`).
     """
     if x is None:
         n, pixel_mean = (1 if num_data is None else num_data), None
@@ -198,8 +235,9 @@ def digits_vae(
             raise DataError(f"x must have shape (N, pixels), got {tuple(x.shape)}")
         n, pixel_mean = x.shape[0], x.mean(0)
     num_pixels = NUM_PIXELS if x is None else x.shape[-1]
+    prior = latent_prior(latent_dim, prior_components)
     with pyro.plate("data", n, subsample_size=subsample_size, subsample=subsample, dim=-1) as idx:
-        z = pyro.sample("z", dist.Normal(torch.zeros(latent_dim), 1.0).to_event(1))
+        z = pyro.sample("z", prior)
         logits = decode(z, num_pixels, hidden_dim, num_layers, pixel_mean)
         pyro.sample(
             "x", dist.Bernoulli(logits=logits).to_event(1), obs=None if x is None else x[idx]
@@ -210,7 +248,8 @@ DIGITS_VAE = CatalogEntry(
     name="digits_vae",
     description=(
         "VAE on scikit-learn's 8x8 digits binarized at >= 8 (1437 train images of a stratified "
-        "80/20 split), z ~ N(0, I_8), tanh MLP decoder 8-128-128-64, Bernoulli pixels"
+        "80/20 split), z in R^8 with a learned 30-component Gaussian-mixture prior, tanh MLP "
+        "decoder 8-128-128-64, Bernoulli pixels"
     ),
     model=digits_vae,
     loader=load_train,
@@ -224,5 +263,10 @@ DIGITS_VAE = CatalogEntry(
     nuts=NutsSettings(num_warmup=300, num_samples=500, num_chains=2, jit_compile=False),
     default_guides=("encoder",),
     max_plate_nesting=1,
-    options={"latent_dim": LATENT_DIM, "hidden_dim": HIDDEN_DIM, "num_layers": NUM_LAYERS},
+    options={
+        "latent_dim": LATENT_DIM,
+        "hidden_dim": HIDDEN_DIM,
+        "num_layers": NUM_LAYERS,
+        "prior_components": PRIOR_COMPONENTS,
+    },
 )

@@ -40,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latent-dim", type=int, default=8)
     p.add_argument("--hidden-dim", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument(
+        "--prior-components",
+        type=int,
+        help="components of the learned Gaussian-mixture prior (default 30; 0: N(0, I))",
+    )
     p.add_argument("--num-train", type=int, default=None, help="use only N training images")
     p.add_argument("--out", default=None, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -86,6 +91,8 @@ def cmd_vae(args: argparse.Namespace) -> int:
         latent_dim=args.latent_dim,
         hidden_dim=args.hidden_dim,
         num_layers=args.num_layers,
+        # None: the trainer's default
+        **({} if args.prior_components is None else {"prior_components": args.prior_components}),
     )
     print(f"{objective.tag}: {result.message}")
     print(f"{result.epochs} epochs, {result.seconds_per_epoch:.3f} s per epoch")
