@@ -60,6 +60,12 @@ def _add_nuts_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tree-depth", type=int, default=None)
     p.add_argument("--no-nuts-jit", action="store_true", help="do not JIT-compile the potential")
     p.add_argument(
+        "--sampler",
+        choices=("vimodels", "pyro"),
+        default=None,
+        help="NUTS implementation: the project's (default, faster) or pyro.infer.NUTS",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -80,6 +86,7 @@ def _nuts_settings(args: argparse.Namespace) -> dict:
         "num_samples": args.samples,
         "target_accept_prob": args.target_accept,
         "max_tree_depth": args.max_tree_depth,
+        "sampler": args.sampler,
     }
     if args.no_nuts_jit:
         out["jit_compile"] = False

@@ -263,6 +263,17 @@ def test_bad_options():
         run_nuts(CONJ, sites=("nope",), cache=False)
     with pytest.raises(OptionError):
         exact_reference("eight_schools_noncentered")
+    with pytest.raises(OptionError, match="valid: vimodels, pyro"):
+        run_nuts(CONJ, settings={"sampler": "stan"}, cache=False)
+
+
+def test_pyro_sampler_is_still_available():
+    ref = run_nuts(CONJ, settings={**TINY, "sampler": "pyro"}, cache=False)
+    assert ref.settings["sampler"].startswith("pyro NUTS")
+    assert ref.draws["beta"].shape[:2] == (1, 25)
+    lean = run_nuts(CONJ, settings=TINY, cache=False)
+    assert lean.settings["sampler"].startswith("vimodels NUTS")
+    assert lean.settings["chain_leapfrog_steps"][0]["sampling"] >= 25
 
 
 @pytest.mark.slow
