@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import numpy as np
 import pyro
@@ -48,3 +49,18 @@ def tiny_nuts_eight_schools(_isolated_cache):
         seed=3,
         num_workers=1,
     )
+
+
+def pytest_configure(config):
+    # A shell that starts a job in the background without job control (`cmd &` in a
+    # script) leaves SIGINT ignored, and an ignored signal stays ignored across exec:
+    # the Ctrl-C tests' subprocesses would never see their SIGINT. Restore the default.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Slow tests (NUTS references, training, interrupts) first: pytest-xdist hands out
+    # tests in collection order, so long ones left to the end would run alone on one
+    # worker while the other core idles. The order is otherwise kept.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
