@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pyro
@@ -64,3 +65,34 @@ def pytest_collection_modifyitems(config, items):
     # tests in collection order, so long ones left to the end would run alone on one
     # worker while the other core idles. The order is otherwise kept.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    out: set[int] = set()
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return out
+    for task in tasks.iterdir():
+        try:
+            children = {int(x) for x in (task / "children").read_text().split()}
+        except OSError:
+            continue
+        for child in children:
+            out |= {child} | _descendants(child)
+    return out
+
+
+@pytest.fixture
+def no_leftover_processes():
+    """Kill whatever processes a test started and left running (a timed-out subprocess).
+
+    Not autouse: session fixtures (dask clusters, pools) keep workers across tests.
+    """
+    before = _descendants(os.getpid())
+    yield
+    for pid in _descendants(os.getpid()) - before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

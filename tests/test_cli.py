@@ -103,7 +103,7 @@ def test_fit_writes_netcdf_and_json(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_keeps_partial_fit(tmp_path):
+def test_ctrl_c_keeps_partial_fit(tmp_path, no_leftover_processes):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(

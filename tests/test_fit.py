@@ -210,6 +210,7 @@ def test_vectorized_and_sequential_log_weights_agree(elbo):
         pyro.set_rng_seed(0)
         vec = log_weights(_kw(r.model), _kw(r.guide), kwargs, 4000, r.max_plate_nesting)
         pyro.set_rng_seed(1)
-        seq = log_weights(_kw(r.model), _kw(r.guide), kwargs, 4000, r.max_plate_nesting, chunk=1)
-    se = np.hypot(vec.std(), seq.std()) / np.sqrt(4000)
+        # one draw at a time costs ~10 ms each: 1000 of them, the tolerance follows
+        seq = log_weights(_kw(r.model), _kw(r.guide), kwargs, 1000, r.max_plate_nesting, chunk=1)
+    se = np.hypot(vec.std() / np.sqrt(len(vec)), seq.std() / np.sqrt(len(seq)))
     assert abs(vec.mean() - seq.mean()) < 5 * se
