@@ -1,8 +1,10 @@
 """Ground truth: a self-checked NUTS reference (or exact draws), cached on disk.
 
-:func:`run_nuts` runs Pyro's NUTS (JIT-compiled where the model allows) in
-several independently seeded chains, in parallel processes where cores
-allow, then checks the draws before anyone trusts them:
+:func:`run_nuts` runs NUTS on Pyro's potential (JIT-compiled where the model
+allows) in several independently seeded chains, by default all in this
+process in lockstep with one batched gradient per leapfrog step
+(``NutsSettings.chain_method``; independent chains run in parallel processes
+where cores allow), then checks the draws before anyone trusts them:
 
 - rank-normalized split R-hat < 1.01,
 - bulk and tail effective sample size >= 400,
