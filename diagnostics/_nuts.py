@@ -287,6 +287,23 @@ class BatchedPotential:
         return np.array([u for u, _ in rows]), np.stack([g for _, g in rows])
 
 
+@contextlib.contextmanager
+def _quiet_vmap_fallback() -> Iterator[None]:
+    """Silence functorch's "performance drop" message for operations vmap loops over.
+
+    The loop is traced into the graph like any other operation; the message
+    (printed by C++, not a Python warning) would only alarm the user.
+    """
+    switch = getattr(torch._C._functorch, "_set_vmap_fallback_warning_enabled", None)
+    if switch is not None:
+        switch(False)
+    try:
+        yield
+    finally:
+        if switch is not None:
+            switch(True)
+
+
 def _trace_batched(potential: FlatPotential, example: torch.Tensor) -> Callable:
     """Frozen TorchScript of ``vmap`` of the potential's FX graph at ``example`` (K, D).
 
@@ -294,7 +311,7 @@ def _trace_batched(potential: FlatPotential, example: torch.Tensor) -> Callable:
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    with warnings.catch_warnings(), pyro.util.ignore_jit_warnings():
+    with warnings.catch_warnings(), pyro.util.ignore_jit_warnings(), _quiet_vmap_fallback():
         warnings.simplefilter("ignore")
         graph = make_fx(torch.func.vmap(potential.graph))(example)
         with torch.no_grad():
