@@ -32,7 +32,7 @@ class NutsSettings:
     num_warmup, num_samples : int
         Warm-up and kept draws per chain.
     num_chains : int
-        Independent chains (run in parallel processes where cores allow).
+        Independently seeded chains (see ``chain_method`` for how they run).
     target_accept_prob : float
         Dual-averaging target acceptance.
     max_tree_depth : int
