@@ -17,7 +17,8 @@ and their imports. Times (seconds):
 Variants:
 
 - ``vimodels``: ``diagnostics.reference.run_nuts`` on an empty cache folder
-  (chains in parallel worker processes, JIT, checks, cache write); then the
+  (the chains in lockstep in the calling process, one batched gradient per
+  leapfrog step of all four, JIT, checks, cache write); then the
   same call again in the same process (``second``: the cache is reused);
 - ``vimodels_cached``: a fresh process calling ``run_nuts`` on the warm cache;
 - ``pyro``: ``MCMC(NUTS(model, target_accept_prob=0.9), num_chains=4)`` as a
@@ -98,6 +99,7 @@ def _child_vimodels(s: dict, cache_dir: str) -> dict:
         "second": t_second,
         "from_cache": [ref.from_cache, ref2.from_cache],
         "workers": ref.settings["num_workers"],
+        "chain_method": ref.settings.get("chain_method_used"),
         "chain_wall_time_s": ref.settings["chain_wall_time_s"],
         "divergences": ref.num_divergences,
         "draws": {k: ref.draws[k] for k in SITES},
@@ -297,7 +299,7 @@ def nuts_benchmark(
         }
         row.update({k: rs[-1][k] for k in ("divergences", "min_ess_bulk", "max_rhat", "means")})
         row["runs"] = [x["run"] for x in rs]
-        for k in ("workers", "chain_wall_time_s", "from_cache", "devices"):
+        for k in ("workers", "chain_method", "chain_wall_time_s", "from_cache", "devices"):
             if k in rs[-1]:
                 row[k] = rs[-1][k]
         rows[v] = row

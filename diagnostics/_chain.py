@@ -1,4 +1,4 @@
-"""One NUTS chain, run in this process or in a spawned worker.
+"""NUTS chains, run in this process or in a spawned worker: one by one, or in lockstep.
 
 Kept apart from :mod:`diagnostics.reference` so that a worker process imports
 only torch, Pyro and the catalog, not ArviZ, POT or matplotlib.
@@ -15,7 +15,7 @@ import torch
 from pyro.infer import MCMC, NUTS
 from pyro.poutine.messenger import Messenger
 
-from diagnostics._nuts import sample_chain
+from diagnostics._nuts import sample_chain, sample_chains
 from vimodels.catalog.base import NutsSettings
 from vimodels.catalog.registry import get_model
 
@@ -135,6 +135,10 @@ def _run_lean_chain(spec: dict, model: Callable, data: dict, s: NutsSettings) ->
         max_plate_nesting=spec["max_plate_nesting"],
         jit=bool(s.jit_compile),
     )
+    return _lean_result(spec, out, time.perf_counter() - t0)
+
+
+def _lean_result(spec: dict, out: dict, wall: float) -> dict:
     stats = dict(out["stats"])
     steps = stats.pop("num_steps")
     return {
@@ -143,6 +147,61 @@ def _run_lean_chain(spec: dict, model: Callable, data: dict, s: NutsSettings) ->
         "stats": stats,
         "jit": out["jit"],
         "note": out["note"],
-        "wall_time": time.perf_counter() - t0,
+        "batch": out.get("batch"),
+        "wall_time": wall,
         "leapfrog_steps": {"warmup": int(out["warmup_steps"]), "sampling": int(steps.sum())},
     }
+
+
+def run_chains_lockstep(specs: list[dict]) -> list[dict]:
+    """Run the project's NUTS chains of ``specs`` together, in this thread, in lockstep.
+
+    The specs differ only in their ``seed`` and ``chain``; one batched
+    gradient serves a leapfrog step of every chain
+    (:func:`diagnostics._nuts.sample_chains`). Each result is as
+    :func:`run_chain` returns it, plus ``batch``; ``wall_time`` is the
+    group's.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        spec = specs[0]
+        s: NutsSettings = spec["settings"]
+        model = _resolve_worker_model(spec["model"])
+        data = {
+            k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
+            for k, v in spec["data"].items()
+        }
+        t0 = time.perf_counter()
+        outs = sample_chains(
+            model,
+            data,
+            num_warmup=s.num_warmup,
+            num_samples=s.num_samples,
+            seeds=[x["seed"] for x in specs],
+            target_accept_prob=s.target_accept_prob,
+            max_tree_depth=s.max_tree_depth,
+            max_plate_nesting=spec["max_plate_nesting"],
+            jit=bool(s.jit_compile),
+        )
+        wall = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    return [_lean_result(x, out, wall) for x, out in zip(specs, outs)]
+
+
+def run_group(specs: list[dict]) -> list[dict]:
+    """Run a group of chains in this process: in lockstep where the settings ask for it.
+
+    Lockstep applies to the project's sampler (``sampler="vimodels"``) with
+    ``chain_method="lockstep"``; otherwise the chains run one after another.
+    """
+    s: NutsSettings = specs[0]["settings"]
+    if is_lockstep(s):
+        return run_chains_lockstep(specs)
+    return [run_chain(spec) for spec in specs]
+
+
+def is_lockstep(settings: NutsSettings) -> bool:
+    """Whether chains under ``settings`` run in lockstep."""
+    return settings.sampler == "vimodels" and settings.chain_method == "lockstep"

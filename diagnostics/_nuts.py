@@ -28,15 +28,19 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyro
 import torch
 from pyro.infer.mcmc.util import initialize_model
 
+T = TypeVar("T")
+Reply = tuple[float, np.ndarray]
+Steps = Generator[np.ndarray, Reply, T]  # yields positions, receives (u, grad), returns T
+STAT_NAMES = ("diverging", "step_size", "tree_depth", "num_steps", "lp", "acceptance_rate")
 MAX_DELTA_H = 1000.0  # energy error that marks a divergence (Stan's value)
 LOG_08 = math.log(0.8)
 
@@ -84,6 +88,7 @@ class FlatPotential:
         self._potential_fn = potential_fn
         self.mode = "python"
         self.note: str | None = None
+        self.graph: torch.fx.GraphModule | None = None  # the traced value-and-gradient
         self._value_and_grad: Callable | None = None
         self._fn: Callable = self.python_potential
         if not jit:
@@ -91,7 +96,7 @@ class FlatPotential:
         example = torch.as_tensor(z0, dtype=dtype)
         errors = []
         try:
-            self._value_and_grad = _trace_value_and_grad(self.python_potential, example)
+            self.graph, self._value_and_grad = _trace_value_and_grad(self.python_potential, example)
             self.mode = "fx"
             return
         except Exception as exc:  # tracing failures vary widely
@@ -103,6 +108,11 @@ class FlatPotential:
         except Exception as exc:
             errors.append(type(exc).__name__)
         self.note = f"JIT unavailable ({', '.join(errors)}); ran the Python potential"
+
+    @property
+    def dim(self) -> int:
+        """Length ``D`` of the flat vector."""
+        return int(sum(self.sizes))
 
     @property
     def jit(self) -> bool:
@@ -173,8 +183,10 @@ def _value_and_grad_fn(fn: Callable) -> Callable:
     return value_and_grad
 
 
-def _trace_value_and_grad(fn: Callable, example: torch.Tensor) -> Callable:
-    """``z -> (grad, value)`` of ``fn`` as one frozen TorchScript graph.
+def _trace_value_and_grad(
+    fn: Callable, example: torch.Tensor
+) -> tuple[torch.fx.GraphModule, Callable]:
+    """``z -> (grad, value)`` of ``fn`` as an FX graph of ATen operations and frozen TorchScript.
 
     Checked against autograd at a second point.
     """
@@ -197,7 +209,7 @@ def _trace_value_and_grad(fn: Callable, example: torch.Tensor) -> Callable:
     (g,) = torch.autograd.grad(u, t)
     if not (_agrees(u1, u) and _agrees(g1, g)):
         raise RuntimeError("the traced potential differs from the model away from the trace point")
-    return compiled
+    return graph, compiled
 
 
 def _trace_potential(fn: Callable, example: torch.Tensor) -> Callable:
@@ -222,6 +234,101 @@ def _trace_potential(fn: Callable, example: torch.Tensor) -> Callable:
     if not _agrees(traced(z1), fn(z1)):
         raise RuntimeError("the traced potential differs from the model away from the trace point")
     return traced
+
+
+class BatchedPotential:
+    """The potential and its gradient at K positions at once, for chains run in lockstep.
+
+    Where the :class:`FlatPotential` is an FX graph of ATen operations (mode
+    ``"fx"``), ``torch.func.vmap`` of that graph is traced again with
+    ``make_fx`` at a ``(K, D)`` example and frozen with TorchScript: one call
+    dispatches about as many operations as one chain's gradient does. It is
+    checked row by row against the unbatched potential at a second point.
+    Where that cannot be done (a model traced otherwise or not at all, a
+    vmap or check failure), the rows are evaluated one by one with the
+    unbatched potential. :attr:`mode` says which (``"vmap"`` or ``"rows"``),
+    :attr:`note` why rows ran where vmap was tried.
+
+    Parameters
+    ----------
+    potential : FlatPotential
+    example : ndarray, shape (K, D)
+        Positions to trace at (the chains' initial points).
+    vectorize : bool
+        Try vmap; else evaluate rows one by one.
+    """
+
+    def __init__(self, potential: FlatPotential, example: np.ndarray, vectorize: bool = True):
+        self.potential = potential
+        self.size = int(example.shape[0])
+        self.mode = "rows"
+        self.note: str | None = None
+        self._batched: Callable | None = None
+        if not vectorize or potential.graph is None:
+            return
+        try:
+            self._batched = _trace_batched(
+                potential, torch.as_tensor(example, dtype=potential.dtype)
+            )
+            self.mode = "vmap"
+        except Exception as exc:  # vmap and tracing failures vary widely
+            self.note = (
+                f"batched potential unavailable ({type(exc).__name__}); "
+                "the chains' potentials ran one by one"
+            )
+
+    def __call__(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Potentials (K,) and gradients (K, D), float64, at positions ``z`` (K, D)."""
+        if self._batched is not None:
+            with torch.no_grad():
+                g, u = self._batched(torch.from_numpy(z).to(self.potential.dtype))
+            return u.numpy().astype(np.float64), g.numpy().astype(np.float64)
+        rows = [self.potential(row) for row in z]
+        return np.array([u for u, _ in rows]), np.stack([g for _, g in rows])
+
+
+@contextlib.contextmanager
+def _quiet_vmap_fallback() -> Iterator[None]:
+    """Silence functorch's "performance drop" message for operations vmap loops over.
+
+    The loop is traced into the graph like any other operation; the message
+    (printed by C++, not a Python warning) would only alarm the user.
+    """
+    switch = getattr(torch._C._functorch, "_set_vmap_fallback_warning_enabled", None)
+    if switch is not None:
+        switch(False)
+    try:
+        yield
+    finally:
+        if switch is not None:
+            switch(True)
+
+
+def _trace_batched(potential: FlatPotential, example: torch.Tensor) -> Callable:
+    """Frozen TorchScript of ``vmap`` of the potential's FX graph at ``example`` (K, D).
+
+    Checked row by row against the unbatched potential at a second point.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with warnings.catch_warnings(), pyro.util.ignore_jit_warnings(), _quiet_vmap_fallback():
+        warnings.simplefilter("ignore")
+        graph = make_fx(torch.func.vmap(potential.graph))(example)
+        with torch.no_grad():
+            compiled = torch.jit.freeze(
+                torch.jit.trace(graph, (example,), check_trace=False).eval()
+            )
+    shift = 0.1 * torch.arange(1, example.shape[0] + 1, dtype=example.dtype)[:, None]
+    z1 = example + shift
+    with torch.no_grad():
+        g1, u1 = compiled(z1)
+    if tuple(g1.shape) != tuple(example.shape) or tuple(u1.shape) != (example.shape[0],):
+        raise RuntimeError(f"the batched potential has shapes {tuple(g1.shape)}, {tuple(u1.shape)}")
+    for k, row in enumerate(z1.double().numpy()):
+        u, g = potential(row)
+        if not (_agrees(u1[k], torch.tensor(u)) and _agrees(g1[k], torch.from_numpy(g))):
+            raise RuntimeError(f"the batched potential differs from the model in row {k}")
+    return compiled
 
 
 # ----------------------------------------------------------------------------- adaptation
@@ -383,32 +490,48 @@ def _persist(ps_minus: np.ndarray, ps_plus: np.ndarray, rho: np.ndarray) -> bool
 
 
 class NUTSChain:
-    """One NUTS chain on a :class:`FlatPotential`.
+    """One NUTS chain, written as generators that ask for the potential.
+
+    Every method that needs the potential and its gradient exists as a
+    generator (``*_steps``) that yields the flat position ``z`` and receives
+    ``(u, grad)`` back (``yield from`` through the tree's recursion), so that
+    one algorithm serves both a chain driven alone (:func:`drive`) and chains
+    driven together with one batched gradient per leapfrog step
+    (:func:`drive_lockstep`). :meth:`transition`, :meth:`find_reasonable_step_size`
+    and :meth:`_leapfrog` drive their generator with :attr:`potential`.
 
     Parameters
     ----------
-    potential : FlatPotential
+    potential : callable or None
+        ``z -> (u, grad)``; needed by the synchronous methods, and to evaluate
+        ``z0`` when ``start`` is not given.
     z0 : ndarray, shape (D,)
         Initial unconstrained position.
     rng : numpy.random.Generator
     target_accept_prob : float
     max_tree_depth : int
         At most ``2**max_tree_depth - 1`` leapfrog steps per transition.
+    start : tuple of (float, ndarray), optional
+        The potential and its gradient at ``z0``, if already known.
     """
 
     def __init__(
         self,
-        potential: FlatPotential,
+        potential: Callable[[np.ndarray], Reply] | None,
         z0: np.ndarray,
         rng: np.random.Generator,
         target_accept_prob: float = 0.8,
         max_tree_depth: int = 10,
+        *,
+        start: Reply | None = None,
     ) -> None:
         self.potential = potential
         self.rng = rng
         self.target = float(target_accept_prob)
         self.max_depth = int(max_tree_depth)
-        u, g = potential(z0)
+        if start is None:
+            start = self._require_potential()(z0)
+        u, g = start
         if not math.isfinite(u):
             raise ValueError("the potential is not finite at the initial point")
         self.z, self.u, self.g = np.asarray(z0, dtype=np.float64), u, g
@@ -420,6 +543,11 @@ class NUTSChain:
         self.sum_metro = 0.0
         self.divergent = False
 
+    def _require_potential(self) -> Callable[[np.ndarray], Reply]:
+        if self.potential is None:
+            raise RuntimeError("this chain has no potential of its own: drive its generators")
+        return self.potential
+
     # --- Hamiltonian pieces
     def _momentum(self) -> np.ndarray:
         return self.rng.standard_normal(self.dim) / np.sqrt(self.inv_mass)
@@ -427,15 +555,19 @@ class NUTSChain:
     def _energy(self, u: float, r: np.ndarray) -> float:
         return u + 0.5 * float(r @ (self.inv_mass * r))
 
-    def _leapfrog(self, p: _Point, eps: float) -> _Point:
+    def leapfrog_steps(self, p: _Point, eps: float) -> Steps[_Point]:
+        """One leapfrog step from ``p`` (asks for the potential once)."""
         r = p.r - 0.5 * eps * p.g
         z = p.z + eps * (self.inv_mass * r)
-        u, g = self.potential(z)
+        u, g = yield z
         r = r - 0.5 * eps * g
         return _Point(z, r, u, g)
 
+    def _leapfrog(self, p: _Point, eps: float) -> _Point:
+        return drive(self.leapfrog_steps(p, eps), self._require_potential())
+
     # --- step size
-    def find_reasonable_step_size(self) -> None:
+    def find_step_size_steps(self) -> Steps[None]:
         """Stan's heuristic: double or halve until one leapfrog step crosses acceptance 0.8."""
         start = _Point(self.z, None, self.u, self.g)  # type: ignore[arg-type]
         direction = 0
@@ -443,7 +575,7 @@ class NUTSChain:
             r = self._momentum()
             h0 = self._energy(self.u, r)
             start.r = r
-            q = self._leapfrog(start, self.step_size)
+            q = yield from self.leapfrog_steps(start, self.step_size)
             h = self._energy(q.u, q.r)
             delta = h0 - h if math.isfinite(h) else -math.inf
             if direction == 0:
@@ -459,24 +591,32 @@ class NUTSChain:
                     "posterior is improper or the potential is not smooth"
                 )
 
+    def find_reasonable_step_size(self) -> None:
+        """:meth:`find_step_size_steps` driven by :attr:`potential`."""
+        drive(self.find_step_size_steps(), self._require_potential())
+
     # --- tree
-    def _build(self, start: _Point, depth: int, eps: float, h0: float) -> _Subtree:
+    def _leaf_steps(self, start: _Point, eps: float, h0: float) -> Steps[_Subtree]:
+        q = yield from self.leapfrog_steps(start, eps)
+        self.n_leapfrog += 1
+        h = self._energy(q.u, q.r)
+        if not math.isfinite(h):
+            h = math.inf
+        delta = h0 - h
+        if -delta > MAX_DELTA_H:
+            self.divergent = True
+        self.sum_metro += 1.0 if delta > 0 else math.exp(delta)
+        ps = self.inv_mass * q.r
+        return _Subtree(q, q, delta, q.r, q.r, ps, q.r, ps, not self.divergent)
+
+    def build_steps(self, start: _Point, depth: int, eps: float, h0: float) -> Steps[_Subtree]:
+        """A subtree of ``2**depth`` leapfrog steps from ``start`` (Stan's ``build_tree``)."""
         if depth == 0:
-            q = self._leapfrog(start, eps)
-            self.n_leapfrog += 1
-            h = self._energy(q.u, q.r)
-            if not math.isfinite(h):
-                h = math.inf
-            delta = h0 - h
-            if -delta > MAX_DELTA_H:
-                self.divergent = True
-            self.sum_metro += 1.0 if delta > 0 else math.exp(delta)
-            ps = self.inv_mass * q.r
-            return _Subtree(q, q, delta, q.r, q.r, ps, q.r, ps, not self.divergent)
-        init = self._build(start, depth - 1, eps, h0)
+            return (yield from self._leaf_steps(start, eps, h0))
+        init = yield from self.build_steps(start, depth - 1, eps, h0)
         if not init.valid:
             return init
-        final = self._build(init.end, depth - 1, eps, h0)
+        final = yield from self.build_steps(init.end, depth - 1, eps, h0)
         if not final.valid:
             return final
         log_w = float(np.logaddexp(init.log_w, final.log_w))
@@ -493,7 +633,7 @@ class NUTSChain:
             final.end, prop, log_w, rho, init.p_beg, init.ps_beg, final.p_end, final.ps_end, valid
         )
 
-    def transition(self) -> dict[str, float]:
+    def transition_steps(self) -> Steps[dict[str, float]]:
         """One NUTS transition from the current point; returns its statistics."""
         eps = self.step_size
         r0 = self._momentum()
@@ -512,7 +652,9 @@ class NUTSChain:
         while depth < self.max_depth:
             doublings += 1
             forward = self.rng.random() > 0.5
-            sub = self._build(right if forward else left, depth, eps if forward else -eps, h0)
+            sub = yield from self.build_steps(
+                right if forward else left, depth, eps if forward else -eps, h0
+            )
             if not sub.valid:
                 break
             depth += 1
@@ -547,8 +689,199 @@ class NUTSChain:
             "acceptance_rate": accept,
         }
 
+    def transition(self) -> dict[str, float]:
+        """:meth:`transition_steps` driven by :attr:`potential`."""
+        return drive(self.transition_steps(), self._require_potential())
+
+
+# ----------------------------------------------------------------------------- drivers
+
+
+def drive(steps: Steps[T], potential: Callable[[np.ndarray], Reply]) -> T:
+    """Run a generator of :class:`NUTSChain` to its end, answering it with ``potential``.
+
+    Parameters
+    ----------
+    steps : generator
+        Yields positions ``z`` (D,), receives ``potential(z)``.
+    potential : callable
+        ``z -> (u, grad)``.
+
+    Returns
+    -------
+    The generator's return value.
+    """
+    try:
+        z = next(steps)
+        while True:
+            z = steps.send(potential(z))
+    except StopIteration as stop:
+        return stop.value
+
+
+def drive_lockstep(
+    programs: Sequence[Steps[T]],
+    batched: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    dim: int,
+) -> list[T]:
+    """Run several generators together with one batched potential call per round.
+
+    Each round stacks the positions the live generators asked for into a
+    ``(K, D)`` array, evaluates ``batched`` once, and sends each generator its
+    row. A generator that has finished keeps its last position as a dummy row,
+    so the batch keeps its shape (the traced graph has static shapes).
+
+    Parameters
+    ----------
+    programs : sequence of generators
+        As for :func:`drive`; they start with a yield (all :class:`NUTSChain`
+        generators and :func:`chain_steps` do).
+    batched : callable
+        ``Z (K, D) -> (U (K,), G (K, D))``.
+    dim : int
+        ``D``.
+
+    Returns
+    -------
+    list
+        The generators' return values, in order.
+    """
+    k_all = len(programs)
+    z = np.zeros((k_all, dim))
+    results: list[Any] = [None] * k_all
+    for k, program in enumerate(programs):
+        z[k] = next(program)
+    live = list(range(k_all))
+    while live:
+        u, g = batched(z)
+        still = []
+        for k in live:
+            try:
+                z[k] = programs[k].send((float(u[k]), g[k]))
+                still.append(k)
+            except StopIteration as stop:
+                results[k] = stop.value
+        live = still
+    return results
+
+
+def chain_steps(
+    z0: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    num_warmup: int,
+    num_samples: int,
+    target_accept_prob: float = 0.8,
+    max_tree_depth: int = 10,
+) -> Steps[dict[str, Any]]:
+    """A whole chain (Stan's warm-up, then the kept draws) as one generator.
+
+    Parameters
+    ----------
+    z0 : ndarray, shape (D,)
+        Initial unconstrained position (the first position asked for).
+    rng : numpy.random.Generator
+        The chain's own random stream.
+    num_warmup, num_samples, target_accept_prob, max_tree_depth
+        As for :func:`sample_chain`.
+
+    Returns
+    -------
+    dict
+        ``draws`` (num_samples, D) unconstrained, ``stats`` (lists per kept
+        draw), ``warmup_steps``, ``step_size`` and ``inv_mass``.
+    """
+    z0 = np.asarray(z0, dtype=np.float64)
+    start = yield z0
+    chain = NUTSChain(
+        None,
+        z0,
+        rng,
+        target_accept_prob=target_accept_prob,
+        max_tree_depth=max_tree_depth,
+        start=start,
+    )
+    warmup_steps = yield from _warmup_steps(chain, num_warmup)
+    draws = np.empty((num_samples, chain.dim))
+    stats: dict[str, list] = {k: [] for k in STAT_NAMES}
+    for i in range(num_samples):
+        info = yield from chain.transition_steps()
+        draws[i] = chain.z
+        for k, v in info.items():
+            stats[k].append(v)
+    return {
+        "draws": draws,
+        "stats": {k: np.asarray(v) for k, v in stats.items()},
+        "warmup_steps": warmup_steps,
+        "step_size": chain.step_size,
+        "inv_mass": chain.inv_mass,
+    }
+
+
+def _warmup_steps(chain: NUTSChain, num_warmup: int) -> Steps[int]:
+    """Stan's warm-up of ``chain``; returns the leapfrog steps it took."""
+    yield from chain.find_step_size_steps()
+    averaging = DualAveraging(target=chain.target)
+    averaging.restart(chain.step_size)
+    windows = Windows(num_warmup)
+    welford = Welford(chain.dim)
+    warmup_steps = 0
+    for _ in range(num_warmup):
+        info = yield from chain.transition_steps()
+        warmup_steps += info["num_steps"]
+        chain.step_size = averaging.update(info["acceptance_rate"])
+        if windows.in_window():
+            welford.add(chain.z)
+        if windows.end_of_window():
+            windows.advance()
+            chain.inv_mass = welford.regularized_variance()
+            welford.restart()
+            yield from chain.find_step_size_steps()
+            averaging.restart(chain.step_size)
+        windows.counter += 1
+    if num_warmup > 0:
+        chain.step_size = averaging.final
+    return warmup_steps
+
 
 # ----------------------------------------------------------------------------- chain
+
+
+@dataclass
+class _Setup:
+    """A model's flat potential, the chains' initial points and the transforms back."""
+
+    potential: FlatPotential
+    z0: list[np.ndarray]
+    transforms: Mapping
+    dtype: torch.dtype
+
+
+def _setup(
+    model: Callable,
+    data: Mapping[str, Any],
+    seeds: Sequence[int],
+    max_plate_nesting: int | None,
+    jit: bool,
+) -> _Setup:
+    """Pyro's potential (traced once) and each seed's initial point (``init_to_uniform``)."""
+    z0, first = [], None
+    for seed in seeds:
+        pyro.set_rng_seed(seed % (2**32))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            params, potential_fn, transforms, _ = initialize_model(
+                model, model_kwargs=dict(data), max_plate_nesting=max_plate_nesting
+            )
+        names = list(params)
+        z0.append(np.concatenate([params[k].detach().reshape(-1).double().numpy() for k in names]))
+        if first is None:
+            shapes = {k: tuple(params[k].shape) for k in names}
+            dtype = params[names[0]].dtype if names else torch.get_default_dtype()
+            first = (potential_fn, shapes, dtype, transforms)
+    potential_fn, shapes, dtype, transforms = first
+    potential = FlatPotential(potential_fn, shapes, dtype, jit, z0[0])
+    return _Setup(potential, z0, transforms, dtype)
 
 
 def sample_chain(
@@ -591,62 +924,89 @@ def sample_chain(
         ``acceptance_rate``; ``warmup_steps`` (leapfrog steps in warm-up);
         ``jit`` and ``note``.
     """
-    pyro.set_rng_seed(seed % (2**32))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        params, potential_fn, transforms, _ = initialize_model(
-            model, model_kwargs=dict(data), max_plate_nesting=max_plate_nesting
-        )
-    names = list(params)
-    shapes = {k: tuple(params[k].shape) for k in names}
-    dtype = params[names[0]].dtype if names else torch.get_default_dtype()
-    z0 = np.concatenate([params[k].detach().reshape(-1).double().numpy() for k in names])
-    potential = FlatPotential(potential_fn, shapes, dtype, jit, z0)
-    chain = NUTSChain(
-        potential,
-        z0,
+    setup = _setup(model, data, [seed], max_plate_nesting, jit)
+    program = chain_steps(
+        setup.z0[0],
         np.random.default_rng(seed),
+        num_warmup=num_warmup,
+        num_samples=num_samples,
         target_accept_prob=target_accept_prob,
         max_tree_depth=max_tree_depth,
     )
-    chain.find_reasonable_step_size()
-    averaging = DualAveraging(target=float(target_accept_prob))
-    averaging.restart(chain.step_size)
-    windows = Windows(num_warmup)
-    welford = Welford(chain.dim)
-    warmup_steps = 0
-    for _ in range(num_warmup):
-        info = chain.transition()
-        warmup_steps += info["num_steps"]
-        chain.step_size = averaging.update(info["acceptance_rate"])
-        if windows.in_window():
-            welford.add(chain.z)
-        if windows.end_of_window():
-            windows.advance()
-            chain.inv_mass = welford.regularized_variance()
-            welford.restart()
-            chain.find_reasonable_step_size()
-            averaging.restart(chain.step_size)
-        windows.counter += 1
-    if num_warmup > 0:
-        chain.step_size = averaging.final
-    draws = np.empty((num_samples, chain.dim))
-    stats: dict[str, list] = {
-        k: []
-        for k in ("diverging", "step_size", "tree_depth", "num_steps", "lp", "acceptance_rate")
-    }
-    for i in range(num_samples):
-        info = chain.transition()
-        draws[i] = chain.z
-        for k, v in info.items():
-            stats[k].append(v)
-    samples = _constrain(draws, potential, transforms, dtype)
+    run = drive(program, setup.potential)
+    return _chain_result(run, setup)
+
+
+def sample_chains(
+    model: Callable,
+    data: Mapping[str, Any],
+    *,
+    num_warmup: int,
+    num_samples: int,
+    seeds: Sequence[int],
+    target_accept_prob: float = 0.8,
+    max_tree_depth: int = 10,
+    max_plate_nesting: int | None = None,
+    jit: bool = True,
+    batch: bool = True,
+) -> list[dict[str, Any]]:
+    """Run one NUTS chain per seed, all in this thread, in lockstep.
+
+    Every chain is the generator of :func:`chain_steps` with its own
+    ``numpy.random.Generator`` and initial point, seeded as
+    :func:`sample_chain` seeds them; :func:`drive_lockstep` evaluates the
+    positions they ask for together, with one call of a
+    :class:`BatchedPotential` per leapfrog step of all chains.
+
+    Parameters
+    ----------
+    model, data, num_warmup, num_samples, target_accept_prob, max_tree_depth, max_plate_nesting, jit
+        As for :func:`sample_chain`.
+    seeds : sequence of int
+        One per chain.
+    batch : bool
+        Vectorize the potential over the chains (``vmap`` of the traced
+        gradient); else evaluate it row by row, which gives exactly the draws
+        of :func:`sample_chain`.
+
+    Returns
+    -------
+    list of dict
+        One per seed, as :func:`sample_chain` returns, plus ``batch`` (the
+        :attr:`BatchedPotential.mode` that ran).
+    """
+    setup = _setup(model, data, seeds, max_plate_nesting, jit)
+    batched = BatchedPotential(setup.potential, np.stack(setup.z0), vectorize=batch)
+    programs = [
+        chain_steps(
+            z0,
+            np.random.default_rng(seed),
+            num_warmup=num_warmup,
+            num_samples=num_samples,
+            target_accept_prob=target_accept_prob,
+            max_tree_depth=max_tree_depth,
+        )
+        for z0, seed in zip(setup.z0, seeds)
+    ]
+    runs = drive_lockstep(programs, batched, setup.potential.dim)
+    out = []
+    for run in runs:
+        result = _chain_result(run, setup)
+        result["batch"] = batched.mode
+        if batched.note:
+            result["note"] = "; ".join(n for n in (result["note"], batched.note) if n)
+        out.append(result)
+    return out
+
+
+def _chain_result(run: Mapping[str, Any], setup: _Setup) -> dict[str, Any]:
+    potential = setup.potential
     return {
-        "samples": samples,
-        "stats": {k: np.asarray(v) for k, v in stats.items()},
-        "warmup_steps": warmup_steps,
-        "step_size": chain.step_size,
-        "inv_mass": chain.inv_mass,
+        "samples": _constrain(run["draws"], potential, setup.transforms, setup.dtype),
+        "stats": run["stats"],
+        "warmup_steps": run["warmup_steps"],
+        "step_size": run["step_size"],
+        "inv_mass": run["inv_mass"],
         "jit": potential.jit,
         "potential": potential.mode,
         "note": potential.note,

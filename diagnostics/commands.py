@@ -66,10 +66,18 @@ def _add_nuts_arguments(p: argparse.ArgumentParser) -> None:
         help="NUTS implementation: the project's (default, faster) or pyro.infer.NUTS",
     )
     p.add_argument(
+        "--chain-method",
+        choices=("lockstep", "independent"),
+        default=None,
+        help="run the chains together with one batched gradient per leapfrog step "
+        "(default, faster) or each on its own",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=None,
-        help="processes running chains (default: one per chain up to the cores)",
+        help="processes running chains (default: 1 in lockstep, else one per chain up to "
+        "the cores)",
     )
     p.add_argument(
         "--cache",
@@ -87,6 +95,7 @@ def _nuts_settings(args: argparse.Namespace) -> dict:
         "target_accept_prob": args.target_accept,
         "max_tree_depth": args.max_tree_depth,
         "sampler": args.sampler,
+        "chain_method": args.chain_method,
     }
     if args.no_nuts_jit:
         out["jit_compile"] = False

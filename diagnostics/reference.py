@@ -1,8 +1,10 @@
 """Ground truth: a self-checked NUTS reference (or exact draws), cached on disk.
 
-:func:`run_nuts` runs Pyro's NUTS (JIT-compiled where the model allows) in
-several independently seeded chains, in parallel processes where cores
-allow, then checks the draws before anyone trusts them:
+:func:`run_nuts` runs NUTS on Pyro's potential (JIT-compiled where the model
+allows) in several independently seeded chains, by default all in this
+process in lockstep with one batched gradient per leapfrog step
+(``NutsSettings.chain_method``; independent chains run in parallel processes
+where cores allow), then checks the draws before anyone trusts them:
 
 - rank-normalized split R-hat < 1.01,
 - bulk and tail effective sample size >= 400,
@@ -48,7 +50,7 @@ import torch
 from filelock import FileLock
 
 from diagnostics import _arviz
-from diagnostics._chain import run_chain
+from diagnostics._chain import is_lockstep, run_group
 from diagnostics.draws import model_info, recover_discrete, replay_model
 from diagnostics.metrics import element_labels
 from vimodels.catalog.base import CatalogEntry, NutsSettings
@@ -65,6 +67,10 @@ SAMPLER_NAMES = {
     "vimodels": "vimodels NUTS (Stan's multinomial NUTS and warm-up, diagonal metric, "
     "on Pyro's potential)",
     "pyro": "pyro NUTS (multinomial, diagonal mass matrix)",
+}
+CHAIN_METHODS = {
+    "lockstep": "all chains of a process together, one batched gradient per leapfrog step",
+    "independent": "each chain on its own",
 }
 EXACT_KIND = "exact"
 _GROUPS = ("posterior", "sample_stats", "log_likelihood", "observed_data")
@@ -545,45 +551,56 @@ def _picklable(obj: Any) -> bool:
 def _run_chains(
     specs: list[dict], num_workers: int, progress: bool
 ) -> tuple[list[dict], int, str | None]:
+    """Run the chains in ``num_workers`` processes (1: in this one).
+
+    Chains in lockstep are split into one contiguous group per process; chains
+    run independently are handed out one at a time.
+    """
     note = None
     if num_workers > 1 and not _picklable(specs[0]):
         note = "the model cannot be sent to worker processes (not importable); chains ran serially"
         num_workers = 1
+    if is_lockstep(specs[0]["settings"]):
+        groups = [list(g) for g in np.array_split(np.array(specs, dtype=object), num_workers)]
+    else:
+        groups = [[spec] for spec in specs]
+    out: list[dict] = []
     if num_workers > 1:
         ctx = multiprocessing.get_context("spawn")
-        out = []
         with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx) as pool:
-            for result in pool.map(run_chain, specs):
-                out.append(result)
-                if progress:
-                    print(
-                        f"  chain {result['chain']} done in {result['wall_time']:.1f} s",
-                        file=sys.stderr,
-                    )
+            for results in pool.map(run_group, groups):
+                _collect(out, results, progress)
         return out, num_workers, note
-    out = []
     threads = torch.get_num_threads()
     try:
-        for spec in specs:
-            result = run_chain(spec)
-            out.append(result)
-            if progress:
-                print(
-                    f"  chain {result['chain']} done in {result['wall_time']:.1f} s",
-                    file=sys.stderr,
-                )
+        for group in groups:
+            _collect(out, run_group(group), progress)
     finally:
         torch.set_num_threads(threads)
     return out, 1, note
 
 
+def _collect(out: list[dict], results: list[dict], progress: bool) -> None:
+    out.extend(results)
+    if progress:
+        chains = ", ".join(str(r["chain"]) for r in results)
+        print(
+            f"  chain(s) {chains} done in {results[0]['wall_time']:.1f} s",
+            file=sys.stderr,
+        )
+
+
 def _auto_workers(settings: NutsSettings) -> int:
     """Worker processes for the chains.
 
-    One per chain up to the core count, for chains long enough to pay for a
-    process start (about 3 s importing torch and Pyro); else 1.
+    Chains in lockstep: 1 (one batched gradient for all of them beats a
+    second process and its imports). Independent chains: one per chain up to
+    the core count, for chains long enough to pay for a process start (about
+    3 s importing torch and Pyro); else 1.
     """
     cores = os.cpu_count() or 1
+    if is_lockstep(settings):
+        return 1
     if settings.num_chains < 2 or cores < 2:
         return 1
     if settings.num_warmup + settings.num_samples < 1000:
@@ -618,6 +635,10 @@ def _validate(settings: NutsSettings) -> None:
     check_option("num_samples", settings.num_samples, kind=int, low=2)
     check_option("num_chains", settings.num_chains, kind=int, low=1)
     check_option("max_tree_depth", settings.max_tree_depth, kind=int, low=1)
+    if settings.chain_method not in CHAIN_METHODS:
+        raise OptionError(
+            f"unknown chain method {settings.chain_method!r}; valid: {', '.join(CHAIN_METHODS)}"
+        )
     if settings.sampler not in SAMPLER_NAMES:
         raise OptionError(
             f"unknown NUTS sampler {settings.sampler!r}; valid: {', '.join(SAMPLER_NAMES)}"
@@ -669,8 +690,10 @@ def run_nuts(
     force : bool
         Recompute even when a valid entry exists (and overwrite it).
     num_workers : int, optional
-        Processes running chains in parallel; default one per chain up to the
-        number of cores when chains have at least 1000 iterations, else 1.
+        Processes running chains in parallel. Chains in lockstep (the
+        settings' ``chain_method``) are split into one group per process;
+        default 1. Independent chains: default one per chain up to the number
+        of cores when chains have at least 1000 iterations, else 1.
     progress : bool
         Print a line per finished chain to stderr.
 
@@ -752,7 +775,8 @@ def _compute_nuts(
     if progress:
         print(
             f"NUTS on {name}: {s.num_chains} chains x ({s.num_warmup} warm-up + "
-            f"{s.num_samples}) draws, {num_workers} process(es)",
+            f"{s.num_samples}) draws, {num_workers} process(es), chains "
+            f"{'in lockstep' if is_lockstep(s) else 'independent'}",
             file=sys.stderr,
         )
     t0 = time.perf_counter()
@@ -782,6 +806,8 @@ def _compute_nuts(
         "seed": seed,
         "chain_seeds": seeds,
         "num_workers": used_workers,
+        "chain_method_used": "lockstep" if is_lockstep(s) else "independent",
+        "potential_batch": sorted({r["batch"] for r in results if r.get("batch")}),
         "jit_used": all(r["jit"] for r in results),
         "init_strategy": "init_to_uniform",
         "max_plate_nesting": info.max_plate_nesting,

@@ -181,3 +181,125 @@ def test_divergence_is_flagged_on_a_step_far_too_large():
     info = chain.transition()
     assert info["diverging"]
     assert info["acceptance_rate"] < 0.01
+
+
+# ----------------------------------------------------------------------------- lockstep
+
+
+def _assert_same_runs(a: list[dict], b: list[dict]) -> None:
+    for x, y in zip(a, b, strict=True):
+        for site in x["samples"]:
+            np.testing.assert_array_equal(x["samples"][site], y["samples"][site])
+        for k in x["stats"]:
+            np.testing.assert_array_equal(x["stats"][k], y["stats"][k])
+        assert x["warmup_steps"] == y["warmup_steps"]
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_lockstep_chains_draw_what_each_chain_draws_alone(batch):
+    seeds = [3, 4, 5]
+    kw = {"num_warmup": 50, "num_samples": 20}
+    alone = [sample_chain(positive_model, {}, seed=s, **kw) for s in seeds]
+    together = _nuts.sample_chains(positive_model, {}, seeds=seeds, batch=batch, **kw)
+    assert [r["batch"] for r in together] == ["vmap" if batch else "rows"] * 3
+    # by rows: the same calls in another order; vmapped, the rows round as the
+    # unbatched graph does on this model (element-wise operations and per-row sums)
+    _assert_same_runs(alone, together)
+
+
+def test_batched_value_and_gradient_equal_the_unbatched_ones_on_a_catalog_model():
+    from vimodels.catalog.registry import get_model
+
+    entry = get_model("eight_schools_noncentered")
+    potential, z0 = _potential(entry.model, entry.data())
+    rng = np.random.default_rng(1)
+    example = z0 + rng.normal(size=(4, z0.size))
+    batched = _nuts.BatchedPotential(potential, example)
+    assert batched.mode == "vmap" and batched.note is None
+    z = z0 + 2.0 * rng.normal(size=(4, z0.size))
+    u, g = batched(z)
+    assert u.shape == (4,) and g.shape == (4, z0.size)
+    for k in range(4):
+        u_k, g_k = potential(z[k])
+        assert u[k] == pytest.approx(u_k, rel=1e-6)
+        np.testing.assert_allclose(g[k], g_k, rtol=1e-5, atol=1e-6)
+
+
+def test_untraceable_model_runs_in_lockstep_row_by_row():
+    kw = {"num_warmup": 30, "num_samples": 10}
+    runs = _nuts.sample_chains(branching_model, {}, seeds=[1, 2], **kw)
+    assert [r["batch"] for r in runs] == ["rows", "rows"]
+    assert runs[0]["potential"] == "python" and not runs[0]["jit"]
+    _assert_same_runs([sample_chain(branching_model, {}, seed=s, **kw) for s in (1, 2)], runs)
+
+
+def test_failed_vmap_falls_back_to_rows_with_a_note(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no batching rule")
+
+    monkeypatch.setattr(_nuts, "_trace_batched", broken)
+    kw = {"num_warmup": 30, "num_samples": 10}
+    runs = _nuts.sample_chains(positive_model, {}, seeds=[1, 2], **kw)
+    assert runs[0]["batch"] == "rows" and runs[0]["potential"] == "fx"
+    assert "batched potential unavailable (RuntimeError)" in runs[0]["note"]
+    _assert_same_runs([sample_chain(positive_model, {}, seed=s, **kw) for s in (1, 2)], runs)
+
+
+def test_batched_potential_that_disagrees_with_the_model_is_rejected(monkeypatch):
+    potential, z0 = _potential(positive_model)
+    real_call = FlatPotential.__call__
+
+    def off(self, z):  # the unbatched reference moves: the row check must fail
+        u, g = real_call(self, z)
+        return u + 1.0, g
+
+    monkeypatch.setattr(FlatPotential, "__call__", off)
+    batched = _nuts.BatchedPotential(potential, np.stack([z0, z0 + 0.5]))
+    assert batched.mode == "rows" and "RuntimeError" in batched.note
+
+
+def test_enumerated_discrete_sites_are_batched():
+    def mixture(x):
+        loc = pyro.sample("loc", dist.Normal(0.0, 3.0))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Bernoulli(0.3), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(loc + 4.0 * z, 1.0), obs=x)
+
+    data = {"x": torch.tensor([-1.0, 0.5, 2.0, 4.5, 5.0, 0.0])}
+    kw = {"num_warmup": 30, "num_samples": 10, "max_plate_nesting": 1}
+    runs = _nuts.sample_chains(mixture, data, seeds=[1, 2], **kw)
+    assert runs[0]["batch"] == "vmap" and runs[0]["potential"] == "fx"
+    alone = [sample_chain(mixture, data, seed=s, **kw) for s in (1, 2)]
+    for a, b in zip(alone, runs):
+        np.testing.assert_allclose(a["samples"]["loc"], b["samples"]["loc"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_gaussian_in_lockstep_is_sampled_exactly():
+    runs = _nuts.sample_chains(
+        gaussian_model, {}, seeds=[7, 8, 9, 10], num_warmup=300, num_samples=300, max_tree_depth=8
+    )
+    assert runs[0]["batch"] == "vmap"
+    draws = np.stack([r["samples"]["x"] for r in runs])  # (4, 300, 6)
+    _mcse_check(draws, MEANS.numpy(), SCALES.numpy())
+    assert not any(r["stats"]["diverging"].any() for r in runs)
+
+
+def test_drive_lockstep_keeps_finished_generators_as_padding():
+    def program(n: int, offset: float):
+        total = 0.0
+        for i in range(n):
+            u, g = yield np.array([offset + i])
+            total += u + float(g[0])
+        return total
+
+    shapes = []
+
+    def batched(z: np.ndarray):
+        shapes.append(z.shape)
+        return z[:, 0] * 2.0, z.copy()
+
+    out = _nuts.drive_lockstep([program(1, 10.0), program(3, 0.0)], batched, dim=1)
+    assert out == [30.0, 9.0]  # 3 * 10; 3 * (0 + 1 + 2)
+    assert shapes == [(2, 1)] * 3
+    assert _nuts.drive(program(3, 0.0), lambda z: (2.0 * z[0], z)) == 9.0

@@ -203,6 +203,7 @@ def test_cache_key_tracks_source_data_settings_and_seed():
     assert base != cache_key(_model_a, {"x": torch.zeros(3)}, s, 0, ("a",))
     assert base != cache_key(_model_a, data, NutsSettings(num_samples=10), 0, ("a",))
     assert base != cache_key(_model_a, data, s, 1, ("a",))
+    assert base != cache_key(_model_a, data, NutsSettings(chain_method="independent"), 0, ("a",))
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
@@ -265,11 +266,14 @@ def test_bad_options():
         exact_reference("eight_schools_noncentered")
     with pytest.raises(OptionError, match="valid: vimodels, pyro"):
         run_nuts(CONJ, settings={"sampler": "stan"}, cache=False)
+    with pytest.raises(OptionError, match="valid: lockstep, independent"):
+        run_nuts(CONJ, settings={"chain_method": "threads"}, cache=False)
 
 
 def test_pyro_sampler_is_still_available():
     ref = run_nuts(CONJ, settings={**TINY, "sampler": "pyro"}, cache=False)
     assert ref.settings["sampler"].startswith("pyro NUTS")
+    assert ref.settings["chain_method_used"] == "independent"  # Pyro's chains run alone
     assert ref.draws["beta"].shape[:2] == (1, 25)
     lean = run_nuts(CONJ, settings=TINY, cache=False)
     assert lean.settings["sampler"].startswith("vimodels NUTS")
@@ -277,12 +281,31 @@ def test_pyro_sampler_is_still_available():
 
 
 @pytest.mark.slow
-def test_parallel_chains_equal_serial_chains(tmp_path):
-    settings = {"num_chains": 2, "num_warmup": 20, "num_samples": 20}
+@pytest.mark.parametrize("method", ["lockstep", "independent"])
+def test_parallel_chains_equal_serial_chains(tmp_path, method):
+    settings = {"num_chains": 2, "num_warmup": 20, "num_samples": 20, "chain_method": method}
     serial = run_nuts(CONJ, settings=settings, seed=11, cache=False, num_workers=1)
     parallel = run_nuts(CONJ, settings=settings, seed=11, cache=False, num_workers=2)
     assert parallel.settings["num_workers"] == 2
+    assert serial.settings["chain_method_used"] == parallel.settings["chain_method_used"] == method
+    # in lockstep each process batches its own group of chains (here one each)
     _assert_same_draws(serial, parallel)
+
+
+@pytest.mark.slow
+def test_lockstep_reference_equals_independent_chains():
+    settings = {"num_chains": 3, "num_warmup": 40, "num_samples": 30}
+    lock = run_nuts(CONJ, settings=settings, seed=5, cache=False)
+    alone = run_nuts(
+        CONJ, settings={**settings, "chain_method": "independent"}, seed=5, cache=False
+    )
+    assert lock.settings["chain_method"] == "lockstep" and lock.settings["num_workers"] == 1
+    assert lock.settings["potential_batch"] == ["vmap"]
+    assert alone.settings["chain_method_used"] == "independent"
+    assert alone.settings["potential_batch"] == []
+    assert lock.cache_key != alone.cache_key  # the chain method is part of the key
+    for site in lock.draws:  # the batched gradient rounds as the unbatched one on this model
+        np.testing.assert_allclose(lock.draws[site], alone.draws[site], rtol=1e-5, atol=1e-6)
 
 
 def mixture(x):

@@ -32,7 +32,7 @@ class NutsSettings:
     num_warmup, num_samples : int
         Warm-up and kept draws per chain.
     num_chains : int
-        Independent chains (run in parallel processes where cores allow).
+        Independently seeded chains (see ``chain_method`` for how they run).
     target_accept_prob : float
         Dual-averaging target acceptance.
     max_tree_depth : int
@@ -44,6 +44,12 @@ class NutsSettings:
         vector (:mod:`diagnostics._nuts`; Pyro's potential, Stan's algorithm
         and warm-up, about 5x less Python per leapfrog step); ``"pyro"``:
         :class:`pyro.infer.NUTS`.
+    chain_method : str
+        How the project's sampler runs the chains: ``"lockstep"`` (default):
+        all chains of a process together, one batched gradient per leapfrog
+        step of all of them; ``"independent"``: each chain on its own (the
+        Pyro sampler always runs them so). Part of the reference's cache key:
+        the batched gradient rounds differently, so the draws differ.
     """
 
     num_warmup: int = 500
@@ -53,6 +59,7 @@ class NutsSettings:
     max_tree_depth: int = 10
     jit_compile: bool = True
     sampler: str = "vimodels"
+    chain_method: str = "lockstep"
 
 
 @dataclass(frozen=True)
