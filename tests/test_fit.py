@@ -39,7 +39,7 @@ def test_result_is_immutable_and_describes_settings():
     s = r.settings
     assert s["elbo_class"] in ("JitTrace_ELBO", "Trace_ELBO")
     assert s["num_threads"] == 1 and s["lr"] == 0.02 and s["num_steps_max"] == 20
-    assert s["optimizer"] == "ClippedAdam" and s["lr_decay"] == 0.1
+    assert s["optimizer"] == "Adam" and s["lr_decay"] == 0.1
     assert set(s["versions"]) >= {"torch", "pyro", "arviz"}
     summary = r.summary()
     assert summary["model"] == "eight_schools_noncentered" and summary["num_steps"] == 20
@@ -214,3 +214,48 @@ def test_vectorized_and_sequential_log_weights_agree(elbo):
         seq = log_weights(_kw(r.model), _kw(r.guide), kwargs, 1000, r.max_plate_nesting, chunk=1)
     se = np.hypot(vec.std() / np.sqrt(len(vec)), seq.std() / np.sqrt(len(seq)))
     assert abs(vec.mean() - seq.mean()) < 5 * se
+
+
+def test_fused_adam_matches_pyro_optimizers():
+    from vimodels.fit import FusedAdam
+
+    torch.manual_seed(0)
+    start = [torch.randn(3), torch.randn(2, 2)]
+    grads = [[torch.randn_like(x) for x in start] for _ in range(20)]
+
+    def run(optim_for, pyro_style):
+        ps = [x.clone().requires_grad_() for x in start]
+        optim = optim_for()
+        for g in grads:
+            for p, gi in zip(ps, g):
+                p.grad = gi.clone()
+            optim(set(ps)) if not pyro_style else optim(ps)
+        return [p.detach() for p in ps]
+
+    fixed = run(lambda: FusedAdam(0.1), False)
+    ref = run(lambda: pyro.optim.Adam({"lr": 0.1}), True)
+    for a, b in zip(fixed, ref):
+        torch.testing.assert_close(a, b)
+    decayed = run(lambda: FusedAdam(0.1, 0.9), False)
+    # ClippedAdam adds eps before the bias correction: equal to ~1e-6
+    ref = run(lambda: pyro.optim.ClippedAdam({"lr": 0.1, "lrd": 0.9}), True)
+    for a, b in zip(decayed, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(decayed[0], fixed[0])
+
+
+def test_fused_adam_leaves_parameters_absent_from_a_step():
+    from vimodels.fit import FusedAdam
+
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    optim = FusedAdam(0.1)
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    optim({a, b})
+    b_after = b.detach().clone()
+    a.grad, b.grad = torch.ones(2), torch.zeros(2)
+    optim({a})  # b's momentum would move it if it were stepped
+    assert torch.equal(b.detach(), b_after) and not torch.equal(a.detach(), b_after)
+    c = torch.zeros(1, requires_grad=True)
+    c.grad = torch.ones(1)
+    optim({a, c})  # a parameter first seen later joins
+    assert float(c.detach()) == pytest.approx(-0.1, rel=1e-4)

@@ -403,7 +403,7 @@ def fit(
         Adam learning rate.
     lr_decay : float, optional
         Final learning rate as a fraction of ``lr``, reached by geometric decay
-        over ``num_steps`` (ClippedAdam's ``lrd``); ``None`` keeps ``lr`` fixed.
+        over ``num_steps`` (a factor per step); ``None`` keeps ``lr`` fixed.
         The default 0.1 lowers the noise floor of the final parameters: on eight
         schools the full-rank guide gains 0.2 nats of ELBO over a fixed ``lr``.
     num_particles : int, optional
@@ -689,7 +689,7 @@ def fit(
                 "num_steps_max": num_steps,
                 "lr": lr,
                 "lr_decay": lr_decay,
-                "optimizer": "Adam" if lr_decay is None else "ClippedAdam",
+                "optimizer": "Adam",
                 "num_threads": torch.get_num_threads(),
                 "max_plate_nesting": depth,
                 "discrete_sites": list(hidden),
@@ -780,11 +780,70 @@ def _current_draw(
     return draw
 
 
-def _optimizer(lr: float, lr_decay: float | None, num_steps: int):
-    if lr_decay is None:
-        return pyro.optim.Adam({"lr": lr})
-    gamma = float(lr_decay) ** (1.0 / num_steps)
-    return pyro.optim.ClippedAdam({"lr": lr, "lrd": gamma, "clip_norm": 1e6})
+class FusedAdam:
+    """Adam over all parameters with a handful of ``torch._foreach`` calls, lr decaying per step.
+
+    Called as ``optim(params)`` with the parameters of the step, like a Pyro
+    optimizer, and computes what ``torch.optim.Adam`` computes (Pyro's
+    ``ClippedAdam`` for a decaying rate). Pyro keeps one torch optimizer per
+    parameter and steps them one by one, at about 0.2 ms per parameter and
+    step (``torch.optim.Adam`` over all of them still costs about 0.5 ms):
+    a fifth of a step of a small model. Parameters first seen later join with
+    their own step count; parameters absent from a step are not moved.
+
+    Parameters
+    ----------
+    lr : float
+        Initial learning rate.
+    gamma : float
+        Factor applied to the learning rate before every step (1: fixed).
+    betas, eps : float
+        Adam's moment decays and denominator offset.
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        gamma: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
+        self.lr = lr
+        self.gamma = gamma
+        self.betas = betas
+        self.eps = eps
+        self._state: dict[torch.Tensor, list] = {}  # param -> [step, exp_avg, exp_avg_sq]
+
+    def __call__(self, params: set[torch.Tensor]) -> None:
+        """One Adam step of ``params`` (their ``.grad`` holds the gradient)."""
+        self.lr *= self.gamma  # before the step, as Pyro's ClippedAdam: step n uses lr gamma^n
+        ps = [p for p in params if p.grad is not None]
+        if not ps:
+            return
+        for p in ps:
+            if p not in self._state:
+                self._state[p] = [0, torch.zeros_like(p), torch.zeros_like(p)]
+        states = [self._state[p] for p in ps]
+        for st in states:
+            st[0] += 1
+        b1, b2 = self.betas
+        m = [st[1] for st in states]
+        v = [st[2] for st in states]
+        grads = [p.grad for p in ps]
+        with torch.no_grad():
+            torch._foreach_lerp_(m, grads, 1.0 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, value=1.0 - b2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, [math.sqrt(1.0 - b2 ** st[0]) for st in states])
+            torch._foreach_add_(denom, self.eps)
+            steps = [-self.lr / (1.0 - b1 ** st[0]) for st in states]
+            torch._foreach_addcdiv_(ps, m, denom, steps)
+
+
+def _optimizer(lr: float, lr_decay: float | None, num_steps: int) -> FusedAdam:
+    gamma = 1.0 if lr_decay is None else float(lr_decay) ** (1.0 / num_steps)
+    return FusedAdam(lr, gamma)
 
 
 def _step(
