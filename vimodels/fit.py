@@ -41,6 +41,8 @@ from vimodels.catalog.registry import get_model
 from vimodels.convergence import ConvergenceRule, is_flat
 from vimodels.data import prepare_data, trace_check
 from vimodels.errors import IncompatibleError, OptionError, check_option
+from vimodels.step_compile import StepCompileError, compile_step
+from vimodels.step_compile import supports as compiles_step
 from vimodels.weights import draw_sites, elbo_estimate, log_weights
 
 CONVERGED = "converged"
@@ -557,6 +559,7 @@ def fit(
             check_guide_matches(model_tr, guide_fn, args, hidden, guide_name, model_name)
             optim = _optimizer(lr, lr_decay, num_steps)
             jit_note = None
+            compiled, compile_note = None, None
             pyro.set_rng_seed(seed)
             t0 = time.perf_counter()
             losses: list[float] = []
@@ -579,9 +582,18 @@ def fit(
             try:
                 for step in range(num_steps):
                     validate = validate_first_step and step == 0
+                    if step == 1 and use_jit and compiles_step(loss_fn):
+                        # after the first (validated) step, so that the parameters exist
+                        try:
+                            compiled = compile_step(loss_fn, bound_model, guide_fn, args)
+                        except StepCompileError as exc:
+                            compile_note = f"compiled step unavailable ({exc})"[:300]
                     try:
-                        with pyro.validation_enabled(validate):
-                            loss, finite = _step(bound_model, guide_fn, loss_fn, optim, args)
+                        if compiled is not None:
+                            loss, finite = compiled.step(optim)
+                        else:
+                            with pyro.validation_enabled(validate):
+                                loss, finite = _step(bound_model, guide_fn, loss_fn, optim, args)
                     except KeyboardInterrupt:
                         raise
                     except Exception as exc:  # JIT tracing failures vary widely
@@ -686,6 +698,8 @@ def fit(
                 "vectorize_particles": bool(getattr(loss_fn, "vectorize_particles", False)),
                 "jit": use_jit,
                 "jit_note": jit_note,
+                "step_compiler": "fx" if compiled is not None else ("jit" if use_jit else "python"),
+                "step_compiler_note": compile_note,
                 "num_steps_max": num_steps,
                 "lr": lr,
                 "lr_decay": lr_decay,
