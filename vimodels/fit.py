@@ -7,7 +7,11 @@ with a data dict, builds the guide and ELBO by name, and runs Adam with:
   (small models run many times slower with two threads on a loaded 2-core
   machine; pass ``num_threads`` to change it);
 - Pyro validation on for the first step and off in the hot loop;
-- JIT-compiled ELBOs where valid, falling back with a one-line message;
+- JIT-compiled ELBOs where valid, falling back with a one-line message, and
+  for reparameterized ``trace`` fits of at least :data:`COMPILE_MIN_STEPS`
+  steps the loss and its gradients compiled together into one graph
+  (:mod:`vimodels.step_compile`), checked against Pyro's ELBO; which ran is
+  ``settings["step_compiler"]`` (``"fx"``, ``"jit"`` or ``"python"``);
 - a statistical convergence rule (:mod:`vimodels.convergence`);
 - a guard that stops at the first non-finite loss or gradient, keeping the
   last good parameters, and a Ctrl-C handler that keeps the partial result.
@@ -44,6 +48,11 @@ from vimodels.errors import IncompatibleError, OptionError, check_option
 from vimodels.step_compile import StepCompileError, compile_step
 from vimodels.step_compile import supports as compiles_step
 from vimodels.weights import draw_sites, elbo_estimate, log_weights
+
+# Fits shorter than this keep the JIT ELBO: compiling the step costs about half
+# a second (plus a one-off second or two per process for torch's tracing
+# machinery) and saves about a millisecond per step of a small model.
+COMPILE_MIN_STEPS = 1000
 
 CONVERGED = "converged"
 MAX_STEPS = "max_steps"
@@ -418,7 +427,11 @@ def fit(
         Vectorize particles where the ELBO supports it.
     jit : bool, optional
         JIT-compile the ELBO; default on where a JIT variant exists (falls back
-        with a one-line message when the model cannot be traced).
+        with a one-line message when the model cannot be traced). With it, a
+        ``trace`` fit whose guide draws are all reparameterized (no enumeration,
+        no subsampling) runs its steps from the second on as one frozen graph
+        of the loss and its gradients, where that graph matches Pyro's ELBO
+        (same draws, same loss and gradients); otherwise it keeps the JIT ELBO.
     num_threads : int or None
         Torch intra-op threads during the fit (1 by default; None leaves torch's).
     guide_options, elbo_options : dict, optional
@@ -584,10 +597,13 @@ def fit(
                     validate = validate_first_step and step == 0
                     if step == 1 and use_jit and compiles_step(loss_fn):
                         # after the first (validated) step, so that the parameters exist
-                        try:
-                            compiled = compile_step(loss_fn, bound_model, guide_fn, args)
-                        except StepCompileError as exc:
-                            compile_note = f"compiled step unavailable ({exc})"[:300]
+                        if num_steps < COMPILE_MIN_STEPS:
+                            compile_note = f"not compiled: fewer than {COMPILE_MIN_STEPS} steps"
+                        else:
+                            try:
+                                compiled = compile_step(loss_fn, bound_model, guide_fn, args)
+                            except StepCompileError as exc:
+                                compile_note = f"compiled step unavailable ({exc})"[:300]
                     try:
                         if compiled is not None:
                             loss, finite = compiled.step(optim)

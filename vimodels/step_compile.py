@@ -124,7 +124,7 @@ def elbo_loss(elbo: Trace_ELBO, model: Callable, guide: Callable, args: tuple) -
 def _check_structure(elbo: Trace_ELBO, model: Callable, guide: Callable, args: tuple) -> list[str]:
     """Parameter names of a step; raises unless every draw is reparameterized and whole."""
     with poutine.block(), poutine.trace(param_only=True) as capture:
-        for model_trace, guide_trace in elbo._get_traces(model, guide, args, {}):
+        for _, guide_trace in elbo._get_traces(model, guide, args, {}):
             for site in guide_trace.nodes.values():
                 if site["type"] != "sample" or site["is_observed"]:
                     continue
@@ -134,14 +134,22 @@ def _check_structure(elbo: Trace_ELBO, model: Callable, guide: Callable, args: t
                     raise StepCompileError(f"enumerated site {site['name']!r}")
                 if not is_identically_zero(site["score_parts"].score_function):
                     raise StepCompileError(f"site {site['name']!r} is not reparameterized")
-            for tr in (model_trace, guide_trace):
-                for site in tr.nodes.values():
-                    if site_is_subsample(site) and site["fn"].subsample_size < site["fn"].size:
-                        raise StepCompileError(f"plate {site['name']!r} subsamples the data")
+        # the ELBO's traces lack the plates' subsample sites: trace them apart
+        guide_trace = poutine.trace(guide).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+        for tr in (model_trace, guide_trace):
+            for site in tr.nodes.values():
+                if site_is_subsample(site) and _subsampled(site):
+                    raise StepCompileError(f"plate {site['name']!r} subsamples the data")
     names = list(capture.trace.nodes)
     if not names:
         raise StepCompileError("no parameters")
     return names
+
+
+def _subsampled(site: dict) -> bool:
+    size, value = site["fn"].size, site["value"]
+    return size is not None and isinstance(value, torch.Tensor) and value.numel() < size
 
 
 def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -211,7 +219,7 @@ def _compile(loss_fn, model, guide, args, check_seed) -> CompiledStep:
         return (loss.detach(), finite.all(), *kept)
 
     examples = tuple(p.detach().clone() for p in params)
-    graph = make_fx(value_and_grads)(*examples)
+    graph = make_fx(value_and_grads, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
     if seen - set(names):
         raise StepCompileError(f"new parameters while tracing: {sorted(seen - set(names))}")
     pulled = [n for n in graph.graph.nodes if "_local_scalar_dense" in str(n.target)]
@@ -241,7 +249,9 @@ def _compile(loss_fn, model, guide, args, check_seed) -> CompiledStep:
             if any(g is not None for i, g in enumerate(ref_grads) if i not in used):
                 raise StepCompileError("the traced step misses a gradient")
             if not bool(finite) or not _agrees(loss, ref_loss):
-                raise StepCompileError(f"loss {float(loss)} differs from the ELBO's {float(ref_loss)}")
+                raise StepCompileError(
+                    f"loss {float(loss)} differs from the ELBO's {float(ref_loss)}"
+                )
             if not all(_agrees(g, r) for g, r in zip(grads, ref_kept)):
                 raise StepCompileError("the gradients differ from the ELBO's")
     finally:
