@@ -235,3 +235,21 @@ def test_callback_and_averaging_with_the_compiled_step(short_fits_compile):
     assert [s for s, _ in seen] == list(range(1, 201))
     np.testing.assert_array_equal([x for _, x in seen], r.losses)
     assert r.settings["averaged"] is not None and math.isfinite(r.elbo)
+
+
+def test_a_second_fit_reuses_the_checked_graph(short_fits_compile):
+    from vimodels import step_compile
+
+    step_compile._CACHE.clear()
+    kw = dict(guide="structured", num_steps=50, num_eval=20, progress=False)
+    a = vimodels.fit("eight_schools_noncentered", seed=1, **kw)
+    assert len(step_compile._CACHE) == 1
+    b = vimodels.fit("eight_schools_noncentered", seed=1, **kw)
+    assert len(step_compile._CACHE) == 1
+    assert a.settings["step_compiler"] == b.settings["step_compiler"] == "fx"
+    np.testing.assert_array_equal(a.losses, b.losses)
+    # other data: another graph (the data are constants of the graph)
+    y = vimodels.catalog.registry.get_model("eight_schools_noncentered").data()["y"] + 1.0
+    c = vimodels.fit("eight_schools_noncentered", data={"y": y}, seed=1, **kw)
+    assert c.settings["step_compiler"] == "fx" and len(step_compile._CACHE) == 2
+    assert not np.allclose(a.losses, c.losses)

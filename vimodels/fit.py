@@ -573,6 +573,7 @@ def fit(
             optim = _optimizer(lr, lr_decay, num_steps)
             jit_note = None
             compiled, compile_note = None, None
+            compile_key = _compile_key(model_fn, static, guide, guide_opts, entry, elbo, elbo_opts)
             pyro.set_rng_seed(seed)
             t0 = time.perf_counter()
             losses: list[float] = []
@@ -601,7 +602,9 @@ def fit(
                             compile_note = f"not compiled: fewer than {COMPILE_MIN_STEPS} steps"
                         else:
                             try:
-                                compiled = compile_step(loss_fn, bound_model, guide_fn, args)
+                                compiled = compile_step(
+                                    loss_fn, bound_model, guide_fn, args, key=compile_key
+                                )
                             except StepCompileError as exc:
                                 compile_note = f"compiled step unavailable ({exc})"[:300]
                     try:
@@ -874,6 +877,33 @@ class FusedAdam:
 def _optimizer(lr: float, lr_decay: float | None, num_steps: int) -> FusedAdam:
     gamma = 1.0 if lr_decay is None else float(lr_decay) ** (1.0 / num_steps)
     return FusedAdam(lr, gamma)
+
+
+def _compile_key(
+    model_fn: Callable,
+    static: Mapping[str, Any],
+    guide: str | Callable,
+    guide_opts: Mapping[str, Any],
+    entry: CatalogEntry | None,
+    elbo: str,
+    elbo_opts: Mapping[str, Any],
+) -> tuple | None:
+    """What fixes a fit's compiled step besides its parameters and data (None: do not reuse)."""
+    family = entry.family if entry is not None else None
+    guide_id = ("registry", guide, family) if isinstance(guide, str) else guide
+    key = (
+        model_fn,
+        repr(sorted(static.items())),
+        guide_id,
+        repr(sorted(guide_opts.items())),
+        elbo,
+        repr(sorted(elbo_opts.items())),
+    )
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _step(

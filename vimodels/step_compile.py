@@ -21,9 +21,11 @@ and the caller keeps its ELBO.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import pyro
@@ -36,6 +38,8 @@ from torch.distributions import transform_to
 
 SUPPORTED = (Trace_ELBO, JitTrace_ELBO)
 RTOL = 1e-4
+CACHE_SIZE = 8
+_CACHE: OrderedDict = OrderedDict()  # full key -> (used, graph, frozen module)
 
 
 class StepCompileError(RuntimeError):
@@ -159,12 +163,26 @@ def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def compile_step(
-    loss_fn: Any, model: Callable, guide: Callable, args: tuple, check_seed: int = 12345
+    loss_fn: Any,
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    key: Hashable | None = None,
+    check_seed: int = 12345,
 ) -> CompiledStep:
     """Trace, freeze and check the step of ``loss_fn`` on ``model`` and ``guide``.
 
     The parameters must exist (run a step first). Torch's random state is
     restored afterwards, so compiling does not change the fit's draws.
+
+    Parameters
+    ----------
+    key : hashable, optional
+        What, besides the parameters' names, shapes and constraints, the ELBO's
+        settings and the data's values, fixes the graph (the model and guide
+        as built): with one, the frozen graph is kept for the next call with
+        the same key in this process, which then only checks it (tracing
+        costs about half a second).
 
     Raises
     ------
@@ -177,7 +195,26 @@ def compile_step(
     rng = torch.get_rng_state()
     try:
         with _quiet():
-            return _compile(loss_fn, model, guide, args, check_seed)
+            names = _check_structure(loss_fn, model, guide, args)
+            store = pyro.get_param_store()
+            params = [store._params[n] for n in names]
+            full_key = None if key is None else _full_key(key, loss_fn, names, args)
+            cached = _CACHE.get(full_key) if full_key is not None else None
+            if cached is not None:
+                step = CompiledStep(names, params, *cached)
+                try:
+                    _check(step, loss_fn, model, guide, args, check_seed)
+                    _CACHE.move_to_end(full_key)
+                    return step
+                except StepCompileError:
+                    del _CACHE[full_key]
+            step = _trace(loss_fn, model, guide, args, names, params)
+            _check(step, loss_fn, model, guide, args, check_seed)
+            if full_key is not None:
+                _CACHE[full_key] = (step.used, step.graph, step.compiled)
+                while len(_CACHE) > CACHE_SIZE:
+                    _CACHE.popitem(last=False)
+            return step
     except StepCompileError:
         raise
     except Exception as exc:  # tracing failures vary widely
@@ -186,12 +223,34 @@ def compile_step(
         torch.set_rng_state(rng)
 
 
-def _compile(loss_fn, model, guide, args, check_seed) -> CompiledStep:
+def _full_key(key: Hashable, loss_fn: Any, names: list[str], args: tuple) -> tuple:
+    store = pyro.get_param_store()
+    params = tuple(
+        (n, tuple(store._params[n].shape), str(store._params[n].dtype), repr(store._constraints[n]))
+        for n in names
+    )
+    data = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            t = a.detach().cpu().contiguous()
+            digest = hashlib.sha1(t.numpy().tobytes()).hexdigest()
+            data.append((tuple(t.shape), str(t.dtype), digest))
+        else:
+            data.append(repr(a))
+    settings = (
+        type(loss_fn).__name__,
+        loss_fn.num_particles,
+        bool(loss_fn.vectorize_particles),
+        loss_fn.max_plate_nesting,
+        str(torch.get_default_dtype()),
+    )
+    return (key, params, tuple(data), settings)
+
+
+def _trace(loss_fn, model, guide, args, names, params) -> CompiledStep:
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    names = _check_structure(loss_fn, model, guide, args)
     store = pyro.get_param_store()
-    params = [store._params[n] for n in names]
     transforms = [transform_to(store._constraints[n]) for n in names]
     used: list[int] = []
     seen: set[str] = set()
@@ -219,6 +278,8 @@ def _compile(loss_fn, model, guide, args, check_seed) -> CompiledStep:
         return (loss.detach(), finite.all(), *kept)
 
     examples = tuple(p.detach().clone() for p in params)
+    # fake tensors: no numbers are computed while tracing, and reading a value
+    # into Python (a value-dependent branch) fails the trace
     graph = make_fx(value_and_grads, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
     if seen - set(names):
         raise StepCompileError(f"new parameters while tracing: {sorted(seen - set(names))}")
@@ -229,12 +290,17 @@ def _compile(loss_fn, model, guide, args, check_seed) -> CompiledStep:
         raise StepCompileError("the loss depends on no parameter")
     with torch.no_grad():
         compiled = torch.jit.freeze(torch.jit.trace(graph, examples, check_trace=False).eval())
-    step = CompiledStep(names, params, used, graph, compiled)
+    return CompiledStep(names, params, used, graph, compiled)
+
+
+def _check(step: CompiledStep, loss_fn, model, guide, args, check_seed: int) -> None:
+    """Raise unless ``step`` gives Pyro's loss and gradients, same draws, at two points."""
     reference = Trace_ELBO(
         num_particles=loss_fn.num_particles,
         vectorize_particles=loss_fn.vectorize_particles,
         max_plate_nesting=loss_fn.max_plate_nesting,
     )
+    params, used = step.params, step.used
     saved = [p.detach().clone() for p in params]
     try:
         for shift in (0.0, 0.1):
@@ -258,7 +324,6 @@ def _compile(loss_fn, model, guide, args, check_seed) -> CompiledStep:
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
-    return step
 
 
 def reference_loss_and_grads(
