@@ -596,7 +596,7 @@ def fit(
             try:
                 for step in range(num_steps):
                     validate = validate_first_step and step == 0
-                    if step == 1 and use_jit and compiles_step(loss_fn):
+                    if step == 1 and jit is not False and not jit_note and compiles_step(loss_fn):
                         # after the first (validated) step, so that the parameters exist
                         if num_steps < COMPILE_MIN_STEPS:
                             compile_note = f"not compiled: fewer than {COMPILE_MIN_STEPS} steps"

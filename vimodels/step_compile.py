@@ -10,12 +10,13 @@ runs without autograd. The random operations of the guide's draws stay random
 operations of the graph, drawing from torch's global generator, so a seed still
 fixes the fit.
 
-The compiled step is used only where it is valid: the ``Trace_ELBO`` family
-with no score-function term (every guide site reparameterized), no enumerated
-site and no data subsampling, traced without any value read back into Python,
-and matching Pyro's own ELBO (loss and gradients, same draws) at the current
-parameters and at a second point. Anything else raises :class:`StepCompileError`
-and the caller keeps its ELBO.
+The compiled step is used only where it is valid: ``Trace_ELBO`` (also
+JIT-compiled) and ``TraceMeanField_ELBO``, with no score-function term (every
+guide site reparameterized), no enumerated site and no data subsampling,
+traced without any value read back into Python, and matching Pyro's own
+ELBO (loss and gradients, same draws) at the current parameters and at a
+second point. Anything else raises :class:`StepCompileError` and the caller
+keeps its ELBO.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions.util import is_identically_zero
-from pyro.infer import JitTrace_ELBO, Trace_ELBO
+from pyro.distributions.util import is_identically_zero, scale_and_mask
+from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import transform_to
+from torch.distributions import kl_divergence, transform_to
 
-SUPPORTED = (Trace_ELBO, JitTrace_ELBO)
+SUPPORTED = (Trace_ELBO, JitTrace_ELBO, TraceMeanField_ELBO)
 RTOL = 1e-4
 CACHE_SIZE = 8
 _CACHE: OrderedDict = OrderedDict()  # full key -> (used, graph, frozen module)
@@ -112,17 +113,48 @@ def elbo_loss(elbo: Trace_ELBO, model: Callable, guide: Callable, args: tuple) -
     For a fully reparameterized guide this is also Pyro's surrogate loss (each
     site's entropy term is its log density), so its gradient is the step's.
     """
+    mean_field = isinstance(elbo, TraceMeanField_ELBO)
     loss = 0.0
     for model_trace, guide_trace in elbo._get_traces(model, guide, args, {}):
-        particle = 0.0
-        for site in model_trace.nodes.values():
-            if site["type"] == "sample":
-                particle = particle + site["log_prob_sum"]
-        for site in guide_trace.nodes.values():
-            if site["type"] == "sample":
-                particle = particle - site["log_prob_sum"]
+        if mean_field:
+            particle = _mean_field_elbo(model_trace, guide_trace)
+        else:
+            particle = 0.0
+            for site in model_trace.nodes.values():
+                if site["type"] == "sample":
+                    particle = particle + site["log_prob_sum"]
+            for site in guide_trace.nodes.values():
+                if site["type"] == "sample":
+                    particle = particle - site["log_prob_sum"]
         loss = loss - particle / elbo.num_particles
     return loss
+
+
+def _mean_field_elbo(model_trace, guide_trace) -> torch.Tensor:
+    """``TraceMeanField_ELBO``'s particle ELBO (analytic KL where known), as a tensor."""
+    elbo = 0.0
+    for name, model_site in model_trace.nodes.items():
+        if model_site["type"] != "sample":
+            continue
+        if model_site["is_observed"]:
+            elbo = elbo + model_site["log_prob_sum"]
+            continue
+        guide_site = guide_trace.nodes[name]
+        try:
+            kl = kl_divergence(guide_site["fn"], model_site["fn"])
+        except NotImplementedError:
+            entropy = guide_site["score_parts"].entropy_term
+            elbo = elbo + model_site["log_prob_sum"] - entropy.sum()
+            continue
+        kl = scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
+        if torch.is_tensor(kl):
+            elbo = elbo - kl.sum()
+        else:
+            elbo = elbo - kl * torch.Size(guide_site["fn"].batch_shape).numel()
+    for name, guide_site in guide_trace.nodes.items():  # auxiliary guide sites
+        if guide_site["type"] == "sample" and name not in model_trace.nodes:
+            elbo = elbo - guide_site["score_parts"].entropy_term.sum()
+    return elbo
 
 
 def _check_structure(elbo: Trace_ELBO, model: Callable, guide: Callable, args: tuple) -> list[str]:
@@ -295,7 +327,7 @@ def _trace(loss_fn, model, guide, args, names, params) -> CompiledStep:
 
 def _check(step: CompiledStep, loss_fn, model, guide, args, check_seed: int) -> None:
     """Raise unless ``step`` gives Pyro's loss and gradients, same draws, at two points."""
-    reference = Trace_ELBO(
+    reference = (TraceMeanField_ELBO if isinstance(loss_fn, TraceMeanField_ELBO) else Trace_ELBO)(
         num_particles=loss_fn.num_particles,
         vectorize_particles=loss_fn.vectorize_particles,
         max_plate_nesting=loss_fn.max_plate_nesting,
