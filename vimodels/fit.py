@@ -8,10 +8,10 @@ with a data dict, builds the guide and ELBO by name, and runs Adam with:
   machine; pass ``num_threads`` to change it);
 - Pyro validation on for the first step and off in the hot loop;
 - JIT-compiled ELBOs where valid, falling back with a one-line message, and
-  for reparameterized ``trace`` fits of at least :data:`COMPILE_MIN_STEPS`
-  steps the loss and its gradients compiled together into one graph
-  (:mod:`vimodels.step_compile`), checked against Pyro's ELBO; which ran is
-  ``settings["step_compiler"]`` (``"fx"``, ``"jit"`` or ``"python"``);
+  for reparameterized ``trace`` and ``meanfield`` fits of at least
+  :data:`COMPILE_MIN_STEPS` steps the loss and its gradients compiled together
+  into one graph (:mod:`vimodels.step_compile`), checked against Pyro's ELBO;
+  which ran is ``settings["step_compiler"]`` (``"fx"``, ``"jit"`` or ``"python"``);
 - a statistical convergence rule (:mod:`vimodels.convergence`);
 - a guard that stops at the first non-finite loss or gradient, keeping the
   last good parameters, and a Ctrl-C handler that keeps the partial result.
@@ -427,11 +427,13 @@ def fit(
         Vectorize particles where the ELBO supports it.
     jit : bool, optional
         JIT-compile the ELBO; default on where a JIT variant exists (falls back
-        with a one-line message when the model cannot be traced). With it, a
-        ``trace`` fit whose guide draws are all reparameterized (no enumeration,
-        no subsampling) runs its steps from the second on as one frozen graph
-        of the loss and its gradients, where that graph matches Pyro's ELBO
-        (same draws, same loss and gradients); otherwise it keeps the JIT ELBO.
+        with a one-line message when the model cannot be traced). Unless it is
+        False, a ``trace`` or ``meanfield`` fit of at least
+        :data:`COMPILE_MIN_STEPS` steps whose guide draws are all
+        reparameterized (no enumeration, no subsampling) runs its steps from
+        the second on as one frozen graph of the loss and its gradients, where
+        that graph matches Pyro's ELBO (same draws, same loss and gradients);
+        otherwise it keeps its ELBO (``settings["step_compiler"]`` says which ran).
     num_threads : int or None
         Torch intra-op threads during the fit (1 by default; None leaves torch's).
     guide_options, elbo_options : dict, optional
