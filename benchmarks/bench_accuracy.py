@@ -62,7 +62,6 @@ def reference_moments(name: str, cache_dir: str | None) -> dict:
     """NUTS means and sds of the flattened sites of interest, and the reference's record."""
     from diagnostics.metrics import element_labels
     from diagnostics.reference import run_nuts
-
     from vimodels.catalog.registry import get_model
 
     # an entry whose NUTS is unreliable takes its reference from an equivalent
