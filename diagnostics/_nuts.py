@@ -37,12 +37,15 @@ import pyro
 import torch
 from pyro.infer.mcmc.util import initialize_model
 
+from diagnostics._graph import simplify_graph
+
 T = TypeVar("T")
 Reply = tuple[float, np.ndarray]
 Steps = Generator[np.ndarray, Reply, T]  # yields positions, receives (u, grad), returns T
 STAT_NAMES = ("diverging", "step_size", "tree_depth", "num_steps", "lp", "acceptance_rate")
 MAX_DELTA_H = 1000.0  # energy error that marks a divergence (Stan's value)
 LOG_08 = math.log(0.8)
+LOG_2 = math.log(2.0)
 
 
 # ----------------------------------------------------------------------------- potential
@@ -196,6 +199,7 @@ def _trace_value_and_grad(
         warnings.simplefilter("ignore")
         with _validation_off():
             graph = make_fx(_value_and_grad_fn(fn))(example)
+        graph = _simplified(graph, example)
         with torch.no_grad():
             compiled = torch.jit.freeze(
                 torch.jit.trace(graph, (example,), check_trace=False).eval()
@@ -210,6 +214,29 @@ def _trace_value_and_grad(
     if not (_agrees(u1, u) and _agrees(g1, g)):
         raise RuntimeError("the traced potential differs from the model away from the trace point")
     return graph, compiled
+
+
+def _simplified(graph: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
+    """``graph`` with fewer operations (:func:`diagnostics._graph.simplify_graph`).
+
+    The simplified graph must give what ``graph`` gives at a second point;
+    where it does not, or the pass fails, ``graph`` is kept.
+    """
+    try:
+        simple = simplify_graph(graph, example)
+        if simple is graph:
+            return graph
+        shift = torch.arange(example.numel(), dtype=torch.float64).cos().reshape(example.shape)
+        z1 = example + 0.1 * shift.to(example.dtype)
+        with torch.no_grad():
+            ours, theirs = simple(z1), graph(z1)
+        if len(ours) == len(theirs) and all(
+            torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True) for a, b in zip(ours, theirs)
+        ):
+            return simple
+    except Exception:  # an operation the pass does not know: keep the graph as traced
+        pass
+    return graph
 
 
 def _trace_potential(fn: Callable, example: torch.Tensor) -> Callable:
@@ -314,6 +341,7 @@ def _trace_batched(potential: FlatPotential, example: torch.Tensor) -> Callable:
     with warnings.catch_warnings(), pyro.util.ignore_jit_warnings(), _quiet_vmap_fallback():
         warnings.simplefilter("ignore")
         graph = make_fx(torch.func.vmap(potential.graph))(example)
+        graph = _simplified(graph, example)
         with torch.no_grad():
             compiled = torch.jit.freeze(
                 torch.jit.trace(graph, (example,), check_trace=False).eval()
@@ -459,7 +487,7 @@ class Welford:
 # ----------------------------------------------------------------------------- NUTS
 
 
-@dataclass
+@dataclass(slots=True)
 class _Point:
     """A phase-space point: position, momentum, potential, gradient."""
 
@@ -469,7 +497,7 @@ class _Point:
     g: np.ndarray
 
 
-@dataclass
+@dataclass(slots=True)
 class _Subtree:
     """What a (sub)tree hands back to the level above it."""
 
@@ -482,6 +510,18 @@ class _Subtree:
     p_end: np.ndarray
     ps_end: np.ndarray
     valid: bool
+
+
+def _logaddexp(x: float, y: float) -> float:
+    """``numpy.logaddexp`` of two floats, as NumPy computes it, without a ufunc call."""
+    if x == y:
+        return x + LOG_2
+    d = x - y
+    if d > 0:
+        return x + math.log1p(math.exp(-d))
+    if d <= 0:
+        return y + math.log1p(math.exp(d))
+    return d  # nan
 
 
 def _persist(ps_minus: np.ndarray, ps_plus: np.ndarray, rho: np.ndarray) -> bool:
@@ -555,12 +595,21 @@ class NUTSChain:
     def _energy(self, u: float, r: np.ndarray) -> float:
         return u + 0.5 * float(r @ (self.inv_mass * r))
 
+    def _drift(self, p: _Point, eps: float) -> tuple[np.ndarray, np.ndarray]:
+        """The first half of a leapfrog step: half a kick, then the drift; ``(z, r)``."""
+        # r = p.r - 0.5 * eps * p.g; z = p.z + eps * (M^-1 r), with fewer temporaries
+        r = p.g * (0.5 * eps)
+        np.subtract(p.r, r, out=r)
+        z = self.inv_mass * r
+        z *= eps
+        z += p.z
+        return z, r
+
     def leapfrog_steps(self, p: _Point, eps: float) -> Steps[_Point]:
         """One leapfrog step from ``p`` (asks for the potential once)."""
-        r = p.r - 0.5 * eps * p.g
-        z = p.z + eps * (self.inv_mass * r)
+        z, r = self._drift(p, eps)
         u, g = yield z
-        r = r - 0.5 * eps * g
+        r -= g * (0.5 * eps)
         return _Point(z, r, u, g)
 
     def _leapfrog(self, p: _Point, eps: float) -> _Point:
@@ -596,39 +645,65 @@ class NUTSChain:
         drive(self.find_step_size_steps(), self._require_potential())
 
     # --- tree
-    def _leaf_steps(self, start: _Point, eps: float, h0: float) -> Steps[_Subtree]:
-        q = yield from self.leapfrog_steps(start, eps)
+    def _leaf(
+        self, z: np.ndarray, r: np.ndarray, u: float, g: np.ndarray, eps: float, h0: float
+    ) -> _Subtree:
+        """The one-point subtree at the end of a leapfrog step (``r`` still half-kicked)."""
+        r -= g * (0.5 * eps)
+        q = _Point(z, r, u, g)
         self.n_leapfrog += 1
-        h = self._energy(q.u, q.r)
+        ps = self.inv_mass * r
+        h = u + 0.5 * float(r @ ps)
         if not math.isfinite(h):
             h = math.inf
         delta = h0 - h
         if -delta > MAX_DELTA_H:
             self.divergent = True
         self.sum_metro += 1.0 if delta > 0 else math.exp(delta)
-        ps = self.inv_mass * q.r
-        return _Subtree(q, q, delta, q.r, q.r, ps, q.r, ps, not self.divergent)
+        return _Subtree(q, q, delta, r, r, ps, r, ps, not self.divergent)
+
+    def _leaf_steps(self, start: _Point, eps: float, h0: float) -> Steps[_Subtree]:
+        z, r = self._drift(start, eps)
+        u, g = yield z
+        return self._leaf(z, r, u, g, eps, h0)
 
     def build_steps(self, start: _Point, depth: int, eps: float, h0: float) -> Steps[_Subtree]:
         """A subtree of ``2**depth`` leapfrog steps from ``start`` (Stan's ``build_tree``)."""
         if depth == 0:
-            return (yield from self._leaf_steps(start, eps, h0))
-        init = yield from self.build_steps(start, depth - 1, eps, h0)
-        if not init.valid:
-            return init
-        final = yield from self.build_steps(init.end, depth - 1, eps, h0)
+            z, r = self._drift(start, eps)
+            u, g = yield z
+            return self._leaf(z, r, u, g, eps, h0)
+        if depth == 1:  # two leaves, without a generator each
+            z, r = self._drift(start, eps)
+            u, g = yield z
+            init = self._leaf(z, r, u, g, eps, h0)
+            if not init.valid:
+                return init
+            z, r = self._drift(init.end, eps)
+            u, g = yield z
+            final = self._leaf(z, r, u, g, eps, h0)
+        else:
+            init = yield from self.build_steps(start, depth - 1, eps, h0)
+            if not init.valid:
+                return init
+            final = yield from self.build_steps(init.end, depth - 1, eps, h0)
         if not final.valid:
             return final
-        log_w = float(np.logaddexp(init.log_w, final.log_w))
+        log_w = _logaddexp(init.log_w, final.log_w)
         prop = init.prop
         if self.rng.random() < math.exp(final.log_w - log_w):
             prop = final.prop
         rho = init.rho + final.rho
-        valid = (
-            _persist(init.ps_beg, final.ps_end, rho)
-            and _persist(init.ps_beg, final.ps_beg, init.rho + final.p_beg)
-            and _persist(init.ps_end, final.ps_end, final.rho + init.p_end)
-        )
+        if depth == 1:
+            # two leaves: rho is also init.rho + final.p_beg and final.rho + init.p_end,
+            # and each leaf's two ends are one point: Stan's three checks are one
+            valid = _persist(init.ps_beg, final.ps_end, rho)
+        else:
+            valid = (
+                _persist(init.ps_beg, final.ps_end, rho)
+                and _persist(init.ps_beg, final.ps_beg, init.rho + final.p_beg)
+                and _persist(init.ps_end, final.ps_end, final.rho + init.p_end)
+            )
         return _Subtree(
             final.end, prop, log_w, rho, init.p_beg, init.ps_beg, final.p_end, final.ps_end, valid
         )
@@ -660,7 +735,7 @@ class NUTSChain:
             depth += 1
             if sub.log_w > log_sum_w or self.rng.random() < math.exp(sub.log_w - log_sum_w):
                 sample = sub.prop
-            log_sum_w = float(np.logaddexp(log_sum_w, sub.log_w))
+            log_sum_w = _logaddexp(log_sum_w, sub.log_w)
             if forward:
                 near_p, near_ps, far_ps = p_right, ps_right, ps_left
             else:
@@ -754,10 +829,11 @@ def drive_lockstep(
     live = list(range(k_all))
     while live:
         u, g = batched(z)
+        values = np.asarray(u).tolist()  # Python floats, as float(u[k]) gives them
         still = []
         for k in live:
             try:
-                z[k] = programs[k].send((float(u[k]), g[k]))
+                z[k] = programs[k].send((values[k], g[k]))
                 still.append(k)
             except StopIteration as stop:
                 results[k] = stop.value

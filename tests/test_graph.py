@@ -1,0 +1,148 @@
+"""Simplification of the traced potential graphs (diagnostics._graph)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from diagnostics import _nuts
+from diagnostics._graph import count_ops, simplify_graph
+from vimodels.catalog.registry import get_model
+
+aten = torch.ops.aten
+
+
+def _targets(gm: torch.fx.GraphModule) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _catalog_potential(name: str) -> tuple[_nuts.FlatPotential, np.ndarray, torch.fx.GraphModule]:
+    """The model's flat potential and its value-and-gradient graph as ``make_fx`` traces it."""
+    entry = get_model(name)
+    pyro.set_rng_seed(0)
+    setup = _nuts._setup(entry.model, entry.data(), [0], entry.max_plate_nesting, True)
+    potential = setup.potential
+    example = torch.as_tensor(setup.z0[0], dtype=potential.dtype)
+    with warnings.catch_warnings(), _nuts._validation_off():
+        warnings.simplefilter("ignore")
+        raw = make_fx(_nuts._value_and_grad_fn(potential.python_potential))(example)
+    return potential, setup.z0[0], raw
+
+
+@pytest.mark.parametrize(
+    "name", ["eight_schools_noncentered", "galaxies_gaussian_mixture"], ids=["plain", "enumerated"]
+)
+def test_simplified_graph_gives_the_traced_value_and_gradient(name):
+    potential, z0, raw = _catalog_potential(name)
+    example = torch.as_tensor(z0, dtype=potential.dtype)
+    simple = simplify_graph(raw, example)
+    assert count_ops(simple) < count_ops(raw)
+    # the graph the sampler runs is the simplified one
+    assert potential.mode == "fx" and count_ops(potential.graph) == count_ops(simple)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        z = torch.as_tensor(z0 + 0.5 * rng.normal(size=z0.shape), dtype=potential.dtype)
+        with torch.no_grad():
+            g_raw, u_raw = raw(z)
+            g, u = simple(z)
+        torch.testing.assert_close(u, u_raw, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g, g_raw, rtol=1e-6, atol=1e-6)
+        # and autograd agrees with both
+        t = z.clone().requires_grad_(True)
+        with _nuts._validation_off():
+            u_ref = potential.python_potential(t)
+        (g_ref,) = torch.autograd.grad(u_ref, t)
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name", ["eight_schools_noncentered", "galaxies_gaussian_mixture"], ids=["plain", "enumerated"]
+)
+def test_simplified_batched_graph_gives_the_vmapped_one(name):
+    potential, z0, _ = _catalog_potential(name)
+    rng = np.random.default_rng(3)
+    example = torch.as_tensor(z0 + rng.normal(size=(4, z0.size)), dtype=potential.dtype)
+    with warnings.catch_warnings(), _nuts._quiet_vmap_fallback():
+        warnings.simplefilter("ignore")
+        raw = make_fx(torch.func.vmap(potential.graph))(example)
+    simple = simplify_graph(raw, example)
+    assert count_ops(simple) < count_ops(raw)
+    z = example + 0.3
+    with torch.no_grad():
+        for a, b in zip(simple(z), raw(z)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_identities_constants_and_gradient_pieces_are_removed():
+    c = torch.tensor([2.0, 3.0])
+
+    def f(z):
+        a = z[0:2] * 1 + 0.0  # identities
+        b = (c.log() * 2.0).exp()  # constant
+        y = (a * b).sum() - torch.zeros_like(a).sum()
+        ones = torch.ones_like(y)  # the gradient's seed: a constant
+        g0 = aten.slice_backward(ones.expand(2) * b * a, [3], 0, 0, 2, 1)
+        g1 = aten.slice_backward(z[2:3] ** 1.0, [3], 0, 2, 3, 1)
+        return g0 + g1, y
+
+    z = torch.tensor([0.5, -1.0, 2.0])
+    raw = make_fx(f)(z)
+    simple = simplify_graph(raw, z)
+    targets = _targets(simple)
+    assert aten.slice_backward.default not in targets and aten.cat.default in targets
+    for op in (aten.log.default, aten.exp.default, aten.ones_like.default, aten.pow.Tensor_Scalar):
+        assert op not in targets, op
+    assert count_ops(simple) <= 6
+    for point in (z, torch.tensor([-3.0, 0.25, 7.0])):
+        for a, b in zip(simple(point), f(point)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gap_between_gradient_pieces_is_zero():
+    def f(z):
+        g0 = aten.slice_backward(z[0:1] * 2.0, [4], 0, 0, 1, 1)
+        g1 = aten.slice_backward(z[3:4] * 3.0, [4], 0, 3, 4, 1)
+        return (g0 + g1,)
+
+    z = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    simple = simplify_graph(make_fx(f)(z), z)
+    assert aten.cat.default in _targets(simple)
+    torch.testing.assert_close(simple(z)[0], torch.tensor([2.0, 0.0, 0.0, 12.0]))
+
+
+def test_mutation_of_a_fresh_tensor_becomes_out_of_place_and_is_not_folded():
+    def f(z):
+        fresh = torch.ones(3)  # constant, then mutated where z < 0
+        fresh.masked_fill_(z < 0, 5.0)
+        return (fresh * 1.0 + z,)
+
+    z = torch.tensor([1.0, -1.0, 2.0])
+    simple = simplify_graph(make_fx(f)(z), z)
+    assert not any(str(t).split(".")[-2].endswith("_") for t in _targets(simple))
+    for point in (z, torch.tensor([-1.0, 1.0, -2.0]), z):  # twice: nothing kept between calls
+        torch.testing.assert_close(simple(point)[0], f(point)[0])
+
+
+def test_mutation_through_a_view_keeps_the_graph_as_traced():
+    def f(z):
+        y = z * 2.0
+        y[0:1].mul_(3.0)
+        return (y * 1,)
+
+    z = torch.tensor([1.0, 2.0])
+    raw = make_fx(f)(z)
+    assert simplify_graph(raw, z) is raw
+
+
+def test_random_operations_are_not_folded():
+    def f(z):
+        return (z + torch.rand(2),)
+
+    z = torch.zeros(2)
+    simple = simplify_graph(make_fx(f)(z), z)
+    assert any("rand" in str(t) for t in _targets(simple))
