@@ -598,8 +598,9 @@ class NUTSChain:
     def _drift(self, p: _Point, eps: float) -> tuple[np.ndarray, np.ndarray]:
         """The first half of a leapfrog step: half a kick, then the drift; ``(z, r)``."""
         # r = p.r - 0.5 * eps * p.g; z = p.z + eps * (M^-1 r), with fewer temporaries
-        r = p.g * (0.5 * eps)
-        np.subtract(p.r, r, out=r)
+        # (the same roundings: a - b is a + (-b), and sums and products commute)
+        r = p.g * (-0.5 * eps)
+        r += p.r
         z = self.inv_mass * r
         z *= eps
         z += p.z
@@ -830,10 +831,11 @@ def drive_lockstep(
     while live:
         u, g = batched(z)
         values = np.asarray(u).tolist()  # Python floats, as float(u[k]) gives them
+        rows = list(g)
         still = []
         for k in live:
             try:
-                z[k] = programs[k].send((values[k], g[k]))
+                z[k] = programs[k].send((values[k], rows[k]))
                 still.append(k)
             except StopIteration as stop:
                 results[k] = stop.value
