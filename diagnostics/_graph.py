@@ -83,6 +83,126 @@ _ALIASES = {
 }
 
 
+class UnsupportedTrace(RuntimeError):
+    """:func:`record` met something it does not record faithfully."""
+
+
+def record(fn: Callable, *example: torch.Tensor) -> torch.fx.GraphModule:
+    """The ATen operations ``fn(*example)`` runs, as an FX graph (autograd's backward included).
+
+    What ``make_fx`` does with real tensors, without its machinery: a
+    :class:`~torch.utils._python_dispatch.TorchDispatchMode` runs each
+    operation as it comes and appends it to the graph; tensors that no
+    recorded operation made (data, constants) become attributes of the
+    module. ``make_fx`` imports ``torch._dynamo`` on its first call, about as
+    long as a short NUTS run on a small model; this does not. Python
+    branches on values are frozen as ``make_fx`` freezes them (the callers
+    check the graph at a second point).
+
+    Parameters
+    ----------
+    fn : callable
+        Tensors -> tensor or tuple of tensors.
+    *example : Tensor
+        The inputs to run it at (the graph's placeholders).
+
+    Raises
+    ------
+    UnsupportedTrace
+        When an operation writes into a constant, or an output is not a tensor.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map
+
+    root = torch.nn.Module()
+    graph = torch.fx.Graph()
+    nodes: dict[int, torch.fx.Node] = {}
+    keep: list[torch.Tensor] = []  # alive, so that no id is reused while recording
+    constants: set[torch.fx.Node] = set()
+    dynamic: set[torch.fx.Node] = set()  # the nodes that depend on the inputs
+
+    def bind(t: torch.Tensor, node: torch.fx.Node) -> None:
+        nodes[id(t)] = node
+        keep.append(t)
+
+    def node_of(t: torch.Tensor) -> torch.fx.Node:
+        node = nodes.get(id(t))
+        if node is None:
+            name = f"_constant_{len(constants)}"
+            root.register_buffer(name, t.detach().clone())
+            node = graph.get_attr(name)
+            constants.add(node)
+            bind(t, node)
+        return node
+
+    class Recorder(TorchDispatchMode):
+        @classmethod
+        def _should_skip_dynamo(cls) -> bool:
+            # torch wraps a mode's handler in dynamo.disable unless told otherwise, and
+            # that imports torch._dynamo on the first call; nothing compiles this one
+            return False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+
+            def arg(x: Any) -> Any:
+                return node_of(x) if isinstance(x, torch.Tensor) else x
+
+            node_args, node_kwargs = tree_map(arg, args), tree_map(arg, kwargs)
+            schema = getattr(func, "_schema", None)
+            if schema is not None:
+                written = [
+                    a.name
+                    for a in schema.arguments
+                    if a.alias_info is not None and a.alias_info.is_write
+                ]
+                for i, a in enumerate(schema.arguments):
+                    if a.name in written:
+                        value = node_args[i] if i < len(node_args) else node_kwargs.get(a.name)
+                        if isinstance(value, torch.fx.Node) and value in constants:
+                            raise UnsupportedTrace(f"{func} writes into a constant")
+            inputs = _nodes_in((node_args, node_kwargs))
+            varies = any(n in dynamic for n in inputs)
+            if varies and not _all_tensors(out):
+                # a value read into Python (bool(), item()): what follows was decided
+                # at this point only
+                raise UnsupportedTrace(f"{func} reads a value that depends on the input")
+            node = graph.call_function(func, node_args, node_kwargs)
+            if varies:
+                dynamic.add(node)
+            if isinstance(out, torch.Tensor):
+                bind(out, node)
+            elif isinstance(out, (tuple, list)):
+                for i, o in enumerate(out):
+                    if isinstance(o, torch.Tensor):
+                        item = graph.call_function(operator.getitem, (node, i))
+                        bind(o, item)
+                        if varies:
+                            dynamic.add(item)
+            return out
+
+    for i, t in enumerate(example):
+        bind(t, graph.placeholder(f"arg{i}"))
+        dynamic.add(nodes[id(t)])
+    with Recorder():
+        result = fn(*example)
+    outputs = result if isinstance(result, tuple) else (result,)
+    if not all(isinstance(t, torch.Tensor) for t in outputs):
+        raise UnsupportedTrace("the function returns something other than tensors")
+    out_nodes = tuple(node_of(t) for t in outputs)
+    graph.output(out_nodes if isinstance(result, tuple) else out_nodes[0])
+    return torch.fx.GraphModule(root, graph)
+
+
+def _all_tensors(out: Any) -> bool:
+    if isinstance(out, torch.Tensor):
+        return True
+    if isinstance(out, (tuple, list)):
+        return all(isinstance(o, torch.Tensor) for o in out)
+    return False
+
+
 def count_ops(gm: torch.fx.GraphModule) -> int:
     """Number of operations (``call_function`` nodes) in a graph."""
     return sum(1 for n in gm.graph.nodes if n.op == "call_function")

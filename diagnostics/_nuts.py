@@ -37,7 +37,7 @@ import pyro
 import torch
 from pyro.infer.mcmc.util import initialize_model
 
-from diagnostics._graph import simplify_graph
+from diagnostics._graph import record, simplify_graph
 
 T = TypeVar("T")
 Reply = tuple[float, np.ndarray]
@@ -191,29 +191,56 @@ def _trace_value_and_grad(
 ) -> tuple[torch.fx.GraphModule, Callable]:
     """``z -> (grad, value)`` of ``fn`` as an FX graph of ATen operations and frozen TorchScript.
 
-    Checked against autograd at a second point.
+    Recorded by :func:`diagnostics._graph.record`, else by ``make_fx``;
+    simplified; checked against autograd at a second point.
     """
+    errors: list[Exception] = []
+    for tracer in _TRACERS:
+        try:
+            with warnings.catch_warnings(), pyro.util.ignore_jit_warnings():
+                warnings.simplefilter("ignore")
+                with _validation_off():
+                    graph = tracer(_value_and_grad_fn(fn), example)
+                graph = _simplified(graph, example)
+                compiled = _freeze(graph, example)
+            # the graph holds whatever Python control flow did at `example`: it must
+            # agree with the model elsewhere
+            z1 = example + 0.1
+            g1, u1 = compiled(z1)
+            t = z1.clone().requires_grad_(True)
+            u = fn(t)
+            (g,) = torch.autograd.grad(u, t)
+            if not (_agrees(u1, u) and _agrees(g1, g)):
+                raise RuntimeError(
+                    "the traced potential differs from the model away from the trace point"
+                )
+            return graph, compiled
+        except Exception as exc:  # tracing failures vary widely
+            errors.append(exc)
+    raise errors[-1]
+
+
+def _record(fn: Callable, example: torch.Tensor) -> torch.fx.GraphModule:
+    return record(fn, example)
+
+
+def _make_fx(fn: Callable, example: torch.Tensor) -> torch.fx.GraphModule:
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    with warnings.catch_warnings(), pyro.util.ignore_jit_warnings():
-        warnings.simplefilter("ignore")
-        with _validation_off():
-            graph = make_fx(_value_and_grad_fn(fn))(example)
-        graph = _simplified(graph, example)
-        with torch.no_grad():
-            compiled = torch.jit.freeze(
-                torch.jit.trace(graph, (example,), check_trace=False).eval()
-            )
-    # the graph holds whatever Python control flow did at `example`: it must
-    # agree with the model elsewhere
-    z1 = example + 0.1
-    g1, u1 = compiled(z1)
-    t = z1.clone().requires_grad_(True)
-    u = fn(t)
-    (g,) = torch.autograd.grad(u, t)
-    if not (_agrees(u1, u) and _agrees(g1, g)):
-        raise RuntimeError("the traced potential differs from the model away from the trace point")
-    return graph, compiled
+    return make_fx(fn)(example)
+
+
+# the first that gives a graph that agrees with the model wins
+_TRACERS: tuple[Callable[[Callable, torch.Tensor], torch.fx.GraphModule], ...] = (
+    _record,
+    _make_fx,
+)
+
+
+def _freeze(graph: torch.fx.GraphModule, example: torch.Tensor) -> Callable:
+    """Frozen TorchScript of an FX graph, traced at ``example``."""
+    with torch.no_grad():
+        return torch.jit.freeze(torch.jit.trace(graph, (example,), check_trace=False).eval())
 
 
 def _simplified(graph: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
@@ -336,16 +363,25 @@ def _trace_batched(potential: FlatPotential, example: torch.Tensor) -> Callable:
 
     Checked row by row against the unbatched potential at a second point.
     """
-    from torch.fx.experimental.proxy_tensor import make_fx
+    errors: list[Exception] = []
+    for tracer in _TRACERS:
+        try:
+            return _trace_batched_with(tracer, potential, example)
+        except Exception as exc:  # vmap and tracing failures vary widely
+            errors.append(exc)
+    raise errors[-1]
 
+
+def _trace_batched_with(
+    tracer: Callable[[Callable, torch.Tensor], torch.fx.GraphModule],
+    potential: FlatPotential,
+    example: torch.Tensor,
+) -> Callable:
     with warnings.catch_warnings(), pyro.util.ignore_jit_warnings(), _quiet_vmap_fallback():
         warnings.simplefilter("ignore")
-        graph = make_fx(torch.func.vmap(potential.graph))(example)
+        graph = tracer(torch.func.vmap(potential.graph), example)
         graph = _simplified(graph, example)
-        with torch.no_grad():
-            compiled = torch.jit.freeze(
-                torch.jit.trace(graph, (example,), check_trace=False).eval()
-            )
+        compiled = _freeze(graph, example)
     shift = 0.1 * torch.arange(1, example.shape[0] + 1, dtype=example.dtype)[:, None]
     z1 = example + shift
     with torch.no_grad():
