@@ -29,6 +29,7 @@ check the traced one.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -235,6 +236,7 @@ def simplify_graph(gm: torch.fx.GraphModule, *example: torch.Tensor) -> torch.fx
     _fold_constants(new, values)
     for _ in range(4):
         changed = _drop_identities(new.graph, values)
+        changed |= _fold_signs(new, values)
         changed |= _slices_to_cat(new, values)
         changed |= _merge_common(new.graph)
         changed |= _dead_code(new.graph)
@@ -536,6 +538,117 @@ def _drop_identities(graph: torch.fx.Graph, values: dict) -> bool:
             node.replace_all_uses_with(same)
             changed = True
     return changed
+
+
+def _power_of_two(x: Any) -> bool:
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or x == 0 or not math.isfinite(x):
+        return False
+    return abs(math.frexp(x)[0]) == 0.5
+
+
+def _fold_signs(gm: torch.fx.GraphModule, values: dict) -> bool:
+    """Negations and doublings moved into constants, where IEEE rounding gives the same bits.
+
+    Round-to-nearest is symmetric and scaling by a power of two is exact, so
+    ``-y / c == y / (-c)``, ``-(c * y) == (-c) * y``, ``y - (-x) == y + x``,
+    ``c * (2 * x) == (2 * c) * x`` (short of overflow), and
+    ``-masked_fill(c, m, v) == masked_fill(-c, m, -v)``.
+    """
+    graph = gm.graph
+    changed = False
+
+    def const(arg: Any) -> bool:
+        return _constant_value(arg, values) is not None
+
+    def constant(value: Any, like: torch.fx.Node) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        name = f"_signed_{len(values)}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.register_buffer(name, value)
+        with graph.inserting_before(like):
+            node = graph.get_attr(name)
+        values[node] = value
+        return node
+
+    def single(arg: Any, target: Any) -> bool:
+        return isinstance(arg, torch.fx.Node) and arg.target is target and len(arg.users) == 1
+
+    def replace(node: torch.fx.Node, target: Any, args: tuple) -> None:
+        nonlocal changed
+        args_values = torch.fx.node.map_arg(args, lambda n: values[n])
+        with torch.no_grad():
+            value = target(*args_values)
+        if not _same_layout(value, values.get(node)):
+            return
+        with graph.inserting_before(node):
+            new = graph.call_function(target, args)
+        new.meta = dict(node.meta)
+        values[new] = value
+        node.replace_all_uses_with(new)
+        changed = True
+
+    neg = aten.neg.default
+    muls = (aten.mul.Tensor, aten.mul.Scalar)
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not node.users or node.kwargs:
+            continue
+        t, args = node.target, node.args
+        if t in (aten.div.Tensor, aten.div.Scalar) and single(args[0], neg) and const(args[1]):
+            c = _constant_value(args[1], values)
+            replace(node, t, (args[0].args[0], constant(-c, node)))
+        elif t in muls and single(args[0], neg) and const(args[1]):
+            c = _constant_value(args[1], values)
+            replace(node, t, (args[0].args[0], constant(-c, node)))
+        elif t is aten.mul.Tensor and const(args[0]) and single(args[1], neg):
+            c = _constant_value(args[0], values)
+            replace(node, t, (constant(-c, node), args[1].args[0]))
+        elif t is neg and isinstance(args[0], torch.fx.Node) and len(args[0].users) == 1:
+            inner = args[0]
+            a = inner.args
+            if inner.kwargs or inner.op != "call_function":
+                continue
+            if inner.target in muls and const(a[1]):
+                c = _constant_value(a[1], values)
+                replace(node, inner.target, (a[0], constant(-c, node)))
+            elif inner.target is aten.mul.Tensor and const(a[0]):
+                c = _constant_value(a[0], values)
+                replace(node, inner.target, (constant(-c, node), a[1]))
+            elif inner.target in (aten.div.Tensor, aten.div.Scalar) and const(a[1]):
+                c = _constant_value(a[1], values)
+                replace(node, inner.target, (a[0], constant(-c, node)))
+            elif (
+                inner.target is aten.masked_fill.Scalar
+                and const(a[0])
+                and isinstance(a[2], (int, float))
+                and not isinstance(a[2], bool)
+            ):
+                c = _constant_value(a[0], values)
+                replace(node, inner.target, (constant(-c, node), a[1], -a[2]))
+        elif t is aten.sub.Tensor and len(args) == 2 and _is_neg(args[1]):
+            replace(node, aten.add.Tensor, (args[0], args[1].args[0]))
+        elif t is aten.add.Tensor and len(args) == 2 and _is_neg(args[1]):
+            replace(node, aten.sub.Tensor, (args[0], args[1].args[0]))
+        elif t is aten.add.Tensor and len(args) == 2 and _is_neg(args[0]):
+            replace(node, aten.sub.Tensor, (args[1], args[0].args[0]))
+        elif t is aten.mul.Tensor and len(args) == 2:
+            for i in (0, 1):
+                c, x = args[i], args[1 - i]
+                if (
+                    const(c)
+                    and single(x, aten.mul.Scalar)
+                    and not x.kwargs
+                    and _power_of_two(x.args[1])
+                ):
+                    scaled = _constant_value(c, values) * x.args[1]
+                    replace(node, t, (constant(scaled, node), x.args[0]))
+                    break
+    return changed
+
+
+def _is_neg(arg: Any) -> bool:
+    return isinstance(arg, torch.fx.Node) and arg.target is aten.neg.default
 
 
 def _slices_to_cat(gm: torch.fx.GraphModule, values: dict) -> bool:

@@ -327,6 +327,10 @@ class BatchedPotential:
         self.mode = "rows"
         self.note: str | None = None
         self._batched: Callable | None = None
+        try:
+            self._np_dtype: np.dtype | None = torch.empty((), dtype=potential.dtype).numpy().dtype
+        except TypeError:  # a dtype NumPy lacks
+            self._np_dtype = None
         if not vectorize or potential.graph is None:
             return
         try:
@@ -343,8 +347,13 @@ class BatchedPotential:
     def __call__(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Potentials (K,) and gradients (K, D), float64, at positions ``z`` (K, D)."""
         if self._batched is not None:
-            with torch.no_grad():
-                g, u = self._batched(torch.from_numpy(z).to(self.potential.dtype))
+            # a frozen graph of inputs that need no gradient builds no autograd graph:
+            # no torch.no_grad() needed; the cast to the model's dtype rounds as torch's does
+            if self._np_dtype is not None:
+                x = torch.from_numpy(z.astype(self._np_dtype, copy=False))
+            else:
+                x = torch.from_numpy(z).to(self.potential.dtype)
+            g, u = self._batched(x)
             return u.numpy().astype(np.float64), g.numpy().astype(np.float64)
         rows = [self.potential(row) for row in z]
         return np.array([u for u, _ in rows]), np.stack([g for _, g in rows])

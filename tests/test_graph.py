@@ -146,3 +146,24 @@ def test_random_operations_are_not_folded():
     z = torch.zeros(2)
     simple = simplify_graph(make_fx(f)(z), z)
     assert any("rand" in str(t) for t in _targets(simple))
+
+
+def test_signs_and_doublings_move_into_constants_bit_for_bit():
+    c = torch.tensor([0.3, -1.7, 2.9])
+
+    def f(z):
+        a = -(z**2) / c  # div(neg(y), c)
+        b = -(c * z)  # neg(mul(c, y))
+        d = c * (2.0 * z)  # mul(c, mul(y, 2))
+        e = -torch.where(z > 0, c, torch.zeros_like(c)).masked_fill(z < -1, 0.0)
+        return (a - (-b) + d + e,)
+
+    z = torch.tensor([0.5, -1.5, 2.0])
+    raw = make_fx(f)(z)
+    simple = simplify_graph(raw, z)
+    assert aten.neg.default not in _targets(simple)
+    assert count_ops(simple) < count_ops(raw)
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        point = torch.as_tensor(rng.normal(scale=3.0, size=3), dtype=torch.float32)
+        assert torch.equal(simple(point)[0], f(point)[0])
