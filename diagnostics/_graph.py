@@ -1,16 +1,17 @@
-"""Simplification of a traced graph of ATen operations before TorchScript freezes it.
+"""Recording and simplification of a graph of ATen operations before TorchScript freezes it.
 
-``make_fx`` records every operation that autograd and Pyro dispatched while the
-potential and its gradient were computed at one point, and ``vmap`` adds its
-own bookkeeping on top: detaches and fresh copies of constants, the seed of the
-gradient (``ones_like``), sums of ``zeros_like``, ``mul(x, 1)``, ``add(x, 0)``,
-``pow(x, 1.0)``, views and expands to the shape a tensor already has, and one
-``slice_backward`` plus an ``add`` per site to assemble the flat gradient. On
-the catalog's small models each such operation costs about as much as a useful
-one (the dispatch, not the arithmetic), so :func:`simplify_graph` removes them:
+:func:`record` (or ``make_fx``) captures every operation that autograd and
+Pyro dispatched while the potential and its gradient were computed at one
+point, and ``vmap`` adds its own bookkeeping on top: detaches and fresh copies
+of constants, the seed of the gradient (``ones_like``), sums of
+``zeros_like``, ``mul(x, 1)``, ``add(x, 0)``, ``pow(x, 1.0)``, views and
+expands to the shape a tensor already has, and one ``slice_backward`` plus an
+``add`` per site to assemble the flat gradient. On the catalog's small models
+each such operation costs about as much as a useful one (the dispatch, not the
+arithmetic), so :func:`simplify_graph` removes them:
 
-- in-place operations on a fresh tensor nobody else reads become out-of-place
-  (a graph with any other mutation is left as it is);
+- in-place operations on fresh tensors (not views, with no view of them taken
+  before) become out-of-place (a graph with any other mutation is left as it is);
 - every operation whose inputs do not depend on the graph's input (or only
   through their static shape: ``ones_like`` and kin) is evaluated once and
   becomes a constant;
@@ -18,13 +19,15 @@ one (the dispatch, not the arithmetic), so :func:`simplify_graph` removes them:
   ``x ** 1``, ``-(-x)``, detaches, copies to the same dtype, views and
   expands to the same shape, a ``masked_fill`` whose mask is all false, sums
   over dimensions of size one; chains of reshaping views collapse to one view;
+- negations and scalings by powers of two move into constants
+  (``-y / c == y / (-c)``, ``y - (-x) == y + x``, ``c * (2 * x) == (2c) * x``);
 - ``slice_backward`` pieces added together into the flat gradient become one
   ``cat``;
 - common subexpressions are merged and dead code removed.
 
-Every rewrite keeps the value of each element (up to the sign of a zero); the
-callers check the simplified graph against autograd at a second point, as they
-check the traced one.
+Every rewrite keeps the value of each element bit for bit (up to the sign of
+a zero); the callers compare the simplified graph with the traced one, and
+check it against autograd at a second point, as they check the traced one.
 """
 
 from __future__ import annotations

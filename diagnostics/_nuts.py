@@ -55,11 +55,15 @@ class FlatPotential:
     """Potential energy ``-log p(z, x)`` and its gradient on a flat unconstrained vector.
 
     With ``jit`` the value and gradient are traced together, once, into one
-    graph of ATen operations (``make_fx`` of ``torch.func.grad_and_value``,
-    with Pyro's and torch's argument validation off so no value-dependent
-    checks are frozen into it), which TorchScript then runs without the
-    autograd engine: two to four times faster than Pyro's traced potential
-    plus ``backward``. Where that fails, the potential alone is traced and
+    graph of ATen operations (the forward pass and ``torch.autograd.grad`` as
+    :func:`diagnostics._graph.record` records them, else ``make_fx``; with
+    Pyro's and torch's argument validation off so no value-dependent checks
+    are frozen into it), simplified (:func:`diagnostics._graph.simplify_graph`:
+    constants folded, identities and autograd's bookkeeping dropped), which
+    TorchScript then runs without the autograd engine: two to four times
+    faster than Pyro's traced potential plus ``backward``, and a small model's
+    gradient in about a third of the operations that autograd dispatched.
+    Where that fails, the potential alone is traced and
     differentiated by autograd; where that fails too, Python runs it.
     :attr:`mode` says which ran (``"fx"``, ``"jit"`` or ``"python"``).
 
@@ -179,7 +183,7 @@ def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _value_and_grad_fn(fn: Callable) -> Callable:
-    """``z -> (grad, value)`` by ``torch.autograd.grad`` (which ``make_fx`` records).
+    """``z -> (grad, value)`` by ``torch.autograd.grad`` (whose operations the tracers record).
 
     Not ``torch.func.grad_and_value``: Pyro's enumeration uses autograd
     Functions (``safe_log``) that functorch transforms reject.
@@ -303,9 +307,10 @@ class BatchedPotential:
     """The potential and its gradient at K positions at once, for chains run in lockstep.
 
     Where the :class:`FlatPotential` is an FX graph of ATen operations (mode
-    ``"fx"``), ``torch.func.vmap`` of that graph is traced again with
-    ``make_fx`` at a ``(K, D)`` example and frozen with TorchScript: one call
-    dispatches about as many operations as one chain's gradient does. It is
+    ``"fx"``), ``torch.func.vmap`` of that graph is recorded again (as the
+    graph was) at a ``(K, D)`` example, simplified and frozen with
+    TorchScript: one call dispatches about as many operations as one chain's
+    gradient does. It is
     checked row by row against the unbatched potential at a second point.
     Where that cannot be done (a model traced otherwise or not at all, a
     vmap or check failure), the rows are evaluated one by one with the
