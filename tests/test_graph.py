@@ -11,7 +11,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from diagnostics import _nuts
-from diagnostics._graph import count_ops, simplify_graph
+from diagnostics._graph import UnsupportedTrace, count_ops, record, simplify_graph
 from vimodels.catalog.registry import get_model
 
 aten = torch.ops.aten
@@ -167,3 +167,63 @@ def test_signs_and_doublings_move_into_constants_bit_for_bit():
     for _ in range(20):
         point = torch.as_tensor(rng.normal(scale=3.0, size=3), dtype=torch.float32)
         assert torch.equal(simple(point)[0], f(point)[0])
+
+
+def test_recorded_graph_runs_what_make_fx_traces():
+    potential, z0, traced = _catalog_potential("eight_schools_noncentered")
+    example = torch.as_tensor(z0, dtype=potential.dtype)
+    with _nuts._validation_off():
+        recorded = record(_nuts._value_and_grad_fn(potential.python_potential), example)
+    # the same operations, give or take the views and copies each tracer adds
+    simple, simple_traced = simplify_graph(recorded, example), simplify_graph(traced, example)
+    assert count_ops(simple) == count_ops(simple_traced)
+    z = example + 0.7
+    with torch.no_grad():
+        for a, b in zip(recorded(z), traced(z)):
+            assert torch.equal(a, b)
+
+
+def test_value_read_into_python_is_not_recorded():
+    def f(z):
+        return (z * 2.0 if bool(z.sum() > 0) else z,)
+
+    with pytest.raises(UnsupportedTrace):
+        record(f, torch.ones(2))
+    # a value of a constant is no such branch
+    c = torch.tensor([1.0, -1.0])
+    gm = record(lambda z: (z * 2.0 if bool(c.sum() == 0) else z,), torch.ones(2))
+    torch.testing.assert_close(gm(torch.tensor([3.0, 4.0]))[0], torch.tensor([6.0, 8.0]))
+
+
+def test_writing_into_a_constant_is_not_recorded():
+    c = torch.zeros(2)
+
+    def f(z):
+        c.add_(1.0)
+        return (z + c,)
+
+    with pytest.raises(UnsupportedTrace):
+        record(f, torch.ones(2))
+
+
+def test_make_fx_traces_where_the_recorder_fails(monkeypatch):
+    def broken(fn, example):
+        raise UnsupportedTrace("no")
+
+    monkeypatch.setattr(_nuts, "_TRACERS", (broken, _nuts._make_fx))
+    kw = {"num_warmup": 30, "num_samples": 10}
+    runs = _nuts.sample_chains(_positive_model, {}, seeds=[1, 2], **kw)
+    assert runs[0]["potential"] == "fx" and runs[0]["batch"] == "vmap"
+    monkeypatch.undo()
+    again = _nuts.sample_chains(_positive_model, {}, seeds=[1, 2], **kw)
+    for a, b in zip(runs, again):
+        np.testing.assert_array_equal(a["samples"]["s"], b["samples"]["s"])
+
+
+def _positive_model():
+    pyro.sample(
+        "s",
+        pyro.distributions.LogNormal(torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.25])).to_event(
+            1
+        ),
+    )
