@@ -236,6 +236,8 @@ def simplify_graph(gm: torch.fx.GraphModule, *example: torch.Tensor) -> torch.fx
         return gm
     new.recompile()
     values = _evaluate(new, example)
+    if any(_dynamic_shape(n, values) for n in new.graph.nodes):
+        return gm  # shapes seen at `example` may not hold elsewhere
     _fold_constants(new, values)
     for _ in range(4):
         changed = _drop_identities(new.graph, values)
@@ -257,6 +259,23 @@ def simplify_graph(gm: torch.fx.GraphModule, *example: torch.Tensor) -> torch.fx
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _dynamic_shape(node: torch.fx.Node, values: dict) -> bool:
+    """Whether the shape of ``node``'s output depends on the values of its inputs."""
+    if node.op != "call_function":
+        return False
+    if torch.Tag.dynamic_output_shape not in getattr(node.target, "tags", ()):
+        return False
+    if node.target is aten.index.Tensor:  # only boolean masks select a varying number
+        indices = node.args[1] if len(node.args) > 1 else []
+        return any(
+            isinstance(i, torch.fx.Node)
+            and isinstance(values.get(i), torch.Tensor)
+            and values[i].dtype in (torch.bool, torch.uint8)
+            for i in indices
+        )
+    return True
 
 
 def _schema(node: torch.fx.Node) -> Any:

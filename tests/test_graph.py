@@ -227,3 +227,13 @@ def _positive_model():
             1
         ),
     )
+
+
+def test_graph_with_a_shape_that_depends_on_values_is_left_as_traced():
+    def f(z):
+        kept = z[z > 0]  # as many elements as are positive
+        return (torch.zeros_like(kept).sum() + kept.sum() * 1,)
+
+    z = torch.tensor([1.0, -2.0, 3.0])
+    raw = make_fx(f)(z)
+    assert simplify_graph(raw, z) is raw
