@@ -50,6 +50,7 @@ _SHAPE_ONLY = {
     aten.new_zeros.default,
     aten.new_ones.default,
     aten.new_full.default,
+    aten.fill.Scalar,  # what an in-place fill_ becomes
 }
 # uninitialized memory: never folded
 _UNINITIALIZED = {
@@ -236,7 +237,8 @@ def simplify_graph(gm: torch.fx.GraphModule, *example: torch.Tensor) -> torch.fx
         return gm
     new.recompile()
     values = _evaluate(new, example)
-    if any(_dynamic_shape(n, values) for n in new.graph.nodes):
+    varying = _varying(new.graph)
+    if any(_dynamic_shape(n, values, varying) for n in new.graph.nodes):
         return gm  # shapes seen at `example` may not hold elsewhere
     _fold_constants(new, values)
     for _ in range(4):
@@ -261,21 +263,31 @@ def simplify_graph(gm: torch.fx.GraphModule, *example: torch.Tensor) -> torch.fx
 # ----------------------------------------------------------------------------- helpers
 
 
-def _dynamic_shape(node: torch.fx.Node, values: dict) -> bool:
-    """Whether the shape of ``node``'s output depends on the values of its inputs."""
-    if node.op != "call_function":
+def _varying(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The nodes whose values depend on the graph's inputs."""
+    out: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(i in out for i in _nodes_in((node.args, node.kwargs))):
+            out.add(node)
+    return out
+
+
+def _dynamic_shape(node: torch.fx.Node, values: dict, varying: set[torch.fx.Node]) -> bool:
+    """Whether the shape of ``node``'s output can change with the values of the inputs."""
+    if node.op != "call_function" or node not in varying:
         return False
     if torch.Tag.dynamic_output_shape not in getattr(node.target, "tags", ()):
         return False
-    if node.target is aten.index.Tensor:  # only boolean masks select a varying number
+    if node.target is aten.index.Tensor:  # only boolean masks that vary select a varying number
         indices = node.args[1] if len(node.args) > 1 else []
         return any(
             isinstance(i, torch.fx.Node)
+            and i in varying
             and isinstance(values.get(i), torch.Tensor)
             and values[i].dtype in (torch.bool, torch.uint8)
             for i in indices
         )
-    return True
+    return any(i in varying for i in _nodes_in((node.args, node.kwargs)))
 
 
 def _schema(node: torch.fx.Node) -> Any:

@@ -214,8 +214,7 @@ def _trace_value_and_grad(
                 warnings.simplefilter("ignore")
                 with _validation_off():
                     graph = tracer(_value_and_grad_fn(fn), example)
-                graph = _simplified(graph, example)
-                compiled = _freeze(graph, example)
+                graph, compiled = _simplified_and_frozen(graph, example)
             # the graph holds whatever Python control flow did at `example`: it must
             # agree with the model elsewhere
             z1 = example + 0.1
@@ -248,6 +247,19 @@ _TRACERS: tuple[Callable[[Callable, torch.Tensor], torch.fx.GraphModule], ...] =
     _record,
     _make_fx,
 )
+
+
+def _simplified_and_frozen(
+    graph: torch.fx.GraphModule, example: torch.Tensor
+) -> tuple[torch.fx.GraphModule, Callable]:
+    """The simplified graph and its frozen TorchScript; the graph as traced where that fails."""
+    simple = _simplified(graph, example)
+    if simple is not graph:
+        try:
+            return simple, _freeze(simple, example)
+        except Exception:  # an operation TorchScript cannot take: freeze the traced graph
+            pass
+    return graph, _freeze(graph, example)
 
 
 def _freeze(graph: torch.fx.GraphModule, example: torch.Tensor) -> Callable:
@@ -403,8 +415,7 @@ def _trace_batched_with(
     with warnings.catch_warnings(), pyro.util.ignore_jit_warnings(), _quiet_vmap_fallback():
         warnings.simplefilter("ignore")
         graph = tracer(torch.func.vmap(potential.graph), example)
-        graph = _simplified(graph, example)
-        compiled = _freeze(graph, example)
+        _, compiled = _simplified_and_frozen(graph, example)
     shift = 0.1 * torch.arange(1, example.shape[0] + 1, dtype=example.dtype)[:, None]
     z1 = example + shift
     with torch.no_grad():
