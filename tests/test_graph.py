@@ -237,3 +237,30 @@ def test_graph_with_a_shape_that_depends_on_values_is_left_as_traced():
     z = torch.tensor([1.0, -2.0, 3.0])
     raw = make_fx(f)(z)
     assert simplify_graph(raw, z) is raw
+
+
+def test_fill_of_a_fresh_tensor_is_folded_and_the_graph_freezes():
+    c = torch.tensor([0.25, 0.5])
+
+    def f(z):
+        ones = torch.empty_like(c).fill_(1.0)  # fill_ on a fresh tensor: a constant
+        return ((ones - c) * z,)
+
+    z = torch.tensor([2.0, 4.0])
+    simple = simplify_graph(make_fx(f)(z), z)
+    assert all("fill" not in str(t) for t in _targets(simple))
+    frozen = _nuts._freeze(simple, z)
+    torch.testing.assert_close(frozen(z)[0], f(z)[0], rtol=0, atol=0)
+
+
+def test_constant_boolean_mask_keeps_shapes_static():
+    mask = torch.tensor([True, False, True])
+
+    def f(z):
+        return ((z * 1.0)[mask].sum() + torch.zeros_like(z).sum(),)
+
+    z = torch.tensor([1.0, -2.0, 3.0])
+    raw = make_fx(f)(z)
+    simple = simplify_graph(raw, z)
+    assert count_ops(simple) < count_ops(raw)
+    torch.testing.assert_close(simple(-z)[0], f(-z)[0])
