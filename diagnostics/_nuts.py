@@ -37,12 +37,15 @@ import pyro
 import torch
 from pyro.infer.mcmc.util import initialize_model
 
+from diagnostics._graph import record, simplify_graph
+
 T = TypeVar("T")
 Reply = tuple[float, np.ndarray]
 Steps = Generator[np.ndarray, Reply, T]  # yields positions, receives (u, grad), returns T
 STAT_NAMES = ("diverging", "step_size", "tree_depth", "num_steps", "lp", "acceptance_rate")
 MAX_DELTA_H = 1000.0  # energy error that marks a divergence (Stan's value)
 LOG_08 = math.log(0.8)
+LOG_2 = math.log(2.0)
 
 
 # ----------------------------------------------------------------------------- potential
@@ -52,11 +55,15 @@ class FlatPotential:
     """Potential energy ``-log p(z, x)`` and its gradient on a flat unconstrained vector.
 
     With ``jit`` the value and gradient are traced together, once, into one
-    graph of ATen operations (``make_fx`` of ``torch.func.grad_and_value``,
-    with Pyro's and torch's argument validation off so no value-dependent
-    checks are frozen into it), which TorchScript then runs without the
-    autograd engine: two to four times faster than Pyro's traced potential
-    plus ``backward``. Where that fails, the potential alone is traced and
+    graph of ATen operations (the forward pass and ``torch.autograd.grad`` as
+    :func:`diagnostics._graph.record` records them, else ``make_fx``; with
+    Pyro's and torch's argument validation off so no value-dependent checks
+    are frozen into it), simplified (:func:`diagnostics._graph.simplify_graph`:
+    constants folded, identities and autograd's bookkeeping dropped), which
+    TorchScript then runs without the autograd engine: two to four times
+    faster than Pyro's traced potential plus ``backward``, and a small model's
+    gradient in about a third of the operations that autograd dispatched.
+    Where that fails, the potential alone is traced and
     differentiated by autograd; where that fails too, Python runs it.
     :attr:`mode` says which ran (``"fx"``, ``"jit"`` or ``"python"``).
 
@@ -149,6 +156,15 @@ class FlatPotential:
         return float(u.detach()), g.numpy().astype(np.float64)
 
 
+def _inference(frozen: bool) -> contextlib.AbstractContextManager:
+    """``torch.inference_mode`` around the calls of a frozen graph (no autograd needed).
+
+    Each operation then skips autograd's bookkeeping: a quarter of a small
+    model's gradient call. Not where the potential is differentiated by autograd.
+    """
+    return torch.inference_mode() if frozen else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def _validation_off() -> Iterator[None]:
     """Pyro's and torch.distributions' argument validation off (restored after)."""
@@ -167,7 +183,7 @@ def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _value_and_grad_fn(fn: Callable) -> Callable:
-    """``z -> (grad, value)`` by ``torch.autograd.grad`` (which ``make_fx`` records).
+    """``z -> (grad, value)`` by ``torch.autograd.grad`` (whose operations the tracers record).
 
     Not ``torch.func.grad_and_value``: Pyro's enumeration uses autograd
     Functions (``safe_log``) that functorch transforms reject.
@@ -188,28 +204,91 @@ def _trace_value_and_grad(
 ) -> tuple[torch.fx.GraphModule, Callable]:
     """``z -> (grad, value)`` of ``fn`` as an FX graph of ATen operations and frozen TorchScript.
 
-    Checked against autograd at a second point.
+    Recorded by :func:`diagnostics._graph.record`, else by ``make_fx``;
+    simplified; checked against autograd at a second point.
     """
+    errors: list[Exception] = []
+    for tracer in _TRACERS:
+        try:
+            with warnings.catch_warnings(), pyro.util.ignore_jit_warnings():
+                warnings.simplefilter("ignore")
+                with _validation_off():
+                    graph = tracer(_value_and_grad_fn(fn), example)
+                graph, compiled = _simplified_and_frozen(graph, example)
+            # the graph holds whatever Python control flow did at `example`: it must
+            # agree with the model elsewhere
+            z1 = example + 0.1
+            g1, u1 = compiled(z1)
+            t = z1.clone().requires_grad_(True)
+            u = fn(t)
+            (g,) = torch.autograd.grad(u, t)
+            if not (_agrees(u1, u) and _agrees(g1, g)):
+                raise RuntimeError(
+                    "the traced potential differs from the model away from the trace point"
+                )
+            return graph, compiled
+        except Exception as exc:  # tracing failures vary widely
+            errors.append(exc)
+    raise errors[-1]
+
+
+def _record(fn: Callable, example: torch.Tensor) -> torch.fx.GraphModule:
+    return record(fn, example)
+
+
+def _make_fx(fn: Callable, example: torch.Tensor) -> torch.fx.GraphModule:
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    with warnings.catch_warnings(), pyro.util.ignore_jit_warnings():
-        warnings.simplefilter("ignore")
-        with _validation_off():
-            graph = make_fx(_value_and_grad_fn(fn))(example)
+    return make_fx(fn)(example)
+
+
+# the first that gives a graph that agrees with the model wins
+_TRACERS: tuple[Callable[[Callable, torch.Tensor], torch.fx.GraphModule], ...] = (
+    _record,
+    _make_fx,
+)
+
+
+def _simplified_and_frozen(
+    graph: torch.fx.GraphModule, example: torch.Tensor
+) -> tuple[torch.fx.GraphModule, Callable]:
+    """The simplified graph and its frozen TorchScript; the graph as traced where that fails."""
+    simple = _simplified(graph, example)
+    if simple is not graph:
+        try:
+            return simple, _freeze(simple, example)
+        except Exception:  # an operation TorchScript cannot take: freeze the traced graph
+            pass
+    return graph, _freeze(graph, example)
+
+
+def _freeze(graph: torch.fx.GraphModule, example: torch.Tensor) -> Callable:
+    """Frozen TorchScript of an FX graph, traced at ``example``."""
+    with torch.no_grad():
+        return torch.jit.freeze(torch.jit.trace(graph, (example,), check_trace=False).eval())
+
+
+def _simplified(graph: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
+    """``graph`` with fewer operations (:func:`diagnostics._graph.simplify_graph`).
+
+    The simplified graph must give what ``graph`` gives at a second point;
+    where it does not, or the pass fails, ``graph`` is kept.
+    """
+    try:
+        simple = simplify_graph(graph, example)
+        if simple is graph:
+            return graph
+        shift = torch.arange(example.numel(), dtype=torch.float64).cos().reshape(example.shape)
+        z1 = example + 0.1 * shift.to(example.dtype)
         with torch.no_grad():
-            compiled = torch.jit.freeze(
-                torch.jit.trace(graph, (example,), check_trace=False).eval()
-            )
-    # the graph holds whatever Python control flow did at `example`: it must
-    # agree with the model elsewhere
-    z1 = example + 0.1
-    g1, u1 = compiled(z1)
-    t = z1.clone().requires_grad_(True)
-    u = fn(t)
-    (g,) = torch.autograd.grad(u, t)
-    if not (_agrees(u1, u) and _agrees(g1, g)):
-        raise RuntimeError("the traced potential differs from the model away from the trace point")
-    return graph, compiled
+            ours, theirs = simple(z1), graph(z1)
+        if len(ours) == len(theirs) and all(
+            torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True) for a, b in zip(ours, theirs)
+        ):
+            return simple
+    except Exception:  # an operation the pass does not know: keep the graph as traced
+        pass
+    return graph
 
 
 def _trace_potential(fn: Callable, example: torch.Tensor) -> Callable:
@@ -240,9 +319,10 @@ class BatchedPotential:
     """The potential and its gradient at K positions at once, for chains run in lockstep.
 
     Where the :class:`FlatPotential` is an FX graph of ATen operations (mode
-    ``"fx"``), ``torch.func.vmap`` of that graph is traced again with
-    ``make_fx`` at a ``(K, D)`` example and frozen with TorchScript: one call
-    dispatches about as many operations as one chain's gradient does. It is
+    ``"fx"``), ``torch.func.vmap`` of that graph is recorded again (as the
+    graph was) at a ``(K, D)`` example, simplified and frozen with
+    TorchScript: one call dispatches about as many operations as one chain's
+    gradient does. It is
     checked row by row against the unbatched potential at a second point.
     Where that cannot be done (a model traced otherwise or not at all, a
     vmap or check failure), the rows are evaluated one by one with the
@@ -264,6 +344,10 @@ class BatchedPotential:
         self.mode = "rows"
         self.note: str | None = None
         self._batched: Callable | None = None
+        try:
+            self._np_dtype: np.dtype | None = torch.empty((), dtype=potential.dtype).numpy().dtype
+        except TypeError:  # a dtype NumPy lacks
+            self._np_dtype = None
         if not vectorize or potential.graph is None:
             return
         try:
@@ -280,8 +364,13 @@ class BatchedPotential:
     def __call__(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Potentials (K,) and gradients (K, D), float64, at positions ``z`` (K, D)."""
         if self._batched is not None:
-            with torch.no_grad():
-                g, u = self._batched(torch.from_numpy(z).to(self.potential.dtype))
+            # a frozen graph of inputs that need no gradient builds no autograd graph:
+            # no torch.no_grad() needed; the cast to the model's dtype rounds as torch's does
+            if self._np_dtype is not None:
+                x = torch.from_numpy(z.astype(self._np_dtype, copy=False))
+            else:
+                x = torch.from_numpy(z).to(self.potential.dtype)
+            g, u = self._batched(x)
             return u.numpy().astype(np.float64), g.numpy().astype(np.float64)
         rows = [self.potential(row) for row in z]
         return np.array([u for u, _ in rows]), np.stack([g for _, g in rows])
@@ -309,15 +398,24 @@ def _trace_batched(potential: FlatPotential, example: torch.Tensor) -> Callable:
 
     Checked row by row against the unbatched potential at a second point.
     """
-    from torch.fx.experimental.proxy_tensor import make_fx
+    errors: list[Exception] = []
+    for tracer in _TRACERS:
+        try:
+            return _trace_batched_with(tracer, potential, example)
+        except Exception as exc:  # vmap and tracing failures vary widely
+            errors.append(exc)
+    raise errors[-1]
 
+
+def _trace_batched_with(
+    tracer: Callable[[Callable, torch.Tensor], torch.fx.GraphModule],
+    potential: FlatPotential,
+    example: torch.Tensor,
+) -> Callable:
     with warnings.catch_warnings(), pyro.util.ignore_jit_warnings(), _quiet_vmap_fallback():
         warnings.simplefilter("ignore")
-        graph = make_fx(torch.func.vmap(potential.graph))(example)
-        with torch.no_grad():
-            compiled = torch.jit.freeze(
-                torch.jit.trace(graph, (example,), check_trace=False).eval()
-            )
+        graph = tracer(torch.func.vmap(potential.graph), example)
+        _, compiled = _simplified_and_frozen(graph, example)
     shift = 0.1 * torch.arange(1, example.shape[0] + 1, dtype=example.dtype)[:, None]
     z1 = example + shift
     with torch.no_grad():
@@ -459,7 +557,7 @@ class Welford:
 # ----------------------------------------------------------------------------- NUTS
 
 
-@dataclass
+@dataclass(slots=True)
 class _Point:
     """A phase-space point: position, momentum, potential, gradient."""
 
@@ -469,7 +567,7 @@ class _Point:
     g: np.ndarray
 
 
-@dataclass
+@dataclass(slots=True)
 class _Subtree:
     """What a (sub)tree hands back to the level above it."""
 
@@ -482,6 +580,18 @@ class _Subtree:
     p_end: np.ndarray
     ps_end: np.ndarray
     valid: bool
+
+
+def _logaddexp(x: float, y: float) -> float:
+    """``numpy.logaddexp`` of two floats, as NumPy computes it, without a ufunc call."""
+    if x == y:
+        return x + LOG_2
+    d = x - y
+    if d > 0:
+        return x + math.log1p(math.exp(-d))
+    if d <= 0:
+        return y + math.log1p(math.exp(d))
+    return d  # nan
 
 
 def _persist(ps_minus: np.ndarray, ps_plus: np.ndarray, rho: np.ndarray) -> bool:
@@ -555,12 +665,22 @@ class NUTSChain:
     def _energy(self, u: float, r: np.ndarray) -> float:
         return u + 0.5 * float(r @ (self.inv_mass * r))
 
+    def _drift(self, p: _Point, eps: float) -> tuple[np.ndarray, np.ndarray]:
+        """The first half of a leapfrog step: half a kick, then the drift; ``(z, r)``."""
+        # r = p.r - 0.5 * eps * p.g; z = p.z + eps * (M^-1 r), with fewer temporaries
+        # (the same roundings: a - b is a + (-b), and sums and products commute)
+        r = p.g * (-0.5 * eps)
+        r += p.r
+        z = self.inv_mass * r
+        z *= eps
+        z += p.z
+        return z, r
+
     def leapfrog_steps(self, p: _Point, eps: float) -> Steps[_Point]:
         """One leapfrog step from ``p`` (asks for the potential once)."""
-        r = p.r - 0.5 * eps * p.g
-        z = p.z + eps * (self.inv_mass * r)
+        z, r = self._drift(p, eps)
         u, g = yield z
-        r = r - 0.5 * eps * g
+        r -= g * (0.5 * eps)
         return _Point(z, r, u, g)
 
     def _leapfrog(self, p: _Point, eps: float) -> _Point:
@@ -596,39 +716,65 @@ class NUTSChain:
         drive(self.find_step_size_steps(), self._require_potential())
 
     # --- tree
-    def _leaf_steps(self, start: _Point, eps: float, h0: float) -> Steps[_Subtree]:
-        q = yield from self.leapfrog_steps(start, eps)
+    def _leaf(
+        self, z: np.ndarray, r: np.ndarray, u: float, g: np.ndarray, eps: float, h0: float
+    ) -> _Subtree:
+        """The one-point subtree at the end of a leapfrog step (``r`` still half-kicked)."""
+        r -= g * (0.5 * eps)
+        q = _Point(z, r, u, g)
         self.n_leapfrog += 1
-        h = self._energy(q.u, q.r)
+        ps = self.inv_mass * r
+        h = u + 0.5 * float(r @ ps)
         if not math.isfinite(h):
             h = math.inf
         delta = h0 - h
         if -delta > MAX_DELTA_H:
             self.divergent = True
         self.sum_metro += 1.0 if delta > 0 else math.exp(delta)
-        ps = self.inv_mass * q.r
-        return _Subtree(q, q, delta, q.r, q.r, ps, q.r, ps, not self.divergent)
+        return _Subtree(q, q, delta, r, r, ps, r, ps, not self.divergent)
+
+    def _leaf_steps(self, start: _Point, eps: float, h0: float) -> Steps[_Subtree]:
+        z, r = self._drift(start, eps)
+        u, g = yield z
+        return self._leaf(z, r, u, g, eps, h0)
 
     def build_steps(self, start: _Point, depth: int, eps: float, h0: float) -> Steps[_Subtree]:
         """A subtree of ``2**depth`` leapfrog steps from ``start`` (Stan's ``build_tree``)."""
         if depth == 0:
-            return (yield from self._leaf_steps(start, eps, h0))
-        init = yield from self.build_steps(start, depth - 1, eps, h0)
-        if not init.valid:
-            return init
-        final = yield from self.build_steps(init.end, depth - 1, eps, h0)
+            z, r = self._drift(start, eps)
+            u, g = yield z
+            return self._leaf(z, r, u, g, eps, h0)
+        if depth == 1:  # two leaves, without a generator each
+            z, r = self._drift(start, eps)
+            u, g = yield z
+            init = self._leaf(z, r, u, g, eps, h0)
+            if not init.valid:
+                return init
+            z, r = self._drift(init.end, eps)
+            u, g = yield z
+            final = self._leaf(z, r, u, g, eps, h0)
+        else:
+            init = yield from self.build_steps(start, depth - 1, eps, h0)
+            if not init.valid:
+                return init
+            final = yield from self.build_steps(init.end, depth - 1, eps, h0)
         if not final.valid:
             return final
-        log_w = float(np.logaddexp(init.log_w, final.log_w))
+        log_w = _logaddexp(init.log_w, final.log_w)
         prop = init.prop
         if self.rng.random() < math.exp(final.log_w - log_w):
             prop = final.prop
         rho = init.rho + final.rho
-        valid = (
-            _persist(init.ps_beg, final.ps_end, rho)
-            and _persist(init.ps_beg, final.ps_beg, init.rho + final.p_beg)
-            and _persist(init.ps_end, final.ps_end, final.rho + init.p_end)
-        )
+        if depth == 1:
+            # two leaves: rho is also init.rho + final.p_beg and final.rho + init.p_end,
+            # and each leaf's two ends are one point: Stan's three checks are one
+            valid = _persist(init.ps_beg, final.ps_end, rho)
+        else:
+            valid = (
+                _persist(init.ps_beg, final.ps_end, rho)
+                and _persist(init.ps_beg, final.ps_beg, init.rho + final.p_beg)
+                and _persist(init.ps_end, final.ps_end, final.rho + init.p_end)
+            )
         return _Subtree(
             final.end, prop, log_w, rho, init.p_beg, init.ps_beg, final.p_end, final.ps_end, valid
         )
@@ -660,7 +806,7 @@ class NUTSChain:
             depth += 1
             if sub.log_w > log_sum_w or self.rng.random() < math.exp(sub.log_w - log_sum_w):
                 sample = sub.prop
-            log_sum_w = float(np.logaddexp(log_sum_w, sub.log_w))
+            log_sum_w = _logaddexp(log_sum_w, sub.log_w)
             if forward:
                 near_p, near_ps, far_ps = p_right, ps_right, ps_left
             else:
@@ -754,10 +900,12 @@ def drive_lockstep(
     live = list(range(k_all))
     while live:
         u, g = batched(z)
+        values = np.asarray(u).tolist()  # Python floats, as float(u[k]) gives them
+        rows = list(g)
         still = []
         for k in live:
             try:
-                z[k] = programs[k].send((float(u[k]), g[k]))
+                z[k] = programs[k].send((values[k], rows[k]))
                 still.append(k)
             except StopIteration as stop:
                 results[k] = stop.value
@@ -933,7 +1081,8 @@ def sample_chain(
         target_accept_prob=target_accept_prob,
         max_tree_depth=max_tree_depth,
     )
-    run = drive(program, setup.potential)
+    with _inference(setup.potential.mode == "fx"):
+        run = drive(program, setup.potential)
     return _chain_result(run, setup)
 
 
@@ -988,7 +1137,8 @@ def sample_chains(
         )
         for z0, seed in zip(setup.z0, seeds)
     ]
-    runs = drive_lockstep(programs, batched, setup.potential.dim)
+    with _inference(setup.potential.mode == "fx"):
+        runs = drive_lockstep(programs, batched, setup.potential.dim)
     out = []
     for run in runs:
         result = _chain_result(run, setup)

@@ -227,7 +227,10 @@ class Reference:
 # ----------------------------------------------------------------------------- checks
 
 
-def _site_rows(draws: Mapping[str, np.ndarray], sites: tuple[str, ...]) -> list[dict]:
+def _site_rows(
+    draws: Mapping[str, np.ndarray], sites: tuple[str, ...], mcse: bool = True
+) -> list[dict]:
+    """Per-element summaries; ``mcse=False`` leaves out the MCSE (the checks do not use it)."""
     rows = []
     for site in sites:
         if site not in draws:
@@ -243,7 +246,7 @@ def _site_rows(draws: Mapping[str, np.ndarray], sites: tuple[str, ...]) -> list[
                     "element": label,
                     "mean": float(d.mean()),
                     "sd": float(d.std(ddof=1)) if d.size > 1 else float("nan"),
-                    "mcse_mean": float("nan") if constant else _arviz.mcse_mean(d),
+                    "mcse_mean": float("nan") if constant or not mcse else _arviz.mcse_mean(d),
                     "rhat": float("nan") if constant else _arviz.rhat(d),
                     "ess_bulk": float("nan") if constant else _arviz.ess(d, "bulk"),
                     "ess_tail": float("nan") if constant else _arviz.ess(d, "tail"),
@@ -270,7 +273,7 @@ def run_checks(
     tuple of Check
         ``rhat`` (< 1.01), ``ess_bulk`` and ``ess_tail`` (>= 400), ``divergences`` (0).
     """
-    rows = [r for r in _site_rows(draws, sites) if np.isfinite(r["ess_bulk"])]
+    rows = [r for r in _site_rows(draws, sites, mcse=False) if np.isfinite(r["ess_bulk"])]
     chains = int(next(iter(draws.values())).shape[0]) if draws else 0
     checks = []
     if not rows:
