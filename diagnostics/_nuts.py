@@ -37,7 +37,7 @@ import pyro
 import torch
 from pyro.infer.mcmc.util import initialize_model
 
-from diagnostics._graph import record, simplify_graph
+from vimodels.graph_record import record, simplify_graph
 
 T = TypeVar("T")
 Reply = tuple[float, np.ndarray]

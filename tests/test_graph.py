@@ -11,8 +11,8 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from diagnostics import _nuts
-from diagnostics._graph import UnsupportedTrace, count_ops, record, simplify_graph
 from vimodels.catalog.registry import get_model
+from vimodels.graph_record import UnsupportedTrace, count_ops, record, simplify_graph
 
 aten = torch.ops.aten
 

@@ -5,7 +5,9 @@ the autograd engine over the traced graph's backward, which for a small model
 costs as much as the forward. Where the loss is a plain differentiable
 function of reparameterized draws, :func:`compile_step` records the loss *and*
 ``torch.autograd.grad`` of it with respect to the unconstrained parameters as
-one graph of ATen operations (``make_fx``), which TorchScript then freezes and
+one graph of ATen operations (the recorder of :mod:`vimodels.graph_record`,
+which unlike ``make_fx`` does not import ``torch._dynamo``; ``make_fx`` with fake
+tensors where the recorder cannot follow), which TorchScript then freezes and
 runs without autograd. The random operations of the guide's draws stay random
 operations of the graph, drawing from torch's global generator, so a seed still
 fixes the fit.
@@ -282,6 +284,8 @@ def _full_key(key: Hashable, loss_fn: Any, names: list[str], args: tuple) -> tup
 def _trace(loss_fn, model, guide, args, names, params) -> CompiledStep:
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    from vimodels.graph_record import UnsupportedTrace, record
+
     store = pyro.get_param_store()
     transforms = [transform_to(store._constraints[n]) for n in names]
     used: list[int] = []
@@ -310,9 +314,19 @@ def _trace(loss_fn, model, guide, args, names, params) -> CompiledStep:
         return (loss.detach(), finite.all(), *kept)
 
     examples = tuple(p.detach().clone() for p in params)
-    # fake tensors: no numbers are computed while tracing, and reading a value
-    # into Python (a value-dependent branch) fails the trace
-    graph = make_fx(value_and_grads, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
+    try:
+        # the project's recorder: no torch._dynamo import (1.5 s once per process);
+        # reading a value that depends on the parameters into Python fails it
+        graph = record(value_and_grads, *examples)
+    except UnsupportedTrace as exc:
+        raise StepCompileError(str(exc)) from exc
+    except Exception:  # noqa: BLE001 - anything the recorder cannot follow: make_fx decides
+        seen.clear()
+        # fake tensors: no numbers are computed while tracing, and reading a value
+        # into Python (a value-dependent branch) fails the trace
+        graph = make_fx(value_and_grads, tracing_mode="fake", _allow_non_fake_inputs=True)(
+            *examples
+        )
     if seen - set(names):
         raise StepCompileError(f"new parameters while tracing: {sorted(seen - set(names))}")
     pulled = [n for n in graph.graph.nodes if "_local_scalar_dense" in str(n.target)]
