@@ -56,9 +56,9 @@ class FlatPotential:
 
     With ``jit`` the value and gradient are traced together, once, into one
     graph of ATen operations (the forward pass and ``torch.autograd.grad`` as
-    :func:`diagnostics._graph.record` records them, else ``make_fx``; with
+    :func:`vimodels.graph_record.record` records them, else ``make_fx``; with
     Pyro's and torch's argument validation off so no value-dependent checks
-    are frozen into it), simplified (:func:`diagnostics._graph.simplify_graph`:
+    are frozen into it), simplified (:func:`vimodels.graph_record.simplify_graph`:
     constants folded, identities and autograd's bookkeeping dropped), which
     TorchScript then runs without the autograd engine: two to four times
     faster than Pyro's traced potential plus ``backward``, and a small model's
@@ -204,7 +204,7 @@ def _trace_value_and_grad(
 ) -> tuple[torch.fx.GraphModule, Callable]:
     """``z -> (grad, value)`` of ``fn`` as an FX graph of ATen operations and frozen TorchScript.
 
-    Recorded by :func:`diagnostics._graph.record`, else by ``make_fx``;
+    Recorded by :func:`vimodels.graph_record.record`, else by ``make_fx``;
     simplified; checked against autograd at a second point.
     """
     errors: list[Exception] = []
@@ -269,7 +269,7 @@ def _freeze(graph: torch.fx.GraphModule, example: torch.Tensor) -> Callable:
 
 
 def _simplified(graph: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
-    """``graph`` with fewer operations (:func:`diagnostics._graph.simplify_graph`).
+    """``graph`` with fewer operations (:func:`vimodels.graph_record.simplify_graph`).
 
     The simplified graph must give what ``graph`` gives at a second point;
     where it does not, or the pass fails, ``graph`` is kept.

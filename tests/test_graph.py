@@ -1,4 +1,4 @@
-"""Simplification of the traced potential graphs (diagnostics._graph)."""
+"""Simplification of the traced potential graphs (vimodels.graph_record)."""
 
 from __future__ import annotations
 
