@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
+from fit_models import normal_model
 from torch.distributions import constraints
 
 import vimodels
@@ -100,12 +100,6 @@ def test_fit_reports_the_average_and_can_turn_it_off():
     assert off.settings["averaged"] is None and "average" not in off.message
     np.testing.assert_array_equal(on.losses, off.losses)  # same path, different read-out
     assert on.params["mean_field.mu.loc"] != off.params["mean_field.mu.loc"]
-
-
-def normal_model(x):
-    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
 
 
 @pytest.mark.slow

@@ -6,18 +6,12 @@ import math
 
 import numpy as np
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
+from fit_models import nan_guide, nan_model, normal_model
 
 import vimodels
 from vimodels.convergence import ConvergenceRule, is_flat, window_improvement
-
-
-def normal_model(x):
-    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
 
 
 @pytest.mark.parametrize("jit", [False, True])
@@ -121,19 +115,6 @@ def test_fit_stops_early_when_converged():
 def test_not_converged_is_reported():
     r = vimodels.fit("conjugate_linear_regression", num_steps=100, num_eval=50, progress=False)
     assert not r.converged and r.status == "max_steps" and "not converged" in r.message
-
-
-def nan_model(x):
-    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-    # the likelihood breaks once the estimate passes 3: a NaN loss mid-fit
-    scale = torch.where(mu > 3.0, torch.tensor(float("nan")), torch.tensor(1.0))
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("obs", dist.Normal(mu, scale), obs=x)
-
-
-def nan_guide(x):
-    loc = pyro.param("loc", torch.tensor(0.0))
-    pyro.sample("mu", dist.Normal(loc, 0.01))
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_parameters():

@@ -10,6 +10,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from fit_models import nan_guide, nan_model
 from pyro.infer import JitTrace_ELBO, Trace_ELBO
 
 import vimodels
@@ -185,19 +186,6 @@ def test_short_fits_and_other_elbos_do_not_compile():
         "eight_schools_noncentered", num_steps=20, num_eval=10, progress=False, jit=False
     )
     assert r.settings["step_compiler"] == "python"
-
-
-def nan_model(x):
-    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-    # the likelihood breaks once the estimate passes 3: a NaN loss mid-fit
-    scale = torch.where(mu > 3.0, torch.tensor(float("nan")), torch.tensor(1.0))
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("obs", dist.Normal(mu, scale), obs=x)
-
-
-def nan_guide(x):
-    loc = pyro.param("loc", torch.tensor(0.0))
-    pyro.sample("mu", dist.Normal(loc, 0.01))
 
 
 def test_compiled_step_stops_at_a_nan_and_keeps_last_good_parameters(short_fits_compile):
