@@ -49,10 +49,13 @@ _COMPARE_SCRIPT = textwrap.dedent(
     """
     import sys
     from diagnostics.compare import run_compare
+    from vimodels import ConvergenceRule
+    # no early stop: the first fit runs until Ctrl-C whatever the speed of a step
     run = run_compare("conjugate_linear_regression", guides=sys.argv[2:], steps=1_000_000,
                       out=sys.argv[1], reference="exact", num_draws=200, iwae_k=10,
                       cache=False, netcdf=False, progress=True,
-                      fit_options={"num_particles": 64, "lr_decay": 1.0, "jit": False})
+                      fit_options={"num_particles": 64, "lr_decay": 1.0, "jit": False,
+                                   "convergence": ConvergenceRule(early_stop=False)})
     c = run.comparison
     print(c.interrupted_line())
     sys.exit(130 if c.partial else 0)
