@@ -116,6 +116,7 @@ def test_ctrl_c_keeps_partial_fit(tmp_path, no_leftover_processes):
             "--steps",
             "1000000",
             "--no-jit",
+            "--no-early-stop",  # it must still be running after 12 s, however fast a step is
             "--out",
             str(out),
             "--quiet",

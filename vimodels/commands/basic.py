@@ -54,6 +54,11 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
         help="ELBO option, e.g. alpha=0.5 (repeatable)",
     )
     p.add_argument("--no-jit", action="store_true", help="do not JIT-compile the ELBO")
+    p.add_argument(
+        "--no-early-stop",
+        action="store_true",
+        help="run all --steps even once the loss stops improving",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -87,8 +92,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 def fit_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments of :func:`vimodels.fit` from parsed CLI options."""
     from vimodels.cli import parse_options
+    from vimodels.convergence import ConvergenceRule
 
+    extra = {"convergence": ConvergenceRule(early_stop=False)} if args.no_early_stop else {}
     return dict(
+        **extra,
         num_steps=args.steps,
         lr=args.lr,
         lr_decay=None if args.lr_decay == 1.0 else args.lr_decay,
