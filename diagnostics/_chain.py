@@ -124,18 +124,20 @@ def run_chain(spec: dict) -> dict:
 
 def _run_lean_chain(spec: dict, model: Callable, data: dict, s: NutsSettings) -> dict:
     t0 = time.perf_counter()
-    out = sample_chain(
-        model,
-        data,
-        num_warmup=s.num_warmup,
-        num_samples=s.num_samples,
-        seed=spec["seed"],
-        target_accept_prob=s.target_accept_prob,
-        max_tree_depth=s.max_tree_depth,
-        max_plate_nesting=spec["max_plate_nesting"],
-        jit=bool(s.jit_compile),
-    )
+    out = sample_chain(model, data, seed=spec["seed"], **_sampler_options(spec, s))
     return _lean_result(spec, out, time.perf_counter() - t0)
+
+
+def _sampler_options(spec: dict, s: NutsSettings) -> dict:
+    """Keyword arguments of the project's sampler that every chain of ``spec`` shares."""
+    return {
+        "num_warmup": s.num_warmup,
+        "num_samples": s.num_samples,
+        "target_accept_prob": s.target_accept_prob,
+        "max_tree_depth": s.max_tree_depth,
+        "max_plate_nesting": spec["max_plate_nesting"],
+        "jit": bool(s.jit_compile),
+    }
 
 
 def _lean_result(spec: dict, out: dict, wall: float) -> dict:
@@ -173,17 +175,8 @@ def run_chains_lockstep(specs: list[dict]) -> list[dict]:
             for k, v in spec["data"].items()
         }
         t0 = time.perf_counter()
-        outs = sample_chains(
-            model,
-            data,
-            num_warmup=s.num_warmup,
-            num_samples=s.num_samples,
-            seeds=[x["seed"] for x in specs],
-            target_accept_prob=s.target_accept_prob,
-            max_tree_depth=s.max_tree_depth,
-            max_plate_nesting=spec["max_plate_nesting"],
-            jit=bool(s.jit_compile),
-        )
+        seeds = [x["seed"] for x in specs]
+        outs = sample_chains(model, data, seeds=seeds, **_sampler_options(spec, s))
         wall = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
