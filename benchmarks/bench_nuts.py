@@ -16,7 +16,7 @@ and their imports. Times (seconds):
 
 Variants:
 
-- ``vimodels``: ``diagnostics.reference.run_nuts`` on an empty cache folder
+- ``vimodels``: ``diagnostics.nuts.reference.run_nuts`` on an empty cache folder
   (the chains in lockstep in the calling process, one batched gradient per
   leapfrog step of all four, JIT, checks, cache write); then the
   same call again in the same process (``second``: the cache is reused);
@@ -81,7 +81,7 @@ def _cpu() -> float:
 
 def _child_vimodels(s: dict, cache_dir: str) -> dict:
     t0 = time.perf_counter()
-    from diagnostics.reference import run_nuts
+    from diagnostics.nuts.reference import run_nuts
     from vimodels.catalog.base import NutsSettings
 
     t_import = time.perf_counter() - t0

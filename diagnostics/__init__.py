@@ -4,7 +4,7 @@ The public API, re-exported (lazily, so that worker processes stay light)
 from the modules that hold it:
 
 - :func:`run_nuts`, :func:`exact_reference`, :func:`get_reference` and the
-  :class:`Reference` record (:mod:`diagnostics.reference`);
+  :class:`Reference` record (:mod:`diagnostics.nuts.reference`);
 - :func:`fit_to_inference_data`, :func:`reference_to_inference_data`,
   :func:`save_netcdf`, :func:`load_netcdf` (:mod:`diagnostics.convert`);
 - :func:`compare`, :func:`run_compare` and the :class:`Comparison` record
@@ -19,13 +19,13 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CacheWarning": "diagnostics.reference",
-    "Check": "diagnostics.reference",
-    "Reference": "diagnostics.reference",
-    "default_cache_dir": "diagnostics.reference",
-    "exact_reference": "diagnostics.reference",
-    "get_reference": "diagnostics.reference",
-    "run_nuts": "diagnostics.reference",
+    "CacheWarning": "diagnostics.nuts.reference",
+    "Check": "diagnostics.nuts.reference",
+    "Reference": "diagnostics.nuts.reference",
+    "default_cache_dir": "diagnostics.nuts.reference",
+    "exact_reference": "diagnostics.nuts.reference",
+    "get_reference": "diagnostics.nuts.reference",
+    "run_nuts": "diagnostics.nuts.reference",
     "fit_to_inference_data": "diagnostics.convert",
     "load_netcdf": "diagnostics.convert",
     "reference_to_inference_data": "diagnostics.convert",

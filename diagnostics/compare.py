@@ -1,6 +1,6 @@
 """Compare fitted approximations with a reference, and run the whole grid.
 
-:func:`compare` takes fit results and a :class:`~diagnostics.reference.Reference`
+:func:`compare` takes fit results and a :class:`~diagnostics.nuts.reference.Reference`
 and returns a :class:`Comparison`: one table row per method (ELBO, IWAE
 bound, gap to the log evidence, PSIS k-hat, joint distances, worst sd ratio,
 coverage, convergence, wall time), one row per method and site element, the
@@ -27,13 +27,13 @@ from torch.distributions import biject_to
 
 from diagnostics import metrics
 from diagnostics.convert import group_arrays
-from diagnostics.draws import ModelInfo, model_info, sample_guide
-from diagnostics.reference import Reference, get_reference, resolve_model
+from diagnostics.nuts.reference import Reference, get_reference, resolve_model
 from vimodels.catalog.base import CatalogEntry
 from vimodels.errors import IncompatibleError, OptionError, VimodelsError, check_option
+from vimodels.svi.draws import ModelInfo, model_info, sample_guide
 
 if TYPE_CHECKING:
-    from vimodels.fit import FitResult
+    from vimodels.svi.fit import FitResult
 
 EXACT = "exact"
 ESTIMATED = "estimated"
@@ -388,7 +388,7 @@ def evidence_log_weights(result: FitResult, num: int, seed: int) -> np.ndarray:
     """``num`` log weights ``log p(x, z) - log q(z)`` of a fit's guide, drawn with ``seed``.
 
     What the importance-sampling estimate of ``log p(x)`` uses. A result that
-    stores its own (a :class:`~diagnostics.tasks.StoredFit`, whose task called
+    stores its own (a :class:`~vimodels.runs.tasks.StoredFit`, whose task called
     this function on the live fit) returns those.
     """
     stored = getattr(result, "stored_evidence_log_weights", None)
@@ -610,15 +610,15 @@ def run_compare(
     num_draws, iwae_k
         Passed to :func:`compare`.
     cache, cache_dir, nuts_settings, num_workers
-        Passed to :func:`~diagnostics.reference.run_nuts`.
+        Passed to :func:`~diagnostics.nuts.reference.run_nuts`.
     fit_options : dict, optional
-        Extra keyword arguments of :func:`vimodels.fit.fit` (``lr``, ``num_particles`` ...).
+        Extra keyword arguments of :func:`vimodels.svi.fit.fit` (``lr``, ``num_particles`` ...).
     progress : bool
         One line per stage on stderr.
     netcdf : bool
         Write one netcdf file per method and one for the reference.
     executor : str or executor, optional
-        Run the fits as tasks (:mod:`diagnostics.tasks`) on ``local`` (a process
+        Run the fits as tasks (:mod:`vimodels.runs.tasks`) on ``local`` (a process
         pool), ``dask``, ``serial`` or an executor object, writing ``out/fits/``
         and reusing fits finished there before; a catalog model with its own
         data only. Default: fit in this process.
@@ -628,7 +628,7 @@ def run_compare(
     CompareRun
     """
     from diagnostics.report import write_report
-    from vimodels.fit import fit
+    from vimodels.svi.fit import fit
 
     check_option("steps", steps, kind=int, low=1)
     entry, fn, _, name = resolve_model(model, data)
@@ -664,7 +664,7 @@ def run_compare(
     options = dict(fit_options or {})
     options.setdefault("progress", False)
     if executor is not None:
-        from diagnostics.sweep import fit_with_executor
+        from vimodels.runs.sweep import fit_with_executor
 
         if entry is None or data is not None:
             raise OptionError("an executor runs catalog models by name, with their own data")

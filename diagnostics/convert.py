@@ -2,7 +2,7 @@
 
 Guide draws (:func:`fit_to_inference_data`) and reference draws
 (:func:`reference_to_inference_data`) are both laid out by
-:mod:`diagnostics.draws` and assembled by :func:`build_inference_data`:
+:mod:`vimodels.svi.draws` and assembled by :func:`build_inference_data`:
 
 ``posterior``
     every latent and deterministic site, ``(chain, draw, *shape)``;
@@ -35,13 +35,13 @@ import numpy as np
 import pyro
 
 from diagnostics import _arviz
-from diagnostics.draws import model_info, replay_model, sample_guide
 from vimodels.errors import DataError, OptionError, check_option
 from vimodels.io import atomic_write
+from vimodels.svi.draws import model_info, replay_model, sample_guide
 
 if TYPE_CHECKING:
-    from diagnostics.reference import Reference
-    from vimodels.fit import FitResult
+    from diagnostics.nuts.reference import Reference
+    from vimodels.svi.fit import FitResult
 
 InferenceData = _arviz.InferenceData
 
@@ -184,7 +184,7 @@ def reference_to_inference_data(
     """
     groups: dict[str, dict[str, np.ndarray]] = {"posterior_predictive": {}}
     if posterior_predictive:
-        from diagnostics.reference import resolve_model
+        from diagnostics.nuts.reference import resolve_model
 
         entry, fn, data_dict, _ = resolve_model(
             model if model is not None else ref.model_name, data

@@ -10,7 +10,7 @@ from fit_models import normal_model
 from torch.distributions import constraints
 
 import vimodels
-from vimodels.averaging import MIN_BATCHES, IterateAverage, halves_agree, stationary_suffix
+from vimodels.svi.averaging import MIN_BATCHES, IterateAverage, halves_agree, stationary_suffix
 
 
 def batch_stats(x: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vimodels.catalog.registry import MODELS
-from vimodels.cli import main
+from vimodels.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,11 +17,11 @@ from diagnostics.convert import (
     reference_to_inference_data,
     save_netcdf,
 )
-from diagnostics.draws import model_info
-from diagnostics.reference import exact_reference
+from diagnostics.nuts.reference import exact_reference
 from vimodels.catalog.registry import MODELS
 from vimodels.errors import DataError, OptionError
-from vimodels.fit import fit
+from vimodels.svi.draws import model_info
+from vimodels.svi.fit import fit
 
 
 def _quick_fit(entry, steps=30, **kw):

@@ -11,7 +11,7 @@ import torch
 from fit_models import nan_guide, nan_model, normal_model
 
 import vimodels
-from vimodels.convergence import ConvergenceRule, is_flat, window_improvement
+from vimodels.svi.convergence import ConvergenceRule, is_flat, window_improvement
 
 
 @pytest.mark.parametrize("jit", [False, True])
@@ -174,7 +174,7 @@ def test_num_threads_restored():
 @pytest.mark.parametrize("elbo", ["trace", "iwae", "renyi", "weighted_kl"])
 def test_vectorized_and_sequential_log_weights_agree(elbo):
     # the ELBO estimate is a mean of log weights: vectorized draws must match a loop
-    from vimodels.weights import log_weights
+    from vimodels.svi.weights import log_weights
 
     r = vimodels.fit(
         "eight_schools_noncentered",
@@ -184,7 +184,7 @@ def test_vectorized_and_sequential_log_weights_agree(elbo):
         num_eval=20,
         progress=False,
     )
-    from vimodels.fit import _kw
+    from vimodels.svi.fit import _kw
 
     kwargs = r._kwargs()
     with pyro.get_param_store().scope(r.param_state):
@@ -198,7 +198,7 @@ def test_vectorized_and_sequential_log_weights_agree(elbo):
 
 
 def test_fused_adam_matches_pyro_optimizers():
-    from vimodels.fit import FusedAdam
+    from vimodels.svi.fit import FusedAdam
 
     torch.manual_seed(0)
     start = [torch.randn(3), torch.randn(2, 2)]
@@ -226,7 +226,7 @@ def test_fused_adam_matches_pyro_optimizers():
 
 
 def test_fused_adam_leaves_parameters_absent_from_a_step():
-    from vimodels.fit import FusedAdam
+    from vimodels.svi.fit import FusedAdam
 
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
     optim = FusedAdam(0.1)

@@ -140,7 +140,7 @@ def test_ctrl_c_in_nuts_caches_nothing(tmp_path):
 _REFERENCE_SCRIPT = textwrap.dedent(
     """
     import hashlib, json, sys
-    from diagnostics.reference import run_nuts
+    from diagnostics.nuts.reference import run_nuts
     ref = run_nuts("conjugate_linear_regression",
                    settings={"num_chains": 2, "num_warmup": 50, "num_samples": 50},
                    seed=11, cache_dir=sys.argv[1], num_workers=1)
@@ -230,7 +230,7 @@ _EXECUTOR_SCRIPT = textwrap.dedent(
     """
     import json, os, signal, sys, threading, time
     from pathlib import Path
-    from diagnostics.executors import LocalExecutor
+    from vimodels.runs.executors import LocalExecutor
     from sweep_helpers import sleep_until_interrupted
 
     folder = Path(sys.argv[1])
@@ -405,7 +405,7 @@ def test_ctrl_c_in_compare_with_an_executor_keeps_a_partial_report(tmp_path, cap
     if executor == "serial":
         return
     # a rerun (here, in this process) reuses the finished fit and recomputes nothing
-    from vimodels.cli import main
+    from vimodels.cli.main import main
 
     before = (done / "summary.json").read_bytes()
     args = _compare_args(out, [first], "serial")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from diagnostics.compare import compare
-from diagnostics.reference import (
+from diagnostics.nuts.reference import (
     ESS_MIN,
     RHAT_MAX,
     CacheWarning,
@@ -28,7 +28,7 @@ from diagnostics.reference import (
 from vimodels.catalog.base import NutsSettings
 from vimodels.catalog.registry import MODELS, get_model
 from vimodels.errors import IncompatibleError, OptionError
-from vimodels.fit import fit
+from vimodels.svi.fit import fit
 
 CONJ = "conjugate_linear_regression"
 # the posterior is correlated (features with rho 0.8): 2 x 1000 draws give ESS comfortably >= 400

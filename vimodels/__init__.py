@@ -8,8 +8,6 @@ from vimodels.catalog import (
     get_model,
     list_models,
 )
-from vimodels.convergence import ConvergenceRule
-from vimodels.elbos import ELBOS, make_elbo
 from vimodels.errors import (
     DataError,
     IncompatibleError,
@@ -18,7 +16,9 @@ from vimodels.errors import (
     UnknownNameError,
     VimodelsError,
 )
-from vimodels.fit import FitProgress, FitResult, fit
+from vimodels.svi.convergence import ConvergenceRule
+from vimodels.svi.elbos import ELBOS, make_elbo
+from vimodels.svi.fit import FitProgress, FitResult, fit
 
 __version__ = "0.1.0"
 

@@ -41,7 +41,7 @@ class NutsSettings:
         Whether the model's potential may be JIT-compiled.
     sampler : str
         ``"vimodels"`` (default): the project's NUTS on the flat unconstrained
-        vector (:mod:`diagnostics._nuts`; Pyro's potential, Stan's algorithm
+        vector (:mod:`diagnostics.nuts.kernel`; Pyro's potential, Stan's algorithm
         and warm-up, about 5x less Python per leapfrog step); ``"pyro"``:
         :class:`pyro.infer.NUTS`.
     chain_method : str
@@ -126,7 +126,7 @@ class CatalogEntry:
         Name of an entry with the same data and the same posterior over this
         entry's latent sites, in another parameterization (e.g. non-centered),
         whose NUTS draws serve as this entry's reference. Set it where NUTS on
-        this form is unreliable (funnels); :func:`diagnostics.reference.run_nuts`
+        this form is unreliable (funnels); :func:`diagnostics.nuts.reference.run_nuts`
         on this entry still samples this form.
     """
 

@@ -1,6 +1,6 @@
 """The combined report of a sweep: the compare tables across models and seeds.
 
-No fitting happens here: everything comes from the :class:`~diagnostics.sweep.SweepRun`.
+No fitting happens here: everything comes from the :class:`~vimodels.runs.sweep.SweepRun`.
 Files, in the sweep's output folder:
 
 - ``summary.csv``: one row per model, seed and method (the compare summary columns);
@@ -33,7 +33,7 @@ from diagnostics.report import (
 from vimodels.io import atomic_write_json, atomic_write_text, ensure_dir, safe_name
 
 if TYPE_CHECKING:
-    from diagnostics.sweep import SweepRun
+    from vimodels.runs.sweep import SweepRun
 
 BY_METHOD_COLUMNS = (
     ("method", "method"),

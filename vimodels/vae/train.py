@@ -3,7 +3,7 @@
 An :class:`Objective` names the ELBO, its particles and gradient estimator
 (``trace``, ``trace-stl``, ``meanfield``, ``iwae-8``, ``iwae-8-dreg``,
 ``weighted_kl-beta0.5``...). :func:`train_digits_vae` holds out a stratified
-validation set from the training images and calls :func:`vimodels.train.train`.
+validation set from the training images and calls :func:`vimodels.vae.trainer.train`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from vimodels.catalog.vae import (
     digits_split,
     digits_vae,
 )
-from vimodels.elbos import get_elbo_spec
 from vimodels.errors import OptionError, check_option
-from vimodels.train import TrainResult, train
+from vimodels.svi.elbos import get_elbo_spec
+from vimodels.vae.trainer import TrainResult, train
 
 VAL_FRACTION = 0.1
 VAL_SEED = 7
@@ -64,7 +64,7 @@ class Objective:
 
     @property
     def elbo_options(self) -> dict[str, Any]:
-        """Options passed to :func:`vimodels.elbos.make_elbo`."""
+        """Options passed to :func:`vimodels.svi.elbos.make_elbo`."""
         opts: dict[str, Any] = {}
         if self.estimator != "standard":
             opts["estimator"] = self.estimator
@@ -160,7 +160,7 @@ def train_digits_vae(
     num_train: int | None = None,
     **network: int,
 ) -> TrainResult:
-    """Train the digits VAE with ``objective`` (see :func:`vimodels.train.train`).
+    """Train the digits VAE with ``objective`` (see :func:`vimodels.vae.trainer.train`).
 
     Parameters
     ----------
@@ -168,9 +168,9 @@ def train_digits_vae(
         Default ``Objective()`` (``trace``).
     epochs, batch_size, lr, weight_decay, patience, lr_patience, lr_factor, val_particles, seed,
     time_budget :
-        As in :func:`vimodels.train.train` (``epochs`` is ``max_epochs``).
+        As in :func:`vimodels.vae.trainer.train` (``epochs`` is ``max_epochs``).
     checkpoint, checkpoint_every, resume, progress :
-        As in :func:`vimodels.train.train`.
+        As in :func:`vimodels.vae.trainer.train`.
     num_train : int, optional
         Use only the first ``num_train`` training images (quick runs).
     **network : int

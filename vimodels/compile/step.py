@@ -5,7 +5,7 @@ the autograd engine over the traced graph's backward, which for a small model
 costs as much as the forward. Where the loss is a plain differentiable
 function of reparameterized draws, :func:`compile_step` records the loss *and*
 ``torch.autograd.grad`` of it with respect to the unconstrained parameters as
-one graph of ATen operations (the recorder of :mod:`vimodels.graph_record`,
+one graph of ATen operations (the recorder of :mod:`vimodels.compile.record`,
 which unlike ``make_fx`` does not import ``torch._dynamo``; ``make_fx`` with fake
 tensors where the recorder cannot follow), which TorchScript then freezes and
 runs without autograd. The random operations of the guide's draws stay random
@@ -284,7 +284,7 @@ def _full_key(key: Hashable, loss_fn: Any, names: list[str], args: tuple) -> tup
 def _trace(loss_fn, model, guide, args, names, params) -> CompiledStep:
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from vimodels.graph_record import UnsupportedTrace, record
+    from vimodels.compile.record import UnsupportedTrace, record
 
     store = pyro.get_param_store()
     transforms = [transform_to(store._constraints[n]) for n in names]

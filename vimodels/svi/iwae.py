@@ -34,7 +34,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from vimodels.errors import IncompatibleError, OptionError
-from vimodels.estimators import DifferentiableLossELBO, detach_distribution
+from vimodels.svi.estimators import DifferentiableLossELBO, detach_distribution
 
 ESTIMATORS = ("standard", "dreg")
 

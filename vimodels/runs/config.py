@@ -9,7 +9,7 @@ Example (every key but ``models`` is optional)::
     steps = 2000                                          # default 2000
     cache = "refcache"        # reference cache folder (relative to this file); false: none
 
-    [fit]                     # other vimodels.fit options, for every task
+    [fit]                     # other vimodels.svi.fit options, for every task
     lr = 0.02
 
     [guide_options.auto_iaf_normal]   # options of one guide
@@ -75,7 +75,7 @@ class SweepConfig:
     seeds : tuple of int
     steps : int
     fit_options : dict
-        Other :func:`vimodels.fit.fit` options for every task.
+        Other :func:`vimodels.svi.fit.fit` options for every task.
     guide_options, elbo_options : dict of str to dict
         Options per guide and per ELBO name.
     num_draws, iwae_k, num_evidence : int
@@ -88,7 +88,7 @@ class SweepConfig:
     cache : bool
         Use the reference cache.
     cache_dir : str or None
-        Reference cache folder; default :func:`diagnostics.reference.default_cache_dir`.
+        Reference cache folder; default :func:`diagnostics.nuts.reference.default_cache_dir`.
     reports : bool
         Write a full compare report per model and seed.
     name : str
@@ -169,11 +169,11 @@ def config_from_dict(
     base_dir : path
         Folder that a relative ``cache`` path is relative to.
     """
-    from diagnostics.tasks import fit_option_names
+    from vimodels.runs.tasks import fit_option_names
     from guides.registry import get_guide_spec, guide_names
     from vimodels.catalog.base import NutsSettings
     from vimodels.catalog.registry import get_model
-    from vimodels.elbos import get_elbo_spec
+    from vimodels.svi.elbos import get_elbo_spec
 
     _unknown(where, "key(s)", raw, TOP_KEYS)
     if "models" not in raw:

@@ -35,7 +35,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from vimodels.errors import IncompatibleError, check_option
-from vimodels.train import split_data
+from vimodels.vae.trainer import split_data
 
 LATENT = "z"
 OBSERVED = "x"
@@ -722,7 +722,7 @@ def evaluate_digits_vae(
     Parameters
     ----------
     result : TrainResult
-        A run of :func:`vimodels.vae_train.train_digits_vae`.
+        A run of :func:`vimodels.vae.train.train_digits_vae`.
     ll_particles : int
         ``K`` for the test log-likelihood.
     gap_images, gap_steps, gap_particles :

@@ -1,7 +1,7 @@
 """One fit of a grid as a pure task: inputs in, one result folder out.
 
 A :class:`Task` names everything that shapes a fit (model, guide, ELBO,
-seed, steps, other :func:`vimodels.fit.fit` options, the draws kept for the
+seed, steps, other :func:`vimodels.svi.fit.fit` options, the draws kept for the
 comparison, and a fingerprint of the fitting code and library versions).
 :func:`run_task` runs it anywhere (this process, a pool worker, a Dask
 worker) and writes one folder named by :attr:`Task.folder_name` (readable
@@ -27,10 +27,10 @@ parts + a hash of every input) under the output folder:
 
 :func:`load_fit` reads a folder back as a :class:`StoredFit`, which
 :func:`diagnostics.compare.compare` accepts in place of a live
-:class:`~vimodels.fit.FitResult`.
+:class:`~vimodels.svi.fit.FitResult`.
 
 :class:`ReferenceTask` computes a model's NUTS reference the same way (in a
-worker, chains one after another, cached by :mod:`diagnostics.reference`).
+worker, chains one after another, cached by :mod:`diagnostics.nuts.reference`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ SUMMARY = "summary.json"
 DRAWS = "draws.nc"
 ARRAYS = "arrays.npz"
 PARTIAL = "partial"  # subfolder: what an interrupted fit learned (never counts as done)
-# keyword arguments of vimodels.fit.fit that a task sets itself
+# keyword arguments of vimodels.svi.fit.fit that a task sets itself
 _FIXED = frozenset({"model", "data", "guide", "elbo", "num_steps", "seed", "progress"})
 
 
@@ -67,8 +67,8 @@ def _canonical(obj: Any) -> str:
 
 
 def fit_option_names() -> tuple[str, ...]:
-    """Options of :func:`vimodels.fit.fit` a task may carry (all but the grid's own)."""
-    from vimodels.fit import fit
+    """Options of :func:`vimodels.svi.fit.fit` a task may carry (all but the grid's own)."""
+    from vimodels.svi.fit import fit
 
     return tuple(p for p in inspect.signature(fit).parameters if p not in _FIXED)
 
@@ -88,7 +88,7 @@ class Task:
     steps : int
         Maximum SVI steps.
     options : str
-        Other :func:`vimodels.fit.fit` keyword arguments as canonical JSON
+        Other :func:`vimodels.svi.fit.fit` keyword arguments as canonical JSON
         (``convergence`` as a dict of :class:`~vimodels.ConvergenceRule` fields).
     num_draws : int
         Guide draws stored for the metrics.
@@ -173,7 +173,7 @@ def make_task(
             f"unknown fit option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
         )
     if "convergence" in opts and not isinstance(opts["convergence"], Mapping):
-        from vimodels.convergence import ConvergenceRule
+        from vimodels.svi.convergence import ConvergenceRule
 
         if isinstance(opts["convergence"], ConvergenceRule):
             opts["convergence"] = asdict(opts["convergence"])
@@ -197,7 +197,7 @@ def code_fingerprint() -> str:
     """SHA-256 (16 hex digits) of the fitting and drawing source files and library versions."""
     import importlib
 
-    from vimodels.fit import versions
+    from vimodels.svi.fit import versions
 
     h = hashlib.sha256(_canonical(versions()).encode())
     for package in ("vimodels", "guides", "diagnostics"):
@@ -231,7 +231,7 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
     -------
     dict
         The contents of ``summary.json``: ``task``, ``folder``, ``fit`` (the
-        :meth:`~vimodels.fit.FitResult.summary`), ``files`` (name to SHA-256),
+        :meth:`~vimodels.svi.fit.FitResult.summary`), ``files`` (name to SHA-256),
         ``host``, ``pid``, ``task_wall_time_s``.
 
     Raises
@@ -247,9 +247,9 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
     # (slow) imports costs no fitted steps, and after the fit nothing slow is left
     import diagnostics.compare  # noqa: F401
     import diagnostics.convert  # noqa: F401
-    from diagnostics._worker import interrupts_deferred
-    from vimodels.convergence import ConvergenceRule
-    from vimodels.fit import INTERRUPTED, fit, versions
+    from vimodels.runs.worker import interrupts_deferred
+    from vimodels.svi.convergence import ConvergenceRule
+    from vimodels.svi.fit import INTERRUPTED, fit, versions
 
     versions()  # imports arviz, as fit() does once its steps are done
     t0 = time.perf_counter()
@@ -363,13 +363,13 @@ def is_done(task: Task, out_dir: str | os.PathLike) -> bool:
 
 @lru_cache(maxsize=32)
 def _bound_model(model: str, enumerate_discrete: bool) -> tuple[Any, tuple]:
-    """The catalog model bound to its data as :func:`vimodels.fit.fit` binds it."""
+    """The catalog model bound to its data as :func:`vimodels.svi.fit.fit` binds it."""
     import torch
     from pyro.infer import config_enumerate
 
     from vimodels.catalog.registry import get_model
     from vimodels.data import prepare_data
-    from vimodels.fit import Bound
+    from vimodels.svi.fit import Bound
 
     entry = get_model(model)
     data = prepare_data(entry.model, entry.data())
@@ -567,10 +567,10 @@ class ReferenceTask:
         return f"{self.model} NUTS reference seed={self.seed}"
 
     def run(self, out_dir: str | os.PathLike | None = None) -> Any:
-        """The NUTS reference (:func:`diagnostics.reference.get_reference`) in one process."""
+        """The NUTS reference (:func:`diagnostics.nuts.reference.get_reference`) in one process."""
         import torch
 
-        from diagnostics.reference import get_reference
+        from diagnostics.nuts.reference import get_reference
 
         torch.set_num_threads(1)
         return get_reference(

@@ -50,14 +50,14 @@ import torch
 from filelock import FileLock
 
 from diagnostics import _arviz
-from diagnostics._chain import is_lockstep, run_group
-from diagnostics.draws import model_info, recover_discrete, replay_model
 from diagnostics.metrics import element_labels
+from diagnostics.nuts.chains import is_lockstep, run_group
 from vimodels.catalog.base import CatalogEntry, NutsSettings
 from vimodels.catalog.registry import get_model
 from vimodels.data import trace_check
 from vimodels.errors import IncompatibleError, OptionError, check_option
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, safe_name
+from vimodels.svi.draws import model_info, recover_discrete, replay_model
 
 RHAT_MAX = 1.01
 ESS_MIN = 400.0
@@ -334,9 +334,9 @@ def resolve_model(
 ) -> tuple[CatalogEntry | None, Callable, dict[str, Any], str]:
     """``(entry or None, model function, prepared data, name)`` for a name, entry or function.
 
-    The same resolution as :func:`vimodels.fit` uses, so fits and references agree.
+    The same resolution as :func:`vimodels.svi.fit` uses, so fits and references agree.
     """
-    from vimodels.fit import resolve_model as _resolve
+    from vimodels.svi.fit import resolve_model as _resolve
 
     return _resolve(model, data)
 

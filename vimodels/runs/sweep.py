@@ -1,21 +1,21 @@
 """Run a comparison grid on an executor, resumably, and report on all of it.
 
-:func:`run_sweep` turns a :class:`~diagnostics.sweep_config.SweepConfig` into
-tasks: one :class:`~diagnostics.tasks.Task` per model x guide x ELBO x seed
+:func:`run_sweep` turns a :class:`~vimodels.runs.config.SweepConfig` into
+tasks: one :class:`~vimodels.runs.tasks.Task` per model x guide x ELBO x seed
 (guides hand-written for another model family are left out and listed), and
-one :class:`~diagnostics.tasks.ReferenceTask` per model that needs NUTS
+one :class:`~vimodels.runs.tasks.ReferenceTask` per model that needs NUTS
 (exact references are drawn here, in a blink). Tasks whose folder is already
 finished are not run again; the others go to the executor together, and a
 task that fails is reported with its inputs while the rest finish.
 
 Ctrl-C stops the executor (queued tasks cancelled, running fits interrupted
-and given time to save a partial result, see :mod:`diagnostics.executors`);
+and given time to save a partial result, see :mod:`vimodels.runs.executors`);
 the report is then written from what finished, marked partial, with the
 cells not finished listed. Finished task folders are reused by a rerun.
 
 Then, per model and seed, the stored fits are compared with the model's
 reference (:func:`diagnostics.compare.compare`, the same numbers ``vimodels
-compare`` gives), and :mod:`diagnostics.sweep_report` writes the combined
+compare`` gives), and :mod:`vimodels.runs.report` writes the combined
 report. Output folder::
 
     fits/<task folder>/            draws.nc, arrays.npz, summary.json (one per fit)
@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from diagnostics.executors import Outcome, TaskCancelled, TaskInterrupted, make_executor
-from diagnostics.sweep_config import SweepConfig
-from diagnostics.tasks import (
+from vimodels.runs.executors import Outcome, TaskCancelled, TaskInterrupted, make_executor
+from vimodels.runs.config import SweepConfig
+from vimodels.runs.tasks import (
     ReferenceTask,
     StoredFit,
     Task,
@@ -57,7 +57,7 @@ from vimodels.io import ensure_dir, safe_name
 
 if TYPE_CHECKING:
     from diagnostics.compare import Comparison
-    from diagnostics.reference import Reference
+    from diagnostics.nuts.reference import Reference
 
 FITS = "fits"
 
@@ -247,8 +247,8 @@ class TaskRun:
         Fit tasks handed to the executor, and fit tasks found finished.
     interrupted : bool
         Ctrl-C stopped the run: tasks without an outcome did not finish (look
-        for their folders with :func:`~diagnostics.tasks.is_done` and
-        :func:`~diagnostics.tasks.load_partial`).
+        for their folders with :func:`~vimodels.runs.tasks.is_done` and
+        :func:`~vimodels.runs.tasks.load_partial`).
     """
 
     outcomes: list[Outcome]
@@ -320,11 +320,11 @@ def run_sweep(
     Parameters
     ----------
     config : SweepConfig
-        See :func:`diagnostics.sweep_config.load_config`.
+        See :func:`vimodels.runs.config.load_config`.
     out : path
         Output folder; on a cluster, a folder every worker can write to.
     executor : str or executor
-        ``local``, ``dask``, ``serial``, or an executor from :mod:`diagnostics.executors`
+        ``local``, ``dask``, ``serial``, or an executor from :mod:`vimodels.runs.executors`
         (left open, so it can be reused).
     scheduler : str, optional
         Dask scheduler address (``executor="dask"``).
@@ -337,8 +337,8 @@ def run_sweep(
     -------
     SweepRun
     """
-    from diagnostics.reference import get_reference
-    from diagnostics.sweep_report import write_sweep_report
+    from diagnostics.nuts.reference import get_reference
+    from vimodels.runs.report import write_sweep_report
 
     t0 = time.perf_counter()
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)

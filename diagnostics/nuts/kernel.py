@@ -19,7 +19,7 @@ vector, and only the potential and its gradient in torch (JIT-traced):
   windows (75 / 25... / 50 iterations, or 15% / 75% / 10% of a short warm-up),
   regularized towards 1e-3 as in Stan.
 
-The public entry point is :func:`sample_chain`; :mod:`diagnostics._chain`
+The public entry point is :func:`sample_chain`; :mod:`diagnostics.nuts.chains`
 calls it in the chain worker processes.
 """
 
@@ -37,7 +37,7 @@ import pyro
 import torch
 from pyro.infer.mcmc.util import initialize_model
 
-from vimodels.graph_record import record, simplify_graph
+from vimodels.compile.record import record, simplify_graph
 
 T = TypeVar("T")
 Reply = tuple[float, np.ndarray]
@@ -56,9 +56,9 @@ class FlatPotential:
 
     With ``jit`` the value and gradient are traced together, once, into one
     graph of ATen operations (the forward pass and ``torch.autograd.grad`` as
-    :func:`vimodels.graph_record.record` records them, else ``make_fx``; with
+    :func:`vimodels.compile.record.record` records them, else ``make_fx``; with
     Pyro's and torch's argument validation off so no value-dependent checks
-    are frozen into it), simplified (:func:`vimodels.graph_record.simplify_graph`:
+    are frozen into it), simplified (:func:`vimodels.compile.record.simplify_graph`:
     constants folded, identities and autograd's bookkeeping dropped), which
     TorchScript then runs without the autograd engine: two to four times
     faster than Pyro's traced potential plus ``backward``, and a small model's
@@ -204,7 +204,7 @@ def _trace_value_and_grad(
 ) -> tuple[torch.fx.GraphModule, Callable]:
     """``z -> (grad, value)`` of ``fn`` as an FX graph of ATen operations and frozen TorchScript.
 
-    Recorded by :func:`vimodels.graph_record.record`, else by ``make_fx``;
+    Recorded by :func:`vimodels.compile.record.record`, else by ``make_fx``;
     simplified; checked against autograd at a second point.
     """
     errors: list[Exception] = []
@@ -269,7 +269,7 @@ def _freeze(graph: torch.fx.GraphModule, example: torch.Tensor) -> Callable:
 
 
 def _simplified(graph: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
-    """``graph`` with fewer operations (:func:`vimodels.graph_record.simplify_graph`).
+    """``graph`` with fewer operations (:func:`vimodels.compile.record.simplify_graph`).
 
     The simplified graph must give what ``graph`` gives at a second point;
     where it does not, or the pass fails, ``graph`` is kept.

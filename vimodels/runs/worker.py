@@ -1,4 +1,4 @@
-"""The worker side of :class:`~diagnostics.executors.LocalExecutor`: Ctrl-C handling.
+"""The worker side of :class:`~vimodels.runs.executors.LocalExecutor`: Ctrl-C handling.
 
 Standard library only, so a worker that runs light tasks starts light.
 

@@ -11,8 +11,8 @@ from vimodels.io import ensure_dir, safe_name
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``nuts`` and ``compare`` subcommands."""
-    from vimodels.commands.basic import add_fit_arguments
-    from vimodels.commands.sweep import add_executor_arguments
+    from vimodels.cli.basic import add_fit_arguments
+    from vimodels.cli.sweep import add_executor_arguments
 
     p = sub.add_parser("nuts", help="NUTS reference draws of a catalog model (cached, checked)")
     p.add_argument("model")
@@ -105,7 +105,7 @@ def _nuts_settings(args: argparse.Namespace) -> dict:
 def cmd_nuts(args: argparse.Namespace) -> int:
     """Run (or load) the NUTS reference; print its checks; exit 1 when it is untrusted."""
     from diagnostics.convert import reference_to_inference_data, save_netcdf
-    from diagnostics.reference import run_nuts
+    from diagnostics.nuts.reference import run_nuts
     from vimodels.io import atomic_write_json
 
     try:
@@ -151,8 +151,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Fit the grid, compare with the reference and write the report."""
     from diagnostics.compare import run_compare
     from vimodels.catalog.registry import get_model
-    from vimodels.commands.basic import fit_kwargs
-    from vimodels.commands.sweep import make_cli_executor
+    from vimodels.cli.basic import fit_kwargs
+    from vimodels.cli.sweep import make_cli_executor
     from vimodels.errors import check_option
 
     entry = get_model(args.model)

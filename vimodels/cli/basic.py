@@ -66,7 +66,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     """Print the registries."""
     from guides.registry import GENERIC, HANDWRITTEN
     from vimodels.catalog.registry import MODELS
-    from vimodels.elbos import ELBOS
+    from vimodels.svi.elbos import ELBOS
 
     if args.markdown:
         print(markdown_tables(args.what))
@@ -90,9 +90,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def fit_kwargs(args: argparse.Namespace) -> dict:
-    """Keyword arguments of :func:`vimodels.fit` from parsed CLI options."""
-    from vimodels.cli import parse_options
-    from vimodels.convergence import ConvergenceRule
+    """Keyword arguments of :func:`vimodels.svi.fit` from parsed CLI options."""
+    from vimodels.cli.options import parse_options
+    from vimodels.svi.convergence import ConvergenceRule
 
     extra = {"convergence": ConvergenceRule(early_stop=False)} if args.no_early_stop else {}
     return dict(
@@ -113,7 +113,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     """Fit one model/guide/ELBO and write draws (netcdf) and a JSON summary."""
     from vimodels.catalog.registry import get_model
     from vimodels.errors import check_option
-    from vimodels.fit import fit
+    from vimodels.svi.fit import fit
 
     entry = get_model(args.model)
     check_option("--draws", args.draws, kind=int, low=1)
@@ -138,7 +138,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the model checks and print one line per check; exit 1 if any fails."""
-    from vimodels.check import check_model
+    from vimodels.svi.check import check_model
 
     report = check_model(args.model)
     for item in report:
@@ -150,7 +150,7 @@ def markdown_tables(what: str = "all") -> str:
     """Markdown tables of the registries, as embedded in README.md."""
     from guides.registry import GENERIC, HANDWRITTEN
     from vimodels.catalog.registry import MODELS
-    from vimodels.elbos import ELBOS
+    from vimodels.svi.elbos import ELBOS
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|")

@@ -10,9 +10,9 @@ with a data dict, builds the guide and ELBO by name, and runs Adam with:
 - JIT-compiled ELBOs where valid, falling back with a one-line message, and
   for reparameterized ``trace`` and ``meanfield`` fits of at least
   :data:`COMPILE_MIN_STEPS` steps the loss and its gradients compiled together
-  into one graph (:mod:`vimodels.step_compile`), checked against Pyro's ELBO;
+  into one graph (:mod:`vimodels.compile.step`), checked against Pyro's ELBO;
   which ran is ``settings["step_compiler"]`` (``"fx"``, ``"jit"`` or ``"python"``);
-- a statistical convergence rule (:mod:`vimodels.convergence`);
+- a statistical convergence rule (:mod:`vimodels.svi.convergence`);
 - a guard that stops at the first non-finite loss or gradient, keeping the
   last good parameters, and a Ctrl-C handler that keeps the partial result.
 """
@@ -38,16 +38,16 @@ from pyro.infer.util import zero_grads
 from pyro.poutine.util import site_is_subsample
 
 import guides as guide_registry
-from vimodels import elbos as elbo_registry
-from vimodels.averaging import IterateAverage
 from vimodels.catalog.base import CatalogEntry
 from vimodels.catalog.registry import get_model
-from vimodels.convergence import ConvergenceRule, is_flat
+from vimodels.compile.step import StepCompileError, compile_step
+from vimodels.compile.step import supports as compiles_step
 from vimodels.data import prepare_data, trace_check
 from vimodels.errors import IncompatibleError, OptionError, check_option
-from vimodels.step_compile import StepCompileError, compile_step
-from vimodels.step_compile import supports as compiles_step
-from vimodels.weights import draw_sites, elbo_estimate, log_weights
+from vimodels.svi import elbos as elbo_registry
+from vimodels.svi.averaging import IterateAverage
+from vimodels.svi.convergence import ConvergenceRule, is_flat
+from vimodels.svi.weights import draw_sites, elbo_estimate, log_weights
 
 # Fits shorter than this keep the JIT ELBO: compiling the step costs about half
 # a second (plus a one-off second or two per process for torch's tracing
@@ -407,7 +407,7 @@ def fit(
         Registered guide name (``auto_*`` apply to any model) or a guide function
         called as ``guide(**data)``.
     elbo : str
-        ELBO name (see :data:`vimodels.elbos.ELBOS`).
+        ELBO name (see :data:`vimodels.svi.elbos.ELBOS`).
     num_steps : int
         Maximum Adam steps.
     lr : float
@@ -450,7 +450,7 @@ def fit(
     average : bool
         Return the average of the recent iterates (unconstrained parameters)
         instead of the last one, per coordinate over the longest recent
-        stretch of the run that shows no drift (:mod:`vimodels.averaging`).
+        stretch of the run that shows no drift (:mod:`vimodels.svi.averaging`).
         Without it the result is the last iterate, whose means wander by up
         to several tenths of a posterior sd at one particle per step.
     callback : callable, optional

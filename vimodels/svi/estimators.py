@@ -8,7 +8,7 @@ path ``z = g(eps, phi)``:
   term ``E_q[d log q / d phi]`` (zero in expectation) is dropped, which removes
   all gradient noise when ``q`` equals the posterior;
 - **doubly reparameterized** (DReG, Tucker et al. 2019) for the IWAE bound,
-  implemented in :mod:`vimodels.iwae` with :func:`detach_distribution`.
+  implemented in :mod:`vimodels.svi.iwae` with :func:`detach_distribution`.
 
 :func:`detach_distribution` rebuilds a distribution with its parameters cut
 from the autograd graph; :class:`StickingTheLanding` is a Pyro ``ELBO``.

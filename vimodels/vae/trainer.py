@@ -3,7 +3,7 @@
 :func:`train` runs SVI over epochs of shuffled minibatches of a data set: the
 model and guide take the full data and the minibatch indices as
 ``subsample=idx`` for their data plate, which scales the likelihood by
-``N / batch``. The objective is any ELBO of :mod:`vimodels.elbos` by name.
+``N / batch``. The objective is any ELBO of :mod:`vimodels.svi.elbos` by name.
 
 After each epoch a validation bound (the per-data-point IWAE bound with
 ``val_particles`` draws per point, always with the same random numbers, in
@@ -32,12 +32,12 @@ import pyro
 import torch
 from pyro import poutine
 
-from vimodels import elbos as elbo_registry
 from vimodels.errors import DataError, OptionError, check_option
 from vimodels.io import atomic_write
-from vimodels.iwae import IWAE
+from vimodels.svi import elbos as elbo_registry
+from vimodels.svi.iwae import IWAE
 
-CHECKPOINT_FORMAT = "vimodels.train/1"
+CHECKPOINT_FORMAT = "vimodels.vae.trainer/1"
 EARLY_STOPPED = "early_stopped"
 MAX_EPOCHS = "max_epochs"
 TIME_BUDGET = "time_budget"
@@ -305,7 +305,7 @@ def train(
     val_data : dict, optional
         Validation data (same keys); enables early stopping and best-epoch selection.
     elbo : str
-        Objective by name (:data:`vimodels.elbos.ELBOS`), e.g. ``trace``, ``iwae``.
+        Objective by name (:data:`vimodels.svi.elbos.ELBOS`), e.g. ``trace``, ``iwae``.
     num_particles : int, optional
         Particles per step (K for ``iwae``); the ELBO's default when omitted.
     elbo_options : dict, optional

@@ -59,7 +59,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from diagnostics._worker import (
+from vimodels.runs.worker import (
     TaskCancelled,
     TaskInterrupted,
     call_in_worker,

@@ -61,10 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_vae(args: argparse.Namespace) -> int:
     """Train, evaluate, save and report."""
-    from diagnostics.vae_report import write_report
     from vimodels.errors import check_option
-    from vimodels.vae_eval import evaluate_digits_vae
-    from vimodels.vae_train import Objective, train_digits_vae
+    from vimodels.vae.evaluate import evaluate_digits_vae
+    from vimodels.vae.report import write_report
+    from vimodels.vae.train import Objective, train_digits_vae
 
     for name in ("eval_particles", "gap_steps"):
         check_option(f"--{name.replace('_', '-')}", getattr(args, name), kind=int, low=2)

@@ -5,7 +5,7 @@ name           objective
 =============  ==============================================================
 ``trace``      ``Trace_ELBO``: Monte Carlo ELBO, reparameterized where possible
 ``meanfield``  ``TraceMeanField_ELBO``: analytic KL where Pyro knows it
-``iwae``       :class:`vimodels.iwae.IWAE`, K particles, per data point
+``iwae``       :class:`vimodels.svi.iwae.IWAE`, K particles, per data point
 ``renyi``      ``RenyiELBO(alpha)``: Renyi divergence bound, alpha != 1
 ``tracegraph`` ``TraceGraph_ELBO``: Rao-Blackwellized score-function terms
 ``enum``       ``TraceEnum_ELBO``: discrete latent sites enumerated exactly
@@ -13,8 +13,8 @@ name           objective
 =============  ==============================================================
 
 Gradient estimators (option ``estimator``): ``trace`` takes ``"standard"`` or
-``"stl"`` (sticking the landing, :mod:`vimodels.estimators`); ``iwae`` takes
-``"standard"`` or ``"dreg"`` (doubly reparameterized, :mod:`vimodels.iwae`).
+``"stl"`` (sticking the landing, :mod:`vimodels.svi.estimators`); ``iwae`` takes
+``"standard"`` or ``"dreg"`` (doubly reparameterized, :mod:`vimodels.svi.iwae`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import pyro.infer as infer
 from pyro.poutine.messenger import Messenger
 
 from vimodels.errors import OptionError, UnknownNameError, check_option
-from vimodels.estimators import StickingTheLanding
-from vimodels.iwae import ESTIMATORS as IWAE_ESTIMATORS
-from vimodels.iwae import IWAE
+from vimodels.svi.estimators import StickingTheLanding
+from vimodels.svi.iwae import ESTIMATORS as IWAE_ESTIMATORS
+from vimodels.svi.iwae import IWAE
 
 TRACE_ESTIMATORS = ("standard", "stl")
 

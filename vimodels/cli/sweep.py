@@ -34,7 +34,7 @@ def add_executor_arguments(p: argparse.ArgumentParser) -> None:
 
 def make_cli_executor(args: argparse.Namespace):
     """The executor the options ask for (checked; nothing starts until it is used)."""
-    from diagnostics.executors import make_executor
+    from vimodels.runs.executors import make_executor
 
     return make_executor(args.executor, scheduler=args.scheduler, workers=args.jobs)
 
@@ -56,9 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run the sweep; print the table per model; exit 1 when a task failed, 130 on Ctrl-C."""
     from diagnostics.report import fmt
-    from diagnostics.sweep import default_out, run_sweep
-    from diagnostics.sweep_config import load_config
-    from diagnostics.sweep_report import partial_line
+    from vimodels.runs.config import load_config
+    from vimodels.runs.report import partial_line
+    from vimodels.runs.sweep import default_out, run_sweep
 
     config = load_config(args.config)
     out = Path(args.out) if args.out else default_out(args.config)

@@ -1,6 +1,6 @@
 """NUTS chains, run in this process or in a spawned worker: one by one, or in lockstep.
 
-Kept apart from :mod:`diagnostics.reference` so that a worker process imports
+Kept apart from :mod:`diagnostics.nuts.reference` so that a worker process imports
 only torch, Pyro and the catalog, not ArviZ, POT or matplotlib.
 """
 
@@ -15,7 +15,7 @@ import torch
 from pyro.infer import MCMC, NUTS
 from pyro.poutine.messenger import Messenger
 
-from diagnostics._nuts import sample_chain, sample_chains
+from diagnostics.nuts.kernel import sample_chain, sample_chains
 from vimodels.catalog.base import NutsSettings
 from vimodels.catalog.registry import get_model
 
@@ -160,7 +160,7 @@ def run_chains_lockstep(specs: list[dict]) -> list[dict]:
 
     The specs differ only in their ``seed`` and ``chain``; one batched
     gradient serves a leapfrog step of every chain
-    (:func:`diagnostics._nuts.sample_chains`). Each result is as
+    (:func:`diagnostics.nuts.kernel.sample_chains`). Each result is as
     :func:`run_chain` returns it, plus ``batch``; ``wall_time`` is the
     group's.
     """
