@@ -424,7 +424,6 @@ def test_early_stopping_keeps_best_epoch():
 
 def _vae_parser():
     from vimodels.cli import vae
-
     from vimodels.cli.options import Parser as _Parser
 
     parser = _Parser(prog="vimodels")

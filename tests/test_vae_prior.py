@@ -125,7 +125,6 @@ def test_bad_network_options_raise(bad):
 
 def test_cli_exposes_the_prior_option(tmp_path):
     from vimodels.cli import vae
-
     from vimodels.cli.options import Parser as _Parser
     from vimodels.errors import VimodelsError
 
