@@ -16,7 +16,7 @@ from pyro.infer import JitTrace_ELBO, Trace_ELBO
 import vimodels
 from vimodels.compile.step import StepCompileError, compile_step, reference_loss_and_grads
 
-fit_module = importlib.import_module("vimodels.svi.fit")
+fit_module = importlib.import_module("vimodels.svi.loop")
 
 
 @pytest.fixture

@@ -336,7 +336,7 @@ def resolve_model(
 
     The same resolution as :func:`vimodels.svi.fit` uses, so fits and references agree.
     """
-    from vimodels.svi.fit import resolve_model as _resolve
+    from vimodels.svi.binding import resolve_model as _resolve
 
     return _resolve(model, data)
 

@@ -197,7 +197,7 @@ def code_fingerprint() -> str:
     """SHA-256 (16 hex digits) of the fitting and drawing source files and library versions."""
     import importlib
 
-    from vimodels.svi.fit import versions
+    from vimodels.versions import versions
 
     h = hashlib.sha256(_canonical(versions()).encode())
     for package in ("vimodels", "guides", "diagnostics"):
@@ -249,7 +249,9 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
     import diagnostics.convert  # noqa: F401
     from vimodels.runs.worker import interrupts_deferred
     from vimodels.svi.convergence import ConvergenceRule
-    from vimodels.svi.fit import INTERRUPTED, fit, versions
+    from vimodels.svi.fit import fit
+    from vimodels.svi.result import INTERRUPTED
+    from vimodels.versions import versions
 
     versions()  # imports arviz, as fit() does once its steps are done
     t0 = time.perf_counter()
@@ -369,7 +371,7 @@ def _bound_model(model: str, enumerate_discrete: bool) -> tuple[Any, tuple]:
 
     from vimodels.catalog.registry import get_model
     from vimodels.data import prepare_data
-    from vimodels.svi.fit import Bound
+    from vimodels.svi.binding import Bound
 
     entry = get_model(model)
     data = prepare_data(entry.model, entry.data())

@@ -1,0 +1,118 @@
+"""The optimizer of a fit and one guarded SVI step.
+
+The optimizer is ``torch.optim.Adam(foreach=True)`` with an
+``ExponentialLR`` schedule, wrapped so that it is called like a Pyro
+optimizer: ``optim(params)`` with the parameters the step touched. It is
+built lazily on the first call (Pyro creates parameters during the first
+step); parameters first seen later join as a new group at the current
+learning rate, and parameters a step did not touch are not moved. Nothing
+is clipped: a fit that diverges is caught by the loss checks of the loop,
+not hidden by clipping.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from pyro import poutine
+from pyro.infer.util import zero_grads
+
+
+class Adam:
+    """Adam over all parameters of a fit with a learning rate decaying per step.
+
+    Step ``n`` (from 1) uses the rate ``lr * gamma**n``, as Pyro's
+    ``ClippedAdam(lrd=gamma)`` does.
+
+    Parameters
+    ----------
+    lr : float
+        Initial learning rate.
+    gamma : float
+        Factor applied to the learning rate at every step (1: fixed).
+    betas, eps : float
+        Adam's moment decays and denominator offset.
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        gamma: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
+        self.lr = lr
+        self.gamma = gamma
+        self.betas = betas
+        self.eps = eps
+        self._optim: torch.optim.Adam | None = None
+        self._schedule: torch.optim.lr_scheduler.ExponentialLR | None = None
+        self._known: set[torch.Tensor] = set()
+
+    def __call__(self, params: Iterable[torch.Tensor]) -> None:
+        """One Adam step of ``params`` (their ``.grad`` holds the gradient)."""
+        ps = [p for p in params if p.grad is not None]
+        if not ps:
+            return
+        if self._optim is None:
+            self._optim = torch.optim.Adam(
+                ps, lr=self.lr * self.gamma, betas=self.betas, eps=self.eps, foreach=True
+            )
+            self._schedule = torch.optim.lr_scheduler.ExponentialLR(self._optim, self.gamma)
+            self._known = set(ps)
+        else:
+            new = [p for p in ps if p not in self._known]
+            if new:
+                lr = self._optim.param_groups[0]["lr"]
+                self._optim.add_param_group({"params": new, "lr": lr, "initial_lr": lr})
+                self._known.update(new)
+            if len(ps) < len(self._known):
+                stepped = set(ps)
+                for p in self._known - stepped:
+                    p.grad = None  # untouched this step: Adam skips it
+        self._optim.step()
+        self._schedule.step()
+
+    @property
+    def current_lr(self) -> float:
+        """The learning rate of the next step."""
+        if self._optim is None:
+            return self.lr * self.gamma
+        return float(self._optim.param_groups[0]["lr"])
+
+
+def make_optimizer(lr: float, lr_decay: float | None, num_steps: int) -> Adam:
+    """Adam whose rate decays geometrically to ``lr * lr_decay`` over ``num_steps`` steps."""
+    gamma = 1.0 if lr_decay is None else float(lr_decay) ** (1.0 / num_steps)
+    return Adam(lr, gamma)
+
+
+def svi_step(
+    model: Callable, guide: Callable, loss_fn: Any, optim: Callable, args: tuple
+) -> tuple[float, bool]:
+    """One SVI step that refuses to apply non-finite gradients.
+
+    Returns
+    -------
+    loss : float
+        The step's loss (negative objective, nats).
+    finite : bool
+        False when the loss or a gradient was NaN or infinite (nothing was moved).
+    """
+    with poutine.trace(param_only=True) as capture, warnings.catch_warnings():
+        # non-finite losses are detected and reported by the loop, with the step number
+        warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+        loss = loss_fn.loss_and_grads(model, guide, *args)
+    params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+    loss = float(loss)
+    finite = math.isfinite(loss) and all(
+        p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params
+    )
+    if finite:
+        optim(params)
+    zero_grads(params)
+    return loss, finite
