@@ -323,6 +323,7 @@ def finish(
         "versions": versions(),
     }
     est, se = math.nan, math.nan
+    evaluation: dict = {"vectorized": None, "reason": None}
     if len(outcome.losses):
         pyro.set_rng_seed(loop.seed + 3)
         with torch.no_grad(), pyro.validation_enabled(False):
@@ -333,8 +334,12 @@ def finish(
                 num_eval,
                 binding.depth,
                 discrete=bool(binding.hidden),
+                report=evaluation,
             )
         est, se = elbo_estimate(log_w)
+    # whether the ELBO's draws were evaluated under a particle plate, and why not
+    settings["eval_vectorized"] = evaluation["vectorized"]
+    settings["eval_vectorized_note"] = evaluation["reason"]
     params = {
         name: pyro.param(name).detach().double().numpy().copy()
         for name in pyro.get_param_store().keys()
