@@ -201,7 +201,8 @@ def check_particles(
                 for name, shape in shapes.items()
             }
             w = _sequential(model, guide, args, kwargs, values)[2]
-            if not abs(w - log_w[i]) <= ATOL + RTOL * max(abs(w), abs(log_w[i])):
+            same = w == log_w[i] or (np.isnan(w) and np.isnan(log_w[i]))  # inf, nan alike
+            if not same and not abs(w - log_w[i]) <= ATOL + RTOL * max(abs(w), abs(log_w[i])):
                 raise NotVectorizable(
                     f"draw {i} of {n} has log weight {log_w[i]:.6g} under a particle "
                     f"plate and {w:.6g} on its own: the model does not broadcast over "
