@@ -123,7 +123,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     stem = safe_name(f"{entry.name}__{result.guide_name}__{args.elbo}")
     if result.status == "diverged":  # a failure: the summary says why, no draws
         atomic_write_json(out / f"{stem}.json", result.summary())
-        print(f"error: {result.model_name} / {result.guide_name}: {result.message}", file=sys.stderr)
+        print(
+            f"error: {result.model_name} / {result.guide_name}: {result.message}", file=sys.stderr
+        )
         return 1
     from diagnostics.convert import save_netcdf
 

@@ -101,9 +101,7 @@ class DivergenceRule:
                 )
         return floor, why
 
-    def check_step(
-        self, step: int, loss: float, first_loss: float, num_steps: int
-    ) -> str | None:
+    def check_step(self, step: int, loss: float, first_loss: float, num_steps: int) -> str | None:
         """A one-line reason when step ``step``'s loss is implausible, else None."""
         floor, why = self.floor(first_loss, num_steps)
         if loss < floor:

@@ -90,9 +90,7 @@ def log_weights(
         except (NotVectorizable, RuntimeError, ValueError, IndexError, TypeError) as exc:
             # not vectorizable: one draw at a time, from the first
             report["reason"] = _reason(exc)
-            out = [
-                np.array([sequential_log_weight(model, guide, (), kwargs)]) for _ in range(num)
-            ]
+            out = [np.array([sequential_log_weight(model, guide, (), kwargs)]) for _ in range(num)]
     return np.concatenate(out)
 
 
