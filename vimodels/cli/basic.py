@@ -124,7 +124,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if result.status == "diverged":  # a failure: the summary says why, no draws
         atomic_write_json(out / f"{stem}.json", result.summary())
         print(
-            f"error: {result.model_name} / {result.guide_name}: {result.message}", file=sys.stderr
+            f"vimodels: error: {result.model_name} / {result.guide_name}: {result.message}",
+            file=sys.stderr,
         )
         return 1
     from diagnostics.convert import save_netcdf
