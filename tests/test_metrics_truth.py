@@ -104,3 +104,53 @@ def test_distance_between_gaussians_within_bias_bound_and_noise(metric, d):
     # the exact W2 of samples in 3 or 10 dimensions is dominated by its bias at these
     # sizes (bound 5.7 against a distance of 1.87 in 10-D with 400 draws): only the
     # Jensen side above is sharp there
+
+
+def test_marginal_metrics_of_a_gaussian_approximation_against_closed_forms():
+    # q = N(mq, sq^2) approximating the posterior p = N(mp, sp^2); the report's columns:
+    # sd ratio sq / sp, standardized mean error (mq - mp) / sp, coverage90 = p-mass of q's
+    # central 90% interval, and W1 = E|a + b Z| with a = mq - mp, b = sq - sp.
+    mq, sq, mp, sp = 0.3, 0.8, 0.0, 1.0
+    n, chains, per_chain = 2000, 4, 1000
+    m = chains * per_chain
+    z90 = stats.norm.ppf(0.95)
+    hi, lo = mq + z90 * sq, mq - z90 * sq
+    cover = stats.norm.cdf((hi - mp) / sp) - stats.norm.cdf((lo - mp) / sp)
+    a, b = mq - mp, sq - sp
+    w1 = abs(b) * np.sqrt(2 / np.pi) * np.exp(-(a**2) / (2 * b**2)) + a * (
+        1 - 2 * stats.norm.cdf(-a / abs(b))
+    )
+    truth_ = {"sd_ratio": sq / sp, "std_mean_error": (mq - mp) / sp, "coverage90": cover, "w1": w1}
+    # derived biases: E[1 / s_hat] = (1 / s)(1 + 3 / (4 (m - 1))) to first order; the
+    # coverage of estimated quantiles q_hat: G(q) = Phi((q - mp) / sp) is curved, so
+    # E G(q_hat) - G(q) = G''(q) var(q_hat) / 2 with var(q_hat) = 0.05 * 0.95 / (n f(q)^2)
+    inv_sd_bias = 3 / (4 * (m - 1))
+    var_q = 0.05 * 0.95 / (n * (stats.norm.pdf(z90) / sq) ** 2)
+    g2 = [abs(-(q - mp) / sp**3 * stats.norm.pdf((q - mp) / sp)) for q in (lo, hi)]
+    bias = {
+        "sd_ratio": truth_["sd_ratio"] * (inv_sd_bias + 1 / (4 * (n - 1))),
+        "std_mean_error": abs(truth_["std_mean_error"]) * inv_sd_bias,
+        "coverage90": 0.5 * sum(g2) * var_q,
+    }
+    rng = np.random.default_rng(11)
+    reps = {k: [] for k in truth_}
+    floors = []
+    for _ in range(REPLICATES * 3):
+        approx = rng.normal(mq, sq, n)
+        ref = rng.normal(mp, sp, (chains, per_chain))
+        got = metrics.marginal_metrics(approx, ref)
+        for k in truth_:
+            reps[k].append(got[k])
+        # W1 is convex in each argument: measured bias bound as for the joint distances
+        floors.append(
+            (
+                metrics.wasserstein1(approx, rng.normal(mq, sq, n)) ** 2,
+                metrics.wasserstein1(ref, rng.normal(mp, sp, m)) ** 2,
+            )
+        )
+    floors = np.asarray(floors)
+    bias["w1"] = float(np.sqrt(floors[:, 0].mean()) + np.sqrt(floors[:, 1].mean()))
+    for k, exact in truth_.items():
+        v = np.asarray(reps[k])
+        se = v.std(ddof=1) / np.sqrt(len(v))
+        assert abs(v.mean() - exact) <= bias[k] + 5 * se, (k, v.mean(), exact, bias[k], se)
