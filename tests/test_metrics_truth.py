@@ -154,3 +154,26 @@ def test_marginal_metrics_of_a_gaussian_approximation_against_closed_forms():
         v = np.asarray(reps[k])
         se = v.std(ddof=1) / np.sqrt(len(v))
         assert abs(v.mean() - exact) <= bias[k] + 5 * se, (k, v.mean(), exact, bias[k], se)
+
+
+@pytest.mark.parametrize("d", [1, 3, 10])
+def test_energy_distance_squared_has_its_exact_v_statistic_bias(d):
+    # the V-statistic counts the zero diagonal of |X - X'| and |Y - Y'|, so exactly
+    # E[energy^2] = energy(P, Q)^2 + E|X - X'| / n + E|Y - Y'| / n: a sharp test
+    n = 500
+    e_xx, e_yy = mean_norm(0.0, np.sqrt(2.0), d), mean_norm(0.0, np.sqrt(2.0) * S, d)
+    expected = truth("energy", d) ** 2 + (e_xx + e_yy) / n
+    rng = np.random.default_rng(d)
+    shift = np.zeros(d)
+    shift[0] = DELTA
+    sq = np.array(
+        [
+            metrics.energy_distance(
+                rng.normal(size=(n, d)), shift + S * rng.normal(size=(n, d)), max_points=n
+            )
+            ** 2
+            for _ in range(40)
+        ]
+    )
+    se = sq.std(ddof=1) / np.sqrt(len(sq))
+    assert abs(sq.mean() - expected) <= 5 * se, (sq.mean(), expected, se)
