@@ -29,6 +29,7 @@ def mixed():
     return ref, good, bad
 
 
+@pytest.mark.slow
 def test_failed_method_gets_a_row_and_the_others_are_compared(mixed, tmp_path):
     ref, good, bad = mixed
     c = compare([good, bad], ref, num_draws=300, iwae_k=10, num_evidence=300, seed=1)
@@ -45,6 +46,7 @@ def test_failed_method_gets_a_row_and_the_others_are_compared(mixed, tmp_path):
     assert "failed" in files["summary_csv"].read_text().splitlines()[0]
 
 
+@pytest.mark.slow
 def test_cli_compare_writes_the_report_and_exits_1(tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = [

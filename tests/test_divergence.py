@@ -56,6 +56,7 @@ def test_rule_floors():
     assert "ELBO estimate" in rule.check_elbo(1e6, 1.0, 2.0, 100)
 
 
+@pytest.mark.slow
 def test_an_elbo_above_the_known_evidence_is_a_failure(monkeypatch):
     # conjugate regression: log p(x) = -73.5; pretend it is -90 (a wrong bound)
     monkeypatch.setattr(fit_module, "known_log_evidence", lambda binding: -90.0)
@@ -64,6 +65,7 @@ def test_an_elbo_above_the_known_evidence_is_a_failure(monkeypatch):
     assert "exact log evidence -90" in r.message and math.isnan(r.elbo)
 
 
+@pytest.mark.slow
 def test_cli_fit_exits_1_with_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(fit_module, "known_log_evidence", lambda binding: -90.0)
     code = main(

@@ -82,6 +82,7 @@ def test_closed_forms_are_consistent():
     assert KL_STAR.min() > 0.05 and (KL_ENC > KL_STAR).all()
 
 
+@pytest.mark.slow
 def test_log_likelihood_and_elbo_against_closed_form():
     data = {"x": torch.as_tensor(X, dtype=torch.float64)}
     est = log_likelihood(model, guide, data, num_particles=20000, seed=3)
