@@ -7,8 +7,8 @@ from the modules that hold it:
   :class:`Reference` record (:mod:`diagnostics.nuts.reference`);
 - :func:`fit_to_inference_data`, :func:`reference_to_inference_data`,
   :func:`save_netcdf`, :func:`load_netcdf` (:mod:`diagnostics.convert`);
-- :func:`compare`, :func:`run_compare` and the :class:`Comparison` record
-  (:mod:`diagnostics.compare`);
+- :func:`compare` and the :class:`Comparison` record
+  (:mod:`diagnostics.comparison`);
 - :func:`write_report` (:mod:`diagnostics.report`);
 - :mod:`diagnostics.metrics`: pure functions on arrays.
 """
@@ -30,11 +30,9 @@ _EXPORTS = {
     "load_netcdf": "diagnostics.convert",
     "reference_to_inference_data": "diagnostics.convert",
     "save_netcdf": "diagnostics.convert",
-    "CompareRun": "diagnostics.compare",
-    "Comparison": "diagnostics.compare",
-    "LogEvidence": "diagnostics.compare",
-    "compare": "diagnostics.compare",
-    "run_compare": "diagnostics.compare",
+    "Comparison": "diagnostics.comparison",
+    "LogEvidence": "diagnostics.comparison",
+    "compare": "diagnostics.comparison",
     "write_report": "diagnostics.report",
     "metrics": "diagnostics.metrics",
 }

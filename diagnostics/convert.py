@@ -37,11 +37,11 @@ import pyro
 from diagnostics import _arviz
 from vimodels.errors import DataError, OptionError, check_option
 from vimodels.io import atomic_write
+from vimodels.svi.binding import resolve_model
 from vimodels.svi.draws import model_info, replay_model, sample_guide
 
 if TYPE_CHECKING:
     from diagnostics.nuts.reference import Reference
-    from vimodels.svi.fit import FitResult
 
 InferenceData = _arviz.InferenceData
 
@@ -103,7 +103,7 @@ def build_inference_data(
 
 
 def fit_to_inference_data(
-    result: FitResult,
+    result: Any,
     num_samples: int = 1000,
     seed: int | None = None,
     *,
@@ -184,8 +184,6 @@ def reference_to_inference_data(
     """
     groups: dict[str, dict[str, np.ndarray]] = {"posterior_predictive": {}}
     if posterior_predictive:
-        from diagnostics.nuts.reference import resolve_model
-
         entry, fn, data_dict, _ = resolve_model(
             model if model is not None else ref.model_name, data
         )

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from scipy.stats import gaussian_kde
 
 from diagnostics import metrics
-from diagnostics.compare import Comparison
+from diagnostics.comparison import Comparison
 from diagnostics.convert import reference_to_inference_data, save_netcdf
 from vimodels.io import atomic_write, atomic_write_json, atomic_write_text, ensure_dir, safe_name
 

@@ -48,7 +48,7 @@ def _wait_for(stream, needle: str, timeout: float = 120) -> list[str]:
 _COMPARE_SCRIPT = textwrap.dedent(
     """
     import sys
-    from diagnostics.compare import run_compare
+    from vimodels.runs.compare import run_compare
     from vimodels import ConvergenceRule
     # no early stop: the first fit runs until Ctrl-C whatever the speed of a step
     run = run_compare("conjugate_linear_regression", guides=sys.argv[2:], steps=1_000_000,

@@ -12,7 +12,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from diagnostics.compare import compare
+from diagnostics.comparison import compare
 from diagnostics.nuts.reference import (
     ESS_MIN,
     RHAT_MAX,

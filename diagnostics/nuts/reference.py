@@ -45,7 +45,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyro
 import torch
 from filelock import FileLock
 
@@ -56,8 +55,10 @@ from vimodels.catalog.base import CatalogEntry, NutsSettings
 from vimodels.catalog.registry import get_model
 from vimodels.data import trace_check
 from vimodels.errors import IncompatibleError, OptionError, check_option
-from vimodels.io import atomic_write, atomic_write_json, ensure_dir, safe_name
+from vimodels.io import atomic_write, atomic_write_json, ensure_dir, jsonable, safe_name
+from vimodels.svi.binding import resolve_model
 from vimodels.svi.draws import model_info, recover_discrete, replay_model
+from vimodels.versions import versions
 
 RHAT_MAX = 1.01
 ESS_MIN = 400.0
@@ -205,7 +206,7 @@ class Reference:
             "num_draws": self.num_draws,
             "num_divergences": self.num_divergences,
             "sites": list(self.sites),
-            "settings": _jsonable(self.settings),
+            "settings": jsonable(self.settings),
             "versions": dict(self.versions),
             "wall_time_s": self.wall_time,
             "cache_key": self.cache_key,
@@ -329,28 +330,6 @@ def run_checks(
 # ----------------------------------------------------------------------------- models
 
 
-def resolve_model(
-    model: str | CatalogEntry | Callable, data: Mapping[str, Any] | None = None
-) -> tuple[CatalogEntry | None, Callable, dict[str, Any], str]:
-    """``(entry or None, model function, prepared data, name)`` for a name, entry or function.
-
-    The same resolution as :func:`vimodels.svi.fit` uses, so fits and references agree.
-    """
-    from vimodels.svi.binding import resolve_model as _resolve
-
-    return _resolve(model, data)
-
-
-def versions() -> dict[str, str]:
-    """Versions of the libraries that shape the draws."""
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "numpy": np.__version__,
-    }
-
-
 def _model_source(fn: Callable) -> str:
     target = inspect.unwrap(fn)
     try:
@@ -459,7 +438,7 @@ def _write_cache(ref: Reference, npz: Path) -> None:
         "latent_sites": list(ref.latent_sites),
         "dims": {k: list(v) for k, v in ref.dims.items()},
         "plate_sizes": ref.plate_sizes,
-        "settings": _jsonable(ref.settings),
+        "settings": jsonable(ref.settings),
         "versions": ref.versions,
         "wall_time_s": ref.wall_time,
         "notes": list(ref.notes),
@@ -1003,17 +982,3 @@ def reparameterized_reference(entry: CatalogEntry, source: Reference) -> Referen
         trusted=all(c.ok for c in checks),
         notes=source.notes + (note,),
     )
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.generic,)):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return repr(obj)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from guides.registry import GENERIC, HANDWRITTEN
+from vimodels.catalog.registry import MODELS, get_model
+from vimodels.cli.options import parse_options
+from vimodels.errors import check_option
 from vimodels.io import atomic_write_json, ensure_dir, safe_name
+from vimodels.svi.check import check_model
+from vimodels.svi.convergence import ConvergenceRule
+from vimodels.svi.elbos import ELBOS
+from vimodels.svi.fit import fit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,10 +72,6 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the registries."""
-    from guides.registry import GENERIC, HANDWRITTEN
-    from vimodels.catalog.registry import MODELS
-    from vimodels.svi.elbos import ELBOS
-
     if args.markdown:
         print(markdown_tables(args.what))
         return 0
@@ -91,9 +95,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def fit_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments of :func:`vimodels.svi.fit` from parsed CLI options."""
-    from vimodels.cli.options import parse_options
-    from vimodels.svi.convergence import ConvergenceRule
-
     extra = {"convergence": ConvergenceRule(early_stop=False)} if args.no_early_stop else {}
     return dict(
         **extra,
@@ -111,10 +112,6 @@ def fit_kwargs(args: argparse.Namespace) -> dict:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     """Fit one model/guide/ELBO and write draws (netcdf) and a JSON summary."""
-    from vimodels.catalog.registry import get_model
-    from vimodels.errors import check_option
-    from vimodels.svi.fit import fit
-
     entry = get_model(args.model)
     check_option("--draws", args.draws, kind=int, low=1)
     out = ensure_dir(args.out or Path("runs") / safe_name(entry.name))
@@ -138,8 +135,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the model checks and print one line per check; exit 1 if any fails."""
-    from vimodels.svi.check import check_model
-
     report = check_model(args.model)
     for item in report:
         print(f"[{'ok' if item.ok else 'FAIL'}] {item.name}: {item.detail}")
@@ -148,9 +143,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def markdown_tables(what: str = "all") -> str:
     """Markdown tables of the registries, as embedded in README.md."""
-    from guides.registry import GENERIC, HANDWRITTEN
-    from vimodels.catalog.registry import MODELS
-    from vimodels.svi.elbos import ELBOS
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|")

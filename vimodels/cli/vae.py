@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vimodels.errors import check_option
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, safe_name
 
 DEFAULT_OUT = Path("runs") / "digits_vae"
@@ -61,7 +62,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_vae(args: argparse.Namespace) -> int:
     """Train, evaluate, save and report."""
-    from vimodels.errors import check_option
     from vimodels.vae.evaluate import evaluate_digits_vae
     from vimodels.vae.report import write_report
     from vimodels.vae.train import Objective, train_digits_vae

@@ -44,6 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from vimodels.errors import OptionError, UnknownNameError, VimodelsError
+from vimodels.runs.tasks import fit_option_names
+from guides.registry import get_guide_spec, guide_names
+from vimodels.catalog.base import NutsSettings
+from vimodels.catalog.registry import get_model
+from vimodels.svi.elbos import get_elbo_spec
 
 TOP_KEYS = (
     "models",
@@ -70,7 +75,7 @@ class SweepConfig:
     ----------
     models : tuple of str
     guides : tuple of str or None
-        ``None``: each model's default guides (see :func:`diagnostics.compare.default_guides`).
+        ``None``: each model's default guides (see :func:`default_guides`).
     elbos : tuple of str
     seeds : tuple of int
     steps : int
@@ -79,7 +84,7 @@ class SweepConfig:
     guide_options, elbo_options : dict of str to dict
         Options per guide and per ELBO name.
     num_draws, iwae_k, num_evidence : int
-        Passed to :func:`diagnostics.compare.compare`.
+        Passed to :func:`diagnostics.comparison.compare`.
     reference : str
         ``auto``, ``nuts`` or ``exact``.
     reference_seed : int
@@ -169,11 +174,6 @@ def config_from_dict(
     base_dir : path
         Folder that a relative ``cache`` path is relative to.
     """
-    from vimodels.runs.tasks import fit_option_names
-    from guides.registry import get_guide_spec, guide_names
-    from vimodels.catalog.base import NutsSettings
-    from vimodels.catalog.registry import get_model
-    from vimodels.svi.elbos import get_elbo_spec
 
     _unknown(where, "key(s)", raw, TOP_KEYS)
     if "models" not in raw:
@@ -294,3 +294,13 @@ def load_config(path: str | os.PathLike) -> SweepConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise VimodelsError(f"{path}: not valid TOML: {exc}") from exc
     return config_from_dict(raw, where=str(path), base_dir=path.resolve().parent)
+
+
+def default_guides(entry: CatalogEntry | None) -> tuple[str, ...]:
+    """The entry's default guides plus an autoregressive flow (a non-Gaussian family)."""
+    if entry is None:
+        return ("auto_normal", "auto_multivariate_normal")
+    guides = tuple(entry.default_guides)
+    if not entry.discrete and not entry.amortized and "auto_iaf_normal" not in guides:
+        guides += ("auto_iaf_normal",)
+    return guides

@@ -6,14 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from vimodels.io import ensure_dir, safe_name
+from vimodels.catalog.registry import get_model
+from vimodels.cli.basic import add_fit_arguments, fit_kwargs
+from vimodels.cli.sweep import add_executor_arguments, make_cli_executor
+from vimodels.errors import check_option
+from vimodels.io import atomic_write_json, ensure_dir, safe_name
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``nuts`` and ``compare`` subcommands."""
-    from vimodels.cli.basic import add_fit_arguments
-    from vimodels.cli.sweep import add_executor_arguments
-
     p = sub.add_parser("nuts", help="NUTS reference draws of a catalog model (cached, checked)")
     p.add_argument("model")
     _add_nuts_arguments(p)
@@ -106,7 +107,6 @@ def cmd_nuts(args: argparse.Namespace) -> int:
     """Run (or load) the NUTS reference; print its checks; exit 1 when it is untrusted."""
     from diagnostics.convert import reference_to_inference_data, save_netcdf
     from diagnostics.nuts.reference import run_nuts
-    from vimodels.io import atomic_write_json
 
     try:
         ref = run_nuts(
@@ -149,11 +149,7 @@ _NO_REPORT = "no report was written; fits finished so far stay in {} and a rerun
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Fit the grid, compare with the reference and write the report."""
-    from diagnostics.compare import run_compare
-    from vimodels.catalog.registry import get_model
-    from vimodels.cli.basic import fit_kwargs
-    from vimodels.cli.sweep import make_cli_executor
-    from vimodels.errors import check_option
+    from vimodels.runs.compare import run_compare
 
     entry = get_model(args.model)
     check_option("--draws", args.draws, kind=int, low=10)
