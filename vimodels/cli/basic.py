@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from guides.registry import GENERIC, HANDWRITTEN
@@ -117,6 +118,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     out = ensure_dir(args.out or Path("runs") / safe_name(entry.name))
     result = fit(entry, guide=args.guide, elbo=args.elbo, **fit_kwargs(args))
     stem = safe_name(f"{entry.name}__{result.guide_name}__{args.elbo}")
+    if result.status == "diverged":  # a failure: the summary says why, no draws
+        atomic_write_json(out / f"{stem}.json", result.summary())
+        print(
+            f"vimodels: error: {result.model_name} / {result.guide_name}: {result.message}",
+            file=sys.stderr,
+        )
+        return 1
     from diagnostics.convert import save_netcdf
 
     idata = result.to_inference_data(args.draws)

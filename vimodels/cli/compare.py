@@ -211,4 +211,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if c.partial:
         print(f"PARTIAL RESULT: {c.interrupted_line()}")
         return 130
+    if "failed" in c.summary and c.summary["failed"].any():
+        bad = c.summary[c.summary["failed"]]
+        print(
+            "vimodels: compare: "
+            + "; ".join(f"{r.method} failed ({r.status})" for r in bad.itertuples())
+            + f"; the others are compared in {run.files['html']}",
+            file=sys.stderr,
+        )
+        return 1
     return 0

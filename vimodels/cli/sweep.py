@@ -99,4 +99,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if run.partial:
         print(f"PARTIAL RESULT: {partial_line(run)}")
         return 130
+    summary = run.summary
+    if "failed" in summary and summary["failed"].fillna(False).astype(bool).any():
+        bad = summary[summary["failed"].fillna(False).astype(bool)]
+        print(
+            f"vimodels: sweep: {len(bad)} fit(s) failed (diverged or non-finite): "
+            + ", ".join(f"{r.model}/{r.method}/seed{r.seed} ({r.status})" for r in bad.itertuples())
+            + "; the others are in the report",
+            file=sys.stderr,
+        )
+        return 1
     return 1 if run.failures else 0

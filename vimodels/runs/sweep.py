@@ -401,6 +401,7 @@ def _fit_rows(fits: Mapping[str, StoredFit], model: str, seed: int) -> pd.DataFr
                 "converged": f.converged,
                 "num_steps": f.num_steps,
                 "wall_time_s": f.wall_time,
+                "failed": f.status in ("nonfinite", "diverged"),
                 "elbo": elbo,
                 "elbo_se": se,
             }

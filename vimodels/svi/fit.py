@@ -31,8 +31,9 @@ from vimodels.errors import OptionError, check_option
 from vimodels.svi import elbos as elbo_registry
 from vimodels.svi.binding import Binding, Bound, bind, keyword_call, positional_kwargs
 from vimodels.svi.convergence import ConvergenceRule
+from vimodels.svi.divergence import DivergenceRule
 from vimodels.svi.loop import LoopOutcome, LoopSettings, Objective, run_loop
-from vimodels.svi.result import NONFINITE, FitProgress, FitResult
+from vimodels.svi.result import DIVERGED, NONFINITE, FitProgress, FitResult
 from vimodels.svi.weights import elbo_estimate, log_weights
 from vimodels.versions import versions
 
@@ -171,6 +172,7 @@ def fit(
         progress=sys.stderr.isatty() if progress is None else bool(progress),
         compile_key=compile_key(binding, guide, guide_opts, elbo, elbo_opts),
         label=f"{binding.name}/{guide if isinstance(guide, str) else 'guide'}/{elbo}",
+        divergence=DivergenceRule(log_evidence=known_log_evidence(binding)),
     )
     with pyro.get_param_store().scope() as state, torch_threads(num_threads):
         pyro.set_rng_seed(seed)
@@ -274,10 +276,11 @@ def finish(
     Runs inside the fit's parameter-store scope ``state``.
     """
     objective, message = outcome.objective, outcome.message
+    status, converged = outcome.status, outcome.converged
     sample_guide, laplace_note = objective.guide, None
     if (
         isinstance(objective.guide, AutoLaplaceApproximation)
-        and outcome.status != NONFINITE
+        and outcome.status not in (NONFINITE, DIVERGED)
         and len(outcome.losses)
     ):
         try:
@@ -320,10 +323,12 @@ def finish(
         "average": loop.average,
         "averaged": outcome.averaged,
         "laplace_note": laplace_note,
+        "divergence": loop.divergence.for_guide(sample_guide).as_dict(),
         "versions": versions(),
     }
     est, se = math.nan, math.nan
-    if len(outcome.losses):
+    evaluation: dict = {"vectorized": None, "reason": None}
+    if len(outcome.losses) and status != DIVERGED:
         pyro.set_rng_seed(loop.seed + 3)
         with torch.no_grad(), pyro.validation_enabled(False):
             log_w = log_weights(
@@ -333,8 +338,18 @@ def finish(
                 num_eval,
                 binding.depth,
                 discrete=bool(binding.hidden),
+                report=evaluation,
             )
         est, se = elbo_estimate(log_w)
+        # a finite ELBO above what any sound fit can reach is a failure, not a result
+        rule = loop.divergence.for_guide(sample_guide)
+        diverged = rule.check_elbo(est, se, float(outcome.losses[0]), loop.num_steps)
+        if diverged:
+            status, converged, est, se = DIVERGED, False, math.nan, math.nan
+            message = f"{diverged}; {message}"
+    # whether the ELBO's draws were evaluated under a particle plate, and why not
+    settings["eval_vectorized"] = evaluation["vectorized"]
+    settings["eval_vectorized_note"] = evaluation["reason"]
     params = {
         name: pyro.param(name).detach().double().numpy().copy()
         for name in pyro.get_param_store().keys()
@@ -347,8 +362,8 @@ def finish(
         elbo=est,
         elbo_se=se,
         params=params,
-        status=outcome.status,
-        converged=outcome.converged,
+        status=status,
+        converged=converged,
         num_steps=len(outcome.losses),
         wall_time=outcome.wall_time,
         seed=loop.seed,
@@ -365,6 +380,18 @@ def finish(
         discrete_sites=binding.hidden,
         site_shapes=binding.site_shapes,
     )
+
+
+def known_log_evidence(binding: Binding) -> float | None:
+    """The exact ``log p(x)`` of a catalog entry on the bound data, where it is known."""
+    entry = binding.entry
+    if entry is None or entry.exact is None:
+        return None
+    try:
+        value = entry.exact(binding.data).log_evidence
+    except (TypeError, ValueError, KeyError, RuntimeError):  # data it cannot take
+        return None
+    return float(value) if value is not None else None
 
 
 @contextlib.contextmanager

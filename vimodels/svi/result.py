@@ -18,6 +18,7 @@ from vimodels.svi.weights import draw_sites, log_weights
 CONVERGED = "converged"
 MAX_STEPS = "max_steps"
 NONFINITE = "nonfinite"
+DIVERGED = "diverged"
 INTERRUPTED = "interrupted"
 
 
@@ -80,7 +81,9 @@ class FitResult:
     params : dict of str to ndarray
         Constrained parameter values.
     status : str
-        ``converged``, ``max_steps``, ``nonfinite`` or ``interrupted``.
+        ``converged``, ``max_steps``, ``nonfinite``, ``diverged`` (a finite loss or
+        ELBO out of any plausible range, :mod:`vimodels.svi.divergence`) or
+        ``interrupted``.
     converged : bool
         Whether the stopping rule declared convergence.
     num_steps : int
@@ -123,8 +126,8 @@ class FitResult:
 
     @property
     def partial(self) -> bool:
-        """True when the fit was interrupted or stopped on a non-finite loss."""
-        return self.status in (INTERRUPTED, NONFINITE)
+        """True when the fit was interrupted, stopped on a non-finite loss or diverged."""
+        return self.status in (INTERRUPTED, NONFINITE, DIVERGED)
 
     def sample(
         self, num_samples: int = 1000, seed: int | None = None, sites: tuple[str, ...] | None = None
