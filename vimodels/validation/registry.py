@@ -263,8 +263,10 @@ def get_validation_model(name: str) -> CatalogEntry:
         raise UnknownNameError("validation model", name, VALIDATION_MODELS) from None
 
 
-def get_spec(name: str | CatalogEntry) -> ValidationSpec:
+def get_spec(name: str | CatalogEntry | ValidationSpec) -> ValidationSpec:
     """The :class:`ValidationSpec` of an entry or its name."""
+    if isinstance(name, ValidationSpec):
+        return name
     key = name.name if isinstance(name, CatalogEntry) else name
     try:
         return POSTERIORS[key]
