@@ -19,9 +19,11 @@ Translation notes (what is not a one-to-one copy):
   prior on ``(0, 1 - alpha1)`` exactly, unnormalised as in Stan (a normalised
   uniform would add ``-log(1 - alpha1)`` and change the posterior of ``alpha1``).
 - HMM: the two states are summed out by the forward algorithm
-  (:class:`pyro.distributions.DiscreteHMM`); Stan's forward recursion starts
-  from ``normal_lpdf(y[1] | mu[k], 1)`` without an initial distribution, the
-  HMM's uniform initial distribution adds ``-log 2``, a constant. Rows of the
+  (:class:`pyro.distributions.DiscreteHMM`, a parallel scan). Stan's forward
+  recursion starts from ``normal_lpdf(y[1] | mu[k], 1)``, the first state
+  uniform without an initial distribution; DiscreteHMM's initial state comes
+  one transition *before* the first observation, so the first transition has
+  uniform rows (the first observed state uniform, ``-log 2``: a constant). Rows of the
   transition matrix are ``theta1`` and ``theta2`` (from state j to k), each
   uniform on the simplex (``Dirichlet(1, 1)``, density 1, as Stan's implicit
   prior); ``mu`` is ``positive_ordered`` with the two normal priors of the
@@ -341,9 +343,16 @@ def hmm_example(y: torch.Tensor) -> None:
     theta2 = pyro.sample("theta2", dist.Dirichlet(ones))
     prior = dist.Normal(y.new_tensor([3.0, 10.0]), 1.0).to_event(1)
     mu = pyro.sample("mu", Restricted(prior, constraints.positive_ordered_vector))
-    transition = torch.stack([theta1, theta2], -2).log()
-    emission = dist.Normal(mu, y.new_ones(()))
-    hmm = dist.DiscreteHMM(y.new_zeros(2), transition, emission, duration=y.shape[-1])
+    log_theta = torch.stack([theta1, theta2], -2).log()  # [j, k]: from state j to k
+    # DiscreteHMM's initial state precedes the first observation: a first transition with
+    # uniform rows makes the first observed state uniform, as Stan's gamma[1, k] (up to
+    # the constant -log 2); the later steps move by theta.
+    steps = y.shape[-1]
+    first = torch.zeros_like(log_theta).unsqueeze(-3)
+    rest = log_theta.unsqueeze(-3).expand(log_theta.shape[:-2] + (steps - 1, 2, 2))
+    transition = torch.cat([first, rest], -3)
+    emission = dist.Normal(mu.unsqueeze(-2), y.new_ones(()))
+    hmm = dist.DiscreteHMM(y.new_zeros(2), transition, emission, duration=steps)
     pyro.sample("y", hmm, obs=y)
 
 
