@@ -216,11 +216,28 @@ def load_ark() -> dict[str, Any]:
     return {"lags": _t(lags), "y_tail": _t(y[K:])}
 
 
-def _lag_powers(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(k, mask)``: ``k[t, s] = max(t - s, 0)`` and the lower-triangular mask ``t >= s``."""
-    idx = torch.arange(n)
-    lag = idx[:, None] - idx[None, :]
-    return lag.clamp(min=0).to(dtype), (lag >= 0).to(dtype)
+def linear_recursion(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``x[0] = d[0]``, ``x[t] = d[t] + a x[t-1]`` along the last axis, in log2(T) steps.
+
+    A parallel (Hillis-Steele) scan: after the step of shift ``k``, ``x[t] =
+    sum_{j < 2k} a^j d[t - j]``; the same sums as the sequential recursion, in
+    another order.
+
+    Parameters
+    ----------
+    d : Tensor, shape (..., T)
+    a : Tensor, shape (...) broadcastable against ``d[..., 0]``
+    """
+    x = d
+    power = a[..., None]
+    k = 1
+    n = d.shape[-1]
+    while k < n:
+        shifted = torch.cat([torch.zeros_like(x[..., :k]), x[..., :-k]], -1)
+        x = x + power * shifted
+        power = power * power
+        k *= 2
+    return x
 
 
 def arma11(y: torch.Tensor, theta_unit: float = 1.0) -> None:
@@ -228,9 +245,8 @@ def arma11(y: torch.Tensor, theta_unit: float = 1.0) -> None:
 
     ``nu[1] = mu + phi * mu`` (Stan's program assumes ``err[0] = 0`` and ``y[0] = mu``).
     The recursion is linear, ``err[t] = d[t] - theta * err[t-1]`` with
-    ``d[t] = y[t] - mu - phi * y[t-1]``, so it is evaluated in closed form,
-    ``err[t] = sum_{s <= t} (-theta)^(t - s) d[s]`` (one matrix product instead of
-    200 sequential steps; the same numbers up to rounding). ``err ~ normal(0, sigma)``
+    ``d[t] = y[t] - mu - phi * y[t-1]``, and is evaluated by a parallel scan
+    (:func:`linear_recursion`: 8 steps instead of 200; the same sums). ``err ~ normal(0, sigma)``
     is written ``y ~ normal(y - err, sigma)``: the same density.
 
     Parameters
@@ -257,9 +273,7 @@ def arma11(y: torch.Tensor, theta_unit: float = 1.0) -> None:
     first = torch.zeros_like(y)
     first[0] = 1.0
     d = y - m - p * (prev + first * m)  # d[1] = y[1] - mu - phi * mu
-    lag, mask = _lag_powers(y.shape[-1], y.dtype)
-    powers = torch.pow(-theta[..., None, None], lag) * mask
-    err = (powers * d[..., None, :]).sum(-1)
+    err = linear_recursion(d, -theta)
     pyro.sample("y", dist.Normal(y - err, sigma[..., None]).to_event(1), obs=y)
 
 
@@ -273,9 +287,9 @@ def garch11(y: torch.Tensor, sigma1: float) -> None:
 
     Flat priors on ``mu``, ``alpha0 > 0``, ``alpha1`` in (0, 1) and ``beta1`` in
     ``(0, 1 - alpha1)`` (sampled as ``beta1_raw``, see the module docstring). The
-    variance recursion is linear in ``sigma^2`` and evaluated in closed form,
-    ``sigma[t]^2 = beta1^(t-1) sigma1^2 + sum_{2 <= s <= t} beta1^(t-s) c[s]`` with
-    ``c[s] = alpha0 + alpha1 (y[s-1] - mu)^2``.
+    variance recursion is linear in ``sigma^2``, ``sigma[t]^2 = c[t] + beta1
+    sigma[t-1]^2`` with ``c[t] = alpha0 + alpha1 (y[t-1] - mu)^2``, and is evaluated
+    by a parallel scan (:func:`linear_recursion`).
     """
     mu = pyro.sample("mu", Flat(constraints.real, dtype=y.dtype))
     alpha0 = pyro.sample("alpha0", Flat(constraints.positive, dtype=y.dtype))
@@ -290,9 +304,7 @@ def garch11(y: torch.Tensor, sigma1: float) -> None:
     c = first * sigma1**2 + (1.0 - first) * (
         alpha0[..., None] + alpha1[..., None] * (prev - mu[..., None]) ** 2
     )
-    lag, mask = _lag_powers(y.shape[-1], y.dtype)
-    powers = torch.exp(lag * beta1.log()[..., None, None]) * mask
-    var = (powers * c[..., None, :]).sum(-1)
+    var = linear_recursion(c, beta1)
     loc = mu[..., None].expand(var.shape)
     pyro.sample("y", dist.Normal(loc, var.sqrt()).to_event(1), obs=y)
 
