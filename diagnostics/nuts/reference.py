@@ -905,13 +905,18 @@ def get_reference(
     model, data
         As for :func:`run_nuts`.
     kind : str
-        ``"auto"``, ``"nuts"`` or ``"exact"``.
+        ``"auto"``, ``"nuts"``, ``"exact"`` or ``"external"`` (a validation entry's
+        posteriordb draws, :func:`vimodels.validation.external_reference`).
     **nuts_options
         Passed to :func:`run_nuts` (``settings``, ``seed``, ``cache_dir`` ...); for exact
         draws only ``seed`` is used.
     """
+    if kind == "external":  # posteriordb's draws, for the validation suite's pdb_* entries
+        from vimodels.validation import external_reference
+
+        return external_reference(model)
     if kind not in ("auto", NUTS_KIND, EXACT_KIND):
-        raise OptionError(f"reference kind must be auto, nuts or exact, got {kind!r}")
+        raise OptionError(f"reference kind must be auto, nuts, exact or external, got {kind!r}")
     entry = (
         get_model(model)
         if isinstance(model, str)

@@ -46,10 +46,18 @@ assert len(MODELS) == len(_ENTRIES), "catalog names must be unique"
 
 
 def get_model(name: str) -> CatalogEntry:
-    """Return the catalog entry called ``name`` (raises UnknownNameError listing valid names)."""
+    """Return the catalog entry called ``name`` (raises UnknownNameError listing valid names).
+
+    ``pdb_*`` names resolve to the validation suite (:mod:`vimodels.validation`).
+    """
     try:
         return MODELS[name]
     except (KeyError, TypeError):
+        if isinstance(name, str) and name.startswith("pdb_"):
+            from vimodels.validation.registry import VALIDATION_MODELS
+
+            if name in VALIDATION_MODELS:
+                return VALIDATION_MODELS[name]
         raise UnknownNameError("model", name, MODELS) from None
 
 

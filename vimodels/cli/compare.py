@@ -39,9 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default runs/<model>/compare)")
     p.add_argument(
         "--reference",
-        choices=["auto", "nuts", "exact"],
+        choices=["auto", "nuts", "exact", "external"],
         default="auto",
-        help="auto: exact draws where the catalog has a sampler, else NUTS",
+        help="auto: exact draws where the catalog has a sampler, else NUTS; external: "
+        "posteriordb's draws (pdb_* models)",
     )
     p.add_argument("--draws", type=int, default=4000, help="guide draws per method")
     p.add_argument("--iwae-k", type=int, default=50, help="K of the IWAE bound")

@@ -64,7 +64,7 @@ TOP_KEYS = (
     "nuts",
 )
 COMPARE_KEYS = ("draws", "iwae_k", "num_evidence", "reference", "reference_seed", "reports")
-REFERENCE_KINDS = ("auto", "nuts", "exact")
+REFERENCE_KINDS = ("auto", "nuts", "exact", "external")
 
 
 @dataclass(frozen=True)
