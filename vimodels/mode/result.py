@@ -1,0 +1,349 @@
+"""Optimizer-based methods as a :class:`~vimodels.fit.FitResult`, like any SVI fit.
+
+``fit_by_optimizer`` runs ``pathfinder``, ``auto_laplace`` (L-BFGS mode plus the
+exact Hessian) or ``auto_delta`` (L-BFGS constrained MAP) and wraps the result:
+its guide is a Pyro guide over the model's latent sites (a fixed Gaussian or
+mixture of Gaussians; ``AutoDelta`` at the MAP), so ``sample``, ``log_weights``,
+PSIS k-hat, ArviZ export, compare and sweeps treat it as any other fit.
+``vimodels.fit(model, guide=name)`` calls it for these three names.
+
+This is the one module of :mod:`vimodels.mode` that imports the SVI fit module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import autoguide
+from pyro.infer.autoguide.initialization import init_to_value
+
+from vimodels.errors import IncompatibleError, OptionError, check_option
+from vimodels.mode.laplace import MAX_HESSIAN_DIM, laplace_from_mode
+from vimodels.mode.lbfgs import ModeResult, find_mode
+from vimodels.mode.pathfinder import PathfinderResult, pathfinder
+from vimodels.mode.potential import Potential, make_potential
+
+#: Guide names fitted by an optimizer instead of SVI, with the options each takes.
+OPTIMIZER_GUIDES: dict[str, tuple[str, ...]] = {
+    "pathfinder": (
+        "num_paths",
+        "num_draws",
+        "num_elbo_draws",
+        "history_size",
+        "max_iters",
+        "dtype",
+        "gtol",
+        "ftol",
+    ),
+    "auto_laplace": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol", "max_dim"),
+    "auto_delta": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol"),
+}
+
+# options the SVI guides take that mean nothing here but may come from a grid
+_IGNORED = ("init_loc_fn",)
+
+
+def _check_options(guide: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    opts = {k: v for k, v in options.items() if k not in _IGNORED}
+    unknown = set(opts) - set(OPTIMIZER_GUIDES[guide])
+    if unknown:
+        raise OptionError(
+            f"guide {guide!r} does not take option(s) {', '.join(sorted(unknown))}; it takes: "
+            f"{', '.join(OPTIMIZER_GUIDES[guide])}"
+        )
+    for key in ("num_paths", "num_draws", "num_elbo_draws", "history_size", "max_iters"):
+        if key in opts:
+            check_option(key, opts[key], kind=int, low=1)
+    if "num_inits" in opts:
+        check_option("num_inits", opts["num_inits"], kind=int, low=1)
+    if "dtype" in opts:
+        dt = opts["dtype"]
+        dt = {"float64": torch.float64, "float32": torch.float32}.get(dt, dt)
+        if dt not in (torch.float64, torch.float32):
+            raise OptionError(f"dtype must be 'float64' or 'float32', got {opts['dtype']!r}")
+        opts["dtype"] = dt
+    return opts
+
+
+def mode_report_dict(mode: ModeResult) -> dict[str, Any]:
+    """JSON-friendly form of a mode's report."""
+    r = mode.report
+    return {
+        "converged": r.converged,
+        "message": r.message,
+        "best": r.best,
+        "num_evals": r.num_evals,
+        "wall_time_s": r.wall_time,
+        "runs": [asdict(run) for run in r.runs],
+    }
+
+
+def fit_by_optimizer(
+    model: Any,
+    data: Mapping[str, Any] | None = None,
+    *,
+    guide: str,
+    elbo: str = "trace",
+    seed: int = 0,
+    num_eval: int = 1000,
+    sites: tuple[str, ...] | None = None,
+    guide_options: Mapping[str, Any] | None = None,
+    num_threads: int | None = 1,
+) -> Any:
+    """Fit ``pathfinder``, ``auto_laplace`` or ``auto_delta`` by L-BFGS; a ``FitResult``.
+
+    Parameters
+    ----------
+    model, data, seed, num_eval, sites, num_threads
+        As for :func:`vimodels.fit`.
+    guide : str
+        One of :data:`OPTIMIZER_GUIDES`.
+    elbo : str
+        Recorded as the result's ``elbo_name``; the reported ELBO is the standard
+        one, ``mean(log p(x, z) - log q(z))`` over ``num_eval`` guide draws.
+    guide_options : dict, optional
+        Options of the method (see :data:`OPTIMIZER_GUIDES`; ``dtype`` as
+        ``"float64"`` or ``"float32"``).
+
+    Returns
+    -------
+    FitResult
+        ``status`` ``converged`` when the L-BFGS runs met their tolerance, else
+        ``max_steps``; ``losses`` are ``-log p`` along the chosen L-BFGS run;
+        ``settings["mode"]`` (Laplace, delta) or ``settings["pathfinder"]`` report it.
+
+    Raises
+    ------
+    CurvatureError
+        ``auto_laplace`` when the Hessian at the mode is not positive definite.
+    IncompatibleError
+        For a model with discrete latent sites.
+    """
+    from vimodels.data import trace_check
+    from vimodels.fit import (
+        CONVERGED,
+        MAX_STEPS,
+        Bound,
+        FitResult,
+        _kw,
+        discrete_sites,
+        plate_depth,
+        resolve_model,
+        versions,
+    )
+    from vimodels.weights import elbo_estimate, log_weights
+
+    if guide not in OPTIMIZER_GUIDES:
+        raise OptionError(f"guide must be one of {', '.join(OPTIMIZER_GUIDES)}, got {guide!r}")
+    opts = _check_options(guide, guide_options or {})
+    check_option("seed", seed, kind=int, low=0)
+    check_option("num_eval", num_eval, kind=int, low=2)
+    entry, model_fn, data_dict, model_name = resolve_model(model, data)
+    model_tr = trace_check(model_fn, data_dict, model_name)
+    hidden = discrete_sites(model_tr)
+    if hidden:
+        raise IncompatibleError(
+            f"guide {guide!r} needs continuous latents; model {model_name!r} has discrete "
+            f"site(s) {', '.join(hidden)}. Use an SVI guide with elbo='enum', or marginalize them"
+        )
+    depth = plate_depth(model_tr)
+    if entry is not None and entry.max_plate_nesting is not None:
+        depth = max(depth, entry.max_plate_nesting)
+    if sites is None:
+        sites = (
+            entry.sites
+            if entry is not None
+            else tuple(
+                n
+                for n, s in model_tr.nodes.items()
+                if s["type"] == "sample"
+                and (not s["is_observed"] or s["infer"].get("_deterministic"))
+            )
+        )
+    tensor_keys = tuple(k for k, v in data_dict.items() if isinstance(v, torch.Tensor))
+    static = {k: v for k, v in data_dict.items() if k not in tensor_keys}
+    args = tuple(data_dict[k] for k in tensor_keys)
+    bound_model = Bound(model_fn, tensor_keys, static)
+    site_shapes = {
+        n: tuple(s["value"].shape)
+        for n, s in model_tr.nodes.items()
+        if s["type"] == "sample" and isinstance(s["value"], torch.Tensor)
+    }
+    dtype = opts.pop("dtype", torch.float64)
+    threads_before = torch.get_num_threads()
+    if num_threads is not None:
+        check_option("num_threads", num_threads, kind=int, low=1)
+        torch.set_num_threads(num_threads)
+    settings: dict[str, Any] = {
+        "guide": guide,
+        "guide_options": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in opts.items()},
+        "elbo": elbo,
+        "optimizer": "L-BFGS (strong Wolfe)",
+        "dtype": str(dtype).removeprefix("torch."),
+        "num_threads": torch.get_num_threads(),
+        "max_plate_nesting": depth,
+        "discrete_sites": [],
+        "num_eval": num_eval,
+        "average": False,
+        "averaged": None,
+        "step_compiler": "none",
+        "versions": versions(),
+    }
+    try:
+        with pyro.get_param_store().scope() as state:
+            t0 = time.perf_counter()
+            potential = make_potential(
+                model_fn, data_dict, dtype=dtype, jacobian=guide != "auto_delta"
+            )
+            if guide == "pathfinder":
+                pf = pathfinder(None, potential=potential, seed=seed, **opts)
+                sample_guide = _mixture_guide(bound_model, pf)
+                best_path = max(
+                    (r for r in pf.paths if r.best is not None), key=lambda r: r.best.elbo
+                )
+                losses = -best_path.path.log_densities.double().numpy()
+                converged = all(r.path.converged for r in pf.paths if r.best is not None)
+                num_steps = int(sum(r.path.num_iters for r in pf.paths))
+                message = f"Pathfinder: {pf.message}"
+                params = {
+                    "locs": np.stack([c.loc.double().numpy() for c in pf.components]),
+                    "scale_trils": np.stack([c.scale_tril.double().numpy() for c in pf.components]),
+                }
+                settings["pathfinder"] = {
+                    "message": pf.message,
+                    "k_hat": pf.k_hat,
+                    "elbo_mixture": pf.elbo,
+                    "num_evals": pf.num_evals,
+                    "num_components": len(pf.components),
+                    "best_iterations": [r.best.iteration for r in pf.paths if r.best],
+                    "path_lengths": [r.path.num_iters for r in pf.paths],
+                    "path_reasons": [r.path.reason for r in pf.paths],
+                }
+            else:
+                mode_opts = {k: v for k, v in opts.items() if k != "max_dim"}
+                mode = find_mode(None, potential=potential, seed=seed, **mode_opts)
+                path = mode.paths[mode.report.best]
+                losses = -path.log_densities.double().numpy()
+                converged = mode.report.converged
+                num_steps = int(sum(p.num_iters for p in mode.paths))
+                settings["mode"] = mode_report_dict(mode)
+                if guide == "auto_laplace":
+                    lap = laplace_from_mode(mode, opts.get("max_dim", MAX_HESSIAN_DIM))
+                    from vimodels.mode.guides import gaussian_guide
+
+                    sample_guide = gaussian_guide(bound_model, (lap.gaussian,))
+                    message = f"Laplace at the L-BFGS mode: {mode.report.message}"
+                    params = {
+                        "loc": lap.loc.double().numpy(),
+                        "scale_tril": lap.gaussian.scale_tril.double().numpy(),
+                    }
+                else:
+                    sample_guide = _delta_guide(bound_model, args, potential, mode)
+                    message = f"MAP by L-BFGS: {mode.report.message}"
+                    params = None
+            wall = time.perf_counter() - t0
+            pyro.set_rng_seed(seed + 3)
+            with torch.no_grad(), pyro.validation_enabled(False):
+                log_w = log_weights(
+                    _kw(bound_model),
+                    _kw(sample_guide),
+                    {f"_{i}": a for i, a in enumerate(args)},
+                    num_eval,
+                    depth,
+                )
+            est, se = elbo_estimate(log_w)
+            if params is None:
+                params = {
+                    name: pyro.param(name).detach().double().numpy().copy()
+                    for name in pyro.get_param_store().keys()
+                }
+    finally:
+        torch.set_num_threads(threads_before)
+    return FitResult(
+        model_name=model_name,
+        guide_name=guide,
+        elbo_name=elbo,
+        losses=np.asarray(losses, dtype=float),
+        elbo=est,
+        elbo_se=se,
+        params=params,
+        status=CONVERGED if converged else MAX_STEPS,
+        converged=converged,
+        num_steps=num_steps,
+        wall_time=wall,
+        seed=seed,
+        settings=settings,
+        message=message,
+        sites=tuple(sites),
+        entry=entry,
+        model=bound_model,
+        guide=sample_guide,
+        args=args,
+        data=data_dict,
+        param_state=state,
+        max_plate_nesting=depth,
+        discrete_sites=(),
+        site_shapes=site_shapes,
+    )
+
+
+def _mixture_guide(model: Callable, pf: PathfinderResult) -> Any:
+    from vimodels.mode.guides import gaussian_guide
+
+    return gaussian_guide(model, pf.components)
+
+
+def _delta_guide(model: Callable, args: tuple, potential: Potential, mode: ModeResult) -> Any:
+    """An ``AutoDelta`` whose parameters are the constrained MAP (registered in the scope)."""
+    values = {
+        k: torch.as_tensor(v, dtype=torch.get_default_dtype()) for k, v in mode.values.items()
+    }
+    guide = autoguide.AutoDelta(model, init_loc_fn=init_to_value(values=values))
+    guide(*args)  # creates the parameters at the MAP
+    return guide
+
+
+def gaussian_for_init(
+    init: str,
+    model_fn: Callable,
+    data: Mapping[str, Any],
+    seed: int,
+    hidden: tuple[str, ...] = (),
+) -> tuple[Any, Potential, str]:
+    """The Gaussian an SVI fit starts from (``init="laplace"`` or ``"pathfinder"``).
+
+    Returns
+    -------
+    gaussian : Gaussian
+        Laplace's, or the best-ELBO one of Pathfinder's paths.
+    potential : Potential
+        Its layout.
+    note : str
+        One line for the fit's settings.
+    """
+    if init not in ("laplace", "pathfinder"):
+        raise OptionError(f"init must be None, 'laplace' or 'pathfinder', got {init!r}")
+    if hidden:
+        raise IncompatibleError(
+            f"init={init!r} needs continuous latents; the model has discrete site(s) "
+            f"{', '.join(hidden)}"
+        )
+    t0 = time.perf_counter()
+    potential = make_potential(model_fn, data, dtype=torch.float64)
+    if init == "laplace":
+        mode = find_mode(None, potential=potential, seed=seed)
+        lap = laplace_from_mode(mode)
+        note = f"laplace: {mode.report.message}"
+        gaussian = lap.gaussian
+    else:
+        pf = pathfinder(None, potential=potential, seed=seed)
+        best = max((r for r in pf.paths if r.best is not None), key=lambda r: r.best.elbo)
+        gaussian = best.best.gaussian()
+        note = f"pathfinder: {pf.message}"
+    return gaussian, potential, f"{note} ({time.perf_counter() - t0:.2f} s)"
