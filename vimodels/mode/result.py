@@ -24,7 +24,7 @@ from pyro.infer import autoguide
 from pyro.infer.autoguide.initialization import init_to_value
 
 from vimodels.errors import IncompatibleError, OptionError, check_option
-from vimodels.mode.laplace import MAX_HESSIAN_DIM, laplace_from_mode
+from vimodels.mode.laplace import MAX_HESSIAN_DIM, Gaussian, laplace_from_mode
 from vimodels.mode.lbfgs import ModeResult, find_mode
 from vimodels.mode.pathfinder import PathfinderResult, pathfinder
 from vimodels.mode.potential import Potential, make_potential
@@ -44,6 +44,25 @@ OPTIMIZER_GUIDES: dict[str, tuple[str, ...]] = {
     "auto_laplace": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol", "max_dim"),
     "auto_delta": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol"),
 }
+
+#: Guides that ``fit(..., init="laplace" | "pathfinder")`` can start from a Gaussian.
+INIT_GUIDES = ("auto_normal", "auto_multivariate_normal", "auto_lowrank_multivariate_normal")
+INIT_METHODS = ("laplace", "pathfinder")
+
+
+def check_init(init: Any, guide: Any) -> None:
+    """Raise OptionError / IncompatibleError for an ``init`` that ``fit`` cannot use."""
+    if init is None:
+        return
+    if init not in INIT_METHODS:
+        raise OptionError(f"init must be None, 'laplace' or 'pathfinder', got {init!r}")
+    if not (isinstance(guide, str) and guide in INIT_GUIDES):
+        name = guide if isinstance(guide, str) else getattr(guide, "__name__", "user guide")
+        raise IncompatibleError(
+            f"init={init!r} starts a Gaussian autoguide ({', '.join(INIT_GUIDES)}); "
+            f"guide {name!r} is not one. Drop init or use one of those guides"
+        )
+
 
 # options the SVI guides take that mean nothing here but may come from a grid
 _IGNORED = ("init_loc_fn",)
@@ -125,56 +144,24 @@ def fit_by_optimizer(
     IncompatibleError
         For a model with discrete latent sites.
     """
-    from vimodels.data import trace_check
-    from vimodels.fit import (
-        CONVERGED,
-        MAX_STEPS,
-        Bound,
-        FitResult,
-        _kw,
-        discrete_sites,
-        plate_depth,
-        resolve_model,
-        versions,
-    )
-    from vimodels.weights import elbo_estimate, log_weights
+    from vimodels.svi.binding import bind, keyword_call, positional_kwargs
+    from vimodels.svi.result import CONVERGED, MAX_STEPS, FitResult
+    from vimodels.svi.weights import elbo_estimate, log_weights
+    from vimodels.versions import versions
 
     if guide not in OPTIMIZER_GUIDES:
         raise OptionError(f"guide must be one of {', '.join(OPTIMIZER_GUIDES)}, got {guide!r}")
     opts = _check_options(guide, guide_options or {})
     check_option("seed", seed, kind=int, low=0)
     check_option("num_eval", num_eval, kind=int, low=2)
-    entry, model_fn, data_dict, model_name = resolve_model(model, data)
-    model_tr = trace_check(model_fn, data_dict, model_name)
-    hidden = discrete_sites(model_tr)
-    if hidden:
+    binding = bind(model, data, discrete_ok=True, sites=sites)
+    if binding.hidden:
         raise IncompatibleError(
-            f"guide {guide!r} needs continuous latents; model {model_name!r} has discrete "
-            f"site(s) {', '.join(hidden)}. Use an SVI guide with elbo='enum', or marginalize them"
+            f"guide {guide!r} needs continuous latents; model {binding.name!r} has discrete "
+            f"site(s) {', '.join(binding.hidden)}. Use an SVI guide with elbo='enum', or "
+            "marginalize them in the model"
         )
-    depth = plate_depth(model_tr)
-    if entry is not None and entry.max_plate_nesting is not None:
-        depth = max(depth, entry.max_plate_nesting)
-    if sites is None:
-        sites = (
-            entry.sites
-            if entry is not None
-            else tuple(
-                n
-                for n, s in model_tr.nodes.items()
-                if s["type"] == "sample"
-                and (not s["is_observed"] or s["infer"].get("_deterministic"))
-            )
-        )
-    tensor_keys = tuple(k for k, v in data_dict.items() if isinstance(v, torch.Tensor))
-    static = {k: v for k, v in data_dict.items() if k not in tensor_keys}
-    args = tuple(data_dict[k] for k in tensor_keys)
-    bound_model = Bound(model_fn, tensor_keys, static)
-    site_shapes = {
-        n: tuple(s["value"].shape)
-        for n, s in model_tr.nodes.items()
-        if s["type"] == "sample" and isinstance(s["value"], torch.Tensor)
-    }
+    depth, args, bound_model = binding.depth, binding.args, binding.model
     dtype = opts.pop("dtype", torch.float64)
     threads_before = torch.get_num_threads()
     if num_threads is not None:
@@ -199,7 +186,7 @@ def fit_by_optimizer(
         with pyro.get_param_store().scope() as state:
             t0 = time.perf_counter()
             potential = make_potential(
-                model_fn, data_dict, dtype=dtype, jacobian=guide != "auto_delta"
+                binding.model_fn, binding.data, dtype=dtype, jacobian=guide != "auto_delta"
             )
             if guide == "pathfinder":
                 pf = pathfinder(None, potential=potential, seed=seed, **opts)
@@ -251,9 +238,9 @@ def fit_by_optimizer(
             pyro.set_rng_seed(seed + 3)
             with torch.no_grad(), pyro.validation_enabled(False):
                 log_w = log_weights(
-                    _kw(bound_model),
-                    _kw(sample_guide),
-                    {f"_{i}": a for i, a in enumerate(args)},
+                    keyword_call(bound_model),
+                    keyword_call(sample_guide),
+                    positional_kwargs(args),
                     num_eval,
                     depth,
                 )
@@ -266,7 +253,7 @@ def fit_by_optimizer(
     finally:
         torch.set_num_threads(threads_before)
     return FitResult(
-        model_name=model_name,
+        model_name=binding.name,
         guide_name=guide,
         elbo_name=elbo,
         losses=np.asarray(losses, dtype=float),
@@ -280,16 +267,16 @@ def fit_by_optimizer(
         seed=seed,
         settings=settings,
         message=message,
-        sites=tuple(sites),
-        entry=entry,
+        sites=binding.sites,
+        entry=binding.entry,
         model=bound_model,
         guide=sample_guide,
         args=args,
-        data=data_dict,
+        data=binding.data,
         param_state=state,
         max_plate_nesting=depth,
         discrete_sites=(),
-        site_shapes=site_shapes,
+        site_shapes=binding.site_shapes,
     )
 
 
@@ -315,7 +302,7 @@ def gaussian_for_init(
     data: Mapping[str, Any],
     seed: int,
     hidden: tuple[str, ...] = (),
-) -> tuple[Any, Potential, str]:
+) -> tuple[Gaussian, Potential, str]:
     """The Gaussian an SVI fit starts from (``init="laplace"`` or ``"pathfinder"``).
 
     Returns
@@ -347,3 +334,17 @@ def gaussian_for_init(
         gaussian = best.best.gaussian()
         note = f"pathfinder: {pf.message}"
     return gaussian, potential, f"{note} ({time.perf_counter() - t0:.2f} s)"
+
+
+def apply_init(guide: Any, gaussian: Gaussian, potential: Potential, args: tuple) -> None:
+    """Run ``guide`` once (creating its parameters) and start them at ``gaussian``.
+
+    Called inside the fit's parameter-store scope, before the first SVI step.
+    """
+    from pyro import poutine
+
+    from vimodels.mode.guides import initialize_gaussian_guide
+
+    with poutine.block():
+        guide(*args)
+    initialize_gaussian_guide(guide, gaussian, potential)
