@@ -178,7 +178,7 @@ AUTO_GUIDES: tuple[GuideSpec, ...] = (
     GuideSpec(
         "pathfinder",
         _fitted_by_optimizer,
-        "Pathfinder: best-ELBO Gaussians along L-BFGS paths, mixed over 4 paths (Zhang et al.)",
+        "Pathfinder: the best-ELBO Gaussian along 4 L-BFGS paths (Zhang et al. 2022)",
         options=_optimizer_options("pathfinder"),
     ),
     GuideSpec(

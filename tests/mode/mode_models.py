@@ -6,7 +6,6 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions import constraints
 
 
 def correlated_gaussian(dim: int = 50, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
@@ -31,10 +30,11 @@ def gaussian_model(mean, scale_tril):
 
 
 def flat_direction_model(y):
-    """``a``, ``b`` informed by ``y``; ``c`` has an improper flat prior and no likelihood."""
+    """``a``, ``b`` informed by ``y``; ``c`` has a flat density (its prior cancelled) and no data."""
     a = pyro.sample("a", dist.Normal(0.0, 1.0))
     b = pyro.sample("b", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
-    pyro.sample("c", dist.ImproperUniform(constraints.real, (), ()))
+    c = pyro.sample("c", dist.Normal(0.0, 1.0))
+    pyro.factor("flat_c", -dist.Normal(0.0, 1.0).log_prob(c))
     with pyro.plate("data", y.shape[0]):
         pyro.sample("y", dist.Normal(a + b.sum(-1), 1.0), obs=y)
 

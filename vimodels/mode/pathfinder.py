@@ -110,8 +110,12 @@ class PathfinderResult:
     Attributes
     ----------
     components : tuple of Gaussian
-        Each usable path's best Gaussian (unconstrained); the approximation is
-        their equal-weight mixture.
+        Each usable path's best Gaussian (unconstrained); the pooled draws come
+        from their equal-weight mixture.
+    component_elbos : tuple of float
+        Each component's ELBO from its ``num_draws // P`` pooled draws (nats).
+    best : int
+        The component with the highest of these: "the" Pathfinder Gaussian.
     paths : tuple of SinglePathResult
         All paths, usable or not.
     draws : Tensor, shape (num_draws, dim)
@@ -129,6 +133,8 @@ class PathfinderResult:
     """
 
     components: tuple[Gaussian, ...]
+    component_elbos: tuple[float, ...]
+    best: int
     paths: tuple[SinglePathResult, ...] = field(repr=False)
     draws: torch.Tensor = field(repr=False)
     k_hat: float
@@ -428,10 +434,11 @@ def pathfinder(
             f"Pathfinder found no usable Gaussian on {num_paths} path(s) (L-BFGS ended by: "
             f"{reasons}); try more paths, a larger max_iters, or an init inside the support"
         )
-    components = []
+    components, kept = [], []
     for r in usable:
         try:
             components.append(r.best.gaussian())
+            kept.append(r)
         except (RuntimeError, torch.linalg.LinAlgError):
             continue
     if not components:
@@ -450,6 +457,19 @@ def pathfinder(
     with torch.no_grad():
         log_p = potential.log_density_batch(pooled)
         log_q = mixture_log_density(components, pooled)
+        own = torch.cat(
+            [
+                torch.distributions.MultivariateNormal(c.loc, scale_tril=c.scale_tril).log_prob(
+                    pooled[i * per : (i + 1) * per]
+                )
+                for i, c in enumerate(components)
+            ]
+        )
+    # each component's own ELBO from its share of the pooled draws (not the 25-draw
+    # estimates that chose it along its path, which favour lucky draws)
+    own_w = (log_p - own).double().numpy().reshape(len(components), per)
+    component_elbos = tuple(float(w.mean()) if np.isfinite(w).all() else -math.inf for w in own_w)
+    best = int(np.argmax(component_elbos))
     log_w = (log_p - log_q).double().numpy()
     finite = np.isfinite(log_w)
     log_w = np.where(finite, log_w, -np.inf)
@@ -461,14 +481,17 @@ def pathfinder(
     rng = np.random.default_rng(seed)
     idx = rng.choice(pooled.shape[0], size=num_draws, replace=True, p=probs)
     draws = pooled[torch.as_tensor(idx)]
-    iters = [r.best.iteration for r in usable]
+    iters = [r.best.iteration for r in kept]
     msg = (
         f"{len(components)} of {num_paths} path(s) usable; best Gaussians at L-BFGS "
-        f"iterations {iters} of {[r.path.num_iters for r in usable]}; mixture ELBO "
-        f"{elbo:.4g}; Pareto k {k_hat:.2f}"
+        f"iterations {iters} of {[r.path.num_iters for r in kept]}; their ELBOs "
+        f"{', '.join(f'{e:.4g}' for e in component_elbos)} (best: path {best + 1}); "
+        f"mixture ELBO {elbo:.4g}; Pareto k {k_hat:.2f}"
     )
     return PathfinderResult(
         components,
+        component_elbos,
+        best,
         results,
         draws,
         k_hat,
@@ -478,24 +501,3 @@ def pathfinder(
         msg,
         potential,
     )
-
-
-def check_gaussian_options(options: Mapping[str, Any]) -> None:
-    """Raise OptionError for a Pathfinder option it does not know."""
-    known = {
-        "num_paths",
-        "num_draws",
-        "num_elbo_draws",
-        "history_size",
-        "max_iters",
-        "init",
-        "dtype",
-        "gtol",
-        "ftol",
-    }
-    unknown = set(options) - known
-    if unknown:
-        raise OptionError(
-            f"pathfinder does not take option(s) {', '.join(sorted(unknown))}; it takes: "
-            f"{', '.join(sorted(known))}"
-        )

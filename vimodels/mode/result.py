@@ -40,6 +40,7 @@ OPTIMIZER_GUIDES: dict[str, tuple[str, ...]] = {
         "dtype",
         "gtol",
         "ftol",
+        "mixture",
     ),
     "auto_laplace": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol", "max_dim"),
     "auto_delta": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol"),
@@ -189,8 +190,9 @@ def fit_by_optimizer(
                 binding.model_fn, binding.data, dtype=dtype, jacobian=guide != "auto_delta"
             )
             if guide == "pathfinder":
+                mixture = bool(opts.pop("mixture", False))
                 pf = pathfinder(None, potential=potential, seed=seed, **opts)
-                sample_guide = _mixture_guide(bound_model, pf)
+                sample_guide = _pathfinder_guide(bound_model, pf, mixture)
                 best_path = max(
                     (r for r in pf.paths if r.best is not None), key=lambda r: r.best.elbo
                 )
@@ -208,6 +210,8 @@ def fit_by_optimizer(
                     "elbo_mixture": pf.elbo,
                     "num_evals": pf.num_evals,
                     "num_components": len(pf.components),
+                    "component_elbos": list(pf.component_elbos),
+                    "guide": "mixture" if mixture else f"component {pf.best + 1}",
                     "best_iterations": [r.best.iteration for r in pf.paths if r.best],
                     "path_lengths": [r.path.num_iters for r in pf.paths],
                     "path_reasons": [r.path.reason for r in pf.paths],
@@ -280,10 +284,11 @@ def fit_by_optimizer(
     )
 
 
-def _mixture_guide(model: Callable, pf: PathfinderResult) -> Any:
+def _pathfinder_guide(model: Callable, pf: PathfinderResult, mixture: bool) -> Any:
+    """The best component's Gaussian, or (``mixture``) the equal-weight mixture of all."""
     from vimodels.mode.guides import gaussian_guide
 
-    return gaussian_guide(model, pf.components)
+    return gaussian_guide(model, pf.components if mixture else (pf.components[pf.best],))
 
 
 def _delta_guide(model: Callable, args: tuple, potential: Potential, mode: ModeResult) -> Any:
@@ -330,8 +335,7 @@ def gaussian_for_init(
         gaussian = lap.gaussian
     else:
         pf = pathfinder(None, potential=potential, seed=seed)
-        best = max((r for r in pf.paths if r.best is not None), key=lambda r: r.best.elbo)
-        gaussian = best.best.gaussian()
+        gaussian = pf.components[pf.best]
         note = f"pathfinder: {pf.message}"
     return gaussian, potential, f"{note} ({time.perf_counter() - t0:.2f} s)"
 
