@@ -30,7 +30,7 @@ def gaussian_model(mean, scale_tril):
 
 
 def flat_direction_model(y):
-    """``a``, ``b`` informed by ``y``; ``c`` has a flat density (its prior cancelled) and no data."""
+    """``a``, ``b`` informed by ``y``; ``c``: flat density (prior cancelled), no data."""
     a = pyro.sample("a", dist.Normal(0.0, 1.0))
     b = pyro.sample("b", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
     c = pyro.sample("c", dist.Normal(0.0, 1.0))
