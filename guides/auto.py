@@ -116,9 +116,26 @@ def _structured(model: Callable, data: dict, hidden: tuple[str, ...] = (), **opt
     return autoguide.AutoStructured(_hide(model, hidden), **kwargs)
 
 
-def _optimizer_options(name: str) -> tuple[str, ...]:
-    from vimodels.mode.result import OPTIMIZER_GUIDES
+#: Guides fitted by L-BFGS instead of SVI (vimodels.mode, vimodels.svi.by_optimizer),
+#: with the options each takes.
+OPTIMIZER_GUIDES: dict[str, tuple[str, ...]] = {
+    "pathfinder": (
+        "num_paths",
+        "num_draws",
+        "num_elbo_draws",
+        "history_size",
+        "max_iters",
+        "dtype",
+        "gtol",
+        "ftol",
+        "mixture",
+    ),
+    "auto_laplace": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol", "max_dim"),
+    "auto_delta": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol"),
+}
 
+
+def _optimizer_options(name: str) -> tuple[str, ...]:
     return OPTIMIZER_GUIDES[name]
 
 

@@ -7,6 +7,8 @@ import pytest
 
 import guides
 import vimodels
+from diagnostics.comparison import compare
+from diagnostics.nuts.reference import exact_reference
 from vimodels.errors import IncompatibleError, OptionError
 
 CONJ = "conjugate_linear_regression"
@@ -45,9 +47,6 @@ def test_auto_delta_is_the_map(exact):
 
 
 def test_pathfinder_by_name_is_a_fit_result_like_any_other(exact, tmp_path):
-    from diagnostics.compare import compare
-    from diagnostics.nuts.reference import exact_reference
-
     r = vimodels.fit(CONJ, guide="pathfinder", num_eval=1000)
     assert isinstance(r, vimodels.FitResult) and r.guide_name == "pathfinder"
     assert r.settings["pathfinder"]["num_components"] == 4

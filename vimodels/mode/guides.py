@@ -16,6 +16,7 @@ from operator import attrgetter
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
+from pyro.distributions.transforms import biject_to
 from pyro.infer import autoguide
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroParam
@@ -50,8 +51,6 @@ def check_layout(guide: autoguide.AutoGuide, potential: Potential) -> None:
 
 
 def _unconstrained_shape(site: dict) -> tuple[int, ...]:
-    from pyro.distributions.transforms import biject_to
-
     return tuple(biject_to(site["fn"].support).inv(site["value"]).shape)
 
 

@@ -22,6 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from vimodels.catalog.base import CatalogEntry
+from vimodels.catalog.registry import get_model
+from vimodels.data import prepare_data
 from vimodels.errors import OptionError, check_option
 from vimodels.mode.potential import Potential, make_potential
 
@@ -456,10 +459,6 @@ def potential_for(
     jacobian: bool = True,
 ) -> Potential:
     """:func:`make_potential` for a catalog name or entry, or a model with its data."""
-    from vimodels.catalog.base import CatalogEntry
-    from vimodels.catalog.registry import get_model
-    from vimodels.data import prepare_data
-
     if isinstance(model, str):
         model = get_model(model)
     if isinstance(model, CatalogEntry):

@@ -25,6 +25,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.poutine.util import site_is_subsample
 
 from vimodels.errors import IncompatibleError, OptionError
@@ -313,8 +314,6 @@ def make_potential(
     OptionError
         For a dtype other than float32/float64.
     """
-    from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
-
     if dtype not in (torch.float32, torch.float64):
         raise OptionError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     data = cast_data(data or {}, dtype)

@@ -28,15 +28,15 @@ from pyro.infer.autoguide import AutoLaplaceApproximation
 import guides as guide_registry
 from vimodels.catalog.base import CatalogEntry
 from vimodels.errors import OptionError, check_option
-from vimodels.mode.result import (
+from vimodels.svi import elbos as elbo_registry
+from vimodels.svi.binding import Binding, Bound, bind, keyword_call, positional_kwargs
+from vimodels.svi.by_optimizer import (
     OPTIMIZER_GUIDES,
     apply_init,
     check_init,
     fit_by_optimizer,
     gaussian_for_init,
 )
-from vimodels.svi import elbos as elbo_registry
-from vimodels.svi.binding import Binding, Bound, bind, keyword_call, positional_kwargs
 from vimodels.svi.convergence import ConvergenceRule
 from vimodels.svi.loop import LoopOutcome, LoopSettings, Objective, run_loop
 from vimodels.svi.result import NONFINITE, FitProgress, FitResult
@@ -148,7 +148,7 @@ def fit(
     Notes
     -----
     ``guide="pathfinder"``, ``"auto_laplace"`` and ``"auto_delta"`` are fitted by
-    L-BFGS, not Adam (:func:`vimodels.mode.result.fit_by_optimizer`): Pathfinder,
+    L-BFGS, not Adam (:func:`vimodels.svi.by_optimizer.fit_by_optimizer`): Pathfinder,
     the mode plus the exact Hessian, the constrained MAP. The SVI options
     (``num_steps``, ``lr``, ``elbo_options``, ``callback`` ...) do not apply to them;
     their ``guide_options`` are the optimizer's (``num_paths``, ``max_iters`` ...).

@@ -1,4 +1,4 @@
-"""Optimizer-based methods as a :class:`~vimodels.fit.FitResult`, like any SVI fit.
+"""Optimizer-based methods as a :class:`~vimodels.svi.result.FitResult`, like any SVI fit.
 
 ``fit_by_optimizer`` runs ``pathfinder``, ``auto_laplace`` (L-BFGS mode plus the
 exact Hessian) or ``auto_delta`` (L-BFGS constrained MAP) and wraps the result:
@@ -7,7 +7,8 @@ mixture of Gaussians; ``AutoDelta`` at the MAP), so ``sample``, ``log_weights``,
 PSIS k-hat, ArviZ export, compare and sweeps treat it as any other fit.
 ``vimodels.fit(model, guide=name)`` calls it for these three names.
 
-This is the one module of :mod:`vimodels.mode` that imports the SVI fit module.
+The methods themselves are in :mod:`vimodels.mode`; this module only binds
+the model (as SVI does) and wraps their result.
 """
 
 from __future__ import annotations
@@ -20,31 +21,21 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import autoguide
 from pyro.infer.autoguide.initialization import init_to_value
 
+from guides.auto import OPTIMIZER_GUIDES
 from vimodels.errors import IncompatibleError, OptionError, check_option
+from vimodels.mode.guides import gaussian_guide, initialize_gaussian_guide
 from vimodels.mode.laplace import MAX_HESSIAN_DIM, Gaussian, laplace_from_mode
 from vimodels.mode.lbfgs import ModeResult, find_mode
 from vimodels.mode.pathfinder import PathfinderResult, pathfinder
 from vimodels.mode.potential import Potential, make_potential
-
-#: Guide names fitted by an optimizer instead of SVI, with the options each takes.
-OPTIMIZER_GUIDES: dict[str, tuple[str, ...]] = {
-    "pathfinder": (
-        "num_paths",
-        "num_draws",
-        "num_elbo_draws",
-        "history_size",
-        "max_iters",
-        "dtype",
-        "gtol",
-        "ftol",
-        "mixture",
-    ),
-    "auto_laplace": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol", "max_dim"),
-    "auto_delta": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol"),
-}
+from vimodels.svi.binding import bind, keyword_call, positional_kwargs
+from vimodels.svi.result import CONVERGED, MAX_STEPS, FitResult
+from vimodels.svi.weights import elbo_estimate, log_weights
+from vimodels.versions import versions
 
 #: Guides that ``fit(..., init="laplace" | "pathfinder")`` can start from a Gaussian.
 INIT_GUIDES = ("auto_normal", "auto_multivariate_normal", "auto_lowrank_multivariate_normal")
@@ -145,11 +136,6 @@ def fit_by_optimizer(
     IncompatibleError
         For a model with discrete latent sites.
     """
-    from vimodels.svi.binding import bind, keyword_call, positional_kwargs
-    from vimodels.svi.result import CONVERGED, MAX_STEPS, FitResult
-    from vimodels.svi.weights import elbo_estimate, log_weights
-    from vimodels.versions import versions
-
     if guide not in OPTIMIZER_GUIDES:
         raise OptionError(f"guide must be one of {', '.join(OPTIMIZER_GUIDES)}, got {guide!r}")
     opts = _check_options(guide, guide_options or {})
@@ -226,8 +212,6 @@ def fit_by_optimizer(
                 settings["mode"] = mode_report_dict(mode)
                 if guide == "auto_laplace":
                     lap = laplace_from_mode(mode, opts.get("max_dim", MAX_HESSIAN_DIM))
-                    from vimodels.mode.guides import gaussian_guide
-
                     sample_guide = gaussian_guide(bound_model, (lap.gaussian,))
                     message = f"Laplace at the L-BFGS mode: {mode.report.message}"
                     params = {
@@ -286,8 +270,6 @@ def fit_by_optimizer(
 
 def _pathfinder_guide(model: Callable, pf: PathfinderResult, mixture: bool) -> Any:
     """The best component's Gaussian, or (``mixture``) the equal-weight mixture of all."""
-    from vimodels.mode.guides import gaussian_guide
-
     return gaussian_guide(model, pf.components if mixture else (pf.components[pf.best],))
 
 
@@ -345,10 +327,6 @@ def apply_init(guide: Any, gaussian: Gaussian, potential: Potential, args: tuple
 
     Called inside the fit's parameter-store scope, before the first SVI step.
     """
-    from pyro import poutine
-
-    from vimodels.mode.guides import initialize_gaussian_guide
-
     with poutine.block():
         guide(*args)
     initialize_gaussian_guide(guide, gaussian, potential)
