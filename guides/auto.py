@@ -129,6 +129,7 @@ OPTIMIZER_GUIDES: dict[str, tuple[str, ...]] = {
         "gtol",
         "ftol",
         "mixture",
+        "lbfgs_history_size",
     ),
     "auto_laplace": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol", "max_dim"),
     "auto_delta": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol"),

@@ -352,7 +352,7 @@ def find_mode(
     init: torch.Tensor | np.ndarray | None = None,
     seed: int = 0,
     max_iters: int = 1000,
-    history_size: int = 10,
+    history_size: int = 100,
     gtol: float = 1e-8,
     ftol: float = 1e-13,
     dtype: torch.dtype = torch.float64,
@@ -374,7 +374,10 @@ def find_mode(
     seed : int
         Seed of the random starts.
     max_iters, history_size, gtol, ftol
-        See :func:`lbfgs_run`.
+        See :func:`lbfgs_run`; the memory defaults to torch's 100 pairs, which
+        makes L-BFGS a full BFGS on posteriors of up to 100 dimensions (on a
+        26-parameter regression with near-collinear features, memory 10 needed
+        over 1000 iterations per start, memory 100 a few dozen).
     dtype : torch.dtype
         float64 (default) or float32.
     jacobian : bool

@@ -299,6 +299,7 @@ def single_path(
     num_elbo_draws: int = 25,
     max_iters: int = 1000,
     path: LbfgsPath | None = None,
+    lbfgs_history_size: int = 100,
     **lbfgs_options: Any,
 ) -> SinglePathResult:
     """Single-path Pathfinder (Algorithm 1): the best-ELBO Gaussian along one L-BFGS path.
@@ -312,17 +313,27 @@ def single_path(
         For the ELBO draws (one set of ``num_elbo_draws`` standard normals per
         path, shared by its iterates).
     history_size : int
-        Pairs in the inverse-Hessian estimate (the paper's J = 6).
+        Pairs in the inverse-Hessian estimate (J; Stan's 5, the paper's 6).
     num_elbo_draws : int
-        Draws per ELBO estimate (the paper's K = 5).
+        Draws per ELBO estimate (K; Stan's 25, the paper's 5).
     max_iters : int
         L-BFGS iterations at most.
     path : LbfgsPath, optional
         An existing path (then ``start`` is ignored).
+    lbfgs_history_size : int
+        The optimizer's own memory. The paper uses J for both; a longer memory
+        reaches the mode of a correlated posterior in far fewer iterations (on a
+        26-parameter regression with near-collinear features: memory 5 or 10 ran
+        out of 1000 iterations, memory 100 needs about a hundred), while the
+        Gaussians keep the last J pairs.
     """
     if path is None:
         path = lbfgs_run(
-            potential, start, max_iters=max_iters, history_size=history_size, **lbfgs_options
+            potential,
+            start,
+            max_iters=max_iters,
+            history_size=lbfgs_history_size,
+            **lbfgs_options,
         )
     best: PathGaussian | None = None
     elbos = np.full(path.num_iters, -np.inf)
@@ -378,8 +389,7 @@ def pathfinder(
     num_elbo_draws : int
         Draws per ELBO estimate along a path (K; Stan's default 25, the paper's 5).
     history_size : int
-        L-BFGS memory and pairs of the inverse-Hessian estimate (J; Stan's 5,
-        the paper's 6).
+        Pairs of the inverse-Hessian estimate (J; Stan's 5, the paper's 6).
     max_iters : int
         L-BFGS iterations per path at most.
     seed : int
@@ -389,7 +399,8 @@ def pathfinder(
     potential : Potential, optional
         Reuse one (then ``model``, ``data`` and ``dtype`` are ignored).
     **lbfgs_options
-        ``gtol``, ``ftol`` of :func:`~vimodels.mode.lbfgs.lbfgs_run`.
+        ``gtol``, ``ftol`` of :func:`~vimodels.mode.lbfgs.lbfgs_run`, and
+        ``lbfgs_history_size`` (default 100) of :func:`single_path`.
 
     Returns
     -------

@@ -68,7 +68,15 @@ def _check_options(guide: str, options: Mapping[str, Any]) -> dict[str, Any]:
             f"guide {guide!r} does not take option(s) {', '.join(sorted(unknown))}; it takes: "
             f"{', '.join(OPTIMIZER_GUIDES[guide])}"
         )
-    for key in ("num_paths", "num_draws", "num_elbo_draws", "history_size", "max_iters"):
+    for key in (
+        "num_paths",
+        "num_draws",
+        "num_elbo_draws",
+        "history_size",
+        "max_iters",
+        "lbfgs_history_size",
+        "num_inits",
+    ):
         if key in opts:
             check_option(key, opts[key], kind=int, low=1)
     if "num_inits" in opts:
