@@ -299,7 +299,7 @@ def single_path(
     num_elbo_draws: int = 25,
     max_iters: int = 1000,
     path: LbfgsPath | None = None,
-    lbfgs_history_size: int = 100,
+    lbfgs_history_size: int | None = None,
     **lbfgs_options: Any,
 ) -> SinglePathResult:
     """Single-path Pathfinder (Algorithm 1): the best-ELBO Gaussian along one L-BFGS path.
@@ -320,19 +320,20 @@ def single_path(
         L-BFGS iterations at most.
     path : LbfgsPath, optional
         An existing path (then ``start`` is ignored).
-    lbfgs_history_size : int
-        The optimizer's own memory. The paper uses J for both; a longer memory
-        reaches the mode of a correlated posterior in far fewer iterations (on a
-        26-parameter regression with near-collinear features: memory 5 or 10 ran
-        out of 1000 iterations, memory 100 needs about a hundred), while the
-        Gaussians keep the last J pairs.
+    lbfgs_history_size : int, optional
+        The optimizer's own memory; default ``history_size`` (the paper's
+        choice). A longer memory reaches the mode of a correlated posterior in
+        far fewer iterations (26-parameter regression with near-collinear
+        features: about a hundred with 100, over 1000 with 5), but a shorter
+        path offers fewer Gaussians: on eight schools memory 100 gave an ELBO
+        of -42.8 where the default gives -33 to -39.
     """
     if path is None:
         path = lbfgs_run(
             potential,
             start,
             max_iters=max_iters,
-            history_size=lbfgs_history_size,
+            history_size=lbfgs_history_size or history_size,
             **lbfgs_options,
         )
     best: PathGaussian | None = None
@@ -400,7 +401,7 @@ def pathfinder(
         Reuse one (then ``model``, ``data`` and ``dtype`` are ignored).
     **lbfgs_options
         ``gtol``, ``ftol`` of :func:`~vimodels.mode.lbfgs.lbfgs_run`, and
-        ``lbfgs_history_size`` (default 100) of :func:`single_path`.
+        ``lbfgs_history_size`` (default: ``history_size``) of :func:`single_path`.
 
     Returns
     -------

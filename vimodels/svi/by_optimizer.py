@@ -330,6 +330,21 @@ def gaussian_for_init(
     return gaussian, potential, f"{note} ({time.perf_counter() - t0:.2f} s)"
 
 
+def init_learning_rate(lr: float, gaussian: Gaussian) -> tuple[float, str | None]:
+    """Adam's learning rate for SVI started at ``gaussian``: at most 0.1 of its smallest sd.
+
+    Adam's steps are about ``lr`` in every coordinate whatever its scale: at
+    the default 0.02 a parameter with posterior sd 0.001 would be thrown 20 sd
+    from the start in one step. Returns the rate and a note (None if unchanged).
+    """
+    cap = 0.1 * float(gaussian.sd.min())
+    if cap >= lr:
+        return lr, None
+    return cap, (
+        f"lr lowered from {lr:g} to {cap:.3g} (0.1 x the smallest posterior sd of the start)"
+    )
+
+
 def apply_init(guide: Any, gaussian: Gaussian, potential: Potential, args: tuple) -> None:
     """Run ``guide`` once (creating its parameters) and start them at ``gaussian``.
 

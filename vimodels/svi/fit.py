@@ -36,6 +36,7 @@ from vimodels.svi.by_optimizer import (
     check_init,
     fit_by_optimizer,
     gaussian_for_init,
+    init_learning_rate,
 )
 from vimodels.svi.convergence import ConvergenceRule
 from vimodels.svi.loop import LoopOutcome, LoopSettings, Objective, run_loop
@@ -139,7 +140,10 @@ def fit(
         (``auto_normal``, ``auto_multivariate_normal``,
         ``auto_lowrank_multivariate_normal``) at the L-BFGS mode and the Laplace
         covariance, or at Pathfinder's best Gaussian, so SVI only refines
-        (:mod:`vimodels.mode`); ``settings["init"]`` reports it.
+        (:mod:`vimodels.mode`); ``lr`` is lowered to 0.1 times the smallest sd of
+        that Gaussian where that is smaller (Adam moves every coordinate by
+        about ``lr`` per step, which would throw a tightly pinned parameter
+        out of its posterior); ``settings["init"]`` reports both.
 
     Returns
     -------
@@ -185,6 +189,8 @@ def fit(
     if init is not None:
         with torch_threads(num_threads):
             start = gaussian_for_init(init, binding.model_fn, binding.data, seed, binding.hidden)
+        lr, lr_note = init_learning_rate(lr, start[0])
+        start = (start[0], start[1], f"{start[2]}; {lr_note}" if lr_note else start[2])
 
     def build(jit_now: bool) -> Objective:
         objective = build_objective(
