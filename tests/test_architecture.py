@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("vimodels.catalog",),
     ("guides",),
     ("vimodels.compile",),
+    ("vimodels.mode",),
     ("vimodels.svi",),
     ("diagnostics",),
     ("vimodels.vae",),

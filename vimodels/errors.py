@@ -39,6 +39,10 @@ class IncompatibleError(VimodelsError):
     """A guide or ELBO that cannot be used with the given model."""
 
 
+class CurvatureError(VimodelsError):
+    """A Hessian that is not positive definite where a Gaussian needs one (Laplace)."""
+
+
 class OutputError(VimodelsError):
     """An output location that cannot be written."""
 

@@ -30,6 +30,14 @@ from vimodels.catalog.base import CatalogEntry
 from vimodels.errors import OptionError, check_option
 from vimodels.svi import elbos as elbo_registry
 from vimodels.svi.binding import Binding, Bound, bind, keyword_call, positional_kwargs
+from vimodels.svi.by_optimizer import (
+    OPTIMIZER_GUIDES,
+    apply_init,
+    check_init,
+    fit_by_optimizer,
+    gaussian_for_init,
+    init_learning_rate,
+)
 from vimodels.svi.convergence import ConvergenceRule
 from vimodels.svi.divergence import DivergenceRule
 from vimodels.svi.loop import LoopOutcome, LoopSettings, Objective, run_loop
@@ -61,8 +69,9 @@ def fit(
     validate_first_step: bool = True,
     average: bool = True,
     callback: Callable[[FitProgress], None] | None = None,
+    init: str | None = None,
 ) -> FitResult:
-    """Fit a guide to a model with SVI.
+    """Fit a guide to a model with SVI (or, for three guides, by L-BFGS).
 
     Parameters
     ----------
@@ -127,10 +136,27 @@ def fit(
         draws from the guide as the fit would return it at that step (the
         iterate average once averaging has started). Its return value is ignored;
         its run time counts in ``wall_time`` but not in ``progress.elapsed``.
+    init : str, optional
+        ``"laplace"`` or ``"pathfinder"``: start a Gaussian autoguide
+        (``auto_normal``, ``auto_multivariate_normal``,
+        ``auto_lowrank_multivariate_normal``) at the L-BFGS mode and the Laplace
+        covariance, or at Pathfinder's best Gaussian, so SVI only refines
+        (:mod:`vimodels.mode`); ``lr`` is lowered to 0.1 times the smallest sd of
+        that Gaussian where that is smaller (Adam moves every coordinate by
+        about ``lr`` per step, which would throw a tightly pinned parameter
+        out of its posterior); ``settings["init"]`` reports both.
 
     Returns
     -------
     FitResult
+
+    Notes
+    -----
+    ``guide="pathfinder"``, ``"auto_laplace"`` and ``"auto_delta"`` are fitted by
+    L-BFGS, not Adam (:func:`vimodels.svi.by_optimizer.fit_by_optimizer`): Pathfinder,
+    the mode plus the exact Hessian, the constrained MAP. The SVI options
+    (``num_steps``, ``lr``, ``elbo_options``, ``callback`` ...) do not apply to them;
+    their ``guide_options`` are the optimizer's (``num_paths``, ``max_iters`` ...).
     """
     rule, elbo_spec = check_fit_options(
         num_steps,
@@ -145,11 +171,30 @@ def fit(
         elbo,
     )
     lr = float(lr)
+    check_init(init, guide)
+    if isinstance(guide, str) and guide in OPTIMIZER_GUIDES:
+        return fit_by_optimizer(
+            model,
+            data,
+            guide=guide,
+            elbo=elbo,
+            seed=seed,
+            num_eval=num_eval,
+            sites=sites,
+            guide_options=guide_options,
+            num_threads=num_threads,
+        )
     binding = bind(model, data, discrete_ok=elbo_spec.discrete, sites=sites)
     guide_opts, elbo_opts = dict(guide_options or {}), dict(elbo_options or {})
+    start = None
+    if init is not None:
+        with torch_threads(num_threads):
+            start = gaussian_for_init(init, binding.model_fn, binding.data, seed, binding.hidden)
+        lr, lr_note = init_learning_rate(lr, start[0])
+        start = (start[0], start[1], f"{start[2]}; {lr_note}" if lr_note else start[2])
 
     def build(jit_now: bool) -> Objective:
-        return build_objective(
+        objective = build_objective(
             binding,
             guide,
             elbo,
@@ -159,6 +204,9 @@ def fit(
             vectorize_particles=vectorize_particles,
             jit=bool(jit_now and elbo_spec.jit),
         )
+        if start is not None:
+            apply_init(objective.guide, start[0], start[1], binding.args)
+        return objective
 
     loop_settings = LoopSettings(
         num_steps=num_steps,
@@ -177,7 +225,12 @@ def fit(
     with pyro.get_param_store().scope() as state, torch_threads(num_threads):
         pyro.set_rng_seed(seed)
         outcome = run_loop(binding, build, loop_settings, callback)
-        return finish(binding, outcome, loop_settings, state, elbo, guide_opts, elbo_opts, num_eval)
+        result = finish(
+            binding, outcome, loop_settings, state, elbo, guide_opts, elbo_opts, num_eval
+        )
+    if start is not None:
+        result.settings["init"] = start[2]
+    return result
 
 
 def check_fit_options(
