@@ -163,8 +163,12 @@ def test_short_run_is_untrusted_everywhere(tiny_nuts_eight_schools):
         "diverging",
         "step_size",
         "tree_depth",
+        "n_steps",
         "lp",
         "acceptance_rate",
+        "energy",
+        "energy_error",
+        "max_energy_error",
     }
     # sites of interest include the deterministic theta, recomputed per draw
     theta = ref.draws["mu"][..., None] + ref.draws["tau"][..., None] * ref.draws["theta_tilde"]

@@ -279,10 +279,10 @@ def ebfmi(energy: np.ndarray) -> np.ndarray:
     Returns
     -------
     ndarray, shape (chain,)
-        ``mean(diff(E)^2) / var(E)`` of each chain.
+        ``mean(diff(E)^2) / var(E)`` of each chain (``var`` with ``ddof=1``).
     """
     e = np.asarray(energy, dtype=float)
-    return np.square(np.diff(e, axis=1)).mean(axis=1) / np.var(e, axis=1)
+    return np.square(np.diff(e, axis=1)).mean(axis=1) / np.var(e, axis=1, ddof=1)
 
 
 def run_checks(
