@@ -48,7 +48,10 @@ def _ar2_correlation(dim: int, r1: float = 0.99, r2: float = 0.965) -> np.ndarra
 
 DIM = 50
 CORR = _ar2_correlation(DIM)
-SCALES50 = np.logspace(-2, 1, DIM)  # three decades
+# three decades; above Stan's regularization 1e-3 * 5 / (n + 5) of the metric, which on
+# smaller scales (the covariance's smallest eigenvalue is ~7e-4 of the smallest variance)
+# would dominate the metric's narrowest directions and with them the step size
+SCALES50 = np.logspace(0, 3, DIM)
 MEANS50 = np.linspace(-1.0, 1.0, DIM)
 TRIL50 = torch.tensor(np.linalg.cholesky(CORR * np.outer(SCALES50, SCALES50)))
 
@@ -126,9 +129,9 @@ def test_dense_metric_samples_a_correlated_50d_gaussian_in_short_trees():
         correlated_model,
         {},
         seeds=[11, 12],
-        num_warmup=1000,
+        num_warmup=600,
         num_samples=300,
-        max_tree_depth=8,
+        max_tree_depth=7,  # caps the cost of the first windows (unit, then rough metrics)
         metric="dense",
     )
     draws = np.stack([r["samples"]["x"] for r in runs])  # (2, 300, 50)
