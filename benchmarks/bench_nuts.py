@@ -403,11 +403,13 @@ def battery_row(model: str, metric: str, seed: int = 0, settings: dict | None = 
     wall = time.perf_counter() - t0
     table = ref.site_table()
     min_ess = float(table["ess_bulk"].min())
+    dim = sum(int(np.prod(ref.draws[k].shape[2:])) for k in ref.latent_sites if k in ref.draws)
     st = ref.sample_stats
     return {
         "model": model,
         "metric": metric,
         "metric_used": ref.settings.get("metric_used"),
+        "dim": dim,
         "wall_s": wall,
         "min_ess_bulk": min_ess,
         "ess_per_s": min_ess / wall,
@@ -428,10 +430,23 @@ def battery(
     settings: dict | None = None,
 ) -> list[dict]:
     """Run :func:`battery_row` for every model and metric, printing each row."""
+    from diagnostics.nuts.kernel import resolve_metric
+
     rows = []
     for model in models:
-        for metric in metrics:
+        done: dict[str, dict] = {}
+        for metric in sorted(metrics, key=lambda m: m == "auto"):  # auto last
+            if metric == "auto" and done:
+                # the same seeds and settings: auto's run is the run of the metric it picks
+                first = next(iter(done.values()))
+                picked = resolve_metric("auto", first["dim"])
+                if picked in done:
+                    row = dict(done[picked], metric="auto", note=f"the {picked} run")
+                    rows.append(row)
+                    print(f"  {model} auto: {picked} ({first['dim']} dimensions)", flush=True)
+                    continue
             row = battery_row(model, metric, settings=settings)
+            done[metric] = row
             rows.append(row)
             print(
                 f"  {model} {metric} ({','.join(row['metric_used'])}): "

@@ -806,7 +806,8 @@ class NUTSChain:
             h0 = self._energy(self.u, r)
             start.r = r
             q = yield from self.leapfrog_steps(start, self.step_size)
-            h = self._energy(q.u, q.r)
+            with np.errstate(over="ignore", invalid="ignore"):  # a step far too large: h = inf
+                h = self._energy(q.u, q.r)
             delta = h0 - h if math.isfinite(h) else -math.inf
             if direction == 0:
                 direction = 1 if delta > LOG_08 else -1
