@@ -410,6 +410,7 @@ def battery_row(model: str, metric: str, seed: int = 0, settings: dict | None = 
         "metric": metric,
         "metric_used": ref.settings.get("metric_used"),
         "dim": dim,
+        "num_warmup": int(ref.settings["num_warmup"]),
         "wall_s": wall,
         "min_ess_bulk": min_ess,
         "ess_per_s": min_ess / wall,
@@ -439,7 +440,8 @@ def battery(
             if metric == "auto" and done:
                 # the same seeds and settings: auto's run is the run of the metric it picks
                 first = next(iter(done.values()))
-                picked = resolve_metric("auto", first["dim"])
+                warmup = first["num_warmup"]
+                picked = resolve_metric("auto", first["dim"], warmup)
                 if picked in done:
                     row = dict(done[picked], metric="auto", note=f"the {picked} run")
                     rows.append(row)

@@ -105,12 +105,18 @@ def test_dense_momentum_has_the_metric_as_covariance_and_leapfrog_conserves_ener
     np.testing.assert_allclose(p.z, start.z, atol=1e-4)
 
 
-def test_auto_metric_is_dense_up_to_the_limit_and_unknown_metrics_are_refused():
-    assert resolve_metric("auto", _nuts.AUTO_DENSE_MAX_DIM) == "dense"
-    assert resolve_metric("auto", _nuts.AUTO_DENSE_MAX_DIM + 1) == "diag"
-    assert resolve_metric("diag", 3) == "diag" and resolve_metric("dense", 500) == "dense"
+def test_auto_metric_is_dense_for_few_dimensions_and_enough_warmup():
+    # Stan's windows: 1000 warm-up iterations end with a window of 500 draws, 300 with 100
+    assert _nuts.last_window(1000) == 500 and _nuts.last_window(300) == 100
+    assert _nuts.last_window(500) == 200 and _nuts.last_window(10) == 0
+    limit = _nuts.AUTO_DENSE_MAX_DIM
+    assert resolve_metric("auto", limit, 2000) == "dense"  # last window 1100 >= 5 * 64
+    assert resolve_metric("auto", limit + 1, 5000) == "diag"
+    assert resolve_metric("auto", 45, 300) == "diag"  # 100 draws for 45 dimensions: too few
+    assert resolve_metric("auto", 10, 300) == "dense"
+    assert resolve_metric("diag", 3, 500) == "diag" and resolve_metric("dense", 500, 10) == "dense"
     with pytest.raises(ValueError, match="unknown metric"):
-        resolve_metric("full", 3)
+        resolve_metric("full", 3, 500)
 
 
 def test_dense_lockstep_chains_draw_what_each_chain_draws_alone():

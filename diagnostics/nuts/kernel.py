@@ -20,8 +20,8 @@ vector, and only the potential and its gradient in torch (JIT-traced):
   regularized towards 1e-3 as in Stan: diagonal (the variances, Stan's
   ``diag_e``) or dense (the covariance, Stan's ``dense_e``:
   ``n / (n + 5) * cov + 1e-3 * 5 / (n + 5) * I``); ``metric="auto"`` takes
-  the dense one up to :data:`AUTO_DENSE_MAX_DIM` dimensions
-  (:func:`resolve_metric`).
+  the dense one up to :data:`AUTO_DENSE_MAX_DIM` dimensions where the
+  warm-up's last window has enough draws for it (:func:`resolve_metric`).
 
 Each kept draw records ArviZ's ``sample_stats`` names: ``diverging``,
 ``step_size``, ``tree_depth``, ``n_steps``, ``lp``, ``acceptance_rate``,
@@ -65,8 +65,10 @@ STAT_NAMES = (
     "max_energy_error",
 )
 METRICS = ("diag", "dense", "auto")
-# metric="auto": dense up to this many dimensions, diagonal above (see resolve_metric)
+# metric="auto": dense up to this many dimensions, and only where the last warm-up window
+# holds at least AUTO_DRAWS_PER_DIM draws per dimension; diagonal otherwise (resolve_metric)
 AUTO_DENSE_MAX_DIM = 64
+AUTO_DRAWS_PER_DIM = 5
 MAX_DELTA_H = 1000.0  # energy error that marks a divergence (Stan's value)
 LOG_08 = math.log(0.8)
 LOG_2 = math.log(2.0)
@@ -613,21 +615,39 @@ class WelfordCovariance:
         return out
 
 
-def resolve_metric(metric: str, dim: int) -> str:
+def last_window(num_warmup: int) -> int:
+    """Draws in the last slow window of Stan's warm-up schedule (the final metric's)."""
+    w = Windows(num_warmup)
+    start, size = w.init_buffer, 0
+    for i in range(num_warmup):
+        if w.end_of_window():
+            size = i + 1 - start
+            start = i + 1
+            w.advance()
+        w.counter += 1
+    return size
+
+
+def resolve_metric(metric: str, dim: int, num_warmup: int) -> str:
     """The metric a chain adapts: ``"diag"`` or ``"dense"``.
 
-    ``"auto"`` is ``"dense"`` for ``dim <= AUTO_DENSE_MAX_DIM``, else
-    ``"diag"``. Measured (benchmarks/README.md, benchmark 3b): the dense
-    metric costs O(D^2) NumPy work per leapfrog step, nothing next to the
-    Python of a step at these sizes, and its warm-up estimate of D (D + 1) / 2
-    covariances is still good enough with Stan's windows at this size;
-    on correlated posteriors it cuts the tree depth several-fold, and on
-    posteriors without correlations it costs little.
+    ``"auto"`` is ``"dense"`` when ``dim <= AUTO_DENSE_MAX_DIM`` (64) and the
+    warm-up's last window (:func:`last_window`) holds at least
+    ``AUTO_DRAWS_PER_DIM * dim`` draws (5 per dimension), else ``"diag"``.
+    Measured (benchmarks/README.md, benchmark 3b): a dense product costs
+    2-4x a diagonal one per leapfrog step, small next to the step's
+    Python up to about 64 dimensions and growing as D^2 above; and a
+    covariance estimated from too few draws per dimension is noisy enough
+    to make trees deeper than the diagonal metric's (sleepstudy, 45
+    dimensions, 100 draws in the last window: 19 against 12.5 gradients
+    per draw), while with enough draws it cuts them on correlated
+    posteriors.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
     if metric == "auto":
-        return "dense" if dim <= AUTO_DENSE_MAX_DIM else "diag"
+        enough = last_window(num_warmup) >= AUTO_DRAWS_PER_DIM * dim
+        return "dense" if dim <= AUTO_DENSE_MAX_DIM and enough else "diag"
     return metric
 
 
@@ -1073,7 +1093,7 @@ def chain_steps(
         max_tree_depth=max_tree_depth,
         start=start,
     )
-    used = resolve_metric(metric, chain.dim)
+    used = resolve_metric(metric, chain.dim, num_warmup)
     warmup_steps = yield from _warmup_steps(chain, num_warmup, used, status)
     draws = np.empty((num_samples, chain.dim))
     stats: dict[str, list] = {k: [] for k in STAT_NAMES}

@@ -54,7 +54,7 @@ from filelock import FileLock
 from diagnostics import _arviz
 from diagnostics.metrics import element_labels
 from diagnostics.nuts.chains import is_lockstep, run_group
-from diagnostics.nuts.kernel import AUTO_DENSE_MAX_DIM
+from diagnostics.nuts.kernel import AUTO_DENSE_MAX_DIM, AUTO_DRAWS_PER_DIM
 from diagnostics.nuts.progress import LiveProgress, live_progress
 from vimodels.catalog.base import CatalogEntry, NutsSettings
 from vimodels.catalog.registry import get_model
@@ -77,7 +77,8 @@ SAMPLER_NAMES = {
 METRIC_NAMES = {
     "diag": "diagonal (Stan's diag_e)",
     "dense": "dense (Stan's dense_e)",
-    "auto": f"dense up to {AUTO_DENSE_MAX_DIM} dimensions, else diagonal",
+    "auto": f"dense up to {AUTO_DENSE_MAX_DIM} dimensions with {AUTO_DRAWS_PER_DIM} draws per "
+    "dimension in the last warm-up window, else diagonal",
 }
 CHAIN_METHODS = {
     "lockstep": "all chains of a process together, one batched gradient per leapfrog step",

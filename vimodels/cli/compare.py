@@ -78,7 +78,7 @@ def _add_nuts_arguments(p: argparse.ArgumentParser) -> None:
         choices=("diag", "dense", "auto"),
         default=None,
         help="the project's NUTS metric: diagonal, dense (for correlated posteriors) or auto "
-        "(dense up to 64 dimensions) (default: the model's)",
+        "(dense up to 64 dimensions given enough warm-up) (default: the model's)",
     )
     p.add_argument(
         "--workers",
