@@ -7,8 +7,11 @@ Guide draws (:func:`fit_to_inference_data`) and reference draws
 ``posterior``
     every latent and deterministic site, ``(chain, draw, *shape)``;
 ``sample_stats``
-    NUTS: ``diverging``, ``step_size``, ``tree_depth``, ``lp`` (log density in
-    unconstrained space), ``acceptance_rate``; VI: ``log_weight`` =
+    NUTS, ArviZ's names: ``diverging``, ``step_size``, ``tree_depth``, ``lp``
+    (log density in unconstrained space), ``acceptance_rate``, and from the
+    project's sampler ``n_steps``, ``energy``, ``energy_error``,
+    ``max_energy_error`` (``az.bfmi`` and ``az.plot_energy`` read ``energy``);
+    VI: ``log_weight`` =
     ``log p(x, z) - log q(z)`` per draw (nats), one chain;
 ``log_likelihood``
     observed sites only, pointwise and unscaled (nats);

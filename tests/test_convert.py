@@ -124,7 +124,17 @@ def test_reference_to_inference_data_nuts_stats(tiny_nuts_eight_schools, tmp_pat
     ref = tiny_nuts_eight_schools
     idata = reference_to_inference_data(ref, posterior_predictive=True)
     stats_ = group_arrays(idata, "sample_stats")
-    assert set(stats_) == {"diverging", "step_size", "tree_depth", "lp", "acceptance_rate"}
+    assert set(stats_) == {
+        "diverging",
+        "step_size",
+        "tree_depth",
+        "n_steps",
+        "lp",
+        "acceptance_rate",
+        "energy",
+        "energy_error",
+        "max_energy_error",
+    }
     for value in stats_.values():
         assert value.shape == (2, 60)
     assert stats_["diverging"].dtype == bool

@@ -9,7 +9,10 @@ where cores allow), then checks the draws before anyone trusts them:
 - rank-normalized split R-hat < 1.01,
 - bulk and tail effective sample size >= 400,
 
-for every element of every site of interest, and no divergent transition.
+for every element of every site of interest, no divergent transition, and
+an energy Bayesian fraction of missing information (E-BFMI) of at least
+0.3 on every chain (Stan's warning threshold; where the sampler records
+the energy).
 A reference that fails a check is returned with ``trusted=False``; reports
 and JSON files show it, nothing uses it silently.
 
@@ -51,6 +54,8 @@ from filelock import FileLock
 from diagnostics import _arviz
 from diagnostics.metrics import element_labels
 from diagnostics.nuts.chains import is_lockstep, run_group
+from diagnostics.nuts.kernel import AUTO_DENSE_MAX_DIM, AUTO_DRAWS_PER_DIM
+from diagnostics.nuts.progress import LiveProgress, live_progress
 from vimodels.catalog.base import CatalogEntry, NutsSettings
 from vimodels.catalog.registry import get_model
 from vimodels.data import trace_check
@@ -62,12 +67,18 @@ from vimodels.versions import versions
 
 RHAT_MAX = 1.01
 ESS_MIN = 400.0
-CACHE_FORMAT = 1
+EBFMI_MIN = 0.3
+CACHE_FORMAT = 2  # 2: ArviZ's sample_stats names, energy, n_steps
 NUTS_KIND = "nuts"
 SAMPLER_NAMES = {
-    "vimodels": "vimodels NUTS (Stan's multinomial NUTS and warm-up, diagonal metric, "
-    "on Pyro's potential)",
-    "pyro": "pyro NUTS (multinomial, diagonal mass matrix)",
+    "vimodels": "vimodels NUTS (Stan's multinomial NUTS and warm-up, on Pyro's potential)",
+    "pyro": "pyro NUTS (multinomial)",
+}
+METRIC_NAMES = {
+    "diag": "diagonal (Stan's diag_e)",
+    "dense": "dense (Stan's dense_e)",
+    "auto": f"dense up to {AUTO_DENSE_MAX_DIM} dimensions with {AUTO_DRAWS_PER_DIM} draws per "
+    "dimension in the last warm-up window, else diagonal",
 }
 CHAIN_METHODS = {
     "lockstep": "all chains of a process together, one batched gradient per leapfrog step",
@@ -88,10 +99,10 @@ class Check:
     Attributes
     ----------
     name : str
-        ``rhat``, ``ess_bulk``, ``ess_tail`` or ``divergences``.
+        ``rhat``, ``ess_bulk``, ``ess_tail``, ``divergences`` or ``ebfmi``.
     ok : bool
     value : float
-        Worst value seen (max R-hat, min ESS, number of divergences).
+        Worst value seen (max R-hat, min ESS, number of divergences, min E-BFMI).
     threshold : float
     detail : str
         One line naming the worst site element.
@@ -124,8 +135,10 @@ class Reference:
     latent_sites : tuple of str
         Sampled latent sites (the joint metrics use their continuous ones).
     sample_stats : dict of str to ndarray
-        ``(chain, draw)``: ``diverging``, ``step_size``, ``tree_depth``, ``lp``,
-        ``acceptance_rate`` (NUTS only).
+        ``(chain, draw)``, ArviZ's names (NUTS only): ``diverging``,
+        ``step_size``, ``tree_depth``, ``lp``, ``acceptance_rate``; the
+        project's sampler also ``n_steps`` (leapfrog steps), ``energy`` (the
+        Hamiltonian at the draw), ``energy_error`` and ``max_energy_error``.
     log_likelihood : dict of str to ndarray
         Pointwise log likelihood of observed sites, ``(chain, draw, *batch_shape)``.
     observed_data : dict of str to ndarray
@@ -256,8 +269,28 @@ def _site_rows(
     return rows
 
 
+def ebfmi(energy: np.ndarray) -> np.ndarray:
+    """Energy Bayesian fraction of missing information per chain (as ``az.bfmi``).
+
+    Parameters
+    ----------
+    energy : ndarray, shape (chain, draw)
+        The Hamiltonian at each draw.
+
+    Returns
+    -------
+    ndarray, shape (chain,)
+        ``mean(diff(E)^2) / var(E)`` of each chain (``var`` with ``ddof=1``).
+    """
+    e = np.asarray(energy, dtype=float)
+    return np.square(np.diff(e, axis=1)).mean(axis=1) / np.var(e, axis=1, ddof=1)
+
+
 def run_checks(
-    draws: Mapping[str, np.ndarray], sites: tuple[str, ...], num_divergences: int | None
+    draws: Mapping[str, np.ndarray],
+    sites: tuple[str, ...],
+    num_divergences: int | None,
+    energy: np.ndarray | None = None,
 ) -> tuple[Check, ...]:
     """The reference checks on the sites of interest.
 
@@ -268,11 +301,15 @@ def run_checks(
     sites : tuple of str
     num_divergences : int or None
         Divergent transitions; ``None`` for exact draws (no check).
+    energy : ndarray or None
+        ``(chain, draw)`` Hamiltonian of each draw; ``None`` where the sampler
+        does not record it (no E-BFMI check).
 
     Returns
     -------
     tuple of Check
-        ``rhat`` (< 1.01), ``ess_bulk`` and ``ess_tail`` (>= 400), ``divergences`` (0).
+        ``rhat`` (< 1.01), ``ess_bulk`` and ``ess_tail`` (>= 400), ``divergences`` (0),
+        ``ebfmi`` (>= 0.3 on every chain, where ``energy`` is given).
     """
     rows = [r for r in _site_rows(draws, sites, mcse=False) if np.isfinite(r["ess_bulk"])]
     chains = int(next(iter(draws.values())).shape[0]) if draws else 0
@@ -322,6 +359,19 @@ def run_checks(
                 float(num_divergences),
                 0.0,
                 f"{num_divergences} divergent transition(s) after warm-up (needs 0)",
+            )
+        )
+    if energy is not None and np.asarray(energy).ndim == 2 and np.asarray(energy).shape[1] > 2:
+        per_chain = ebfmi(energy)
+        worst = int(np.nanargmin(per_chain)) if np.isfinite(per_chain).any() else 0
+        value = float(per_chain[worst])
+        checks.append(
+            Check(
+                "ebfmi",
+                bool(np.all(per_chain >= EBFMI_MIN)),
+                value,
+                EBFMI_MIN,
+                f"min E-BFMI {value:.3f} on chain {worst} (needs >= {EBFMI_MIN})",
             )
         )
     return tuple(checks)
@@ -495,6 +545,7 @@ def _read_cache(npz: Path, manifest_path: Path, key: str) -> Reference | None:
         groups["posterior"],
         sites,
         int(np.sum(div)) if kind == NUTS_KIND and div is not None else None,
+        groups["sample_stats"].get("energy") if kind == NUTS_KIND else None,
     )
     return Reference(
         model_name=manifest["model"],
@@ -554,9 +605,14 @@ def _run_chains(
                 _collect(out, results, progress)
         return out, num_workers, note
     threads = torch.get_num_threads()
+    # live per-chain lines on a terminal (chains in this process); nothing otherwise
+    monitor: LiveProgress | None = live_progress(progress)
     try:
         for group in groups:
-            _collect(out, run_group(group), progress)
+            results = run_group(group, monitor)
+            if monitor is not None:
+                monitor.close()
+            _collect(out, results, progress)
     finally:
         torch.set_num_threads(threads)
     return out, 1, note
@@ -620,6 +676,10 @@ def _validate(settings: NutsSettings) -> None:
     if settings.chain_method not in CHAIN_METHODS:
         raise OptionError(
             f"unknown chain method {settings.chain_method!r}; valid: {', '.join(CHAIN_METHODS)}"
+        )
+    if settings.metric not in METRIC_NAMES:
+        raise OptionError(
+            f"unknown NUTS metric {settings.metric!r}; valid: {', '.join(METRIC_NAMES)}"
         )
     if settings.sampler not in SAMPLER_NAMES:
         raise OptionError(
@@ -781,7 +841,7 @@ def _compute_nuts(
             f"discrete site(s) {', '.join(info.discrete)} summed out by NUTS and "
             "recovered with infer_discrete"
         )
-    checks = run_checks(draws, sites, int(stats["diverging"].sum()))
+    checks = run_checks(draws, sites, int(stats["diverging"].sum()), stats.get("energy"))
     used = {
         **dataclasses.asdict(s),
         "sampler": SAMPLER_NAMES[s.sampler],
@@ -789,6 +849,7 @@ def _compute_nuts(
         "chain_seeds": seeds,
         "num_workers": used_workers,
         "chain_method_used": "lockstep" if is_lockstep(s) else "independent",
+        "metric_used": sorted({r["metric"] for r in results}),
         "potential_batch": sorted({r["batch"] for r in results if r.get("batch")}),
         "jit_used": all(r["jit"] for r in results),
         "init_strategy": "init_to_uniform",
@@ -970,7 +1031,10 @@ def reparameterized_reference(entry: CatalogEntry, source: Reference) -> Referen
         )
     draws = {k: source.draws[k] for k in wanted}
     checks = run_checks(
-        draws, entry.sites, source.num_divergences if source.kind == NUTS_KIND else None
+        draws,
+        entry.sites,
+        source.num_divergences if source.kind == NUTS_KIND else None,
+        source.sample_stats.get("energy") if source.kind == NUTS_KIND else None,
     )
     note = (
         f"draws of {source.model_name} (the same posterior in another parameterization), "

@@ -75,6 +75,13 @@ def _add_nuts_arguments(p: argparse.ArgumentParser) -> None:
         "(default, faster) or each on its own",
     )
     p.add_argument(
+        "--metric",
+        choices=("diag", "dense", "auto"),
+        default=None,
+        help="the project's NUTS metric: diagonal, dense (for correlated posteriors) or auto "
+        "(dense up to 64 dimensions given enough warm-up) (default: the model's)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -98,6 +105,7 @@ def _nuts_settings(args: argparse.Namespace) -> dict:
         "max_tree_depth": args.max_tree_depth,
         "sampler": args.sampler,
         "chain_method": args.chain_method,
+        "metric": args.metric,
     }
     if args.no_nuts_jit:
         out["jit_compile"] = False
