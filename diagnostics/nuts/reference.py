@@ -952,55 +952,6 @@ def exact_reference(
     )
 
 
-def get_reference(
-    model: str | CatalogEntry | Callable,
-    data: Mapping[str, Any] | None = None,
-    *,
-    kind: str = "auto",
-    **nuts_options: Any,
-) -> Reference:
-    """The reference for a model: exact draws where a closed-form sampler exists, else NUTS.
-
-    Parameters
-    ----------
-    model, data
-        As for :func:`run_nuts`.
-    kind : str
-        ``"auto"``, ``"nuts"``, ``"exact"`` or ``"external"`` (a validation entry's
-        posteriordb draws, :func:`vimodels.validation.external_reference`).
-    **nuts_options
-        Passed to :func:`run_nuts` (``settings``, ``seed``, ``cache_dir`` ...); for exact
-        draws only ``seed`` is used.
-    """
-    if kind == "external":  # posteriordb's draws, for the validation suite's pdb_* entries
-        from vimodels.validation import external_reference
-
-        return external_reference(model)
-    if kind not in ("auto", NUTS_KIND, EXACT_KIND):
-        raise OptionError(f"reference kind must be auto, nuts, exact or external, got {kind!r}")
-    entry = (
-        get_model(model)
-        if isinstance(model, str)
-        else (model if isinstance(model, CatalogEntry) else None)
-    )
-    has_exact = (
-        entry is not None
-        and data is None
-        and entry.exact is not None
-        and entry.exact_posterior().sampler is not None
-    )
-    if kind == EXACT_KIND or (kind == "auto" and has_exact):
-        if entry is None or not has_exact:
-            raise OptionError(
-                "exact reference draws need a catalog entry with an exact "
-                "posterior sampler (and its own data)"
-            )
-        return exact_reference(entry, seed=nuts_options.get("seed", 0))
-    if entry is not None and data is None and entry.reference_from is not None:
-        return reparameterized_reference(entry, run_nuts(entry.reference_from, **nuts_options))
-    return run_nuts(model, data, **nuts_options)
-
-
 def reparameterized_reference(entry: CatalogEntry, source: Reference) -> Reference:
     """``source``'s draws as the reference of ``entry``, the same posterior in another form.
 

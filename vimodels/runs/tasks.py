@@ -69,7 +69,7 @@ from vimodels.data import prepare_data
 from vimodels.svi.binding import Bound
 from diagnostics.convert import load_netcdf
 from diagnostics.comparison import EVIDENCE_SEED_OFFSET
-from diagnostics.nuts.reference import get_reference
+from diagnostics.references import get_reference
 
 TASK_FORMAT = 1
 SUMMARY = "summary.json"
