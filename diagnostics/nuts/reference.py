@@ -51,6 +51,7 @@ from filelock import FileLock
 from diagnostics import _arviz
 from diagnostics.metrics import element_labels
 from diagnostics.nuts.chains import is_lockstep, run_group
+from diagnostics.nuts.fingerprint import Unfingerprintable, fingerprint
 from vimodels.catalog.base import CatalogEntry, NutsSettings
 from vimodels.catalog.registry import get_model
 from vimodels.data import trace_check
@@ -62,7 +63,7 @@ from vimodels.versions import versions
 
 RHAT_MAX = 1.01
 ESS_MIN = 400.0
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by the model's fingerprint; the manifest has its own checksum
 NUTS_KIND = "nuts"
 SAMPLER_NAMES = {
     "vimodels": "vimodels NUTS (Stan's multinomial NUTS and warm-up, diagonal metric, "
@@ -79,6 +80,10 @@ _GROUPS = ("posterior", "sample_stats", "log_likelihood", "observed_data")
 
 class CacheWarning(UserWarning):
     """A cache entry was unreadable, half-written or corrupted and is recomputed."""
+
+
+class NotCachedWarning(UserWarning):
+    """A model depends on a value that cannot be fingerprinted: its reference is not cached."""
 
 
 @dataclass(frozen=True)
@@ -330,15 +335,37 @@ def run_checks(
 # ----------------------------------------------------------------------------- models
 
 
-def _model_source(fn: Callable) -> str:
-    target = inspect.unwrap(fn)
+def model_fingerprint(fn: Callable) -> str | None:
+    """:func:`~diagnostics.nuts.fingerprint.fingerprint` of ``fn``, or None when it has none.
+
+    None means: do not cache (a value the model depends on cannot be hashed, so
+    a cache hit could be another model's draws); the reason is warned once.
+    """
     try:
-        return inspect.getsource(target)
-    except (OSError, TypeError):
-        code = getattr(target, "__code__", None)
-        if code is None:
-            return f"{type(target).__module__}.{type(target).__qualname__}"
-        return f"{code.co_code.hex()}|{code.co_consts!r}|{code.co_names!r}"
+        return fingerprint(fn)
+    except Unfingerprintable as exc:
+        warnings.warn(
+            f"the reference of this model is not cached: {exc}; the model would be "
+            "keyed by its code alone and could return draws of another model. Pass "
+            "such values as data (model(**data)) to cache it",
+            NotCachedWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _model_source(fn: Callable) -> str:
+    """What keys a model: its fingerprint, or its code when that cannot be had."""
+    found = model_fingerprint(fn)
+    return found if found is not None else _code_text(fn)
+
+
+def _code_text(fn: Callable) -> str:
+    target = inspect.unwrap(fn)
+    code = getattr(target, "__code__", None)
+    if code is None:
+        return f"{type(target).__module__}.{type(target).__qualname__}"
+    return f"{code.co_code.hex()}|{code.co_consts!r}|{code.co_names!r}"
 
 
 def _hash_data(h: Any, data: Mapping[str, Any]) -> None:
@@ -362,10 +389,14 @@ def cache_key(
     sites: tuple[str, ...],
     kind: str = NUTS_KIND,
 ) -> str:
-    """SHA-256 of the model's source, the data, the settings, the seed and the versions."""
+    """SHA-256 of the model, the data, the settings, the seed and the versions.
+
+    ``model`` is a function (keyed by :func:`model_fingerprint`: its code,
+    closure, defaults and the globals it reads) or such a fingerprint.
+    """
     h = hashlib.sha256()
     h.update(f"vimodels-reference-v{CACHE_FORMAT}|{kind}|".encode())
-    h.update(_model_source(model).encode())
+    h.update(_model_source(model).encode() if isinstance(model, Callable) else model.encode())
     _hash_data(h, data)
     h.update(
         json.dumps(
@@ -449,7 +480,29 @@ def _write_cache(ref: Reference, npz: Path) -> None:
         "npz_sha256": _sha256_file(npz),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    manifest["manifest_sha256"] = _manifest_sha256(manifest)
     atomic_write_json(npz.with_suffix(".json"), manifest)
+
+
+def _manifest_sha256(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of a manifest's canonical JSON, leaving out its own checksum field.
+
+    An edited manifest (a dim name, the model name, ``kind``, a plate size) no
+    longer matches it, so the entry is treated as damaged and recomputed.
+    """
+
+    def plain(obj: Any) -> Any:  # as written to disk: NaN as null, tuples as lists
+        if isinstance(obj, float) and obj != obj:
+            return None
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [plain(v) for v in obj]
+        return obj
+
+    body = plain({k: v for k, v in manifest.items() if k != "manifest_sha256"})
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _read_cache(npz: Path, manifest_path: Path, key: str) -> Reference | None:
@@ -464,6 +517,10 @@ def _read_cache(npz: Path, manifest_path: Path, key: str) -> Reference | None:
         return None
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != _manifest_sha256(
+            manifest
+        ):
+            raise ValueError("the manifest does not match its checksum (edited or damaged)")
         if manifest.get("format") != CACHE_FORMAT or manifest.get("key") != key:
             raise ValueError("manifest does not match this reference's key")
         if not npz.exists():
@@ -701,9 +758,23 @@ def run_nuts(
             f"unknown site(s) of interest {unknown}; the model's latent and "
             f"deterministic sites are {list(info.latent + info.deterministic)}"
         )
-    key = cache_key(fn, data_dict, s, seed, sites)
+    model_id = model_fingerprint(fn)
+    not_cached = None
+    if model_id is None:
+        model_id = _code_text(fn)
+        if cache:
+            not_cached = "not cached: the model depends on a value that cannot be fingerprinted"
+            cache = False
+    key = cache_key(model_id, data_dict, s, seed, sites)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     npz, manifest = _entry_paths(root, name, key)
+    if not_cached:
+        ref = _compute_nuts(
+            entry, fn, data_dict, name, s, seed, sites, info, key, num_workers, progress
+        )
+        return dataclasses.replace(
+            ref, notes=ref.notes + (not_cached,), settings={**ref.settings, "cache": not_cached}
+        )
     if cache:
         ensure_dir(npz.parent)
         with FileLock(str(npz.with_suffix(".lock"))):
