@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 import torch
 from filelock import FileLock
+from pyro.poutine.util import site_is_subsample
 
 from diagnostics import _arviz
 from diagnostics.metrics import element_labels
@@ -55,7 +56,7 @@ from diagnostics.nuts.fingerprint import Unfingerprintable, fingerprint
 from vimodels.catalog.base import CatalogEntry, NutsSettings
 from vimodels.catalog.registry import get_model
 from vimodels.data import trace_check
-from vimodels.errors import IncompatibleError, OptionError, check_option
+from vimodels.errors import IncompatibleError, OptionError, check_option, check_seed
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, jsonable, safe_name
 from vimodels.svi.binding import resolve_model
 from vimodels.svi.draws import model_info, recover_discrete, replay_model
@@ -740,13 +741,20 @@ def run_nuts(
     -------
     Reference
     """
-    check_option("seed", seed, kind=int, low=0)
+    seed = check_seed(seed)
     entry, fn, data_dict, name = resolve_model(model, data)
     s = _settings_for(entry, settings)
     _validate(s)
-    trace_check(fn, data_dict, name)  # data errors surface as one-line DataErrors
+    tr = trace_check(fn, data_dict, name)  # data errors surface as one-line DataErrors
+    _check_nuts_applies(tr, name)
     depth = entry.max_plate_nesting if entry is not None else None
     info = model_info(fn, (), data_dict, depth)
+    if not info.continuous:
+        raise IncompatibleError(
+            f"model {name!r} has no continuous latent site for NUTS to sample"
+            + (f" (only discrete ones: {', '.join(info.discrete)})" if info.discrete else "")
+            + "; NUTS needs at least one pyro.sample site without obs= on a continuous support"
+        )
     sites = (
         tuple(sites)
         if sites
@@ -790,6 +798,30 @@ def run_nuts(
     return _compute_nuts(
         entry, fn, data_dict, name, s, seed, sites, info, key, num_workers, progress
     )
+
+
+def _check_nuts_applies(tr: Any, name: str) -> None:
+    """IncompatibleError for a model NUTS cannot sample: subsampled plates, no latent site."""
+    for site_name, site in tr.nodes.items():
+        if site["type"] != "sample" or not site_is_subsample(site):
+            continue
+        size = getattr(site["fn"], "size", None)
+        if size is not None and site["value"].numel() < size:
+            raise IncompatibleError(
+                f"model {name!r} subsamples plate {site_name!r} ({site['value'].numel()} of "
+                f"{size}): NUTS needs the full data in every step; remove subsample_size "
+                "from the plate for the reference (subsampling is for SVI)"
+            )
+    latent = [
+        n
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+    ]
+    if not latent:
+        raise IncompatibleError(
+            f"model {name!r} has no latent site (every pyro.sample has obs=): there is no "
+            "posterior to sample; add a pyro.sample site without obs= for each unknown"
+        )
 
 
 def _compute_nuts(

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from vimodels.errors import OptionError, check_option
+from vimodels.errors import OptionError, check_option, check_seed
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, safe_name
 from vimodels.svi.fit import fit
 from vimodels.svi.convergence import ConvergenceRule
@@ -174,7 +174,7 @@ def make_task(
     for name, value in (("model", model), ("guide", guide), ("elbo", elbo)):
         if not isinstance(value, str) or not value:
             raise OptionError(f"a task's {name} must be a registered name, got {value!r}")
-    check_option("seed", seed, kind=int, low=0)
+    seed = check_seed(seed)
     check_option("steps", steps, kind=int, low=1)
     check_option("num_draws", num_draws, kind=int, low=10)
     check_option("num_evidence", num_evidence, kind=int, low=10)
@@ -588,7 +588,7 @@ def make_reference_task(
     cache_dir: str | os.PathLike | None = None,
 ) -> ReferenceTask:
     """A :class:`ReferenceTask` with canonical settings."""
-    check_option("seed", seed, kind=int, low=0)
+    seed = check_seed(seed)
     return ReferenceTask(
         model,
         _canonical(dict(settings or {})),
