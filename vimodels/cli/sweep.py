@@ -56,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run the sweep; print the table per model; exit 1 when a task failed, 130 on Ctrl-C."""
     from diagnostics.report import fmt
+    from vimodels.io import output_folder
     from vimodels.runs.config import load_config
     from vimodels.runs.report import partial_line
     from vimodels.runs.sweep import default_out, run_sweep
@@ -63,7 +64,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     out = Path(args.out) if args.out else default_out(args.config)
     try:
-        with make_cli_executor(args) as executor:
+        with output_folder(out), make_cli_executor(args) as executor:
             run = run_sweep(config, out, executor, progress=not args.quiet)
     except KeyboardInterrupt as exc:  # before the report: say what is kept
         kept = f"no report was written; fits finished so far stay in {out / 'fits'}"
