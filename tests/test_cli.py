@@ -92,7 +92,7 @@ def test_fit_writes_netcdf_and_json(tmp_path):
         "--quiet",
     )
     assert proc.returncode == 0, proc.stderr
-    stem = "eight_schools_noncentered__mean_field__trace"
+    stem = "eight_schools_noncentered__mean_field__trace__seed0"
     summary = json.loads((out / f"{stem}.json").read_text())
     assert summary["num_steps"] == 200 and summary["netcdf"] == f"{stem}.nc"
     import arviz as az
@@ -133,6 +133,7 @@ def test_ctrl_c_keeps_partial_fit(tmp_path, no_leftover_processes):
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    summary = json.loads((out / "eight_schools_noncentered__auto_normal__trace.json").read_text())
+    stem = "eight_schools_noncentered__auto_normal__trace__seed0"
+    summary = json.loads((out / f"{stem}.json").read_text())
     assert summary["status"] == "interrupted" and summary["num_steps"] > 0
     assert "interrupted at step" in stdout

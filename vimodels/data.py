@@ -47,7 +47,7 @@ def _from_pandas(key: str, value: Any) -> np.ndarray:
             f"data[{key!r}] has non-numeric column dtype(s) {', '.join(sorted(set(bad)))}; give "
             "numbers (encode categories as integer codes, e.g. series.cat.codes)"
         )
-    arr = value.to_numpy(dtype=target)
+    arr = value.to_numpy(dtype=target, copy=True)  # writable: torch refuses read-only views
     # a one-column DataFrame (df[["x"]]) is that column: 1-D, as df["x"] would be
     return arr[:, 0] if arr.ndim == 2 and arr.shape[1] == 1 else arr
 

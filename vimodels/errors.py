@@ -103,3 +103,8 @@ def check_option(
 def check_seed(value: object, name: str = "seed") -> int:
     """A seed as an int in ``0 .. 2**32 - 1`` (NumPy integers accepted), else OptionError."""
     return check_option(name, value, kind=int, low=0, high=SEED_MAX)
+
+
+def derive_seed(seed: int, offset: int) -> int:
+    """``seed + offset`` wrapped into ``0 .. 2**32 - 1`` (a derived stream's seed stays valid)."""
+    return (int(seed) + int(offset)) % (SEED_MAX + 1)

@@ -1025,8 +1025,8 @@ def _setup(
                 params, potential_fn, transforms, _ = initialize_model(
                     model, model_kwargs=dict(data), max_plate_nesting=max_plate_nesting
                 )
-            except RuntimeError as exc:
-                if "valid initial parameters" not in str(exc):
+            except (RuntimeError, ValueError) as exc:  # Pyro's words vary by version
+                if "initial param" not in str(exc):
                     raise
                 raise IncompatibleError(
                     "NUTS found no initial point where the model's log density and its "

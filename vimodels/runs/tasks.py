@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from vimodels.errors import OptionError, check_option, check_seed
+from vimodels.errors import OptionError, check_option, check_seed, derive_seed
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, safe_name
 from vimodels.svi.fit import fit
 from vimodels.svi.convergence import ConvergenceRule
@@ -300,7 +300,9 @@ def _write_result(task: Task, result: Any, folder: Path, t0: float) -> dict[str,
     arrays = {"losses": np.asarray(result.losses, dtype=float)}
     if _exact_log_evidence(task.model) is None:
         arrays["evidence_log_weights"] = np.asarray(
-            evidence_log_weights(result, task.num_evidence, task.seed + EVIDENCE_SEED_OFFSET)
+            evidence_log_weights(
+                result, task.num_evidence, derive_seed(task.seed, EVIDENCE_SEED_OFFSET)
+            )
         )
 
     def write(tmp: str) -> None:
@@ -487,7 +489,7 @@ class StoredFit:
         See :func:`diagnostics.comparison.evidence_log_weights`.
         """
 
-        want = self.task.seed + EVIDENCE_SEED_OFFSET
+        want = derive_seed(self.task.seed, EVIDENCE_SEED_OFFSET)
         if self.evidence_log_weights is None or (num_samples, seed) != (
             self.task.num_evidence,
             want,
