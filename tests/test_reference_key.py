@@ -134,20 +134,50 @@ def test_an_object_that_cannot_be_fingerprinted_is_refused():
         fingerprint(model)
 
 
-def test_factory_model_gets_a_fresh_reference_not_the_cached_one(tmp_path):
+LOC = 0.0  # read by _global_loc_model; the fresh-reference test changes it
+
+
+def _global_loc_model(y):
+    mu = pyro.sample("mu", dist.Normal(LOC, 0.1))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu, 10.0), obs=y)
+
+
+def _model_at(variant: str, loc: float, monkeypatch):
+    """The model of ``variant`` with its location set to ``loc`` (same source text)."""
+    if variant == "factory_float":
+        return make_model(loc)
+    if variant == "closure_tensor":
+        return make_tensor_model(torch.tensor(loc))
+    if variant == "module_constant":
+        monkeypatch.setattr(__import__(__name__), "LOC", loc)
+        return _global_loc_model
+    monkeypatch.setattr(_default_model, "__defaults__", (loc,))
+    return _default_model
+
+
+@pytest.mark.parametrize(
+    "variant", ["factory_float", "closure_tensor", "module_constant", "default_argument"]
+)
+def test_changed_value_gets_a_fresh_reference_not_the_cached_one(tmp_path, monkeypatch, variant):
     """The reported bug: loc=10 returned the loc=0 draws from the cache."""
 
     def run(loc):
         return run_nuts(
-            make_model(loc), DATA, settings=TINY, sites=("mu",), cache_dir=tmp_path, num_workers=1
+            _model_at(variant, loc, monkeypatch),
+            DATA,
+            settings=TINY,
+            sites=("mu",),
+            cache_dir=tmp_path,
+            num_workers=1,
         )
 
     at0 = run(0.0)
     at10 = run(10.0)
-    assert not at10.from_cache and at10.cache_key != at0.cache_key
-    # prior sd 0.1, likelihood sd 10: the posterior mean is within 0.1 of loc
+    assert not at0.from_cache and not at10.from_cache and at10.cache_key != at0.cache_key
+    # prior sd 0.1, likelihood sd 10 over 3 points: the posterior mean is within 0.1 of loc
     assert abs(at10.draws["mu"].mean() - 10.0) < 0.5 and abs(at0.draws["mu"].mean()) < 0.5
-    again = run(0.0)
+    again = run(0.0)  # the same value again: the cached draws
     assert again.from_cache
     np.testing.assert_array_equal(again.draws["mu"], at0.draws["mu"])
 

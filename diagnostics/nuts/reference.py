@@ -15,11 +15,14 @@ and JSON files show it, nothing uses it silently.
 
 Results are cached under :func:`default_cache_dir` (``$VIMODELS_CACHE`` or
 the platform's user cache folder), keyed by a SHA-256 of the model's
-source, the data, the settings and the library versions. Draws are stored
-as ``.npz`` (read with ``allow_pickle=False``) next to a JSON manifest that
-holds the draws' checksum; both are written atomically, the manifest last.
-An entry that is half-written or does not match its checksum is recomputed
-with a :class:`CacheWarning`.
+fingerprint (:mod:`diagnostics.nuts.fingerprint`: its code, closure values,
+defaults and the globals it reads), the data, the settings and the library
+versions; a model whose fingerprint cannot be had is not cached
+(:class:`NotCachedWarning`). Draws are stored as ``.npz`` (read with
+``allow_pickle=False``) next to a JSON manifest that holds the draws'
+checksum and its own; both are written atomically, the manifest last. An
+entry that is half-written or does not match a checksum is recomputed with a
+:class:`CacheWarning`.
 
 :func:`exact_reference` draws from an entry's closed-form posterior where one
 exists (reference kind ``"exact"``); :func:`get_reference` picks one.
