@@ -150,9 +150,12 @@ _NO_REPORT = "no report was written; fits finished so far stay in {} and a rerun
 def cmd_compare(args: argparse.Namespace) -> int:
     """Fit the grid, compare with the reference and write the report."""
     from vimodels.runs.compare import run_compare
+    from vimodels.runs.config import check_grid_names, default_guides
 
     entry = get_model(args.model)
     check_option("--draws", args.draws, kind=int, low=10)
+    # a typo in --guides/--elbos: exit 2 before any work (run_compare checks too)
+    check_grid_names(args.guides or default_guides(entry), args.elbos or ("trace",), entry)
     out = Path(args.out) if args.out else Path("runs") / safe_name(entry.name) / "compare"
     kwargs = fit_kwargs(args)
     kwargs.pop("num_steps")
