@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyro
 import torch
 from pyro import poutine
@@ -24,8 +25,6 @@ def _from_pandas(key: str, value: Any) -> np.ndarray:
 
     A one-column DataFrame becomes 1-D (its column); wider ones 2-D (rows x columns).
     """
-    import pandas as pd
-
     missing = np.asarray(value.isna())
     if missing.any():
         first = tuple(int(i) for i in np.argwhere(missing)[0])
@@ -53,7 +52,7 @@ def _from_pandas(key: str, value: Any) -> np.ndarray:
 
 
 def _to_tensor(key: str, value: Any) -> Any:
-    if type(value).__module__.startswith("pandas") and hasattr(value, "isna"):
+    if isinstance(value, (pd.Series, pd.DataFrame)):
         value = _from_pandas(key, value)
     if isinstance(value, torch.Tensor):
         if value.is_complex():

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from vimodels.io import output_folder
+
 EXECUTOR_CHOICES = ("local", "dask", "serial")
 
 
@@ -56,7 +58,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run the sweep; print the table per model; exit 1 when a task failed, 130 on Ctrl-C."""
     from diagnostics.report import fmt
-    from vimodels.io import output_folder
     from vimodels.runs.config import load_config
     from vimodels.runs.report import partial_line
     from vimodels.runs.sweep import default_out, run_sweep
