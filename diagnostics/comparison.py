@@ -25,7 +25,7 @@ from torch.distributions import biject_to
 from diagnostics import metrics
 from diagnostics.convert import group_arrays
 from diagnostics.nuts.reference import Reference
-from vimodels.errors import IncompatibleError, OptionError, check_option
+from vimodels.errors import IncompatibleError, OptionError, check_option, derive_seed
 from vimodels.svi.draws import ModelInfo, model_info, sample_guide
 
 if TYPE_CHECKING:
@@ -429,7 +429,7 @@ def _log_evidence(
         )
     best = usable.sort_values(["khat", "elbo"], ascending=[True, False]).iloc[0]
     result = named[best["method"]]
-    lw = evidence_log_weights(result, num, seed + EVIDENCE_SEED_OFFSET)
+    lw = evidence_log_weights(result, num, derive_seed(seed, EVIDENCE_SEED_OFFSET))
     value, se = metrics.log_evidence_is(lw)
     khat = metrics.psis_khat(lw)
     return LogEvidence(

@@ -40,7 +40,11 @@ def assert_round_trip(idata, path):
         for name in a:
             assert a[name].dtype == b[name].dtype, (group, name)
             np.testing.assert_array_equal(a[name], b[name])
-        assert dict(idata[group][name].dims.items() if False else {}) == {}
+        # the group's dimensions keep their names, sizes and coordinate values
+        assert dict(back[group].sizes) == dict(idata[group].sizes), group
+        assert set(back[group].coords) == set(idata[group].coords), group
+        for coord in idata[group].coords:
+            np.testing.assert_array_equal(back[group][coord].values, idata[group][coord].values)
         for name in a:
             assert idata[group][name].dims == back[group][name].dims
     return back

@@ -49,6 +49,7 @@ from pyro.infer.mcmc.util import initialize_model
 
 from diagnostics.nuts.progress import ChainStatus
 from vimodels.compile.record import record, simplify_graph
+from vimodels.errors import IncompatibleError
 
 T = TypeVar("T")
 Reply = tuple[float, np.ndarray]
@@ -1175,11 +1176,23 @@ def _setup(
     z0, first = [], None
     for seed in seeds:
         pyro.set_rng_seed(seed % (2**32))
-        with warnings.catch_warnings():
+        # validation off: a NaN density at a random initial point is retried by Pyro
+        # (up to 100 points) instead of raising from the distribution's constructor
+        with warnings.catch_warnings(), _validation_off():
             warnings.simplefilter("ignore")
-            params, potential_fn, transforms, _ = initialize_model(
-                model, model_kwargs=dict(data), max_plate_nesting=max_plate_nesting
-            )
+            try:
+                params, potential_fn, transforms, _ = initialize_model(
+                    model, model_kwargs=dict(data), max_plate_nesting=max_plate_nesting
+                )
+            except (RuntimeError, ValueError) as exc:  # Pyro's words vary by version
+                if "initial param" not in str(exc):
+                    raise
+                raise IncompatibleError(
+                    "NUTS found no initial point where the model's log density and its "
+                    "gradient are finite (100 random points, unconstrained values in (-2, 2)); "
+                    "make the density finite over the support (guard log, sqrt, division "
+                    "and NaN-producing branches) or check the data"
+                ) from None
         names = list(params)
         z0.append(np.concatenate([params[k].detach().reshape(-1).double().numpy() for k in names]))
         if first is None:

@@ -18,11 +18,14 @@ and JSON files show it, nothing uses it silently.
 
 Results are cached under :func:`default_cache_dir` (``$VIMODELS_CACHE`` or
 the platform's user cache folder), keyed by a SHA-256 of the model's
-source, the data, the settings and the library versions. Draws are stored
-as ``.npz`` (read with ``allow_pickle=False``) next to a JSON manifest that
-holds the draws' checksum; both are written atomically, the manifest last.
-An entry that is half-written or does not match its checksum is recomputed
-with a :class:`CacheWarning`.
+fingerprint (:mod:`diagnostics.nuts.fingerprint`: its code, closure values,
+defaults and the globals it reads), the data, the settings and the library
+versions; a model whose fingerprint cannot be had is not cached
+(:class:`NotCachedWarning`). Draws are stored as ``.npz`` (read with
+``allow_pickle=False``) next to a JSON manifest that holds the draws'
+checksum and its own; both are written atomically, the manifest last. An
+entry that is half-written or does not match a checksum is recomputed with a
+:class:`CacheWarning`.
 
 :func:`exact_reference` draws from an entry's closed-form posterior where one
 exists (reference kind ``"exact"``); :func:`get_reference` picks one.
@@ -50,16 +53,18 @@ import numpy as np
 import pandas as pd
 import torch
 from filelock import FileLock
+from pyro.poutine.util import site_is_subsample
 
 from diagnostics import _arviz
 from diagnostics.metrics import element_labels
 from diagnostics.nuts.chains import is_lockstep, run_group
+from diagnostics.nuts.fingerprint import Unfingerprintable, fingerprint
 from diagnostics.nuts.kernel import AUTO_DENSE_MAX_DIM, AUTO_DRAWS_PER_DIM
 from diagnostics.nuts.progress import LiveProgress, live_progress
 from vimodels.catalog.base import CatalogEntry, NutsSettings
 from vimodels.catalog.registry import get_model
 from vimodels.data import trace_check
-from vimodels.errors import IncompatibleError, OptionError, check_option
+from vimodels.errors import IncompatibleError, OptionError, check_option, check_seed
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, jsonable, safe_name
 from vimodels.svi.binding import resolve_model
 from vimodels.svi.draws import model_info, recover_discrete, replay_model
@@ -68,7 +73,9 @@ from vimodels.versions import versions
 RHAT_MAX = 1.01
 ESS_MIN = 400.0
 EBFMI_MIN = 0.3
-CACHE_FORMAT = 2  # 2: ArviZ's sample_stats names, energy, n_steps
+# 3: ArviZ's sample_stats names (energy, n_steps ...); keyed by the model's fingerprint;
+# the manifest has its own checksum
+CACHE_FORMAT = 3
 NUTS_KIND = "nuts"
 SAMPLER_NAMES = {
     "vimodels": "vimodels NUTS (Stan's multinomial NUTS and warm-up, on Pyro's potential)",
@@ -90,6 +97,10 @@ _GROUPS = ("posterior", "sample_stats", "log_likelihood", "observed_data")
 
 class CacheWarning(UserWarning):
     """A cache entry was unreadable, half-written or corrupted and is recomputed."""
+
+
+class NotCachedWarning(UserWarning):
+    """A model depends on a value that cannot be fingerprinted: its reference is not cached."""
 
 
 @dataclass(frozen=True)
@@ -380,15 +391,37 @@ def run_checks(
 # ----------------------------------------------------------------------------- models
 
 
-def _model_source(fn: Callable) -> str:
-    target = inspect.unwrap(fn)
+def model_fingerprint(fn: Callable) -> str | None:
+    """:func:`~diagnostics.nuts.fingerprint.fingerprint` of ``fn``, or None when it has none.
+
+    None means: do not cache (a value the model depends on cannot be hashed, so
+    a cache hit could be another model's draws); the reason is warned once.
+    """
     try:
-        return inspect.getsource(target)
-    except (OSError, TypeError):
-        code = getattr(target, "__code__", None)
-        if code is None:
-            return f"{type(target).__module__}.{type(target).__qualname__}"
-        return f"{code.co_code.hex()}|{code.co_consts!r}|{code.co_names!r}"
+        return fingerprint(fn)
+    except Unfingerprintable as exc:
+        warnings.warn(
+            f"the reference of this model is not cached: {exc}; the model would be "
+            "keyed by its code alone and could return draws of another model. Pass "
+            "such values as data (model(**data)) to cache it",
+            NotCachedWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _model_source(fn: Callable) -> str:
+    """What keys a model: its fingerprint, or its code when that cannot be had."""
+    found = model_fingerprint(fn)
+    return found if found is not None else _code_text(fn)
+
+
+def _code_text(fn: Callable) -> str:
+    target = inspect.unwrap(fn)
+    code = getattr(target, "__code__", None)
+    if code is None:
+        return f"{type(target).__module__}.{type(target).__qualname__}"
+    return f"{code.co_code.hex()}|{code.co_consts!r}|{code.co_names!r}"
 
 
 def _hash_data(h: Any, data: Mapping[str, Any]) -> None:
@@ -412,10 +445,14 @@ def cache_key(
     sites: tuple[str, ...],
     kind: str = NUTS_KIND,
 ) -> str:
-    """SHA-256 of the model's source, the data, the settings, the seed and the versions."""
+    """SHA-256 of the model, the data, the settings, the seed and the versions.
+
+    ``model`` is a function (keyed by :func:`model_fingerprint`: its code,
+    closure, defaults and the globals it reads) or such a fingerprint.
+    """
     h = hashlib.sha256()
     h.update(f"vimodels-reference-v{CACHE_FORMAT}|{kind}|".encode())
-    h.update(_model_source(model).encode())
+    h.update(_model_source(model).encode() if isinstance(model, Callable) else model.encode())
     _hash_data(h, data)
     h.update(
         json.dumps(
@@ -499,7 +536,29 @@ def _write_cache(ref: Reference, npz: Path) -> None:
         "npz_sha256": _sha256_file(npz),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    manifest["manifest_sha256"] = _manifest_sha256(manifest)
     atomic_write_json(npz.with_suffix(".json"), manifest)
+
+
+def _manifest_sha256(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of a manifest's canonical JSON, leaving out its own checksum field.
+
+    An edited manifest (a dim name, the model name, ``kind``, a plate size) no
+    longer matches it, so the entry is treated as damaged and recomputed.
+    """
+
+    def plain(obj: Any) -> Any:  # as written to disk: NaN as null, tuples as lists
+        if isinstance(obj, float) and obj != obj:
+            return None
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [plain(v) for v in obj]
+        return obj
+
+    body = plain({k: v for k, v in manifest.items() if k != "manifest_sha256"})
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _read_cache(npz: Path, manifest_path: Path, key: str) -> Reference | None:
@@ -514,6 +573,10 @@ def _read_cache(npz: Path, manifest_path: Path, key: str) -> Reference | None:
         return None
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != _manifest_sha256(
+            manifest
+        ):
+            raise ValueError("the manifest does not match its checksum (edited or damaged)")
         if manifest.get("format") != CACHE_FORMAT or manifest.get("key") != key:
             raise ValueError("manifest does not match this reference's key")
         if not npz.exists():
@@ -743,13 +806,20 @@ def run_nuts(
     -------
     Reference
     """
-    check_option("seed", seed, kind=int, low=0)
+    seed = check_seed(seed)
     entry, fn, data_dict, name = resolve_model(model, data)
     s = _settings_for(entry, settings)
     _validate(s)
-    trace_check(fn, data_dict, name)  # data errors surface as one-line DataErrors
+    tr = trace_check(fn, data_dict, name)  # data errors surface as one-line DataErrors
+    _check_nuts_applies(tr, name)
     depth = entry.max_plate_nesting if entry is not None else None
     info = model_info(fn, (), data_dict, depth)
+    if not info.continuous:
+        raise IncompatibleError(
+            f"model {name!r} has no continuous latent site for NUTS to sample"
+            + (f" (only discrete ones: {', '.join(info.discrete)})" if info.discrete else "")
+            + "; NUTS needs at least one pyro.sample site without obs= on a continuous support"
+        )
     sites = (
         tuple(sites)
         if sites
@@ -761,9 +831,23 @@ def run_nuts(
             f"unknown site(s) of interest {unknown}; the model's latent and "
             f"deterministic sites are {list(info.latent + info.deterministic)}"
         )
-    key = cache_key(fn, data_dict, s, seed, sites)
+    model_id = model_fingerprint(fn)
+    not_cached = None
+    if model_id is None:
+        model_id = _code_text(fn)
+        if cache:
+            not_cached = "not cached: the model depends on a value that cannot be fingerprinted"
+            cache = False
+    key = cache_key(model_id, data_dict, s, seed, sites)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     npz, manifest = _entry_paths(root, name, key)
+    if not_cached:
+        ref = _compute_nuts(
+            entry, fn, data_dict, name, s, seed, sites, info, key, num_workers, progress
+        )
+        return dataclasses.replace(
+            ref, notes=ref.notes + (not_cached,), settings={**ref.settings, "cache": not_cached}
+        )
     if cache:
         ensure_dir(npz.parent)
         with FileLock(str(npz.with_suffix(".lock"))):
@@ -779,6 +863,30 @@ def run_nuts(
     return _compute_nuts(
         entry, fn, data_dict, name, s, seed, sites, info, key, num_workers, progress
     )
+
+
+def _check_nuts_applies(tr: Any, name: str) -> None:
+    """IncompatibleError for a model NUTS cannot sample: subsampled plates, no latent site."""
+    for site_name, site in tr.nodes.items():
+        if site["type"] != "sample" or not site_is_subsample(site):
+            continue
+        size = getattr(site["fn"], "size", None)
+        if size is not None and site["value"].numel() < size:
+            raise IncompatibleError(
+                f"model {name!r} subsamples plate {site_name!r} ({site['value'].numel()} of "
+                f"{size}): NUTS needs the full data in every step; remove subsample_size "
+                "from the plate for the reference (subsampling is for SVI)"
+            )
+    latent = [
+        n
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+    ]
+    if not latent:
+        raise IncompatibleError(
+            f"model {name!r} has no latent site (every pyro.sample has obs=): there is no "
+            "posterior to sample; add a pyro.sample site without obs= for each unknown"
+        )
 
 
 def _compute_nuts(

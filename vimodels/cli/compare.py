@@ -10,7 +10,7 @@ from vimodels.catalog.registry import get_model
 from vimodels.cli.basic import add_fit_arguments, fit_kwargs
 from vimodels.cli.sweep import add_executor_arguments, make_cli_executor
 from vimodels.errors import check_option
-from vimodels.io import atomic_write_json, ensure_dir, safe_name
+from vimodels.io import atomic_write_json, ensure_dir, output_folder, safe_name
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -159,16 +159,18 @@ _NO_REPORT = "no report was written; fits finished so far stay in {} and a rerun
 def cmd_compare(args: argparse.Namespace) -> int:
     """Fit the grid, compare with the reference and write the report."""
     from vimodels.runs.compare import run_compare
+    from vimodels.runs.config import check_grid_names, default_guides
 
     entry = get_model(args.model)
     check_option("--draws", args.draws, kind=int, low=10)
+    # a typo in --guides/--elbos: exit 2 before any work (run_compare checks too)
+    check_grid_names(args.guides or default_guides(entry), args.elbos or ("trace",), entry)
     out = Path(args.out) if args.out else Path("runs") / safe_name(entry.name) / "compare"
-    ensure_dir(out)
     kwargs = fit_kwargs(args)
     kwargs.pop("num_steps")
     seed = kwargs.pop("seed")
     try:
-        with make_cli_executor(args) as executor:
+        with output_folder(out), make_cli_executor(args) as executor:
             run = run_compare(
                 entry,
                 guides=args.guides,
@@ -195,6 +197,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         )
         return 130
     c = run.comparison
+    for line in c.skipped:  # pairs that could not run: visible, whatever --quiet says
+        print(f"vimodels: warning: skipped {line}", file=sys.stderr)
     cols = [
         "method",
         "elbo",

@@ -27,7 +27,7 @@ from pyro.infer.autoguide import AutoLaplaceApproximation
 
 import guides as guide_registry
 from vimodels.catalog.base import CatalogEntry
-from vimodels.errors import OptionError, check_option
+from vimodels.errors import OptionError, check_option, check_seed, derive_seed
 from vimodels.svi import elbos as elbo_registry
 from vimodels.svi.binding import Binding, Bound, bind, keyword_call, positional_kwargs
 from vimodels.svi.by_optimizer import (
@@ -44,6 +44,9 @@ from vimodels.svi.loop import LoopOutcome, LoopSettings, Objective, run_loop
 from vimodels.svi.result import DIVERGED, NONFINITE, FitProgress, FitResult
 from vimodels.svi.weights import elbo_estimate, log_weights
 from vimodels.versions import versions
+
+# Adam moves each unconstrained parameter by about lr per step: beyond this no fit is sensible
+LR_MAX = 1000.0
 
 
 def fit(
@@ -170,7 +173,11 @@ def fit(
         convergence,
         elbo,
     )
-    lr = float(lr)
+    # NumPy integers pass the checks: from here on plain Python numbers (JSON, range())
+    num_steps, seed, num_eval, lr = int(num_steps), int(seed), int(num_eval), float(lr)
+    num_particles = None if num_particles is None else int(num_particles)
+    num_threads = None if num_threads is None else int(num_threads)
+    lr_decay = None if lr_decay is None else float(lr_decay)
     check_init(init, guide)
     if isinstance(guide, str) and guide in OPTIMIZER_GUIDES:
         return fit_by_optimizer(
@@ -255,8 +262,8 @@ def check_fit_options(
     check_option("num_steps", num_steps, kind=int, low=1)
     if isinstance(lr, int) and not isinstance(lr, bool):
         lr = float(lr)
-    check_option("lr", lr, kind=float, low=0.0, low_inclusive=False)
-    check_option("seed", seed, kind=int, low=0)
+    check_option("lr", lr, kind=float, low=0.0, low_inclusive=False, high=LR_MAX)
+    check_seed(seed)
     check_option("num_eval", num_eval, kind=int, low=2)
     if lr_decay is not None:
         check_option(
@@ -382,7 +389,7 @@ def finish(
     est, se = math.nan, math.nan
     evaluation: dict = {"vectorized": None, "reason": None}
     if len(outcome.losses) and status != DIVERGED:
-        pyro.set_rng_seed(loop.seed + 3)
+        pyro.set_rng_seed(derive_seed(loop.seed, 3))
         with torch.no_grad(), pyro.validation_enabled(False):
             log_w = log_weights(
                 keyword_call(binding.model),

@@ -10,7 +10,7 @@ import numpy as np
 import pyro
 
 from vimodels.catalog.base import CatalogEntry
-from vimodels.errors import check_option
+from vimodels.errors import OptionError, check_option, check_seed, derive_seed
 from vimodels.io import jsonable
 from vimodels.svi.binding import keyword_call, positional_kwargs
 from vimodels.svi.weights import draw_sites, log_weights
@@ -148,9 +148,15 @@ class FitResult:
         dict of str to ndarray
             Each array has shape ``(num_samples, *site_shape)``, constrained space.
         """
-        check_option("num_samples", num_samples, kind=int, low=1)
+        num_samples = check_option("num_samples", num_samples, kind=int, low=1)
         sites = tuple(sites or self.sites)
-        pyro.set_rng_seed(self.seed + 1 if seed is None else seed)
+        unknown = [x for x in sites if x not in self.site_shapes]
+        if unknown:
+            raise OptionError(
+                f"unknown site(s) {unknown}; this fit can draw: {', '.join(self.sites)} "
+                f"(and the model's other sample sites: {', '.join(self.site_shapes)})"
+            )
+        pyro.set_rng_seed(derive_seed(self.seed, 1) if seed is None else check_seed(seed))
         with pyro.get_param_store().scope(self.param_state):
             return draw_sites(
                 keyword_call(self.model),
@@ -164,7 +170,7 @@ class FitResult:
 
     def log_weights(self, num_samples: int = 1000, seed: int | None = None) -> np.ndarray:
         """``log p(x, z) - log q(z)`` for ``num_samples`` guide draws, shape ``(num_samples,)``."""
-        pyro.set_rng_seed(self.seed + 2 if seed is None else seed)
+        pyro.set_rng_seed(derive_seed(self.seed, 2) if seed is None else check_seed(seed))
         with pyro.get_param_store().scope(self.param_state):
             return log_weights(
                 keyword_call(self.model),
