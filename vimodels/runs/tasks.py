@@ -13,7 +13,7 @@ parts + a hash of every input) under the output folder:
     :func:`diagnostics.compare.compare` draws them;
 ``arrays.npz``
     ``losses`` per step, and ``evidence_log_weights`` (``num_evidence``
-    draws by :func:`diagnostics.compare.evidence_log_weights`, seed + 7)
+    draws by :func:`diagnostics.evidence.evidence_log_weights`, seed + 7)
     where the model has no exact log evidence;
 ``summary.json``
     the task, the fit's summary and the SHA-256 of the two files. Written
@@ -286,7 +286,7 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
 
 def _write_result(task: Task, result: Any, folder: Path, t0: float) -> dict[str, Any]:
     """Write draws, arrays and (last) the summary of ``result`` into ``folder``."""
-    from diagnostics.compare import EVIDENCE_SEED_OFFSET, evidence_log_weights
+    from diagnostics.evidence import EVIDENCE_SEED_OFFSET, evidence_log_weights
     from diagnostics.convert import fit_to_inference_data, save_netcdf
 
     (folder / SUMMARY).unlink(missing_ok=True)
@@ -487,9 +487,9 @@ class StoredFit:
     def stored_evidence_log_weights(self, num_samples: int, seed: int) -> np.ndarray:
         """The stored evidence log weights; the request must match how they were drawn.
 
-        See :func:`diagnostics.compare.evidence_log_weights`.
+        See :func:`diagnostics.evidence.evidence_log_weights`.
         """
-        from diagnostics.compare import EVIDENCE_SEED_OFFSET
+        from diagnostics.evidence import EVIDENCE_SEED_OFFSET
 
         want = self.task.seed + EVIDENCE_SEED_OFFSET
         if self.evidence_log_weights is None or (num_samples, seed) != (
