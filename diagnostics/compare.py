@@ -45,6 +45,7 @@ from vimodels.svi.draws import ModelInfo, model_info
 if TYPE_CHECKING:
     from vimodels.svi.fit import FitResult
 
+
 @dataclass(frozen=True, eq=False)
 class Comparison:
     """Approximations compared with a reference.
@@ -507,6 +508,7 @@ def run_compare(
     progress: bool = True,
     netcdf: bool = True,
     executor: Any = None,
+    sites: Sequence[str] | None = None,
 ) -> CompareRun:
     """Fit a grid of guides x ELBOs, get the reference, compare, write the report.
 
@@ -539,6 +541,9 @@ def run_compare(
         One line per stage on stderr.
     netcdf : bool
         Write one netcdf file per method and one for the reference.
+    sites : sequence of str, optional
+        Sites of interest (checked in the reference and reported); default the
+        entry's, or every latent and deterministic site of a user model.
     executor : str or executor, optional
         Run the fits as tasks (:mod:`vimodels.runs.tasks`) on ``local`` (a process
         pool), ``dask``, ``serial`` or an executor object, writing ``out/fits/``
@@ -577,6 +582,7 @@ def run_compare(
             cache_dir=cache_dir,
             num_workers=num_workers,
             progress=progress,
+            **({"sites": tuple(sites)} if sites else {}),
         )
         say(
             f"  {ref.describe()}" + (" [cached]" if ref.from_cache else f" [{ref.wall_time:.0f} s]")
@@ -616,6 +622,7 @@ def run_compare(
                 elbo=elbo,
                 num_steps=steps,
                 seed=seed,
+                **({"sites": tuple(sites)} if sites else {}),
                 **options,
             )
         except (IncompatibleError, OptionError) as exc:
@@ -640,7 +647,9 @@ def run_compare(
         raise VimodelsError("no guide/ELBO pair of the grid could be fitted: " + "; ".join(skipped))
     if partial:
         say("  interrupted: methods not run: " + (", ".join(not_run) or "none"))
-    comparison = compare(results, ref, num_draws=num_draws, iwae_k=iwae_k, seed=seed)
+    comparison = compare(
+        results, ref, num_draws=num_draws, iwae_k=iwae_k, seed=seed, sites=sites or None
+    )
     if skipped or partial:
         comparison = dataclasses.replace(
             comparison, skipped=tuple(skipped), partial=partial, not_run=tuple(not_run)

@@ -10,8 +10,8 @@ import pytest
 from scipy import integrate, stats
 
 from diagnostics.evidence import (
-    EXACT,
     ESTIMATED,
+    EXACT,
     LogEvidence,
     StudentT,
     bridge_sampling,
@@ -20,7 +20,7 @@ from diagnostics.evidence import (
 )
 from diagnostics.nuts.reference import exact_reference, get_reference
 from vimodels.catalog.registry import get_model
-from vimodels.svi.fit import resolve_model
+from vimodels.svi.binding import resolve_model
 
 
 def _bound(name: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vimodels.errors import OptionError
 from vimodels.io import atomic_write_json, ensure_dir, safe_name
 
 
@@ -15,8 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--markdown", action="store_true", help="print Markdown tables (README)")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("fit", help="fit a catalog model with SVI")
-    p.add_argument("model")
+    p = sub.add_parser(
+        "fit",
+        help="fit a catalog model or your own (FILE.py:FUNCTION) with SVI",
+        description="Fit a model with SVI. " + USER_MODEL_NOTE,
+    )
+    add_model_arguments(p)
     add_fit_arguments(p)
     p.add_argument("--guide", default="auto_normal")
     p.add_argument("--elbo", default="trace")
@@ -27,6 +32,60 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="check a model: log density, gradients, transforms")
     p.add_argument("model")
     p.set_defaults(func=cmd_check)
+
+
+USER_MODEL_NOTE = (
+    "MODEL is a catalog name (vimodels list) or FILE.py:FUNCTION, your own Pyro model: "
+    "the file is imported and its code runs, with your rights, as if you ran it yourself "
+    "(only give files you trust). Its arguments come from --data FILE (.json object of "
+    "name -> number or list, .npz arrays, or .csv columns), renamed with --data-map or --arg."
+)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, its data and the sites to report (``fit``, ``nuts``, ``compare``)."""
+    p.add_argument("model", help="catalog name, or FILE.py:FUNCTION (runs that file's code)")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="FILE",
+        help="arguments of the model: .json, .npz or .csv (one argument per column)",
+    )
+    p.add_argument(
+        "--data-map",
+        default=None,
+        metavar="FILE",
+        help="TOML or JSON file mapping argument names to data columns",
+    )
+    p.add_argument(
+        "--arg",
+        action="append",
+        metavar="ARGUMENT=COLUMN",
+        help="pass data column COLUMN as the model's argument ARGUMENT (repeatable)",
+    )
+    p.add_argument(
+        "--sites", nargs="+", default=None, help="sites to report (default: the model's)"
+    )
+
+
+def cli_model(args: argparse.Namespace) -> tuple:
+    """``(model, data, name)`` for the API from the CLI's model, --data and renames.
+
+    ``model`` is a catalog entry or the user's function; ``data`` is None for a
+    catalog entry without --data.
+    """
+    from vimodels.catalog.registry import get_model
+    from vimodels.usermodel import is_model_spec, load_data, load_model_spec, read_data_map
+
+    data_map = read_data_map(args.data_map, args.arg)
+    if is_model_spec(args.model):
+        fn = load_model_spec(args.model)
+        return fn, load_data(args.data, data_map, fn), getattr(fn, "__name__", "user_model")
+    entry = get_model(args.model)
+    data = load_data(args.data, data_map, entry.model) if args.data is not None else None
+    if data is None and data_map:
+        raise OptionError("--data-map and --arg rename columns of --data FILE; give one")
+    return entry, data, entry.name
 
 
 def add_fit_arguments(p: argparse.ArgumentParser) -> None:
@@ -111,15 +170,15 @@ def fit_kwargs(args: argparse.Namespace) -> dict:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     """Fit one model/guide/ELBO and write draws (netcdf) and a JSON summary."""
-    from vimodels.catalog.registry import get_model
     from vimodels.errors import check_option
     from vimodels.svi.fit import fit
 
-    entry = get_model(args.model)
+    model, data, name = cli_model(args)
     check_option("--draws", args.draws, kind=int, low=1)
-    out = ensure_dir(args.out or Path("runs") / safe_name(entry.name))
-    result = fit(entry, guide=args.guide, elbo=args.elbo, **fit_kwargs(args))
-    stem = safe_name(f"{entry.name}__{result.guide_name}__{args.elbo}")
+    out = ensure_dir(args.out or Path("runs") / safe_name(name))
+    sites = tuple(args.sites) if args.sites else None
+    result = fit(model, data, guide=args.guide, elbo=args.elbo, sites=sites, **fit_kwargs(args))
+    stem = safe_name(f"{name}__{result.guide_name}__{args.elbo}")
     from diagnostics.convert import save_netcdf
 
     idata = result.to_inference_data(args.draws)

@@ -239,6 +239,14 @@ def bind(
         depth = max(depth, entry.max_plate_nesting)
     if sites is None:
         sites = entry.sites if entry is not None else _default_sites(tr, hidden)
+    else:
+        known = _default_sites(tr, ())
+        unknown = [x for x in sites if x not in known]
+        if unknown:
+            raise OptionError(
+                f"unknown site(s) {unknown} of model {name!r}; its latent and "
+                f"deterministic sites are {list(known)}"
+            )
     model_kw = config_enumerate(model_fn, default="parallel") if hidden else model_fn
     site_shapes = {
         n: tuple(s["value"].shape)
