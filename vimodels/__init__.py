@@ -11,6 +11,7 @@ from vimodels.catalog import (
 from vimodels.errors import (
     DataError,
     IncompatibleError,
+    ModelError,
     OptionError,
     OutputError,
     UnknownNameError,
@@ -32,6 +33,7 @@ __all__ = [
     "FitProgress",
     "FitResult",
     "IncompatibleError",
+    "ModelError",
     "NutsSettings",
     "OptionError",
     "OutputError",

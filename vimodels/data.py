@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import pyro
 import torch
 from pyro import poutine
 
-from vimodels.errors import DataError
+from vimodels.errors import DataError, ModelError
 
 _FLOAT_KINDS = "f"
 _INT_KINDS = "iub"
@@ -109,14 +110,65 @@ def prepare_data(model: Callable, data: Mapping[str, Any] | None) -> dict[str, A
 
 
 def trace_check(model: Callable, data: Mapping[str, Any], name: str) -> poutine.Trace:
-    """Run the model once under validation; wrap any failure as a DataError."""
+    """Run the model once under validation; wrap any failure as a DataError or ModelError.
+
+    The error blames what is wrong: the data (a value outside a distribution's
+    support, shapes that do not broadcast: raised inside Pyro or torch), or the
+    model (its own code raised, or it uses something that cannot run:
+    :class:`~vimodels.errors.ModelError`), and names the model's line.
+    """
     try:
         with pyro.validation_enabled(True), poutine.block():
             tr = poutine.trace(model).get_trace(**data)
             tr.compute_log_prob()
-    except (ValueError, RuntimeError, IndexError, TypeError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(
-            f"data does not fit model {name!r}: {msg}; check the shapes and values of the data"
-        ) from exc
+    except Exception as exc:  # a user's model can raise anything: say whose fault it is
+        raise blame(exc, name) from exc
     return tr
+
+
+_LIBRARY_DIRS = tuple(
+    str(Path(m.__file__).resolve().parent)
+    for m in (torch, pyro, np)
+    if getattr(m, "__file__", None)
+) + (str(Path(__file__).resolve().parent),)
+
+
+def _user_frame(exc: BaseException) -> tuple[str, bool] | None:
+    """``("file.py:line", raised_there)`` of the last frame outside the libraries."""
+    tb = exc.__traceback__
+    found, last_user = None, False
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        path = str(Path(filename).resolve()) if not filename.startswith("<") else filename
+        user = not path.startswith(_LIBRARY_DIRS) and "importlib" not in path
+        if user:
+            found = f"{Path(filename).name}:{tb.tb_lineno}"
+        last_user = user
+        tb = tb.tb_next
+    return None if found is None else (found, last_user)
+
+
+def blame(exc: BaseException, name: str) -> DataError:
+    """The user error for ``exc`` raised by a run of model ``name``: data or model."""
+    lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
+    msg = lines[0] if lines else type(exc).__name__
+    if msg.endswith(":") and len(lines) > 1:  # "Error while computing log_prob at site 'x':"
+        msg = f"{msg} {lines[1]}"
+    frame = _user_frame(exc)
+    at = f" at {frame[0]}" if frame else ""
+    if isinstance(exc, NotImplementedError):
+        return ModelError(
+            f"model {name!r} cannot be run{at}: {msg} (NotImplementedError); the model uses "
+            "something Pyro cannot do here"
+        )
+    in_model_code = frame is not None and frame[1]
+    if isinstance(exc, (ValueError, RuntimeError, IndexError)) or (
+        isinstance(exc, TypeError) and not in_model_code
+    ):
+        return DataError(
+            f"data does not fit model {name!r}{at}: {msg}; check the shapes and values of the data"
+        )
+    return ModelError(
+        f"model {name!r} fails{at}: {type(exc).__name__}: {msg}; fix the model's code "
+        "(or the data it reads)"
+    )

@@ -341,6 +341,25 @@ def resolve_model(
     return _resolve(model, data)
 
 
+def refuse_subsampling(tr: Any, name: str) -> None:
+    """Raise IncompatibleError when a plate of the model trace ``tr`` subsamples its data.
+
+    NUTS needs the exact log density of all the data; a subsampled plate gives an
+    unbiased but noisy one (fine for SVI, wrong for NUTS).
+    """
+    for site in tr.nodes.values():
+        fn = site.get("fn")
+        if site["type"] == "sample" and type(fn).__name__ == "_Subsample":
+            size, sub = fn.size, fn.subsample_size
+            if sub is not None and sub < size:
+                raise IncompatibleError(
+                    f"model {name!r} subsamples plate {site['name']!r} ({sub} of {size}): "
+                    "NUTS needs the log density of all the data; give the plate no "
+                    "subsample_size (or subsample_size=None) for the reference, and keep "
+                    "subsampling for SVI"
+                )
+
+
 def versions() -> dict[str, str]:
     """Versions of the libraries that shape the draws."""
     return {
@@ -708,7 +727,8 @@ def run_nuts(
     entry, fn, data_dict, name = resolve_model(model, data)
     s = _settings_for(entry, settings)
     _validate(s)
-    trace_check(fn, data_dict, name)  # data errors surface as one-line DataErrors
+    tr = trace_check(fn, data_dict, name)  # data errors surface as one-line DataErrors
+    refuse_subsampling(tr, name)
     depth = entry.max_plate_nesting if entry is not None else None
     info = model_info(fn, (), data_dict, depth)
     sites = (
