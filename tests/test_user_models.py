@@ -188,3 +188,21 @@ def test_errors_blame_the_model_or_the_data():
     with pytest.raises(DataError, match="data does not fit model 'counts'.*site 'x'") as info:
         vimodels.fit(counts, {"x": np.array([0.5, 1.2])}, num_steps=2, progress=False)
     assert not isinstance(info.value, ModelError)
+
+
+def test_degenerate_guide_draws_get_zero_weight():
+    """A guide drawing where the model has no density (a scale of 0) gives weight 0, no error."""
+    from vimodels.svi.draws import model_info, replay_model, sample_guide
+
+    def model():
+        s = pyro.sample("s", dist.HalfNormal(1.0))
+        pyro.sample("x", dist.Normal(0.0, s), obs=torch.tensor(0.3))
+
+    def guide():
+        pyro.sample("s", dist.Delta(torch.tensor(0.0)))
+
+    info = model_info(model, (), {}, 0)
+    draws, lw = sample_guide(model, guide, (), {}, info, 5)
+    assert np.all(draws["s"] == 0) and np.all(lw == -np.inf)
+    replay = replay_model(model, (), {}, info, {"s": np.zeros(3)})
+    assert replay.log_likelihood["x"].shape == (3,)

@@ -386,26 +386,46 @@ def sample_guide(
     depth = info.max_plate_nesting
     ndim = depth + 1
     parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+
+    def traces() -> tuple[poutine.Trace, poutine.Trace]:
+        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+        return guide_tr, model_tr
+
     with torch.no_grad():
         try:
             for start, stop in _chunks(num_samples, chunk):
                 n = stop - start
                 with pyro.plate(_DRAWS_PLATE, n, dim=-ndim):
-                    guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
-                    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
-                        *args, **kwargs
-                    )
+                    guide_tr, model_tr = _tolerant(traces)
                 parts.append(_weights_and_values(model_tr, guide_tr, info, n, ndim))
         except _FALLBACK_ERRORS:
             parts = []
             for _ in range(num_samples):
-                guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
-                model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
-                    *args, **kwargs
-                )
+                guide_tr, model_tr = _tolerant(traces)
                 parts.append(_weights_and_values(model_tr, guide_tr, info, 1, 1, vectorized=False))
     draws = {name: np.concatenate([p[0][name] for p in parts]) for name in info.latent}
-    return draws, np.concatenate([p[1] for p in parts])
+    lw = np.concatenate([p[1] for p in parts])
+    return draws, np.where(np.isnan(lw), -np.inf, lw)
+
+
+def _tolerant(traces: Callable[[], tuple]) -> tuple:
+    """``traces()``, rerun without Pyro's validation where a guide draw breaks a constraint.
+
+    A degenerate guide (a fit stopped on a non-finite loss, say) can draw values
+    where the model cannot be evaluated: a scale that underflows to 0, a NaN.
+    Those draws have no posterior density: rerun without validation, their log
+    weights come out non-finite and count as ``-inf`` (weight 0), and the
+    diagnostics flag the guide instead of failing on it.
+    """
+    try:
+        return traces()
+    except ValueError as exc:
+        text = str(exc)
+        if "invalid values" not in text and "Expected parameter" not in text:
+            raise
+        with pyro.validation_enabled(False):
+            return traces()
 
 
 def _weights_and_values(
@@ -675,7 +695,7 @@ def replay_model(
                 )
 
     def run(fn: Callable) -> poutine.Trace:
-        return poutine.trace(fn).get_trace(*args, **kwargs)
+        return _tolerant(lambda: poutine.trace(fn).get_trace(*args, **kwargs))
 
     with torch.no_grad():
         try:
