@@ -24,6 +24,21 @@ from vimodels.svi.fit import FitProgress, FitResult, fit
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``calibrate`` (:func:`vimodels.runs.calibrate.calibrate`), imported on first use.
+
+    The runs layer sits above diagnostics; importing it lazily keeps ``import
+    vimodels`` light and free of cycles.
+    """
+    if name == "calibrate":
+        from vimodels.runs.calibrate import calibrate
+
+        globals()[name] = calibrate
+        return calibrate
+    raise AttributeError(f"module 'vimodels' has no attribute {name!r}")
+
+
 __all__ = [
     "MODELS",
     "ELBOS",
@@ -40,6 +55,7 @@ __all__ = [
     "OutputError",
     "UnknownNameError",
     "VimodelsError",
+    "calibrate",
     "find_mode",
     "fit",
     "get_model",
