@@ -1,4 +1,4 @@
-"""Simulation-based calibration: the statistics on synthetic ranks, the runs, the report, the CLI."""
+"""Simulation-based calibration: statistics on synthetic ranks, runs, report and CLI."""
 
 from __future__ import annotations
 
