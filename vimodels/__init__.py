@@ -1,5 +1,7 @@
 """vimodels: a variational-inference workbench on Pyro."""
 
+import importlib
+
 from vimodels.catalog import (
     MODELS,
     CatalogEntry,
@@ -31,9 +33,8 @@ def __getattr__(name: str):
     The runs layer sits above diagnostics; importing it lazily keeps ``import
     vimodels`` light and free of cycles.
     """
-    if name == "calibrate":
-        from vimodels.runs.calibrate import calibrate
-
+    if name == "calibrate":  # by name, as diagnostics' lazy exports: runs sits above
+        calibrate = importlib.import_module("vimodels.runs.calibrate").calibrate
         globals()[name] = calibrate
         return calibrate
     raise AttributeError(f"module 'vimodels' has no attribute {name!r}")
