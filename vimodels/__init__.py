@@ -1,5 +1,7 @@
 """vimodels: a variational-inference workbench on Pyro."""
 
+import importlib
+
 from vimodels.catalog import (
     MODELS,
     CatalogEntry,
@@ -25,6 +27,20 @@ from vimodels.svi.fit import FitProgress, FitResult, fit
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``calibrate`` (:func:`vimodels.runs.calibrate.calibrate`), imported on first use.
+
+    The runs layer sits above diagnostics; importing it lazily keeps ``import
+    vimodels`` light and free of cycles.
+    """
+    if name == "calibrate":  # by name, as diagnostics' lazy exports: runs sits above
+        calibrate = importlib.import_module("vimodels.runs.calibrate").calibrate
+        globals()[name] = calibrate
+        return calibrate
+    raise AttributeError(f"module 'vimodels' has no attribute {name!r}")
+
+
 __all__ = [
     "MODELS",
     "ELBOS",
@@ -42,6 +58,7 @@ __all__ = [
     "OutputError",
     "UnknownNameError",
     "VimodelsError",
+    "calibrate",
     "find_mode",
     "fit",
     "get_model",
