@@ -32,7 +32,9 @@ from vimodels.svi import elbos as elbo_registry
 from vimodels.svi.binding import Binding, Bound, bind, keyword_call, positional_kwargs
 from vimodels.svi.convergence import ConvergenceRule
 from vimodels.svi.loop import LoopOutcome, LoopSettings, Objective, run_loop
+from vimodels.svi.minibatch_eval import EVAL_BATCHES, minibatch_elbo
 from vimodels.svi.result import NONFINITE, FitProgress, FitResult
+from vimodels.svi.subsample import IndexSupplier
 from vimodels.svi.weights import elbo_estimate, log_weights
 from vimodels.versions import versions
 
@@ -60,6 +62,7 @@ def fit(
     validate_first_step: bool = True,
     average: bool = True,
     callback: Callable[[FitProgress], None] | None = None,
+    subsample: str = "epoch",
 ) -> FitResult:
     """Fit a guide to a model with SVI.
 
@@ -126,6 +129,16 @@ def fit(
         draws from the guide as the fit would return it at that step (the
         iterate average once averaging has started). Its return value is ignored;
         its run time counts in ``wall_time`` but not in ``progress.elapsed``.
+    subsample : {"epoch", "independent", "pyro"}
+        How the indices of a plate declared with ``subsample_size`` are drawn
+        (:mod:`vimodels.svi.subsample`): from one pseudo-random permutation
+        per pass over the data (``"epoch"``), as independent batches, or by
+        Pyro's ``randperm`` (``"pyro"``, cost per step growing with the data).
+        With subsampling, JIT and the compiled step are off, and the final
+        ELBO comes from ``num_eval`` draws on 100 independent batches, its
+        standard error including the subsampling noise
+        (:mod:`vimodels.svi.minibatch_eval`); ``settings["subsample"]`` says
+        what ran. See docs/minibatch.md for the data contract.
 
     Returns
     -------
@@ -144,7 +157,13 @@ def fit(
         elbo,
     )
     lr = float(lr)
-    binding = bind(model, data, discrete_ok=elbo_spec.discrete, sites=sites)
+    # --- minibatch: plates' subsample indices drawn in O(batch) (svi/subsample.py)
+    supplier = IndexSupplier(seed, subsample)  # OptionError for an unknown scheme
+    with supplier:
+        binding = bind(model, data, discrete_ok=elbo_spec.discrete, sites=sites)
+    if supplier.subsampled and subsample != "pyro":
+        jit = False  # NumPy-drawn indices would be frozen into a traced graph
+    # --- end minibatch
     guide_opts, elbo_opts = dict(guide_options or {}), dict(elbo_options or {})
 
     def build(jit_now: bool) -> Objective:
@@ -172,10 +191,20 @@ def fit(
         compile_key=compile_key(binding, guide, guide_opts, elbo, elbo_opts),
         label=f"{binding.name}/{guide if isinstance(guide, str) else 'guide'}/{elbo}",
     )
-    with pyro.get_param_store().scope() as state, torch_threads(num_threads):
+    with pyro.get_param_store().scope() as state, torch_threads(num_threads), supplier:
         pyro.set_rng_seed(seed)
         outcome = run_loop(binding, build, loop_settings, callback)
-        return finish(binding, outcome, loop_settings, state, elbo, guide_opts, elbo_opts, num_eval)
+        return finish(
+            binding,
+            outcome,
+            loop_settings,
+            state,
+            elbo,
+            guide_opts,
+            elbo_opts,
+            num_eval,
+            supplier=supplier if supplier.subsampled else None,
+        )
 
 
 def check_fit_options(
@@ -268,10 +297,12 @@ def finish(
     guide_opts: Mapping[str, Any],
     elbo_opts: Mapping[str, Any],
     num_eval: int,
+    supplier: IndexSupplier | None = None,
 ) -> FitResult:
     """The loop's outcome as a :class:`FitResult`: Laplace step, ELBO estimate, settings.
 
-    Runs inside the fit's parameter-store scope ``state``.
+    Runs inside the fit's parameter-store scope ``state``. With ``supplier``
+    (the model subsamples its data) the ELBO comes from minibatches.
     """
     objective, message = outcome.objective, outcome.message
     sample_guide, laplace_note = objective.guide, None
@@ -321,9 +352,28 @@ def finish(
         "averaged": outcome.averaged,
         "laplace_note": laplace_note,
         "versions": versions(),
+        "subsample": None,
     }
+    subsampled = None
+    if supplier is not None:  # --- minibatch
+        subsampled = {**supplier.record(), "eval_batches": min(num_eval, EVAL_BATCHES)}
+        if subsampled["scheme"] != "pyro":
+            subsampled["note"] = "JIT and the compiled step are off (indices drawn in NumPy)"
+        settings["subsample"] = subsampled
     est, se = math.nan, math.nan
-    if len(outcome.losses):
+    if len(outcome.losses) and subsampled is not None:
+        pyro.set_rng_seed(loop.seed + 3)
+        with torch.no_grad(), pyro.validation_enabled(False):
+            est, se = minibatch_elbo(
+                keyword_call(binding.model),
+                keyword_call(sample_guide),
+                positional_kwargs(binding.args),
+                num_eval,
+                binding.depth,
+                seed=loop.seed + 3,
+                discrete=bool(binding.hidden),
+            )
+    elif len(outcome.losses):  # --- end minibatch
         pyro.set_rng_seed(loop.seed + 3)
         with torch.no_grad(), pyro.validation_enabled(False):
             log_w = log_weights(
@@ -364,6 +414,7 @@ def finish(
         max_plate_nesting=binding.depth,
         discrete_sites=binding.hidden,
         site_shapes=binding.site_shapes,
+        subsample=subsampled,
     )
 
 

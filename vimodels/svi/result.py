@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,8 @@ from vimodels.catalog.base import CatalogEntry
 from vimodels.errors import check_option
 from vimodels.io import jsonable
 from vimodels.svi.binding import keyword_call, positional_kwargs
+from vimodels.svi.minibatch_eval import EVAL_BATCHES, minibatch_log_weights
+from vimodels.svi.subsample import IndexSupplier
 from vimodels.svi.weights import draw_sites, log_weights
 
 CONVERGED = "converged"
@@ -94,6 +97,11 @@ class FitResult:
         One-line account of how the fit ended.
     sites : tuple of str
         Sites returned by :meth:`sample`.
+    subsample : dict or None
+        ``settings["subsample"]`` when the model subsamples its data: then
+        :meth:`sample` and :meth:`log_weights` draw batches in O(batch) and
+        :meth:`log_weights` returns minibatch estimates
+        (:mod:`vimodels.svi.minibatch_eval`).
     """
 
     model_name: str
@@ -120,6 +128,7 @@ class FitResult:
     max_plate_nesting: int = 1
     discrete_sites: tuple[str, ...] = ()
     site_shapes: dict[str, tuple[int, ...]] = field(repr=False, default_factory=dict)
+    subsample: dict | None = field(repr=False, default=None)
 
     @property
     def partial(self) -> bool:
@@ -148,7 +157,7 @@ class FitResult:
         check_option("num_samples", num_samples, kind=int, low=1)
         sites = tuple(sites or self.sites)
         pyro.set_rng_seed(self.seed + 1 if seed is None else seed)
-        with pyro.get_param_store().scope(self.param_state):
+        with pyro.get_param_store().scope(self.param_state), self._batches(seed, 1):
             return draw_sites(
                 keyword_call(self.model),
                 keyword_call(self.guide),
@@ -160,8 +169,25 @@ class FitResult:
             )
 
     def log_weights(self, num_samples: int = 1000, seed: int | None = None) -> np.ndarray:
-        """``log p(x, z) - log q(z)`` for ``num_samples`` guide draws, shape ``(num_samples,)``."""
+        """``log p(x, z) - log q(z)`` for ``num_samples`` guide draws, shape ``(num_samples,)``.
+
+        For a model that subsamples its data, per-draw unbiased estimates from
+        groups of draws on independent batches
+        (:func:`~vimodels.svi.minibatch_eval.minibatch_log_weights`).
+        """
         pyro.set_rng_seed(self.seed + 2 if seed is None else seed)
+        if self.subsample is not None:  # --- minibatch
+            with pyro.get_param_store().scope(self.param_state):
+                return minibatch_log_weights(
+                    keyword_call(self.model),
+                    keyword_call(self.guide),
+                    self._kwargs(),
+                    num_samples,
+                    self.max_plate_nesting,
+                    seed=self.seed + 2 if seed is None else seed,
+                    discrete=bool(self.discrete_sites),
+                    batches=self.subsample.get("eval_batches", EVAL_BATCHES),
+                )[0]
         with pyro.get_param_store().scope(self.param_state):
             return log_weights(
                 keyword_call(self.model),
@@ -174,6 +200,12 @@ class FitResult:
 
     def _kwargs(self) -> dict:
         return positional_kwargs(self.args)
+
+    def _batches(self, seed: int | None, offset: int) -> contextlib.AbstractContextManager:
+        """Subsampled plates draw independent batches in O(batch) (when the model has any)."""
+        if self.subsample is None:
+            return contextlib.nullcontext()
+        return IndexSupplier(self.seed + offset if seed is None else seed, "independent")
 
     def to_inference_data(self, num_samples: int = 1000, seed: int | None = None):
         """ArviZ InferenceData of guide draws (see :mod:`diagnostics.convert`).
