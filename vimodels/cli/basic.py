@@ -30,6 +30,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--elbo", default="trace")
     p.add_argument("--draws", type=int, default=1000, help="guide draws written to netcdf")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
+    # --- minibatch (issue 20)
+    p.add_argument(
+        "--data",
+        action="append",
+        metavar="FILE.npz|KEY=FILE.npy",
+        help="data arrays replacing the model's, memory-mapped and read a batch at a "
+        "time by plates with subsample_size (repeatable)",
+    )
+    p.add_argument(
+        "--subsample",
+        default="epoch",
+        choices=["epoch", "independent", "pyro"],
+        help="how subsampled plates draw their rows (default: epoch)",
+    )
+    # --- end minibatch
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("check", help="check a model: log density, gradients, transforms")
@@ -114,8 +129,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     """Fit one model/guide/ELBO and write draws (netcdf) and a JSON summary."""
     entry = get_model(args.model)
     check_option("--draws", args.draws, kind=int, low=1)
+    data = data_files(args.data)
     out = ensure_dir(args.out or Path("runs") / safe_name(entry.name))
-    result = fit(entry, guide=args.guide, elbo=args.elbo, **fit_kwargs(args))
+    result = fit(
+        entry, data, guide=args.guide, elbo=args.elbo, subsample=args.subsample, **fit_kwargs(args)
+    )
     stem = safe_name(f"{entry.name}__{result.guide_name}__{args.elbo}")
     from diagnostics.convert import save_netcdf
 
@@ -131,6 +149,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out / (stem + '.nc')} and {out / (stem + '.json')}")
     return 130 if result.status == "interrupted" else 0
+
+
+def data_files(specs: list[str] | None) -> dict | None:
+    """``--data`` values as a data dict of memory-mapped arrays (None when there are none)."""
+    from vimodels.data import load_arrays
+
+    if not specs:
+        return None
+    data: dict = {}
+    for spec in specs:
+        key, sep, path = spec.rpartition("=")
+        data.update(load_arrays(path, key if sep else None))
+    return data
 
 
 def cmd_check(args: argparse.Namespace) -> int:

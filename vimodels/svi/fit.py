@@ -138,7 +138,7 @@ def fit(
         ELBO comes from ``num_eval`` draws on 100 independent batches, its
         standard error including the subsampling noise
         (:mod:`vimodels.svi.minibatch_eval`); ``settings["subsample"]`` says
-        what ran. See docs/minibatch.md for the data contract.
+        what ran. The README's section "Large data" gives the data contract.
 
     Returns
     -------
