@@ -16,9 +16,11 @@ Per ``N``:
   batches), and ``fixed_share = fixed_s / fit_s`` (target: under 0.2);
 - ``pyro_step_ms``: the same model with Pyro's own index draws
   (``subsample="pyro"``: ``torch.randperm(N)`` per step), ``--pyro-steps`` steps;
-- ``cpu_s``: CPU time of the subprocess; ``peak_rss_mb`` (``VmHWM``) and, at the
-  end, ``anon_mb`` (``RssAnon``: memory the process owns) and ``file_mb``
-  (``RssFile``: mapped file pages, which the kernel can drop);
+- ``cpu_s``: CPU time of the fit, ``step_cpu_ms`` per step (steps 2 to the last) and
+  ``fixed_cpu_s`` the rest; the process's one-off import of ``torch._dynamo`` (by the
+  first ``torch.optim.Adam``), ``warmup_cpu_s``, is timed before the fit, apart;
+- ``peak_rss_mb`` (``VmHWM``) and, at the end, ``anon_mb`` (``RssAnon``: memory the
+  process owns) and ``file_mb`` (``RssFile``: mapped file pages the kernel can drop);
 - ``rows_read``: rows copied out of a memory-mapped file, against ``N``.
 
 The target: ``step_ms`` at the largest ``N`` within 1.5x of the smallest, and
@@ -97,6 +99,12 @@ def worker(args: argparse.Namespace) -> dict:
     from vimodels.data import RowArray, load_arrays
 
     n = int(float(args.worker))
+    # A process's first torch.optim.Adam imports torch._dynamo (about 1.5 s of CPU on the
+    # development machine): a one-off per process, whatever N, timed apart here.
+    c = time.process_time()
+    import torch._dynamo  # noqa: F401
+
+    warmup_cpu_s = time.process_time() - c
     folder = Path(args.folder) if args.folder else None
     t0 = time.perf_counter()
     raw = make_data(n, args.dim, folder)
@@ -160,6 +168,7 @@ def worker(args: argparse.Namespace) -> dict:
         "file_mb": mem.get("RssFile"),
         "rows_read": rows_read,
         "data_s": make_s,
+        "warmup_cpu_s": warmup_cpu_s,
         "subsample": r.settings["subsample"],
     }
 
@@ -213,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             f"fit {row['fit_s']:.2f} s fixed {row['fixed_s']:.2f} s "
             f"({100 * row['fixed_share']:.0f}%) cpu {row['cpu_s']:.1f} s, fixed "
             f"{row['fixed_cpu_s']:.2f} s ({100 * row['fixed_cpu_s'] / row['cpu_s']:.0f}%) "
+            f"warmup {row['warmup_cpu_s']:.2f} s "
             f"peak {row['peak_rss_mb']:.0f} MB anon {row['anon_mb']:.0f} MB "
             f"rows_read {row['rows_read']} elbo {row['elbo']:.1f}+-{row['elbo_se']:.1f} "
             f"load {row['load']:.1f}",

@@ -208,3 +208,27 @@ def test_cli_fit_refuses_a_missing_data_file(tmp_path, capsys):
     code = main(["fit", "eight_schools_noncentered", "--data", str(tmp_path / "no.npz")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "does not exist" in err[0]
+
+
+def test_only_row_arrays_are_read_lazily(tmp_path):
+    from vimodels.data import prepare_data
+
+    def model(x, s, m, batch=None):
+        pass
+
+    np.save(tmp_path / "m.npy", np.zeros((4, 2)))
+    out = prepare_data(
+        model, {"x": np.zeros(3), "s": np.float64(2.0), "m": np.load(tmp_path / "m.npy", "r")}
+    )
+    assert isinstance(out["x"], torch.Tensor)
+    assert isinstance(out["s"], np.float64)  # a scalar stays as given
+    assert isinstance(out["m"], RowArray) and out["m"].shape == (4, 2)
+
+
+def test_row_array_used_whole_names_the_fix(tmp_path):
+    def whole(x):
+        pyro.sample("obs", dist.Normal(0.0, 1.0), obs=x.sum())
+
+    np.save(tmp_path / "x.npy", np.zeros(5))
+    with pytest.raises(DataError, match=r"read by rows .*x\[idx\]"):
+        vimodels.fit(whole, data=load_arrays(tmp_path / "x.npy"), num_steps=2)

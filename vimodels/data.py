@@ -19,6 +19,10 @@ _FLOAT_KINDS = "f"
 _INT_KINDS = "iub"
 
 
+class RowAccessError(DataError, AttributeError):
+    """A :class:`RowArray` used as a whole (``x.sum()``, ``x @ w``) instead of by rows."""
+
+
 class RowArray:
     """An array too large for memory, read one minibatch of rows at a time.
 
@@ -58,6 +62,15 @@ class RowArray:
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def __getattr__(self, name: str) -> Any:
+        key = self.__dict__.get("key")
+        if name.startswith("__") or key is None:
+            raise AttributeError(name)
+        raise RowAccessError(
+            f"data[{key!r}] is read by rows (memory-mapped), so it has no .{name}; "
+            f"index it with a plate's subsample indices, {key}[idx], and use the rows"
+        )
 
     def __repr__(self) -> str:
         return f"RowArray({self.key!r}, shape={self.shape}, dtype={self.array.dtype})"
@@ -103,9 +116,14 @@ class RowArray:
 def _is_lazy_array(value: Any) -> bool:
     if isinstance(value, (RowArray, np.memmap)):
         return True
+    if isinstance(value, (np.ndarray, np.generic, torch.Tensor, list, tuple, str, bytes)):
+        return False
+    if type(value).__module__.split(".")[0] == "pandas":  # label indexing: left as given
+        return False
+    shape = getattr(value, "shape", None)
     return (
-        not isinstance(value, (np.ndarray, torch.Tensor, list, tuple, str, bytes))
-        and hasattr(value, "shape")
+        isinstance(shape, tuple)
+        and len(shape) >= 1
         and hasattr(value, "dtype")
         and hasattr(value, "__getitem__")
     )
@@ -276,7 +294,12 @@ def trace_check(model: Callable, data: Mapping[str, Any], name: str) -> poutine.
             tr.compute_log_prob()
     except (ValueError, RuntimeError, IndexError, TypeError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(
-            f"data does not fit model {name!r}: {msg}; check the shapes and values of the data"
-        ) from exc
+        hint = "check the shapes and values of the data"
+        lazy = sorted(k for k, v in data.items() if isinstance(v, RowArray))
+        if lazy:
+            hint += (
+                f"; {', '.join(lazy)} are read by rows (memory-mapped): index them with a "
+                "plate's subsample indices, x[idx]"
+            )
+        raise DataError(f"data does not fit model {name!r}: {msg}; {hint}") from exc
     return tr
