@@ -1,4 +1,4 @@
-"""Benchmark 7 (issue 20): minibatch SVI whose cost per step does not grow with the data.
+"""Benchmark 8 (issue 20): minibatch SVI whose cost per step does not grow with the data.
 
 A logistic regression (``D`` features, ``auto_normal``) with
 ``pyro.plate("n", N, subsample_size=batch)`` is fitted for ``--steps`` steps

@@ -8,6 +8,7 @@ from pathlib import Path
 from guides.registry import GENERIC, HANDWRITTEN
 from vimodels.catalog.registry import MODELS, get_model
 from vimodels.cli.options import parse_options
+from vimodels.data import load_arrays
 from vimodels.errors import check_option
 from vimodels.io import atomic_write_json, ensure_dir, safe_name
 from vimodels.svi.check import check_model
@@ -153,8 +154,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def data_files(specs: list[str] | None) -> dict | None:
     """``--data`` values as a data dict of memory-mapped arrays (None when there are none)."""
-    from vimodels.data import load_arrays
-
     if not specs:
         return None
     data: dict = {}
