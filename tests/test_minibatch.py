@@ -232,3 +232,13 @@ def test_row_array_used_whole_names_the_fix(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros(5))
     with pytest.raises(DataError, match=r"read by rows .*x\[idx\]"):
         vimodels.fit(whole, data=load_arrays(tmp_path / "x.npy"), num_steps=2)
+
+
+def test_a_callback_that_samples_does_not_change_a_subsampled_fit():
+    x = np.random.default_rng(6).normal(size=5000)
+    kw = dict(data={"x": x, "batch": 100}, num_steps=20, progress=False, num_eval=10)
+    plain = vimodels.fit(normal_mean, **kw)
+    seen = []
+    sampled = vimodels.fit(normal_mean, callback=lambda p: seen.append(p.sample(5)), **kw)
+    np.testing.assert_array_equal(plain.losses, sampled.losses)
+    assert len(seen) == 20

@@ -63,7 +63,9 @@ class FitProgress:
         try:
             if seed is not None:
                 pyro.set_rng_seed(seed)
-            with pyro.validation_enabled(False):
+            # subsampled plates draw their own batches here, not the fit's next ones
+            batches = IndexSupplier(self.step if seed is None else seed, "independent")
+            with pyro.validation_enabled(False), batches:
                 return self._draw(num_samples, sites)
         finally:
             pyro.util.set_rng_state(state)
