@@ -10,6 +10,7 @@ from pathlib import Path
 from guides.registry import GENERIC, HANDWRITTEN
 from vimodels.catalog.registry import MODELS, get_model
 from vimodels.cli.options import parse_options
+from vimodels.data import load_arrays
 from vimodels.errors import OptionError, check_option
 from vimodels.io import atomic_write_json, output_folder, safe_name
 from vimodels.svi.check import check_model
@@ -37,6 +38,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--elbo", default="trace")
     p.add_argument("--draws", type=int, default=1000, help="guide draws written to netcdf")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
+    p.add_argument(
+        "--mmap",
+        action="append",
+        metavar="FILE.npz|KEY=FILE.npy",
+        help="data arrays (added to --data's), memory-mapped and read a batch at a time "
+        "by plates with subsample_size: data larger than memory (repeatable)",
+    )
+    p.add_argument(
+        "--subsample",
+        default="epoch",
+        choices=["epoch", "independent", "pyro"],
+        help="how subsampled plates draw their rows (default: epoch)",
+    )
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("check", help="check a model: log density, gradients, transforms")
@@ -182,10 +196,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
     """
     model, data, name = cli_model(args)
     check_option("--draws", args.draws, kind=int, low=1)
+    mapped = data_files(args.mmap)
+    if mapped:
+        data = {**(data or {}), **mapped}
     sites = tuple(args.sites) if args.sites else None
     kwargs = fit_kwargs(args)
     with output_folder(args.out or Path("runs") / safe_name(name)) as out:
-        result = fit(model, data, guide=args.guide, elbo=args.elbo, sites=sites, **kwargs)
+        result = fit(
+            model,
+            data,
+            guide=args.guide,
+            elbo=args.elbo,
+            sites=sites,
+            subsample=args.subsample,
+            **kwargs,
+        )
         stem = fit_file_stem(name, result.guide_name, args.elbo, result.seed)
         if result.status == "diverged":  # a failure: the summary says why, no draws
             atomic_write_json(out / f"{stem}.json", result.summary())
@@ -218,6 +243,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def data_files(specs: list[str] | None) -> dict | None:
+    """``--mmap`` values as a data dict of memory-mapped arrays (None when there are none)."""
+    if not specs:
+        return None
+    data: dict = {}
+    for spec in specs:
+        key, sep, path = spec.rpartition("=")
+        data.update(load_arrays(path, key if sep else None))
+    return data
 
 
 def cmd_check(args: argparse.Namespace) -> int:
