@@ -7,9 +7,11 @@ from the modules that hold it:
   :class:`Reference` record (:mod:`diagnostics.nuts.reference`);
 - :func:`fit_to_inference_data`, :func:`reference_to_inference_data`,
   :func:`save_netcdf`, :func:`load_netcdf` (:mod:`diagnostics.convert`);
-- :func:`compare`, :func:`run_compare` and the :class:`Comparison` record
-  (:mod:`diagnostics.compare`);
+- :func:`compare` and the :class:`Comparison` record
+  (:mod:`diagnostics.comparison`);
 - :func:`write_report` (:mod:`diagnostics.report`);
+- :func:`write_calibration_report` (:mod:`diagnostics.calibration_report`) and
+  :mod:`diagnostics.calibration`: simulation-based calibration statistics;
 - :mod:`diagnostics.metrics`: pure functions on arrays.
 """
 
@@ -24,18 +26,17 @@ _EXPORTS = {
     "Reference": "diagnostics.nuts.reference",
     "default_cache_dir": "diagnostics.nuts.reference",
     "exact_reference": "diagnostics.nuts.reference",
-    "get_reference": "diagnostics.nuts.reference",
+    "get_reference": "diagnostics.references",
     "run_nuts": "diagnostics.nuts.reference",
     "fit_to_inference_data": "diagnostics.convert",
     "load_netcdf": "diagnostics.convert",
     "reference_to_inference_data": "diagnostics.convert",
     "save_netcdf": "diagnostics.convert",
-    "CompareRun": "diagnostics.compare",
-    "Comparison": "diagnostics.compare",
-    "LogEvidence": "diagnostics.compare",
-    "compare": "diagnostics.compare",
-    "run_compare": "diagnostics.compare",
+    "Comparison": "diagnostics.comparison",
+    "LogEvidence": "diagnostics.comparison",
+    "compare": "diagnostics.comparison",
     "write_report": "diagnostics.report",
+    "write_calibration_report": "diagnostics.calibration_report",
     "metrics": "diagnostics.metrics",
 }
 

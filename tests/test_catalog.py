@@ -486,7 +486,6 @@ def test_radon_mean_field_underestimates_county_scale_sd(reference_cache):
 @pytest.mark.parametrize("name", WITH_REFERENCE)
 def test_compare_command_writes_a_report(name, reference_cache, tmp_path):
     """``vimodels compare`` on every entry: tiny fits against the (cached) reference."""
-    pytest.importorskip("diagnostics.compare", reason="diagnostics.compare (issue #3) is missing")
     from vimodels.cli.main import main
 
     entry = MODELS[name]

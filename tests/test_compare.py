@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from diagnostics import metrics
-from diagnostics.compare import compare
+from diagnostics.comparison import compare
 from diagnostics.convert import group_arrays, group_names, load_netcdf
 from diagnostics.nuts.reference import exact_reference
 from diagnostics.report import fmt, write_report

@@ -266,7 +266,7 @@ def test_sweep_runs_the_grid_and_reports_failures_with_inputs(local_run):
 @pytest.mark.slow
 def test_stored_fits_compare_exactly_like_fits_in_this_process(local_run):
     """The task in a worker gives the numbers of fit() + compare() here."""
-    from diagnostics.compare import compare
+    from diagnostics.comparison import compare
     from vimodels.svi.fit import fit
 
     run = local_run
@@ -331,7 +331,7 @@ def test_rerun_skips_finished_tasks_and_redoes_broken_ones(local_run, local_exec
 
 @pytest.mark.slow
 def test_compare_through_an_executor_matches_the_in_process_path(tmp_path):
-    from diagnostics.compare import run_compare
+    from vimodels.runs.compare import run_compare
 
     kwargs = dict(
         guides=["auto_normal", "mean_field"],

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from vimodels.io import atomic_write_json, ensure_dir, safe_name
+from guides.registry import GENERIC, HANDWRITTEN
+from vimodels.catalog.registry import MODELS, get_model
+from vimodels.cli.options import parse_options
+from vimodels.data import load_arrays
+from vimodels.errors import OptionError, check_option
+from vimodels.io import atomic_write_json, output_folder, safe_name
+from vimodels.svi.check import check_model
+from vimodels.svi.convergence import ConvergenceRule
+from vimodels.svi.elbos import ELBOS
+from vimodels.svi.fit import fit
+from vimodels.usermodel import is_model_spec, load_data, load_model_spec, read_data_map
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,18 +27,86 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--markdown", action="store_true", help="print Markdown tables (README)")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("fit", help="fit a catalog model with SVI")
-    p.add_argument("model")
+    p = sub.add_parser(
+        "fit",
+        help="fit a catalog model or your own (FILE.py:FUNCTION) with SVI",
+        description="Fit a model with SVI. " + USER_MODEL_NOTE,
+    )
+    add_model_arguments(p)
     add_fit_arguments(p)
     p.add_argument("--guide", default="auto_normal")
     p.add_argument("--elbo", default="trace")
     p.add_argument("--draws", type=int, default=1000, help="guide draws written to netcdf")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
+    p.add_argument(
+        "--mmap",
+        action="append",
+        metavar="FILE.npz|KEY=FILE.npy",
+        help="data arrays (added to --data's), memory-mapped and read a batch at a time "
+        "by plates with subsample_size: data larger than memory (repeatable)",
+    )
+    p.add_argument(
+        "--subsample",
+        default="epoch",
+        choices=["epoch", "independent", "pyro"],
+        help="how subsampled plates draw their rows (default: epoch)",
+    )
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("check", help="check a model: log density, gradients, transforms")
     p.add_argument("model")
     p.set_defaults(func=cmd_check)
+
+
+USER_MODEL_NOTE = (
+    "MODEL is a catalog name (vimodels list) or FILE.py:FUNCTION, your own Pyro model: "
+    "the file is imported and its code runs, with your rights, as if you ran it yourself "
+    "(only give files you trust). Its arguments come from --data FILE (.json object of "
+    "name -> number or list, .npz arrays, or .csv columns), renamed with --data-map or --arg."
+)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, its data and the sites to report (``fit``, ``nuts``, ``compare``)."""
+    p.add_argument("model", help="catalog name, or FILE.py:FUNCTION (runs that file's code)")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="FILE",
+        help="arguments of the model: .json, .npz or .csv (one argument per column)",
+    )
+    p.add_argument(
+        "--data-map",
+        default=None,
+        metavar="FILE",
+        help="TOML or JSON file mapping argument names to data columns",
+    )
+    p.add_argument(
+        "--arg",
+        action="append",
+        metavar="ARGUMENT=COLUMN",
+        help="pass data column COLUMN as the model's argument ARGUMENT (repeatable)",
+    )
+    p.add_argument(
+        "--sites", nargs="+", default=None, help="sites to report (default: the model's)"
+    )
+
+
+def cli_model(args: argparse.Namespace) -> tuple:
+    """``(model, data, name)`` for the API from the CLI's model, --data and renames.
+
+    ``model`` is a catalog entry or the user's function; ``data`` is None for a
+    catalog entry without --data.
+    """
+    data_map = read_data_map(args.data_map, args.arg)
+    if is_model_spec(args.model):
+        fn = load_model_spec(args.model)
+        return fn, load_data(args.data, data_map, fn), getattr(fn, "__name__", "user_model")
+    entry = get_model(args.model)
+    data = load_data(args.data, data_map, entry.model) if args.data is not None else None
+    if data is None and data_map:
+        raise OptionError("--data-map and --arg rename columns of --data FILE; give one")
+    return entry, data, entry.name
 
 
 def add_fit_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,10 +144,6 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the registries."""
-    from guides.registry import GENERIC, HANDWRITTEN
-    from vimodels.catalog.registry import MODELS
-    from vimodels.svi.elbos import ELBOS
-
     if args.markdown:
         print(markdown_tables(args.what))
         return 0
@@ -92,9 +167,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def fit_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments of :func:`vimodels.svi.fit` from parsed CLI options."""
-    from vimodels.cli.options import parse_options
-    from vimodels.svi.convergence import ConvergenceRule
-
     extra = {"convergence": ConvergenceRule(early_stop=False)} if args.no_early_stop else {}
     return dict(
         **extra,
@@ -110,44 +182,82 @@ def fit_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
+def fit_file_stem(model: str, guide: str, elbo: str, seed: int) -> str:
+    """``<model>__<guide>__<elbo>__seed<k>``: fits of other seeds never replace each other."""
+    return safe_name(f"{model}__{guide}__{elbo}__seed{seed}")
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
-    """Fit one model/guide/ELBO and write draws (netcdf) and a JSON summary."""
-    from vimodels.catalog.registry import get_model
-    from vimodels.errors import check_option
-    from vimodels.svi.fit import fit
+    """Fit one model/guide/ELBO and write draws (netcdf) and a JSON summary.
 
-    entry = get_model(args.model)
+    Exit status: 0, 130 after Ctrl-C (the partial fit is written), 1 when the
+    fit ended non-finite or diverged (loss, gradient or ELBO estimate; what it
+    had is written).
+    """
+    model, data, name = cli_model(args)
     check_option("--draws", args.draws, kind=int, low=1)
-    out = ensure_dir(args.out or Path("runs") / safe_name(entry.name))
-    result = fit(entry, guide=args.guide, elbo=args.elbo, **fit_kwargs(args))
-    stem = safe_name(f"{entry.name}__{result.guide_name}__{args.elbo}")
-    if result.status == "diverged":  # a failure: the summary says why, no draws
-        atomic_write_json(out / f"{stem}.json", result.summary())
-        print(
-            f"vimodels: error: {result.model_name} / {result.guide_name}: {result.message}",
-            file=sys.stderr,
+    mapped = data_files(args.mmap)
+    if mapped:
+        data = {**(data or {}), **mapped}
+    sites = tuple(args.sites) if args.sites else None
+    kwargs = fit_kwargs(args)
+    with output_folder(args.out or Path("runs") / safe_name(name)) as out:
+        result = fit(
+            model,
+            data,
+            guide=args.guide,
+            elbo=args.elbo,
+            sites=sites,
+            subsample=args.subsample,
+            **kwargs,
         )
-        return 1
-    from diagnostics.convert import save_netcdf
+        stem = fit_file_stem(name, result.guide_name, args.elbo, result.seed)
+        if result.status == "diverged":  # a failure: the summary says why, no draws
+            atomic_write_json(out / f"{stem}.json", result.summary())
+            print(
+                f"vimodels: error: {result.model_name} / {result.guide_name}: {result.message}",
+                file=sys.stderr,
+            )
+            return 1
+        from diagnostics.convert import save_netcdf
 
-    idata = result.to_inference_data(args.draws)
-    nc = save_netcdf(idata, out / f"{stem}.nc")
-    summary = result.summary()
-    summary["netcdf"] = nc.name
-    atomic_write_json(out / f"{stem}.json", summary)
+        idata = result.to_inference_data(args.draws)
+        nc = save_netcdf(idata, out / f"{stem}.nc")
+        summary = result.summary()
+        summary["netcdf"] = nc.name
+        atomic_write_json(out / f"{stem}.json", summary)
     print(f"{result.model_name} / {result.guide_name} / {args.elbo}: {result.message}")
     print(
         f"ELBO {result.elbo:.3f} +- {result.elbo_se:.3f} nats, {result.num_steps} steps, "
         f"{result.wall_time:.1f} s"
     )
     print(f"wrote {out / (stem + '.nc')} and {out / (stem + '.json')}")
-    return 130 if result.status == "interrupted" else 0
+    if result.status == "interrupted":
+        return 130
+    if result.status == "nonfinite" or not math.isfinite(result.elbo):
+        what = result.message if result.status == "nonfinite" else f"the ELBO is {result.elbo}"
+        print(
+            f"vimodels: fit failed: {what}; the result is not usable. Lower --lr "
+            f"(it was {args.lr:g}) or check the model's support",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def data_files(specs: list[str] | None) -> dict | None:
+    """``--mmap`` values as a data dict of memory-mapped arrays (None when there are none)."""
+    if not specs:
+        return None
+    data: dict = {}
+    for spec in specs:
+        key, sep, path = spec.rpartition("=")
+        data.update(load_arrays(path, key if sep else None))
+    return data
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the model checks and print one line per check; exit 1 if any fails."""
-    from vimodels.svi.check import check_model
-
     report = check_model(args.model)
     for item in report:
         print(f"[{'ok' if item.ok else 'FAIL'}] {item.name}: {item.detail}")
@@ -156,9 +266,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def markdown_tables(what: str = "all") -> str:
     """Markdown tables of the registries, as embedded in README.md."""
-    from guides.registry import GENERIC, HANDWRITTEN
-    from vimodels.catalog.registry import MODELS
-    from vimodels.svi.elbos import ELBOS
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|")

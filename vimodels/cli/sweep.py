@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from vimodels.io import output_folder
+
 EXECUTOR_CHOICES = ("local", "dask", "serial")
 
 
@@ -63,7 +65,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     out = Path(args.out) if args.out else default_out(args.config)
     try:
-        with make_cli_executor(args) as executor:
+        with output_folder(out), make_cli_executor(args) as executor:
             run = run_sweep(config, out, executor, progress=not args.quiet)
     except KeyboardInterrupt as exc:  # before the report: say what is kept
         kept = f"no report was written; fits finished so far stay in {out / 'fits'}"

@@ -39,6 +39,8 @@ from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence, transform_to
 
+from vimodels.compile.record import UnsupportedTrace, record
+
 SUPPORTED = (Trace_ELBO, JitTrace_ELBO, TraceMeanField_ELBO)
 RTOL = 1e-4
 CACHE_SIZE = 8
@@ -283,8 +285,6 @@ def _full_key(key: Hashable, loss_fn: Any, names: list[str], args: tuple) -> tup
 
 def _trace(loss_fn, model, guide, args, names, params) -> CompiledStep:
     from torch.fx.experimental.proxy_tensor import make_fx
-
-    from vimodels.compile.record import UnsupportedTrace, record
 
     store = pyro.get_param_store()
     transforms = [transform_to(store._constraints[n]) for n in names]

@@ -44,6 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from vimodels.errors import OptionError, UnknownNameError, VimodelsError
+from vimodels.runs.tasks import fit_option_names
+from guides.registry import get_guide_spec, guide_names
+from vimodels.catalog.base import NutsSettings
+from vimodels.catalog.registry import get_model
+from vimodels.svi.elbos import get_elbo_spec
 
 TOP_KEYS = (
     "models",
@@ -59,7 +64,7 @@ TOP_KEYS = (
     "nuts",
 )
 COMPARE_KEYS = ("draws", "iwae_k", "num_evidence", "reference", "reference_seed", "reports")
-REFERENCE_KINDS = ("auto", "nuts", "exact")
+REFERENCE_KINDS = ("auto", "nuts", "exact", "external")
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ class SweepConfig:
     ----------
     models : tuple of str
     guides : tuple of str or None
-        ``None``: each model's default guides (see :func:`diagnostics.compare.default_guides`).
+        ``None``: each model's default guides (see :func:`default_guides`).
     elbos : tuple of str
     seeds : tuple of int
     steps : int
@@ -79,7 +84,7 @@ class SweepConfig:
     guide_options, elbo_options : dict of str to dict
         Options per guide and per ELBO name.
     num_draws, iwae_k, num_evidence : int
-        Passed to :func:`diagnostics.compare.compare`.
+        Passed to :func:`diagnostics.comparison.compare`.
     reference : str
         ``auto``, ``nuts`` or ``exact``.
     reference_seed : int
@@ -169,11 +174,6 @@ def config_from_dict(
     base_dir : path
         Folder that a relative ``cache`` path is relative to.
     """
-    from vimodels.runs.tasks import fit_option_names
-    from guides.registry import get_guide_spec, guide_names
-    from vimodels.catalog.base import NutsSettings
-    from vimodels.catalog.registry import get_model
-    from vimodels.svi.elbos import get_elbo_spec
 
     _unknown(where, "key(s)", raw, TOP_KEYS)
     if "models" not in raw:
@@ -294,3 +294,32 @@ def load_config(path: str | os.PathLike) -> SweepConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise VimodelsError(f"{path}: not valid TOML: {exc}") from exc
     return config_from_dict(raw, where=str(path), base_dir=path.resolve().parent)
+
+
+def default_guides(entry: CatalogEntry | None) -> tuple[str, ...]:
+    """The entry's default guides plus an autoregressive flow (a non-Gaussian family)."""
+    if entry is None:
+        return ("auto_normal", "auto_multivariate_normal")
+    guides = tuple(entry.default_guides)
+    if not entry.discrete and not entry.amortized and "auto_iaf_normal" not in guides:
+        guides += ("auto_iaf_normal",)
+    return guides
+
+
+def check_grid_names(
+    guides: Sequence[str], elbos: Sequence[str], entry: CatalogEntry | None = None
+) -> None:
+    """Raise UnknownNameError for a guide or ELBO name that no registry knows.
+
+    Names that exist but do not apply to the model (another family's
+    hand-written guide, a non-``enum`` ELBO on a discrete model) are not
+    refused here: those pairs are skipped, and listed, when they are fitted.
+    """
+    for elbo in elbos:
+        get_elbo_spec(elbo)  # UnknownNameError listing the valid ELBOs
+    known = guide_names(None)
+    for guide in guides:
+        if guide not in known:
+            raise UnknownNameError(
+                "guide", guide, guide_names(entry.family if entry is not None else None)
+            )

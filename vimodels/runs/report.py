@@ -1,6 +1,6 @@
 """The combined report of a sweep: the compare tables across models and seeds.
 
-No fitting happens here: everything comes from the :class:`~vimodels.runs.sweep.SweepRun`.
+No fitting happens here: everything comes from the :class:`~vimodels.runs.records.SweepRun`.
 Files, in the sweep's output folder:
 
 - ``summary.csv``: one row per model, seed and method (the compare summary columns);
@@ -32,8 +32,7 @@ from diagnostics.report import (
 )
 from vimodels.io import atomic_write_json, atomic_write_text, ensure_dir, safe_name
 
-if TYPE_CHECKING:
-    from vimodels.runs.sweep import SweepRun
+from vimodels.runs.records import SweepRun
 
 BY_METHOD_COLUMNS = (
     ("method", "method"),

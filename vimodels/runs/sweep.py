@@ -14,7 +14,7 @@ the report is then written from what finished, marked partial, with the
 cells not finished listed. Finished task folders are reused by a rerun.
 
 Then, per model and seed, the stored fits are compared with the model's
-reference (:func:`diagnostics.compare.compare`, the same numbers ``vimodels
+reference (:func:`diagnostics.comparison.compare`, the same numbers ``vimodels
 compare`` gives), and :mod:`vimodels.runs.report` writes the combined
 report. Output folder::
 
@@ -54,56 +54,21 @@ from vimodels.runs.tasks import (
 )
 from vimodels.errors import OptionError, VimodelsError
 from vimodels.io import ensure_dir, safe_name
+from vimodels.runs.config import default_guides
+from guides.registry import get_guide_spec
+from vimodels.catalog.registry import get_model
+from diagnostics.references import get_reference
+from vimodels.runs.records import Failure, SweepRun
+from vimodels.runs.report import write_sweep_report
+from diagnostics.comparison import compare
+from diagnostics import metrics
+from diagnostics.convert import group_arrays
 
 if TYPE_CHECKING:
-    from diagnostics.compare import Comparison
+    from diagnostics.comparison import Comparison
     from diagnostics.nuts.reference import Reference
 
 FITS = "fits"
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A task that failed, with its inputs.
-
-    Attributes
-    ----------
-    stage : str
-        ``fit``, ``reference`` or ``compare``.
-    model : str
-    guide, elbo : str or None
-        ``None`` for a reference.
-    seed : int or None
-    error : str
-        ``"<ExceptionType>: <message>"``.
-    traceback : str
-    """
-
-    stage: str
-    model: str
-    guide: str | None
-    elbo: str | None
-    seed: int | None
-    error: str
-    traceback: str = ""
-
-    @property
-    def label(self) -> str:
-        """One line naming the inputs and the error."""
-        what = " ".join(
-            x
-            for x in (
-                self.model,
-                f"{self.guide}/{self.elbo}" if self.guide else None,
-                f"seed={self.seed}" if self.seed is not None else None,
-            )
-            if x
-        )
-        return f"{self.stage} {what}: {self.error}"
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form."""
-        return dataclasses.asdict(self)
 
 
 def _failure(outcome: Outcome, stage: str | None = None) -> Failure:
@@ -129,71 +94,8 @@ def _failure(outcome: Outcome, stage: str | None = None) -> Failure:
     )
 
 
-@dataclass(frozen=True, eq=False)
-class SweepRun:
-    """What :func:`run_sweep` did and found.
-
-    Attributes
-    ----------
-    config : SweepConfig
-    out : Path
-    executor : str
-        Description of the executor.
-    tasks : tuple of Task
-        Every fit of the grid.
-    executed : tuple of Task
-        Fits run by this call (the others were finished before); after Ctrl-C,
-        those that finished.
-    reused : tuple of Task
-        Fits found finished and not run again.
-    failures : tuple of Failure
-    skipped : tuple of str
-        Grid cells left out (guide not written for the model's family).
-    references : dict of str to Reference
-    comparisons : dict of (str, int) to Comparison
-        Per model and seed.
-    summary : DataFrame
-        One row per model, seed and method: ``model seed`` then the columns of
-        :func:`diagnostics.compare.compare`'s summary.
-    sites : DataFrame
-        One row per model, seed, method and site element.
-    by_method : DataFrame
-        One row per model and method: mean and sd over seeds.
-    wall_time : float
-        Seconds the whole call took.
-    files : dict of str to Path
-    partial : bool
-        True when Ctrl-C interrupted the run: the tables cover what finished.
-    not_run : tuple of str
-        Labels of the fits not finished because of the interruption (a fit
-        stopped early with a partial result is in the tables instead, status
-        ``interrupted``).
-    """
-
-    config: SweepConfig
-    out: Path
-    executor: str
-    tasks: tuple[Task, ...]
-    executed: tuple[Task, ...]
-    reused: tuple[Task, ...]
-    failures: tuple[Failure, ...]
-    skipped: tuple[str, ...]
-    references: dict[str, Any]
-    comparisons: dict[tuple[str, int], Any]
-    summary: pd.DataFrame
-    sites: pd.DataFrame
-    by_method: pd.DataFrame
-    wall_time: float
-    files: dict[str, Path] = dataclasses.field(default_factory=dict)
-    partial: bool = False
-    not_run: tuple[str, ...] = ()
-
-
 def grid(config: SweepConfig) -> tuple[list[Task], list[str]]:
     """The fit tasks of a sweep, and the cells left out (with the reason)."""
-    from diagnostics.compare import default_guides
-    from guides.registry import get_guide_spec
-    from vimodels.catalog.registry import get_model
 
     tasks, skipped = [], []
     for model in config.models:
@@ -227,7 +129,6 @@ def grid(config: SweepConfig) -> tuple[list[Task], list[str]]:
 
 
 def _needs_nuts(model: str, kind: str) -> bool:
-    from vimodels.catalog.registry import get_model
 
     entry = get_model(model)
     exact = entry.exact_posterior() if entry.exact is not None else None
@@ -337,8 +238,6 @@ def run_sweep(
     -------
     SweepRun
     """
-    from diagnostics.nuts.reference import get_reference
-    from vimodels.runs.report import write_sweep_report
 
     t0 = time.perf_counter()
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
@@ -466,7 +365,6 @@ def _collect(
 def _compare(
     fits: Mapping[str, StoredFit], reference: Any, config: SweepConfig, seed: int, lost: list[str]
 ) -> Comparison:
-    from diagnostics.compare import compare
 
     c = compare(
         fits,
@@ -488,8 +386,6 @@ def _with_keys(df: pd.DataFrame, model: str, seed: int) -> pd.DataFrame:
 
 def _fit_rows(fits: Mapping[str, StoredFit], model: str, seed: int) -> pd.DataFrame:
     """Rows without reference metrics (the model has no reference)."""
-    from diagnostics import metrics
-    from diagnostics.convert import group_arrays
 
     rows = []
     for name, f in fits.items():

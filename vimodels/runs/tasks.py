@@ -10,10 +10,10 @@ parts + a hash of every input) under the output folder:
 ``draws.nc``
     ``num_draws`` guide draws as ArviZ data (posterior, ``log_weight``,
     log likelihood), drawn with the task's seed exactly as
-    :func:`diagnostics.compare.compare` draws them;
+    :func:`diagnostics.comparison.compare` draws them;
 ``arrays.npz``
     ``losses`` per step, and ``evidence_log_weights`` (``num_evidence``
-    draws by :func:`diagnostics.compare.evidence_log_weights`, seed + 7)
+    draws by :func:`diagnostics.evidence.evidence_log_weights`, seed + 7)
     where the model has no exact log evidence;
 ``summary.json``
     the task, the fit's summary and the SHA-256 of the two files. Written
@@ -26,7 +26,7 @@ parts + a hash of every input) under the output folder:
     :func:`load_partial` reads it for the report of the interrupted run.
 
 :func:`load_fit` reads a folder back as a :class:`StoredFit`, which
-:func:`diagnostics.compare.compare` accepts in place of a live
+:func:`diagnostics.comparison.compare` accepts in place of a live
 :class:`~vimodels.svi.fit.FitResult`.
 
 :class:`ReferenceTask` computes a model's NUTS reference the same way (in a
@@ -50,8 +50,25 @@ from typing import Any
 
 import numpy as np
 
-from vimodels.errors import OptionError, check_option
+from vimodels.errors import OptionError, check_option, check_seed, derive_seed
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, safe_name
+from vimodels.svi.fit import fit
+from vimodels.svi.convergence import ConvergenceRule
+import importlib
+from vimodels.versions import versions
+import torch
+import diagnostics.comparison
+import diagnostics.convert
+from vimodels.runs.worker import interrupts_deferred
+from vimodels.svi.result import INTERRUPTED
+from diagnostics.evidence import EVIDENCE_SEED_OFFSET, evidence_log_weights
+from diagnostics.convert import fit_to_inference_data, save_netcdf
+from vimodels.catalog.registry import get_model
+from pyro.infer import config_enumerate
+from vimodels.data import prepare_data
+from vimodels.svi.binding import Bound
+from diagnostics.convert import load_netcdf
+from diagnostics.references import get_reference
 
 TASK_FORMAT = 1
 SUMMARY = "summary.json"
@@ -68,7 +85,6 @@ def _canonical(obj: Any) -> str:
 
 def fit_option_names() -> tuple[str, ...]:
     """Options of :func:`vimodels.svi.fit.fit` a task may carry (all but the grid's own)."""
-    from vimodels.svi.fit import fit
 
     return tuple(p for p in inspect.signature(fit).parameters if p not in _FIXED)
 
@@ -157,7 +173,7 @@ def make_task(
     for name, value in (("model", model), ("guide", guide), ("elbo", elbo)):
         if not isinstance(value, str) or not value:
             raise OptionError(f"a task's {name} must be a registered name, got {value!r}")
-    check_option("seed", seed, kind=int, low=0)
+    seed = check_seed(seed)
     check_option("steps", steps, kind=int, low=1)
     check_option("num_draws", num_draws, kind=int, low=10)
     check_option("num_evidence", num_evidence, kind=int, low=10)
@@ -173,7 +189,6 @@ def make_task(
             f"unknown fit option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
         )
     if "convergence" in opts and not isinstance(opts["convergence"], Mapping):
-        from vimodels.svi.convergence import ConvergenceRule
 
         if isinstance(opts["convergence"], ConvergenceRule):
             opts["convergence"] = asdict(opts["convergence"])
@@ -195,9 +210,7 @@ _DRAW_MODULES = ("_arviz.py", "convert.py", "draws.py", "tasks.py")
 @lru_cache(maxsize=1)
 def code_fingerprint() -> str:
     """SHA-256 (16 hex digits) of the fitting and drawing source files and library versions."""
-    import importlib
 
-    from vimodels.versions import versions
 
     h = hashlib.sha256(_canonical(versions()).encode())
     for package in ("vimodels", "guides", "diagnostics"):
@@ -241,17 +254,9 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
         step) is written to the ``partial/`` subfolder first, and the message
         says so. The task stays unfinished.
     """
-    import torch
 
     # what writing the result needs, imported before the fit: a Ctrl-C during these
     # (slow) imports costs no fitted steps, and after the fit nothing slow is left
-    import diagnostics.compare  # noqa: F401
-    import diagnostics.convert  # noqa: F401
-    from vimodels.runs.worker import interrupts_deferred
-    from vimodels.svi.convergence import ConvergenceRule
-    from vimodels.svi.fit import fit
-    from vimodels.svi.result import INTERRUPTED
-    from vimodels.versions import versions
 
     versions()  # imports arviz, as fit() does once its steps are done
     t0 = time.perf_counter()
@@ -286,8 +291,6 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
 
 def _write_result(task: Task, result: Any, folder: Path, t0: float) -> dict[str, Any]:
     """Write draws, arrays and (last) the summary of ``result`` into ``folder``."""
-    from diagnostics.compare import EVIDENCE_SEED_OFFSET, evidence_log_weights
-    from diagnostics.convert import fit_to_inference_data, save_netcdf
 
     (folder / SUMMARY).unlink(missing_ok=True)
     idata = fit_to_inference_data(result, task.num_draws, seed=task.seed)
@@ -296,7 +299,9 @@ def _write_result(task: Task, result: Any, folder: Path, t0: float) -> dict[str,
     arrays = {"losses": np.asarray(result.losses, dtype=float)}
     if _exact_log_evidence(task.model) is None:
         arrays["evidence_log_weights"] = np.asarray(
-            evidence_log_weights(result, task.num_evidence, task.seed + EVIDENCE_SEED_OFFSET)
+            evidence_log_weights(
+                result, task.num_evidence, derive_seed(task.seed, EVIDENCE_SEED_OFFSET)
+            )
         )
 
     def write(tmp: str) -> None:
@@ -327,7 +332,6 @@ def drop_partial(task: Task, out_dir: str | os.PathLike) -> None:
 
 
 def _exact_log_evidence(model: str) -> float | None:
-    from vimodels.catalog.registry import get_model
 
     exact = get_model(model).exact_posterior()
     return None if exact is None else exact.log_evidence
@@ -366,12 +370,7 @@ def is_done(task: Task, out_dir: str | os.PathLike) -> bool:
 @lru_cache(maxsize=32)
 def _bound_model(model: str, enumerate_discrete: bool) -> tuple[Any, tuple]:
     """The catalog model bound to its data as :func:`vimodels.svi.fit.fit` binds it."""
-    import torch
-    from pyro.infer import config_enumerate
 
-    from vimodels.catalog.registry import get_model
-    from vimodels.data import prepare_data
-    from vimodels.svi.binding import Bound
 
     entry = get_model(model)
     data = prepare_data(entry.model, entry.data())
@@ -405,7 +404,7 @@ class StoredFit:
     evidence_log_weights: np.ndarray | None = field(repr=False)
     folder: Path
 
-    # --- what diagnostics.compare reads from a fit result
+    # --- what diagnostics.comparison reads from a fit result
     @property
     def model_name(self) -> str:
         """Catalog name of the model."""
@@ -459,7 +458,6 @@ class StoredFit:
     @property
     def entry(self) -> Any:
         """The catalog entry."""
-        from vimodels.catalog.registry import get_model
 
         return get_model(self.task.model)
 
@@ -487,11 +485,10 @@ class StoredFit:
     def stored_evidence_log_weights(self, num_samples: int, seed: int) -> np.ndarray:
         """The stored evidence log weights; the request must match how they were drawn.
 
-        See :func:`diagnostics.compare.evidence_log_weights`.
+        See :func:`diagnostics.evidence.evidence_log_weights`.
         """
-        from diagnostics.compare import EVIDENCE_SEED_OFFSET
 
-        want = self.task.seed + EVIDENCE_SEED_OFFSET
+        want = derive_seed(self.task.seed, EVIDENCE_SEED_OFFSET)
         if self.evidence_log_weights is None or (num_samples, seed) != (
             self.task.num_evidence,
             want,
@@ -528,7 +525,6 @@ def load_partial(task: Task, out_dir: str | os.PathLike) -> StoredFit | None:
 
 
 def _load(task: Task, summary: dict[str, Any], folder: Path) -> StoredFit:
-    from diagnostics.convert import load_netcdf
 
     with np.load(folder / ARRAYS, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
@@ -570,9 +566,7 @@ class ReferenceTask:
 
     def run(self, out_dir: str | os.PathLike | None = None) -> Any:
         """The NUTS reference (:func:`diagnostics.nuts.reference.get_reference`) in one process."""
-        import torch
 
-        from diagnostics.nuts.reference import get_reference
 
         torch.set_num_threads(1)
         return get_reference(
@@ -595,7 +589,7 @@ def make_reference_task(
     cache_dir: str | os.PathLike | None = None,
 ) -> ReferenceTask:
     """A :class:`ReferenceTask` with canonical settings."""
-    check_option("seed", seed, kind=int, low=0)
+    seed = check_seed(seed)
     return ReferenceTask(
         model,
         _canonical(dict(settings or {})),

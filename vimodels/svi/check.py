@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from pyro import poutine
+from pyro.infer import TraceEnum_ELBO, config_enumerate
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.util import is_validation_enabled  # noqa: F401  (re-exported for users)
 from pyro.poutine.util import site_is_subsample
@@ -78,8 +79,6 @@ def check_model(
         values = {n: biject_to(continuous[n]["fn"].support)(u) for n, u in unconstrained.items()}
         cond = poutine.condition(fn, data=values)
         if discrete:
-            from pyro.infer import TraceEnum_ELBO, config_enumerate
-
             elbo = TraceEnum_ELBO(
                 max_plate_nesting=entry.max_plate_nesting or 1 if entry is not None else 1
             )

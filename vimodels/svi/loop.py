@@ -277,6 +277,17 @@ def run_loop(
             f"{message}; the parameters are the average of the iterates "
             f"of steps {first}-{first + n - 1}"
         )
+        if averaged["num_drifting"]:
+            message += (
+                f" (at most: each coordinate over its longest recent stretch without drift; "
+                f"{averaged['num_drifting']} of {averaged['num_coordinates']} were still "
+                "drifting and keep their last iterate)"
+            )
+    elif s.average and status != NONFINITE and averager.selection() is not None:
+        message += (
+            "; not averaged: every parameter was still drifting (its last iterate is kept); "
+            "run more steps"
+        )
     return LoopOutcome(
         losses=np.asarray(losses, dtype=float),
         status=status,

@@ -172,6 +172,8 @@ def _site_value(tr, name: str, n: int, site_shapes: dict) -> np.ndarray | None:
 def elbo_estimate(log_w: np.ndarray) -> tuple[float, float]:
     """Mean and standard error of the ELBO from log weights (nats)."""
     log_w = np.asarray(log_w, dtype=float)
+    if not np.isfinite(log_w).all():  # -inf weights: the ELBO is -inf, its error undefined
+        return float(log_w.mean()), float("nan")
     return float(log_w.mean()), float(log_w.std(ddof=1) / np.sqrt(len(log_w)))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -32,8 +33,12 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.infer import MCMC, NUTS
 from pyro.poutine.util import site_is_subsample
 
+from diagnostics import metrics
+from guides.vae import encoder_guide
+from vimodels.catalog.vae import digits_split, digits_vae
 from vimodels.errors import IncompatibleError, check_option
 from vimodels.vae.trainer import split_data
 
@@ -539,10 +544,6 @@ def nuts_latent_posterior(
     the potential is JIT-compiled where it traces, else a one-line note is
     printed and the Python potential is used.
     """
-    import sys
-
-    from pyro.infer import MCMC, NUTS
-
     check_option("num_chains", num_chains, kind=int, low=1)
     check_option("num_samples", num_samples, kind=int, low=2)
     check_option("num_warmup", num_warmup, kind=int, low=0)
@@ -610,9 +611,8 @@ def guide_draws(
 def compare_draws(approx: np.ndarray, reference: np.ndarray, seed: int = 0) -> dict[str, Any]:
     """Compare draws of an approximation with reference (NUTS) draws.
 
-    Uses the project's shared metrics (``diagnostics.metrics``: per-coordinate
-    marginal metrics and joint metrics) when that module is present, else local
-    implementations of the same definitions.
+    Uses the project's shared metrics (:mod:`diagnostics.metrics`: per-coordinate
+    marginal metrics and joint metrics).
 
     Parameters
     ----------
@@ -630,40 +630,19 @@ def compare_draws(approx: np.ndarray, reference: np.ndarray, seed: int = 0) -> d
         approximation's central 90 % interval (0.90 when right);
         ``w2``: 2-Wasserstein distance with every coordinate standardized by the
         reference sd (exact optimal transport on at most 1000 draws of each);
-        ``metrics``: which implementation was used.
+        ``metrics``: the module whose definitions were used.
     """
     a = np.asarray(approx, dtype=float)
     ref = np.asarray(reference, dtype=float)
     if ref.ndim == 2:
         ref = ref[None]
     flat = ref.reshape(-1, ref.shape[-1])
-    try:
-        from diagnostics import metrics as shared
-    except ImportError:
-        shared = None
-    if shared is not None and hasattr(shared, "marginal_metrics"):
-        rows = [shared.marginal_metrics(a[:, d], ref[..., d]) for d in range(a.shape[1])]
-        err = np.array([abs(r["std_mean_error"]) for r in rows])
-        ratio = np.array([r["sd_ratio"] for r in rows])
-        cover = np.array([r["coverage90"] for r in rows])
-        w2 = shared.joint_metrics(a, flat, seed=seed)["w2"]
-        source = "diagnostics.metrics"
-    else:
-        import ot
-
-        mu, sd = flat.mean(0), flat.std(0, ddof=1)
-        err = np.abs(a.mean(0) - mu) / sd
-        ratio = a.std(0, ddof=1) / sd
-        lo, hi = np.quantile(a, [0.05, 0.95], axis=0)
-        cover = ((flat >= lo) & (flat <= hi)).mean(0)
-        rng = np.random.default_rng(seed)
-        x = (a - mu) / sd
-        y = (flat - mu) / sd
-        x = x[rng.choice(len(x), min(len(x), 1000), replace=False)]
-        y = y[rng.choice(len(y), min(len(y), 1000), replace=False)]
-        cost = ot.dist(x, y)  # squared Euclidean
-        w2 = math.sqrt(ot.emd2(np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y)), cost))
-        source = "local"
+    rows = [metrics.marginal_metrics(a[:, d], ref[..., d]) for d in range(a.shape[1])]
+    err = np.array([abs(r["std_mean_error"]) for r in rows])
+    ratio = np.array([r["sd_ratio"] for r in rows])
+    cover = np.array([r["coverage90"] for r in rows])
+    w2 = metrics.joint_metrics(a, flat, seed=seed)["w2"]
+    source = "diagnostics.metrics"
     return {
         "mean_error_sd": float(err.max()),
         "sd_ratio_min": float(ratio.min()),
@@ -734,9 +713,6 @@ def evaluate_digits_vae(
         Evaluate the log-likelihood on the first ``num_test`` test images only.
     seed : int
     """
-    from guides.vae import encoder_guide
-    from vimodels.catalog.vae import digits_split, digits_vae
-
     split = digits_split()
     static = dict(result.settings["static"])
     test = {"x": split.x_test, **static}

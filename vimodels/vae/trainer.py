@@ -32,8 +32,8 @@ import pyro
 import torch
 from pyro import poutine
 
-from vimodels.errors import DataError, OptionError, check_option
-from vimodels.io import atomic_write
+from vimodels.errors import DataError, OptionError, check_option, check_seed
+from vimodels.io import atomic_write, jsonable
 from vimodels.svi import elbos as elbo_registry
 from vimodels.svi.iwae import IWAE
 
@@ -220,16 +220,6 @@ def _load_unconstrained(values: Mapping[str, torch.Tensor]) -> None:
             target.copy_(value)
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return repr(obj)
-
-
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
     """Atomically ``torch.save`` a checkpoint dict of tensors and plain types."""
     return atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
@@ -352,7 +342,7 @@ def train(
         check_option("lr_patience", lr_patience, kind=int, low=1)
     check_option("lr_factor", float(lr_factor), kind=float, low=0.0, low_inclusive=False, high=1.0)
     check_option("val_particles", val_particles, kind=int, low=1)
-    check_option("seed", seed, kind=int, low=0)
+    seed = check_seed(seed)
     check_option("checkpoint_every", checkpoint_every, kind=int, low=1)
     if isinstance(lr, int) and not isinstance(lr, bool):
         lr = float(lr)
@@ -375,7 +365,7 @@ def train(
         "elbo": elbo,
         "elbo_class": type(getattr(loss_fn, "inner", loss_fn)).__name__,
         "num_particles": loss_fn.num_particles,
-        "elbo_options": _jsonable(elbo_opts),
+        "elbo_options": jsonable(elbo_opts),
         "batch_size": batch_size,
         "lr": lr,
         "weight_decay": weight_decay,
@@ -389,7 +379,7 @@ def train(
         "time_budget": time_budget,
         "num_data": n,
         "num_val": n_val,
-        "static": _jsonable(static),
+        "static": jsonable(static),
     }
     if progress is None:
         progress = sys.stderr.isatty()

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
-from vimodels.io import ensure_dir, safe_name
+from vimodels.cli.basic import (
+    USER_MODEL_NOTE,
+    add_fit_arguments,
+    add_model_arguments,
+    cli_model,
+    fit_kwargs,
+)
+from vimodels.cli.sweep import add_executor_arguments, make_cli_executor
+from vimodels.errors import check_option
+from vimodels.io import atomic_write_json, ensure_dir, output_folder, safe_name
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``nuts`` and ``compare`` subcommands."""
-    from vimodels.cli.basic import add_fit_arguments
-    from vimodels.cli.sweep import add_executor_arguments
-
-    p = sub.add_parser("nuts", help="NUTS reference draws of a catalog model (cached, checked)")
-    p.add_argument("model")
+    p = sub.add_parser(
+        "nuts",
+        help="NUTS reference draws of a model (cached, checked)",
+        description="NUTS reference draws of a model, checked and cached. " + USER_MODEL_NOTE,
+    )
+    add_model_arguments(p)
     _add_nuts_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="recompute even if cached")
@@ -25,8 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_nuts)
 
-    p = sub.add_parser("compare", help="fit guides x ELBOs, compare with the reference, report")
-    p.add_argument("model")
+    p = sub.add_parser(
+        "compare",
+        help="fit guides x ELBOs, compare with the reference, report",
+        description="Fit guides x ELBOs, compare with the reference, write the report. "
+        + USER_MODEL_NOTE,
+    )
+    add_model_arguments(p)
     p.add_argument(
         "--guides",
         nargs="+",
@@ -38,9 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default runs/<model>/compare)")
     p.add_argument(
         "--reference",
-        choices=["auto", "nuts", "exact"],
+        choices=["auto", "nuts", "exact", "external"],
         default="auto",
-        help="auto: exact draws where the catalog has a sampler, else NUTS",
+        help="auto: exact draws where the catalog has a sampler, else NUTS; external: "
+        "posteriordb's draws (pdb_* models)",
     )
     p.add_argument("--draws", type=int, default=4000, help="guide draws per method")
     p.add_argument("--iwae-k", type=int, default=50, help="K of the IWAE bound")
@@ -73,6 +90,13 @@ def _add_nuts_arguments(p: argparse.ArgumentParser) -> None:
         "(default, faster) or each on its own",
     )
     p.add_argument(
+        "--metric",
+        choices=("diag", "dense", "auto"),
+        default=None,
+        help="the project's NUTS metric: diagonal, dense (for correlated posteriors) or auto "
+        "(dense up to 64 dimensions given enough warm-up) (default: the model's)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -96,6 +120,7 @@ def _nuts_settings(args: argparse.Namespace) -> dict:
         "max_tree_depth": args.max_tree_depth,
         "sampler": args.sampler,
         "chain_method": args.chain_method,
+        "metric": args.metric,
     }
     if args.no_nuts_jit:
         out["jit_compile"] = False
@@ -106,11 +131,13 @@ def cmd_nuts(args: argparse.Namespace) -> int:
     """Run (or load) the NUTS reference; print its checks; exit 1 when it is untrusted."""
     from diagnostics.convert import reference_to_inference_data, save_netcdf
     from diagnostics.nuts.reference import run_nuts
-    from vimodels.io import atomic_write_json
 
+    model, data, _ = cli_model(args)
     try:
         ref = run_nuts(
-            args.model,
+            model,
+            data,
+            sites=tuple(args.sites) if args.sites else None,
             settings=_nuts_settings(args),
             seed=args.seed,
             cache=not args.no_cache,
@@ -149,23 +176,27 @@ _NO_REPORT = "no report was written; fits finished so far stay in {} and a rerun
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Fit the grid, compare with the reference and write the report."""
-    from diagnostics.compare import run_compare
-    from vimodels.catalog.registry import get_model
-    from vimodels.cli.basic import fit_kwargs
-    from vimodels.cli.sweep import make_cli_executor
-    from vimodels.errors import check_option
+    from vimodels.runs.compare import run_compare
+    from vimodels.runs.config import check_grid_names, default_guides
 
-    entry = get_model(args.model)
+    model, data, name = cli_model(args)
     check_option("--draws", args.draws, kind=int, low=10)
-    out = Path(args.out) if args.out else Path("runs") / safe_name(entry.name) / "compare"
-    ensure_dir(out)
+    entry = model if not callable(model) else None
+    # a typo in --guides/--elbos: exit 2 before any work (run_compare checks too)
+    check_grid_names(args.guides or default_guides(entry), args.elbos or ("trace",), entry)
+    out = Path(args.out) if args.out else Path("runs") / safe_name(name) / "compare"
     kwargs = fit_kwargs(args)
     kwargs.pop("num_steps")
     seed = kwargs.pop("seed")
+    # the executors run catalog models by name; a user's model or data fits in this process
+    by_name = data is None and not callable(model)
     try:
-        with make_cli_executor(args) as executor:
+        executor_context = make_cli_executor(args) if by_name else contextlib.nullcontext()
+        with output_folder(out), executor_context as executor:
             run = run_compare(
-                entry,
+                model,
+                data=data,
+                sites=tuple(args.sites) if args.sites else None,
                 guides=args.guides,
                 elbos=args.elbos,
                 steps=args.steps,
@@ -190,6 +221,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         )
         return 130
     c = run.comparison
+    for line in c.skipped:  # pairs that could not run: visible, whatever --quiet says
+        print(f"vimodels: warning: skipped {line}", file=sys.stderr)
     cols = [
         "method",
         "elbo",

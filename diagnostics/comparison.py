@@ -1,4 +1,4 @@
-"""Compare fitted approximations with a reference, and run the whole grid.
+"""Compare fitted approximations with a reference: the comparison table.
 
 :func:`compare` takes fit results and a :class:`~diagnostics.nuts.reference.Reference`
 and returns a :class:`Comparison`: one table row per method (ELBO, IWAE
@@ -6,66 +6,40 @@ bound, gap to the log evidence, PSIS k-hat, joint distances, worst sd ratio,
 coverage, convergence, wall time), one row per method and site element, the
 draws as ArviZ data, and the flags and lessons a report states.
 
-:func:`run_compare` is what ``vimodels compare`` runs: fit the grid of
-guides x ELBOs, get the (cached) reference, compare, write the report.
+:func:`vimodels.runs.compare.run_compare` is what ``vimodels compare`` runs: fit
+the grid of guides x ELBOs, get the (cached) reference, compare, write the report.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import pyro
 import torch
 from torch.distributions import biject_to
 
 from diagnostics import metrics
 from diagnostics.convert import group_arrays
-from diagnostics.nuts.reference import Reference, get_reference, resolve_model
-from vimodels.catalog.base import CatalogEntry
-from vimodels.errors import IncompatibleError, OptionError, VimodelsError, check_option
-from vimodels.svi.draws import ModelInfo, model_info, sample_guide
+from diagnostics.evidence import (  # noqa: F401  (re-exported)
+    ESTIMATED,
+    EVIDENCE_SEED_OFFSET,
+    EXACT,
+    GIVEN,
+    UNKNOWN,
+    LogEvidence,
+    _log_evidence,
+    check_bounds,
+    evidence_log_weights,
+)
+from diagnostics.nuts.reference import Reference
+from vimodels.errors import IncompatibleError, OptionError, check_option
+from vimodels.svi.draws import ModelInfo, model_info
 
 if TYPE_CHECKING:
     from vimodels.svi.fit import FitResult
-
-EXACT = "exact"
-ESTIMATED = "estimated"
-GIVEN = "given"
-UNKNOWN = "unknown"
-# log p(x) is estimated from the best method's log weights drawn with seed + this
-EVIDENCE_SEED_OFFSET = 7
-
-
-@dataclass(frozen=True)
-class LogEvidence:
-    """``log p(x)`` in nats and where it comes from.
-
-    Attributes
-    ----------
-    value, se : float
-        Estimate and standard error (``se`` 0 when exact; NaN when unknown).
-    kind : str
-        ``exact`` (closed form), ``estimated`` (importance sampling), ``given``
-        (passed by the caller) or ``unknown``.
-    source : str
-        One line: how it was obtained.
-    """
-
-    value: float
-    se: float
-    kind: str
-    source: str
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form."""
-        return {"value": self.value, "se": self.se, "kind": self.kind, "source": self.source}
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,14 +152,6 @@ def _unconstrained(
             u = biject_to(support).inv(torch.as_tensor(x, dtype=torch.float64)).numpy()
         cols.append(u.reshape(len(u), -1))
     return np.concatenate(cols, axis=1) if cols else np.empty((0, 0))
-
-
-def _exact_log_evidence(results: Sequence[FitResult]) -> float | None:
-    entry = results[0].entry
-    if entry is None or entry.exact is None:
-        return None
-    exact = entry.exact_posterior()
-    return None if exact is None else exact.log_evidence
 
 
 def _worst_sd(rows: pd.DataFrame) -> tuple[float, str]:
@@ -372,7 +338,7 @@ def compare(
         rows.append(row)
     summary = pd.DataFrame(rows)
 
-    le = _log_evidence(fits, named, summary, log_evidence, num_evidence, seed)
+    le = _log_evidence(fits, named, summary, log_evidence, num_evidence, seed, reference)
     summary["log_evidence"] = le.value
     summary["gap"] = le.value - summary["elbo"]
     summary["gap_se"] = np.sqrt(summary["elbo_se"] ** 2 + (le.se**2 if np.isfinite(le.se) else 0))
@@ -412,56 +378,6 @@ def compare(
     )
 
 
-def _log_evidence(
-    fits: Sequence[FitResult],
-    named: Mapping[str, FitResult],
-    summary: pd.DataFrame,
-    given: float | None,
-    num: int,
-    seed: int,
-) -> LogEvidence:
-    if given is not None:
-        return LogEvidence(float(given), 0.0, GIVEN, "given by the caller")
-    exact = _exact_log_evidence(fits)
-    if exact is not None:
-        return LogEvidence(float(exact), 0.0, EXACT, "closed form (catalog)")
-    usable = summary[np.isfinite(summary["khat"]) | (summary["khat"] == -np.inf)]
-    usable = usable[~usable["failed"]]
-    if usable.empty:
-        return LogEvidence(
-            float("nan"), float("nan"), UNKNOWN, "no method gives finite importance weights"
-        )
-    best = usable.sort_values(["khat", "elbo"], ascending=[True, False]).iloc[0]
-    result = named[best["method"]]
-    lw = evidence_log_weights(result, num, seed + EVIDENCE_SEED_OFFSET)
-    value, se = metrics.log_evidence_is(lw)
-    khat = metrics.psis_khat(lw)
-    return LogEvidence(
-        value,
-        se,
-        ESTIMATED,
-        f"importance sampling with {best['method']} as proposal, {num} draws, "
-        f"k-hat {khat:.2f} ({metrics.khat_verdict(khat)})",
-    )
-
-
-def evidence_log_weights(result: FitResult, num: int, seed: int) -> np.ndarray:
-    """``num`` log weights ``log p(x, z) - log q(z)`` of a fit's guide, drawn with ``seed``.
-
-    What the importance-sampling estimate of ``log p(x)`` uses. A result that
-    stores its own (a :class:`~vimodels.runs.tasks.StoredFit`, whose task called
-    this function on the live fit) returns those.
-    """
-    stored = getattr(result, "stored_evidence_log_weights", None)
-    if stored is not None:
-        return stored(num, seed)
-    info = model_info(result.model, result.args, {}, result.max_plate_nesting)
-    pyro.set_rng_seed(seed)
-    with pyro.get_param_store().scope(result.param_state):
-        _, lw = sample_guide(result.model, result.guide, result.args, {}, info, num)
-    return lw
-
-
 def _flags(summary: pd.DataFrame, reference: Reference, le: LogEvidence) -> list[str]:
     flags = []
     if not reference.trusted:
@@ -487,8 +403,11 @@ def _flags(summary: pd.DataFrame, reference: Reference, le: LogEvidence) -> list
                 f"{row.method}: not converged ({row.status}, {row.num_steps} steps): "
                 "its metrics mix optimisation error with the family's bias"
             )
-    if le.kind == ESTIMATED and "(bad)" in le.source:
+    if le.kind == ESTIMATED and ("(bad)" in le.source or "DISAGREES" in le.source):
         flags.append(f"log evidence estimate unreliable: {le.source}")
+    if le.kind == UNKNOWN:
+        flags.append(f"log evidence unknown, gaps not shown: {le.source}")
+    flags.extend(check_bounds(summary, le))
     return flags
 
 
@@ -598,193 +517,3 @@ def _pair_corr(draws: Mapping[str, np.ndarray], pair: tuple[str, str], sample_nd
     if a.std() == 0 or b.std() == 0:
         return float("nan")
     return float(np.corrcoef(a, b)[0, 1])
-
-
-# ----------------------------------------------------------------------------- the grid
-
-
-@dataclass(frozen=True, eq=False)
-class CompareRun:
-    """What :func:`run_compare` produced.
-
-    Attributes
-    ----------
-    comparison : Comparison
-    files : dict of str to Path
-        Files written (empty when no output folder was given).
-    """
-
-    comparison: Comparison
-    files: dict[str, Path]
-
-
-def default_guides(entry: CatalogEntry | None) -> tuple[str, ...]:
-    """The entry's default guides plus an autoregressive flow (a non-Gaussian family)."""
-    if entry is None:
-        return ("auto_normal", "auto_multivariate_normal")
-    guides = tuple(entry.default_guides)
-    if not entry.discrete and not entry.amortized and "auto_iaf_normal" not in guides:
-        guides += ("auto_iaf_normal",)
-    return guides
-
-
-def run_compare(
-    model: str | CatalogEntry | Callable,
-    guides: Sequence[str] | None = None,
-    elbos: Sequence[str] = ("trace",),
-    steps: int = 2000,
-    out: str | Path | None = None,
-    *,
-    data: Mapping[str, Any] | None = None,
-    reference: str | Reference = "auto",
-    seed: int = 0,
-    num_draws: int = 4000,
-    iwae_k: int = 50,
-    cache: bool = True,
-    cache_dir: str | Path | None = None,
-    nuts_settings: Mapping[str, Any] | None = None,
-    num_workers: int | None = None,
-    fit_options: Mapping[str, Any] | None = None,
-    progress: bool = True,
-    netcdf: bool = True,
-    executor: Any = None,
-) -> CompareRun:
-    """Fit a grid of guides x ELBOs, get the reference, compare, write the report.
-
-    Parameters
-    ----------
-    model : str, CatalogEntry or callable
-        Catalog name or entry, or a Pyro model with ``data``.
-    guides : sequence of str, optional
-        Default :func:`default_guides`.
-    elbos : sequence of str
-        ELBO names.
-    steps : int
-        Maximum SVI steps per fit.
-    out : path, optional
-        Output folder; nothing is written when omitted.
-    data : dict, optional
-        Data for a user model.
-    reference : str or Reference
-        ``auto`` (exact draws where the catalog has a sampler, else NUTS), ``nuts``,
-        ``exact``, or a Reference already computed.
-    seed : int
-        Seed of the fits, the reference and the draws.
-    num_draws, iwae_k
-        Passed to :func:`compare`.
-    cache, cache_dir, nuts_settings, num_workers
-        Passed to :func:`~diagnostics.nuts.reference.run_nuts`.
-    fit_options : dict, optional
-        Extra keyword arguments of :func:`vimodels.svi.fit.fit` (``lr``, ``num_particles`` ...).
-    progress : bool
-        One line per stage on stderr.
-    netcdf : bool
-        Write one netcdf file per method and one for the reference.
-    executor : str or executor, optional
-        Run the fits as tasks (:mod:`vimodels.runs.tasks`) on ``local`` (a process
-        pool), ``dask``, ``serial`` or an executor object, writing ``out/fits/``
-        and reusing fits finished there before; a catalog model with its own
-        data only. Default: fit in this process.
-
-    Returns
-    -------
-    CompareRun
-    """
-    from diagnostics.report import write_report
-    from vimodels.svi.fit import fit
-
-    check_option("steps", steps, kind=int, low=1)
-    entry, fn, _, name = resolve_model(model, data)
-    if entry is not None and entry.amortized:
-        raise IncompatibleError(
-            f"{name!r} is amortized (a latent per image): its posterior has no global sites "
-            "for NUTS to compare against; run `vimodels vae` (trains the encoder per "
-            "objective, NUTS on z for a few test images, writes the report)"
-        )
-    guides = tuple(guides) if guides else default_guides(entry)
-    elbos = tuple(elbos) if elbos else ("trace",)
-    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
-    if isinstance(reference, Reference):
-        ref = reference
-    else:
-        say(f"reference for {name} ({reference}) ...")
-        ref = get_reference(
-            entry if entry is not None else fn,
-            data,
-            kind=reference,
-            settings=nuts_settings,
-            seed=seed,
-            cache=cache,
-            cache_dir=cache_dir,
-            num_workers=num_workers,
-            progress=progress,
-        )
-        say(
-            f"  {ref.describe()}" + (" [cached]" if ref.from_cache else f" [{ref.wall_time:.0f} s]")
-        )
-    results, skipped = [], []
-    partial, not_run = False, []
-    options = dict(fit_options or {})
-    options.setdefault("progress", False)
-    if executor is not None:
-        from vimodels.runs.sweep import fit_with_executor
-
-        if entry is None or data is not None:
-            raise OptionError("an executor runs catalog models by name, with their own data")
-        got = fit_with_executor(
-            entry.name,
-            guides,
-            elbos,
-            steps=steps,
-            seed=seed,
-            fit_options=options,
-            num_draws=num_draws,
-            num_evidence=20000,  # compare()'s default, used below
-            executor=executor,
-            out=out,
-            say=say,
-        )
-        results, skipped = list(got.fits), list(got.skipped)
-        partial, not_run = got.partial, list(got.not_run)
-        guides = ()  # fitted by the executor: the loop below has nothing left to do
-    cells = [(guide, elbo) for guide in guides for elbo in elbos]
-    for i, (guide, elbo) in enumerate(cells):
-        try:
-            r = fit(
-                entry if entry is not None else fn,
-                data,
-                guide=guide,
-                elbo=elbo,
-                num_steps=steps,
-                seed=seed,
-                **options,
-            )
-        except (IncompatibleError, OptionError) as exc:
-            skipped.append(f"{guide}/{elbo}: {exc}")
-            say(f"  skipped {guide}/{elbo}: {exc}")
-            continue
-        except KeyboardInterrupt:  # outside fit()'s step loop (setup): this cell is lost
-            partial, not_run = True, [f"{g}/{e}" for g, e in cells[i:]]
-            break
-        say(f"  {method_name(r)}: {r.message} ({r.wall_time:.1f} s)")
-        if r.status == "interrupted":  # Ctrl-C: keep what was learned, run nothing more
-            partial, not_run = True, [f"{g}/{e}" for g, e in cells[i + 1 :]]
-            if r.num_steps > 0:
-                results.append(r)
-            else:
-                not_run.insert(0, f"{guide}/{elbo}")
-            break
-        results.append(r)
-    if not results:
-        if partial:
-            raise KeyboardInterrupt("no fit of the grid had finished: nothing to report")
-        raise VimodelsError("no guide/ELBO pair of the grid could be fitted: " + "; ".join(skipped))
-    if partial:
-        say("  interrupted: methods not run: " + (", ".join(not_run) or "none"))
-    comparison = compare(results, ref, num_draws=num_draws, iwae_k=iwae_k, seed=seed)
-    if skipped or partial:
-        comparison = dataclasses.replace(
-            comparison, skipped=tuple(skipped), partial=partial, not_run=tuple(not_run)
-        )
-    files = write_report(comparison, out, netcdf=netcdf) if out is not None else {}
-    return CompareRun(comparison, files)
