@@ -495,6 +495,14 @@ def known_log_evidence(binding: Binding) -> float | None:
     entry = binding.entry
     if entry is None or entry.exact is None:
         return None
+    for site in binding.trace.nodes.values():
+        fn = site.get("fn")
+        if site["type"] == "sample" and getattr(fn, "subsample_size", None) not in (
+            None,
+            getattr(fn, "size", None),
+        ):
+            # minibatch losses are not -log w of an unbiased weight: no Markov bound
+            return None
     try:
         value = entry.exact(binding.data).log_evidence
     except (TypeError, ValueError, KeyError, RuntimeError):  # data it cannot take
