@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from diagnostics.compare import compare
 
+from diagnostics.comparison import compare
 from diagnostics.nuts.reference import exact_reference
 from diagnostics.report import write_report
 from vimodels.cli.main import main
