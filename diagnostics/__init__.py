@@ -24,7 +24,7 @@ _EXPORTS = {
     "Reference": "diagnostics.nuts.reference",
     "default_cache_dir": "diagnostics.nuts.reference",
     "exact_reference": "diagnostics.nuts.reference",
-    "get_reference": "diagnostics.nuts.reference",
+    "get_reference": "diagnostics.references",
     "run_nuts": "diagnostics.nuts.reference",
     "fit_to_inference_data": "diagnostics.convert",
     "load_netcdf": "diagnostics.convert",

@@ -25,7 +25,7 @@ from torch.distributions import biject_to
 from diagnostics import metrics
 from diagnostics.convert import group_arrays
 from diagnostics.nuts.reference import Reference
-from vimodels.errors import IncompatibleError, OptionError, check_option
+from vimodels.errors import IncompatibleError, OptionError, check_option, derive_seed
 from vimodels.svi.draws import ModelInfo, model_info, sample_guide
 
 if TYPE_CHECKING:
@@ -193,6 +193,66 @@ def _worst_sd(rows: pd.DataFrame) -> tuple[float, str]:
     return float(ratios[k]), str(rows["element"].iloc[k])
 
 
+#: Fit statuses that make a method a failure in a comparison (a row, no metrics).
+FAILED_STATUSES = ("nonfinite", "diverged")
+_METRIC_ERRORS = (ValueError, FloatingPointError, np.linalg.LinAlgError, RuntimeError, KeyError)
+_METRIC_COLUMNS = (
+    "elbo elbo_se iwae iwae_se iwae_k khat w1_mean w1_max max_abs_std_mean_error "
+    "worst_sd_ratio coverage_min coverage_mean"
+).split()
+
+
+def _method_metrics(
+    result: FitResult,
+    reference: Reference,
+    info: ModelInfo,
+    sites: Sequence[str],
+    joint_sites: Sequence[str],
+    ref_unc: np.ndarray,
+    ref_ok: np.ndarray | None,
+    num_draws: int,
+    iwae_k: int,
+    seed: int,
+) -> tuple[dict[str, Any], pd.DataFrame, dict, Any, np.ndarray] | None:
+    """One method's metrics, its marginal table, draws, InferenceData and log weights.
+
+    None for a failed fit (``nonfinite`` or ``diverged``); raises one of
+    ``_METRIC_ERRORS`` when its draws cannot be compared (none finite, say).
+    """
+    if result.status in FAILED_STATUSES:
+        return None
+    idata = result.to_inference_data(num_draws, seed=seed)
+    post = {k: v[0] for k, v in group_arrays(idata, "posterior").items()}
+    lw = group_arrays(idata, "sample_stats")["log_weight"][0]
+    table = metrics.marginal_table(post, reference.draws, sites)
+    row: dict[str, Any] = {}
+    finite = np.isfinite(lw)
+    row["elbo"], row["elbo_se"] = (
+        metrics.elbo(lw[finite]) if finite.sum() > 1 else (float("nan"), float("nan"))
+    )
+    k = min(iwae_k, max(1, len(lw) // 2))
+    row["iwae"], row["iwae_se"] = (
+        metrics.iwae_bound(lw, k) if finite.all() else (float("nan"), float("nan"))
+    )
+    row["iwae_k"] = k
+    row["khat"] = metrics.psis_khat(lw) if finite.all() else float("inf")
+    row["khat_verdict"] = metrics.khat_verdict(row["khat"])
+    row["w1_mean"] = float(table["w1"].mean())
+    row["w1_max"] = float(table["w1"].max())
+    row["max_abs_std_mean_error"] = float(np.nanmax(np.abs(table["std_mean_error"])))
+    row["worst_sd_ratio"], row["worst_sd_element"] = _worst_sd(table)
+    row["coverage_min"] = float(table["coverage90"].min())
+    row["coverage_mean"] = float(table["coverage90"].mean())
+    if joint_sites:
+        unc = _unconstrained(post, info, joint_sites, 1)
+        ok = np.all(np.isfinite(unc), axis=1)
+        if ok.sum() < 2:
+            raise ValueError(f"{int(ok.sum())} of {len(ok)} guide draws are finite")
+        row.update(metrics.joint_metrics(unc[ok], ref_unc[ref_ok], seed=seed))
+        row["joint_dim"] = int(unc.shape[1])
+    return row, table, post, idata, lw
+
+
 def compare(
     results: Sequence[FitResult] | Mapping[str, FitResult],
     reference: Reference,
@@ -266,13 +326,6 @@ def compare(
 
     site_frames, rows, draws, idatas, log_ws = [], [], {}, {}, {}
     for name, result in named.items():
-        idata = result.to_inference_data(num_draws, seed=seed)
-        post = {k: v[0] for k, v in group_arrays(idata, "posterior").items()}
-        lw = group_arrays(idata, "sample_stats")["log_weight"][0]
-        draws[name], idatas[name], log_ws[name] = post, idata, lw
-        table = metrics.marginal_table(post, reference.draws, sites)
-        table.insert(0, "method", name)
-        site_frames.append(table)
         row: dict[str, Any] = {
             "method": name,
             "guide": result.guide_name,
@@ -281,29 +334,37 @@ def compare(
             "converged": bool(result.converged),
             "num_steps": int(result.num_steps),
             "wall_time_s": float(result.wall_time),
+            "failed": result.status in FAILED_STATUSES,
+            "failure": result.message if result.status in FAILED_STATUSES else "",
         }
-        finite = np.isfinite(lw)
-        row["elbo"], row["elbo_se"] = (
-            metrics.elbo(lw[finite]) if finite.sum() > 1 else (float("nan"), float("nan"))
-        )
-        k = min(iwae_k, max(1, len(lw) // 2))
-        row["iwae"], row["iwae_se"] = (
-            metrics.iwae_bound(lw, k) if finite.all() else (float("nan"), float("nan"))
-        )
-        row["iwae_k"] = k
-        row["khat"] = metrics.psis_khat(lw) if finite.all() else float("inf")
-        row["khat_verdict"] = metrics.khat_verdict(row["khat"])
-        row["w1_mean"] = float(table["w1"].mean())
-        row["w1_max"] = float(table["w1"].max())
-        row["max_abs_std_mean_error"] = float(np.nanmax(np.abs(table["std_mean_error"])))
-        row["worst_sd_ratio"], row["worst_sd_element"] = _worst_sd(table)
-        row["coverage_min"] = float(table["coverage90"].min())
-        row["coverage_mean"] = float(table["coverage90"].mean())
-        if joint_sites:
-            unc = _unconstrained(post, info, joint_sites, 1)
-            ok = np.all(np.isfinite(unc), axis=1)
-            row.update(metrics.joint_metrics(unc[ok], ref_unc[ref_ok], seed=seed))
-            row["joint_dim"] = int(unc.shape[1])
+        try:
+            got = _method_metrics(
+                result,
+                reference,
+                info,
+                sites,
+                joint_sites,
+                ref_unc,
+                ref_ok,
+                num_draws,
+                iwae_k,
+                seed,
+            )
+        except _METRIC_ERRORS as exc:  # one failing method must not lose the report
+            got = None
+            row["failed"] = True
+            row["failure"] = "; ".join(
+                x for x in (row["failure"], f"its draws cannot be compared ({exc})") if x
+            )[:500]
+        if got is None:
+            row.update(dict.fromkeys(_METRIC_COLUMNS, float("nan")))
+            row["khat_verdict"], row["worst_sd_element"] = "failed", ""
+        else:
+            metric_row, table, post, idata, lw = got
+            row.update(metric_row)
+            table.insert(0, "method", name)
+            site_frames.append(table)
+            draws[name], idatas[name], log_ws[name] = post, idata, lw
         rows.append(row)
     summary = pd.DataFrame(rows)
 
@@ -315,7 +376,7 @@ def compare(
     summary["reliable"] = (
         summary["converged"]
         & (summary["khat"] < metrics.KHAT_BAD)
-        & (summary["status"] != "nonfinite")
+        & ~summary["failed"]
         & reference.trusted
     )
     sites_df = pd.concat(site_frames, ignore_index=True) if site_frames else pd.DataFrame()
@@ -361,14 +422,14 @@ def _log_evidence(
     if exact is not None:
         return LogEvidence(float(exact), 0.0, EXACT, "closed form (catalog)")
     usable = summary[np.isfinite(summary["khat"]) | (summary["khat"] == -np.inf)]
-    usable = usable[usable["status"] != "nonfinite"]
+    usable = usable[~usable["failed"]]
     if usable.empty:
         return LogEvidence(
             float("nan"), float("nan"), UNKNOWN, "no method gives finite importance weights"
         )
     best = usable.sort_values(["khat", "elbo"], ascending=[True, False]).iloc[0]
     result = named[best["method"]]
-    lw = evidence_log_weights(result, num, seed + EVIDENCE_SEED_OFFSET)
+    lw = evidence_log_weights(result, num, derive_seed(seed, EVIDENCE_SEED_OFFSET))
     value, se = metrics.log_evidence_is(lw)
     khat = metrics.psis_khat(lw)
     return LogEvidence(
@@ -413,7 +474,9 @@ def _flags(summary: pd.DataFrame, reference: Reference, le: LogEvidence) -> list
                 "misses posterior mass; its importance-weighted estimates (IWAE, "
                 "log evidence) are unreliable"
             )
-        if row.status == "nonfinite":
+        if row.failed:
+            flags.append(f"{row.method}: FAILED ({row.status}): {row.failure}")
+        elif row.status == "nonfinite":
             flags.append(f"{row.method}: the fit stopped on a non-finite loss")
         elif not row.converged:
             flags.append(

@@ -7,8 +7,11 @@ Guide draws (:func:`fit_to_inference_data`) and reference draws
 ``posterior``
     every latent and deterministic site, ``(chain, draw, *shape)``;
 ``sample_stats``
-    NUTS: ``diverging``, ``step_size``, ``tree_depth``, ``lp`` (log density in
-    unconstrained space), ``acceptance_rate``; VI: ``log_weight`` =
+    NUTS, ArviZ's names: ``diverging``, ``step_size``, ``tree_depth``, ``lp``
+    (log density in unconstrained space), ``acceptance_rate``, and from the
+    project's sampler ``n_steps``, ``energy``, ``energy_error``,
+    ``max_energy_error`` (``az.bfmi`` and ``az.plot_energy`` read ``energy``);
+    VI: ``log_weight`` =
     ``log p(x, z) - log q(z)`` per draw (nats), one chain;
 ``log_likelihood``
     observed sites only, pointwise and unscaled (nats);
@@ -35,7 +38,7 @@ import numpy as np
 import pyro
 
 from diagnostics import _arviz
-from vimodels.errors import DataError, OptionError, check_option
+from vimodels.errors import DataError, OptionError, check_option, check_seed, derive_seed
 from vimodels.io import atomic_write
 from vimodels.svi.binding import resolve_model
 from vimodels.svi.draws import model_info, replay_model, sample_guide
@@ -128,7 +131,7 @@ def fit_to_inference_data(
     """
     check_option("num_samples", num_samples, kind=int, low=1)
     info = model_info(result.model, result.args, {}, result.max_plate_nesting)
-    pyro.set_rng_seed(result.seed + 1 if seed is None else seed)
+    pyro.set_rng_seed(derive_seed(result.seed, 1) if seed is None else check_seed(seed))
     with pyro.get_param_store().scope(result.param_state):
         latent, log_w = sample_guide(result.model, result.guide, result.args, {}, info, num_samples)
     replay = replay_model(
@@ -146,7 +149,7 @@ def fit_to_inference_data(
         "converged": result.converged,
         "num_steps": result.num_steps,
         "seed": result.seed,
-        "draws_seed": result.seed + 1 if seed is None else seed,
+        "draws_seed": derive_seed(result.seed, 1) if seed is None else seed,
         "settings": result.settings,
     }
     return build_inference_data(

@@ -143,9 +143,10 @@ def figure_marginals(c: Comparison) -> Figure:
     for ax in axes.ravel()[len(elements) :]:
         ax.axis("off")
     handles, labels = axes.ravel()[0].get_legend_handles_labels()
-    fig.legend(
-        handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False
-    )
+    if labels:  # none when every method failed and there is nothing to draw
+        fig.legend(
+            handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False
+        )
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
 

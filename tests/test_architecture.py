@@ -21,10 +21,11 @@ PACKAGES = ("vimodels", "guides", "diagnostics")
 # lowest first; a module belongs to the first prefix that matches it
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("vimodels.errors", "vimodels.io", "vimodels.versions", "vimodels.data"),
-    ("vimodels.catalog",),
+    ("vimodels.catalog", "vimodels.validation"),
     ("guides",),
     ("vimodels.compile",),
-    ("vimodels.svi",),
+    ("vimodels.mode",),
+    ("vimodels.svi", "vimodels.mode"),
     ("diagnostics",),
     ("vimodels.vae",),
     ("vimodels.runs",),

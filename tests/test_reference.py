@@ -60,7 +60,7 @@ def test_nuts_matches_exact_posterior_of_conjugate_model(conjugate_nuts):
         assert abs(row["sd"] - exact.sd["beta"][i]) < 5 * se_sd, row
     assert ref.kind == "nuts" and ref.trusted, ref.describe()
     assert ref.num_divergences == 0
-    assert {c.name for c in ref.checks} == {"rhat", "ess_bulk", "ess_tail", "divergences"}
+    assert {c.name for c in ref.checks} == {"rhat", "ess_bulk", "ess_tail", "divergences", "ebfmi"}
     assert ref.draws["beta"].shape == (2, 1000, 3)
     assert ref.log_likelihood["obs"].shape == (2, 1000, 50)
     s = ref.summary()
@@ -163,8 +163,12 @@ def test_short_run_is_untrusted_everywhere(tiny_nuts_eight_schools):
         "diverging",
         "step_size",
         "tree_depth",
+        "n_steps",
         "lp",
         "acceptance_rate",
+        "energy",
+        "energy_error",
+        "max_energy_error",
     }
     # sites of interest include the deterministic theta, recomputed per draw
     theta = ref.draws["mu"][..., None] + ref.draws["tau"][..., None] * ref.draws["theta_tilde"]

@@ -6,7 +6,8 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,31 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     if not os.access(p, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {str(p)!r} is not writable; choose another with --out")
     return p
+
+
+@contextmanager
+def output_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """:func:`ensure_dir` for a command's outputs, undone if nothing was written.
+
+    The folders this call creates (``path`` and missing parents) are removed
+    again on leaving the block, however it is left, when they are still
+    empty: a command that fails before writing leaves no empty folder behind.
+    """
+    p = Path(path)
+    created = []
+    for folder in (p, *p.parents):
+        if folder.exists():
+            break
+        created.append(folder)
+    out = ensure_dir(p)
+    try:
+        yield out
+    finally:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()  # only succeeds when empty
+            except OSError:
+                break
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], Any]) -> Path:

@@ -16,6 +16,7 @@ from pyro.infer import MCMC, NUTS
 from pyro.poutine.messenger import Messenger
 
 from diagnostics.nuts.kernel import sample_chain, sample_chains
+from diagnostics.nuts.progress import LiveProgress, statuses_for
 from vimodels.catalog.base import NutsSettings
 from vimodels.catalog.registry import get_model
 
@@ -66,8 +67,13 @@ def _resolve_worker_model(model: str | Callable) -> Callable:
     return get_model(model).model if isinstance(model, str) else model
 
 
-def run_chain(spec: dict) -> dict:
-    """Run one NUTS chain (in this process or a worker); arrays come back as numpy."""
+def run_chain(spec: dict, monitor: LiveProgress | None = None) -> dict:
+    """Run one NUTS chain (in this process or a worker); arrays come back as numpy.
+
+    ``monitor`` (in this process only) shows the project's sampler's progress.
+    The Pyro sampler's metric is diagonal, or dense (``full_mass``) where the
+    settings say ``metric="dense"``.
+    """
     torch.set_num_threads(1)
     model = _resolve_worker_model(spec["model"])
     data = {
@@ -75,7 +81,7 @@ def run_chain(spec: dict) -> dict:
     }
     s: NutsSettings = spec["settings"]
     if s.sampler == "vimodels":
-        return _run_lean_chain(spec, model, data, s)
+        return _run_lean_chain(spec, model, data, s, monitor)
     jit = bool(s.jit_compile)
     note = None
     t0 = time.perf_counter()
@@ -88,6 +94,7 @@ def run_chain(spec: dict) -> dict:
             target_accept_prob=s.target_accept_prob,
             max_tree_depth=s.max_tree_depth,
             max_plate_nesting=spec["max_plate_nesting"],
+            full_mass=s.metric == "dense",
         )
         mcmc = MCMC(
             kernel,
@@ -119,12 +126,22 @@ def run_chain(spec: dict) -> dict:
         "note": note,
         "wall_time": time.perf_counter() - t0,
         "leapfrog_steps": None,
+        "metric": "dense" if s.metric == "dense" else "diag",
     }
 
 
-def _run_lean_chain(spec: dict, model: Callable, data: dict, s: NutsSettings) -> dict:
+def _run_lean_chain(
+    spec: dict, model: Callable, data: dict, s: NutsSettings, monitor: LiveProgress | None
+) -> dict:
     t0 = time.perf_counter()
-    out = sample_chain(model, data, seed=spec["seed"], **_sampler_options(spec, s))
+    statuses = statuses_for(monitor, [spec["chain"]], s.num_warmup, s.num_samples)
+    out = sample_chain(
+        model,
+        data,
+        seed=spec["seed"],
+        status=statuses[0] if statuses else None,
+        **_sampler_options(spec, s),
+    )
     return _lean_result(spec, out, time.perf_counter() - t0)
 
 
@@ -137,12 +154,13 @@ def _sampler_options(spec: dict, s: NutsSettings) -> dict:
         "max_tree_depth": s.max_tree_depth,
         "max_plate_nesting": spec["max_plate_nesting"],
         "jit": bool(s.jit_compile),
+        "metric": s.metric,
     }
 
 
 def _lean_result(spec: dict, out: dict, wall: float) -> dict:
     stats = dict(out["stats"])
-    steps = stats.pop("num_steps")
+    steps = stats["n_steps"]
     return {
         "chain": spec["chain"],
         "samples": out["samples"],
@@ -152,17 +170,18 @@ def _lean_result(spec: dict, out: dict, wall: float) -> dict:
         "batch": out.get("batch"),
         "wall_time": wall,
         "leapfrog_steps": {"warmup": int(out["warmup_steps"]), "sampling": int(steps.sum())},
+        "metric": out["metric"],
     }
 
 
-def run_chains_lockstep(specs: list[dict]) -> list[dict]:
+def run_chains_lockstep(specs: list[dict], monitor: LiveProgress | None = None) -> list[dict]:
     """Run the project's NUTS chains of ``specs`` together, in this thread, in lockstep.
 
     The specs differ only in their ``seed`` and ``chain``; one batched
     gradient serves a leapfrog step of every chain
     (:func:`diagnostics.nuts.kernel.sample_chains`). Each result is as
     :func:`run_chain` returns it, plus ``batch``; ``wall_time`` is the
-    group's.
+    group's. ``monitor`` (in this process only) shows their progress.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -176,23 +195,27 @@ def run_chains_lockstep(specs: list[dict]) -> list[dict]:
         }
         t0 = time.perf_counter()
         seeds = [x["seed"] for x in specs]
-        outs = sample_chains(model, data, seeds=seeds, **_sampler_options(spec, s))
+        statuses = statuses_for(monitor, [x["chain"] for x in specs], s.num_warmup, s.num_samples)
+        outs = sample_chains(
+            model, data, seeds=seeds, statuses=statuses, **_sampler_options(spec, s)
+        )
         wall = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
     return [_lean_result(x, out, wall) for x, out in zip(specs, outs)]
 
 
-def run_group(specs: list[dict]) -> list[dict]:
+def run_group(specs: list[dict], monitor: LiveProgress | None = None) -> list[dict]:
     """Run a group of chains in this process: in lockstep where the settings ask for it.
 
     Lockstep applies to the project's sampler (``sampler="vimodels"``) with
     ``chain_method="lockstep"``; otherwise the chains run one after another.
+    ``monitor`` (in this process only) shows their progress.
     """
     s: NutsSettings = specs[0]["settings"]
     if is_lockstep(s):
-        return run_chains_lockstep(specs)
-    return [run_chain(spec) for spec in specs]
+        return run_chains_lockstep(specs, monitor)
+    return [run_chain(spec, monitor) for spec in specs]
 
 
 def is_lockstep(settings: NutsSettings) -> bool:

@@ -15,9 +15,19 @@ vector, and only the potential and its gradient in torch (JIT-traced):
   criterion on ``rho`` (sum of momenta) including the checks across subtree
   boundaries that Stan added in 2.21, divergence at an energy error of 1000;
 - warm-up is Stan's: dual averaging of the step size (gamma 0.05, t0 10,
-  kappa 0.75) and a diagonal inverse metric from Welford variances in doubling
+  kappa 0.75) and an inverse metric from Welford estimates in doubling
   windows (75 / 25... / 50 iterations, or 15% / 75% / 10% of a short warm-up),
-  regularized towards 1e-3 as in Stan.
+  regularized towards 1e-3 as in Stan: diagonal (the variances, Stan's
+  ``diag_e``) or dense (the covariance, Stan's ``dense_e``:
+  ``n / (n + 5) * cov + 1e-3 * 5 / (n + 5) * I``); ``metric="auto"`` takes
+  the dense one up to :data:`AUTO_DENSE_MAX_DIM` dimensions where the
+  warm-up's last window has enough draws for it (:func:`resolve_metric`).
+
+Each kept draw records ArviZ's ``sample_stats`` names: ``diverging``,
+``step_size``, ``tree_depth``, ``n_steps``, ``lp``, ``acceptance_rate``,
+``energy`` (the Hamiltonian at the selected point), ``energy_error`` (its
+difference to the initial point's) and ``max_energy_error`` (the signed
+error of largest magnitude in the whole trajectory).
 
 The public entry point is :func:`sample_chain`; :mod:`diagnostics.nuts.chains`
 calls it in the chain worker processes.
@@ -37,12 +47,29 @@ import pyro
 import torch
 from pyro.infer.mcmc.util import initialize_model
 
+from diagnostics.nuts.progress import ChainStatus
 from vimodels.compile.record import record, simplify_graph
+from vimodels.errors import IncompatibleError
 
 T = TypeVar("T")
 Reply = tuple[float, np.ndarray]
 Steps = Generator[np.ndarray, Reply, T]  # yields positions, receives (u, grad), returns T
-STAT_NAMES = ("diverging", "step_size", "tree_depth", "num_steps", "lp", "acceptance_rate")
+STAT_NAMES = (
+    "diverging",
+    "step_size",
+    "tree_depth",
+    "n_steps",
+    "lp",
+    "acceptance_rate",
+    "energy",
+    "energy_error",
+    "max_energy_error",
+)
+METRICS = ("diag", "dense", "auto")
+# metric="auto": dense up to this many dimensions, and only where the last warm-up window
+# holds at least AUTO_DRAWS_PER_DIM draws per dimension; diagonal otherwise (resolve_metric)
+AUTO_DENSE_MAX_DIM = 64
+AUTO_DRAWS_PER_DIM = 5
 MAX_DELTA_H = 1000.0  # energy error that marks a divergence (Stan's value)
 LOG_08 = math.log(0.8)
 LOG_2 = math.log(2.0)
@@ -554,6 +581,77 @@ class Welford:
         return (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
 
 
+@dataclass
+class WelfordCovariance:
+    """Running mean and covariance of vectors (Stan's ``welford_covar_estimator``)."""
+
+    dim: int
+    n: int = 0
+    mean: np.ndarray = field(default=None)  # type: ignore[assignment]
+    m2: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget every sample."""
+        self.n = 0
+        self.mean = np.zeros(self.dim)
+        self.m2 = np.zeros((self.dim, self.dim))
+
+    def add(self, x: np.ndarray) -> None:
+        """Add one sample."""
+        self.n += 1
+        delta = x - self.mean
+        self.mean = self.mean + delta / self.n
+        self.m2 += np.outer(x - self.mean, delta)
+
+    def regularized_covariance(self) -> np.ndarray:
+        """``n / (n + 5) * cov + 1e-3 * 5 / (n + 5) * I`` (Stan's ``dense_e``), symmetric."""
+        n = self.n
+        cov = self.m2 / max(n - 1, 1)
+        cov = 0.5 * (cov + cov.T)
+        out = (n / (n + 5.0)) * cov
+        out[np.diag_indices(self.dim)] += 1e-3 * (5.0 / (n + 5.0))
+        return out
+
+
+def last_window(num_warmup: int) -> int:
+    """Draws in the last slow window of Stan's warm-up schedule (the final metric's)."""
+    w = Windows(num_warmup)
+    start, size = w.init_buffer, 0
+    for i in range(num_warmup):
+        if w.end_of_window():
+            size = i + 1 - start
+            start = i + 1
+            w.advance()
+        w.counter += 1
+    return size
+
+
+def resolve_metric(metric: str, dim: int, num_warmup: int) -> str:
+    """The metric a chain adapts: ``"diag"`` or ``"dense"``.
+
+    ``"auto"`` is ``"dense"`` when ``dim <= AUTO_DENSE_MAX_DIM`` (64) and the
+    warm-up's last window (:func:`last_window`) holds at least
+    ``AUTO_DRAWS_PER_DIM * dim`` draws (5 per dimension), else ``"diag"``.
+    Measured (benchmarks/README.md, benchmark 3b): a dense product costs
+    2-4x a diagonal one per leapfrog step, small next to the step's
+    Python up to about 64 dimensions and growing as D^2 above; and a
+    covariance estimated from too few draws per dimension is noisy enough
+    to make trees deeper than the diagonal metric's (sleepstudy, 45
+    dimensions, 100 draws in the last window: 19 against 12.5 gradients
+    per draw), while with enough draws it cuts them on correlated
+    posteriors.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+    if metric == "auto":
+        enough = last_window(num_warmup) >= AUTO_DRAWS_PER_DIM * dim
+        return "dense" if dim <= AUTO_DENSE_MAX_DIM and enough else "diag"
+    return metric
+
+
 # ----------------------------------------------------------------------------- NUTS
 
 
@@ -565,6 +663,7 @@ class _Point:
     r: np.ndarray
     u: float
     g: np.ndarray
+    h: float = math.nan  # the Hamiltonian, where computed
 
 
 @dataclass(slots=True)
@@ -623,6 +722,12 @@ class NUTSChain:
         At most ``2**max_tree_depth - 1`` leapfrog steps per transition.
     start : tuple of (float, ndarray), optional
         The potential and its gradient at ``z0``, if already known.
+
+    Attributes
+    ----------
+    inv_mass : ndarray
+        The inverse metric: shape (D,) (diagonal) or (D, D) (dense); setting it
+        switches between the two.
     """
 
     def __init__(
@@ -646,12 +751,32 @@ class NUTSChain:
             raise ValueError("the potential is not finite at the initial point")
         self.z, self.u, self.g = np.asarray(z0, dtype=np.float64), u, g
         self.dim = self.z.shape[0]
+        self._dense = False
+        self._momentum_factor: np.ndarray | None = None
         self.inv_mass = np.ones(self.dim)
         self.step_size = 1.0
         # per-transition counters
         self.n_leapfrog = 0
         self.sum_metro = 0.0
         self.divergent = False
+        self.max_error = 0.0
+
+    @property
+    def inv_mass(self) -> np.ndarray:
+        """The inverse metric, (D,) diagonal or (D, D) dense."""
+        return self._inv_mass
+
+    @inv_mass.setter
+    def inv_mass(self, value: np.ndarray) -> None:
+        value = np.asarray(value, dtype=np.float64)
+        self._dense = value.ndim == 2
+        if self._dense:
+            # momentum ~ N(0, M) with M = inv_mass^-1 = L^-T L^-1: r = L^-T xi
+            chol = np.linalg.cholesky(value)
+            self._momentum_factor = np.ascontiguousarray(np.linalg.inv(chol).T)
+        else:
+            self._momentum_factor = None
+        self._inv_mass = value
 
     def _require_potential(self) -> Callable[[np.ndarray], Reply]:
         if self.potential is None:
@@ -660,10 +785,16 @@ class NUTSChain:
 
     # --- Hamiltonian pieces
     def _momentum(self) -> np.ndarray:
-        return self.rng.standard_normal(self.dim) / np.sqrt(self.inv_mass)
+        if self._dense:
+            return self._momentum_factor @ self.rng.standard_normal(self.dim)
+        return self.rng.standard_normal(self.dim) / np.sqrt(self._inv_mass)
+
+    def _velocity(self, r: np.ndarray) -> np.ndarray:
+        """``M^-1 r`` (a new array)."""
+        return self._inv_mass @ r if self._dense else self._inv_mass * r
 
     def _energy(self, u: float, r: np.ndarray) -> float:
-        return u + 0.5 * float(r @ (self.inv_mass * r))
+        return u + 0.5 * float(r @ self._velocity(r))
 
     def _drift(self, p: _Point, eps: float) -> tuple[np.ndarray, np.ndarray]:
         """The first half of a leapfrog step: half a kick, then the drift; ``(z, r)``."""
@@ -671,7 +802,7 @@ class NUTSChain:
         # (the same roundings: a - b is a + (-b), and sums and products commute)
         r = p.g * (-0.5 * eps)
         r += p.r
-        z = self.inv_mass * r
+        z = self._velocity(r)
         z *= eps
         z += p.z
         return z, r
@@ -696,7 +827,8 @@ class NUTSChain:
             h0 = self._energy(self.u, r)
             start.r = r
             q = yield from self.leapfrog_steps(start, self.step_size)
-            h = self._energy(q.u, q.r)
+            with np.errstate(over="ignore", invalid="ignore"):  # a step far too large: h = inf
+                h = self._energy(q.u, q.r)
             delta = h0 - h if math.isfinite(h) else -math.inf
             if direction == 0:
                 direction = 1 if delta > LOG_08 else -1
@@ -723,11 +855,14 @@ class NUTSChain:
         r -= g * (0.5 * eps)
         q = _Point(z, r, u, g)
         self.n_leapfrog += 1
-        ps = self.inv_mass * r
+        ps = self._velocity(r)
         h = u + 0.5 * float(r @ ps)
         if not math.isfinite(h):
             h = math.inf
+        q.h = h
         delta = h0 - h
+        if abs(delta) > abs(self.max_error):
+            self.max_error = -delta
         if -delta > MAX_DELTA_H:
             self.divergent = True
         self.sum_metro += 1.0 if delta > 0 else math.exp(delta)
@@ -785,7 +920,8 @@ class NUTSChain:
         r0 = self._momentum()
         here = _Point(self.z, r0, self.u, self.g)
         h0 = self._energy(self.u, r0)
-        ps0 = self.inv_mass * r0
+        here.h = h0
+        ps0 = self._velocity(r0)
         left = right = here
         p_left = p_right = r0
         ps_left = ps_right = ps0
@@ -793,6 +929,7 @@ class NUTSChain:
         sample = here
         log_sum_w = 0.0
         self.n_leapfrog, self.sum_metro, self.divergent = 0, 0.0, False
+        self.max_error = 0.0
         depth = 0
         doublings = 0
         while depth < self.max_depth:
@@ -830,9 +967,12 @@ class NUTSChain:
             "diverging": self.divergent,
             "step_size": eps,
             "tree_depth": doublings,
-            "num_steps": self.n_leapfrog,
+            "n_steps": self.n_leapfrog,
             "lp": -self.u,
             "acceptance_rate": accept,
+            "energy": sample.h,
+            "energy_error": sample.h - h0,
+            "max_energy_error": self.max_error,
         }
 
     def transition(self) -> dict[str, float]:
@@ -921,6 +1061,8 @@ def chain_steps(
     num_samples: int,
     target_accept_prob: float = 0.8,
     max_tree_depth: int = 10,
+    metric: str = "diag",
+    status: ChainStatus | None = None,
 ) -> Steps[dict[str, Any]]:
     """A whole chain (Stan's warm-up, then the kept draws) as one generator.
 
@@ -930,14 +1072,17 @@ def chain_steps(
         Initial unconstrained position (the first position asked for).
     rng : numpy.random.Generator
         The chain's own random stream.
-    num_warmup, num_samples, target_accept_prob, max_tree_depth
+    num_warmup, num_samples, target_accept_prob, max_tree_depth, metric
         As for :func:`sample_chain`.
+    status : ChainStatus, optional
+        Updated after every transition (live progress).
 
     Returns
     -------
     dict
         ``draws`` (num_samples, D) unconstrained, ``stats`` (lists per kept
-        draw), ``warmup_steps``, ``step_size`` and ``inv_mass``.
+        draw), ``warmup_steps``, ``step_size``, ``inv_mass`` ((D,) or (D, D))
+        and ``metric`` (the one adapted).
     """
     z0 = np.asarray(z0, dtype=np.float64)
     start = yield z0
@@ -949,7 +1094,8 @@ def chain_steps(
         max_tree_depth=max_tree_depth,
         start=start,
     )
-    warmup_steps = yield from _warmup_steps(chain, num_warmup)
+    used = resolve_metric(metric, chain.dim, num_warmup)
+    warmup_steps = yield from _warmup_steps(chain, num_warmup, used, status)
     draws = np.empty((num_samples, chain.dim))
     stats: dict[str, list] = {k: [] for k in STAT_NAMES}
     for i in range(num_samples):
@@ -957,32 +1103,46 @@ def chain_steps(
         draws[i] = chain.z
         for k, v in info.items():
             stats[k].append(v)
+        if status is not None:
+            status.record(info, warmup=False)
     return {
         "draws": draws,
         "stats": {k: np.asarray(v) for k, v in stats.items()},
         "warmup_steps": warmup_steps,
         "step_size": chain.step_size,
         "inv_mass": chain.inv_mass,
+        "metric": used,
     }
 
 
-def _warmup_steps(chain: NUTSChain, num_warmup: int) -> Steps[int]:
-    """Stan's warm-up of ``chain``; returns the leapfrog steps it took."""
+def _warmup_steps(
+    chain: NUTSChain, num_warmup: int, metric: str = "diag", status: ChainStatus | None = None
+) -> Steps[int]:
+    """Stan's warm-up of ``chain``, ``"diag"`` or ``"dense"`` metric; returns its leapfrog steps."""
     yield from chain.find_step_size_steps()
     averaging = DualAveraging(target=chain.target)
     averaging.restart(chain.step_size)
     windows = Windows(num_warmup)
-    welford = Welford(chain.dim)
+    dense = metric == "dense"
+    welford: Welford | WelfordCovariance = (
+        WelfordCovariance(chain.dim) if dense else Welford(chain.dim)
+    )
     warmup_steps = 0
     for _ in range(num_warmup):
         info = yield from chain.transition_steps()
-        warmup_steps += info["num_steps"]
+        if status is not None:
+            status.record(info, warmup=True)
+        warmup_steps += info["n_steps"]
         chain.step_size = averaging.update(info["acceptance_rate"])
         if windows.in_window():
             welford.add(chain.z)
         if windows.end_of_window():
             windows.advance()
-            chain.inv_mass = welford.regularized_variance()
+            chain.inv_mass = (
+                welford.regularized_covariance()  # type: ignore[union-attr]
+                if dense
+                else welford.regularized_variance()  # type: ignore[union-attr]
+            )
             welford.restart()
             yield from chain.find_step_size_steps()
             averaging.restart(chain.step_size)
@@ -1016,11 +1176,23 @@ def _setup(
     z0, first = [], None
     for seed in seeds:
         pyro.set_rng_seed(seed % (2**32))
-        with warnings.catch_warnings():
+        # validation off: a NaN density at a random initial point is retried by Pyro
+        # (up to 100 points) instead of raising from the distribution's constructor
+        with warnings.catch_warnings(), _validation_off():
             warnings.simplefilter("ignore")
-            params, potential_fn, transforms, _ = initialize_model(
-                model, model_kwargs=dict(data), max_plate_nesting=max_plate_nesting
-            )
+            try:
+                params, potential_fn, transforms, _ = initialize_model(
+                    model, model_kwargs=dict(data), max_plate_nesting=max_plate_nesting
+                )
+            except (RuntimeError, ValueError) as exc:  # Pyro's words vary by version
+                if "initial param" not in str(exc):
+                    raise
+                raise IncompatibleError(
+                    "NUTS found no initial point where the model's log density and its "
+                    "gradient are finite (100 random points, unconstrained values in (-2, 2)); "
+                    "make the density finite over the support (guard log, sqrt, division "
+                    "and NaN-producing branches) or check the data"
+                ) from None
         names = list(params)
         z0.append(np.concatenate([params[k].detach().reshape(-1).double().numpy() for k in names]))
         if first is None:
@@ -1043,6 +1215,8 @@ def sample_chain(
     max_tree_depth: int = 10,
     max_plate_nesting: int | None = None,
     jit: bool = True,
+    metric: str = "diag",
+    status: ChainStatus | None = None,
 ) -> dict[str, Any]:
     """Run one NUTS chain on a Pyro model called as ``model(**data)``.
 
@@ -1061,16 +1235,21 @@ def sample_chain(
     max_plate_nesting : int, optional
     jit : bool
         Trace the potential.
+    metric : str
+        ``"diag"`` (Stan's default), ``"dense"`` or ``"auto"`` (:func:`resolve_metric`).
+    status : ChainStatus, optional
+        Updated after every transition (live progress).
 
     Returns
     -------
     dict
         ``samples``: site -> ndarray (num_samples, *site shape), constrained,
         float64; ``stats``: per kept draw ``diverging``, ``step_size``,
-        ``tree_depth`` (doublings tried), ``num_steps`` (leapfrog steps),
-        ``lp`` (log density on the unconstrained space) and
-        ``acceptance_rate``; ``warmup_steps`` (leapfrog steps in warm-up);
-        ``jit`` and ``note``.
+        ``tree_depth`` (doublings tried), ``n_steps`` (leapfrog steps),
+        ``lp`` (log density on the unconstrained space),
+        ``acceptance_rate``, ``energy``, ``energy_error`` and
+        ``max_energy_error``; ``warmup_steps`` (leapfrog steps in warm-up);
+        ``metric`` (the one adapted), ``inv_mass``, ``jit`` and ``note``.
     """
     setup = _setup(model, data, [seed], max_plate_nesting, jit)
     program = chain_steps(
@@ -1080,6 +1259,8 @@ def sample_chain(
         num_samples=num_samples,
         target_accept_prob=target_accept_prob,
         max_tree_depth=max_tree_depth,
+        metric=metric,
+        status=status,
     )
     with _inference(setup.potential.mode == "fx"):
         run = drive(program, setup.potential)
@@ -1098,6 +1279,8 @@ def sample_chains(
     max_plate_nesting: int | None = None,
     jit: bool = True,
     batch: bool = True,
+    metric: str = "diag",
+    statuses: Sequence[ChainStatus] | None = None,
 ) -> list[dict[str, Any]]:
     """Run one NUTS chain per seed, all in this thread, in lockstep.
 
@@ -1109,7 +1292,9 @@ def sample_chains(
 
     Parameters
     ----------
-    model, data, num_warmup, num_samples, target_accept_prob, max_tree_depth, max_plate_nesting, jit
+    model, data, num_warmup, num_samples, target_accept_prob, max_tree_depth, max_plate_nesting
+        As for :func:`sample_chain`.
+    jit, metric
         As for :func:`sample_chain`.
     seeds : sequence of int
         One per chain.
@@ -1117,6 +1302,8 @@ def sample_chains(
         Vectorize the potential over the chains (``vmap`` of the traced
         gradient); else evaluate it row by row, which gives exactly the draws
         of :func:`sample_chain`.
+    statuses : sequence of ChainStatus, optional
+        One per seed, updated after every transition (live progress).
 
     Returns
     -------
@@ -1134,8 +1321,10 @@ def sample_chains(
             num_samples=num_samples,
             target_accept_prob=target_accept_prob,
             max_tree_depth=max_tree_depth,
+            metric=metric,
+            status=statuses[k] if statuses is not None else None,
         )
-        for z0, seed in zip(setup.z0, seeds)
+        for k, (z0, seed) in enumerate(zip(setup.z0, seeds))
     ]
     with _inference(setup.potential.mode == "fx"):
         runs = drive_lockstep(programs, batched, setup.potential.dim)
@@ -1157,6 +1346,7 @@ def _chain_result(run: Mapping[str, Any], setup: _Setup) -> dict[str, Any]:
         "warmup_steps": run["warmup_steps"],
         "step_size": run["step_size"],
         "inv_mass": run["inv_mass"],
+        "metric": run["metric"],
         "jit": potential.jit,
         "potential": potential.mode,
         "note": potential.note,

@@ -9,17 +9,23 @@ where cores allow), then checks the draws before anyone trusts them:
 - rank-normalized split R-hat < 1.01,
 - bulk and tail effective sample size >= 400,
 
-for every element of every site of interest, and no divergent transition.
+for every element of every site of interest, no divergent transition, and
+an energy Bayesian fraction of missing information (E-BFMI) of at least
+0.3 on every chain (Stan's warning threshold; where the sampler records
+the energy).
 A reference that fails a check is returned with ``trusted=False``; reports
 and JSON files show it, nothing uses it silently.
 
 Results are cached under :func:`default_cache_dir` (``$VIMODELS_CACHE`` or
 the platform's user cache folder), keyed by a SHA-256 of the model's
-source, the data, the settings and the library versions. Draws are stored
-as ``.npz`` (read with ``allow_pickle=False``) next to a JSON manifest that
-holds the draws' checksum; both are written atomically, the manifest last.
-An entry that is half-written or does not match its checksum is recomputed
-with a :class:`CacheWarning`.
+fingerprint (:mod:`diagnostics.nuts.fingerprint`: its code, closure values,
+defaults and the globals it reads), the data, the settings and the library
+versions; a model whose fingerprint cannot be had is not cached
+(:class:`NotCachedWarning`). Draws are stored as ``.npz`` (read with
+``allow_pickle=False``) next to a JSON manifest that holds the draws'
+checksum and its own; both are written atomically, the manifest last. An
+entry that is half-written or does not match a checksum is recomputed with a
+:class:`CacheWarning`.
 
 :func:`exact_reference` draws from an entry's closed-form posterior where one
 exists (reference kind ``"exact"``); :func:`get_reference` picks one.
@@ -47,14 +53,18 @@ import numpy as np
 import pandas as pd
 import torch
 from filelock import FileLock
+from pyro.poutine.util import site_is_subsample
 
 from diagnostics import _arviz
 from diagnostics.metrics import element_labels
 from diagnostics.nuts.chains import is_lockstep, run_group
+from diagnostics.nuts.fingerprint import Unfingerprintable, fingerprint
+from diagnostics.nuts.kernel import AUTO_DENSE_MAX_DIM, AUTO_DRAWS_PER_DIM
+from diagnostics.nuts.progress import LiveProgress, live_progress
 from vimodels.catalog.base import CatalogEntry, NutsSettings
 from vimodels.catalog.registry import get_model
 from vimodels.data import trace_check
-from vimodels.errors import IncompatibleError, OptionError, check_option
+from vimodels.errors import IncompatibleError, OptionError, check_option, check_seed
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, jsonable, safe_name
 from vimodels.svi.binding import resolve_model
 from vimodels.svi.draws import model_info, recover_discrete, replay_model
@@ -62,12 +72,20 @@ from vimodels.versions import versions
 
 RHAT_MAX = 1.01
 ESS_MIN = 400.0
-CACHE_FORMAT = 1
+EBFMI_MIN = 0.3
+# 3: ArviZ's sample_stats names (energy, n_steps ...); keyed by the model's fingerprint;
+# the manifest has its own checksum
+CACHE_FORMAT = 3
 NUTS_KIND = "nuts"
 SAMPLER_NAMES = {
-    "vimodels": "vimodels NUTS (Stan's multinomial NUTS and warm-up, diagonal metric, "
-    "on Pyro's potential)",
-    "pyro": "pyro NUTS (multinomial, diagonal mass matrix)",
+    "vimodels": "vimodels NUTS (Stan's multinomial NUTS and warm-up, on Pyro's potential)",
+    "pyro": "pyro NUTS (multinomial)",
+}
+METRIC_NAMES = {
+    "diag": "diagonal (Stan's diag_e)",
+    "dense": "dense (Stan's dense_e)",
+    "auto": f"dense up to {AUTO_DENSE_MAX_DIM} dimensions with {AUTO_DRAWS_PER_DIM} draws per "
+    "dimension in the last warm-up window, else diagonal",
 }
 CHAIN_METHODS = {
     "lockstep": "all chains of a process together, one batched gradient per leapfrog step",
@@ -81,6 +99,10 @@ class CacheWarning(UserWarning):
     """A cache entry was unreadable, half-written or corrupted and is recomputed."""
 
 
+class NotCachedWarning(UserWarning):
+    """A model depends on a value that cannot be fingerprinted: its reference is not cached."""
+
+
 @dataclass(frozen=True)
 class Check:
     """One self-check of a reference.
@@ -88,10 +110,10 @@ class Check:
     Attributes
     ----------
     name : str
-        ``rhat``, ``ess_bulk``, ``ess_tail`` or ``divergences``.
+        ``rhat``, ``ess_bulk``, ``ess_tail``, ``divergences`` or ``ebfmi``.
     ok : bool
     value : float
-        Worst value seen (max R-hat, min ESS, number of divergences).
+        Worst value seen (max R-hat, min ESS, number of divergences, min E-BFMI).
     threshold : float
     detail : str
         One line naming the worst site element.
@@ -124,8 +146,10 @@ class Reference:
     latent_sites : tuple of str
         Sampled latent sites (the joint metrics use their continuous ones).
     sample_stats : dict of str to ndarray
-        ``(chain, draw)``: ``diverging``, ``step_size``, ``tree_depth``, ``lp``,
-        ``acceptance_rate`` (NUTS only).
+        ``(chain, draw)``, ArviZ's names (NUTS only): ``diverging``,
+        ``step_size``, ``tree_depth``, ``lp``, ``acceptance_rate``; the
+        project's sampler also ``n_steps`` (leapfrog steps), ``energy`` (the
+        Hamiltonian at the draw), ``energy_error`` and ``max_energy_error``.
     log_likelihood : dict of str to ndarray
         Pointwise log likelihood of observed sites, ``(chain, draw, *batch_shape)``.
     observed_data : dict of str to ndarray
@@ -256,8 +280,28 @@ def _site_rows(
     return rows
 
 
+def ebfmi(energy: np.ndarray) -> np.ndarray:
+    """Energy Bayesian fraction of missing information per chain (as ``az.bfmi``).
+
+    Parameters
+    ----------
+    energy : ndarray, shape (chain, draw)
+        The Hamiltonian at each draw.
+
+    Returns
+    -------
+    ndarray, shape (chain,)
+        ``mean(diff(E)^2) / var(E)`` of each chain (``var`` with ``ddof=1``).
+    """
+    e = np.asarray(energy, dtype=float)
+    return np.square(np.diff(e, axis=1)).mean(axis=1) / np.var(e, axis=1, ddof=1)
+
+
 def run_checks(
-    draws: Mapping[str, np.ndarray], sites: tuple[str, ...], num_divergences: int | None
+    draws: Mapping[str, np.ndarray],
+    sites: tuple[str, ...],
+    num_divergences: int | None,
+    energy: np.ndarray | None = None,
 ) -> tuple[Check, ...]:
     """The reference checks on the sites of interest.
 
@@ -268,11 +312,15 @@ def run_checks(
     sites : tuple of str
     num_divergences : int or None
         Divergent transitions; ``None`` for exact draws (no check).
+    energy : ndarray or None
+        ``(chain, draw)`` Hamiltonian of each draw; ``None`` where the sampler
+        does not record it (no E-BFMI check).
 
     Returns
     -------
     tuple of Check
-        ``rhat`` (< 1.01), ``ess_bulk`` and ``ess_tail`` (>= 400), ``divergences`` (0).
+        ``rhat`` (< 1.01), ``ess_bulk`` and ``ess_tail`` (>= 400), ``divergences`` (0),
+        ``ebfmi`` (>= 0.3 on every chain, where ``energy`` is given).
     """
     rows = [r for r in _site_rows(draws, sites, mcse=False) if np.isfinite(r["ess_bulk"])]
     chains = int(next(iter(draws.values())).shape[0]) if draws else 0
@@ -324,21 +372,56 @@ def run_checks(
                 f"{num_divergences} divergent transition(s) after warm-up (needs 0)",
             )
         )
+    if energy is not None and np.asarray(energy).ndim == 2 and np.asarray(energy).shape[1] > 2:
+        per_chain = ebfmi(energy)
+        worst = int(np.nanargmin(per_chain)) if np.isfinite(per_chain).any() else 0
+        value = float(per_chain[worst])
+        checks.append(
+            Check(
+                "ebfmi",
+                bool(np.all(per_chain >= EBFMI_MIN)),
+                value,
+                EBFMI_MIN,
+                f"min E-BFMI {value:.3f} on chain {worst} (needs >= {EBFMI_MIN})",
+            )
+        )
     return tuple(checks)
 
 
 # ----------------------------------------------------------------------------- models
 
 
-def _model_source(fn: Callable) -> str:
-    target = inspect.unwrap(fn)
+def model_fingerprint(fn: Callable) -> str | None:
+    """:func:`~diagnostics.nuts.fingerprint.fingerprint` of ``fn``, or None when it has none.
+
+    None means: do not cache (a value the model depends on cannot be hashed, so
+    a cache hit could be another model's draws); the reason is warned once.
+    """
     try:
-        return inspect.getsource(target)
-    except (OSError, TypeError):
-        code = getattr(target, "__code__", None)
-        if code is None:
-            return f"{type(target).__module__}.{type(target).__qualname__}"
-        return f"{code.co_code.hex()}|{code.co_consts!r}|{code.co_names!r}"
+        return fingerprint(fn)
+    except Unfingerprintable as exc:
+        warnings.warn(
+            f"the reference of this model is not cached: {exc}; the model would be "
+            "keyed by its code alone and could return draws of another model. Pass "
+            "such values as data (model(**data)) to cache it",
+            NotCachedWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _model_source(fn: Callable) -> str:
+    """What keys a model: its fingerprint, or its code when that cannot be had."""
+    found = model_fingerprint(fn)
+    return found if found is not None else _code_text(fn)
+
+
+def _code_text(fn: Callable) -> str:
+    target = inspect.unwrap(fn)
+    code = getattr(target, "__code__", None)
+    if code is None:
+        return f"{type(target).__module__}.{type(target).__qualname__}"
+    return f"{code.co_code.hex()}|{code.co_consts!r}|{code.co_names!r}"
 
 
 def _hash_data(h: Any, data: Mapping[str, Any]) -> None:
@@ -362,10 +445,14 @@ def cache_key(
     sites: tuple[str, ...],
     kind: str = NUTS_KIND,
 ) -> str:
-    """SHA-256 of the model's source, the data, the settings, the seed and the versions."""
+    """SHA-256 of the model, the data, the settings, the seed and the versions.
+
+    ``model`` is a function (keyed by :func:`model_fingerprint`: its code,
+    closure, defaults and the globals it reads) or such a fingerprint.
+    """
     h = hashlib.sha256()
     h.update(f"vimodels-reference-v{CACHE_FORMAT}|{kind}|".encode())
-    h.update(_model_source(model).encode())
+    h.update(_model_source(model).encode() if isinstance(model, Callable) else model.encode())
     _hash_data(h, data)
     h.update(
         json.dumps(
@@ -449,7 +536,29 @@ def _write_cache(ref: Reference, npz: Path) -> None:
         "npz_sha256": _sha256_file(npz),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    manifest["manifest_sha256"] = _manifest_sha256(manifest)
     atomic_write_json(npz.with_suffix(".json"), manifest)
+
+
+def _manifest_sha256(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of a manifest's canonical JSON, leaving out its own checksum field.
+
+    An edited manifest (a dim name, the model name, ``kind``, a plate size) no
+    longer matches it, so the entry is treated as damaged and recomputed.
+    """
+
+    def plain(obj: Any) -> Any:  # as written to disk: NaN as null, tuples as lists
+        if isinstance(obj, float) and obj != obj:
+            return None
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [plain(v) for v in obj]
+        return obj
+
+    body = plain({k: v for k, v in manifest.items() if k != "manifest_sha256"})
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _read_cache(npz: Path, manifest_path: Path, key: str) -> Reference | None:
@@ -464,6 +573,10 @@ def _read_cache(npz: Path, manifest_path: Path, key: str) -> Reference | None:
         return None
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != _manifest_sha256(
+            manifest
+        ):
+            raise ValueError("the manifest does not match its checksum (edited or damaged)")
         if manifest.get("format") != CACHE_FORMAT or manifest.get("key") != key:
             raise ValueError("manifest does not match this reference's key")
         if not npz.exists():
@@ -495,6 +608,7 @@ def _read_cache(npz: Path, manifest_path: Path, key: str) -> Reference | None:
         groups["posterior"],
         sites,
         int(np.sum(div)) if kind == NUTS_KIND and div is not None else None,
+        groups["sample_stats"].get("energy") if kind == NUTS_KIND else None,
     )
     return Reference(
         model_name=manifest["model"],
@@ -554,9 +668,14 @@ def _run_chains(
                 _collect(out, results, progress)
         return out, num_workers, note
     threads = torch.get_num_threads()
+    # live per-chain lines on a terminal (chains in this process); nothing otherwise
+    monitor: LiveProgress | None = live_progress(progress)
     try:
         for group in groups:
-            _collect(out, run_group(group), progress)
+            results = run_group(group, monitor)
+            if monitor is not None:
+                monitor.close()
+            _collect(out, results, progress)
     finally:
         torch.set_num_threads(threads)
     return out, 1, note
@@ -621,6 +740,10 @@ def _validate(settings: NutsSettings) -> None:
         raise OptionError(
             f"unknown chain method {settings.chain_method!r}; valid: {', '.join(CHAIN_METHODS)}"
         )
+    if settings.metric not in METRIC_NAMES:
+        raise OptionError(
+            f"unknown NUTS metric {settings.metric!r}; valid: {', '.join(METRIC_NAMES)}"
+        )
     if settings.sampler not in SAMPLER_NAMES:
         raise OptionError(
             f"unknown NUTS sampler {settings.sampler!r}; valid: {', '.join(SAMPLER_NAMES)}"
@@ -683,13 +806,20 @@ def run_nuts(
     -------
     Reference
     """
-    check_option("seed", seed, kind=int, low=0)
+    seed = check_seed(seed)
     entry, fn, data_dict, name = resolve_model(model, data)
     s = _settings_for(entry, settings)
     _validate(s)
-    trace_check(fn, data_dict, name)  # data errors surface as one-line DataErrors
+    tr = trace_check(fn, data_dict, name)  # data errors surface as one-line DataErrors
+    _check_nuts_applies(tr, name)
     depth = entry.max_plate_nesting if entry is not None else None
     info = model_info(fn, (), data_dict, depth)
+    if not info.continuous:
+        raise IncompatibleError(
+            f"model {name!r} has no continuous latent site for NUTS to sample"
+            + (f" (only discrete ones: {', '.join(info.discrete)})" if info.discrete else "")
+            + "; NUTS needs at least one pyro.sample site without obs= on a continuous support"
+        )
     sites = (
         tuple(sites)
         if sites
@@ -701,9 +831,23 @@ def run_nuts(
             f"unknown site(s) of interest {unknown}; the model's latent and "
             f"deterministic sites are {list(info.latent + info.deterministic)}"
         )
-    key = cache_key(fn, data_dict, s, seed, sites)
+    model_id = model_fingerprint(fn)
+    not_cached = None
+    if model_id is None:
+        model_id = _code_text(fn)
+        if cache:
+            not_cached = "not cached: the model depends on a value that cannot be fingerprinted"
+            cache = False
+    key = cache_key(model_id, data_dict, s, seed, sites)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     npz, manifest = _entry_paths(root, name, key)
+    if not_cached:
+        ref = _compute_nuts(
+            entry, fn, data_dict, name, s, seed, sites, info, key, num_workers, progress
+        )
+        return dataclasses.replace(
+            ref, notes=ref.notes + (not_cached,), settings={**ref.settings, "cache": not_cached}
+        )
     if cache:
         ensure_dir(npz.parent)
         with FileLock(str(npz.with_suffix(".lock"))):
@@ -719,6 +863,30 @@ def run_nuts(
     return _compute_nuts(
         entry, fn, data_dict, name, s, seed, sites, info, key, num_workers, progress
     )
+
+
+def _check_nuts_applies(tr: Any, name: str) -> None:
+    """IncompatibleError for a model NUTS cannot sample: subsampled plates, no latent site."""
+    for site_name, site in tr.nodes.items():
+        if site["type"] != "sample" or not site_is_subsample(site):
+            continue
+        size = getattr(site["fn"], "size", None)
+        if size is not None and site["value"].numel() < size:
+            raise IncompatibleError(
+                f"model {name!r} subsamples plate {site_name!r} ({site['value'].numel()} of "
+                f"{size}): NUTS needs the full data in every step; remove subsample_size "
+                "from the plate for the reference (subsampling is for SVI)"
+            )
+    latent = [
+        n
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+    ]
+    if not latent:
+        raise IncompatibleError(
+            f"model {name!r} has no latent site (every pyro.sample has obs=): there is no "
+            "posterior to sample; add a pyro.sample site without obs= for each unknown"
+        )
 
 
 def _compute_nuts(
@@ -781,7 +949,7 @@ def _compute_nuts(
             f"discrete site(s) {', '.join(info.discrete)} summed out by NUTS and "
             "recovered with infer_discrete"
         )
-    checks = run_checks(draws, sites, int(stats["diverging"].sum()))
+    checks = run_checks(draws, sites, int(stats["diverging"].sum()), stats.get("energy"))
     used = {
         **dataclasses.asdict(s),
         "sampler": SAMPLER_NAMES[s.sampler],
@@ -789,6 +957,7 @@ def _compute_nuts(
         "chain_seeds": seeds,
         "num_workers": used_workers,
         "chain_method_used": "lockstep" if is_lockstep(s) else "independent",
+        "metric_used": sorted({r["metric"] for r in results}),
         "potential_batch": sorted({r["batch"] for r in results if r.get("batch")}),
         "jit_used": all(r["jit"] for r in results),
         "init_strategy": "init_to_uniform",
@@ -891,50 +1060,6 @@ def exact_reference(
     )
 
 
-def get_reference(
-    model: str | CatalogEntry | Callable,
-    data: Mapping[str, Any] | None = None,
-    *,
-    kind: str = "auto",
-    **nuts_options: Any,
-) -> Reference:
-    """The reference for a model: exact draws where a closed-form sampler exists, else NUTS.
-
-    Parameters
-    ----------
-    model, data
-        As for :func:`run_nuts`.
-    kind : str
-        ``"auto"``, ``"nuts"`` or ``"exact"``.
-    **nuts_options
-        Passed to :func:`run_nuts` (``settings``, ``seed``, ``cache_dir`` ...); for exact
-        draws only ``seed`` is used.
-    """
-    if kind not in ("auto", NUTS_KIND, EXACT_KIND):
-        raise OptionError(f"reference kind must be auto, nuts or exact, got {kind!r}")
-    entry = (
-        get_model(model)
-        if isinstance(model, str)
-        else (model if isinstance(model, CatalogEntry) else None)
-    )
-    has_exact = (
-        entry is not None
-        and data is None
-        and entry.exact is not None
-        and entry.exact_posterior().sampler is not None
-    )
-    if kind == EXACT_KIND or (kind == "auto" and has_exact):
-        if entry is None or not has_exact:
-            raise OptionError(
-                "exact reference draws need a catalog entry with an exact "
-                "posterior sampler (and its own data)"
-            )
-        return exact_reference(entry, seed=nuts_options.get("seed", 0))
-    if entry is not None and data is None and entry.reference_from is not None:
-        return reparameterized_reference(entry, run_nuts(entry.reference_from, **nuts_options))
-    return run_nuts(model, data, **nuts_options)
-
-
 def reparameterized_reference(entry: CatalogEntry, source: Reference) -> Reference:
     """``source``'s draws as the reference of ``entry``, the same posterior in another form.
 
@@ -965,7 +1090,10 @@ def reparameterized_reference(entry: CatalogEntry, source: Reference) -> Referen
         )
     draws = {k: source.draws[k] for k in wanted}
     checks = run_checks(
-        draws, entry.sites, source.num_divergences if source.kind == NUTS_KIND else None
+        draws,
+        entry.sites,
+        source.num_divergences if source.kind == NUTS_KIND else None,
+        source.sample_stats.get("energy") if source.kind == NUTS_KIND else None,
     )
     note = (
         f"draws of {source.model_name} (the same posterior in another parameterization), "

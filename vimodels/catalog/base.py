@@ -50,6 +50,14 @@ class NutsSettings:
         step of all of them; ``"independent"``: each chain on its own (the
         Pyro sampler always runs them so). Part of the reference's cache key:
         the batched gradient rounds differently, so the draws differ.
+    metric : str
+        The project's sampler's adapted metric (inverse mass matrix), in Stan's
+        windows: ``"diag"``: the posterior variances (Stan's ``diag_e``);
+        ``"dense"``: the full covariance (Stan's ``dense_e``), for correlated
+        posteriors; ``"auto"``: dense up to 64 dimensions where the warm-up's
+        last window holds at least 5 draws per dimension, else diagonal
+        (``diagnostics.nuts.kernel.resolve_metric``). The Pyro sampler takes
+        ``"dense"`` as ``full_mass=True`` and the others as diagonal.
     """
 
     num_warmup: int = 500
@@ -60,6 +68,7 @@ class NutsSettings:
     jit_compile: bool = True
     sampler: str = "vimodels"
     chain_method: str = "lockstep"
+    metric: str = "diag"
 
 
 @dataclass(frozen=True)

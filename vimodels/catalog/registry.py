@@ -22,6 +22,7 @@ from vimodels.catalog.radon import (
 from vimodels.catalog.sleepstudy import SLEEPSTUDY_RANDOM_SLOPES
 from vimodels.catalog.vae import DIGITS_VAE
 from vimodels.errors import UnknownNameError
+from vimodels.validation.registry import VALIDATION_MODELS
 
 _ENTRIES: tuple[CatalogEntry, ...] = (
     EIGHT_SCHOOLS_CENTERED,
@@ -46,10 +47,15 @@ assert len(MODELS) == len(_ENTRIES), "catalog names must be unique"
 
 
 def get_model(name: str) -> CatalogEntry:
-    """Return the catalog entry called ``name`` (raises UnknownNameError listing valid names)."""
+    """Return the catalog entry called ``name`` (raises UnknownNameError listing valid names).
+
+    ``pdb_*`` names resolve to the validation suite (:mod:`vimodels.validation`).
+    """
     try:
         return MODELS[name]
     except (KeyError, TypeError):
+        if isinstance(name, str) and name in VALIDATION_MODELS:
+            return VALIDATION_MODELS[name]
         raise UnknownNameError("model", name, MODELS) from None
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from pathlib import Path
 
 from guides.registry import GENERIC, HANDWRITTEN
@@ -10,7 +12,7 @@ from vimodels.catalog.registry import MODELS, get_model
 from vimodels.cli.options import parse_options
 from vimodels.data import load_arrays
 from vimodels.errors import check_option
-from vimodels.io import atomic_write_json, ensure_dir, safe_name
+from vimodels.io import atomic_write_json, output_folder, safe_name
 from vimodels.svi.check import check_model
 from vimodels.svi.convergence import ConvergenceRule
 from vimodels.svi.elbos import ELBOS
@@ -126,30 +128,57 @@ def fit_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
+def fit_file_stem(model: str, guide: str, elbo: str, seed: int) -> str:
+    """``<model>__<guide>__<elbo>__seed<k>``: fits of other seeds never replace each other."""
+    return safe_name(f"{model}__{guide}__{elbo}__seed{seed}")
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
-    """Fit one model/guide/ELBO and write draws (netcdf) and a JSON summary."""
+    """Fit one model/guide/ELBO and write draws (netcdf) and a JSON summary.
+
+    Exit status: 0, 130 after Ctrl-C (the partial fit is written), 1 when the
+    fit ended non-finite (loss, gradient or ELBO estimate; what it had is written).
+    """
     entry = get_model(args.model)
     check_option("--draws", args.draws, kind=int, low=1)
-    data = data_files(args.data)
-    out = ensure_dir(args.out or Path("runs") / safe_name(entry.name))
-    result = fit(
-        entry, data, guide=args.guide, elbo=args.elbo, subsample=args.subsample, **fit_kwargs(args)
-    )
-    stem = safe_name(f"{entry.name}__{result.guide_name}__{args.elbo}")
-    from diagnostics.convert import save_netcdf
+    kwargs = fit_kwargs(args)
+    data = data_files(args.data)  # --- minibatch: memory-mapped arrays
+    with output_folder(args.out or Path("runs") / safe_name(entry.name)) as out:
+        result = fit(
+            entry, data, guide=args.guide, elbo=args.elbo, subsample=args.subsample, **kwargs
+        )
+        stem = fit_file_stem(entry.name, result.guide_name, args.elbo, result.seed)
+        if result.status == "diverged":  # a failure: the summary says why, no draws
+            atomic_write_json(out / f"{stem}.json", result.summary())
+            print(
+                f"vimodels: error: {result.model_name} / {result.guide_name}: {result.message}",
+                file=sys.stderr,
+            )
+            return 1
+        from diagnostics.convert import save_netcdf
 
-    idata = result.to_inference_data(args.draws)
-    nc = save_netcdf(idata, out / f"{stem}.nc")
-    summary = result.summary()
-    summary["netcdf"] = nc.name
-    atomic_write_json(out / f"{stem}.json", summary)
+        idata = result.to_inference_data(args.draws)
+        nc = save_netcdf(idata, out / f"{stem}.nc")
+        summary = result.summary()
+        summary["netcdf"] = nc.name
+        atomic_write_json(out / f"{stem}.json", summary)
     print(f"{result.model_name} / {result.guide_name} / {args.elbo}: {result.message}")
     print(
         f"ELBO {result.elbo:.3f} +- {result.elbo_se:.3f} nats, {result.num_steps} steps, "
         f"{result.wall_time:.1f} s"
     )
     print(f"wrote {out / (stem + '.nc')} and {out / (stem + '.json')}")
-    return 130 if result.status == "interrupted" else 0
+    if result.status == "interrupted":
+        return 130
+    if result.status == "nonfinite" or not math.isfinite(result.elbo):
+        what = result.message if result.status == "nonfinite" else f"the ELBO is {result.elbo}"
+        print(
+            f"vimodels: fit failed: {what}; the result is not usable. Lower --lr "
+            f"(it was {args.lr:g}) or check the model's support",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def data_files(specs: list[str] | None) -> dict | None:

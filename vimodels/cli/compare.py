@@ -10,7 +10,7 @@ from vimodels.catalog.registry import get_model
 from vimodels.cli.basic import add_fit_arguments, fit_kwargs
 from vimodels.cli.sweep import add_executor_arguments, make_cli_executor
 from vimodels.errors import check_option
-from vimodels.io import atomic_write_json, ensure_dir, safe_name
+from vimodels.io import atomic_write_json, ensure_dir, output_folder, safe_name
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,9 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default runs/<model>/compare)")
     p.add_argument(
         "--reference",
-        choices=["auto", "nuts", "exact"],
+        choices=["auto", "nuts", "exact", "external"],
         default="auto",
-        help="auto: exact draws where the catalog has a sampler, else NUTS",
+        help="auto: exact draws where the catalog has a sampler, else NUTS; external: "
+        "posteriordb's draws (pdb_* models)",
     )
     p.add_argument("--draws", type=int, default=4000, help="guide draws per method")
     p.add_argument("--iwae-k", type=int, default=50, help="K of the IWAE bound")
@@ -74,6 +75,13 @@ def _add_nuts_arguments(p: argparse.ArgumentParser) -> None:
         "(default, faster) or each on its own",
     )
     p.add_argument(
+        "--metric",
+        choices=("diag", "dense", "auto"),
+        default=None,
+        help="the project's NUTS metric: diagonal, dense (for correlated posteriors) or auto "
+        "(dense up to 64 dimensions given enough warm-up) (default: the model's)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -97,6 +105,7 @@ def _nuts_settings(args: argparse.Namespace) -> dict:
         "max_tree_depth": args.max_tree_depth,
         "sampler": args.sampler,
         "chain_method": args.chain_method,
+        "metric": args.metric,
     }
     if args.no_nuts_jit:
         out["jit_compile"] = False
@@ -150,16 +159,18 @@ _NO_REPORT = "no report was written; fits finished so far stay in {} and a rerun
 def cmd_compare(args: argparse.Namespace) -> int:
     """Fit the grid, compare with the reference and write the report."""
     from vimodels.runs.compare import run_compare
+    from vimodels.runs.config import check_grid_names, default_guides
 
     entry = get_model(args.model)
     check_option("--draws", args.draws, kind=int, low=10)
+    # a typo in --guides/--elbos: exit 2 before any work (run_compare checks too)
+    check_grid_names(args.guides or default_guides(entry), args.elbos or ("trace",), entry)
     out = Path(args.out) if args.out else Path("runs") / safe_name(entry.name) / "compare"
-    ensure_dir(out)
     kwargs = fit_kwargs(args)
     kwargs.pop("num_steps")
     seed = kwargs.pop("seed")
     try:
-        with make_cli_executor(args) as executor:
+        with output_folder(out), make_cli_executor(args) as executor:
             run = run_compare(
                 entry,
                 guides=args.guides,
@@ -186,6 +197,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         )
         return 130
     c = run.comparison
+    for line in c.skipped:  # pairs that could not run: visible, whatever --quiet says
+        print(f"vimodels: warning: skipped {line}", file=sys.stderr)
     cols = [
         "method",
         "elbo",
@@ -211,4 +224,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if c.partial:
         print(f"PARTIAL RESULT: {c.interrupted_line()}")
         return 130
+    if "failed" in c.summary and c.summary["failed"].any():
+        bad = c.summary[c.summary["failed"]]
+        print(
+            "vimodels: compare: "
+            + "; ".join(f"{r.method} failed ({r.status})" for r in bad.itertuples())
+            + f"; the others are compared in {run.files['html']}",
+            file=sys.stderr,
+        )
+        return 1
     return 0

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from vimodels.io import output_folder
+
 EXECUTOR_CHOICES = ("local", "dask", "serial")
 
 
@@ -63,7 +65,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     out = Path(args.out) if args.out else default_out(args.config)
     try:
-        with make_cli_executor(args) as executor:
+        with output_folder(out), make_cli_executor(args) as executor:
             run = run_sweep(config, out, executor, progress=not args.quiet)
     except KeyboardInterrupt as exc:  # before the report: say what is kept
         kept = f"no report was written; fits finished so far stay in {out / 'fits'}"
@@ -99,4 +101,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if run.partial:
         print(f"PARTIAL RESULT: {partial_line(run)}")
         return 130
+    summary = run.summary
+    if "failed" in summary and summary["failed"].fillna(False).astype(bool).any():
+        bad = summary[summary["failed"].fillna(False).astype(bool)]
+        print(
+            f"vimodels: sweep: {len(bad)} fit(s) failed (diverged or non-finite): "
+            + ", ".join(f"{r.model}/{r.method}/seed{r.seed} ({r.status})" for r in bad.itertuples())
+            + "; the others are in the report",
+            file=sys.stderr,
+        )
+        return 1
     return 1 if run.failures else 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vimodels.errors import check_option
-from vimodels.io import atomic_write, atomic_write_json, ensure_dir, safe_name
+from vimodels.io import atomic_write, atomic_write_json, output_folder, safe_name
 
 DEFAULT_OUT = Path("runs") / "digits_vae"
 
@@ -62,17 +62,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_vae(args: argparse.Namespace) -> int:
     """Train, evaluate, save and report."""
-    from vimodels.vae.evaluate import evaluate_digits_vae
-    from vimodels.vae.report import write_report
-    from vimodels.vae.train import Objective, train_digits_vae
+    from vimodels.vae.train import Objective
 
     for name in ("eval_particles", "gap_steps"):
         check_option(f"--{name.replace('_', '-')}", getattr(args, name), kind=int, low=2)
     for name in ("gap_images", "nuts_images"):
         check_option(f"--{name.replace('_', '-')}", getattr(args, name), kind=int, low=0)
     objective = Objective(args.elbo, args.particles, args.estimator, args.beta)
-    out = ensure_dir(args.out or DEFAULT_OUT)
-    run_dir = ensure_dir(out / safe_name(objective.tag))
+    # the folders are removed again if the run fails before writing anything
+    with (
+        output_folder(args.out or DEFAULT_OUT) as out,
+        output_folder(out / safe_name(objective.tag)) as run_dir,
+    ):
+        return _train_evaluate_report(args, objective, out, run_dir)
+
+
+def _train_evaluate_report(args: argparse.Namespace, objective, out: Path, run_dir: Path) -> int:
+    from vimodels.vae.evaluate import evaluate_digits_vae
+    from vimodels.vae.report import write_report
+    from vimodels.vae.train import train_digits_vae
+
     result = train_digits_vae(
         objective,
         epochs=args.epochs,

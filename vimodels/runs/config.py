@@ -64,7 +64,7 @@ TOP_KEYS = (
     "nuts",
 )
 COMPARE_KEYS = ("draws", "iwae_k", "num_evidence", "reference", "reference_seed", "reports")
-REFERENCE_KINDS = ("auto", "nuts", "exact")
+REFERENCE_KINDS = ("auto", "nuts", "exact", "external")
 
 
 @dataclass(frozen=True)
@@ -304,3 +304,22 @@ def default_guides(entry: CatalogEntry | None) -> tuple[str, ...]:
     if not entry.discrete and not entry.amortized and "auto_iaf_normal" not in guides:
         guides += ("auto_iaf_normal",)
     return guides
+
+
+def check_grid_names(
+    guides: Sequence[str], elbos: Sequence[str], entry: CatalogEntry | None = None
+) -> None:
+    """Raise UnknownNameError for a guide or ELBO name that no registry knows.
+
+    Names that exist but do not apply to the model (another family's
+    hand-written guide, a non-``enum`` ELBO on a discrete model) are not
+    refused here: those pairs are skipped, and listed, when they are fitted.
+    """
+    for elbo in elbos:
+        get_elbo_spec(elbo)  # UnknownNameError listing the valid ELBOs
+    known = guide_names(None)
+    for guide in guides:
+        if guide not in known:
+            raise UnknownNameError(
+                "guide", guide, guide_names(entry.family if entry is not None else None)
+            )

@@ -57,7 +57,7 @@ from vimodels.io import ensure_dir, safe_name
 from vimodels.runs.config import default_guides
 from guides.registry import get_guide_spec
 from vimodels.catalog.registry import get_model
-from diagnostics.nuts.reference import get_reference
+from diagnostics.references import get_reference
 from vimodels.runs.records import Failure, SweepRun
 from vimodels.runs.report import write_sweep_report
 from diagnostics.comparison import compare
@@ -401,6 +401,7 @@ def _fit_rows(fits: Mapping[str, StoredFit], model: str, seed: int) -> pd.DataFr
                 "converged": f.converged,
                 "num_steps": f.num_steps,
                 "wall_time_s": f.wall_time,
+                "failed": f.status in ("nonfinite", "diverged"),
                 "elbo": elbo,
                 "elbo_se": se,
             }

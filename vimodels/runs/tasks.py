@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from vimodels.errors import OptionError, check_option
+from vimodels.errors import OptionError, check_option, check_seed, derive_seed
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, safe_name
 from vimodels.svi.fit import fit
 from vimodels.svi.convergence import ConvergenceRule
@@ -69,7 +69,7 @@ from vimodels.data import prepare_data
 from vimodels.svi.binding import Bound
 from diagnostics.convert import load_netcdf
 from diagnostics.comparison import EVIDENCE_SEED_OFFSET
-from diagnostics.nuts.reference import get_reference
+from diagnostics.references import get_reference
 
 TASK_FORMAT = 1
 SUMMARY = "summary.json"
@@ -174,7 +174,7 @@ def make_task(
     for name, value in (("model", model), ("guide", guide), ("elbo", elbo)):
         if not isinstance(value, str) or not value:
             raise OptionError(f"a task's {name} must be a registered name, got {value!r}")
-    check_option("seed", seed, kind=int, low=0)
+    seed = check_seed(seed)
     check_option("steps", steps, kind=int, low=1)
     check_option("num_draws", num_draws, kind=int, low=10)
     check_option("num_evidence", num_evidence, kind=int, low=10)
@@ -300,7 +300,9 @@ def _write_result(task: Task, result: Any, folder: Path, t0: float) -> dict[str,
     arrays = {"losses": np.asarray(result.losses, dtype=float)}
     if _exact_log_evidence(task.model) is None:
         arrays["evidence_log_weights"] = np.asarray(
-            evidence_log_weights(result, task.num_evidence, task.seed + EVIDENCE_SEED_OFFSET)
+            evidence_log_weights(
+                result, task.num_evidence, derive_seed(task.seed, EVIDENCE_SEED_OFFSET)
+            )
         )
 
     def write(tmp: str) -> None:
@@ -487,7 +489,7 @@ class StoredFit:
         See :func:`diagnostics.comparison.evidence_log_weights`.
         """
 
-        want = self.task.seed + EVIDENCE_SEED_OFFSET
+        want = derive_seed(self.task.seed, EVIDENCE_SEED_OFFSET)
         if self.evidence_log_weights is None or (num_samples, seed) != (
             self.task.num_evidence,
             want,
@@ -588,7 +590,7 @@ def make_reference_task(
     cache_dir: str | os.PathLike | None = None,
 ) -> ReferenceTask:
     """A :class:`ReferenceTask` with canonical settings."""
-    check_option("seed", seed, kind=int, low=0)
+    seed = check_seed(seed)
     return ReferenceTask(
         model,
         _canonical(dict(settings or {})),

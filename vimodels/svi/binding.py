@@ -227,6 +227,7 @@ def bind(
     static = {k: v for k, v in data_dict.items() if k not in tensor_keys}
     args = tuple(data_dict[k] for k in tensor_keys)
     tr = trace_check(model_fn, data_dict, name)
+    check_has_latent(tr, name)
     hidden = discrete_sites(tr)
     if hidden and not discrete_ok:
         raise IncompatibleError(
@@ -239,6 +240,7 @@ def bind(
         depth = max(depth, entry.max_plate_nesting)
     if sites is None:
         sites = entry.sites if entry is not None else _default_sites(tr, hidden)
+    sites = check_sites(tr, sites)
     model_kw = config_enumerate(model_fn, default="parallel") if hidden else model_fn
     site_shapes = {
         n: tuple(s["value"].shape)
@@ -261,6 +263,35 @@ def bind(
         sites=tuple(sites),
         site_shapes=site_shapes,
     )
+
+
+def check_has_latent(tr: poutine.Trace, model_name: str) -> None:
+    """Raise IncompatibleError when the model has no latent site (nothing to infer)."""
+    if not latent_sites(tr):
+        raise IncompatibleError(
+            f"model {model_name!r} has no latent site (every pyro.sample has obs=): there is "
+            "no posterior to fit; add a pyro.sample site without obs= for each unknown"
+        )
+
+
+def check_sites(tr: poutine.Trace, sites: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
+    """``sites`` as a tuple of latent or deterministic site names, else OptionError."""
+    if isinstance(sites, str):
+        sites = (sites,)
+    valid = [
+        n
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample"
+        and not site_is_subsample(s)
+        and (not s["is_observed"] or s["infer"].get("_deterministic"))
+    ]
+    unknown = [x for x in sites if x not in valid]
+    if unknown:
+        raise OptionError(
+            f"unknown site(s) {unknown} in sites=; the model's latent and deterministic "
+            f"sites are: {', '.join(valid)}"
+        )
+    return tuple(sites)
 
 
 def _default_sites(tr: poutine.Trace, hidden: tuple[str, ...]) -> tuple[str, ...]:

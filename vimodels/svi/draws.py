@@ -37,6 +37,8 @@ from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from vimodels.svi.particles import NotVectorizable, check_particles, trace_log_weights
+
 LATENT = "latent"
 DETERMINISTIC = "deterministic"
 OBSERVED = "observed"
@@ -306,26 +308,14 @@ def _chunks(n: int, chunk: int):
         yield start, min(n, start + chunk)
 
 
-def _site_sum(site: dict, n: int, ndim: int, scaled: bool = True) -> torch.Tensor:
-    """Sum of a site's log density per draw, shape (n,)."""
-    lp = site["fn"].log_prob(site["value"])
-    if scaled:
-        scale = site["scale"]
-        if not (isinstance(scale, float) and scale == 1.0):
-            lp = lp * scale
-    if lp.dim() < ndim:
-        lp = lp.reshape((1,) * (ndim - lp.dim()) + tuple(lp.shape))
-    lead = lp.shape[0]
-    total = lp.reshape(lead, -1).sum(-1)
-    return total.expand(n) if lead == 1 else total
-
-
 def _check_vectorized(site: dict, n: int, info: ModelInfo) -> None:
     """Raise ValueError when a site's log density has more entries than ``n`` draws allow.
 
     A model that broadcasts a latent against the wrong axis (for instance
     ``beta.unsqueeze(-2)`` inside a plate) gives ``n x n`` cross terms under a
     vectorized draws plate; the caller then falls back to one draw at a time.
+    Used by :func:`replay_model`, which has no guide to compare with; guide
+    draws go through :func:`vimodels.svi.particles.check_particles`.
     """
     known = info.sites.get(site["name"])
     if known is None:
@@ -354,8 +344,13 @@ def sample_guide(
     info: ModelInfo,
     num_samples: int,
     chunk: int = 1000,
+    report: dict | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Draw latent values from ``guide`` with their log importance weights.
+
+    A vectorized pass is used where :func:`vimodels.svi.particles.check_particles`
+    finds it matches one-draw evaluation (the check the fit's ELBO uses);
+    otherwise draws are made one at a time.
 
     Parameters
     ----------
@@ -368,6 +363,8 @@ def sample_guide(
         Number of draws.
     chunk : int
         Draws per vectorized pass.
+    report : dict, optional
+        Filled with ``vectorized`` (bool) and ``reason`` (why not, or None).
 
     Returns
     -------
@@ -386,6 +383,8 @@ def sample_guide(
     depth = info.max_plate_nesting
     ndim = depth + 1
     parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+    report = {} if report is None else report
+    report.update(vectorized=False, reason=None)
     with torch.no_grad():
         try:
             for start, stop in _chunks(num_samples, chunk):
@@ -395,8 +394,17 @@ def sample_guide(
                     model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
                         *args, **kwargs
                     )
-                parts.append(_weights_and_values(model_tr, guide_tr, info, n, ndim))
-        except _FALLBACK_ERRORS:
+                part = _weights_and_values(model_tr, guide_tr, info, n, ndim)
+                if start == 0:  # the same check as the ELBO's (vimodels.svi.particles)
+                    check_particles(model, guide, args, kwargs, model_tr, guide_tr, part[1])
+                parts.append(part)
+            report["vectorized"] = True
+        except (NotVectorizable, *_FALLBACK_ERRORS) as exc:
+            report["reason"] = (
+                str(exc)
+                if isinstance(exc, NotVectorizable)
+                else f"the model fails under a particle plate ({type(exc).__name__})"
+            )
             parts = []
             for _ in range(num_samples):
                 guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -416,20 +424,11 @@ def _weights_and_values(
     ndim: int,
     vectorized: bool = True,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    total = torch.zeros(n, dtype=torch.float64)
-    for sign, tr in ((1.0, model_tr), (-1.0, guide_tr)):
-        for site in tr.nodes.values():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            if tr is guide_tr and site["is_observed"]:
-                continue
-            if vectorized:
-                _check_vectorized(site, n, info)
-                total = total + sign * _site_sum(site, n, ndim).double()
-            else:
-                lp = site["fn"].log_prob(site["value"])
-                scale = site["scale"]
-                total = total + sign * (lp * scale).sum().double()
+    if vectorized:
+        total = trace_log_weights(model_tr, guide_tr, n, ndim)
+    else:
+        w = model_tr.log_prob_sum() - guide_tr.log_prob_sum(lambda name, s: not s["is_observed"])
+        total = torch.as_tensor([float(w)], dtype=torch.float64)
     values = {
         name: _as_draws(model_tr.nodes[name]["value"], n, info.sites[name].shape)
         for name in info.latent

@@ -27,16 +27,28 @@ from pyro.infer.autoguide import AutoLaplaceApproximation
 
 import guides as guide_registry
 from vimodels.catalog.base import CatalogEntry
-from vimodels.errors import OptionError, check_option
+from vimodels.errors import OptionError, check_option, check_seed, derive_seed
 from vimodels.svi import elbos as elbo_registry
 from vimodels.svi.binding import Binding, Bound, bind, keyword_call, positional_kwargs
+from vimodels.svi.by_optimizer import (
+    OPTIMIZER_GUIDES,
+    apply_init,
+    check_init,
+    fit_by_optimizer,
+    gaussian_for_init,
+    init_learning_rate,
+)
 from vimodels.svi.convergence import ConvergenceRule
+from vimodels.svi.divergence import DivergenceRule
 from vimodels.svi.loop import LoopOutcome, LoopSettings, Objective, run_loop
 from vimodels.svi.minibatch_eval import EVAL_BATCHES, minibatch_elbo
-from vimodels.svi.result import NONFINITE, FitProgress, FitResult
+from vimodels.svi.result import DIVERGED, NONFINITE, FitProgress, FitResult
 from vimodels.svi.subsample import IndexSupplier
 from vimodels.svi.weights import elbo_estimate, log_weights
 from vimodels.versions import versions
+
+# Adam moves each unconstrained parameter by about lr per step: beyond this no fit is sensible
+LR_MAX = 1000.0
 
 
 def fit(
@@ -62,9 +74,10 @@ def fit(
     validate_first_step: bool = True,
     average: bool = True,
     callback: Callable[[FitProgress], None] | None = None,
+    init: str | None = None,
     subsample: str = "epoch",
 ) -> FitResult:
-    """Fit a guide to a model with SVI.
+    """Fit a guide to a model with SVI (or, for three guides, by L-BFGS).
 
     Parameters
     ----------
@@ -129,6 +142,15 @@ def fit(
         draws from the guide as the fit would return it at that step (the
         iterate average once averaging has started). Its return value is ignored;
         its run time counts in ``wall_time`` but not in ``progress.elapsed``.
+    init : str, optional
+        ``"laplace"`` or ``"pathfinder"``: start a Gaussian autoguide
+        (``auto_normal``, ``auto_multivariate_normal``,
+        ``auto_lowrank_multivariate_normal``) at the L-BFGS mode and the Laplace
+        covariance, or at Pathfinder's best Gaussian, so SVI only refines
+        (:mod:`vimodels.mode`); ``lr`` is lowered to 0.1 times the smallest sd of
+        that Gaussian where that is smaller (Adam moves every coordinate by
+        about ``lr`` per step, which would throw a tightly pinned parameter
+        out of its posterior); ``settings["init"]`` reports both.
     subsample : {"epoch", "independent", "pyro"}
         How the indices of a plate declared with ``subsample_size`` are drawn
         (:mod:`vimodels.svi.subsample`): from one pseudo-random permutation
@@ -143,6 +165,14 @@ def fit(
     Returns
     -------
     FitResult
+
+    Notes
+    -----
+    ``guide="pathfinder"``, ``"auto_laplace"`` and ``"auto_delta"`` are fitted by
+    L-BFGS, not Adam (:func:`vimodels.svi.by_optimizer.fit_by_optimizer`): Pathfinder,
+    the mode plus the exact Hessian, the constrained MAP. The SVI options
+    (``num_steps``, ``lr``, ``elbo_options``, ``callback`` ...) do not apply to them;
+    their ``guide_options`` are the optimizer's (``num_paths``, ``max_iters`` ...).
     """
     rule, elbo_spec = check_fit_options(
         num_steps,
@@ -156,7 +186,24 @@ def fit(
         convergence,
         elbo,
     )
-    lr = float(lr)
+    # NumPy integers pass the checks: from here on plain Python numbers (JSON, range())
+    num_steps, seed, num_eval, lr = int(num_steps), int(seed), int(num_eval), float(lr)
+    num_particles = None if num_particles is None else int(num_particles)
+    num_threads = None if num_threads is None else int(num_threads)
+    lr_decay = None if lr_decay is None else float(lr_decay)
+    check_init(init, guide)
+    if isinstance(guide, str) and guide in OPTIMIZER_GUIDES:
+        return fit_by_optimizer(
+            model,
+            data,
+            guide=guide,
+            elbo=elbo,
+            seed=seed,
+            num_eval=num_eval,
+            sites=sites,
+            guide_options=guide_options,
+            num_threads=num_threads,
+        )
     # --- minibatch: plates' subsample indices drawn in O(batch) (svi/subsample.py)
     supplier = IndexSupplier(seed, subsample)  # OptionError for an unknown scheme
     with supplier:
@@ -165,9 +212,15 @@ def fit(
         jit = False  # NumPy-drawn indices would be frozen into a traced graph
     # --- end minibatch
     guide_opts, elbo_opts = dict(guide_options or {}), dict(elbo_options or {})
+    start = None
+    if init is not None:
+        with torch_threads(num_threads):
+            start = gaussian_for_init(init, binding.model_fn, binding.data, seed, binding.hidden)
+        lr, lr_note = init_learning_rate(lr, start[0])
+        start = (start[0], start[1], f"{start[2]}; {lr_note}" if lr_note else start[2])
 
     def build(jit_now: bool) -> Objective:
-        return build_objective(
+        objective = build_objective(
             binding,
             guide,
             elbo,
@@ -177,6 +230,9 @@ def fit(
             vectorize_particles=vectorize_particles,
             jit=bool(jit_now and elbo_spec.jit),
         )
+        if start is not None:
+            apply_init(objective.guide, start[0], start[1], binding.args)
+        return objective
 
     loop_settings = LoopSettings(
         num_steps=num_steps,
@@ -190,11 +246,12 @@ def fit(
         progress=sys.stderr.isatty() if progress is None else bool(progress),
         compile_key=compile_key(binding, guide, guide_opts, elbo, elbo_opts),
         label=f"{binding.name}/{guide if isinstance(guide, str) else 'guide'}/{elbo}",
+        divergence=DivergenceRule(log_evidence=known_log_evidence(binding)),
     )
     with pyro.get_param_store().scope() as state, torch_threads(num_threads), supplier:
         pyro.set_rng_seed(seed)
         outcome = run_loop(binding, build, loop_settings, callback)
-        return finish(
+        result = finish(
             binding,
             outcome,
             loop_settings,
@@ -205,6 +262,9 @@ def fit(
             num_eval,
             supplier=supplier if supplier.subsampled else None,
         )
+    if start is not None:
+        result.settings["init"] = start[2]
+    return result
 
 
 def check_fit_options(
@@ -229,8 +289,8 @@ def check_fit_options(
     check_option("num_steps", num_steps, kind=int, low=1)
     if isinstance(lr, int) and not isinstance(lr, bool):
         lr = float(lr)
-    check_option("lr", lr, kind=float, low=0.0, low_inclusive=False)
-    check_option("seed", seed, kind=int, low=0)
+    check_option("lr", lr, kind=float, low=0.0, low_inclusive=False, high=LR_MAX)
+    check_seed(seed)
     check_option("num_eval", num_eval, kind=int, low=2)
     if lr_decay is not None:
         check_option(
@@ -305,10 +365,11 @@ def finish(
     (the model subsamples its data) the ELBO comes from minibatches.
     """
     objective, message = outcome.objective, outcome.message
+    status, converged = outcome.status, outcome.converged
     sample_guide, laplace_note = objective.guide, None
     if (
         isinstance(objective.guide, AutoLaplaceApproximation)
-        and outcome.status != NONFINITE
+        and outcome.status not in (NONFINITE, DIVERGED)
         and len(outcome.losses)
     ):
         try:
@@ -351,6 +412,7 @@ def finish(
         "average": loop.average,
         "averaged": outcome.averaged,
         "laplace_note": laplace_note,
+        "divergence": loop.divergence.for_guide(sample_guide).as_dict(),
         "versions": versions(),
         "subsample": None,
     }
@@ -361,30 +423,41 @@ def finish(
             subsampled["note"] = "JIT and the compiled step are off (indices drawn in NumPy)"
         settings["subsample"] = subsampled
     est, se = math.nan, math.nan
-    if len(outcome.losses) and subsampled is not None:
-        pyro.set_rng_seed(loop.seed + 3)
+    evaluation: dict = {"vectorized": None, "reason": None}
+    if len(outcome.losses) and status != DIVERGED:
+        pyro.set_rng_seed(derive_seed(loop.seed, 3))
         with torch.no_grad(), pyro.validation_enabled(False):
-            est, se = minibatch_elbo(
-                keyword_call(binding.model),
-                keyword_call(sample_guide),
-                positional_kwargs(binding.args),
-                num_eval,
-                binding.depth,
-                seed=loop.seed + 3,
-                discrete=bool(binding.hidden),
-            )
-    elif len(outcome.losses):  # --- end minibatch
-        pyro.set_rng_seed(loop.seed + 3)
-        with torch.no_grad(), pyro.validation_enabled(False):
-            log_w = log_weights(
-                keyword_call(binding.model),
-                keyword_call(sample_guide),
-                positional_kwargs(binding.args),
-                num_eval,
-                binding.depth,
-                discrete=bool(binding.hidden),
-            )
-        est, se = elbo_estimate(log_w)
+            if subsampled is not None:  # --- minibatch: draws on independent data batches
+                est, se = minibatch_elbo(
+                    keyword_call(binding.model),
+                    keyword_call(sample_guide),
+                    positional_kwargs(binding.args),
+                    num_eval,
+                    binding.depth,
+                    seed=derive_seed(loop.seed, 3),
+                    discrete=bool(binding.hidden),
+                    report=evaluation,
+                )
+            else:  # --- end minibatch
+                log_w = log_weights(
+                    keyword_call(binding.model),
+                    keyword_call(sample_guide),
+                    positional_kwargs(binding.args),
+                    num_eval,
+                    binding.depth,
+                    discrete=bool(binding.hidden),
+                    report=evaluation,
+                )
+                est, se = elbo_estimate(log_w)
+        # a finite ELBO above what any sound fit can reach is a failure, not a result
+        rule = loop.divergence.for_guide(sample_guide)
+        diverged = rule.check_elbo(est, se, float(outcome.losses[0]), loop.num_steps)
+        if diverged:
+            status, converged, est, se = DIVERGED, False, math.nan, math.nan
+            message = f"{diverged}; {message}"
+    # whether the ELBO's draws were evaluated under a particle plate, and why not
+    settings["eval_vectorized"] = evaluation["vectorized"]
+    settings["eval_vectorized_note"] = evaluation["reason"]
     params = {
         name: pyro.param(name).detach().double().numpy().copy()
         for name in pyro.get_param_store().keys()
@@ -397,8 +470,8 @@ def finish(
         elbo=est,
         elbo_se=se,
         params=params,
-        status=outcome.status,
-        converged=outcome.converged,
+        status=status,
+        converged=converged,
         num_steps=len(outcome.losses),
         wall_time=outcome.wall_time,
         seed=loop.seed,
@@ -416,6 +489,18 @@ def finish(
         site_shapes=binding.site_shapes,
         subsample=subsampled,
     )
+
+
+def known_log_evidence(binding: Binding) -> float | None:
+    """The exact ``log p(x)`` of a catalog entry on the bound data, where it is known."""
+    entry = binding.entry
+    if entry is None or entry.exact is None:
+        return None
+    try:
+        value = entry.exact(binding.data).log_evidence
+    except (TypeError, ValueError, KeyError, RuntimeError):  # data it cannot take
+        return None
+    return float(value) if value is not None else None
 
 
 @contextlib.contextmanager

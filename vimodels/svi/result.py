@@ -11,7 +11,7 @@ import numpy as np
 import pyro
 
 from vimodels.catalog.base import CatalogEntry
-from vimodels.errors import check_option
+from vimodels.errors import OptionError, check_option, check_seed, derive_seed
 from vimodels.io import jsonable
 from vimodels.svi.binding import keyword_call, positional_kwargs
 from vimodels.svi.minibatch_eval import EVAL_BATCHES, minibatch_log_weights
@@ -21,6 +21,7 @@ from vimodels.svi.weights import draw_sites, log_weights
 CONVERGED = "converged"
 MAX_STEPS = "max_steps"
 NONFINITE = "nonfinite"
+DIVERGED = "diverged"
 INTERRUPTED = "interrupted"
 
 
@@ -85,7 +86,9 @@ class FitResult:
     params : dict of str to ndarray
         Constrained parameter values.
     status : str
-        ``converged``, ``max_steps``, ``nonfinite`` or ``interrupted``.
+        ``converged``, ``max_steps``, ``nonfinite``, ``diverged`` (a finite loss or
+        ELBO out of any plausible range, :mod:`vimodels.svi.divergence`) or
+        ``interrupted``.
     converged : bool
         Whether the stopping rule declared convergence.
     num_steps : int
@@ -134,8 +137,8 @@ class FitResult:
 
     @property
     def partial(self) -> bool:
-        """True when the fit was interrupted or stopped on a non-finite loss."""
-        return self.status in (INTERRUPTED, NONFINITE)
+        """True when the fit was interrupted, stopped on a non-finite loss or diverged."""
+        return self.status in (INTERRUPTED, NONFINITE, DIVERGED)
 
     def sample(
         self, num_samples: int = 1000, seed: int | None = None, sites: tuple[str, ...] | None = None
@@ -156,9 +159,15 @@ class FitResult:
         dict of str to ndarray
             Each array has shape ``(num_samples, *site_shape)``, constrained space.
         """
-        check_option("num_samples", num_samples, kind=int, low=1)
+        num_samples = check_option("num_samples", num_samples, kind=int, low=1)
         sites = tuple(sites or self.sites)
-        pyro.set_rng_seed(self.seed + 1 if seed is None else seed)
+        unknown = [x for x in sites if x not in self.site_shapes]
+        if unknown:
+            raise OptionError(
+                f"unknown site(s) {unknown}; this fit can draw: {', '.join(self.sites)} "
+                f"(and the model's other sample sites: {', '.join(self.site_shapes)})"
+            )
+        pyro.set_rng_seed(derive_seed(self.seed, 1) if seed is None else check_seed(seed))
         with pyro.get_param_store().scope(self.param_state), self._batches(seed, 1):
             return draw_sites(
                 keyword_call(self.model),
@@ -177,7 +186,8 @@ class FitResult:
         groups of draws on independent batches
         (:func:`~vimodels.svi.minibatch_eval.minibatch_log_weights`).
         """
-        pyro.set_rng_seed(self.seed + 2 if seed is None else seed)
+        seed = derive_seed(self.seed, 2) if seed is None else check_seed(seed)
+        pyro.set_rng_seed(seed)
         if self.subsample is not None:  # --- minibatch
             with pyro.get_param_store().scope(self.param_state):
                 return minibatch_log_weights(
@@ -186,7 +196,7 @@ class FitResult:
                     self._kwargs(),
                     num_samples,
                     self.max_plate_nesting,
-                    seed=self.seed + 2 if seed is None else seed,
+                    seed=seed,
                     discrete=bool(self.discrete_sites),
                     batches=self.subsample.get("eval_batches", EVAL_BATCHES),
                 )[0]
@@ -207,7 +217,8 @@ class FitResult:
         """Subsampled plates draw independent batches in O(batch) (when the model has any)."""
         if self.subsample is None:
             return contextlib.nullcontext()
-        return IndexSupplier(self.seed + offset if seed is None else seed, "independent")
+        first = derive_seed(self.seed, offset) if seed is None else seed
+        return IndexSupplier(first, "independent")
 
     def to_inference_data(self, num_samples: int = 1000, seed: int | None = None):
         """ArviZ InferenceData of guide draws (see :mod:`diagnostics.convert`).

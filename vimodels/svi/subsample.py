@@ -198,16 +198,23 @@ class IndexSupplier:
     scheme : {"epoch", "independent", "pyro"}
         How batches are drawn (see the module docstring); ``"pyro"`` leaves
         Pyro's ``randperm`` in place (the supplier only records the plates).
+    hold : bool
+        Give every entry of a plate the same batch until :meth:`advance` (the
+        final ELBO: all draws of a group, and the one-draw re-evaluations that
+        check a vectorized pass, see one batch). Default: a new batch per
+        entry, as Pyro's plate draws.
     """
 
     _active: list[IndexSupplier] = []
     _original = _Subsample.sample
 
-    def __init__(self, seed: int, scheme: str = "epoch"):
+    def __init__(self, seed: int, scheme: str = "epoch", hold: bool = False):
         if scheme not in SCHEMES:
             raise OptionError(f"subsample must be one of {', '.join(SCHEMES)}, got {scheme!r}")
         self.seed = int(seed)
         self.scheme = scheme
+        self.hold = bool(hold)
+        self._held: dict[tuple[int, int], torch.Tensor] = {}
         self.streams: dict[tuple[int, int], IndexStream] = {}
         self.plates: dict[tuple[int, int], int] = {}
 
@@ -221,6 +228,10 @@ class IndexSupplier:
         if not IndexSupplier._active:
             _Subsample.sample = IndexSupplier._original
 
+    def advance(self) -> None:
+        """With ``hold``: the next plate entries get new batches."""
+        self._held.clear()
+
     @property
     def subsampled(self) -> bool:
         """Whether a plate with ``subsample_size < size`` has drawn indices here."""
@@ -232,13 +243,18 @@ class IndexSupplier:
         if batch is None or batch >= size:
             return torch.arange(size, device=d.device)
         key = (size, int(batch))
+        if self.hold and key in self._held:
+            return self._held[key]
         self.plates[key] = self.plates.get(key, 0) + 1
         if self.scheme == "pyro" or torch._C._get_tracing_state() is not None:
             return IndexSupplier._original(d)
         stream = self.streams.get(key)
         if stream is None:
             stream = self.streams[key] = IndexStream(size, int(batch), self.seed, self.scheme)
-        return torch.from_numpy(stream.next()).to(d.device)
+        idx = torch.from_numpy(stream.next()).to(d.device)
+        if self.hold:
+            self._held[key] = idx
+        return idx
 
     def record(self) -> dict[str, Any]:
         """What ran, for ``settings["subsample"]``: scheme, seed, and per plate its batches."""

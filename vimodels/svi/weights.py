@@ -13,17 +13,13 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
-from pyro.poutine.util import site_is_subsample
 
-
-def _site_sum(site: dict, num: int, ndim: int) -> torch.Tensor:
-    lp = site["fn"].log_prob(site["value"])
-    scale = site["scale"]
-    if not (isinstance(scale, float) and scale == 1.0):
-        lp = lp * scale
-    if lp.dim() < ndim:
-        lp = lp.reshape((1,) * (ndim - lp.dim()) + lp.shape)
-    return lp.reshape(lp.shape[0], -1).sum(-1).expand(num)
+from vimodels.svi.particles import (
+    NotVectorizable,
+    check_particles,
+    sequential_log_weight,
+    trace_log_weights,
+)
 
 
 def log_weights(
@@ -34,8 +30,14 @@ def log_weights(
     max_plate_nesting: int,
     chunk: int = 500,
     discrete: bool = False,
+    report: dict | None = None,
 ) -> np.ndarray:
     """Return ``num`` draws of ``log p(x, z) - log q(z)`` with ``z ~ q`` (nats).
+
+    The first vectorized pass is checked against a few of its draws evaluated
+    one at a time (:func:`vimodels.svi.particles.check_particles`); when they
+    disagree, or the model cannot run under a particle plate, every draw is
+    evaluated on its own.
 
     Parameters
     ----------
@@ -52,51 +54,51 @@ def log_weights(
     discrete : bool
         Model has enumerated discrete sites: ``log p`` marginalizes them with
         ``TraceEnum_ELBO`` one draw at a time.
+    report : dict, optional
+        Filled with ``vectorized`` (bool) and ``reason`` (why not, or None).
 
     Returns
     -------
     ndarray, shape (num,)
     """
     out = []
+    report = {} if report is None else report
+    report.update(vectorized=False, reason=None)
     with torch.no_grad():
         if discrete:
+            report["reason"] = "enumerated discrete sites are summed out one draw at a time"
             elbo = TraceEnum_ELBO(max_plate_nesting=max_plate_nesting)
             for _ in range(num):
                 out.append(-elbo.loss(model, guide, **kwargs))
             return np.asarray(out, dtype=float)
         ndim = max_plate_nesting + 1
         done = 0
-        while done < num:
-            n = min(chunk, num - done)
-            try:
+        try:
+            while done < num:
+                n = min(chunk, num - done)
                 with pyro.plate("_weights_particles", n, dim=-ndim):
                     guide_tr = poutine.trace(guide).get_trace(**kwargs)
                     model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
                         **kwargs
                     )
-                total = torch.zeros(n)
-                for sign, tr in ((1.0, model_tr), (-1.0, guide_tr)):
-                    for site in tr.nodes.values():
-                        if (
-                            site["type"] == "sample"
-                            and not site_is_subsample(site)
-                            and not (tr is guide_tr and site["is_observed"])
-                        ):
-                            total = total + sign * _site_sum(site, n, ndim)
-                out.append(total.double().numpy())
-            except (RuntimeError, ValueError, IndexError):
-                # model not vectorizable: fall back to one draw at a time
-                for _ in range(n):
-                    guide_tr = poutine.trace(guide).get_trace(**kwargs)
-                    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
-                        **kwargs
-                    )
-                    w = model_tr.log_prob_sum() - guide_tr.log_prob_sum(
-                        lambda name, site: not site["is_observed"]
-                    )
-                    out.append(np.array([float(w)]))
-            done += n
+                total = trace_log_weights(model_tr, guide_tr, n, ndim)
+                if done == 0:
+                    check_particles(model, guide, (), kwargs, model_tr, guide_tr, total)
+                out.append(total.numpy().copy())
+                done += n
+            report["vectorized"] = True
+        except (NotVectorizable, RuntimeError, ValueError, IndexError, TypeError) as exc:
+            # not vectorizable: one draw at a time, from the first
+            report["reason"] = _reason(exc)
+            out = [np.array([sequential_log_weight(model, guide, (), kwargs)]) for _ in range(num)]
     return np.concatenate(out)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, NotVectorizable):
+        return str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"the model fails under a particle plate ({type(exc).__name__}: {text})"[:300]
 
 
 def draw_sites(
@@ -170,6 +172,8 @@ def _site_value(tr, name: str, n: int, site_shapes: dict) -> np.ndarray | None:
 def elbo_estimate(log_w: np.ndarray) -> tuple[float, float]:
     """Mean and standard error of the ELBO from log weights (nats)."""
     log_w = np.asarray(log_w, dtype=float)
+    if not np.isfinite(log_w).all():  # -inf weights: the ELBO is -inf, its error undefined
+        return float(log_w.mean()), float("nan")
     return float(log_w.mean()), float(log_w.std(ddof=1) / np.sqrt(len(log_w)))
 
 

@@ -32,7 +32,7 @@ import pyro
 import torch
 from pyro import poutine
 
-from vimodels.errors import DataError, OptionError, check_option
+from vimodels.errors import DataError, OptionError, check_option, check_seed
 from vimodels.io import atomic_write, jsonable
 from vimodels.svi import elbos as elbo_registry
 from vimodels.svi.iwae import IWAE
@@ -342,7 +342,7 @@ def train(
         check_option("lr_patience", lr_patience, kind=int, low=1)
     check_option("lr_factor", float(lr_factor), kind=float, low=0.0, low_inclusive=False, high=1.0)
     check_option("val_particles", val_particles, kind=int, low=1)
-    check_option("seed", seed, kind=int, low=0)
+    seed = check_seed(seed)
     check_option("checkpoint_every", checkpoint_every, kind=int, low=1)
     if isinstance(lr, int) and not isinstance(lr, bool):
         lr = float(lr)

@@ -1,0 +1,53 @@
+"""The project's NUTS against posteriordb's Stan reference, on the nine posteriors.
+
+For each validation posterior, :func:`diagnostics.get_reference` (the
+project's NUTS under the entry's settings; for entries with
+``reference_from``, NUTS on the named equivalent form) must pass its own
+checks (split R-hat < 1.01, bulk/tail ESS >= 400, no divergence), and every
+parameter's posterior mean must lie within 5 combined MCSE of posteriordb's:
+
+    |mean_nuts - mean_pdb| <= 5 * sqrt(mcse_nuts^2 + mcse_pdb^2),
+
+``mcse_nuts`` from the project's draws (ArviZ), ``mcse_pdb`` from the 10
+chains x 100 thinned reference draws (:func:`vimodels.validation.reference_table`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vimodels.validation import reference_table
+
+POSTERIORS = (
+    "pdb_kidiq_interaction",
+    "pdb_mesquite_logvolume",
+    "pdb_earnings_logearn_interaction",
+    "pdb_nes1972",
+    "pdb_ark",
+    "pdb_arma11",
+    "pdb_garch11",
+    "pdb_gp_pois_regr",
+    "pdb_hmm_example",
+)
+Z_MAX = 5.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", POSTERIORS)
+def test_nuts_agrees_with_posteriordb(name):
+    from diagnostics import get_reference
+
+    ref = get_reference(name, seed=0)
+    assert ref.trusted, ref.describe()
+    ours = ref.site_table().set_index("element")
+    theirs = reference_table(name).set_index("element")
+    assert set(theirs.index) <= set(ours.index)
+    ours = ours.loc[theirs.index]
+    se = np.sqrt(ours["mcse_mean"] ** 2 + theirs["mcse_mean"] ** 2)
+    z = (ours["mean"] - theirs["mean"]) / se
+    worst = z.abs().idxmax()
+    assert z.abs().max() <= Z_MAX, (
+        f"{name}: {worst} NUTS {ours.loc[worst, 'mean']:.5g} vs posteriordb "
+        f"{theirs.loc[worst, 'mean']:.5g} ({z[worst]:+.2f} combined MCSE)"
+    )
