@@ -10,13 +10,15 @@ a step grows with ``N`` (7.6 ms per step at ``N = 1e6``). During a fit,
 :class:`IndexSupplier` draws them instead, from an :class:`IndexStream` per
 plate, without changing the model:
 
-- ``"epoch"`` (the default): one shuffled permutation of the rows per pass over
-  the data (an epoch); consecutive batches are consecutive slices of it, so
-  every row is visited exactly once per epoch. Drawing a permutation costs
-  O(N) once per epoch, O(batch) per step amortized.
+- ``"epoch"`` (the default): one pseudo-random permutation of the rows per
+  pass over the data (an epoch), computed on demand by a keyed Feistel network
+  (:class:`IndexStream`); consecutive batches are consecutive runs of it, so
+  every row is visited exactly once per epoch. O(batch) time and memory per
+  batch: nothing of size ``N`` is held or shuffled.
 - ``"independent"``: each batch is ``batch`` distinct rows drawn afresh
-  (Floyd's algorithm, O(batch)); batches are independent of each other, which
-  the final ELBO's standard error needs (:mod:`vimodels.svi.minibatch_eval`).
+  (uniform draws, repeats rejected; O(batch)); batches are independent of each
+  other, which the final ELBO's standard error needs
+  (:mod:`vimodels.svi.minibatch_eval`).
 
 Either way every row is in a batch with probability ``batch / N`` and Pyro's
 plate scales the batch's log density by ``N / batch``, so the loss of a step is
@@ -29,7 +31,9 @@ indices only when nobody supplied them (a replayed guide trace, the user's
 method is replaced, so only those draws change; they change inside
 ``poutine.block`` too (the autoguide's prototype trace, the data checks),
 which a Messenger on the stack would not see. Each plate entry takes the next
-batch, as Pyro's plate draws anew on every entry. Streams are keyed by the
+batch, as Pyro's plate draws anew on every entry (``hold=True``: one batch
+until :meth:`IndexSupplier.advance`). The patch is process-wide while active:
+do not run fits in parallel threads of one process. Streams are keyed by the
 plate's ``(size, subsample_size)``; two plates with the same key share one
 stream. Under ``torch.jit`` tracing Pyro's own draw runs (a traced
 ``randperm``), since indices drawn in NumPy would be frozen into the graph.
