@@ -209,7 +209,7 @@ def test_load_arrays_memory_maps_npz_members(tmp_path):
 def test_cli_fit_refuses_a_missing_data_file(tmp_path, capsys):
     from vimodels.cli.main import main
 
-    code = main(["fit", "eight_schools_noncentered", "--data", str(tmp_path / "no.npz")])
+    code = main(["fit", "eight_schools_noncentered", "--mmap", str(tmp_path / "no.npz")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "does not exist" in err[0]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import sysconfig
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -15,7 +14,7 @@ import pyro
 import torch
 from pyro import poutine
 
-from vimodels.errors import DataError
+from vimodels.errors import DataError, ModelError
 
 _FLOAT_KINDS = "f"
 _INT_KINDS = "iub"
@@ -225,10 +224,10 @@ def _from_pandas(key: str, value: Any) -> np.ndarray:
 
 
 def _to_tensor(key: str, value: Any) -> Any:
-    if isinstance(value, (pd.Series, pd.DataFrame)):
-        value = _from_pandas(key, value)
     if _is_lazy_array(value):
         return value if isinstance(value, RowArray) else RowArray(key, value)
+    if isinstance(value, (pd.Series, pd.DataFrame)):
+        value = _from_pandas(key, value)
     if isinstance(value, torch.Tensor):
         if value.is_complex():
             raise DataError(f"data[{key!r}] is complex; give real numbers")
@@ -335,33 +334,31 @@ def prepare_data(model: Callable, data: Mapping[str, Any] | None) -> dict[str, A
 
 
 def trace_check(model: Callable, data: Mapping[str, Any], name: str) -> poutine.Trace:
-    """Run the model once under validation; wrap any failure as a DataError.
+    """Run the model once under validation; wrap any failure as a DataError or ModelError.
 
-    Also refuses observed values that Pyro broadcast silently: a value whose
-    shape differs from its site's batch and event shape (``y`` of shape
-    ``(30, 1)`` under a plate of 30 would give a 30 x 30 likelihood).
+    The error blames what is wrong: the data (a value outside a distribution's
+    support, shapes that do not broadcast: raised inside Pyro or torch), or the
+    model (its own code raised, or it uses something that cannot run:
+    :class:`~vimodels.errors.ModelError`), and names the model's line. Also
+    refuses observed values that Pyro broadcast silently: a value whose shape
+    differs from its site's batch and event shape (``y`` of shape ``(30, 1)``
+    under a plate of 30 would give a 30 x 30 likelihood).
     """
     try:
         with pyro.validation_enabled(True), poutine.block():
             tr = poutine.trace(model).get_trace(**data)
             tr.compute_log_prob()
-    except (ValueError, RuntimeError, IndexError, TypeError) as exc:
+    except Exception as exc:  # a user's model can raise anything: say whose fault it is
         if isinstance(exc, DataError):
             raise
-        origin = _raised_in_user_code(exc)
-        if origin is not None:
-            raise DataError(
-                f"model {name!r} raised {type(exc).__name__} ({origin}): {_one_line(exc)}; "
-                "this came from the model's own code: fix the model, or the data it checks"
-            ) from exc
-        hint = "check the shapes and values of the data"
+        err = blame(exc, name)
         lazy = sorted(k for k, v in data.items() if isinstance(v, RowArray))
-        if lazy:
-            hint += (
-                f"; {', '.join(lazy)} are read by rows (memory-mapped): index them with a "
-                "plate's subsample indices, x[idx]"
+        if lazy and not isinstance(err, ModelError):
+            err = DataError(
+                f"{err}; {', '.join(lazy)} are read by rows (memory-mapped): index them with "
+                "a plate's subsample indices, x[idx]"
             )
-        raise DataError(f"data does not fit model {name!r}: {_one_line(exc)}; {hint}") from exc
+        raise err from exc
     check_observed_shapes(tr, data, name)
     return tr
 
@@ -410,29 +407,56 @@ def _one_line(exc: BaseException) -> str:
     return text.rstrip(".")
 
 
-_LIBRARY_ROOTS = tuple(
-    {
-        str(Path(p).resolve())
-        for k in ("stdlib", "platstdlib", "purelib", "platlib")
-        if (p := sysconfig.get_paths().get(k))
-    }
-)
+_LIBRARY_DIRS = tuple(
+    str(Path(m.__file__).resolve().parent)
+    for m in (torch, pyro, np)
+    if getattr(m, "__file__", None)
+) + (str(Path(__file__).resolve().parent),)
 
 
-def _raised_in_user_code(exc: BaseException) -> str | None:
-    """``"in fn, file.py line n"`` when the innermost frame is outside the installed libraries."""
+def _user_frame(exc: BaseException) -> tuple[str, bool] | None:
+    """``("file.py:line", raised_there)`` of the last frame outside the libraries."""
     tb = exc.__traceback__
-    if tb is None:
-        return None
-    while tb.tb_next is not None:
+    found, last_user = None, False
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        path = str(Path(filename).resolve()) if not filename.startswith("<") else filename
+        user = not path.startswith(_LIBRARY_DIRS) and "importlib" not in path
+        if user:
+            found = f"{Path(filename).name}:{tb.tb_lineno}"
+        last_user = user
         tb = tb.tb_next
-    code = tb.tb_frame.f_code
-    path = str(Path(code.co_filename).resolve())
-    if code.co_filename.startswith("<") and code.co_filename != "<stdin>":
-        if code.co_filename.startswith("<frozen"):
-            return None
-    elif any(path.startswith(root) for root in _LIBRARY_ROOTS):
-        return None
-    if Path(__file__).resolve().parent in Path(path).parents and "catalog" not in path:
-        return None  # this package's own plumbing, not a model
-    return f"in {code.co_name}, {Path(code.co_filename).name} line {tb.tb_lineno}"
+    return None if found is None else (found, last_user)
+
+
+def blame(exc: BaseException, name: str) -> DataError:
+    """The user error for ``exc`` raised by a run of model ``name``: the data's or the model's.
+
+    - ``NotImplementedError``: the model uses something Pyro cannot do here (ModelError);
+    - raised by the model's own code (the innermost frame is the user's): ModelError
+      naming the line, with the model's message;
+    - raised inside Pyro or torch (a value outside a support, shapes that do not
+      broadcast): DataError, with Pyro's message and shapes on one line;
+    - anything else: ModelError.
+    """
+    msg = _one_line(exc)
+    frame = _user_frame(exc)
+    at = f" at {frame[0]}" if frame else ""
+    if isinstance(exc, NotImplementedError):
+        return ModelError(
+            f"model {name!r} cannot be run{at}: {msg} (NotImplementedError); the model uses "
+            "something Pyro cannot do here"
+        )
+    if frame is not None and frame[1]:
+        return ModelError(
+            f"model {name!r} raised {type(exc).__name__}{at}: {msg}; this came from the "
+            "model's own code: fix the model, or the data it checks"
+        )
+    if isinstance(exc, (ValueError, RuntimeError, IndexError, TypeError)):
+        return DataError(
+            f"data does not fit model {name!r}{at}: {msg}; check the shapes and values of the data"
+        )
+    return ModelError(
+        f"model {name!r} fails{at}: {type(exc).__name__}: {msg}; fix the model's code "
+        "(or the data it reads)"
+    )

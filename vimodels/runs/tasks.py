@@ -13,7 +13,7 @@ parts + a hash of every input) under the output folder:
     :func:`diagnostics.comparison.compare` draws them;
 ``arrays.npz``
     ``losses`` per step, and ``evidence_log_weights`` (``num_evidence``
-    draws by :func:`diagnostics.comparison.evidence_log_weights`, seed + 7)
+    draws by :func:`diagnostics.evidence.evidence_log_weights`, seed + 7)
     where the model has no exact log evidence;
 ``summary.json``
     the task, the fit's summary and the SHA-256 of the two files. Written
@@ -61,14 +61,13 @@ import diagnostics.comparison
 import diagnostics.convert
 from vimodels.runs.worker import interrupts_deferred
 from vimodels.svi.result import INTERRUPTED
-from diagnostics.comparison import EVIDENCE_SEED_OFFSET, evidence_log_weights
+from diagnostics.evidence import EVIDENCE_SEED_OFFSET, evidence_log_weights
 from diagnostics.convert import fit_to_inference_data, save_netcdf
 from vimodels.catalog.registry import get_model
 from pyro.infer import config_enumerate
 from vimodels.data import prepare_data
 from vimodels.svi.binding import Bound
 from diagnostics.convert import load_netcdf
-from diagnostics.comparison import EVIDENCE_SEED_OFFSET
 from diagnostics.references import get_reference
 
 TASK_FORMAT = 1
@@ -486,7 +485,7 @@ class StoredFit:
     def stored_evidence_log_weights(self, num_samples: int, seed: int) -> np.ndarray:
         """The stored evidence log weights; the request must match how they were drawn.
 
-        See :func:`diagnostics.comparison.evidence_log_weights`.
+        See :func:`diagnostics.evidence.evidence_log_weights`.
         """
 
         want = derive_seed(self.task.seed, EVIDENCE_SEED_OFFSET)

@@ -204,13 +204,12 @@ def fit(
             guide_options=guide_options,
             num_threads=num_threads,
         )
-    # --- minibatch: plates' subsample indices drawn in O(batch) (svi/subsample.py)
+    # minibatch: plates' subsample indices drawn in O(batch) (vimodels/svi/subsample.py)
     supplier = IndexSupplier(seed, subsample)  # OptionError for an unknown scheme
     with supplier:
         binding = bind(model, data, discrete_ok=elbo_spec.discrete, sites=sites)
     if supplier.subsampled and subsample != "pyro":
         jit = False  # NumPy-drawn indices would be frozen into a traced graph
-    # --- end minibatch
     guide_opts, elbo_opts = dict(guide_options or {}), dict(elbo_options or {})
     start = None
     if init is not None:

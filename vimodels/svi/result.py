@@ -188,7 +188,7 @@ class FitResult:
         """
         seed = derive_seed(self.seed, 2) if seed is None else check_seed(seed)
         pyro.set_rng_seed(seed)
-        if self.subsample is not None:  # --- minibatch
+        if self.subsample is not None:  # a model that subsamples its data
             with pyro.get_param_store().scope(self.param_state):
                 return minibatch_log_weights(
                     keyword_call(self.model),
@@ -217,8 +217,9 @@ class FitResult:
         """Subsampled plates draw independent batches in O(batch) (when the model has any)."""
         if self.subsample is None:
             return contextlib.nullcontext()
-        first = derive_seed(self.seed, offset) if seed is None else seed
-        return IndexSupplier(first, "independent")
+        return IndexSupplier(
+            derive_seed(self.seed, offset) if seed is None else seed, "independent"
+        )
 
     def to_inference_data(self, num_samples: int = 1000, seed: int | None = None):
         """ArviZ InferenceData of guide draws (see :mod:`diagnostics.convert`).
