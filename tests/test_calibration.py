@@ -10,6 +10,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+
+from diagnostics import calibration as cs
+from vimodels.cli.main import main
+from vimodels.errors import IncompatibleError, OptionError, UnknownNameError
 from vimodels.runs.calibrate import (
     SIMS,
     Method,
@@ -17,10 +21,6 @@ from vimodels.runs.calibrate import (
     make_problem,
     simulate,
 )
-
-from diagnostics import calibration as cs
-from vimodels.cli.main import main
-from vimodels.errors import IncompatibleError, OptionError, UnknownNameError
 
 CONJ = "conjugate_linear_regression"
 # Short fits that reach the exact posterior of the conjugate regression in the Gaussian
