@@ -12,7 +12,7 @@ Benchmarks (issue #6), in the order they run:
   accuracy         4. time until VI means are within 0.2 NUTS sd, vs the NUTS time
   vae              5. digits VAE: trace vs IWAE-8 (runs benchmarks/vae.py)
   memory           6. peak memory of `vimodels compare eight_schools_noncentered`
-  mode             8. L-BFGS mode + Laplace, Pathfinder, init="laplace" vs Adam (issue 18)
+  mode            10. L-BFGS mode + Laplace, Pathfinder, init="laplace" vs Adam (issue 18)
   calibrate        9. calibration throughput: serial vs local pool vs Dask (2 workers)
 
 All of them take about an hour and a half on a 2-core machine; ``--quick``

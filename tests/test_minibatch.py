@@ -15,6 +15,7 @@ import vimodels
 from vimodels.data import RowArray, load_arrays
 from vimodels.errors import DataError, OptionError
 from vimodels.svi.minibatch_eval import group_sizes, grouped_estimate, minibatch_elbo
+from vimodels.svi.particles import NUM_CHECK
 from vimodels.svi.subsample import IndexStream, IndexSupplier
 
 
@@ -118,6 +119,7 @@ def test_fit_elbo_matches_the_exact_full_data_elbo():
     assert sub["scheme"] == "epoch" and sub["eval_batches"] == 100
     assert sub["plates"][0]["size"] == 10_000 and sub["plates"][0]["batch"] == 500
     assert r.settings["jit"] is False and r.settings["step_compiler"] == "python"
+    assert r.settings["eval_vectorized"] is True, r.settings["eval_vectorized_note"]
     lw = r.log_weights(200)
     assert lw.shape == (200,) and np.isfinite(lw).all()
 
@@ -166,8 +168,10 @@ def test_fit_on_memory_mapped_data_reads_only_its_batches(tmp_path):
     x = r.data["x"]
     assert isinstance(x, RowArray)
     drawn = r.settings["subsample"]["plates"][0]["batches"]
-    # every row read belongs to a batch: the fit's batches and the final ELBO's
-    assert x.rows_read <= (drawn + r.settings["subsample"]["eval_batches"]) * batch
+    # every row read belongs to a batch: the fit's, and the final ELBO's (whose first
+    # group is also evaluated once more per checked draw, on the same batch)
+    reads = drawn + r.settings["subsample"]["eval_batches"] + 1 + NUM_CHECK
+    assert x.rows_read <= reads * batch
     assert x.rows_read < n / 5
     assert np.isfinite(r.elbo)
 

@@ -423,31 +423,31 @@ def finish(
         settings["subsample"] = subsampled
     est, se = math.nan, math.nan
     evaluation: dict = {"vectorized": None, "reason": None}
-    if len(outcome.losses) and status != DIVERGED and subsampled is not None:
+    if len(outcome.losses) and status != DIVERGED:
         pyro.set_rng_seed(derive_seed(loop.seed, 3))
         with torch.no_grad(), pyro.validation_enabled(False):
-            est, se = minibatch_elbo(
-                keyword_call(binding.model),
-                keyword_call(sample_guide),
-                positional_kwargs(binding.args),
-                num_eval,
-                binding.depth,
-                seed=derive_seed(loop.seed, 3),
-                discrete=bool(binding.hidden),
-            )
-    elif len(outcome.losses) and status != DIVERGED:
-        pyro.set_rng_seed(derive_seed(loop.seed, 3))
-        with torch.no_grad(), pyro.validation_enabled(False):
-            log_w = log_weights(
-                keyword_call(binding.model),
-                keyword_call(sample_guide),
-                positional_kwargs(binding.args),
-                num_eval,
-                binding.depth,
-                discrete=bool(binding.hidden),
-                report=evaluation,
-            )
-        est, se = elbo_estimate(log_w)
+            if subsampled is not None:  # --- minibatch: draws on independent data batches
+                est, se = minibatch_elbo(
+                    keyword_call(binding.model),
+                    keyword_call(sample_guide),
+                    positional_kwargs(binding.args),
+                    num_eval,
+                    binding.depth,
+                    seed=derive_seed(loop.seed, 3),
+                    discrete=bool(binding.hidden),
+                    report=evaluation,
+                )
+            else:  # --- end minibatch
+                log_w = log_weights(
+                    keyword_call(binding.model),
+                    keyword_call(sample_guide),
+                    positional_kwargs(binding.args),
+                    num_eval,
+                    binding.depth,
+                    discrete=bool(binding.hidden),
+                    report=evaluation,
+                )
+                est, se = elbo_estimate(log_w)
         # a finite ELBO above what any sound fit can reach is a failure, not a result
         rule = loop.divergence.for_guide(sample_guide)
         diverged = rule.check_elbo(est, se, float(outcome.losses[0]), loop.num_steps)

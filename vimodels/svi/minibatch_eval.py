@@ -24,7 +24,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pyro
+import torch
+from pyro import poutine
 
+from vimodels.svi.particles import trace_log_weights
 from vimodels.svi.subsample import IndexSupplier
 from vimodels.svi.weights import log_weights
 
@@ -49,6 +53,7 @@ def minibatch_log_weights(
     seed: int,
     discrete: bool = False,
     batches: int = EVAL_BATCHES,
+    report: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``num`` log weights in groups, each group on its own independent data batch.
 
@@ -68,6 +73,10 @@ def minibatch_log_weights(
         Model has enumerated discrete sites (see :func:`~vimodels.svi.weights.log_weights`).
     batches : int
         Number of groups (independent batches).
+    report : dict, optional
+        Filled as :func:`~vimodels.svi.weights.log_weights` fills it: whether
+        every group was evaluated under a particle plate, and the first reason
+        one was not.
 
     Returns
     -------
@@ -78,14 +87,46 @@ def minibatch_log_weights(
     """
     sizes = group_sizes(num, batches)
     out = []
-    with IndexSupplier(seed, "independent"):
+    report = {} if report is None else report
+    report.update(vectorized=True, reason=None)
+    # one batch per group: its draws, and the one-draw checks of its vectorized pass, share it
+    with IndexSupplier(seed, "independent", hold=True) as supplier:
         for n in sizes:
+            supplier.advance()
+            if out and report["vectorized"]:
+                # the first group's pass was checked against one-draw evaluation: the
+                # others run the same vectorized pass unchecked
+                out.append(_vectorized_pass(model, guide, kwargs, int(n), max_plate_nesting))
+                continue
+            group: dict = {}
             out.append(
                 log_weights(
-                    model, guide, kwargs, int(n), max_plate_nesting, chunk=int(n), discrete=discrete
+                    model,
+                    guide,
+                    kwargs,
+                    int(n),
+                    max_plate_nesting,
+                    chunk=int(n),
+                    discrete=discrete,
+                    report=group,
                 )
             )
+            if not group.get("vectorized"):
+                report["vectorized"] = False
+                report["reason"] = report["reason"] or group.get("reason")
     return np.concatenate(out), sizes
+
+
+def _vectorized_pass(
+    model: Callable, guide: Callable, kwargs: dict, n: int, max_plate_nesting: int
+) -> np.ndarray:
+    """``n`` log weights from one pass under a particle plate (as ``log_weights`` runs it)."""
+    ndim = max_plate_nesting + 1
+    with torch.no_grad():
+        with pyro.plate("_weights_particles", n, dim=-ndim):
+            guide_tr = poutine.trace(guide).get_trace(**kwargs)
+            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(**kwargs)
+        return trace_log_weights(model_tr, guide_tr, n, ndim).numpy().copy()
 
 
 def grouped_estimate(log_w: np.ndarray, sizes: np.ndarray) -> tuple[float, float]:
@@ -122,6 +163,7 @@ def minibatch_elbo(
     seed: int,
     discrete: bool = False,
     batches: int = EVAL_BATCHES,
+    report: dict | None = None,
 ) -> tuple[float, float]:
     """ELBO estimate and standard error (nats) from ``num`` draws on independent batches."""
     log_w, sizes = minibatch_log_weights(
@@ -133,5 +175,6 @@ def minibatch_elbo(
         seed=seed,
         discrete=discrete,
         batches=batches,
+        report=report,
     )
     return grouped_estimate(log_w, sizes)

@@ -10,13 +10,15 @@ a step grows with ``N`` (7.6 ms per step at ``N = 1e6``). During a fit,
 :class:`IndexSupplier` draws them instead, from an :class:`IndexStream` per
 plate, without changing the model:
 
-- ``"epoch"`` (the default): one shuffled permutation of the rows per pass over
-  the data (an epoch); consecutive batches are consecutive slices of it, so
-  every row is visited exactly once per epoch. Drawing a permutation costs
-  O(N) once per epoch, O(batch) per step amortized.
+- ``"epoch"`` (the default): one pseudo-random permutation of the rows per
+  pass over the data (an epoch), computed on demand by a keyed Feistel network
+  (:class:`IndexStream`); consecutive batches are consecutive runs of it, so
+  every row is visited exactly once per epoch. O(batch) time and memory per
+  batch: nothing of size ``N`` is held or shuffled.
 - ``"independent"``: each batch is ``batch`` distinct rows drawn afresh
-  (Floyd's algorithm, O(batch)); batches are independent of each other, which
-  the final ELBO's standard error needs (:mod:`vimodels.svi.minibatch_eval`).
+  (uniform draws, repeats rejected; O(batch)); batches are independent of each
+  other, which the final ELBO's standard error needs
+  (:mod:`vimodels.svi.minibatch_eval`).
 
 Either way every row is in a batch with probability ``batch / N`` and Pyro's
 plate scales the batch's log density by ``N / batch``, so the loss of a step is
@@ -29,7 +31,9 @@ indices only when nobody supplied them (a replayed guide trace, the user's
 method is replaced, so only those draws change; they change inside
 ``poutine.block`` too (the autoguide's prototype trace, the data checks),
 which a Messenger on the stack would not see. Each plate entry takes the next
-batch, as Pyro's plate draws anew on every entry. Streams are keyed by the
+batch, as Pyro's plate draws anew on every entry (``hold=True``: one batch
+until :meth:`IndexSupplier.advance`). The patch is process-wide while active:
+do not run fits in parallel threads of one process. Streams are keyed by the
 plate's ``(size, subsample_size)``; two plates with the same key share one
 stream. Under ``torch.jit`` tracing Pyro's own draw runs (a traced
 ``randperm``), since indices drawn in NumPy would be frozen into the graph.
@@ -198,16 +202,23 @@ class IndexSupplier:
     scheme : {"epoch", "independent", "pyro"}
         How batches are drawn (see the module docstring); ``"pyro"`` leaves
         Pyro's ``randperm`` in place (the supplier only records the plates).
+    hold : bool
+        Give every entry of a plate the same batch until :meth:`advance` (the
+        final ELBO: all draws of a group, and the one-draw re-evaluations that
+        check a vectorized pass, see one batch). Default: a new batch per
+        entry, as Pyro's plate draws.
     """
 
     _active: list[IndexSupplier] = []
     _original = _Subsample.sample
 
-    def __init__(self, seed: int, scheme: str = "epoch"):
+    def __init__(self, seed: int, scheme: str = "epoch", hold: bool = False):
         if scheme not in SCHEMES:
             raise OptionError(f"subsample must be one of {', '.join(SCHEMES)}, got {scheme!r}")
         self.seed = int(seed)
         self.scheme = scheme
+        self.hold = bool(hold)
+        self._held: dict[tuple[int, int], torch.Tensor] = {}
         self.streams: dict[tuple[int, int], IndexStream] = {}
         self.plates: dict[tuple[int, int], int] = {}
 
@@ -221,6 +232,10 @@ class IndexSupplier:
         if not IndexSupplier._active:
             _Subsample.sample = IndexSupplier._original
 
+    def advance(self) -> None:
+        """With ``hold``: the next plate entries get new batches."""
+        self._held.clear()
+
     @property
     def subsampled(self) -> bool:
         """Whether a plate with ``subsample_size < size`` has drawn indices here."""
@@ -232,13 +247,18 @@ class IndexSupplier:
         if batch is None or batch >= size:
             return torch.arange(size, device=d.device)
         key = (size, int(batch))
+        if self.hold and key in self._held:
+            return self._held[key]
         self.plates[key] = self.plates.get(key, 0) + 1
         if self.scheme == "pyro" or torch._C._get_tracing_state() is not None:
             return IndexSupplier._original(d)
         stream = self.streams.get(key)
         if stream is None:
             stream = self.streams[key] = IndexStream(size, int(batch), self.seed, self.scheme)
-        return torch.from_numpy(stream.next()).to(d.device)
+        idx = torch.from_numpy(stream.next()).to(d.device)
+        if self.hold:
+            self._held[key] = idx
+        return idx
 
     def record(self) -> dict[str, Any]:
         """What ran, for ``settings["subsample"]``: scheme, seed, and per plate its batches."""
