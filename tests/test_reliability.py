@@ -319,6 +319,14 @@ def test_compare_with_an_unknown_guide_exits_2(capsys, tmp_path):
     )
 
 
+def test_run_compare_refuses_an_unknown_name_before_any_work(tmp_path):
+    from vimodels.runs.compare import run_compare
+
+    with pytest.raises(UnknownNameError, match="unknown ELBO 'nope'"):
+        run_compare("conjugate_linear_regression", ["mean_field"], ["trace", "nope"], 10, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no reference, no fit, no file
+
+
 @pytest.mark.slow
 def test_compare_lists_an_inapplicable_pair_on_stderr(tmp_path):
     common = ["--steps", "30", "--draws", "100", "--iwae-k", "5", "--no-netcdf", "--quiet"]
