@@ -366,20 +366,25 @@ def _session_processes(sid: int) -> dict[int, str]:
     return found
 
 
-def _assert_no_worker_left(sid: int) -> None:
+def _trackers(sid: int) -> set[int]:
+    """Pids of multiprocessing's resource trackers in session ``sid`` (while they run)."""
+    found = _session_processes(sid).items()
+    return {pid for pid, cmd in found if "multiprocessing.resource_tracker" in cmd}
+
+
+def _assert_no_worker_left(sid: int, trackers: set[int]) -> None:
     """Nothing of the command's session runs on, but multiprocessing's resource tracker.
 
     The command reaps its workers before it exits (:meth:`LocalExecutor.interrupt`
-    joins them), so none may be found. The resource tracker is not the
-    command's to reap: it exits by itself once the command has exited (end of
-    file on its pipe), closing its copy of stderr a moment before the kernel
-    marks it exited, so it may still be seen here; wait for its exit (a pidfd
-    becomes readable), which must come.
+    joins them), so none may be found. The resource tracker (``trackers``, its
+    pids seen while the command ran: an exiting process has an empty command
+    line) is not the command's to reap: it exits by itself once the command has
+    exited (end of file on its pipe), closing its copy of stderr a moment before
+    the kernel marks it exited, so it may still be seen here; wait for its exit
+    (a pidfd becomes readable), which must come.
     """
     left = _session_processes(sid)
-    others = {
-        pid: cmd for pid, cmd in left.items() if "multiprocessing.resource_tracker" not in cmd
-    }
+    others = {pid: cmd for pid, cmd in left.items() if pid not in trackers}
     assert others == {}, f"processes still running after the command exited: {others}"
     for pid in left:
         try:
@@ -416,6 +421,7 @@ def test_ctrl_c_in_compare_with_an_executor_keeps_a_partial_report(tmp_path, cap
         start_new_session=True,
     )
     _wait_for_file(f"{second}.paused", marks, proc)
+    trackers = _trackers(proc.pid)  # seen now, while the command runs
     if executor == "local":
         os.killpg(proc.pid, signal.SIGINT)
     else:
@@ -426,7 +432,7 @@ def test_ctrl_c_in_compare_with_an_executor_keeps_a_partial_report(tmp_path, cap
         proc.kill()
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
-    _assert_no_worker_left(proc.pid)  # the workers were stopped and reaped
+    _assert_no_worker_left(proc.pid, trackers)  # the workers were stopped and reaped
     assert f"PARTIAL RESULT: {line}" in stdout
     assert f"**PARTIAL RESULT: {line}**" in (out / "report.md").read_text()
     diag = json.loads((out / "diagnostics.json").read_text())

@@ -282,15 +282,18 @@ def test_error_raised_by_the_model_itself_says_so():
     assert "model's own code" in msg and "data does not fit" not in msg
 
 
-def test_positional_only_model_lists_its_parameters():
-    def positional(y, /):
-        pyro.sample("mu", dist.Normal(0.0, 1.0))
+def positional(y, /):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
+
+def test_positional_only_model_is_accepted_and_named_by_its_parameters():
+    """Once told "it takes: nothing"; positional-only parameters are now bound by name."""
+    assert vimodels.fit(positional, {"y": np.zeros(3)}, **FAST).num_steps == 5
     with pytest.raises(DataError) as info:
-        vimodels.fit(positional, {"y": np.zeros(3)}, **FAST)
-    msg = str(info.value)
-    assert "takes y positionally only" in msg and "remove the '/'" in msg
-    assert "nothing" not in msg
+        vimodels.fit(positional, {"x": np.zeros(3)}, **FAST)
+    assert str(info.value).endswith("it takes: y")
 
 
 # ------------------------------------------------------------ command line: compare and fit
@@ -314,6 +317,14 @@ def test_compare_with_an_unknown_guide_exits_2(capsys, tmp_path):
         + ["--out", str(tmp_path / "cmp"), "--quiet"],
         "unknown guide 'mean_feild'; valid guides are:",
     )
+
+
+def test_run_compare_refuses_an_unknown_name_before_any_work(tmp_path):
+    from vimodels.runs.compare import run_compare
+
+    with pytest.raises(UnknownNameError, match="unknown ELBO 'nope'"):
+        run_compare("conjugate_linear_regression", ["mean_field"], ["trace", "nope"], 10, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no reference, no fit, no file
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from diagnostics.references import get_reference
 from diagnostics.report import write_report
 from vimodels.catalog.base import CatalogEntry
 from vimodels.errors import IncompatibleError, OptionError, VimodelsError, check_option
-from vimodels.runs.config import default_guides
+from vimodels.runs.config import check_grid_names, default_guides
 from vimodels.runs.sweep import fit_with_executor
 from vimodels.svi.binding import resolve_model
 from vimodels.svi.fit import fit
@@ -117,6 +117,7 @@ def run_compare(
         )
     guides = tuple(guides) if guides else default_guides(entry)
     elbos = tuple(elbos) if elbos else ("trace",)
+    check_grid_names(guides, elbos, entry)  # a typo stops here, before any work
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     if isinstance(reference, Reference):
         ref = reference
