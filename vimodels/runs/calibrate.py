@@ -41,9 +41,27 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
+from diagnostics import calibration as stats
+from diagnostics.calibration import ranks as rank_of
+from diagnostics.calibration_report import write_calibration_report
+from diagnostics.metrics import element_labels
+from guides.registry import get_guide_spec
+from vimodels.catalog.base import CatalogEntry
+from vimodels.catalog.registry import get_model
+from vimodels.data import prepare_data, trace_check
 from vimodels.errors import IncompatibleError, OptionError, check_option
 from vimodels.io import atomic_write_json, ensure_dir, safe_name
+from vimodels.runs.sweep import _executor
+from vimodels.runs.tasks import code_fingerprint, fit_option_names
+from vimodels.svi.convergence import ConvergenceRule
+from vimodels.svi.elbos import get_elbo_spec
+from vimodels.svi.fit import fit
+from vimodels.svi.result import DIVERGED, INTERRUPTED, NONFINITE
 
 CALIBRATION_FORMAT = 1
 SIMS = "sims"
@@ -145,8 +163,6 @@ class Problem:
     @property
     def entry(self) -> Any:
         """The catalog entry, or None for a user model."""
-        from vimodels.catalog.registry import get_model
-
         return get_model(self.model) if isinstance(self.model, str) else None
 
     def model_fn(self) -> Callable:
@@ -156,8 +172,6 @@ class Problem:
 
     def data(self) -> dict[str, Any]:
         """The base data (tensors), as :func:`vimodels.fit` binds it."""
-        from vimodels.data import prepare_data
-
         entry = self.entry
         base = entry.data() if entry is not None else dict(self.template or {})
         return prepare_data(self.model_fn(), base)
@@ -172,10 +186,6 @@ def _source(fn: Callable) -> str:
 
 def _observed_sites(model_fn: Callable, data: Mapping[str, Any], keys: Sequence[str]) -> dict:
     """Map each observed data key to the sample site that observes it (by value)."""
-    import pyro
-    import torch
-    from pyro import poutine
-
     with pyro.validation_enabled(False), poutine.block():
         tr = poutine.trace(model_fn).get_trace(**data)
     sites = [
@@ -231,13 +241,6 @@ def make_problem(
         Sites to rank; default the entry's sites of interest, or every latent
         (and deterministic) continuous site of a user model.
     """
-    import torch
-    from pyro.poutine.util import site_is_subsample
-
-    from vimodels.catalog.base import CatalogEntry
-    from vimodels.catalog.registry import get_model
-    from vimodels.data import prepare_data, trace_check
-
     if isinstance(model, CatalogEntry):
         model = model.name
     if isinstance(model, str):
@@ -346,10 +349,6 @@ def simulate(problem: Problem, seed: int) -> tuple[dict[str, np.ndarray], dict[s
         The base data with each observed entry replaced by its simulated value
         (same shape and dtype).
     """
-    import pyro
-    import torch
-    from pyro import poutine
-
     base = problem.data()
     kwargs = dict(base)
     for key in problem.observed:
@@ -455,10 +454,6 @@ def run_simulation(task: SimulationTask, out_dir: str) -> dict:
     KeyboardInterrupt
         Ctrl-C stopped a fit; nothing is written.
     """
-    import torch
-
-    from diagnostics.calibration import ranks as rank_of
-
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -491,9 +486,6 @@ def _fit_and_rank(
     theta: dict[str, np.ndarray],
     rank_of: Callable,
 ) -> dict[str, Any]:
-    from vimodels.svi.convergence import ConvergenceRule
-    from vimodels.svi.fit import fit
-    from vimodels.svi.result import DIVERGED, INTERRUPTED, NONFINITE
 
     problem = task.problem
     seed = fit_seed(task.seed, task.index, method.name)
@@ -652,8 +644,6 @@ def make_tasks(
     fit_options: Mapping[str, Any] | None = None,
 ) -> list[SimulationTask]:
     """The simulation tasks of a run (options checked)."""
-    from vimodels.runs.tasks import code_fingerprint, fit_option_names
-
     check_option("sims", sims, kind=int, low=1)
     check_option("steps", steps, kind=int, low=1)
     check_option("seed", seed, kind=int, low=0)
@@ -680,8 +670,6 @@ def make_tasks(
 
 
 def _check_methods(problem: Problem, methods: Sequence[Method]) -> None:
-    from guides.registry import get_guide_spec
-    from vimodels.svi.elbos import get_elbo_spec
 
     entry = problem.entry
     names = [m.name for m in methods]
@@ -770,8 +758,6 @@ def calibrate(
     -------
     Calibration
     """
-    from vimodels.runs.sweep import _executor
-
     t0 = time.perf_counter()
     check_option("alpha", float(alpha), kind=float, low=0.0, high=1.0, low_inclusive=False)
     problem = make_problem(model, data, observed=observed, sites=sites)
@@ -843,8 +829,6 @@ def calibrate(
         partial=ran["interrupted"],
     )
     if report and out is not None:
-        from diagnostics.calibration_report import write_calibration_report
-
         cal = dataclasses.replace(cal, files=write_calibration_report(cal, root))
     return cal
 
@@ -913,9 +897,6 @@ def summarize(
     settings: Mapping[str, Any],
 ) -> Calibration:
     """The statistics and tables of the finished simulation records."""
-    from diagnostics import calibration as stats
-    from diagnostics.metrics import element_labels
-
     failures = []
     ranks: dict[str, dict[str, list]] = {m: {} for m in methods}
     counts = {m: {"ranked": 0, "failed": 0, "not_converged": 0, "wall": []} for m in methods}
