@@ -61,7 +61,7 @@ def _flatten(draws: dict[str, np.ndarray], sites: tuple[str, ...], lead: int) ->
 def reference_moments(name: str, cache_dir: str | None) -> dict:
     """NUTS means and sds of the flattened sites of interest, and the reference's record."""
     from diagnostics.metrics import element_labels
-    from diagnostics.reference import run_nuts
+    from diagnostics.nuts.reference import run_nuts
     from vimodels.catalog.registry import get_model
 
     # an entry whose NUTS is unreliable takes its reference from an equivalent

@@ -30,7 +30,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 import vimodels
-from vimodels.convergence import ConvergenceRule
+from vimodels.svi.convergence import ConvergenceRule
 
 MODEL = "eight_schools_noncentered"
 

@@ -16,7 +16,7 @@ and their imports. Times (seconds):
 
 Variants:
 
-- ``vimodels``: ``diagnostics.reference.run_nuts`` on an empty cache folder
+- ``vimodels``: ``diagnostics.nuts.reference.run_nuts`` on an empty cache folder
   (the chains in lockstep in the calling process, one batched gradient per
   leapfrog step of all four, JIT, checks, cache write); then the
   same call again in the same process (``second``: the cache is reused);
@@ -33,6 +33,15 @@ without it they are skipped with a message. Quality is reported next to time:
 divergences, min bulk ESS and max R-hat of ``mu``, ``tau`` and ``theta``.
 
 Usage: python benchmarks/bench_nuts.py [--repeats N] [--quick] [--variants ...]
+
+Battery (``--battery``, benchmark 3b): the project's sampler with the
+diagonal, dense and auto metrics on eight schools, the radon entries,
+sleepstudy and an ill-conditioned linear regression (:func:`regression_model`,
+synthetic, fixed seed): min bulk ESS over the sites of interest per second
+of the whole ``run_nuts`` call (tracing included, no cache), mean tree
+depth, gradients per draw, divergences, E-BFMI and trust.
+
+    python benchmarks/bench_nuts.py --battery [--models ...] [--metrics ...]
 """
 
 from __future__ import annotations
@@ -81,7 +90,7 @@ def _cpu() -> float:
 
 def _child_vimodels(s: dict, cache_dir: str) -> dict:
     t0 = time.perf_counter()
-    from diagnostics.reference import run_nuts
+    from diagnostics.nuts.reference import run_nuts
     from vimodels.catalog.base import NutsSettings
 
     t_import = time.perf_counter() - t0
@@ -319,12 +328,152 @@ def nuts_benchmark(
     return out
 
 
+# ----------------------------------------------------------------------------- battery
+
+BATTERY_MODELS = (
+    "eight_schools_noncentered",
+    "radon_varying_intercept_centered",
+    "radon_varying_intercept_noncentered",
+    "radon_varying_slope",
+    "radon_contextual",
+    "sleepstudy_random_slopes",
+    "regression",
+)
+METRICS = ("diag", "dense", "auto")
+REGRESSION_SETTINGS = {"num_warmup": 500, "num_samples": 500, "num_chains": 4}
+
+
+def regression_data(seed: int = 0, n: int = 5000, k: int = 24) -> dict:
+    """An ill-conditioned regression: ``y = alpha + sum_j beta_j x^j + noise`` (fixed seed).
+
+    ``x ~ U(0, 1)``, features ``x, x^2, ..., x^24`` (nearly collinear),
+    ``beta_j = 0.3 * (-1)^j / j``, ``alpha = 0.5``, noise sd 0.1, float64.
+    With the priors of :func:`regression_model` the posterior (26 parameters)
+    has sds from about 0.001 (``sigma``) and 0.006 to 0.29, correlations
+    up to 0.87 in absolute value and a covariance condition number of about
+    1e5 (computed at the true ``sigma``).
+    """
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.0, 1.0, n)
+    features = np.stack([x**j for j in range(1, k + 1)], axis=1)
+    beta = 0.3 * (-1.0) ** np.arange(1, k + 1) / np.arange(1, k + 1)
+    y = 0.5 + features @ beta + 0.1 * rng.normal(size=n)
+    return {
+        "features": torch.as_tensor(features, dtype=torch.float64),
+        "y": torch.as_tensor(y, dtype=torch.float64),
+    }
+
+
+def regression_model(features, y=None):
+    """Linear regression on :func:`regression_data`'s features.
+
+    Priors: ``alpha ~ N(0, 1)``, ``beta_j ~ N(0, 0.3)``, ``sigma ~ HalfNormal(1)``.
+    """
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    one = torch.ones((), dtype=features.dtype)
+    alpha = pyro.sample("alpha", dist.Normal(0.0 * one, one))
+    beta = pyro.sample(
+        "beta", dist.Normal(torch.zeros(features.shape[1], dtype=features.dtype), 0.3).to_event(1)
+    )
+    sigma = pyro.sample("sigma", dist.HalfNormal(one))
+    with pyro.plate("data", features.shape[0]):
+        pyro.sample("y", dist.Normal(alpha + features @ beta, sigma), obs=y)
+
+
+def battery_row(model: str, metric: str, seed: int = 0, settings: dict | None = None) -> dict:
+    """One ``run_nuts`` call (no cache) of ``model`` with ``metric``; its ESS per second."""
+    import numpy as np
+
+    from diagnostics.nuts.reference import ebfmi, run_nuts
+
+    overrides = dict(settings or {}, metric=metric)
+    if model == "regression":
+        args: tuple = (regression_model, regression_data())
+        overrides = {**REGRESSION_SETTINGS, **overrides}
+    else:
+        args = (model,)
+    t0 = time.perf_counter()
+    ref = run_nuts(*args, settings=overrides, seed=seed, cache=False, num_workers=1)
+    wall = time.perf_counter() - t0
+    table = ref.site_table()
+    min_ess = float(table["ess_bulk"].min())
+    dim = sum(int(np.prod(ref.draws[k].shape[2:])) for k in ref.latent_sites if k in ref.draws)
+    st = ref.sample_stats
+    return {
+        "model": model,
+        "metric": metric,
+        "metric_used": ref.settings.get("metric_used"),
+        "dim": dim,
+        "num_warmup": int(ref.settings["num_warmup"]),
+        "wall_s": wall,
+        "min_ess_bulk": min_ess,
+        "ess_per_s": min_ess / wall,
+        "max_rhat": float(table["rhat"].max()),
+        "tree_depth": float(np.mean(st["tree_depth"])),
+        "grad_per_draw": float(np.mean(st["n_steps"])),
+        "step_size": float(np.mean(st["step_size"][:, -1])),
+        "divergences": ref.num_divergences,
+        "min_ebfmi": float(ebfmi(st["energy"]).min()),
+        "trusted": ref.trusted,
+        "load": os.getloadavg()[0],
+    }
+
+
+def battery(
+    models: tuple[str, ...] = BATTERY_MODELS,
+    metrics: tuple[str, ...] = METRICS,
+    settings: dict | None = None,
+) -> list[dict]:
+    """Run :func:`battery_row` for every model and metric, printing each row."""
+    from diagnostics.nuts.kernel import resolve_metric
+
+    rows = []
+    for model in models:
+        done: dict[str, dict] = {}
+        for metric in sorted(metrics, key=lambda m: m == "auto"):  # auto last
+            if metric == "auto" and done:
+                # the same seeds and settings: auto's run is the run of the metric it picks
+                first = next(iter(done.values()))
+                warmup = first["num_warmup"]
+                picked = resolve_metric("auto", first["dim"], warmup)
+                if picked in done:
+                    row = dict(done[picked], metric="auto", note=f"the {picked} run")
+                    rows.append(row)
+                    print(f"  {model} auto: {picked} ({first['dim']} dimensions)", flush=True)
+                    continue
+            row = battery_row(model, metric, settings=settings)
+            done[metric] = row
+            rows.append(row)
+            print(
+                f"  {model} {metric} ({','.join(row['metric_used'])}): "
+                f"{row['ess_per_s']:.1f} ESS/s (min bulk ESS {row['min_ess_bulk']:.0f} in "
+                f"{row['wall_s']:.1f} s), depth {row['tree_depth']:.2f}, "
+                f"{row['grad_per_draw']:.1f} grad/draw, step {row['step_size']:.3g}, "
+                f"{row['divergences']} divergent, E-BFMI {row['min_ebfmi']:.2f}, "
+                f"R-hat {row['max_rhat']:.3f}, {'trusted' if row['trusted'] else 'UNTRUSTED'}; "
+                f"load {row['load']:.2f}",
+                flush=True,
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="2 chains x (100 + 100), 1 repeat")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--battery", action="store_true", help="ESS/s of the diag, dense and auto metrics"
+    )
+    parser.add_argument("--models", nargs="+", choices=BATTERY_MODELS, default=BATTERY_MODELS)
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=METRICS)
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
@@ -332,6 +481,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         child(args.child, json.loads(args.settings), args.cache_dir, args.out)
+        return
+    if args.battery:
+        quick = {"num_chains": 2, "num_warmup": 150, "num_samples": 150} if args.quick else None
+        res = {"name": "NUTS metrics: ESS/s", "rows": battery(args.models, args.metrics, quick)}
+        print(json.dumps(res, indent=1, default=str))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2, default=str))
         return
     res = nuts_benchmark(1 if args.quick else args.repeats, args.quick, args.variants)
     print(json.dumps(res, indent=1, default=str))

@@ -82,9 +82,10 @@ def nuts_row(name: str, cache_dir: str) -> dict:
 
 def vi_rows(name: str, steps: int, seed: int) -> list[dict]:
     """Each default guide with the trace ELBO, compared with posteriordb's draws."""
-    from diagnostics import compare
     from vimodels.fit import fit
-    from vimodels.validation import external_reference
+
+    from diagnostics import compare
+    from diagnostics.external import external_reference
 
     ref = external_reference(name)
     fits = [

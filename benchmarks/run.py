@@ -12,6 +12,7 @@ Benchmarks (issue #6), in the order they run:
   accuracy         4. time until VI means are within 0.2 NUTS sd, vs the NUTS time
   vae              5. digits VAE: trace vs IWAE-8 (runs benchmarks/vae.py)
   memory           6. peak memory of `vimodels compare eight_schools_noncentered`
+  mode             8. L-BFGS mode + Laplace, Pathfinder, init="laplace" vs Adam (issue 18)
 
 All of them take about an hour and a half on a 2-core machine; ``--quick``
 shortens each (fewer steps, draws, entries or epochs: indicative only).
@@ -35,6 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 import bench_accuracy  # noqa: E402
 import bench_fit  # noqa: E402
 import bench_memory  # noqa: E402
+import bench_mode  # noqa: E402
 import bench_nuts  # noqa: E402
 
 
@@ -78,6 +80,11 @@ def _memory(quick: bool) -> dict:
     return bench_memory.memory_benchmark(steps=300 if quick else None)
 
 
+def _mode(quick: bool) -> dict:
+    models = ("pinned6", "conjugate_linear_regression") if quick else bench_mode.MODELS
+    return bench_mode.run(models, draws=1000 if quick else 4000)
+
+
 BENCHMARKS: dict[str, Callable[[bool], dict]] = {
     "overhead": _overhead,
     "first_call": _first_call,
@@ -87,6 +94,7 @@ BENCHMARKS: dict[str, Callable[[bool], dict]] = {
     "accuracy": _accuracy,
     "vae": _vae,
     "memory": _memory,
+    "mode": _mode,
 }
 
 

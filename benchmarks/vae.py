@@ -16,7 +16,7 @@ interleaved, keeping each objective's fastest round (median epoch within it).
     python benchmarks/vae.py --seeds 0 1          # two training seeds per objective
 
 The model and training options default to the trainer's defaults
-(:func:`vimodels.vae_train.train_digits_vae`); each run prints the settings it
+(:func:`vimodels.vae.train.train_digits_vae`); each run prints the settings it
 used and the load average of the machine before and after it.
 
 Not a test: run it by hand and record the numbers (and the machine load it
@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from vimodels.vae_eval import evaluate_digits_vae
-from vimodels.vae_train import parse_objective, train_digits_vae
+from vimodels.vae.evaluate import evaluate_digits_vae
+from vimodels.vae.train import parse_objective, train_digits_vae
 
 
 def main() -> None:

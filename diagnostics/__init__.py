@@ -4,11 +4,11 @@ The public API, re-exported (lazily, so that worker processes stay light)
 from the modules that hold it:
 
 - :func:`run_nuts`, :func:`exact_reference`, :func:`get_reference` and the
-  :class:`Reference` record (:mod:`diagnostics.reference`);
+  :class:`Reference` record (:mod:`diagnostics.nuts.reference`);
 - :func:`fit_to_inference_data`, :func:`reference_to_inference_data`,
   :func:`save_netcdf`, :func:`load_netcdf` (:mod:`diagnostics.convert`);
-- :func:`compare`, :func:`run_compare` and the :class:`Comparison` record
-  (:mod:`diagnostics.compare`);
+- :func:`compare` and the :class:`Comparison` record
+  (:mod:`diagnostics.comparison`);
 - :func:`write_report` (:mod:`diagnostics.report`);
 - :mod:`diagnostics.metrics`: pure functions on arrays.
 """
@@ -19,22 +19,20 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CacheWarning": "diagnostics.reference",
-    "Check": "diagnostics.reference",
-    "Reference": "diagnostics.reference",
-    "default_cache_dir": "diagnostics.reference",
-    "exact_reference": "diagnostics.reference",
-    "get_reference": "diagnostics.reference",
-    "run_nuts": "diagnostics.reference",
+    "CacheWarning": "diagnostics.nuts.reference",
+    "Check": "diagnostics.nuts.reference",
+    "Reference": "diagnostics.nuts.reference",
+    "default_cache_dir": "diagnostics.nuts.reference",
+    "exact_reference": "diagnostics.nuts.reference",
+    "get_reference": "diagnostics.references",
+    "run_nuts": "diagnostics.nuts.reference",
     "fit_to_inference_data": "diagnostics.convert",
     "load_netcdf": "diagnostics.convert",
     "reference_to_inference_data": "diagnostics.convert",
     "save_netcdf": "diagnostics.convert",
-    "CompareRun": "diagnostics.compare",
-    "Comparison": "diagnostics.compare",
-    "LogEvidence": "diagnostics.compare",
-    "compare": "diagnostics.compare",
-    "run_compare": "diagnostics.compare",
+    "Comparison": "diagnostics.comparison",
+    "LogEvidence": "diagnostics.comparison",
+    "compare": "diagnostics.comparison",
     "write_report": "diagnostics.report",
     "metrics": "diagnostics.metrics",
 }

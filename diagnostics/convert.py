@@ -2,13 +2,16 @@
 
 Guide draws (:func:`fit_to_inference_data`) and reference draws
 (:func:`reference_to_inference_data`) are both laid out by
-:mod:`diagnostics.draws` and assembled by :func:`build_inference_data`:
+:mod:`vimodels.svi.draws` and assembled by :func:`build_inference_data`:
 
 ``posterior``
     every latent and deterministic site, ``(chain, draw, *shape)``;
 ``sample_stats``
-    NUTS: ``diverging``, ``step_size``, ``tree_depth``, ``lp`` (log density in
-    unconstrained space), ``acceptance_rate``; VI: ``log_weight`` =
+    NUTS, ArviZ's names: ``diverging``, ``step_size``, ``tree_depth``, ``lp``
+    (log density in unconstrained space), ``acceptance_rate``, and from the
+    project's sampler ``n_steps``, ``energy``, ``energy_error``,
+    ``max_energy_error`` (``az.bfmi`` and ``az.plot_energy`` read ``energy``);
+    VI: ``log_weight`` =
     ``log p(x, z) - log q(z)`` per draw (nats), one chain;
 ``log_likelihood``
     observed sites only, pointwise and unscaled (nats);
@@ -35,13 +38,13 @@ import numpy as np
 import pyro
 
 from diagnostics import _arviz
-from diagnostics.draws import model_info, replay_model, sample_guide
-from vimodels.errors import DataError, OptionError, check_option
+from vimodels.errors import DataError, OptionError, check_option, check_seed, derive_seed
 from vimodels.io import atomic_write
+from vimodels.svi.binding import resolve_model
+from vimodels.svi.draws import model_info, replay_model, sample_guide
 
 if TYPE_CHECKING:
-    from diagnostics.reference import Reference
-    from vimodels.fit import FitResult
+    from diagnostics.nuts.reference import Reference
 
 InferenceData = _arviz.InferenceData
 
@@ -103,7 +106,7 @@ def build_inference_data(
 
 
 def fit_to_inference_data(
-    result: FitResult,
+    result: Any,
     num_samples: int = 1000,
     seed: int | None = None,
     *,
@@ -128,7 +131,7 @@ def fit_to_inference_data(
     """
     check_option("num_samples", num_samples, kind=int, low=1)
     info = model_info(result.model, result.args, {}, result.max_plate_nesting)
-    pyro.set_rng_seed(result.seed + 1 if seed is None else seed)
+    pyro.set_rng_seed(derive_seed(result.seed, 1) if seed is None else check_seed(seed))
     with pyro.get_param_store().scope(result.param_state):
         latent, log_w = sample_guide(result.model, result.guide, result.args, {}, info, num_samples)
     replay = replay_model(
@@ -146,7 +149,7 @@ def fit_to_inference_data(
         "converged": result.converged,
         "num_steps": result.num_steps,
         "seed": result.seed,
-        "draws_seed": result.seed + 1 if seed is None else seed,
+        "draws_seed": derive_seed(result.seed, 1) if seed is None else seed,
         "settings": result.settings,
     }
     return build_inference_data(
@@ -184,8 +187,6 @@ def reference_to_inference_data(
     """
     groups: dict[str, dict[str, np.ndarray]] = {"posterior_predictive": {}}
     if posterior_predictive:
-        from diagnostics.reference import resolve_model
-
         entry, fn, data_dict, _ = resolve_model(
             model if model is not None else ref.model_name, data
         )

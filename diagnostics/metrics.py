@@ -36,7 +36,7 @@ from scipy.spatial.distance import cdist
 from scipy.special import logsumexp
 
 from diagnostics import _arviz
-from vimodels.weights import iwae_estimate
+from vimodels.svi.weights import iwae_estimate
 
 KHAT_GOOD = 0.5
 KHAT_BAD = 0.7

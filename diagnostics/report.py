@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from scipy.stats import gaussian_kde
 
 from diagnostics import metrics
-from diagnostics.compare import Comparison
+from diagnostics.comparison import Comparison
 from diagnostics.convert import reference_to_inference_data, save_netcdf
 from vimodels.io import atomic_write, atomic_write_json, atomic_write_text, ensure_dir, safe_name
 
@@ -143,9 +143,10 @@ def figure_marginals(c: Comparison) -> Figure:
     for ax in axes.ravel()[len(elements) :]:
         ax.axis("off")
     handles, labels = axes.ravel()[0].get_legend_handles_labels()
-    fig.legend(
-        handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False
-    )
+    if labels:  # none when every method failed and there is nothing to draw
+        fig.legend(
+            handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False
+        )
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
 

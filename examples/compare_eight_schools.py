@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from diagnostics import compare, get_reference, write_report
-from vimodels.fit import fit
+from vimodels.svi.fit import fit
 
 MODEL = "eight_schools_noncentered"
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diagnostics.vae_report import write_report
-from vimodels.vae_eval import evaluate_digits_vae
-from vimodels.vae_train import parse_objective, train_digits_vae
+from vimodels.vae.evaluate import evaluate_digits_vae
+from vimodels.vae.report import write_report
+from vimodels.vae.train import parse_objective, train_digits_vae
 
 
 def main() -> None:

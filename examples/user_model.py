@@ -1,6 +1,6 @@
 """Bring your own Pyro model: a Beta-Binomial with an exact posterior to check against.
 
-Any function ``model(**data)`` works with ``vimodels.fit``; autoguides (``auto_*``)
+Any function ``model(**data)`` works with ``vimodels.svi.fit``; autoguides (``auto_*``)
 apply to every model. Here 7 successes in 20 trials under a Beta(2, 2) prior give a
 Beta(9, 15) posterior, so the approximation can be checked exactly.
 

@@ -269,3 +269,14 @@ def keyword_guide(body: Callable[[], object]) -> Callable[..., None]:
         body()
 
     return guide
+
+
+def normal_param(
+    prefix: str, init_loc: torch.Tensor, init_scale: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Register ``{prefix}.loc`` and a positive ``{prefix}.scale`` of ``init_loc``'s shape."""
+    loc = pyro.param(f"{prefix}.loc", init_loc.detach().clone())
+    scale = pyro.param(
+        f"{prefix}.scale", torch.full_like(init_loc, init_scale), constraint=constraints.positive
+    )
+    return loc, scale

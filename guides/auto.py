@@ -10,7 +10,7 @@ from pyro.infer import autoguide
 from pyro.infer.autoguide import initialization as init
 
 from guides.spec import GuideSpec
-from vimodels.errors import OptionError, check_option
+from vimodels.errors import IncompatibleError, OptionError, check_option
 
 INIT_LOC_FNS: dict[str, Callable] = {
     "feasible": init.init_to_feasible,
@@ -116,6 +116,38 @@ def _structured(model: Callable, data: dict, hidden: tuple[str, ...] = (), **opt
     return autoguide.AutoStructured(_hide(model, hidden), **kwargs)
 
 
+#: Guides fitted by L-BFGS instead of SVI (vimodels.mode, vimodels.svi.by_optimizer),
+#: with the options each takes.
+OPTIMIZER_GUIDES: dict[str, tuple[str, ...]] = {
+    "pathfinder": (
+        "num_paths",
+        "num_draws",
+        "num_elbo_draws",
+        "history_size",
+        "max_iters",
+        "dtype",
+        "gtol",
+        "ftol",
+        "mixture",
+        "lbfgs_history_size",
+    ),
+    "auto_laplace": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol", "max_dim"),
+    "auto_delta": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol"),
+}
+
+
+def _optimizer_options(name: str) -> tuple[str, ...]:
+    return OPTIMIZER_GUIDES[name]
+
+
+def _fitted_by_optimizer(model: Callable, data: dict, hidden: tuple[str, ...] = (), **options):
+    """Pathfinder has no SVI guide to build: ``vimodels.fit`` runs it (vimodels.mode)."""
+    raise IncompatibleError(
+        "guide 'pathfinder' is fitted by L-BFGS, not built for SVI: call "
+        "vimodels.fit(model, guide='pathfinder') or vimodels.pathfinder(model, data)"
+    )
+
+
 _SCALE = ("init_scale", "init_loc_fn")
 
 AUTO_GUIDES: tuple[GuideSpec, ...] = (
@@ -152,14 +184,20 @@ AUTO_GUIDES: tuple[GuideSpec, ...] = (
     GuideSpec(
         "auto_delta",
         _simple(autoguide.AutoDelta, "auto_delta", ("init_loc_fn",)),
-        "AutoDelta: point estimate (MAP); its ELBO omits entropy",
-        options=("init_loc_fn",),
+        "AutoDelta: point estimate, the MAP by L-BFGS; its ELBO omits entropy",
+        options=_optimizer_options("auto_delta"),
     ),
     GuideSpec(
         "auto_laplace",
         _simple(autoguide.AutoLaplaceApproximation, "auto_laplace", ("init_loc_fn",)),
-        "AutoLaplaceApproximation: MAP, then a Gaussian from the Hessian",
-        options=("init_loc_fn",),
+        "Laplace: L-BFGS mode, Gaussian from the exact Hessian (checked positive definite)",
+        options=_optimizer_options("auto_laplace"),
+    ),
+    GuideSpec(
+        "pathfinder",
+        _fitted_by_optimizer,
+        "Pathfinder: the best-ELBO Gaussian along 4 L-BFGS paths (Zhang et al. 2022)",
+        options=_optimizer_options("pathfinder"),
     ),
     GuideSpec(
         "auto_structured",

@@ -13,7 +13,7 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
-from guides._gaussian import normal_param
+from guides._blocks import normal_param
 from guides.spec import GuideSpec, handwritten
 
 FAMILY = "conjugate_linear_regression"

@@ -21,7 +21,7 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
-from guides._gaussian import SiteSpec, joint_gaussian, normal_param, positive
+from guides._blocks import Site, full_rank, normal_param
 from guides.spec import GuideSpec, handwritten
 
 CENTERED = "eight_schools_centered"
@@ -65,15 +65,15 @@ def _full_rank(family: str) -> Callable:
     def factory(model: Callable, data: dict, init_scale: float = 0.1, **_) -> Callable:
         y = data["y"]
         num = y.shape[-1]
-        specs = [
-            SiteSpec("mu"),
-            SiteSpec("tau", transform=positive()),
-            SiteSpec(site, size=num, plate="schools"),
+        sites = [
+            Site("mu"),
+            Site("tau", constraints.positive),
+            Site(site, plate="schools", plate_size=num),
         ]
-        init = torch.cat([y.new_tensor([4.0, 1.5]), _init_local(family, y)])
+        init = {"mu": y.new_tensor(4.0), "tau": y.new_tensor(1.5), site: _init_local(family, y)}
 
         def guide(sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:
-            joint_gaussian("full_rank", specs, init, init_scale)
+            full_rank("full_rank", sites, init, init_scale)
 
         return guide
 
@@ -85,15 +85,11 @@ def _structured(family: str) -> Callable:
 
     def factory(model: Callable, data: dict, init_scale: float = 0.1, **_) -> Callable:
         y0, sigma0 = data["y"], data["sigma"]
-        init = y0.new_tensor([4.0, 1.5])
+        init = {"mu": y0.new_tensor(4.0), "tau": y0.new_tensor(1.5)}
+        global_sites = [Site("mu"), Site("tau", constraints.positive)]
 
         def guide(sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:
-            glob = joint_gaussian(
-                "structured.global",
-                [SiteSpec("mu"), SiteSpec("tau", transform=positive())],
-                init,
-                init_scale,
-            )
+            glob = full_rank("structured.global", global_sites, init, init_scale)
             mu, tau = glob["mu"], glob["tau"]
             m = pyro.param("structured.pseudo_y", y0.detach().clone())
             s = pyro.param(

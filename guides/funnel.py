@@ -13,7 +13,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from guides._gaussian import SiteSpec, joint_gaussian, normal_param
+from guides._blocks import Site, full_rank, normal_param
 from guides.spec import GuideSpec, handwritten
 
 FAMILY = "neals_funnel"
@@ -33,10 +33,10 @@ def _mean_field(model: Callable, data: dict, init_scale: float = 0.1, **_) -> Ca
 
 def _full_rank(model: Callable, data: dict, init_scale: float = 0.1, **_) -> Callable:
     dim = int(data.get("dim", 4))
-    specs_ = [SiteSpec("v"), SiteSpec("x", size=dim, event=True)]
+    sites = [Site("v"), Site("x", shape=(dim,))]
 
     def guide(dim: int = dim) -> None:
-        joint_gaussian("full_rank", specs_, torch.zeros(1 + dim), init_scale)
+        full_rank("full_rank", sites, {}, init_scale)
 
     return guide
 

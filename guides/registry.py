@@ -12,7 +12,7 @@ from typing import Any
 from guides import conjugate, eight_schools, funnel, logistic, mixture, radon, sleepstudy, vae
 from guides.auto import AUTO_GUIDES
 from guides.spec import GuideSpec
-from vimodels.errors import IncompatibleError, UnknownNameError
+from vimodels.errors import IncompatibleError, OptionError, UnknownNameError
 
 GENERIC: dict[str, GuideSpec] = {spec.name: spec for spec in AUTO_GUIDES}
 
@@ -103,8 +103,6 @@ def make_guide(
         return spec.factory(model, data, hidden=hidden, **options)
     unknown = set(options) - set(spec.options)
     if unknown:
-        from vimodels.errors import OptionError
-
         raise OptionError(
             f"guide {name!r} does not take option(s) {', '.join(sorted(unknown))}; "
             f"it takes: {', '.join(spec.options) or 'no options'}"

@@ -4,7 +4,7 @@
 ``loc`` and ``scale`` come from one ``tanh`` MLP ``64 -> hidden_dim (x
 num_layers) -> 2 D`` whose weights are Pyro parameters ``encoder.*``, with
 ``scale = softplus(.) + 1e-4``. The same network serves every image: the
-amortization gap is the ELBO lost to that sharing (see :mod:`vimodels.vae_eval`).
+amortization gap is the ELBO lost to that sharing (see :mod:`vimodels.vae.evaluate`).
 """
 
 from __future__ import annotations

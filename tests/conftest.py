@@ -42,7 +42,7 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_nuts_eight_schools(_isolated_cache):
     """A deliberately short NUTS run (2 chains x 60 draws): real sample stats, fails its checks."""
-    from diagnostics.reference import run_nuts
+    from diagnostics.nuts.reference import run_nuts
 
     return run_nuts(
         "eight_schools_noncentered",

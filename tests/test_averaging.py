@@ -10,7 +10,7 @@ from fit_models import normal_model
 from torch.distributions import constraints
 
 import vimodels
-from vimodels.averaging import MIN_BATCHES, IterateAverage, halves_agree, stationary_suffix
+from vimodels.svi.averaging import MIN_BATCHES, IterateAverage, halves_agree, stationary_suffix
 
 
 def batch_stats(x: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +80,14 @@ def test_iterate_average_swaps_and_commits_unconstrained_values():
             assert float(pyro.param("b").detach()) == pytest.approx(expected_b, rel=1e-5)
         assert torch.equal(pyro.param("a").detach(), last_a)
         summary = avg.commit()
-        assert summary == {"from_step": 11, "steps": 8, "batch": 2, "fraction_averaged": 1.0}
+        assert summary == {
+            "from_step": 11,
+            "steps": 8,
+            "batch": 2,
+            "fraction_averaged": 1.0,
+            "num_drifting": 0,
+            "num_coordinates": 4,
+        }
         np.testing.assert_allclose(a.detach().numpy(), 0.5)
         avg.reset()
         assert not avg.active and avg.commit() is None

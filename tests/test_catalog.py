@@ -3,7 +3,7 @@
 Every registered entry is checked for lazy loading, a finite log density and
 gradient at the initial point, and a short fit with each of its default guides
 and each applicable ELBO. The slow tests need the NUTS reference of
-``diagnostics.reference`` and skip when it is not installed.
+``diagnostics.nuts.reference`` and skip when it is not installed.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pyro.poutine.util import site_is_subsample
 
 from vimodels.catalog import mixture
 from vimodels.catalog.registry import MODELS
-from vimodels.check import check_model
-from vimodels.fit import fit
+from vimodels.svi.check import check_model
+from vimodels.svi.fit import fit
 
 ENTRIES = list(MODELS.values())
 NAMES = list(MODELS)
@@ -392,7 +392,7 @@ def test_structured_guide_draws_locals_from_their_exact_conditional(name):
 
 # ----------------------------------------------------------------------------- references (slow)
 
-NO_REFERENCE = "diagnostics.reference (the NUTS reference, issue #3) is not available"
+NO_REFERENCE = "diagnostics.nuts.reference (the NUTS reference, issue #3) is not available"
 
 
 @pytest.fixture(scope="session")
@@ -412,7 +412,7 @@ def reference_cache(tmp_path_factory):
 
 
 def _reference(name: str, cache_dir):
-    reference = pytest.importorskip("diagnostics.reference", reason=NO_REFERENCE)
+    reference = pytest.importorskip("diagnostics.nuts.reference", reason=NO_REFERENCE)
     return reference.get_reference(name, cache_dir=cache_dir)
 
 
@@ -486,8 +486,7 @@ def test_radon_mean_field_underestimates_county_scale_sd(reference_cache):
 @pytest.mark.parametrize("name", WITH_REFERENCE)
 def test_compare_command_writes_a_report(name, reference_cache, tmp_path):
     """``vimodels compare`` on every entry: tiny fits against the (cached) reference."""
-    pytest.importorskip("diagnostics.compare", reason="diagnostics.compare (issue #3) is missing")
-    from vimodels.cli import main
+    from vimodels.cli.main import main
 
     entry = MODELS[name]
     out = tmp_path / name
@@ -521,7 +520,7 @@ def test_compare_command_writes_a_report(name, reference_cache, tmp_path):
 
 @pytest.mark.parametrize("name", AMORTIZED)
 def test_compare_command_sends_amortized_entries_to_vae(name, tmp_path, capsys):
-    from vimodels.cli import main
+    from vimodels.cli.main import main
 
     assert main(["compare", name, "--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vimodels.catalog.registry import MODELS
-from vimodels.cli import main
+from vimodels.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_fit_writes_netcdf_and_json(tmp_path):
         "--quiet",
     )
     assert proc.returncode == 0, proc.stderr
-    stem = "eight_schools_noncentered__mean_field__trace"
+    stem = "eight_schools_noncentered__mean_field__trace__seed0"
     summary = json.loads((out / f"{stem}.json").read_text())
     assert summary["num_steps"] == 200 and summary["netcdf"] == f"{stem}.nc"
     import arviz as az
@@ -104,8 +104,15 @@ def test_fit_writes_netcdf_and_json(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_keeps_partial_fit(tmp_path, no_leftover_processes):
-    out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    """Ctrl-C at step 20: the fit pauses there (a test hook) until the signal comes."""
+    out, marks = tmp_path / "run", tmp_path / "marks"
+    marks.mkdir()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "pause_at_step"), str(ROOT)]),
+        "VIMODELS_TEST_PAUSE_DIR": str(marks),
+        "VIMODELS_TEST_PAUSE_STEP": "20",
+    }
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -114,9 +121,9 @@ def test_ctrl_c_keeps_partial_fit(tmp_path, no_leftover_processes):
             "fit",
             "eight_schools_noncentered",
             "--steps",
-            "1000000",
+            "1000",
             "--no-jit",
-            "--no-early-stop",  # it must still be running after 12 s, however fast a step is
+            "--no-early-stop",
             "--out",
             str(out),
             "--quiet",
@@ -129,10 +136,14 @@ def test_ctrl_c_keeps_partial_fit(tmp_path, no_leftover_processes):
         cwd=ROOT,
         env=env,
     )
-    time.sleep(12)
+    marker = marks / "auto_normal.paused"
+    while not marker.exists():  # polled, not timed: the fit waits there for the signal
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    summary = json.loads((out / "eight_schools_noncentered__auto_normal__trace.json").read_text())
-    assert summary["status"] == "interrupted" and summary["num_steps"] > 0
-    assert "interrupted at step" in stdout
+    stem = "eight_schools_noncentered__auto_normal__trace__seed0"
+    summary = json.loads((out / f"{stem}.json").read_text())
+    assert summary["status"] == "interrupted" and summary["num_steps"] == 20
+    assert "interrupted at step 20" in stdout

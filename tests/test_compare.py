@@ -15,14 +15,14 @@ import pandas as pd
 import pytest
 
 from diagnostics import metrics
-from diagnostics.compare import compare
+from diagnostics.comparison import compare
 from diagnostics.convert import group_arrays, group_names, load_netcdf
-from diagnostics.reference import exact_reference
+from diagnostics.nuts.reference import exact_reference
 from diagnostics.report import fmt, write_report
 from vimodels.catalog.registry import MODELS
-from vimodels.cli import main
+from vimodels.cli.main import main
 from vimodels.errors import IncompatibleError
-from vimodels.fit import fit
+from vimodels.svi.fit import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CONJ = "conjugate_linear_regression"

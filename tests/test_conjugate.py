@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import vimodels
-from vimodels.weights import iwae_estimate
+from vimodels.svi.weights import iwae_estimate
 
 pytestmark = pytest.mark.slow  # SVI training to tight tolerances
 

@@ -17,11 +17,11 @@ from diagnostics.convert import (
     reference_to_inference_data,
     save_netcdf,
 )
-from diagnostics.draws import model_info
-from diagnostics.reference import exact_reference
+from diagnostics.nuts.reference import exact_reference
 from vimodels.catalog.registry import MODELS
 from vimodels.errors import DataError, OptionError
-from vimodels.fit import fit
+from vimodels.svi.draws import model_info
+from vimodels.svi.fit import fit
 
 
 def _quick_fit(entry, steps=30, **kw):
@@ -40,7 +40,11 @@ def assert_round_trip(idata, path):
         for name in a:
             assert a[name].dtype == b[name].dtype, (group, name)
             np.testing.assert_array_equal(a[name], b[name])
-        assert dict(idata[group][name].dims.items() if False else {}) == {}
+        # the group's dimensions keep their names, sizes and coordinate values
+        assert dict(back[group].sizes) == dict(idata[group].sizes), group
+        assert set(back[group].coords) == set(idata[group].coords), group
+        for coord in idata[group].coords:
+            np.testing.assert_array_equal(back[group][coord].values, idata[group][coord].values)
         for name in a:
             assert idata[group][name].dims == back[group][name].dims
     return back
@@ -124,7 +128,17 @@ def test_reference_to_inference_data_nuts_stats(tiny_nuts_eight_schools, tmp_pat
     ref = tiny_nuts_eight_schools
     idata = reference_to_inference_data(ref, posterior_predictive=True)
     stats_ = group_arrays(idata, "sample_stats")
-    assert set(stats_) == {"diverging", "step_size", "tree_depth", "lp", "acceptance_rate"}
+    assert set(stats_) == {
+        "diverging",
+        "step_size",
+        "tree_depth",
+        "n_steps",
+        "lp",
+        "acceptance_rate",
+        "energy",
+        "energy_error",
+        "max_energy_error",
+    }
     for value in stats_.values():
         assert value.shape == (2, 60)
     assert stats_["diverging"].dtype == bool

@@ -11,7 +11,9 @@ import torch
 from fit_models import nan_guide, nan_model, normal_model
 
 import vimodels
-from vimodels.convergence import ConvergenceRule, is_flat, window_improvement
+from vimodels.svi.binding import keyword_call
+from vimodels.svi.convergence import ConvergenceRule, is_flat, window_improvement
+from vimodels.svi.optim import Adam
 
 
 @pytest.mark.parametrize("jit", [False, True])
@@ -174,7 +176,7 @@ def test_num_threads_restored():
 @pytest.mark.parametrize("elbo", ["trace", "iwae", "renyi", "weighted_kl"])
 def test_vectorized_and_sequential_log_weights_agree(elbo):
     # the ELBO estimate is a mean of log weights: vectorized draws must match a loop
-    from vimodels.weights import log_weights
+    from vimodels.svi.weights import log_weights
 
     r = vimodels.fit(
         "eight_schools_noncentered",
@@ -184,21 +186,23 @@ def test_vectorized_and_sequential_log_weights_agree(elbo):
         num_eval=20,
         progress=False,
     )
-    from vimodels.fit import _kw
 
     kwargs = r._kwargs()
     with pyro.get_param_store().scope(r.param_state):
         pyro.set_rng_seed(0)
-        vec = log_weights(_kw(r.model), _kw(r.guide), kwargs, 4000, r.max_plate_nesting)
+        vec = log_weights(
+            keyword_call(r.model), keyword_call(r.guide), kwargs, 4000, r.max_plate_nesting
+        )
         pyro.set_rng_seed(1)
         # one draw at a time costs ~10 ms each: 1000 of them, the tolerance follows
-        seq = log_weights(_kw(r.model), _kw(r.guide), kwargs, 1000, r.max_plate_nesting, chunk=1)
+        seq = log_weights(
+            keyword_call(r.model), keyword_call(r.guide), kwargs, 1000, r.max_plate_nesting, chunk=1
+        )
     se = np.hypot(vec.std() / np.sqrt(len(vec)), seq.std() / np.sqrt(len(seq)))
     assert abs(vec.mean() - seq.mean()) < 5 * se
 
 
-def test_fused_adam_matches_pyro_optimizers():
-    from vimodels.fit import FusedAdam
+def test_adam_matches_pyro_optimizers():
 
     torch.manual_seed(0)
     start = [torch.randn(3), torch.randn(2, 2)]
@@ -213,11 +217,11 @@ def test_fused_adam_matches_pyro_optimizers():
             optim(set(ps)) if not pyro_style else optim(ps)
         return [p.detach() for p in ps]
 
-    fixed = run(lambda: FusedAdam(0.1), False)
+    fixed = run(lambda: Adam(0.1), False)
     ref = run(lambda: pyro.optim.Adam({"lr": 0.1}), True)
     for a, b in zip(fixed, ref):
         torch.testing.assert_close(a, b)
-    decayed = run(lambda: FusedAdam(0.1, 0.9), False)
+    decayed = run(lambda: Adam(0.1, 0.9), False)
     # ClippedAdam adds eps before the bias correction: equal to ~1e-6
     ref = run(lambda: pyro.optim.ClippedAdam({"lr": 0.1, "lrd": 0.9}), True)
     for a, b in zip(decayed, ref):
@@ -225,11 +229,10 @@ def test_fused_adam_matches_pyro_optimizers():
     assert not torch.allclose(decayed[0], fixed[0])
 
 
-def test_fused_adam_leaves_parameters_absent_from_a_step():
-    from vimodels.fit import FusedAdam
+def test_adam_leaves_parameters_absent_from_a_step():
 
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
-    optim = FusedAdam(0.1)
+    optim = Adam(0.1)
     a.grad, b.grad = torch.ones(2), torch.ones(2)
     optim({a, b})
     b_after = b.detach().clone()

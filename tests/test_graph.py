@@ -1,4 +1,4 @@
-"""Simplification of the traced potential graphs (vimodels.graph_record)."""
+"""Simplification of the traced potential graphs (vimodels.compile.record)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from diagnostics import _nuts
+from diagnostics.nuts import kernel as _nuts
 from vimodels.catalog.registry import get_model
-from vimodels.graph_record import UnsupportedTrace, count_ops, record, simplify_graph
+from vimodels.compile.record import UnsupportedTrace, count_ops, record, simplify_graph
 
 aten = torch.ops.aten
 

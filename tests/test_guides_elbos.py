@@ -9,7 +9,7 @@ import pytest
 
 import vimodels
 from guides.registry import guide_names
-from vimodels.elbos import ELBOS
+from vimodels.svi.elbos import ELBOS
 
 MODELS = ["eight_schools_centered", "eight_schools_noncentered"]
 

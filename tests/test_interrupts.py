@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -18,16 +19,35 @@ pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+PAUSE_HOOK = ROOT / "tests" / "pause_at_step"  # its sitecustomize pauses a fit at a step
 
 
-def _cli(*args: str, **popen) -> subprocess.Popen:
+def _pausing_env(folder: Path, step: int, guide: str | None = None) -> dict[str, str]:
+    """Environment in which fits (of ``guide``) pause after ``step`` until Ctrl-C.
+
+    The fit writes ``folder/<guide>.paused`` and waits: a test that sends SIGINT
+    once the file exists interrupts the fit at that step on any machine, fast or
+    loaded (see ``tests/pause_at_step/sitecustomize.py``).
+    """
+    env = {
+        **ENV,
+        "PYTHONPATH": os.pathsep.join([str(PAUSE_HOOK), str(ROOT)]),
+        "VIMODELS_TEST_PAUSE_DIR": str(folder),
+        "VIMODELS_TEST_PAUSE_STEP": str(step),
+    }
+    if guide is not None:
+        env["VIMODELS_TEST_PAUSE_GUIDE"] = guide
+    return env
+
+
+def _cli(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "vimodels.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env=ENV,
+        env=env or ENV,
         **popen,
     )
 
@@ -48,13 +68,13 @@ def _wait_for(stream, needle: str, timeout: float = 120) -> list[str]:
 _COMPARE_SCRIPT = textwrap.dedent(
     """
     import sys
-    from diagnostics.compare import run_compare
+    from vimodels.runs.compare import run_compare
     from vimodels import ConvergenceRule
-    # no early stop: the first fit runs until Ctrl-C whatever the speed of a step
-    run = run_compare("conjugate_linear_regression", guides=sys.argv[2:], steps=1_000_000,
+    # no early stop: the first fit is still running when it pauses at its step 20
+    run = run_compare("conjugate_linear_regression", guides=sys.argv[2:], steps=2000,
                       out=sys.argv[1], reference="exact", num_draws=200, iwae_k=10,
                       cache=False, netcdf=False, progress=True,
-                      fit_options={"num_particles": 64, "lr_decay": 1.0, "jit": False,
+                      fit_options={"num_particles": 8, "lr_decay": 1.0, "jit": False,
                                    "convergence": ConvergenceRule(early_stop=False)})
     c = run.comparison
     print(c.interrupted_line())
@@ -63,10 +83,16 @@ _COMPARE_SCRIPT = textwrap.dedent(
 )
 
 
+def _wait_for_pause(folder: Path, guide: str, proc: subprocess.Popen, timeout: float = 300):
+    """Wait until the fit of ``guide`` pauses (its marker file appears) or ``proc`` ends."""
+    _wait_for_file(f"{guide}.paused", folder, proc, timeout)
+
+
 @pytest.mark.slow
 def test_ctrl_c_in_compare_keeps_a_partial_report(tmp_path):
-    """In-process grid (``run_compare`` without an executor)."""
-    out = tmp_path / "cmp"
+    """In-process grid (``run_compare`` without an executor): Ctrl-C at the first fit's step 20."""
+    out, marks = tmp_path / "cmp", tmp_path / "marks"
+    marks.mkdir()
     guides = ["auto_normal", "auto_multivariate_normal", "auto_iaf_normal"]
     proc = subprocess.Popen(
         [sys.executable, "-c", _COMPARE_SCRIPT, str(out), *guides],
@@ -74,16 +100,9 @@ def test_ctrl_c_in_compare_keeps_a_partial_report(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env=ENV,
+        env=_pausing_env(marks, 20, guides[0]),
     )
-    # the exact reference comes first; its line means the grid of fits has started
-    try:
-        _wait_for(proc.stderr, "exact reference for")
-    except AssertionError:
-        proc.kill()
-        proc.communicate()
-        raise
-    time.sleep(20.0)  # well into the first fit (1e6 steps: it never ends itself); slack for load
+    _wait_for_pause(marks, guides[0], proc)
     proc.send_signal(signal.SIGINT)
     try:
         stdout, stderr = proc.communicate(timeout=120)
@@ -92,11 +111,10 @@ def test_ctrl_c_in_compare_keeps_a_partial_report(tmp_path):
     assert proc.returncode == 130, stderr
     diag = json.loads((out / "diagnostics.json").read_text())
     assert diag["partial"] is True
-    done = diag["methods"]
-    assert len(done) >= 1 and len(done) + len(diag["not_run"]) == len(guides)
-    assert diag["not_run"], "the last guide cannot have been reached"
-    statuses = {row["method"]: row["status"] for row in diag["summary"]}
-    assert statuses[done[-1]] == "interrupted"  # the fit running at Ctrl-C is kept
+    assert diag["methods"] == [f"{guides[0]}/trace"]  # the fit running at Ctrl-C is kept
+    assert diag["not_run"] == [f"{g}/trace" for g in guides[1:]]
+    (row,) = diag["summary"]
+    assert row["status"] == "interrupted" and row["num_steps"] == 20
     report = (out / "report.md").read_text()
     assert "interrupted: methods not run: " + ", ".join(diag["not_run"]) in report
     assert "PARTIAL RESULT" in (out / "report.html").read_text()
@@ -123,10 +141,13 @@ def test_ctrl_c_in_nuts_caches_nothing(tmp_path):
         "--out",
         str(tmp_path / "out"),
     )
-    t0 = time.monotonic()  # the lock file appears when the computation starts
-    while not list(cache.rglob("*.lock")) and time.monotonic() - t0 < 120:
-        time.sleep(0.2)
-    time.sleep(1.0)
+    # the sampler's first progress line: the chains are about to run (200000 warm-up draws)
+    try:
+        _wait_for(proc.stderr, "NUTS on eight_schools_noncentered")
+    except AssertionError:
+        proc.kill()
+        proc.communicate()
+        raise
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -140,7 +161,7 @@ def test_ctrl_c_in_nuts_caches_nothing(tmp_path):
 _REFERENCE_SCRIPT = textwrap.dedent(
     """
     import hashlib, json, sys
-    from diagnostics.reference import run_nuts
+    from diagnostics.nuts.reference import run_nuts
     ref = run_nuts("conjugate_linear_regression",
                    settings={"num_chains": 2, "num_warmup": 50, "num_samples": 50},
                    seed=11, cache_dir=sys.argv[1], num_workers=1)
@@ -230,16 +251,15 @@ _EXECUTOR_SCRIPT = textwrap.dedent(
     """
     import json, os, signal, sys, threading, time
     from pathlib import Path
-    from diagnostics.executors import LocalExecutor
+    from vimodels.runs.executors import LocalExecutor
     from sweep_helpers import sleep_until_interrupted
 
     folder = Path(sys.argv[1])
     tasks = [str(folder / name) for name in "abcd"]
 
-    def ctrl_c():  # once both workers run a task
+    def ctrl_c():  # once both workers run a task (the files are written inside it)
         while len(list(folder.glob("*.started"))) < 2:
             time.sleep(0.05)
-        time.sleep(0.2)
         # a terminal's Ctrl-C reaches worker a as well; worker b hears only of this process
         os.kill(int((folder / "a.started").read_text()), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
@@ -250,9 +270,10 @@ _EXECUTOR_SCRIPT = textwrap.dedent(
         for outcome in ex.map(sleep_until_interrupted, tasks):
             print("finished", outcome.task, flush=True)
     except KeyboardInterrupt:
-        t0 = time.monotonic()
-        ex.interrupt(grace=30)
-        print(json.dumps({"stop_s": time.monotonic() - t0}))
+        # a grace far beyond the test's timeout: interrupt() must return as soon as
+        # the workers have saved and exited, not when the grace runs out
+        ex.interrupt(grace=3600)
+        print(json.dumps({"stopped": True}))
     """
 )
 
@@ -279,8 +300,8 @@ def test_interrupting_a_local_executor_stops_every_worker(tmp_path):
         proc.kill()
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr, stderr
-    stop_s = json.loads(stdout.strip().splitlines()[-1])["stop_s"]
-    assert stop_s < 10, stop_s  # as soon as the workers exit, not after the 30 s grace
+    # returned within communicate()'s timeout, far shorter than the grace
+    assert json.loads(stdout.strip().splitlines()[-1]) == {"stopped": True}
     files = sorted(p.name for p in tmp_path.iterdir())
     # a and b ran and saved; c (already handed to the pool) and d never started
     assert files == ["a.saved", "a.started", "b.saved", "b.started"], files
@@ -328,21 +349,48 @@ def _wait_for_file(pattern: str, folder: Path, proc: subprocess.Popen, timeout: 
     raise AssertionError(f"{pattern} never appeared in {folder}: {proc.communicate()[1]}")
 
 
-def _running_in_session(sid: int) -> list[int]:
-    """Pids of the processes of session ``sid`` still running (Linux ``/proc``).
+def _session_processes(sid: int) -> dict[int, str]:
+    """Processes of session ``sid`` still running, pid -> command line (Linux ``/proc``).
 
-    Zombies do not count: an orphan (a pool's resource tracker, which exits
-    after its parent) may stay one for a while where nothing reaps orphans.
+    Zombies do not count: an orphan may stay one for a while where nothing reaps orphans.
     """
-    pids = []
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, ValueError):
             continue  # gone meanwhile
         if int(session) == sid and state != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
+            found[int(stat.parent.name)] = cmdline
+    return found
+
+
+def _assert_no_worker_left(sid: int) -> None:
+    """Nothing of the command's session runs on, but multiprocessing's resource tracker.
+
+    The command reaps its workers before it exits (:meth:`LocalExecutor.interrupt`
+    joins them), so none may be found. The resource tracker is not the
+    command's to reap: it exits by itself once the command has exited (end of
+    file on its pipe), closing its copy of stderr a moment before the kernel
+    marks it exited, so it may still be seen here; wait for its exit (a pidfd
+    becomes readable), which must come.
+    """
+    left = _session_processes(sid)
+    others = {
+        pid: cmd for pid, cmd in left.items() if "multiprocessing.resource_tracker" not in cmd
+    }
+    assert others == {}, f"processes still running after the command exited: {others}"
+    for pid in left:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue  # exited and reaped meanwhile
+        try:
+            ready, _, _ = select.select([fd], [], [], 60)
+        finally:
+            os.close(fd)
+        assert ready, f"multiprocessing's resource tracker {pid} did not exit after the command"
 
 
 @pytest.mark.slow
@@ -350,9 +398,9 @@ def _running_in_session(sid: int) -> list[int]:
 def test_ctrl_c_in_compare_with_an_executor_keeps_a_partial_report(tmp_path, capsys, executor):
     """``vimodels compare --executor local|serial``: finished fits, the one stopped early, a report.
 
-    Grid of three cells run in order. Ctrl-C comes once the first cell's folder is
-    finished, a moment into the second: the first is reported as finished, the
-    second with what it learned (status ``interrupted``), the third as not run.
+    Grid of three cells run in order. The second cell pauses at its step 20 (a test
+    hook), and Ctrl-C comes then: the first is reported as finished, the second with
+    what it learned (status ``interrupted``), the third as not run.
     local: a terminal's Ctrl-C (the whole process group); serial: ``kill -INT``.
     """
     first, second, third = "auto_normal", "auto_diagonal_normal", "auto_multivariate_normal"
@@ -360,34 +408,25 @@ def test_ctrl_c_in_compare_with_an_executor_keeps_a_partial_report(tmp_path, cap
         f"interrupted: methods not run: {third}/trace; "
         f"stopped early (what they learned is kept): {second}/trace"
     )
-    # Ctrl-C must land inside the second cell's steps, after its set-up (model check,
-    # guide, JIT and step compile, slower under load) and before its end. The wait is
-    # a fraction of the first cell's loop time, adjusted and retried: longer if the
-    # second cell had not started its steps, shorter if it had finished.
-    fraction = 0.5
-    for attempt in range(5):
-        out = tmp_path / f"cmp{attempt}"
-        proc = _cli(*_compare_args(out, [first, second, third], executor), start_new_session=True)
-        _wait_for_file(f"fits/*__{first}__*/summary.json", out, proc)
-        (summary,) = out.glob(f"fits/*__{first}__*/summary.json")
-        time.sleep(max(0.3, fraction * json.loads(summary.read_text())["fit"]["wall_time_s"]))
-        if executor == "local":
-            os.killpg(proc.pid, signal.SIGINT)
-        else:
-            proc.send_signal(signal.SIGINT)
-        try:
-            stdout, stderr = proc.communicate(timeout=120)
-        finally:
-            proc.kill()
-        assert proc.returncode == 130, stderr
-        assert "Traceback" not in stderr, stderr
-        assert _running_in_session(proc.pid) == []  # the workers were stopped and reaped
-        if f"methods not run: {second}/trace" in stdout:
-            fraction *= 2  # too early: the second cell had not started its steps
-        elif f"stopped early (what they learned is kept): {second}/trace" not in stdout:
-            fraction /= 3  # too late: it had finished
-        else:
-            break
+    out, marks = tmp_path / "cmp", tmp_path / "marks"
+    marks.mkdir()
+    proc = _cli(
+        *_compare_args(out, [first, second, third], executor),
+        env=_pausing_env(marks, 20, second),
+        start_new_session=True,
+    )
+    _wait_for_file(f"{second}.paused", marks, proc)
+    if executor == "local":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    _assert_no_worker_left(proc.pid)  # the workers were stopped and reaped
     assert f"PARTIAL RESULT: {line}" in stdout
     assert f"**PARTIAL RESULT: {line}**" in (out / "report.md").read_text()
     diag = json.loads((out / "diagnostics.json").read_text())
@@ -396,7 +435,7 @@ def test_ctrl_c_in_compare_with_an_executor_keeps_a_partial_report(tmp_path, cap
     assert list(summary.index) == [f"{first}/trace", f"{second}/trace"]
     assert summary.loc[f"{first}/trace", "status"] in ("max_steps", "converged")
     assert summary.loc[f"{second}/trace", "status"] == "interrupted"
-    assert 0 < summary.loc[f"{second}/trace", "num_steps"] < STEPS
+    assert summary.loc[f"{second}/trace", "num_steps"] == 20
     # only the first cell's folder is finished; the second keeps its partial result apart
     (done,) = (out / "fits").glob(f"*__{first}__*")
     (stopped,) = (out / "fits").glob(f"*__{second}__*")
@@ -405,7 +444,7 @@ def test_ctrl_c_in_compare_with_an_executor_keeps_a_partial_report(tmp_path, cap
     if executor == "serial":
         return
     # a rerun (here, in this process) reuses the finished fit and recomputes nothing
-    from vimodels.cli import main
+    from vimodels.cli.main import main
 
     before = (done / "summary.json").read_bytes()
     args = _compare_args(out, [first], "serial")

@@ -15,7 +15,7 @@ from pyro.infer import RenyiELBO
 from scipy import stats
 
 import vimodels
-from vimodels.iwae import ELBO_FALLBACK, HIERARCHICAL, IWAE, JOINT, PER_DATAPOINT
+from vimodels.svi.iwae import ELBO_FALLBACK, HIERARCHICAL, IWAE, JOINT, PER_DATAPOINT
 
 N, B, K, REPS = 200, 10, 20, 200
 

@@ -1,4 +1,4 @@
-"""The project's NUTS (diagnostics._nuts): exact targets, warm-up, the compiled potential."""
+"""The project's NUTS (diagnostics.nuts.kernel): exact targets, warm-up, the compiled potential."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from pyro.infer.mcmc.util import initialize_model
 
-from diagnostics import _nuts
-from diagnostics._nuts import FlatPotential, NUTSChain, Windows, sample_chain
+from diagnostics.nuts import kernel as _nuts
+from diagnostics.nuts.kernel import FlatPotential, NUTSChain, Windows, sample_chain
 
 # A Gaussian whose scales span three orders of magnitude, with one correlated
 # pair: the diagonal metric must learn the scales, the trajectory the correlation.

@@ -12,8 +12,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from diagnostics.compare import compare
-from diagnostics.reference import (
+from diagnostics.comparison import compare
+from diagnostics.nuts.reference import (
     ESS_MIN,
     RHAT_MAX,
     CacheWarning,
@@ -28,7 +28,7 @@ from diagnostics.reference import (
 from vimodels.catalog.base import NutsSettings
 from vimodels.catalog.registry import MODELS, get_model
 from vimodels.errors import IncompatibleError, OptionError
-from vimodels.fit import fit
+from vimodels.svi.fit import fit
 
 CONJ = "conjugate_linear_regression"
 # the posterior is correlated (features with rho 0.8): 2 x 1000 draws give ESS comfortably >= 400
@@ -60,7 +60,7 @@ def test_nuts_matches_exact_posterior_of_conjugate_model(conjugate_nuts):
         assert abs(row["sd"] - exact.sd["beta"][i]) < 5 * se_sd, row
     assert ref.kind == "nuts" and ref.trusted, ref.describe()
     assert ref.num_divergences == 0
-    assert {c.name for c in ref.checks} == {"rhat", "ess_bulk", "ess_tail", "divergences"}
+    assert {c.name for c in ref.checks} == {"rhat", "ess_bulk", "ess_tail", "divergences", "ebfmi"}
     assert ref.draws["beta"].shape == (2, 1000, 3)
     assert ref.log_likelihood["obs"].shape == (2, 1000, 50)
     s = ref.summary()
@@ -163,8 +163,12 @@ def test_short_run_is_untrusted_everywhere(tiny_nuts_eight_schools):
         "diverging",
         "step_size",
         "tree_depth",
+        "n_steps",
         "lp",
         "acceptance_rate",
+        "energy",
+        "energy_error",
+        "max_energy_error",
     }
     # sites of interest include the deterministic theta, recomputed per draw
     theta = ref.draws["mu"][..., None] + ref.draws["tau"][..., None] * ref.draws["theta_tilde"]

@@ -9,7 +9,7 @@ import pytest
 
 from guides.registry import GENERIC, HANDWRITTEN
 from vimodels.catalog.registry import MODELS
-from vimodels.elbos import ELBOS
+from vimodels.svi.elbos import ELBOS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")

@@ -14,9 +14,9 @@ from fit_models import nan_guide, nan_model
 from pyro.infer import JitTrace_ELBO, Trace_ELBO
 
 import vimodels
-from vimodels.step_compile import StepCompileError, compile_step, reference_loss_and_grads
+from vimodels.compile.step import StepCompileError, compile_step, reference_loss_and_grads
 
-fit_module = importlib.import_module("vimodels.fit")
+fit_module = importlib.import_module("vimodels.svi.loop")
 
 
 @pytest.fixture
@@ -226,7 +226,7 @@ def test_callback_and_averaging_with_the_compiled_step(short_fits_compile):
 
 
 def test_a_second_fit_reuses_the_checked_graph(short_fits_compile):
-    from vimodels import step_compile
+    from vimodels.compile import step as step_compile
 
     step_compile._CACHE.clear()
     kw = dict(guide="structured", num_steps=50, num_eval=20, progress=False)

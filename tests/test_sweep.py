@@ -10,10 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diagnostics.executors import LocalExecutor, SerialExecutor, make_executor
-from diagnostics.sweep import FITS, grid, run_sweep
-from diagnostics.sweep_config import config_from_dict, load_config
-from diagnostics.tasks import (
+from vimodels.cli.main import main
+from vimodels.errors import OptionError, VimodelsError
+from vimodels.runs.config import config_from_dict, load_config
+from vimodels.runs.executors import LocalExecutor, SerialExecutor, make_executor
+from vimodels.runs.sweep import FITS, grid, run_sweep
+from vimodels.runs.tasks import (
     ReferenceTask,
     Task,
     is_done,
@@ -21,8 +23,6 @@ from diagnostics.tasks import (
     make_task,
     read_summary,
 )
-from vimodels.cli import main
-from vimodels.errors import OptionError, VimodelsError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,7 +199,7 @@ def local_run(tmp_path_factory, local_executor):
 @pytest.fixture(scope="module")
 def dask_run(tmp_path_factory):
     pytest.importorskip("distributed")
-    from diagnostics.executors import DaskExecutor
+    from vimodels.runs.executors import DaskExecutor
 
     out = tmp_path_factory.mktemp("sweep-dask")
     with DaskExecutor(n_workers=2, dashboard_address=None) as ex:
@@ -266,8 +266,8 @@ def test_sweep_runs_the_grid_and_reports_failures_with_inputs(local_run):
 @pytest.mark.slow
 def test_stored_fits_compare_exactly_like_fits_in_this_process(local_run):
     """The task in a worker gives the numbers of fit() + compare() here."""
-    from diagnostics.compare import compare
-    from vimodels.fit import fit
+    from diagnostics.comparison import compare
+    from vimodels.svi.fit import fit
 
     run = local_run
     model, seed = "eight_schools_noncentered", 1
@@ -331,7 +331,7 @@ def test_rerun_skips_finished_tasks_and_redoes_broken_ones(local_run, local_exec
 
 @pytest.mark.slow
 def test_compare_through_an_executor_matches_the_in_process_path(tmp_path):
-    from diagnostics.compare import run_compare
+    from vimodels.runs.compare import run_compare
 
     kwargs = dict(
         guides=["auto_normal", "mean_field"],

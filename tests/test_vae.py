@@ -18,15 +18,15 @@ from pyro.infer import RenyiELBO
 
 from guides.registry import get_guide_spec
 from guides.vae import encoder_guide
-from vimodels import vae_eval
 from vimodels.catalog.registry import MODELS
 from vimodels.catalog.vae import digits_split, digits_vae
-from vimodels.elbos import make_elbo
 from vimodels.errors import DataError, IncompatibleError, OptionError
-from vimodels.estimators import detach_distribution
-from vimodels.iwae import IWAE
-from vimodels.train import load_checkpoint
-from vimodels.vae_train import Objective, parse_objective, train_digits_vae
+from vimodels.svi.elbos import make_elbo
+from vimodels.svi.estimators import detach_distribution
+from vimodels.svi.iwae import IWAE
+from vimodels.vae import evaluate as vae_eval
+from vimodels.vae.train import Objective, parse_objective, train_digits_vae
+from vimodels.vae.trainer import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -423,8 +423,8 @@ def test_early_stopping_keeps_best_epoch():
 
 
 def _vae_parser():
-    from vimodels.cli import _Parser
-    from vimodels.commands import vae
+    from vimodels.cli import vae
+    from vimodels.cli.options import Parser as _Parser
 
     parser = _Parser(prog="vimodels")
     vae.register(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
@@ -467,7 +467,7 @@ def test_cli_vae_rejects_bad_options(tmp_path):
 
 
 def test_report_figures_from_arrays(tmp_path):
-    from diagnostics.vae_report import image_grid, project_2d, write_report
+    from vimodels.vae.report import image_grid, project_2d, write_report
 
     rng = np.random.default_rng(0)
     grid = image_grid(rng.random((5, 64)), ncol=3)
@@ -518,7 +518,7 @@ def test_example_runs_with_tiny_arguments(tmp_path):
     ],
 )
 def test_generic_fit_runs_every_objective_on_the_catalog_entry(elbo, options, particles):
-    from vimodels.fit import fit
+    from vimodels.svi.fit import fit
 
     data = {"subsample_size": 20, "latent_dim": 2, "hidden_dim": 8, "num_layers": 1}
     result = fit("digits_vae", data, guide="encoder", elbo=elbo, elbo_options=options,

@@ -10,11 +10,11 @@ import pyro
 import pytest
 import torch
 
-from vimodels import vae_eval
 from vimodels.catalog.vae import digits_split, digits_vae, latent_prior
 from vimodels.catalog.vae_prior import DiagonalNormalMixture
 from vimodels.errors import OptionError
-from vimodels.vae_train import network_options, parse_objective, train_digits_vae
+from vimodels.vae import evaluate as vae_eval
+from vimodels.vae.train import network_options, parse_objective, train_digits_vae
 
 TINY = dict(batch_size=50, latent_dim=2, hidden_dim=8, num_layers=1, val_particles=4)
 
@@ -124,8 +124,8 @@ def test_bad_network_options_raise(bad):
 
 
 def test_cli_exposes_the_prior_option(tmp_path):
-    from vimodels.cli import _Parser
-    from vimodels.commands import vae
+    from vimodels.cli import vae
+    from vimodels.cli.options import Parser as _Parser
     from vimodels.errors import VimodelsError
 
     parser = _Parser(prog="vimodels")

@@ -8,9 +8,8 @@ from vimodels.catalog import (
     get_model,
     list_models,
 )
-from vimodels.convergence import ConvergenceRule
-from vimodels.elbos import ELBOS, make_elbo
 from vimodels.errors import (
+    CurvatureError,
     DataError,
     IncompatibleError,
     OptionError,
@@ -18,7 +17,10 @@ from vimodels.errors import (
     UnknownNameError,
     VimodelsError,
 )
-from vimodels.fit import FitProgress, FitResult, fit
+from vimodels.mode import find_mode, laplace, pathfinder
+from vimodels.svi.convergence import ConvergenceRule
+from vimodels.svi.elbos import ELBOS, make_elbo
+from vimodels.svi.fit import FitProgress, FitResult, fit
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,7 @@ __all__ = [
     "ELBOS",
     "CatalogEntry",
     "ConvergenceRule",
+    "CurvatureError",
     "DataError",
     "ExactPosterior",
     "FitProgress",
@@ -37,8 +40,11 @@ __all__ = [
     "OutputError",
     "UnknownNameError",
     "VimodelsError",
+    "find_mode",
     "fit",
     "get_model",
     "list_models",
+    "laplace",
     "make_elbo",
+    "pathfinder",
 ]

@@ -7,7 +7,10 @@ still show a traceback.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+
+import numpy as np
 
 
 class VimodelsError(ValueError):
@@ -39,8 +42,15 @@ class IncompatibleError(VimodelsError):
     """A guide or ELBO that cannot be used with the given model."""
 
 
+class CurvatureError(VimodelsError):
+    """A Hessian that is not positive definite where a Gaussian needs one (Laplace)."""
+
+
 class OutputError(VimodelsError):
     """An output location that cannot be written."""
+
+
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are 32-bit
 
 
 def check_option(
@@ -51,8 +61,11 @@ def check_option(
     low=None,
     low_inclusive: bool = True,
     high=None,
-) -> None:
+):
     """Raise :class:`OptionError` unless ``value`` has the type and range required.
+
+    NumPy scalars count as their Python kind (``np.int64(200)`` is an int,
+    ``np.float32(0.1)`` a float); a float option is never NaN.
 
     Parameters
     ----------
@@ -64,11 +77,23 @@ def check_option(
         Accepted types (``bool`` is never accepted for numeric options).
     low, high : number, optional
         Bounds; ``low`` is inclusive unless ``low_inclusive`` is False, ``high`` inclusive.
+
+    Returns
+    -------
+    object
+        ``value``, a NumPy scalar converted to the Python int or float it stands for.
     """
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+    if not isinstance(value, (bool, np.bool_)):
+        if int in kinds and isinstance(value, np.integer):
+            value = int(value)
+        elif float in kinds and isinstance(value, (np.floating, np.integer)):
+            value = float(value)
+    if isinstance(value, (bool, np.bool_)) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds)
         raise OptionError(f"{name} must be {names}, got {value!r} ({type(value).__name__})")
+    if isinstance(value, float) and math.isnan(value):
+        raise OptionError(f"{name} must be a number, got nan")
     if low is not None:
         bad = value < low if low_inclusive else value <= low
         if bad:
@@ -76,3 +101,14 @@ def check_option(
             raise OptionError(f"{name} must be {op} {low}, got {value!r}")
     if high is not None and value > high:
         raise OptionError(f"{name} must be <= {high}, got {value!r}")
+    return value
+
+
+def check_seed(value: object, name: str = "seed") -> int:
+    """A seed as an int in ``0 .. 2**32 - 1`` (NumPy integers accepted), else OptionError."""
+    return check_option(name, value, kind=int, low=0, high=SEED_MAX)
+
+
+def derive_seed(seed: int, offset: int) -> int:
+    """``seed + offset`` wrapped into ``0 .. 2**32 - 1`` (a derived stream's seed stays valid)."""
+    return (int(seed) + int(offset)) % (SEED_MAX + 1)

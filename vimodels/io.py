@@ -6,9 +6,12 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from vimodels.errors import OutputError
 
@@ -33,6 +36,31 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     if not os.access(p, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {str(p)!r} is not writable; choose another with --out")
     return p
+
+
+@contextmanager
+def output_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """:func:`ensure_dir` for a command's outputs, undone if nothing was written.
+
+    The folders this call creates (``path`` and missing parents) are removed
+    again on leaving the block, however it is left, when they are still
+    empty: a command that fails before writing leaves no empty folder behind.
+    """
+    p = Path(path)
+    created = []
+    for folder in (p, *p.parents):
+        if folder.exists():
+            break
+        created.append(folder)
+    out = ensure_dir(p)
+    try:
+        yield out
+    finally:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()  # only succeeds when empty
+            except OSError:
+                break
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], Any]) -> Path:
@@ -87,3 +115,20 @@ def _nan_to_none(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_nan_to_none(v) for v in obj]
     return obj
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON types (dicts, lists, numbers, strings); the rest by name or repr."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if callable(obj):
+        return getattr(obj, "__name__", repr(obj))
+    return repr(obj)

@@ -41,7 +41,7 @@ class NutsSettings:
         Whether the model's potential may be JIT-compiled.
     sampler : str
         ``"vimodels"`` (default): the project's NUTS on the flat unconstrained
-        vector (:mod:`diagnostics._nuts`; Pyro's potential, Stan's algorithm
+        vector (:mod:`diagnostics.nuts.kernel`; Pyro's potential, Stan's algorithm
         and warm-up, about 5x less Python per leapfrog step); ``"pyro"``:
         :class:`pyro.infer.NUTS`.
     chain_method : str
@@ -50,6 +50,14 @@ class NutsSettings:
         step of all of them; ``"independent"``: each chain on its own (the
         Pyro sampler always runs them so). Part of the reference's cache key:
         the batched gradient rounds differently, so the draws differ.
+    metric : str
+        The project's sampler's adapted metric (inverse mass matrix), in Stan's
+        windows: ``"diag"``: the posterior variances (Stan's ``diag_e``);
+        ``"dense"``: the full covariance (Stan's ``dense_e``), for correlated
+        posteriors; ``"auto"``: dense up to 64 dimensions where the warm-up's
+        last window holds at least 5 draws per dimension, else diagonal
+        (``diagnostics.nuts.kernel.resolve_metric``). The Pyro sampler takes
+        ``"dense"`` as ``full_mass=True`` and the others as diagonal.
     """
 
     num_warmup: int = 500
@@ -60,6 +68,7 @@ class NutsSettings:
     jit_compile: bool = True
     sampler: str = "vimodels"
     chain_method: str = "lockstep"
+    metric: str = "diag"
 
 
 @dataclass(frozen=True)
@@ -126,7 +135,7 @@ class CatalogEntry:
         Name of an entry with the same data and the same posterior over this
         entry's latent sites, in another parameterization (e.g. non-centered),
         whose NUTS draws serve as this entry's reference. Set it where NUTS on
-        this form is unreliable (funnels); :func:`diagnostics.reference.run_nuts`
+        this form is unreliable (funnels); :func:`diagnostics.nuts.reference.run_nuts`
         on this entry still samples this form.
     """
 

@@ -22,6 +22,7 @@ from vimodels.catalog.radon import (
 from vimodels.catalog.sleepstudy import SLEEPSTUDY_RANDOM_SLOPES
 from vimodels.catalog.vae import DIGITS_VAE
 from vimodels.errors import UnknownNameError
+from vimodels.validation.registry import VALIDATION_MODELS
 
 _ENTRIES: tuple[CatalogEntry, ...] = (
     EIGHT_SCHOOLS_CENTERED,
@@ -53,11 +54,8 @@ def get_model(name: str) -> CatalogEntry:
     try:
         return MODELS[name]
     except (KeyError, TypeError):
-        if isinstance(name, str) and name.startswith("pdb_"):
-            from vimodels.validation.registry import VALIDATION_MODELS
-
-            if name in VALIDATION_MODELS:
-                return VALIDATION_MODELS[name]
+        if isinstance(name, str) and name in VALIDATION_MODELS:
+            return VALIDATION_MODELS[name]
         raise UnknownNameError("model", name, MODELS) from None
 
 

@@ -259,7 +259,7 @@ DIGITS_VAE = CatalogEntry(
     amortized=True,
     # The latents are local (one z per image) and the decoder's weights are
     # parameters: the reference is NUTS on z of single images with the decoder
-    # fixed (vimodels.vae_eval.nuts_latent_posterior), not on the whole data set.
+    # fixed (vimodels.vae.evaluate.nuts_latent_posterior), not on the whole data set.
     nuts=NutsSettings(num_warmup=300, num_samples=500, num_chains=2, jit_compile=False),
     default_guides=("encoder",),
     max_plate_nesting=1,

@@ -12,7 +12,6 @@ The data and reference files are copies (new BSD licence, see
 
 from vimodels.validation.reference import (
     EXTERNAL_KIND,
-    external_reference,
     parse_stan_name,
     reference_draws,
     reference_json,
@@ -34,7 +33,6 @@ __all__ = [
     "PREFIX",
     "VALIDATION_MODELS",
     "ValidationSpec",
-    "external_reference",
     "get_spec",
     "get_validation_model",
     "list_validation_models",

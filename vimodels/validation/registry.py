@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import vimodels.validation.models as m
 from vimodels.catalog.base import CatalogEntry, DataDict, NutsSettings
 from vimodels.errors import UnknownNameError
-from vimodels.validation import models as m
 
 PREFIX = "pdb_"
 GUIDES = ("auto_normal", "auto_multivariate_normal")

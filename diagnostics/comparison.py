@@ -1,0 +1,596 @@
+"""Compare fitted approximations with a reference: the comparison table.
+
+:func:`compare` takes fit results and a :class:`~diagnostics.nuts.reference.Reference`
+and returns a :class:`Comparison`: one table row per method (ELBO, IWAE
+bound, gap to the log evidence, PSIS k-hat, joint distances, worst sd ratio,
+coverage, convergence, wall time), one row per method and site element, the
+draws as ArviZ data, and the flags and lessons a report states.
+
+:func:`vimodels.runs.compare.run_compare` is what ``vimodels compare`` runs: fit
+the grid of guides x ELBOs, get the (cached) reference, compare, write the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from torch.distributions import biject_to
+
+from diagnostics import metrics
+from diagnostics.convert import group_arrays
+from diagnostics.nuts.reference import Reference
+from vimodels.errors import IncompatibleError, OptionError, check_option, derive_seed
+from vimodels.svi.draws import ModelInfo, model_info, sample_guide
+
+if TYPE_CHECKING:
+    from vimodels.svi.fit import FitResult
+
+EXACT = "exact"
+ESTIMATED = "estimated"
+GIVEN = "given"
+UNKNOWN = "unknown"
+# log p(x) is estimated from the best method's log weights drawn with seed + this
+EVIDENCE_SEED_OFFSET = 7
+
+
+@dataclass(frozen=True)
+class LogEvidence:
+    """``log p(x)`` in nats and where it comes from.
+
+    Attributes
+    ----------
+    value, se : float
+        Estimate and standard error (``se`` 0 when exact; NaN when unknown).
+    kind : str
+        ``exact`` (closed form), ``estimated`` (importance sampling), ``given``
+        (passed by the caller) or ``unknown``.
+    source : str
+        One line: how it was obtained.
+    """
+
+    value: float
+    se: float
+    kind: str
+    source: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {"value": self.value, "se": self.se, "kind": self.kind, "source": self.source}
+
+
+@dataclass(frozen=True, eq=False)
+class Comparison:
+    """Approximations compared with a reference.
+
+    Attributes
+    ----------
+    model_name : str
+    methods : tuple of str
+        ``<guide>/<elbo>`` names, in grid order.
+    summary : DataFrame
+        One row per method (see :func:`compare` for the columns).
+    sites : DataFrame
+        One row per method and element of each site of interest.
+    reference : Reference
+    log_evidence : LogEvidence
+    draws : dict of str to dict of str to ndarray
+        Per method, the posterior draws ``(n, *shape)`` used by the metrics.
+    inference_data : dict of str to InferenceData
+        Per method, the same draws as ArviZ data (with log weights and log likelihood).
+    losses : dict of str to ndarray
+        Per method, the loss per step (nats).
+    flags : tuple of str
+        Results not to be trusted, one line each.
+    lessons : tuple of str
+        What the comparison shows, one line each.
+    pair : tuple of str or None
+        The two site elements shown in the pair plot.
+    settings : dict
+        Draws, IWAE K and seed used.
+    skipped : tuple of str
+        Grid cells that could not be fitted, with the reason.
+    partial : bool
+        True when the grid was interrupted (Ctrl-C): some fits are missing or stopped early.
+    not_run : tuple of str
+        Methods of the grid not run because of the interruption.
+    """
+
+    model_name: str
+    methods: tuple[str, ...]
+    summary: pd.DataFrame
+    sites: pd.DataFrame
+    reference: Reference
+    log_evidence: LogEvidence
+    draws: dict[str, dict[str, np.ndarray]] = field(repr=False)
+    inference_data: dict[str, Any] = field(repr=False)
+    losses: dict[str, np.ndarray] = field(repr=False)
+    flags: tuple[str, ...] = ()
+    lessons: tuple[str, ...] = ()
+    pair: tuple[str, str] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    skipped: tuple[str, ...] = ()
+    partial: bool = False
+    not_run: tuple[str, ...] = ()
+
+    def interrupted_line(self) -> str | None:
+        """``interrupted: methods not run: ...; stopped early: ...`` when partial, else None."""
+        if not self.partial:
+            return None
+        line = "interrupted: methods not run: " + (", ".join(self.not_run) or "none")
+        if "status" in self.summary:
+            stopped = self.summary.loc[self.summary["status"] == "interrupted", "method"]
+            if len(stopped):
+                line += "; stopped early (what they learned is kept): " + ", ".join(stopped)
+        return line
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the draws, JSON-friendly (NaN as None by the writer)."""
+        return {
+            "model": self.model_name,
+            "methods": list(self.methods),
+            "reference": self.reference.summary(),
+            "log_evidence": self.log_evidence.as_dict(),
+            "summary": _records(self.summary),
+            "sites": _records(self.sites),
+            "flags": list(self.flags),
+            "lessons": list(self.lessons),
+            "pair": list(self.pair) if self.pair else None,
+            "settings": self.settings,
+            "skipped": list(self.skipped),
+            "partial": self.partial,
+            "not_run": list(self.not_run),
+        }
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    out = []
+    for row in df.to_dict(orient="records"):
+        out.append({k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()})
+    return out
+
+
+def method_name(result: FitResult) -> str:
+    """``<guide>/<elbo>``: how a fit is named in tables and files."""
+    return f"{result.guide_name}/{result.elbo_name}"
+
+
+def _unconstrained(
+    draws: Mapping[str, np.ndarray], info: ModelInfo, sites: Sequence[str], sample_ndim: int
+) -> np.ndarray:
+    """Draws of continuous latent ``sites`` mapped to unconstrained space, ``(n, D)``."""
+    cols = []
+    for name in sites:
+        x = np.asarray(draws[name], dtype=float)
+        lead = x.shape[:sample_ndim]
+        x = x.reshape((int(np.prod(lead)),) + x.shape[sample_ndim:])
+        support = info.sites[name].support
+        with torch.no_grad():
+            u = biject_to(support).inv(torch.as_tensor(x, dtype=torch.float64)).numpy()
+        cols.append(u.reshape(len(u), -1))
+    return np.concatenate(cols, axis=1) if cols else np.empty((0, 0))
+
+
+def _exact_log_evidence(results: Sequence[FitResult]) -> float | None:
+    entry = results[0].entry
+    if entry is None or entry.exact is None:
+        return None
+    exact = entry.exact_posterior()
+    return None if exact is None else exact.log_evidence
+
+
+def _worst_sd(rows: pd.DataFrame) -> tuple[float, str]:
+    ratios = rows["sd_ratio"].to_numpy(dtype=float)
+    ok = np.isfinite(ratios) & (ratios > 0)
+    if not ok.any():
+        return float("nan"), ""
+    k = int(np.argmax(np.where(ok, np.abs(np.log(np.where(ok, ratios, 1.0))), -np.inf)))
+    return float(ratios[k]), str(rows["element"].iloc[k])
+
+
+#: Fit statuses that make a method a failure in a comparison (a row, no metrics).
+FAILED_STATUSES = ("nonfinite", "diverged")
+_METRIC_ERRORS = (ValueError, FloatingPointError, np.linalg.LinAlgError, RuntimeError, KeyError)
+_METRIC_COLUMNS = (
+    "elbo elbo_se iwae iwae_se iwae_k khat w1_mean w1_max max_abs_std_mean_error "
+    "worst_sd_ratio coverage_min coverage_mean"
+).split()
+
+
+def _method_metrics(
+    result: FitResult,
+    reference: Reference,
+    info: ModelInfo,
+    sites: Sequence[str],
+    joint_sites: Sequence[str],
+    ref_unc: np.ndarray,
+    ref_ok: np.ndarray | None,
+    num_draws: int,
+    iwae_k: int,
+    seed: int,
+) -> tuple[dict[str, Any], pd.DataFrame, dict, Any, np.ndarray] | None:
+    """One method's metrics, its marginal table, draws, InferenceData and log weights.
+
+    None for a failed fit (``nonfinite`` or ``diverged``); raises one of
+    ``_METRIC_ERRORS`` when its draws cannot be compared (none finite, say).
+    """
+    if result.status in FAILED_STATUSES:
+        return None
+    idata = result.to_inference_data(num_draws, seed=seed)
+    post = {k: v[0] for k, v in group_arrays(idata, "posterior").items()}
+    lw = group_arrays(idata, "sample_stats")["log_weight"][0]
+    table = metrics.marginal_table(post, reference.draws, sites)
+    row: dict[str, Any] = {}
+    finite = np.isfinite(lw)
+    row["elbo"], row["elbo_se"] = (
+        metrics.elbo(lw[finite]) if finite.sum() > 1 else (float("nan"), float("nan"))
+    )
+    k = min(iwae_k, max(1, len(lw) // 2))
+    row["iwae"], row["iwae_se"] = (
+        metrics.iwae_bound(lw, k) if finite.all() else (float("nan"), float("nan"))
+    )
+    row["iwae_k"] = k
+    row["khat"] = metrics.psis_khat(lw) if finite.all() else float("inf")
+    row["khat_verdict"] = metrics.khat_verdict(row["khat"])
+    row["w1_mean"] = float(table["w1"].mean())
+    row["w1_max"] = float(table["w1"].max())
+    row["max_abs_std_mean_error"] = float(np.nanmax(np.abs(table["std_mean_error"])))
+    row["worst_sd_ratio"], row["worst_sd_element"] = _worst_sd(table)
+    row["coverage_min"] = float(table["coverage90"].min())
+    row["coverage_mean"] = float(table["coverage90"].mean())
+    if joint_sites:
+        unc = _unconstrained(post, info, joint_sites, 1)
+        ok = np.all(np.isfinite(unc), axis=1)
+        if ok.sum() < 2:
+            raise ValueError(f"{int(ok.sum())} of {len(ok)} guide draws are finite")
+        row.update(metrics.joint_metrics(unc[ok], ref_unc[ref_ok], seed=seed))
+        row["joint_dim"] = int(unc.shape[1])
+    return row, table, post, idata, lw
+
+
+def compare(
+    results: Sequence[FitResult] | Mapping[str, FitResult],
+    reference: Reference,
+    *,
+    num_draws: int = 4000,
+    iwae_k: int = 50,
+    num_evidence: int = 20000,
+    seed: int = 0,
+    log_evidence: float | None = None,
+    sites: Sequence[str] | None = None,
+) -> Comparison:
+    """Compare fitted approximations with a reference.
+
+    Parameters
+    ----------
+    results : sequence of FitResult, or dict of name to FitResult
+        Fits of the reference's model; names default to ``<guide>/<elbo>``.
+    reference : Reference
+    num_draws : int
+        Guide draws per method for the metrics (and its log weights).
+    iwae_k : int
+        Importance samples K of the IWAE bound (``num_draws // K`` groups).
+    num_evidence : int
+        Draws of the best proposal for the importance-sampling estimate of
+        ``log p(x)`` when it is not known exactly.
+    seed : int
+        Seed of the guide draws and of the metric subsampling.
+    log_evidence : float, optional
+        A known ``log p(x)`` (nats); default: the catalog's exact value, else estimated.
+    sites : sequence of str, optional
+        Sites of interest; default the reference's.
+
+    Returns
+    -------
+    Comparison
+        ``summary`` columns: ``method guide elbo_name status converged num_steps
+        wall_time_s elbo elbo_se iwae iwae_se iwae_k khat khat_verdict w1_mean
+        w1_max max_abs_std_mean_error worst_sd_ratio worst_sd_element coverage_min
+        coverage_mean w2 sliced_w2 energy corr_max_error corr_rms_error joint_dim
+        log_evidence gap gap_se iwae_gap reliable`` (nats for ELBO, IWAE and gaps;
+        joint distances in reference-sd units of the unconstrained space).
+    """
+    check_option("num_draws", num_draws, kind=int, low=10)
+    check_option("iwae_k", iwae_k, kind=int, low=1)
+    check_option("num_evidence", num_evidence, kind=int, low=10)
+    named = dict(results) if isinstance(results, Mapping) else {}
+    if not named:
+        for r in results:
+            name = method_name(r)
+            k = 2
+            while name in named:
+                name = f"{method_name(r)}#{k}"
+                k += 1
+            named[name] = r
+    if not named:
+        raise OptionError("compare needs at least one fit result")
+    fits = list(named.values())
+    wrong = sorted({r.model_name for r in fits} - {reference.model_name})
+    if wrong:
+        raise IncompatibleError(
+            f"fits of {', '.join(wrong)} cannot be compared with a reference for "
+            f"{reference.model_name!r}"
+        )
+    first = fits[0]
+    info = model_info(first.model, first.args, {}, first.max_plate_nesting)
+    sites = tuple(s for s in (sites or reference.sites) if s in reference.draws)
+    joint_sites = tuple(s for s in info.continuous if s in reference.draws)
+    ref_unc = _unconstrained(reference.draws, info, joint_sites, 2)
+    ref_ok = np.all(np.isfinite(ref_unc), axis=1) if ref_unc.size else None
+    floor = metrics.joint_floor(ref_unc[ref_ok], seed=seed) if joint_sites else {}
+
+    site_frames, rows, draws, idatas, log_ws = [], [], {}, {}, {}
+    for name, result in named.items():
+        row: dict[str, Any] = {
+            "method": name,
+            "guide": result.guide_name,
+            "elbo_name": result.elbo_name,
+            "status": result.status,
+            "converged": bool(result.converged),
+            "num_steps": int(result.num_steps),
+            "wall_time_s": float(result.wall_time),
+            "failed": result.status in FAILED_STATUSES,
+            "failure": result.message if result.status in FAILED_STATUSES else "",
+        }
+        try:
+            got = _method_metrics(
+                result,
+                reference,
+                info,
+                sites,
+                joint_sites,
+                ref_unc,
+                ref_ok,
+                num_draws,
+                iwae_k,
+                seed,
+            )
+        except _METRIC_ERRORS as exc:  # one failing method must not lose the report
+            got = None
+            row["failed"] = True
+            row["failure"] = "; ".join(
+                x for x in (row["failure"], f"its draws cannot be compared ({exc})") if x
+            )[:500]
+        if got is None:
+            row.update(dict.fromkeys(_METRIC_COLUMNS, float("nan")))
+            row["khat_verdict"], row["worst_sd_element"] = "failed", ""
+        else:
+            metric_row, table, post, idata, lw = got
+            row.update(metric_row)
+            table.insert(0, "method", name)
+            site_frames.append(table)
+            draws[name], idatas[name], log_ws[name] = post, idata, lw
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+
+    le = _log_evidence(fits, named, summary, log_evidence, num_evidence, seed)
+    summary["log_evidence"] = le.value
+    summary["gap"] = le.value - summary["elbo"]
+    summary["gap_se"] = np.sqrt(summary["elbo_se"] ** 2 + (le.se**2 if np.isfinite(le.se) else 0))
+    summary["iwae_gap"] = le.value - summary["iwae"]
+    summary["reliable"] = (
+        summary["converged"]
+        & (summary["khat"] < metrics.KHAT_BAD)
+        & ~summary["failed"]
+        & reference.trusted
+    )
+    sites_df = pd.concat(site_frames, ignore_index=True) if site_frames else pd.DataFrame()
+    flags = _flags(summary, reference, le)
+    pair = _pick_pair(sites_df, reference, sites)
+    lessons = _lessons(summary, sites_df, reference, le, draws, pair)
+    return Comparison(
+        model_name=reference.model_name,
+        methods=tuple(named),
+        summary=summary,
+        sites=sites_df,
+        reference=reference,
+        log_evidence=le,
+        draws=draws,
+        inference_data=idatas,
+        losses={n: np.asarray(r.losses) for n, r in named.items()},
+        flags=tuple(flags),
+        lessons=tuple(lessons),
+        pair=pair,
+        settings={
+            "num_draws": num_draws,
+            "iwae_k": iwae_k,
+            "num_evidence": num_evidence,
+            "seed": seed,
+            "joint_sites": list(joint_sites),
+            "sites": list(sites),
+            "joint_floor": floor,
+        },
+    )
+
+
+def _log_evidence(
+    fits: Sequence[FitResult],
+    named: Mapping[str, FitResult],
+    summary: pd.DataFrame,
+    given: float | None,
+    num: int,
+    seed: int,
+) -> LogEvidence:
+    if given is not None:
+        return LogEvidence(float(given), 0.0, GIVEN, "given by the caller")
+    exact = _exact_log_evidence(fits)
+    if exact is not None:
+        return LogEvidence(float(exact), 0.0, EXACT, "closed form (catalog)")
+    usable = summary[np.isfinite(summary["khat"]) | (summary["khat"] == -np.inf)]
+    usable = usable[~usable["failed"]]
+    if usable.empty:
+        return LogEvidence(
+            float("nan"), float("nan"), UNKNOWN, "no method gives finite importance weights"
+        )
+    best = usable.sort_values(["khat", "elbo"], ascending=[True, False]).iloc[0]
+    result = named[best["method"]]
+    lw = evidence_log_weights(result, num, derive_seed(seed, EVIDENCE_SEED_OFFSET))
+    value, se = metrics.log_evidence_is(lw)
+    khat = metrics.psis_khat(lw)
+    return LogEvidence(
+        value,
+        se,
+        ESTIMATED,
+        f"importance sampling with {best['method']} as proposal, {num} draws, "
+        f"k-hat {khat:.2f} ({metrics.khat_verdict(khat)})",
+    )
+
+
+def evidence_log_weights(result: FitResult, num: int, seed: int) -> np.ndarray:
+    """``num`` log weights ``log p(x, z) - log q(z)`` of a fit's guide, drawn with ``seed``.
+
+    What the importance-sampling estimate of ``log p(x)`` uses. A result that
+    stores its own (a :class:`~vimodels.runs.tasks.StoredFit`, whose task called
+    this function on the live fit) returns those.
+    """
+    stored = getattr(result, "stored_evidence_log_weights", None)
+    if stored is not None:
+        return stored(num, seed)
+    info = model_info(result.model, result.args, {}, result.max_plate_nesting)
+    pyro.set_rng_seed(seed)
+    with pyro.get_param_store().scope(result.param_state):
+        _, lw = sample_guide(result.model, result.guide, result.args, {}, info, num)
+    return lw
+
+
+def _flags(summary: pd.DataFrame, reference: Reference, le: LogEvidence) -> list[str]:
+    flags = []
+    if not reference.trusted:
+        failing = "; ".join(c.detail for c in reference.checks if not c.ok)
+        flags.append(
+            f"UNTRUSTED REFERENCE: the {reference.kind} reference fails its checks "
+            f"({failing}); every metric below compares against draws that may be "
+            "wrong"
+        )
+    for row in summary.itertuples():
+        if row.khat >= metrics.KHAT_BAD:
+            flags.append(
+                f"{row.method}: PSIS k-hat {row.khat:.2f} > {metrics.KHAT_BAD}: q "
+                "misses posterior mass; its importance-weighted estimates (IWAE, "
+                "log evidence) are unreliable"
+            )
+        if row.failed:
+            flags.append(f"{row.method}: FAILED ({row.status}): {row.failure}")
+        elif row.status == "nonfinite":
+            flags.append(f"{row.method}: the fit stopped on a non-finite loss")
+        elif not row.converged:
+            flags.append(
+                f"{row.method}: not converged ({row.status}, {row.num_steps} steps): "
+                "its metrics mix optimisation error with the family's bias"
+            )
+    if le.kind == ESTIMATED and "(bad)" in le.source:
+        flags.append(f"log evidence estimate unreliable: {le.source}")
+    return flags
+
+
+def _pick_pair(
+    sites_df: pd.DataFrame, reference: Reference, sites: Sequence[str]
+) -> tuple[str, str] | None:
+    """The element with the largest bias, and the element most correlated with it."""
+    if sites_df.empty:
+        return None
+    score = sites_df["std_mean_error"].abs().fillna(0) + np.abs(
+        np.log(sites_df["sd_ratio"].clip(lower=1e-12))
+    ).fillna(0)
+    by_element = score.groupby(sites_df["element"]).max()
+    matrix, labels = metrics.flatten(reference.draws, sites, sample_ndim=2)
+    if len(labels) < 2:
+        return None
+    first = str(by_element.idxmax())
+    i = labels.index(first)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.corrcoef(matrix, rowvar=False)[i]
+    corr = np.nan_to_num(np.abs(corr))
+    corr[i] = -1.0
+    return first, labels[int(np.argmax(corr))]
+
+
+def _lessons(
+    summary: pd.DataFrame,
+    sites_df: pd.DataFrame,
+    reference: Reference,
+    le: LogEvidence,
+    draws: Mapping[str, Mapping[str, np.ndarray]],
+    pair: tuple[str, str] | None,
+) -> list[str]:
+    out = []
+    if le.kind != UNKNOWN and np.isfinite(le.value):
+        gaps = ", ".join(f"{r.method} {r.gap:.3g} +- {r.gap_se:.2g}" for r in summary.itertuples())
+        out.append(
+            f"The ELBO is a lower bound on log p(x) = {le.value:.4g} nats ({le.kind}); the gap "
+            f"log p(x) - ELBO = KL(q || p) is what each method leaves on the table: {gaps}. "
+            "A higher ELBO means a smaller KL to the posterior, not a correct posterior."
+        )
+    if not sites_df.empty:
+        for row in summary.itertuples():
+            table = sites_df[sites_df["method"] == row.method]
+            narrow = table[table["sd_ratio"] < 0.8]
+            if len(narrow):
+                worst = narrow.loc[narrow["sd_ratio"].idxmin()]
+                out.append(
+                    f"{row.method} is too narrow: sd ratio {worst['sd_ratio']:.2f} at "
+                    f"{worst['element']}, and its central 90% interval covers only "
+                    f"{worst['coverage90']:.0%} of the reference draws there "
+                    f"({len(narrow)} of {len(table)} elements have sd ratio < 0.8)."
+                )
+            biased = table[table["std_mean_error"].abs() > 0.5]
+            if len(biased):
+                worst = biased.loc[biased["std_mean_error"].abs().idxmax()]
+                out.append(
+                    f"{row.method} shifts the mean of {worst['element']} by "
+                    f"{worst['std_mean_error']:+.2f} reference sd."
+                )
+    if pair is not None:
+        ref_corr = _pair_corr(reference.draws, pair, 2)
+        if np.isfinite(ref_corr) and abs(ref_corr) >= 0.3:
+            lost = []
+            for method, post in draws.items():
+                c = _pair_corr(post, pair, 1)
+                if np.isfinite(c) and abs(c - ref_corr) >= 0.2:
+                    lost.append(f"{method} {c:+.2f}")
+            if lost:
+                out.append(
+                    f"Correlation between {pair[0]} and {pair[1]} is {ref_corr:+.2f} "
+                    f"under the reference but {', '.join(lost)}: these approximations lose "
+                    "the dependence (a factorized family cannot represent it at all)."
+                )
+    bad = summary[summary["khat"] >= metrics.KHAT_BAD]
+    if len(bad):
+        out.append(
+            "PSIS k-hat above 0.7 (" + ", ".join(bad["method"]) + ") means the "
+            "approximation misses regions the posterior puts mass on; importance "
+            "weighting cannot repair it."
+        )
+    good = summary[summary["khat"] < metrics.KHAT_GOOD]
+    if len(good):
+        out.append(
+            "PSIS k-hat below 0.5 (" + ", ".join(good["method"]) + "): importance "
+            "sampling with these approximations as proposals is reliable."
+        )
+    if not reference.trusted:
+        out.append(
+            "The reference itself failed its checks, so none of the above is "
+            "established; rerun NUTS with more draws or a higher target acceptance, or "
+            "reparameterize the model."
+        )
+    return out
+
+
+def _pair_corr(draws: Mapping[str, np.ndarray], pair: tuple[str, str], sample_ndim: int) -> float:
+    sites = []
+    for label in pair:
+        site = label.split("[", 1)[0]
+        if site not in sites:
+            sites.append(site)
+    if any(s not in draws for s in sites):
+        return float("nan")
+    matrix, labels = metrics.flatten(draws, sites, sample_ndim)
+    a, b = matrix[:, labels.index(pair[0])], matrix[:, labels.index(pair[1])]
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])

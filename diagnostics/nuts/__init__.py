@@ -1,0 +1,1 @@
+"""NUTS reference: the sampler, lockstep chains, the cached and self-checked reference."""

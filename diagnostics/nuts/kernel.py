@@ -1,0 +1,1366 @@
+"""A lean NUTS sampler on the flat unconstrained vector of a Pyro model.
+
+Pyro's :class:`pyro.infer.NUTS` spends about 1 ms of Python per leapfrog step
+building its trees out of dictionaries of tensors and Pyro sample sites; the
+model's potential itself costs a tenth of that on the catalog's models. This
+module runs the same algorithm with the bookkeeping in NumPy on one flat
+vector, and only the potential and its gradient in torch (JIT-traced):
+
+- the potential is Pyro's own (:func:`pyro.infer.mcmc.util.initialize_model`:
+  unconstrained sites, log-Jacobians, discrete sites summed out by
+  enumeration), so the target density is exactly the one Pyro's NUTS samples;
+- the transition is Stan's multinomial NUTS (Betancourt 2017, "A conceptual
+  introduction to Hamiltonian Monte Carlo", appendix A): biased progressive
+  sampling between subtrees, uniform within them, the generalized no-U-turn
+  criterion on ``rho`` (sum of momenta) including the checks across subtree
+  boundaries that Stan added in 2.21, divergence at an energy error of 1000;
+- warm-up is Stan's: dual averaging of the step size (gamma 0.05, t0 10,
+  kappa 0.75) and an inverse metric from Welford estimates in doubling
+  windows (75 / 25... / 50 iterations, or 15% / 75% / 10% of a short warm-up),
+  regularized towards 1e-3 as in Stan: diagonal (the variances, Stan's
+  ``diag_e``) or dense (the covariance, Stan's ``dense_e``:
+  ``n / (n + 5) * cov + 1e-3 * 5 / (n + 5) * I``); ``metric="auto"`` takes
+  the dense one up to :data:`AUTO_DENSE_MAX_DIM` dimensions where the
+  warm-up's last window has enough draws for it (:func:`resolve_metric`).
+
+Each kept draw records ArviZ's ``sample_stats`` names: ``diverging``,
+``step_size``, ``tree_depth``, ``n_steps``, ``lp``, ``acceptance_rate``,
+``energy`` (the Hamiltonian at the selected point), ``energy_error`` (its
+difference to the initial point's) and ``max_energy_error`` (the signed
+error of largest magnitude in the whole trajectory).
+
+The public entry point is :func:`sample_chain`; :mod:`diagnostics.nuts.chains`
+calls it in the chain worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer.mcmc.util import initialize_model
+
+from diagnostics.nuts.progress import ChainStatus
+from vimodels.compile.record import record, simplify_graph
+from vimodels.errors import IncompatibleError
+
+T = TypeVar("T")
+Reply = tuple[float, np.ndarray]
+Steps = Generator[np.ndarray, Reply, T]  # yields positions, receives (u, grad), returns T
+STAT_NAMES = (
+    "diverging",
+    "step_size",
+    "tree_depth",
+    "n_steps",
+    "lp",
+    "acceptance_rate",
+    "energy",
+    "energy_error",
+    "max_energy_error",
+)
+METRICS = ("diag", "dense", "auto")
+# metric="auto": dense up to this many dimensions, and only where the last warm-up window
+# holds at least AUTO_DRAWS_PER_DIM draws per dimension; diagonal otherwise (resolve_metric)
+AUTO_DENSE_MAX_DIM = 64
+AUTO_DRAWS_PER_DIM = 5
+MAX_DELTA_H = 1000.0  # energy error that marks a divergence (Stan's value)
+LOG_08 = math.log(0.8)
+LOG_2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------- potential
+
+
+class FlatPotential:
+    """Potential energy ``-log p(z, x)`` and its gradient on a flat unconstrained vector.
+
+    With ``jit`` the value and gradient are traced together, once, into one
+    graph of ATen operations (the forward pass and ``torch.autograd.grad`` as
+    :func:`vimodels.compile.record.record` records them, else ``make_fx``; with
+    Pyro's and torch's argument validation off so no value-dependent checks
+    are frozen into it), simplified (:func:`vimodels.compile.record.simplify_graph`:
+    constants folded, identities and autograd's bookkeeping dropped), which
+    TorchScript then runs without the autograd engine: two to four times
+    faster than Pyro's traced potential plus ``backward``, and a small model's
+    gradient in about a third of the operations that autograd dispatched.
+    Where that fails, the potential alone is traced and
+    differentiated by autograd; where that fails too, Python runs it.
+    :attr:`mode` says which ran (``"fx"``, ``"jit"`` or ``"python"``).
+
+    Parameters
+    ----------
+    potential_fn : callable
+        Pyro's potential: dict of unconstrained site values -> scalar tensor.
+    shapes : dict of str to tuple
+        Unconstrained shape of each site, in the order of the flat vector.
+    dtype : torch.dtype
+        The model's floating dtype.
+    jit : bool
+        Compile as above.
+    z0 : ndarray, shape (D,)
+        The point to trace at.
+    """
+
+    def __init__(
+        self,
+        potential_fn: Callable[[dict], torch.Tensor],
+        shapes: Mapping[str, tuple[int, ...]],
+        dtype: torch.dtype,
+        jit: bool,
+        z0: np.ndarray,
+    ) -> None:
+        self.shapes = dict(shapes)
+        self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes.values()]
+        self.dtype = dtype
+        self._potential_fn = potential_fn
+        self.mode = "python"
+        self.note: str | None = None
+        self.graph: torch.fx.GraphModule | None = None  # the traced value-and-gradient
+        self._value_and_grad: Callable | None = None
+        self._fn: Callable = self.python_potential
+        if not jit:
+            return
+        example = torch.as_tensor(z0, dtype=dtype)
+        errors = []
+        try:
+            self.graph, self._value_and_grad = _trace_value_and_grad(self.python_potential, example)
+            self.mode = "fx"
+            return
+        except Exception as exc:  # tracing failures vary widely
+            errors.append(type(exc).__name__)
+        try:
+            self._fn = _trace_potential(self.python_potential, example)
+            self.mode = "jit"
+            return
+        except Exception as exc:
+            errors.append(type(exc).__name__)
+        self.note = f"JIT unavailable ({', '.join(errors)}); ran the Python potential"
+
+    @property
+    def dim(self) -> int:
+        """Length ``D`` of the flat vector."""
+        return int(sum(self.sizes))
+
+    @property
+    def jit(self) -> bool:
+        """Whether a traced potential ran."""
+        return self.mode != "python"
+
+    def unflatten(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a flat tensor (..., D) into the sites' unconstrained tensors."""
+        out = {}
+        start = 0
+        batch = z.shape[:-1]
+        for (name, shape), size in zip(self.shapes.items(), self.sizes):
+            out[name] = z[..., start : start + size].reshape(batch + tuple(shape))
+            start += size
+        return out
+
+    def python_potential(self, z: torch.Tensor) -> torch.Tensor:
+        """Pyro's potential at a flat tensor ``z`` (D,)."""
+        return self._potential_fn(self.unflatten(z))
+
+    def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
+        """Potential (float) and its gradient (float64, shape (D,)) at ``z``."""
+        if self._value_and_grad is not None:
+            with torch.no_grad():
+                g, u = self._value_and_grad(torch.from_numpy(z).to(self.dtype))
+            return float(u), g.numpy().astype(np.float64)
+        t = torch.tensor(z, dtype=self.dtype, requires_grad=True)
+        try:
+            with _validation_off():
+                u = self._fn(t)
+                (g,) = torch.autograd.grad(u, t)
+        except ValueError:  # a point where the model cannot be evaluated: no mass there
+            return math.inf, np.zeros_like(z)
+        return float(u.detach()), g.numpy().astype(np.float64)
+
+
+def _inference(frozen: bool) -> contextlib.AbstractContextManager:
+    """``torch.inference_mode`` around the calls of a frozen graph (no autograd needed).
+
+    Each operation then skips autograd's bookkeeping: a quarter of a small
+    model's gradient call. Not where the potential is differentiated by autograd.
+    """
+    return torch.inference_mode() if frozen else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _validation_off() -> Iterator[None]:
+    """Pyro's and torch.distributions' argument validation off (restored after)."""
+    before = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        with pyro.validation_enabled(False):
+            yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(before)
+
+
+def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.detach().double(), b.detach().double()
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * (1.0 + float(b.abs().max()))))
+
+
+def _value_and_grad_fn(fn: Callable) -> Callable:
+    """``z -> (grad, value)`` by ``torch.autograd.grad`` (whose operations the tracers record).
+
+    Not ``torch.func.grad_and_value``: Pyro's enumeration uses autograd
+    Functions (``safe_log``) that functorch transforms reject.
+    """
+
+    def value_and_grad(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            u = fn(z)
+            (g,) = torch.autograd.grad(u, z)
+        return g, u.detach()
+
+    return value_and_grad
+
+
+def _trace_value_and_grad(
+    fn: Callable, example: torch.Tensor
+) -> tuple[torch.fx.GraphModule, Callable]:
+    """``z -> (grad, value)`` of ``fn`` as an FX graph of ATen operations and frozen TorchScript.
+
+    Recorded by :func:`vimodels.compile.record.record`, else by ``make_fx``;
+    simplified; checked against autograd at a second point.
+    """
+    errors: list[Exception] = []
+    for tracer in _TRACERS:
+        try:
+            with warnings.catch_warnings(), pyro.util.ignore_jit_warnings():
+                warnings.simplefilter("ignore")
+                with _validation_off():
+                    graph = tracer(_value_and_grad_fn(fn), example)
+                graph, compiled = _simplified_and_frozen(graph, example)
+            # the graph holds whatever Python control flow did at `example`: it must
+            # agree with the model elsewhere
+            z1 = example + 0.1
+            g1, u1 = compiled(z1)
+            t = z1.clone().requires_grad_(True)
+            u = fn(t)
+            (g,) = torch.autograd.grad(u, t)
+            if not (_agrees(u1, u) and _agrees(g1, g)):
+                raise RuntimeError(
+                    "the traced potential differs from the model away from the trace point"
+                )
+            return graph, compiled
+        except Exception as exc:  # tracing failures vary widely
+            errors.append(exc)
+    raise errors[-1]
+
+
+def _record(fn: Callable, example: torch.Tensor) -> torch.fx.GraphModule:
+    return record(fn, example)
+
+
+def _make_fx(fn: Callable, example: torch.Tensor) -> torch.fx.GraphModule:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn)(example)
+
+
+# the first that gives a graph that agrees with the model wins
+_TRACERS: tuple[Callable[[Callable, torch.Tensor], torch.fx.GraphModule], ...] = (
+    _record,
+    _make_fx,
+)
+
+
+def _simplified_and_frozen(
+    graph: torch.fx.GraphModule, example: torch.Tensor
+) -> tuple[torch.fx.GraphModule, Callable]:
+    """The simplified graph and its frozen TorchScript; the graph as traced where that fails."""
+    simple = _simplified(graph, example)
+    if simple is not graph:
+        try:
+            return simple, _freeze(simple, example)
+        except Exception:  # an operation TorchScript cannot take: freeze the traced graph
+            pass
+    return graph, _freeze(graph, example)
+
+
+def _freeze(graph: torch.fx.GraphModule, example: torch.Tensor) -> Callable:
+    """Frozen TorchScript of an FX graph, traced at ``example``."""
+    with torch.no_grad():
+        return torch.jit.freeze(torch.jit.trace(graph, (example,), check_trace=False).eval())
+
+
+def _simplified(graph: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
+    """``graph`` with fewer operations (:func:`vimodels.compile.record.simplify_graph`).
+
+    The simplified graph must give what ``graph`` gives at a second point;
+    where it does not, or the pass fails, ``graph`` is kept.
+    """
+    try:
+        simple = simplify_graph(graph, example)
+        if simple is graph:
+            return graph
+        shift = torch.arange(example.numel(), dtype=torch.float64).cos().reshape(example.shape)
+        z1 = example + 0.1 * shift.to(example.dtype)
+        with torch.no_grad():
+            ours, theirs = simple(z1), graph(z1)
+        if len(ours) == len(theirs) and all(
+            torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True) for a, b in zip(ours, theirs)
+        ):
+            return simple
+    except Exception:  # an operation the pass does not know: keep the graph as traced
+        pass
+    return graph
+
+
+def _trace_potential(fn: Callable, example: torch.Tensor) -> Callable:
+    """``torch.jit.trace`` of the potential alone (checked at a second point).
+
+    Traced with validation off, so that any tensor-to-Python conversion left is
+    the model's own control flow: its TracerWarning rejects the trace.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _validation_off():
+            traced = torch.jit.trace(fn, (example,), check_trace=False)
+    frozen = [
+        w
+        for w in caught
+        if issubclass(w.category, torch.jit.TracerWarning)
+        and "Converting a tensor to a Python" in str(w.message)
+    ]
+    if frozen:
+        raise RuntimeError(f"value-dependent Python in the model: {frozen[0].message}")
+    z1 = example + 0.1
+    if not _agrees(traced(z1), fn(z1)):
+        raise RuntimeError("the traced potential differs from the model away from the trace point")
+    return traced
+
+
+class BatchedPotential:
+    """The potential and its gradient at K positions at once, for chains run in lockstep.
+
+    Where the :class:`FlatPotential` is an FX graph of ATen operations (mode
+    ``"fx"``), ``torch.func.vmap`` of that graph is recorded again (as the
+    graph was) at a ``(K, D)`` example, simplified and frozen with
+    TorchScript: one call dispatches about as many operations as one chain's
+    gradient does. It is
+    checked row by row against the unbatched potential at a second point.
+    Where that cannot be done (a model traced otherwise or not at all, a
+    vmap or check failure), the rows are evaluated one by one with the
+    unbatched potential. :attr:`mode` says which (``"vmap"`` or ``"rows"``),
+    :attr:`note` why rows ran where vmap was tried.
+
+    Parameters
+    ----------
+    potential : FlatPotential
+    example : ndarray, shape (K, D)
+        Positions to trace at (the chains' initial points).
+    vectorize : bool
+        Try vmap; else evaluate rows one by one.
+    """
+
+    def __init__(self, potential: FlatPotential, example: np.ndarray, vectorize: bool = True):
+        self.potential = potential
+        self.size = int(example.shape[0])
+        self.mode = "rows"
+        self.note: str | None = None
+        self._batched: Callable | None = None
+        try:
+            self._np_dtype: np.dtype | None = torch.empty((), dtype=potential.dtype).numpy().dtype
+        except TypeError:  # a dtype NumPy lacks
+            self._np_dtype = None
+        if not vectorize or potential.graph is None:
+            return
+        try:
+            self._batched = _trace_batched(
+                potential, torch.as_tensor(example, dtype=potential.dtype)
+            )
+            self.mode = "vmap"
+        except Exception as exc:  # vmap and tracing failures vary widely
+            self.note = (
+                f"batched potential unavailable ({type(exc).__name__}); "
+                "the chains' potentials ran one by one"
+            )
+
+    def __call__(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Potentials (K,) and gradients (K, D), float64, at positions ``z`` (K, D)."""
+        if self._batched is not None:
+            # a frozen graph of inputs that need no gradient builds no autograd graph:
+            # no torch.no_grad() needed; the cast to the model's dtype rounds as torch's does
+            if self._np_dtype is not None:
+                x = torch.from_numpy(z.astype(self._np_dtype, copy=False))
+            else:
+                x = torch.from_numpy(z).to(self.potential.dtype)
+            g, u = self._batched(x)
+            return u.numpy().astype(np.float64), g.numpy().astype(np.float64)
+        rows = [self.potential(row) for row in z]
+        return np.array([u for u, _ in rows]), np.stack([g for _, g in rows])
+
+
+@contextlib.contextmanager
+def _quiet_vmap_fallback() -> Iterator[None]:
+    """Silence functorch's "performance drop" message for operations vmap loops over.
+
+    The loop is traced into the graph like any other operation; the message
+    (printed by C++, not a Python warning) would only alarm the user.
+    """
+    switch = getattr(torch._C._functorch, "_set_vmap_fallback_warning_enabled", None)
+    if switch is not None:
+        switch(False)
+    try:
+        yield
+    finally:
+        if switch is not None:
+            switch(True)
+
+
+def _trace_batched(potential: FlatPotential, example: torch.Tensor) -> Callable:
+    """Frozen TorchScript of ``vmap`` of the potential's FX graph at ``example`` (K, D).
+
+    Checked row by row against the unbatched potential at a second point.
+    """
+    errors: list[Exception] = []
+    for tracer in _TRACERS:
+        try:
+            return _trace_batched_with(tracer, potential, example)
+        except Exception as exc:  # vmap and tracing failures vary widely
+            errors.append(exc)
+    raise errors[-1]
+
+
+def _trace_batched_with(
+    tracer: Callable[[Callable, torch.Tensor], torch.fx.GraphModule],
+    potential: FlatPotential,
+    example: torch.Tensor,
+) -> Callable:
+    with warnings.catch_warnings(), pyro.util.ignore_jit_warnings(), _quiet_vmap_fallback():
+        warnings.simplefilter("ignore")
+        graph = tracer(torch.func.vmap(potential.graph), example)
+        _, compiled = _simplified_and_frozen(graph, example)
+    shift = 0.1 * torch.arange(1, example.shape[0] + 1, dtype=example.dtype)[:, None]
+    z1 = example + shift
+    with torch.no_grad():
+        g1, u1 = compiled(z1)
+    if tuple(g1.shape) != tuple(example.shape) or tuple(u1.shape) != (example.shape[0],):
+        raise RuntimeError(f"the batched potential has shapes {tuple(g1.shape)}, {tuple(u1.shape)}")
+    for k, row in enumerate(z1.double().numpy()):
+        u, g = potential(row)
+        if not (_agrees(u1[k], torch.tensor(u)) and _agrees(g1[k], torch.from_numpy(g))):
+            raise RuntimeError(f"the batched potential differs from the model in row {k}")
+    return compiled
+
+
+# ----------------------------------------------------------------------------- adaptation
+
+
+@dataclass
+class DualAveraging:
+    """Nesterov dual averaging of ``log(step size)`` (Hoffman and Gelman 2014; Stan's constants)."""
+
+    target: float
+    mu: float = math.log(10.0)
+    gamma: float = 0.05
+    t0: float = 10.0
+    kappa: float = 0.75
+    counter: int = 0
+    s_bar: float = 0.0
+    x_bar: float = 0.0
+
+    def restart(self, step_size: float) -> None:
+        """Start over around ``10 * step_size``."""
+        self.mu = math.log(10.0 * step_size)
+        self.counter = 0
+        self.s_bar = 0.0
+        self.x_bar = 0.0
+
+    def update(self, accept_stat: float) -> float:
+        """Learn from one transition's mean acceptance; returns the next step size."""
+        self.counter += 1
+        accept_stat = min(1.0, accept_stat)
+        eta = 1.0 / (self.counter + self.t0)
+        self.s_bar = (1.0 - eta) * self.s_bar + eta * (self.target - accept_stat)
+        x = self.mu - self.s_bar * math.sqrt(self.counter) / self.gamma
+        x_eta = self.counter ** (-self.kappa)
+        self.x_bar = (1.0 - x_eta) * self.x_bar + x_eta * x
+        return math.exp(x)
+
+    @property
+    def final(self) -> float:
+        """The averaged step size used after warm-up."""
+        return math.exp(self.x_bar)
+
+
+@dataclass
+class Windows:
+    """Stan's warm-up schedule: fast buffer, doubling slow windows, terminal buffer."""
+
+    num_warmup: int
+    init_buffer: int = 75
+    term_buffer: int = 50
+    base_window: int = 25
+    counter: int = 0
+    window_size: int = 0
+    next_window: int = 0
+    adapt_metric: bool = True
+
+    def __post_init__(self) -> None:
+        w = self.num_warmup
+        if w < 20:
+            self.adapt_metric = False
+            return
+        if self.init_buffer + self.base_window + self.term_buffer > w:
+            self.init_buffer = int(0.15 * w)
+            self.term_buffer = int(0.1 * w)
+            self.base_window = w - (self.init_buffer + self.term_buffer)
+        self.window_size = self.base_window
+        self.next_window = self.init_buffer + self.window_size - 1
+
+    def in_window(self) -> bool:
+        """Whether the current iteration's draw feeds the variance estimate."""
+        w = self.num_warmup
+        return (
+            self.adapt_metric
+            and self.init_buffer <= self.counter < w - self.term_buffer
+            and self.counter != w
+        )
+
+    def end_of_window(self) -> bool:
+        """Whether the current iteration closes a slow window."""
+        return (
+            self.adapt_metric
+            and self.counter == self.next_window
+            and self.counter != self.num_warmup
+        )
+
+    def advance(self) -> None:
+        """Move to the next window after one closed."""
+        last = self.num_warmup - self.term_buffer - 1
+        if self.next_window == last:
+            return
+        self.window_size *= 2
+        self.next_window = self.counter + self.window_size
+        if self.next_window != last and self.next_window + 2 * self.window_size >= last + 1:
+            self.next_window = last
+
+
+@dataclass
+class Welford:
+    """Running mean and variance of vectors."""
+
+    dim: int
+    n: int = 0
+    mean: np.ndarray = field(default=None)  # type: ignore[assignment]
+    m2: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget every sample."""
+        self.n = 0
+        self.mean = np.zeros(self.dim)
+        self.m2 = np.zeros(self.dim)
+
+    def add(self, x: np.ndarray) -> None:
+        """Add one sample."""
+        self.n += 1
+        delta = x - self.mean
+        self.mean = self.mean + delta / self.n
+        self.m2 = self.m2 + delta * (x - self.mean)
+
+    def regularized_variance(self) -> np.ndarray:
+        """Sample variance shrunk towards 1e-3 with weight 5 / (n + 5) (Stan)."""
+        n = self.n
+        var = self.m2 / max(n - 1, 1)
+        return (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
+
+
+@dataclass
+class WelfordCovariance:
+    """Running mean and covariance of vectors (Stan's ``welford_covar_estimator``)."""
+
+    dim: int
+    n: int = 0
+    mean: np.ndarray = field(default=None)  # type: ignore[assignment]
+    m2: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget every sample."""
+        self.n = 0
+        self.mean = np.zeros(self.dim)
+        self.m2 = np.zeros((self.dim, self.dim))
+
+    def add(self, x: np.ndarray) -> None:
+        """Add one sample."""
+        self.n += 1
+        delta = x - self.mean
+        self.mean = self.mean + delta / self.n
+        self.m2 += np.outer(x - self.mean, delta)
+
+    def regularized_covariance(self) -> np.ndarray:
+        """``n / (n + 5) * cov + 1e-3 * 5 / (n + 5) * I`` (Stan's ``dense_e``), symmetric."""
+        n = self.n
+        cov = self.m2 / max(n - 1, 1)
+        cov = 0.5 * (cov + cov.T)
+        out = (n / (n + 5.0)) * cov
+        out[np.diag_indices(self.dim)] += 1e-3 * (5.0 / (n + 5.0))
+        return out
+
+
+def last_window(num_warmup: int) -> int:
+    """Draws in the last slow window of Stan's warm-up schedule (the final metric's)."""
+    w = Windows(num_warmup)
+    start, size = w.init_buffer, 0
+    for i in range(num_warmup):
+        if w.end_of_window():
+            size = i + 1 - start
+            start = i + 1
+            w.advance()
+        w.counter += 1
+    return size
+
+
+def resolve_metric(metric: str, dim: int, num_warmup: int) -> str:
+    """The metric a chain adapts: ``"diag"`` or ``"dense"``.
+
+    ``"auto"`` is ``"dense"`` when ``dim <= AUTO_DENSE_MAX_DIM`` (64) and the
+    warm-up's last window (:func:`last_window`) holds at least
+    ``AUTO_DRAWS_PER_DIM * dim`` draws (5 per dimension), else ``"diag"``.
+    Measured (benchmarks/README.md, benchmark 3b): a dense product costs
+    2-4x a diagonal one per leapfrog step, small next to the step's
+    Python up to about 64 dimensions and growing as D^2 above; and a
+    covariance estimated from too few draws per dimension is noisy enough
+    to make trees deeper than the diagonal metric's (sleepstudy, 45
+    dimensions, 100 draws in the last window: 19 against 12.5 gradients
+    per draw), while with enough draws it cuts them on correlated
+    posteriors.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+    if metric == "auto":
+        enough = last_window(num_warmup) >= AUTO_DRAWS_PER_DIM * dim
+        return "dense" if dim <= AUTO_DENSE_MAX_DIM and enough else "diag"
+    return metric
+
+
+# ----------------------------------------------------------------------------- NUTS
+
+
+@dataclass(slots=True)
+class _Point:
+    """A phase-space point: position, momentum, potential, gradient."""
+
+    z: np.ndarray
+    r: np.ndarray
+    u: float
+    g: np.ndarray
+    h: float = math.nan  # the Hamiltonian, where computed
+
+
+@dataclass(slots=True)
+class _Subtree:
+    """What a (sub)tree hands back to the level above it."""
+
+    end: _Point  # the last point built (where a following subtree starts)
+    prop: _Point  # the multinomial proposal within the subtree
+    log_w: float  # log of the summed weights exp(H0 - H)
+    rho: np.ndarray  # sum of momenta
+    p_beg: np.ndarray  # momentum at the first point built
+    ps_beg: np.ndarray  # M^-1 p there
+    p_end: np.ndarray
+    ps_end: np.ndarray
+    valid: bool
+
+
+def _logaddexp(x: float, y: float) -> float:
+    """``numpy.logaddexp`` of two floats, as NumPy computes it, without a ufunc call."""
+    if x == y:
+        return x + LOG_2
+    d = x - y
+    if d > 0:
+        return x + math.log1p(math.exp(-d))
+    if d <= 0:
+        return y + math.log1p(math.exp(d))
+    return d  # nan
+
+
+def _persist(ps_minus: np.ndarray, ps_plus: np.ndarray, rho: np.ndarray) -> bool:
+    """Generalized no-U-turn criterion: both ends still move along ``rho``."""
+    return float(ps_plus @ rho) > 0.0 and float(ps_minus @ rho) > 0.0
+
+
+class NUTSChain:
+    """One NUTS chain, written as generators that ask for the potential.
+
+    Every method that needs the potential and its gradient exists as a
+    generator (``*_steps``) that yields the flat position ``z`` and receives
+    ``(u, grad)`` back (``yield from`` through the tree's recursion), so that
+    one algorithm serves both a chain driven alone (:func:`drive`) and chains
+    driven together with one batched gradient per leapfrog step
+    (:func:`drive_lockstep`). :meth:`transition`, :meth:`find_reasonable_step_size`
+    and :meth:`_leapfrog` drive their generator with :attr:`potential`.
+
+    Parameters
+    ----------
+    potential : callable or None
+        ``z -> (u, grad)``; needed by the synchronous methods, and to evaluate
+        ``z0`` when ``start`` is not given.
+    z0 : ndarray, shape (D,)
+        Initial unconstrained position.
+    rng : numpy.random.Generator
+    target_accept_prob : float
+    max_tree_depth : int
+        At most ``2**max_tree_depth - 1`` leapfrog steps per transition.
+    start : tuple of (float, ndarray), optional
+        The potential and its gradient at ``z0``, if already known.
+
+    Attributes
+    ----------
+    inv_mass : ndarray
+        The inverse metric: shape (D,) (diagonal) or (D, D) (dense); setting it
+        switches between the two.
+    """
+
+    def __init__(
+        self,
+        potential: Callable[[np.ndarray], Reply] | None,
+        z0: np.ndarray,
+        rng: np.random.Generator,
+        target_accept_prob: float = 0.8,
+        max_tree_depth: int = 10,
+        *,
+        start: Reply | None = None,
+    ) -> None:
+        self.potential = potential
+        self.rng = rng
+        self.target = float(target_accept_prob)
+        self.max_depth = int(max_tree_depth)
+        if start is None:
+            start = self._require_potential()(z0)
+        u, g = start
+        if not math.isfinite(u):
+            raise ValueError("the potential is not finite at the initial point")
+        self.z, self.u, self.g = np.asarray(z0, dtype=np.float64), u, g
+        self.dim = self.z.shape[0]
+        self._dense = False
+        self._momentum_factor: np.ndarray | None = None
+        self.inv_mass = np.ones(self.dim)
+        self.step_size = 1.0
+        # per-transition counters
+        self.n_leapfrog = 0
+        self.sum_metro = 0.0
+        self.divergent = False
+        self.max_error = 0.0
+
+    @property
+    def inv_mass(self) -> np.ndarray:
+        """The inverse metric, (D,) diagonal or (D, D) dense."""
+        return self._inv_mass
+
+    @inv_mass.setter
+    def inv_mass(self, value: np.ndarray) -> None:
+        value = np.asarray(value, dtype=np.float64)
+        self._dense = value.ndim == 2
+        if self._dense:
+            # momentum ~ N(0, M) with M = inv_mass^-1 = L^-T L^-1: r = L^-T xi
+            chol = np.linalg.cholesky(value)
+            self._momentum_factor = np.ascontiguousarray(np.linalg.inv(chol).T)
+        else:
+            self._momentum_factor = None
+        self._inv_mass = value
+
+    def _require_potential(self) -> Callable[[np.ndarray], Reply]:
+        if self.potential is None:
+            raise RuntimeError("this chain has no potential of its own: drive its generators")
+        return self.potential
+
+    # --- Hamiltonian pieces
+    def _momentum(self) -> np.ndarray:
+        if self._dense:
+            return self._momentum_factor @ self.rng.standard_normal(self.dim)
+        return self.rng.standard_normal(self.dim) / np.sqrt(self._inv_mass)
+
+    def _velocity(self, r: np.ndarray) -> np.ndarray:
+        """``M^-1 r`` (a new array)."""
+        return self._inv_mass @ r if self._dense else self._inv_mass * r
+
+    def _energy(self, u: float, r: np.ndarray) -> float:
+        return u + 0.5 * float(r @ self._velocity(r))
+
+    def _drift(self, p: _Point, eps: float) -> tuple[np.ndarray, np.ndarray]:
+        """The first half of a leapfrog step: half a kick, then the drift; ``(z, r)``."""
+        # r = p.r - 0.5 * eps * p.g; z = p.z + eps * (M^-1 r), with fewer temporaries
+        # (the same roundings: a - b is a + (-b), and sums and products commute)
+        r = p.g * (-0.5 * eps)
+        r += p.r
+        z = self._velocity(r)
+        z *= eps
+        z += p.z
+        return z, r
+
+    def leapfrog_steps(self, p: _Point, eps: float) -> Steps[_Point]:
+        """One leapfrog step from ``p`` (asks for the potential once)."""
+        z, r = self._drift(p, eps)
+        u, g = yield z
+        r -= g * (0.5 * eps)
+        return _Point(z, r, u, g)
+
+    def _leapfrog(self, p: _Point, eps: float) -> _Point:
+        return drive(self.leapfrog_steps(p, eps), self._require_potential())
+
+    # --- step size
+    def find_step_size_steps(self) -> Steps[None]:
+        """Stan's heuristic: double or halve until one leapfrog step crosses acceptance 0.8."""
+        start = _Point(self.z, None, self.u, self.g)  # type: ignore[arg-type]
+        direction = 0
+        for _ in range(100):
+            r = self._momentum()
+            h0 = self._energy(self.u, r)
+            start.r = r
+            q = yield from self.leapfrog_steps(start, self.step_size)
+            with np.errstate(over="ignore", invalid="ignore"):  # a step far too large: h = inf
+                h = self._energy(q.u, q.r)
+            delta = h0 - h if math.isfinite(h) else -math.inf
+            if direction == 0:
+                direction = 1 if delta > LOG_08 else -1
+            if direction == 1 and not delta > LOG_08:
+                break
+            if direction == -1 and not delta < LOG_08:
+                break
+            self.step_size = self.step_size * 2.0 if direction == 1 else self.step_size * 0.5
+            if self.step_size > 1e7 or self.step_size == 0.0:
+                raise ValueError(
+                    f"no reasonable step size (reached {self.step_size:g}); the "
+                    "posterior is improper or the potential is not smooth"
+                )
+
+    def find_reasonable_step_size(self) -> None:
+        """:meth:`find_step_size_steps` driven by :attr:`potential`."""
+        drive(self.find_step_size_steps(), self._require_potential())
+
+    # --- tree
+    def _leaf(
+        self, z: np.ndarray, r: np.ndarray, u: float, g: np.ndarray, eps: float, h0: float
+    ) -> _Subtree:
+        """The one-point subtree at the end of a leapfrog step (``r`` still half-kicked)."""
+        r -= g * (0.5 * eps)
+        q = _Point(z, r, u, g)
+        self.n_leapfrog += 1
+        ps = self._velocity(r)
+        h = u + 0.5 * float(r @ ps)
+        if not math.isfinite(h):
+            h = math.inf
+        q.h = h
+        delta = h0 - h
+        if abs(delta) > abs(self.max_error):
+            self.max_error = -delta
+        if -delta > MAX_DELTA_H:
+            self.divergent = True
+        self.sum_metro += 1.0 if delta > 0 else math.exp(delta)
+        return _Subtree(q, q, delta, r, r, ps, r, ps, not self.divergent)
+
+    def _leaf_steps(self, start: _Point, eps: float, h0: float) -> Steps[_Subtree]:
+        z, r = self._drift(start, eps)
+        u, g = yield z
+        return self._leaf(z, r, u, g, eps, h0)
+
+    def build_steps(self, start: _Point, depth: int, eps: float, h0: float) -> Steps[_Subtree]:
+        """A subtree of ``2**depth`` leapfrog steps from ``start`` (Stan's ``build_tree``)."""
+        if depth == 0:
+            z, r = self._drift(start, eps)
+            u, g = yield z
+            return self._leaf(z, r, u, g, eps, h0)
+        if depth == 1:  # two leaves, without a generator each
+            z, r = self._drift(start, eps)
+            u, g = yield z
+            init = self._leaf(z, r, u, g, eps, h0)
+            if not init.valid:
+                return init
+            z, r = self._drift(init.end, eps)
+            u, g = yield z
+            final = self._leaf(z, r, u, g, eps, h0)
+        else:
+            init = yield from self.build_steps(start, depth - 1, eps, h0)
+            if not init.valid:
+                return init
+            final = yield from self.build_steps(init.end, depth - 1, eps, h0)
+        if not final.valid:
+            return final
+        log_w = _logaddexp(init.log_w, final.log_w)
+        prop = init.prop
+        if self.rng.random() < math.exp(final.log_w - log_w):
+            prop = final.prop
+        rho = init.rho + final.rho
+        if depth == 1:
+            # two leaves: rho is also init.rho + final.p_beg and final.rho + init.p_end,
+            # and each leaf's two ends are one point: Stan's three checks are one
+            valid = _persist(init.ps_beg, final.ps_end, rho)
+        else:
+            valid = (
+                _persist(init.ps_beg, final.ps_end, rho)
+                and _persist(init.ps_beg, final.ps_beg, init.rho + final.p_beg)
+                and _persist(init.ps_end, final.ps_end, final.rho + init.p_end)
+            )
+        return _Subtree(
+            final.end, prop, log_w, rho, init.p_beg, init.ps_beg, final.p_end, final.ps_end, valid
+        )
+
+    def transition_steps(self) -> Steps[dict[str, float]]:
+        """One NUTS transition from the current point; returns its statistics."""
+        eps = self.step_size
+        r0 = self._momentum()
+        here = _Point(self.z, r0, self.u, self.g)
+        h0 = self._energy(self.u, r0)
+        here.h = h0
+        ps0 = self._velocity(r0)
+        left = right = here
+        p_left = p_right = r0
+        ps_left = ps_right = ps0
+        rho = r0.copy()
+        sample = here
+        log_sum_w = 0.0
+        self.n_leapfrog, self.sum_metro, self.divergent = 0, 0.0, False
+        self.max_error = 0.0
+        depth = 0
+        doublings = 0
+        while depth < self.max_depth:
+            doublings += 1
+            forward = self.rng.random() > 0.5
+            sub = yield from self.build_steps(
+                right if forward else left, depth, eps if forward else -eps, h0
+            )
+            if not sub.valid:
+                break
+            depth += 1
+            if sub.log_w > log_sum_w or self.rng.random() < math.exp(sub.log_w - log_sum_w):
+                sample = sub.prop
+            log_sum_w = _logaddexp(log_sum_w, sub.log_w)
+            if forward:
+                near_p, near_ps, far_ps = p_right, ps_right, ps_left
+            else:
+                near_p, near_ps, far_ps = p_left, ps_left, ps_right
+            old_rho = rho
+            rho = old_rho + sub.rho
+            persist = (
+                _persist(far_ps, sub.ps_end, rho)
+                and _persist(far_ps, sub.ps_beg, old_rho + sub.p_beg)
+                and _persist(near_ps, sub.ps_end, sub.rho + near_p)
+            )
+            if forward:
+                right, p_right, ps_right = sub.end, sub.p_end, sub.ps_end
+            else:
+                left, p_left, ps_left = sub.end, sub.p_end, sub.ps_end
+            if not persist:
+                break
+        self.z, self.u, self.g = sample.z, sample.u, sample.g
+        accept = self.sum_metro / max(self.n_leapfrog, 1)
+        return {
+            "diverging": self.divergent,
+            "step_size": eps,
+            "tree_depth": doublings,
+            "n_steps": self.n_leapfrog,
+            "lp": -self.u,
+            "acceptance_rate": accept,
+            "energy": sample.h,
+            "energy_error": sample.h - h0,
+            "max_energy_error": self.max_error,
+        }
+
+    def transition(self) -> dict[str, float]:
+        """:meth:`transition_steps` driven by :attr:`potential`."""
+        return drive(self.transition_steps(), self._require_potential())
+
+
+# ----------------------------------------------------------------------------- drivers
+
+
+def drive(steps: Steps[T], potential: Callable[[np.ndarray], Reply]) -> T:
+    """Run a generator of :class:`NUTSChain` to its end, answering it with ``potential``.
+
+    Parameters
+    ----------
+    steps : generator
+        Yields positions ``z`` (D,), receives ``potential(z)``.
+    potential : callable
+        ``z -> (u, grad)``.
+
+    Returns
+    -------
+    The generator's return value.
+    """
+    try:
+        z = next(steps)
+        while True:
+            z = steps.send(potential(z))
+    except StopIteration as stop:
+        return stop.value
+
+
+def drive_lockstep(
+    programs: Sequence[Steps[T]],
+    batched: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    dim: int,
+) -> list[T]:
+    """Run several generators together with one batched potential call per round.
+
+    Each round stacks the positions the live generators asked for into a
+    ``(K, D)`` array, evaluates ``batched`` once, and sends each generator its
+    row. A generator that has finished keeps its last position as a dummy row,
+    so the batch keeps its shape (the traced graph has static shapes).
+
+    Parameters
+    ----------
+    programs : sequence of generators
+        As for :func:`drive`; they start with a yield (all :class:`NUTSChain`
+        generators and :func:`chain_steps` do).
+    batched : callable
+        ``Z (K, D) -> (U (K,), G (K, D))``.
+    dim : int
+        ``D``.
+
+    Returns
+    -------
+    list
+        The generators' return values, in order.
+    """
+    k_all = len(programs)
+    z = np.zeros((k_all, dim))
+    results: list[Any] = [None] * k_all
+    for k, program in enumerate(programs):
+        z[k] = next(program)
+    live = list(range(k_all))
+    while live:
+        u, g = batched(z)
+        values = np.asarray(u).tolist()  # Python floats, as float(u[k]) gives them
+        rows = list(g)
+        still = []
+        for k in live:
+            try:
+                z[k] = programs[k].send((values[k], rows[k]))
+                still.append(k)
+            except StopIteration as stop:
+                results[k] = stop.value
+        live = still
+    return results
+
+
+def chain_steps(
+    z0: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    num_warmup: int,
+    num_samples: int,
+    target_accept_prob: float = 0.8,
+    max_tree_depth: int = 10,
+    metric: str = "diag",
+    status: ChainStatus | None = None,
+) -> Steps[dict[str, Any]]:
+    """A whole chain (Stan's warm-up, then the kept draws) as one generator.
+
+    Parameters
+    ----------
+    z0 : ndarray, shape (D,)
+        Initial unconstrained position (the first position asked for).
+    rng : numpy.random.Generator
+        The chain's own random stream.
+    num_warmup, num_samples, target_accept_prob, max_tree_depth, metric
+        As for :func:`sample_chain`.
+    status : ChainStatus, optional
+        Updated after every transition (live progress).
+
+    Returns
+    -------
+    dict
+        ``draws`` (num_samples, D) unconstrained, ``stats`` (lists per kept
+        draw), ``warmup_steps``, ``step_size``, ``inv_mass`` ((D,) or (D, D))
+        and ``metric`` (the one adapted).
+    """
+    z0 = np.asarray(z0, dtype=np.float64)
+    start = yield z0
+    chain = NUTSChain(
+        None,
+        z0,
+        rng,
+        target_accept_prob=target_accept_prob,
+        max_tree_depth=max_tree_depth,
+        start=start,
+    )
+    used = resolve_metric(metric, chain.dim, num_warmup)
+    warmup_steps = yield from _warmup_steps(chain, num_warmup, used, status)
+    draws = np.empty((num_samples, chain.dim))
+    stats: dict[str, list] = {k: [] for k in STAT_NAMES}
+    for i in range(num_samples):
+        info = yield from chain.transition_steps()
+        draws[i] = chain.z
+        for k, v in info.items():
+            stats[k].append(v)
+        if status is not None:
+            status.record(info, warmup=False)
+    return {
+        "draws": draws,
+        "stats": {k: np.asarray(v) for k, v in stats.items()},
+        "warmup_steps": warmup_steps,
+        "step_size": chain.step_size,
+        "inv_mass": chain.inv_mass,
+        "metric": used,
+    }
+
+
+def _warmup_steps(
+    chain: NUTSChain, num_warmup: int, metric: str = "diag", status: ChainStatus | None = None
+) -> Steps[int]:
+    """Stan's warm-up of ``chain``, ``"diag"`` or ``"dense"`` metric; returns its leapfrog steps."""
+    yield from chain.find_step_size_steps()
+    averaging = DualAveraging(target=chain.target)
+    averaging.restart(chain.step_size)
+    windows = Windows(num_warmup)
+    dense = metric == "dense"
+    welford: Welford | WelfordCovariance = (
+        WelfordCovariance(chain.dim) if dense else Welford(chain.dim)
+    )
+    warmup_steps = 0
+    for _ in range(num_warmup):
+        info = yield from chain.transition_steps()
+        if status is not None:
+            status.record(info, warmup=True)
+        warmup_steps += info["n_steps"]
+        chain.step_size = averaging.update(info["acceptance_rate"])
+        if windows.in_window():
+            welford.add(chain.z)
+        if windows.end_of_window():
+            windows.advance()
+            chain.inv_mass = (
+                welford.regularized_covariance()  # type: ignore[union-attr]
+                if dense
+                else welford.regularized_variance()  # type: ignore[union-attr]
+            )
+            welford.restart()
+            yield from chain.find_step_size_steps()
+            averaging.restart(chain.step_size)
+        windows.counter += 1
+    if num_warmup > 0:
+        chain.step_size = averaging.final
+    return warmup_steps
+
+
+# ----------------------------------------------------------------------------- chain
+
+
+@dataclass
+class _Setup:
+    """A model's flat potential, the chains' initial points and the transforms back."""
+
+    potential: FlatPotential
+    z0: list[np.ndarray]
+    transforms: Mapping
+    dtype: torch.dtype
+
+
+def _setup(
+    model: Callable,
+    data: Mapping[str, Any],
+    seeds: Sequence[int],
+    max_plate_nesting: int | None,
+    jit: bool,
+) -> _Setup:
+    """Pyro's potential (traced once) and each seed's initial point (``init_to_uniform``)."""
+    z0, first = [], None
+    for seed in seeds:
+        pyro.set_rng_seed(seed % (2**32))
+        # validation off: a NaN density at a random initial point is retried by Pyro
+        # (up to 100 points) instead of raising from the distribution's constructor
+        with warnings.catch_warnings(), _validation_off():
+            warnings.simplefilter("ignore")
+            try:
+                params, potential_fn, transforms, _ = initialize_model(
+                    model, model_kwargs=dict(data), max_plate_nesting=max_plate_nesting
+                )
+            except (RuntimeError, ValueError) as exc:  # Pyro's words vary by version
+                if "initial param" not in str(exc):
+                    raise
+                raise IncompatibleError(
+                    "NUTS found no initial point where the model's log density and its "
+                    "gradient are finite (100 random points, unconstrained values in (-2, 2)); "
+                    "make the density finite over the support (guard log, sqrt, division "
+                    "and NaN-producing branches) or check the data"
+                ) from None
+        names = list(params)
+        z0.append(np.concatenate([params[k].detach().reshape(-1).double().numpy() for k in names]))
+        if first is None:
+            shapes = {k: tuple(params[k].shape) for k in names}
+            dtype = params[names[0]].dtype if names else torch.get_default_dtype()
+            first = (potential_fn, shapes, dtype, transforms)
+    potential_fn, shapes, dtype, transforms = first
+    potential = FlatPotential(potential_fn, shapes, dtype, jit, z0[0])
+    return _Setup(potential, z0, transforms, dtype)
+
+
+def sample_chain(
+    model: Callable,
+    data: Mapping[str, Any],
+    *,
+    num_warmup: int,
+    num_samples: int,
+    seed: int,
+    target_accept_prob: float = 0.8,
+    max_tree_depth: int = 10,
+    max_plate_nesting: int | None = None,
+    jit: bool = True,
+    metric: str = "diag",
+    status: ChainStatus | None = None,
+) -> dict[str, Any]:
+    """Run one NUTS chain on a Pyro model called as ``model(**data)``.
+
+    Parameters
+    ----------
+    model : callable
+        Pyro model; discrete sites with finite support are summed out.
+    data : dict
+        Keyword arguments of the model.
+    num_warmup, num_samples : int
+        Adapted warm-up iterations (discarded) and kept draws.
+    seed : int
+        Seeds the initial point (Pyro's ``init_to_uniform``) and the sampler.
+    target_accept_prob, max_tree_depth : float, int
+        As in Stan and Pyro.
+    max_plate_nesting : int, optional
+    jit : bool
+        Trace the potential.
+    metric : str
+        ``"diag"`` (Stan's default), ``"dense"`` or ``"auto"`` (:func:`resolve_metric`).
+    status : ChainStatus, optional
+        Updated after every transition (live progress).
+
+    Returns
+    -------
+    dict
+        ``samples``: site -> ndarray (num_samples, *site shape), constrained,
+        float64; ``stats``: per kept draw ``diverging``, ``step_size``,
+        ``tree_depth`` (doublings tried), ``n_steps`` (leapfrog steps),
+        ``lp`` (log density on the unconstrained space),
+        ``acceptance_rate``, ``energy``, ``energy_error`` and
+        ``max_energy_error``; ``warmup_steps`` (leapfrog steps in warm-up);
+        ``metric`` (the one adapted), ``inv_mass``, ``jit`` and ``note``.
+    """
+    setup = _setup(model, data, [seed], max_plate_nesting, jit)
+    program = chain_steps(
+        setup.z0[0],
+        np.random.default_rng(seed),
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        target_accept_prob=target_accept_prob,
+        max_tree_depth=max_tree_depth,
+        metric=metric,
+        status=status,
+    )
+    with _inference(setup.potential.mode == "fx"):
+        run = drive(program, setup.potential)
+    return _chain_result(run, setup)
+
+
+def sample_chains(
+    model: Callable,
+    data: Mapping[str, Any],
+    *,
+    num_warmup: int,
+    num_samples: int,
+    seeds: Sequence[int],
+    target_accept_prob: float = 0.8,
+    max_tree_depth: int = 10,
+    max_plate_nesting: int | None = None,
+    jit: bool = True,
+    batch: bool = True,
+    metric: str = "diag",
+    statuses: Sequence[ChainStatus] | None = None,
+) -> list[dict[str, Any]]:
+    """Run one NUTS chain per seed, all in this thread, in lockstep.
+
+    Every chain is the generator of :func:`chain_steps` with its own
+    ``numpy.random.Generator`` and initial point, seeded as
+    :func:`sample_chain` seeds them; :func:`drive_lockstep` evaluates the
+    positions they ask for together, with one call of a
+    :class:`BatchedPotential` per leapfrog step of all chains.
+
+    Parameters
+    ----------
+    model, data, num_warmup, num_samples, target_accept_prob, max_tree_depth, max_plate_nesting
+        As for :func:`sample_chain`.
+    jit, metric
+        As for :func:`sample_chain`.
+    seeds : sequence of int
+        One per chain.
+    batch : bool
+        Vectorize the potential over the chains (``vmap`` of the traced
+        gradient); else evaluate it row by row, which gives exactly the draws
+        of :func:`sample_chain`.
+    statuses : sequence of ChainStatus, optional
+        One per seed, updated after every transition (live progress).
+
+    Returns
+    -------
+    list of dict
+        One per seed, as :func:`sample_chain` returns, plus ``batch`` (the
+        :attr:`BatchedPotential.mode` that ran).
+    """
+    setup = _setup(model, data, seeds, max_plate_nesting, jit)
+    batched = BatchedPotential(setup.potential, np.stack(setup.z0), vectorize=batch)
+    programs = [
+        chain_steps(
+            z0,
+            np.random.default_rng(seed),
+            num_warmup=num_warmup,
+            num_samples=num_samples,
+            target_accept_prob=target_accept_prob,
+            max_tree_depth=max_tree_depth,
+            metric=metric,
+            status=statuses[k] if statuses is not None else None,
+        )
+        for k, (z0, seed) in enumerate(zip(setup.z0, seeds))
+    ]
+    with _inference(setup.potential.mode == "fx"):
+        runs = drive_lockstep(programs, batched, setup.potential.dim)
+    out = []
+    for run in runs:
+        result = _chain_result(run, setup)
+        result["batch"] = batched.mode
+        if batched.note:
+            result["note"] = "; ".join(n for n in (result["note"], batched.note) if n)
+        out.append(result)
+    return out
+
+
+def _chain_result(run: Mapping[str, Any], setup: _Setup) -> dict[str, Any]:
+    potential = setup.potential
+    return {
+        "samples": _constrain(run["draws"], potential, setup.transforms, setup.dtype),
+        "stats": run["stats"],
+        "warmup_steps": run["warmup_steps"],
+        "step_size": run["step_size"],
+        "inv_mass": run["inv_mass"],
+        "metric": run["metric"],
+        "jit": potential.jit,
+        "potential": potential.mode,
+        "note": potential.note,
+    }
+
+
+def _constrain(
+    draws: np.ndarray, potential: FlatPotential, transforms: Mapping, dtype: torch.dtype
+) -> dict[str, np.ndarray]:
+    """Map unconstrained draws (S, D) to each site's support: site -> (S, *shape)."""
+    sites = potential.unflatten(torch.as_tensor(draws, dtype=dtype))
+    out = {}
+    with torch.no_grad():
+        for name, value in sites.items():
+            t = transforms.get(name)
+            out[name] = (t.inv(value) if t is not None else value).double().numpy()
+    return out

@@ -1,0 +1,272 @@
+"""The project's NUTS: dense metric, ArviZ's sample_stats, E-BFMI, live progress."""
+
+from __future__ import annotations
+
+import io
+
+import arviz as az
+import matplotlib
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from diagnostics.nuts import kernel as _nuts
+from diagnostics.nuts.kernel import NUTSChain, WelfordCovariance, resolve_metric, sample_chain
+from diagnostics.nuts.progress import ChainStatus, LiveProgress, format_status, live_progress
+from diagnostics.nuts.reference import EBFMI_MIN, ebfmi, run_checks, run_nuts
+
+matplotlib.use("Agg")
+
+ARVIZ_STATS = {
+    "diverging",
+    "step_size",
+    "tree_depth",
+    "n_steps",
+    "lp",
+    "acceptance_rate",
+    "energy",
+    "energy_error",
+    "max_energy_error",
+}
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def _ar2_correlation(dim: int, r1: float = 0.99, r2: float = 0.965) -> np.ndarray:
+    """Stationary AR(2) correlations with lag-1 0.99 and lag-2 0.965 (condition ~3e4 at 50)."""
+    phi1 = r1 * (1 - r2) / (1 - r1**2)
+    phi2 = (r2 - r1**2) / (1 - r1**2)
+    rho = [1.0, r1]
+    for _ in range(2, dim):
+        rho.append(phi1 * rho[-1] + phi2 * rho[-2])
+    i = np.arange(dim)
+    return np.asarray(rho)[np.abs(i[:, None] - i[None, :])]
+
+
+DIM = 50
+CORR = _ar2_correlation(DIM)
+# three decades; above Stan's regularization 1e-3 * 5 / (n + 5) of the metric, which on
+# smaller scales (the covariance's smallest eigenvalue is ~7e-4 of the smallest variance)
+# would dominate the metric's narrowest directions and with them the step size
+SCALES50 = np.logspace(0, 3, DIM)
+MEANS50 = np.linspace(-1.0, 1.0, DIM)
+TRIL50 = torch.tensor(np.linalg.cholesky(CORR * np.outer(SCALES50, SCALES50)))
+
+
+def correlated_model():
+    pyro.sample("x", dist.MultivariateNormal(torch.tensor(MEANS50), scale_tril=TRIL50))
+
+
+def small_correlated_model():
+    cov = torch.tensor([[1.0, 0.95, 0.0], [0.95, 1.0, 0.0], [0.0, 0.0, 0.04]])
+    pyro.sample("x", dist.MultivariateNormal(torch.tensor([1.0, -1.0, 0.5]), cov))
+
+
+# ----------------------------------------------------------------------------- dense metric
+
+
+def test_welford_covariance_is_the_sample_covariance_regularized_as_stan():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3)) @ np.array([[1.0, 0.5, 0.0], [0.0, 2.0, 0.1], [0.0, 0.0, 0.3]])
+    w = WelfordCovariance(3)
+    for row in x:
+        w.add(row)
+    n = len(x)
+    expected = n / (n + 5) * np.cov(x.T) + 1e-3 * 5 / (n + 5) * np.eye(3)
+    np.testing.assert_allclose(w.regularized_covariance(), expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(w.mean, x.mean(axis=0), atol=1e-14)
+
+
+def test_dense_momentum_has_the_metric_as_covariance_and_leapfrog_conserves_energy():
+    pyro.set_rng_seed(0)
+    params, potential_fn, _, _ = pyro.infer.mcmc.util.initialize_model(small_correlated_model)
+    z0 = params["x"].detach().double().numpy()
+    potential = _nuts.FlatPotential(potential_fn, {"x": (3,)}, torch.float32, True, z0)
+    z1 = np.array([1.5, -0.5, 0.6])  # about one sd from the mean: energy O(D)
+    chain = NUTSChain(potential, z1, np.random.default_rng(1))
+    inv = np.array([[1.0, 0.95, 0.0], [0.95, 1.0, 0.0], [0.0, 0.0, 0.04]])
+    chain.inv_mass = inv
+    r = np.stack([chain._momentum() for _ in range(20000)])
+    # momentum ~ N(0, M), M = inv^-1: within sampling noise (se ~ M_ij sqrt(2 / n))
+    mass = np.linalg.inv(inv)
+    np.testing.assert_allclose(np.cov(r.T), mass, atol=5 * np.sqrt(2 / 20000) * np.abs(mass).max())
+    start = _nuts._Point(chain.z, r[0] / 3.0, chain.u, chain.g)
+    p = start
+    for _ in range(20):
+        p = chain._leapfrog(p, 0.1)
+    # with the exact covariance as metric the target is isotropic: step 0.1 is small
+    assert abs(chain._energy(p.u, p.r) - chain._energy(start.u, start.r)) < 0.01
+    p.r = -p.r
+    for _ in range(20):
+        p = chain._leapfrog(p, 0.1)
+    np.testing.assert_allclose(p.z, start.z, atol=1e-4)
+
+
+def test_auto_metric_is_dense_for_few_dimensions_and_enough_warmup():
+    # Stan's windows: 1000 warm-up iterations end with a window of 500 draws, 300 with 100
+    assert _nuts.last_window(1000) == 500 and _nuts.last_window(300) == 100
+    assert _nuts.last_window(500) == 200 and _nuts.last_window(10) == 0
+    limit = _nuts.AUTO_DENSE_MAX_DIM
+    assert resolve_metric("auto", limit, 2000) == "dense"  # last window 1100 >= 5 * 64
+    assert resolve_metric("auto", limit + 1, 5000) == "diag"
+    assert resolve_metric("auto", 45, 300) == "diag"  # 100 draws for 45 dimensions: too few
+    assert resolve_metric("auto", 10, 300) == "dense"
+    assert resolve_metric("diag", 3, 500) == "diag" and resolve_metric("dense", 500, 10) == "dense"
+    with pytest.raises(ValueError, match="unknown metric"):
+        resolve_metric("full", 3, 500)
+
+
+def test_dense_lockstep_chains_draw_what_each_chain_draws_alone():
+    kw = {"num_warmup": 60, "num_samples": 15, "metric": "dense"}
+    alone = [sample_chain(small_correlated_model, {}, seed=s, **kw) for s in (3, 4)]
+    together = _nuts.sample_chains(small_correlated_model, {}, seeds=[3, 4], batch=False, **kw)
+    for a, b in zip(alone, together):
+        assert a["metric"] == b["metric"] == "dense" and a["inv_mass"].shape == (3, 3)
+        np.testing.assert_array_equal(a["samples"]["x"], b["samples"]["x"])
+
+
+@pytest.mark.slow
+def test_dense_metric_samples_a_correlated_50d_gaussian_in_short_trees():
+    # correlations up to 0.99 (condition number ~3e4) and scales over three decades
+    runs = _nuts.sample_chains(
+        correlated_model,
+        {},
+        seeds=[11, 12],
+        num_warmup=600,
+        num_samples=300,
+        max_tree_depth=7,  # caps the cost of the first windows (unit, then rough metrics)
+        metric="dense",
+    )
+    draws = np.stack([r["samples"]["x"] for r in runs])  # (2, 300, 50)
+    for k in range(DIM):
+        x = draws[..., k]
+        assert az.rhat(x) < 1.01, k
+        m_se, s_se = float(az.mcse(x, method="mean")), float(az.mcse(x, method="sd"))
+        assert abs(x.mean() - MEANS50[k]) <= 5 * m_se, (k, x.mean(), m_se)
+        assert abs(x.std() - SCALES50[k]) <= 5 * s_se, (k, x.std(), s_se)
+    for r in runs:
+        assert r["metric"] == "dense" and not r["stats"]["diverging"].any()
+        assert r["stats"]["tree_depth"].mean() <= 4.0, r["stats"]["tree_depth"].mean()
+
+
+@pytest.mark.slow
+def test_diagonal_metric_needs_deep_trees_on_the_same_gaussian():
+    run = sample_chain(
+        correlated_model, {}, seed=11, num_warmup=100, num_samples=20, max_tree_depth=8
+    )
+    assert run["metric"] == "diag" and run["inv_mass"].shape == (DIM,)
+    assert run["stats"]["tree_depth"].mean() >= 7.0, run["stats"]["tree_depth"].mean()
+
+
+# ----------------------------------------------------------------------------- sample stats
+
+
+def test_kernel_records_arviz_sample_stats_consistently():
+    run = sample_chain(small_correlated_model, {}, seed=5, num_warmup=60, num_samples=40)
+    st = run["stats"]
+    assert set(st) == ARVIZ_STATS
+    assert all(v.shape == (40,) for v in st.values())
+    # the Hamiltonian is the potential plus a non-negative kinetic energy
+    assert np.all(st["energy"] >= -st["lp"] - 1e-9)
+    assert np.all(np.abs(st["energy_error"]) <= np.abs(st["max_energy_error"]) + 1e-12)
+    assert np.all(st["n_steps"] >= 1) and np.all(st["n_steps"] <= 2 ** st["tree_depth"] - 1)
+
+
+def test_ebfmi_check_fails_on_energy_that_moves_slowly():
+    rng = np.random.default_rng(0)
+    draws = {"x": rng.normal(size=(2, 1000))}
+    fresh = rng.normal(size=(2, 1000))
+    sticky = np.cumsum(rng.normal(size=(2, 1000)), axis=1)  # a random walk: E-BFMI ~ 0
+    np.testing.assert_allclose(ebfmi(fresh), az.bfmi(fresh))
+    ok = {c.name: c for c in run_checks(draws, ("x",), 0, fresh)}["ebfmi"]
+    assert ok.ok and ok.value > 1.5
+    bad = {c.name: c for c in run_checks(draws, ("x",), 0, sticky)}["ebfmi"]
+    assert not bad.ok and bad.value < EBFMI_MIN and "E-BFMI" in bad.detail
+    assert "ebfmi" not in {c.name for c in run_checks(draws, ("x",), 0)}
+
+
+def test_reference_inference_data_works_with_arviz(tiny_nuts_eight_schools, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from diagnostics.convert import load_netcdf, reference_to_inference_data, save_netcdf
+
+    ref = tiny_nuts_eight_schools
+    assert set(ref.sample_stats) == ARVIZ_STATS
+    assert "ebfmi" in {c.name for c in ref.checks}
+    idata = reference_to_inference_data(ref)
+    summary = az.summary(idata, var_names=["mu", "tau"])
+    assert list(summary.index) == ["mu", "tau"]
+    np.testing.assert_allclose(az.bfmi(idata), ebfmi(ref.sample_stats["energy"]))
+    az.plot_energy(idata)
+    az.plot_trace(idata, var_names=["mu"], divergences="bottom")
+    plt.close("all")
+    path = save_netcdf(idata, tmp_path / "ref.nc")
+    back = load_netcdf(path)
+    for name in ARVIZ_STATS:
+        np.testing.assert_array_equal(
+            back.sample_stats[name].values, idata.sample_stats[name].values
+        )
+    np.testing.assert_array_equal(back.posterior["mu"].values, idata.posterior["mu"].values)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_progress_line_shows_phase_rate_divergences_step_depth_and_time_left():
+    s = ChainStatus(chain=2, num_warmup=300, num_samples=700, started=100.0)
+    info = {"diverging": False, "step_size": 0.1234, "tree_depth": 3, "n_steps": 7}
+    for i in range(400):
+        s.record(dict(info, diverging=i in (10, 350)), warmup=i < 300)
+    line = format_status(s, now=110.0)  # 400 draws in 10 s: 40 draws/s, 600 left: 15 s
+    assert line == (
+        "chain 2: warm-up 300/300, sampling 100/700 | 40.0 draws/s | 1 divergent "
+        "(+1 in warm-up) | step 0.123 | depth 3, 7.0 grad/draw | 15 s left"
+    )
+    for _ in range(600):
+        s.record(info, warmup=False)
+    assert format_status(s, now=3700.0).endswith("| done")
+    fresh = ChainStatus(chain=0, num_warmup=10, num_samples=10, started=0.0)
+    assert format_status(fresh, now=0.0).endswith("| ? left")
+
+
+def test_live_progress_redraws_in_place_at_most_twice_a_second():
+    now = [0.0]
+    out = io.StringIO()
+    live = LiveProgress(out, clock=lambda: now[0])
+    a, b = live.add(0, 5, 5), live.add(1, 5, 5)
+    info = {"diverging": False, "step_size": 0.5, "tree_depth": 2, "n_steps": 3}
+    a.record(info, warmup=True)  # first redraw
+    now[0] = 0.1
+    b.record(info, warmup=True)  # too soon: nothing
+    assert out.getvalue().count("\n") == 2 and "\x1b[2F" not in out.getvalue()
+    now[0] = 0.7
+    b.record(info, warmup=True)
+    text = out.getvalue()
+    assert text.count("\x1b[2F") == 1 and text.count("chain 1: warm-up 2/5") == 1
+    live.close()
+    assert live.statuses == []
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_silent_off_a_terminal(capsys, tmp_path, monkeypatch):
+    assert live_progress(True, io.StringIO()) is None
+    assert live_progress(False, _Terminal()) is None
+    assert isinstance(live_progress(True, _Terminal()), LiveProgress)
+    tiny = {"num_chains": 2, "num_warmup": 20, "num_samples": 10}
+    run_nuts("eight_schools_noncentered", settings=tiny, cache=False, progress=True)
+    err = capsys.readouterr().err
+    assert "NUTS on eight_schools_noncentered" in err  # the plain lines stay
+    assert "draws/s" not in err and "\x1b" not in err
+    term = _Terminal()
+    monkeypatch.setattr("sys.stderr", term)
+    run_nuts("eight_schools_noncentered", settings=tiny, cache=False, progress=True)
+    shown = term.getvalue()
+    assert "chain 0: warm-up 20/20, sampling 10/10" in shown and "chain 1:" in shown
+    assert "draws/s" in shown and "grad/draw" in shown

@@ -1,0 +1,1 @@
+"""Graph compilation: recording a traced value-and-gradient graph, the compiled SVI step."""

@@ -1,0 +1,1 @@
+"""SVI: binding a model to data, the fit loop, ELBOs, convergence, averaging, guide draws."""

@@ -1,0 +1,708 @@
+"""From Pyro traces to arrays: site layout, guide draws and replays of the model.
+
+Both the NUTS reference and the variational guides go through these
+functions, so their draws are laid out alike:
+
+- :func:`model_info` traces the model once and records every site's kind
+  (latent, deterministic, observed), shape, support and dimension names;
+- :func:`sample_guide` draws from a guide and returns the latent values with
+  their log weights ``log p(x, z) - log q(z)`` from the *same* traces;
+- :func:`recover_discrete` samples discrete sites that NUTS summed out
+  (``infer_discrete``, temperature 1);
+- :func:`replay_model` runs the model on given latent draws and returns the
+  deterministic sites, the pointwise log likelihood of observed sites and,
+  on request, posterior predictive draws.
+
+All draws are numpy float64 (or int64) arrays with a leading draw axis
+``(n, *site_shape)``. Work is vectorized with a plate outside the model's
+plates and falls back to one draw at a time when a model cannot be
+vectorized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO, config_enumerate, infer_discrete
+from pyro.infer.enum import get_importance_trace
+from pyro.infer.traceenum_elbo import _compute_model_factors
+from pyro.ops.contract import contract_to_tensor
+from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+from vimodels.svi.particles import NotVectorizable, check_particles, trace_log_weights
+
+LATENT = "latent"
+DETERMINISTIC = "deterministic"
+OBSERVED = "observed"
+
+_DRAWS_PLATE = "_vimodels_draws"
+_FALLBACK_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, AssertionError)
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """Layout of one sample site.
+
+    Attributes
+    ----------
+    name : str
+    kind : str
+        ``latent``, ``deterministic`` or ``observed``.
+    shape : tuple of int
+        Shape of one draw of the site.
+    event_dim : int
+        Number of trailing event dimensions.
+    dims : tuple of str
+        Dimension names, one per axis of ``shape``: the plate's name for plate
+        axes, ``<site>_dim_<i>`` otherwise.
+    discrete : bool
+        Discrete support.
+    dtype : str
+        Torch dtype name of the value (``float32``, ``int64`` ...).
+    support : Constraint
+        The distribution's support (latent sites), for unconstraining transforms.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    event_dim: int
+    dims: tuple[str, ...]
+    discrete: bool
+    dtype: str
+    support: Any = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The sites of a model and how they are laid out.
+
+    Attributes
+    ----------
+    sites : dict of str to SiteInfo
+        In trace order.
+    max_plate_nesting : int
+        Plate depth; the draws plate goes just outside it.
+    plate_sizes : dict of str to int
+        Size of each named plate dimension.
+    observed_values : dict of str to ndarray
+        The observed data of each observed site.
+    """
+
+    sites: dict[str, SiteInfo]
+    max_plate_nesting: int
+    plate_sizes: dict[str, int]
+    observed_values: dict[str, np.ndarray] = field(repr=False)
+
+    def names(self, kind: str) -> tuple[str, ...]:
+        """Names of the sites of one kind, in trace order."""
+        return tuple(n for n, s in self.sites.items() if s.kind == kind)
+
+    @property
+    def latent(self) -> tuple[str, ...]:
+        """Latent (sampled, unobserved) sites."""
+        return self.names(LATENT)
+
+    @property
+    def continuous(self) -> tuple[str, ...]:
+        """Latent sites with continuous support."""
+        return tuple(n for n in self.latent if not self.sites[n].discrete)
+
+    @property
+    def discrete(self) -> tuple[str, ...]:
+        """Latent sites with discrete support."""
+        return tuple(n for n in self.latent if self.sites[n].discrete)
+
+    @property
+    def deterministic(self) -> tuple[str, ...]:
+        """``pyro.deterministic`` sites."""
+        return self.names(DETERMINISTIC)
+
+    @property
+    def observed(self) -> tuple[str, ...]:
+        """Observed sites."""
+        return self.names(OBSERVED)
+
+    @property
+    def dims(self) -> dict[str, tuple[str, ...]]:
+        """Dimension names of every site."""
+        return {n: s.dims for n, s in self.sites.items()}
+
+
+def _site_kind(site: dict) -> str | None:
+    if site["type"] != "sample" or site_is_subsample(site):
+        return None
+    if site["infer"].get("_deterministic"):
+        return DETERMINISTIC
+    if site["is_observed"]:
+        return OBSERVED
+    if site["infer"].get("is_auxiliary"):
+        return None
+    return LATENT
+
+
+def _dim_names(
+    name: str, site: dict, shape: tuple[int, ...], event_dim: int, deterministic: bool
+) -> tuple[str, ...]:
+    frames = {f.dim: f for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None}
+    batch_ndim = len(shape) - event_dim
+    names = []
+    for j, size in enumerate(shape):
+        # batch axes count from the right of the batch shape; a deterministic
+        # site's plate axes sit in its event shape, so count from the right of it
+        pos = j - batch_ndim if j < batch_ndim else (j - len(shape) if deterministic else None)
+        frame = frames.get(pos) if pos is not None else None
+        if frame is not None and frame.size == size and not frame.name.startswith("_"):
+            names.append(frame.name)
+        else:
+            names.append(f"{name}_dim_{j}")
+    return tuple(names)
+
+
+def model_info(
+    model: Callable,
+    args: tuple = (),
+    kwargs: Mapping[str, Any] | None = None,
+    max_plate_nesting: int | None = None,
+) -> ModelInfo:
+    """Trace ``model(*args, **kwargs)`` once and describe its sites.
+
+    Parameters
+    ----------
+    model : callable
+        Pyro model.
+    args, kwargs
+        Its arguments (data).
+    max_plate_nesting : int, optional
+        Lower bound on the plate depth (the catalog's value when known).
+
+    Returns
+    -------
+    ModelInfo
+    """
+    kwargs = dict(kwargs or {})
+    with torch.no_grad(), poutine.block():
+        tr = poutine.trace(model).get_trace(*args, **kwargs)
+    depth = 0
+    for site in tr.nodes.values():
+        if site["type"] == "sample":
+            for f in site["cond_indep_stack"]:
+                if f.vectorized and f.dim is not None:
+                    depth = max(depth, -f.dim)
+    if max_plate_nesting is not None:
+        depth = max(depth, int(max_plate_nesting))
+    sites: dict[str, SiteInfo] = {}
+    plates: dict[str, int] = {}
+    observed: dict[str, np.ndarray] = {}
+    for name, site in tr.nodes.items():
+        kind = _site_kind(site)
+        if kind is None:
+            continue
+        value = site["value"]
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(value)
+        shape = tuple(value.shape)
+        fn = site["fn"]
+        event_dim = int(getattr(fn, "event_dim", len(getattr(fn, "event_shape", ()))))
+        event_dim = min(event_dim, len(shape))
+        dims = _dim_names(name, site, shape, event_dim, kind == DETERMINISTIC)
+        for d, size in zip(dims, shape):
+            if not d.startswith(f"{name}_dim_"):
+                plates[d] = size
+        support = getattr(fn, "support", None)
+        discrete = bool(kind == LATENT and support is not None and support.is_discrete)
+        sites[name] = SiteInfo(
+            name,
+            kind,
+            shape,
+            event_dim,
+            dims,
+            discrete,
+            str(value.dtype).replace("torch.", ""),
+            support,
+        )
+        if kind == OBSERVED:
+            observed[name] = _to_numpy(value)
+    return ModelInfo(sites, depth, plates, observed)
+
+
+def _to_numpy(x: torch.Tensor) -> np.ndarray:
+    x = x.detach()
+    if x.is_floating_point():
+        return x.double().numpy().copy()
+    if x.dtype == torch.bool:
+        return x.numpy().copy()
+    return x.long().numpy().copy()
+
+
+def _as_draws(value: Any, n: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Reshape a vectorized site value to ``(n, *shape)`` (broadcasting if it has no draw axis)."""
+    v = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    size = int(np.prod(shape, dtype=int))
+    if v.numel() == n * size:
+        return _to_numpy(v.reshape((n, *shape)))
+    if v.numel() == size:
+        return _to_numpy(v.reshape(shape).expand((n, *shape)))
+    # broadcast the trailing site shape, then keep one entry per draw
+    full = torch.broadcast_tensors(v, torch.zeros(shape))[0]
+    lead = full.shape[: full.dim() - len(shape)]
+    if int(np.prod(lead, dtype=int)) == n:
+        return _to_numpy(full.reshape((n, *shape)))
+    raise ValueError(f"cannot lay out a value of shape {tuple(v.shape)} as ({n}, *{shape})")
+
+
+def _to_tensor(values: np.ndarray, info: SiteInfo) -> torch.Tensor:
+    dtype = getattr(torch, info.dtype, torch.float32)
+    return torch.as_tensor(np.asarray(values), dtype=dtype)
+
+
+def _padded(values: np.ndarray, info: SiteInfo, depth: int) -> torch.Tensor:
+    """``(n, *shape)`` draws as a tensor that broadcasts against the draws plate."""
+    n = values.shape[0]
+    batch_ndim = len(info.shape) - info.event_dim
+    pad = max(depth - batch_ndim, 0)
+    return _to_tensor(values, info).reshape((n,) + (1,) * pad + info.shape)
+
+
+def _fake_trace(
+    draws: Mapping[str, np.ndarray], info: ModelInfo, depth: int | None, index: int | None = None
+) -> poutine.Trace:
+    """A trace holding latent values to replay: all draws (vectorized) or draw ``index``."""
+    tr = poutine.Trace()
+    for name, values in draws.items():
+        site = info.sites[name]
+        if index is None:
+            value = _padded(values, site, depth)
+        else:
+            value = _to_tensor(values[index], site)
+        tr.add_node(
+            name,
+            type="sample",
+            name=name,
+            value=value,
+            is_observed=False,
+            infer={},
+            fn=None,
+            args=(),
+            kwargs={},
+            cond_indep_stack=(),
+            scale=1.0,
+            mask=None,
+            done=True,
+            stop=False,
+            continuation=None,
+        )
+    return tr
+
+
+def _chunks(n: int, chunk: int):
+    for start in range(0, n, chunk):
+        yield start, min(n, start + chunk)
+
+
+def _check_vectorized(site: dict, n: int, info: ModelInfo) -> None:
+    """Raise ValueError when a site's log density has more entries than ``n`` draws allow.
+
+    A model that broadcasts a latent against the wrong axis (for instance
+    ``beta.unsqueeze(-2)`` inside a plate) gives ``n x n`` cross terms under a
+    vectorized draws plate; the caller then falls back to one draw at a time.
+    Used by :func:`replay_model`, which has no guide to compare with; guide
+    draws go through :func:`vimodels.svi.particles.check_particles`.
+    """
+    known = info.sites.get(site["name"])
+    if known is None:
+        return
+    size = int(np.prod(known.shape, dtype=int)) if known.shape else 1
+    numel = int(np.prod(site["fn"].batch_shape, dtype=int))
+    if numel > n * max(size, 1):
+        raise ValueError(
+            f"site {site['name']!r} has batch shape {tuple(site['fn'].batch_shape)} under a "
+            f"plate of {n} draws: the model does not vectorize"
+        )
+
+
+def _pointwise(site: dict, n: int, info: SiteInfo) -> np.ndarray:
+    """Unscaled log density of an observed site per draw, shape ``(n, *batch_shape)``."""
+    lp = site["fn"].log_prob(site["value"])
+    batch = info.shape[: len(info.shape) - info.event_dim]
+    return _as_draws(lp, n, batch)
+
+
+def sample_guide(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    info: ModelInfo,
+    num_samples: int,
+    chunk: int = 1000,
+    report: dict | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Draw latent values from ``guide`` with their log importance weights.
+
+    A vectorized pass is used where :func:`vimodels.svi.particles.check_particles`
+    finds it matches one-draw evaluation (the check the fit's ELBO uses);
+    otherwise draws are made one at a time.
+
+    Parameters
+    ----------
+    model, guide : callable
+        Called as ``fn(*args, **kwargs)``; the guide's parameters must be in the
+        active param store.
+    info : ModelInfo
+        From :func:`model_info` on the same model and data.
+    num_samples : int
+        Number of draws.
+    chunk : int
+        Draws per vectorized pass.
+    report : dict, optional
+        Filled with ``vectorized`` (bool) and ``reason`` (why not, or None).
+
+    Returns
+    -------
+    draws : dict of str to ndarray
+        Each latent site, shape ``(num_samples, *site_shape)``; discrete sites
+        left to enumeration are sampled from their conditional posterior.
+    log_weights : ndarray, shape (num_samples,)
+        ``log p(x, z) - log q(z)`` of each draw (nats), discrete sites summed out.
+    """
+    kwargs = dict(kwargs)
+    if info.discrete:
+        try:
+            return _sample_guide_enum(model, guide, args, kwargs, info, num_samples, chunk)
+        except _FALLBACK_ERRORS:
+            return _sample_guide_discrete(model, guide, args, kwargs, info, num_samples)
+    depth = info.max_plate_nesting
+    ndim = depth + 1
+    parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+    report = {} if report is None else report
+    report.update(vectorized=False, reason=None)
+    with torch.no_grad():
+        try:
+            for start, stop in _chunks(num_samples, chunk):
+                n = stop - start
+                with pyro.plate(_DRAWS_PLATE, n, dim=-ndim):
+                    guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+                    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
+                        *args, **kwargs
+                    )
+                part = _weights_and_values(model_tr, guide_tr, info, n, ndim)
+                if start == 0:  # the same check as the ELBO's (vimodels.svi.particles)
+                    check_particles(model, guide, args, kwargs, model_tr, guide_tr, part[1])
+                parts.append(part)
+            report["vectorized"] = True
+        except (NotVectorizable, *_FALLBACK_ERRORS) as exc:
+            report["reason"] = (
+                str(exc)
+                if isinstance(exc, NotVectorizable)
+                else f"the model fails under a particle plate ({type(exc).__name__})"
+            )
+            parts = []
+            for _ in range(num_samples):
+                guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+                model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
+                    *args, **kwargs
+                )
+                parts.append(_weights_and_values(model_tr, guide_tr, info, 1, 1, vectorized=False))
+    draws = {name: np.concatenate([p[0][name] for p in parts]) for name in info.latent}
+    return draws, np.concatenate([p[1] for p in parts])
+
+
+def _weights_and_values(
+    model_tr: poutine.Trace,
+    guide_tr: poutine.Trace,
+    info: ModelInfo,
+    n: int,
+    ndim: int,
+    vectorized: bool = True,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    if vectorized:
+        total = trace_log_weights(model_tr, guide_tr, n, ndim)
+    else:
+        w = model_tr.log_prob_sum() - guide_tr.log_prob_sum(lambda name, s: not s["is_observed"])
+        total = torch.as_tensor([float(w)], dtype=torch.float64)
+    values = {
+        name: _as_draws(model_tr.nodes[name]["value"], n, info.sites[name].shape)
+        for name in info.latent
+    }
+    return values, total.numpy().copy()
+
+
+def _per_draw(t: torch.Tensor, symbol: str, n: int) -> torch.Tensor:
+    """Sum a packed log-density tensor over every dimension but the draws plate's."""
+    dims = getattr(t, "_pyro_dims", "")
+    if symbol not in dims:
+        return t.sum().expand(n)
+    axis = dims.index(symbol)
+    other = [d for d in range(t.dim()) if d != axis]
+    out = t.sum(other) if other else t
+    return out.reshape(-1).expand(n) if out.numel() == 1 else out.reshape(n)
+
+
+def _sample_guide_enum(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    info: ModelInfo,
+    num_samples: int,
+    chunk: int,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Vectorized draws and log weights of a model whose discrete sites are enumerated.
+
+    ``log p(x, z)`` sums the discrete sites out exactly (Pyro's tensor
+    contraction, as in ``TraceEnum_ELBO``) separately for every draw; the
+    discrete sites themselves are then drawn by :func:`recover_discrete`.
+    """
+    depth = info.max_plate_nesting
+    enum_model = config_enumerate(model, default="parallel")
+    values: dict[str, list[np.ndarray]] = {name: [] for name in info.continuous}
+    weights = []
+    with torch.no_grad():
+        for start, stop in _chunks(num_samples, chunk):
+            n = stop - start
+            g = EnumMessenger(first_available_dim=-2 - depth)(_in_plate(guide, n, depth))
+            m = EnumMessenger()(_in_plate(enum_model, n, depth))
+            model_tr, guide_tr = get_importance_trace("flat", depth + 1, m, g, args, kwargs)
+            model_tr.pack_tensors()
+            guide_tr.pack_tensors(model_tr.plate_to_symbol)
+            costs, log_factors, _, sum_dims, scale = _compute_model_factors(model_tr, guide_tr)
+            symbol = model_tr.plate_to_symbol[_DRAWS_PLATE]
+            total = torch.zeros(n, dtype=torch.float64)
+            for terms in costs.values():
+                for t in terms:
+                    total = total + _per_draw(t, symbol, n).double()
+            if log_factors:
+                t = contract_to_tensor(log_factors, sum_dims, target_ordinal=frozenset({symbol}))
+                total = total + scale * _per_draw(t, symbol, n).double()
+            for site in guide_tr.nodes.values():
+                if site["type"] == "sample" and not site["is_observed"]:
+                    total = total - _per_draw(site["packed"]["log_prob"], symbol, n).double()
+            weights.append(total.numpy().copy())
+            for name in info.continuous:
+                values[name].append(
+                    _as_draws(model_tr.nodes[name]["value"], n, info.sites[name].shape)
+                )
+    draws = {name: np.concatenate(v) for name, v in values.items()}
+    draws.update(recover_discrete(model, args, kwargs, info, draws, chunk))
+    return {name: draws[name] for name in info.latent}, np.concatenate(weights)
+
+
+def _sample_guide_discrete(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, info: ModelInfo, num_samples: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One draw at a time: enumerated ``log p`` and ``infer_discrete`` for hidden sites."""
+    depth = info.max_plate_nesting
+    enum_model = config_enumerate(model, default="parallel")
+    elbo = TraceEnum_ELBO(max_plate_nesting=depth)
+    log_w = np.empty(num_samples)
+    out: dict[str, list[np.ndarray]] = {name: [] for name in info.latent}
+    with torch.no_grad():
+        for i in range(num_samples):
+            guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+            log_w[i] = -elbo.loss(
+                enum_model, poutine.replay(guide, trace=guide_tr), *args, **kwargs
+            )
+            sampler = infer_discrete(
+                poutine.replay(enum_model, trace=guide_tr),
+                first_available_dim=-(depth + 1),
+                temperature=1,
+            )
+            model_tr = poutine.trace(sampler).get_trace(*args, **kwargs)
+            for name in info.latent:
+                out[name].append(
+                    _as_draws(model_tr.nodes[name]["value"], 1, info.sites[name].shape)
+                )
+    return {name: np.concatenate(v) for name, v in out.items()}, log_w
+
+
+def _in_plate(fn: Callable, n: int, depth: int) -> Callable:
+    """``fn`` run inside a plate of ``n`` draws just outside its own plates."""
+
+    def wrapped(*args, **kwargs):
+        with pyro.plate(_DRAWS_PLATE, n, dim=-(depth + 1)):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def recover_discrete(
+    model: Callable,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    info: ModelInfo,
+    draws: Mapping[str, np.ndarray],
+    chunk: int = 1000,
+) -> dict[str, np.ndarray]:
+    """Sample the discrete sites that NUTS summed out, given continuous draws.
+
+    Uses ``infer_discrete`` (temperature 1): each discrete site is drawn from
+    its conditional posterior given the continuous latent values of the same
+    draw, so together they are joint posterior draws.
+
+    Returns
+    -------
+    dict of str to ndarray
+        Each discrete site, shape ``(n, *site_shape)``.
+    """
+    if not info.discrete:
+        return {}
+    kwargs = dict(kwargs)
+    cont = {k: np.asarray(draws[k]) for k in info.continuous}
+    n = len(next(iter(cont.values()))) if cont else 0
+    depth = info.max_plate_nesting
+    enum_model = config_enumerate(model, default="parallel")
+    out: dict[str, list[np.ndarray]] = {name: [] for name in info.discrete}
+    with torch.no_grad():
+        try:
+            for start, stop in _chunks(n, chunk):
+                part = {k: v[start:stop] for k, v in cont.items()}
+                m = stop - start
+                # the draws plate must sit inside what infer_discrete traces
+                sampler = infer_discrete(
+                    _in_plate(
+                        poutine.replay(enum_model, trace=_fake_trace(part, info, depth)), m, depth
+                    ),
+                    first_available_dim=-(depth + 2),
+                    temperature=1,
+                )
+                tr = poutine.trace(sampler).get_trace(*args, **kwargs)
+                for name in info.discrete:
+                    out[name].append(_as_draws(tr.nodes[name]["value"], m, info.sites[name].shape))
+        except _FALLBACK_ERRORS:
+            out = {name: [] for name in info.discrete}
+            for i in range(n):
+                sampler = infer_discrete(
+                    poutine.replay(enum_model, trace=_fake_trace(cont, info, None, index=i)),
+                    first_available_dim=-(depth + 1),
+                    temperature=1,
+                )
+                tr = poutine.trace(sampler).get_trace(*args, **kwargs)
+                for name in info.discrete:
+                    out[name].append(_as_draws(tr.nodes[name]["value"], 1, info.sites[name].shape))
+    return {name: np.concatenate(v) for name, v in out.items()}
+
+
+class _ResampleObserved(Messenger):
+    """Draw observed sites anew; unlike ``poutine.uncondition`` leaves deterministic sites."""
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["is_observed"] and not msg["infer"].get("_deterministic"):
+            msg["is_observed"] = False
+            msg["infer"]["was_observed"] = True
+            msg["infer"]["obs"] = msg["value"]
+            msg["value"] = None
+            msg["done"] = False
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What a replay of the model on latent draws gives (arrays with a leading draw axis).
+
+    Attributes
+    ----------
+    deterministic : dict of str to ndarray
+        ``(n, *site_shape)`` for each deterministic site.
+    log_likelihood : dict of str to ndarray
+        ``(n, *batch_shape)``: unscaled log density of each observed value (nats).
+    posterior_predictive : dict of str to ndarray
+        ``(n, *site_shape)`` new draws of each observed site (empty unless requested).
+    """
+
+    deterministic: dict[str, np.ndarray]
+    log_likelihood: dict[str, np.ndarray]
+    posterior_predictive: dict[str, np.ndarray]
+
+
+def replay_model(
+    model: Callable,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    info: ModelInfo,
+    draws: Mapping[str, np.ndarray],
+    *,
+    predictive: bool = False,
+    chunk: int = 1000,
+) -> Replay:
+    """Run the model on latent draws.
+
+    Parameters
+    ----------
+    model : callable
+    args, kwargs
+        Data, as given to :func:`model_info`.
+    info : ModelInfo
+    draws : dict of str to ndarray
+        Every latent site, shape ``(n, *site_shape)``.
+    predictive : bool
+        Also draw the observed sites anew (posterior predictive).
+    chunk : int
+        Draws per vectorized pass.
+
+    Returns
+    -------
+    Replay
+    """
+    kwargs = dict(kwargs)
+    latent = {k: np.asarray(draws[k]) for k in info.latent if k in draws}
+    missing = set(info.latent) - set(latent)
+    if missing:
+        raise ValueError(f"replay needs every latent site; missing {sorted(missing)}")
+    n = len(next(iter(latent.values()))) if latent else 0
+    depth = info.max_plate_nesting
+    names = {"det": info.deterministic, "obs": info.observed}
+    out: dict[str, dict[str, list[np.ndarray]]] = {"det": {}, "ll": {}, "pp": {}}
+
+    def collect(tr: poutine.Trace, m: int, pp_tr: poutine.Trace | None) -> None:
+        for name in names["det"]:
+            out["det"].setdefault(name, []).append(
+                _as_draws(tr.nodes[name]["value"], m, info.sites[name].shape)
+            )
+        for name in names["obs"]:
+            out["ll"].setdefault(name, []).append(_pointwise(tr.nodes[name], m, info.sites[name]))
+            if pp_tr is not None:
+                out["pp"].setdefault(name, []).append(
+                    _as_draws(pp_tr.nodes[name]["value"], m, info.sites[name].shape)
+                )
+
+    def run(fn: Callable) -> poutine.Trace:
+        return poutine.trace(fn).get_trace(*args, **kwargs)
+
+    with torch.no_grad():
+        try:
+            for start, stop in _chunks(n, chunk):
+                part = {k: v[start:stop] for k, v in latent.items()}
+                m = stop - start
+                fake = _fake_trace(part, info, depth)
+                with pyro.plate(_DRAWS_PLATE, m, dim=-(depth + 1)):
+                    tr = run(poutine.replay(model, trace=fake))
+                    for site in tr.nodes.values():
+                        if site["type"] == "sample" and not site_is_subsample(site):
+                            _check_vectorized(site, m, info)
+                    pp = (
+                        run(_ResampleObserved()(poutine.replay(model, trace=fake)))
+                        if predictive
+                        else None
+                    )
+                collect(tr, m, pp)
+        except _FALLBACK_ERRORS:
+            out = {"det": {}, "ll": {}, "pp": {}}
+            for i in range(n):
+                fake = _fake_trace(latent, info, None, index=i)
+                tr = run(poutine.replay(model, trace=fake))
+                pp = (
+                    run(_ResampleObserved()(poutine.replay(model, trace=fake)))
+                    if predictive
+                    else None
+                )
+                collect(tr, 1, pp)
+    cat = {key: {k: np.concatenate(v) for k, v in group.items()} for key, group in out.items()}
+    return Replay(cat["det"], cat["ll"], cat["pp"])

@@ -1,0 +1,490 @@
+"""``fit()``: SVI as a short pipeline of named steps.
+
+1. :func:`check_fit_options` validates every option before any work;
+2. :func:`vimodels.svi.binding.bind` resolves the model, checks its data with
+   one traced run and works out sites, plate depth and discrete sites;
+3. :func:`build_objective` makes the guide and the ELBO by name;
+4. :func:`vimodels.svi.loop.run_loop` runs the steps (seeded, one torch thread
+   by default, validation on for the first step only, JIT and the compiled
+   step where valid, the convergence rule, iterate averaging, a guard on
+   non-finite steps and Ctrl-C);
+5. :func:`finish` turns the loop's outcome into an immutable
+   :class:`~vimodels.svi.result.FitResult` with an ELBO estimate and the
+   settings that were really used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pyro
+import torch
+from pyro.infer.autoguide import AutoLaplaceApproximation
+
+import guides as guide_registry
+from vimodels.catalog.base import CatalogEntry
+from vimodels.errors import OptionError, check_option, check_seed, derive_seed
+from vimodels.svi import elbos as elbo_registry
+from vimodels.svi.binding import Binding, Bound, bind, keyword_call, positional_kwargs
+from vimodels.svi.by_optimizer import (
+    OPTIMIZER_GUIDES,
+    apply_init,
+    check_init,
+    fit_by_optimizer,
+    gaussian_for_init,
+    init_learning_rate,
+)
+from vimodels.svi.convergence import ConvergenceRule
+from vimodels.svi.divergence import DivergenceRule
+from vimodels.svi.loop import LoopOutcome, LoopSettings, Objective, run_loop
+from vimodels.svi.result import DIVERGED, NONFINITE, FitProgress, FitResult
+from vimodels.svi.weights import elbo_estimate, log_weights
+from vimodels.versions import versions
+
+# Adam moves each unconstrained parameter by about lr per step: beyond this no fit is sensible
+LR_MAX = 1000.0
+
+
+def fit(
+    model: str | CatalogEntry | Callable,
+    data: Mapping[str, Any] | None = None,
+    *,
+    guide: str | Callable = "auto_normal",
+    elbo: str = "trace",
+    num_steps: int = 2000,
+    lr: float = 0.02,
+    lr_decay: float | None = 0.1,
+    num_particles: int | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+    vectorize_particles: bool = True,
+    jit: bool | None = None,
+    num_threads: int | None = 1,
+    guide_options: Mapping[str, Any] | None = None,
+    elbo_options: Mapping[str, Any] | None = None,
+    convergence: ConvergenceRule | None = None,
+    num_eval: int = 1000,
+    sites: tuple[str, ...] | None = None,
+    validate_first_step: bool = True,
+    average: bool = True,
+    callback: Callable[[FitProgress], None] | None = None,
+    init: str | None = None,
+) -> FitResult:
+    """Fit a guide to a model with SVI (or, for three guides, by L-BFGS).
+
+    Parameters
+    ----------
+    model : str, CatalogEntry or callable
+        A catalog name (see ``vimodels list``), an entry, or a Pyro model called
+        as ``model(**data)``.
+    data : dict, optional
+        Data for a user model; for a catalog entry, overrides of its data.
+    guide : str or callable
+        Registered guide name (``auto_*`` apply to any model) or a guide function
+        called as ``guide(**data)``.
+    elbo : str
+        ELBO name (see :data:`vimodels.svi.elbos.ELBOS`).
+    num_steps : int
+        Maximum Adam steps.
+    lr : float
+        Adam learning rate.
+    lr_decay : float, optional
+        Final learning rate as a fraction of ``lr``, reached by geometric decay
+        over ``num_steps`` (a factor per step); ``None`` keeps ``lr`` fixed.
+        The default 0.1 lowers the noise floor of the final parameters: on eight
+        schools the full-rank guide gains 0.2 nats of ELBO over a fixed ``lr``.
+    num_particles : int, optional
+        Particles per step (K for ``iwae``); the ELBO's default when omitted.
+    seed : int
+        Seed for Pyro, torch and numpy.
+    progress : bool, optional
+        Show a progress bar; default: only when stderr is a terminal.
+    vectorize_particles : bool
+        Vectorize particles where the ELBO supports it.
+    jit : bool, optional
+        JIT-compile the ELBO; default on where a JIT variant exists (falls back
+        with a one-line message when the model cannot be traced). Unless it is
+        False, a ``trace`` or ``meanfield`` fit of at least
+        :data:`COMPILE_MIN_STEPS` steps whose guide draws are all
+        reparameterized (no enumeration, no subsampling) runs its steps from
+        the second on as one frozen graph of the loss and its gradients, where
+        that graph matches Pyro's ELBO (same draws, same loss and gradients);
+        otherwise it keeps its ELBO (``settings["step_compiler"]`` says which ran).
+    num_threads : int or None
+        Torch intra-op threads during the fit (1 by default; None leaves torch's).
+    guide_options, elbo_options : dict, optional
+        Passed to the guide factory and the ELBO.
+    convergence : ConvergenceRule, optional
+        Stopping rule; default :class:`ConvergenceRule()`.
+    num_eval : int
+        Draws for the final ELBO estimate.
+    sites : tuple of str, optional
+        Sites to report; defaults to the entry's sites of interest, or every
+        latent and deterministic site of a user model.
+    validate_first_step : bool
+        Run the first step with Pyro validation on.
+    average : bool
+        Return the average of the recent iterates (unconstrained parameters)
+        instead of the last one, per coordinate over the longest recent
+        stretch of the run that shows no drift (:mod:`vimodels.svi.averaging`).
+        Without it the result is the last iterate, whose means wander by up
+        to several tenths of a posterior sd at one particle per step.
+    callback : callable, optional
+        Called as ``callback(progress)`` with a :class:`FitProgress` after every
+        successful step, inside the fit's parameter scope; ``progress.sample(n)``
+        draws from the guide as the fit would return it at that step (the
+        iterate average once averaging has started). Its return value is ignored;
+        its run time counts in ``wall_time`` but not in ``progress.elapsed``.
+    init : str, optional
+        ``"laplace"`` or ``"pathfinder"``: start a Gaussian autoguide
+        (``auto_normal``, ``auto_multivariate_normal``,
+        ``auto_lowrank_multivariate_normal``) at the L-BFGS mode and the Laplace
+        covariance, or at Pathfinder's best Gaussian, so SVI only refines
+        (:mod:`vimodels.mode`); ``lr`` is lowered to 0.1 times the smallest sd of
+        that Gaussian where that is smaller (Adam moves every coordinate by
+        about ``lr`` per step, which would throw a tightly pinned parameter
+        out of its posterior); ``settings["init"]`` reports both.
+
+    Returns
+    -------
+    FitResult
+
+    Notes
+    -----
+    ``guide="pathfinder"``, ``"auto_laplace"`` and ``"auto_delta"`` are fitted by
+    L-BFGS, not Adam (:func:`vimodels.svi.by_optimizer.fit_by_optimizer`): Pathfinder,
+    the mode plus the exact Hessian, the constrained MAP. The SVI options
+    (``num_steps``, ``lr``, ``elbo_options``, ``callback`` ...) do not apply to them;
+    their ``guide_options`` are the optimizer's (``num_paths``, ``max_iters`` ...).
+    """
+    rule, elbo_spec = check_fit_options(
+        num_steps,
+        lr,
+        seed,
+        num_eval,
+        lr_decay,
+        num_particles,
+        num_threads,
+        callback,
+        convergence,
+        elbo,
+    )
+    # NumPy integers pass the checks: from here on plain Python numbers (JSON, range())
+    num_steps, seed, num_eval, lr = int(num_steps), int(seed), int(num_eval), float(lr)
+    num_particles = None if num_particles is None else int(num_particles)
+    num_threads = None if num_threads is None else int(num_threads)
+    lr_decay = None if lr_decay is None else float(lr_decay)
+    check_init(init, guide)
+    if isinstance(guide, str) and guide in OPTIMIZER_GUIDES:
+        return fit_by_optimizer(
+            model,
+            data,
+            guide=guide,
+            elbo=elbo,
+            seed=seed,
+            num_eval=num_eval,
+            sites=sites,
+            guide_options=guide_options,
+            num_threads=num_threads,
+        )
+    binding = bind(model, data, discrete_ok=elbo_spec.discrete, sites=sites)
+    guide_opts, elbo_opts = dict(guide_options or {}), dict(elbo_options or {})
+    start = None
+    if init is not None:
+        with torch_threads(num_threads):
+            start = gaussian_for_init(init, binding.model_fn, binding.data, seed, binding.hidden)
+        lr, lr_note = init_learning_rate(lr, start[0])
+        start = (start[0], start[1], f"{start[2]}; {lr_note}" if lr_note else start[2])
+
+    def build(jit_now: bool) -> Objective:
+        objective = build_objective(
+            binding,
+            guide,
+            elbo,
+            guide_opts,
+            elbo_opts,
+            num_particles=num_particles,
+            vectorize_particles=vectorize_particles,
+            jit=bool(jit_now and elbo_spec.jit),
+        )
+        if start is not None:
+            apply_init(objective.guide, start[0], start[1], binding.args)
+        return objective
+
+    loop_settings = LoopSettings(
+        num_steps=num_steps,
+        lr=lr,
+        lr_decay=lr_decay,
+        seed=seed,
+        rule=rule,
+        jit=jit,
+        validate_first_step=validate_first_step,
+        average=average,
+        progress=sys.stderr.isatty() if progress is None else bool(progress),
+        compile_key=compile_key(binding, guide, guide_opts, elbo, elbo_opts),
+        label=f"{binding.name}/{guide if isinstance(guide, str) else 'guide'}/{elbo}",
+        divergence=DivergenceRule(log_evidence=known_log_evidence(binding)),
+    )
+    with pyro.get_param_store().scope() as state, torch_threads(num_threads):
+        pyro.set_rng_seed(seed)
+        outcome = run_loop(binding, build, loop_settings, callback)
+        result = finish(
+            binding, outcome, loop_settings, state, elbo, guide_opts, elbo_opts, num_eval
+        )
+    if start is not None:
+        result.settings["init"] = start[2]
+    return result
+
+
+def check_fit_options(
+    num_steps: Any,
+    lr: Any,
+    seed: Any,
+    num_eval: Any,
+    lr_decay: Any,
+    num_particles: Any,
+    num_threads: Any,
+    callback: Any,
+    convergence: ConvergenceRule | None,
+    elbo: str,
+) -> tuple[ConvergenceRule, elbo_registry.ElboSpec]:
+    """Validate a fit's options before any work; return the stopping rule and the ELBO's spec.
+
+    Raises
+    ------
+    OptionError, UnknownNameError
+        Naming the option, its valid range or type, or the valid ELBO names.
+    """
+    check_option("num_steps", num_steps, kind=int, low=1)
+    if isinstance(lr, int) and not isinstance(lr, bool):
+        lr = float(lr)
+    check_option("lr", lr, kind=float, low=0.0, low_inclusive=False, high=LR_MAX)
+    check_seed(seed)
+    check_option("num_eval", num_eval, kind=int, low=2)
+    if lr_decay is not None:
+        check_option(
+            "lr_decay",
+            float(lr_decay) if isinstance(lr_decay, int) else lr_decay,
+            kind=float,
+            low=0.0,
+            low_inclusive=False,
+            high=1.0,
+        )
+    if num_particles is not None:
+        check_option("num_particles", num_particles, kind=int, low=1)
+    if num_threads is not None:
+        check_option("num_threads", num_threads, kind=int, low=1)
+    if callback is not None and not callable(callback):
+        raise OptionError(f"callback must be callable, got {type(callback).__name__}")
+    return convergence or ConvergenceRule(), elbo_registry.get_elbo_spec(elbo)
+
+
+def build_objective(
+    binding: Binding,
+    guide: str | Callable,
+    elbo: str,
+    guide_opts: Mapping[str, Any],
+    elbo_opts: Mapping[str, Any],
+    *,
+    num_particles: int | None,
+    vectorize_particles: bool,
+    jit: bool,
+) -> Objective:
+    """The guide (by registry name, or the user's function) and the ELBO (by name)."""
+    if callable(guide) and not isinstance(guide, str):
+        g = Bound(guide, binding.tensor_keys, binding.static)
+        name = getattr(guide, "__name__", "user_guide")
+    else:
+        generic = guide_registry.get_guide_spec(guide, binding.family).generic
+        made = guide_registry.make_guide(
+            guide,
+            binding.model if generic else binding.model_kw,
+            binding.data,
+            family=binding.family,
+            hidden=binding.hidden,
+            **guide_opts,
+        )
+        g = made if generic else Bound(made, binding.tensor_keys, binding.static)
+        name = guide
+    loss = elbo_registry.make_elbo(
+        elbo,
+        num_particles=num_particles,
+        vectorize_particles=vectorize_particles,
+        jit=jit,
+        max_plate_nesting=binding.depth,
+        **elbo_opts,
+    )
+    return Objective(g, name, loss, jit)
+
+
+def finish(
+    binding: Binding,
+    outcome: LoopOutcome,
+    loop: LoopSettings,
+    state: dict,
+    elbo: str,
+    guide_opts: Mapping[str, Any],
+    elbo_opts: Mapping[str, Any],
+    num_eval: int,
+) -> FitResult:
+    """The loop's outcome as a :class:`FitResult`: Laplace step, ELBO estimate, settings.
+
+    Runs inside the fit's parameter-store scope ``state``.
+    """
+    objective, message = outcome.objective, outcome.message
+    status, converged = outcome.status, outcome.converged
+    sample_guide, laplace_note = objective.guide, None
+    if (
+        isinstance(objective.guide, AutoLaplaceApproximation)
+        and outcome.status not in (NONFINITE, DIVERGED)
+        and len(outcome.losses)
+    ):
+        try:
+            sample_guide = objective.guide.laplace_approximation(*binding.args)
+        except (RuntimeError, ValueError) as exc:  # Hessian not positive definite
+            laplace_note = (
+                "Laplace approximation failed (the Hessian at the estimate is not "
+                f"positive definite: {type(exc).__name__}); draws are the MAP point. "
+                "Run more steps so the estimate reaches a mode"
+            )
+            message = f"{message}; {laplace_note}"
+    loss_fn = objective.loss
+    settings = {
+        "guide": objective.name,
+        "guide_options": dict(guide_opts),
+        "elbo": elbo,
+        "elbo_class": type(getattr(loss_fn, "inner", loss_fn)).__name__,
+        "elbo_options": dict(elbo_opts),
+        "num_particles": loss_fn.num_particles,
+        "vectorize_particles": bool(getattr(loss_fn, "vectorize_particles", False)),
+        "jit": objective.jit,
+        "jit_note": outcome.jit_note,
+        "step_compiler": "fx" if outcome.compiled else ("jit" if objective.jit else "python"),
+        "step_compiler_note": outcome.compile_note,
+        "num_steps_max": loop.num_steps,
+        "lr": loop.lr,
+        "lr_decay": loop.lr_decay,
+        "optimizer": "Adam",
+        "num_threads": torch.get_num_threads(),
+        "max_plate_nesting": binding.depth,
+        "discrete_sites": list(binding.hidden),
+        "convergence": {
+            "window": outcome.window,
+            "z": loop.rule.z,
+            "rtol": loop.rule.rtol,
+            "patience": loop.rule.patience,
+            "early_stop": loop.rule.early_stop,
+        },
+        "num_eval": num_eval,
+        "average": loop.average,
+        "averaged": outcome.averaged,
+        "laplace_note": laplace_note,
+        "divergence": loop.divergence.for_guide(sample_guide).as_dict(),
+        "versions": versions(),
+    }
+    est, se = math.nan, math.nan
+    evaluation: dict = {"vectorized": None, "reason": None}
+    if len(outcome.losses) and status != DIVERGED:
+        pyro.set_rng_seed(derive_seed(loop.seed, 3))
+        with torch.no_grad(), pyro.validation_enabled(False):
+            log_w = log_weights(
+                keyword_call(binding.model),
+                keyword_call(sample_guide),
+                positional_kwargs(binding.args),
+                num_eval,
+                binding.depth,
+                discrete=bool(binding.hidden),
+                report=evaluation,
+            )
+        est, se = elbo_estimate(log_w)
+        # a finite ELBO above what any sound fit can reach is a failure, not a result
+        rule = loop.divergence.for_guide(sample_guide)
+        diverged = rule.check_elbo(est, se, float(outcome.losses[0]), loop.num_steps)
+        if diverged:
+            status, converged, est, se = DIVERGED, False, math.nan, math.nan
+            message = f"{diverged}; {message}"
+    # whether the ELBO's draws were evaluated under a particle plate, and why not
+    settings["eval_vectorized"] = evaluation["vectorized"]
+    settings["eval_vectorized_note"] = evaluation["reason"]
+    params = {
+        name: pyro.param(name).detach().double().numpy().copy()
+        for name in pyro.get_param_store().keys()
+    }
+    return FitResult(
+        model_name=binding.name,
+        guide_name=objective.name,
+        elbo_name=elbo,
+        losses=outcome.losses,
+        elbo=est,
+        elbo_se=se,
+        params=params,
+        status=status,
+        converged=converged,
+        num_steps=len(outcome.losses),
+        wall_time=outcome.wall_time,
+        seed=loop.seed,
+        settings=settings,
+        message=message,
+        sites=binding.sites,
+        entry=binding.entry,
+        model=binding.model,
+        guide=sample_guide,
+        args=binding.args,
+        data=binding.data,
+        param_state=state,
+        max_plate_nesting=binding.depth,
+        discrete_sites=binding.hidden,
+        site_shapes=binding.site_shapes,
+    )
+
+
+def known_log_evidence(binding: Binding) -> float | None:
+    """The exact ``log p(x)`` of a catalog entry on the bound data, where it is known."""
+    entry = binding.entry
+    if entry is None or entry.exact is None:
+        return None
+    try:
+        value = entry.exact(binding.data).log_evidence
+    except (TypeError, ValueError, KeyError, RuntimeError):  # data it cannot take
+        return None
+    return float(value) if value is not None else None
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Run with ``num_threads`` torch intra-op threads (None: leave torch's setting)."""
+    before = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def compile_key(
+    binding: Binding,
+    guide: str | Callable,
+    guide_opts: Mapping[str, Any],
+    elbo: str,
+    elbo_opts: Mapping[str, Any],
+) -> tuple | None:
+    """What fixes a fit's compiled step besides its parameters and data (None: do not reuse)."""
+    guide_id = ("registry", guide, binding.family) if isinstance(guide, str) else guide
+    key = (
+        binding.model_fn,
+        repr(sorted(binding.static.items())),
+        guide_id,
+        repr(sorted(guide_opts.items())),
+        elbo,
+        repr(sorted(elbo_opts.items())),
+    )
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key

@@ -1,0 +1,1 @@
+"""The digits VAE: minibatch training, evaluation (likelihood, gaps) and its report."""
