@@ -182,14 +182,14 @@ def test_external_kind_rejects_catalog_models():
 
 @pytest.mark.parametrize("name", ["pdb_garch11", "pdb_hmm_example", "pdb_kidiq_interaction"])
 def test_model_checks_pass(name):
-    from vimodels.check import check_model
+    from vimodels.svi.check import check_model
 
     report = check_model(name)
     assert all(item.ok for item in report), [i for i in report if not i.ok]
 
 
 def test_catalog_listing_stays_the_catalog():
-    from vimodels.commands.basic import markdown_tables
+    from vimodels.cli.basic import markdown_tables
 
     assert "pdb_" not in markdown_tables("models")
 
