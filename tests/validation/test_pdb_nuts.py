@@ -39,6 +39,9 @@ KNOWN_UNTRUSTED = {"pdb_gp_pois_regr"}
 
 
 @pytest.mark.slow
+# a trajectory into ARMA's explosive region (|theta| > 1) or the GP's far tails overflows
+# the kinetic energy: the sampler counts it as divergent, numpy warns
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.parametrize("name", POSTERIORS)
 def test_nuts_agrees_with_posteriordb(name):
     from diagnostics import get_reference

@@ -196,7 +196,7 @@ def test_catalog_listing_stays_the_catalog():
 
 @pytest.mark.slow
 def test_compare_runs_against_the_external_reference(tmp_path):
-    from diagnostics import run_compare
+    from vimodels.runs.compare import run_compare
 
     run = run_compare(
         "pdb_mesquite_logvolume",
