@@ -1,4 +1,4 @@
-"""Benchmark 8 (issue 18): L-BFGS modes, Laplace and Pathfinder vs Adam, badly conditioned.
+"""Benchmark 10 (issue 18): L-BFGS modes, Laplace and Pathfinder vs Adam, badly conditioned.
 
 Three linear regressions whose posteriors are known to quadrature accuracy:
 

@@ -12,7 +12,8 @@ Benchmarks (issue #6), in the order they run:
   accuracy         4. time until VI means are within 0.2 NUTS sd, vs the NUTS time
   vae              5. digits VAE: trace vs IWAE-8 (runs benchmarks/vae.py)
   memory           6. peak memory of `vimodels compare eight_schools_noncentered`
-  mode             8. L-BFGS mode + Laplace, Pathfinder, init="laplace" vs Adam (issue 18)
+  mode            10. L-BFGS mode + Laplace, Pathfinder, init="laplace" vs Adam (issue 18)
+  calibrate        9. calibration throughput: serial vs local pool vs Dask (2 workers)
 
 All of them take about an hour and a half on a 2-core machine; ``--quick``
 shortens each (fewer steps, draws, entries or epochs: indicative only).
@@ -34,6 +35,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import bench_accuracy  # noqa: E402
+import bench_calibrate  # noqa: E402
 import bench_fit  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_mode  # noqa: E402
@@ -85,6 +87,10 @@ def _mode(quick: bool) -> dict:
     return bench_mode.run(models, draws=1000 if quick else 4000)
 
 
+def _calibrate(quick: bool) -> dict:
+    return bench_calibrate.calibrate_benchmark(**({"sims": 10, "steps": 300} if quick else {}))
+
+
 BENCHMARKS: dict[str, Callable[[bool], dict]] = {
     "overhead": _overhead,
     "first_call": _first_call,
@@ -95,6 +101,7 @@ BENCHMARKS: dict[str, Callable[[bool], dict]] = {
     "vae": _vae,
     "memory": _memory,
     "mode": _mode,
+    "calibrate": _calibrate,
 }
 
 

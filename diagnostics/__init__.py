@@ -10,6 +10,8 @@ from the modules that hold it:
 - :func:`compare` and the :class:`Comparison` record
   (:mod:`diagnostics.comparison`);
 - :func:`write_report` (:mod:`diagnostics.report`);
+- :func:`write_calibration_report` (:mod:`diagnostics.calibration_report`) and
+  :mod:`diagnostics.calibration`: simulation-based calibration statistics;
 - :mod:`diagnostics.metrics`: pure functions on arrays.
 """
 
@@ -34,6 +36,7 @@ _EXPORTS = {
     "LogEvidence": "diagnostics.comparison",
     "compare": "diagnostics.comparison",
     "write_report": "diagnostics.report",
+    "write_calibration_report": "diagnostics.calibration_report",
     "metrics": "diagnostics.metrics",
 }
 

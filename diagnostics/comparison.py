@@ -18,50 +18,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import pyro
 import torch
 from torch.distributions import biject_to
 
 from diagnostics import metrics
 from diagnostics.convert import group_arrays
+from diagnostics.evidence import (  # noqa: F401  (re-exported)
+    ESTIMATED,
+    EVIDENCE_SEED_OFFSET,
+    EXACT,
+    GIVEN,
+    UNKNOWN,
+    LogEvidence,
+    _log_evidence,
+    check_bounds,
+    evidence_log_weights,
+)
 from diagnostics.nuts.reference import Reference
-from vimodels.errors import IncompatibleError, OptionError, check_option, derive_seed
-from vimodels.svi.draws import ModelInfo, model_info, sample_guide
+from vimodels.errors import IncompatibleError, OptionError, check_option
+from vimodels.svi.draws import ModelInfo, model_info
 
 if TYPE_CHECKING:
     from vimodels.svi.fit import FitResult
-
-EXACT = "exact"
-ESTIMATED = "estimated"
-GIVEN = "given"
-UNKNOWN = "unknown"
-# log p(x) is estimated from the best method's log weights drawn with seed + this
-EVIDENCE_SEED_OFFSET = 7
-
-
-@dataclass(frozen=True)
-class LogEvidence:
-    """``log p(x)`` in nats and where it comes from.
-
-    Attributes
-    ----------
-    value, se : float
-        Estimate and standard error (``se`` 0 when exact; NaN when unknown).
-    kind : str
-        ``exact`` (closed form), ``estimated`` (importance sampling), ``given``
-        (passed by the caller) or ``unknown``.
-    source : str
-        One line: how it was obtained.
-    """
-
-    value: float
-    se: float
-    kind: str
-    source: str
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form."""
-        return {"value": self.value, "se": self.se, "kind": self.kind, "source": self.source}
 
 
 @dataclass(frozen=True, eq=False)
@@ -174,14 +152,6 @@ def _unconstrained(
             u = biject_to(support).inv(torch.as_tensor(x, dtype=torch.float64)).numpy()
         cols.append(u.reshape(len(u), -1))
     return np.concatenate(cols, axis=1) if cols else np.empty((0, 0))
-
-
-def _exact_log_evidence(results: Sequence[FitResult]) -> float | None:
-    entry = results[0].entry
-    if entry is None or entry.exact is None:
-        return None
-    exact = entry.exact_posterior()
-    return None if exact is None else exact.log_evidence
 
 
 def _worst_sd(rows: pd.DataFrame) -> tuple[float, str]:
@@ -368,7 +338,7 @@ def compare(
         rows.append(row)
     summary = pd.DataFrame(rows)
 
-    le = _log_evidence(fits, named, summary, log_evidence, num_evidence, seed)
+    le = _log_evidence(fits, named, summary, log_evidence, num_evidence, seed, reference)
     summary["log_evidence"] = le.value
     summary["gap"] = le.value - summary["elbo"]
     summary["gap_se"] = np.sqrt(summary["elbo_se"] ** 2 + (le.se**2 if np.isfinite(le.se) else 0))
@@ -408,56 +378,6 @@ def compare(
     )
 
 
-def _log_evidence(
-    fits: Sequence[FitResult],
-    named: Mapping[str, FitResult],
-    summary: pd.DataFrame,
-    given: float | None,
-    num: int,
-    seed: int,
-) -> LogEvidence:
-    if given is not None:
-        return LogEvidence(float(given), 0.0, GIVEN, "given by the caller")
-    exact = _exact_log_evidence(fits)
-    if exact is not None:
-        return LogEvidence(float(exact), 0.0, EXACT, "closed form (catalog)")
-    usable = summary[np.isfinite(summary["khat"]) | (summary["khat"] == -np.inf)]
-    usable = usable[~usable["failed"]]
-    if usable.empty:
-        return LogEvidence(
-            float("nan"), float("nan"), UNKNOWN, "no method gives finite importance weights"
-        )
-    best = usable.sort_values(["khat", "elbo"], ascending=[True, False]).iloc[0]
-    result = named[best["method"]]
-    lw = evidence_log_weights(result, num, derive_seed(seed, EVIDENCE_SEED_OFFSET))
-    value, se = metrics.log_evidence_is(lw)
-    khat = metrics.psis_khat(lw)
-    return LogEvidence(
-        value,
-        se,
-        ESTIMATED,
-        f"importance sampling with {best['method']} as proposal, {num} draws, "
-        f"k-hat {khat:.2f} ({metrics.khat_verdict(khat)})",
-    )
-
-
-def evidence_log_weights(result: FitResult, num: int, seed: int) -> np.ndarray:
-    """``num`` log weights ``log p(x, z) - log q(z)`` of a fit's guide, drawn with ``seed``.
-
-    What the importance-sampling estimate of ``log p(x)`` uses. A result that
-    stores its own (a :class:`~vimodels.runs.tasks.StoredFit`, whose task called
-    this function on the live fit) returns those.
-    """
-    stored = getattr(result, "stored_evidence_log_weights", None)
-    if stored is not None:
-        return stored(num, seed)
-    info = model_info(result.model, result.args, {}, result.max_plate_nesting)
-    pyro.set_rng_seed(seed)
-    with pyro.get_param_store().scope(result.param_state):
-        _, lw = sample_guide(result.model, result.guide, result.args, {}, info, num)
-    return lw
-
-
 def _flags(summary: pd.DataFrame, reference: Reference, le: LogEvidence) -> list[str]:
     flags = []
     if not reference.trusted:
@@ -483,8 +403,11 @@ def _flags(summary: pd.DataFrame, reference: Reference, le: LogEvidence) -> list
                 f"{row.method}: not converged ({row.status}, {row.num_steps} steps): "
                 "its metrics mix optimisation error with the family's bias"
             )
-    if le.kind == ESTIMATED and "(bad)" in le.source:
+    if le.kind == ESTIMATED and ("(bad)" in le.source or "DISAGREES" in le.source):
         flags.append(f"log evidence estimate unreliable: {le.source}")
+    if le.kind == UNKNOWN:
+        flags.append(f"log evidence unknown, gaps not shown: {le.source}")
+    flags.extend(check_bounds(summary, le))
     return flags
 
 

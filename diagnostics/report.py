@@ -335,7 +335,8 @@ def _evidence_line(c: Comparison) -> str:
     if le.kind == "unknown":
         return f"log p(x): unknown ({le.source}); gaps are not shown."
     se = "" if le.kind in ("exact", "given") else f" +- {le.se:.2g}"
-    return f"log p(x) = {le.value:.5g}{se} nats, {le.kind}: {le.source}."
+    how = f" by {le.method}" if le.kind == "estimated" and le.method else ""
+    return f"log p(x) = {le.value:.5g}{se} nats, {le.kind}{how}: {le.source}."
 
 
 _CSS = """

@@ -20,7 +20,8 @@ PACKAGES = ("vimodels", "guides", "diagnostics")
 
 # lowest first; a module belongs to the first prefix that matches it
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("vimodels.errors", "vimodels.io", "vimodels.versions", "vimodels.data"),
+    ("vimodels.errors", "vimodels.io", "vimodels.versions", "vimodels.data", "vimodels.adapt"),
+    ("vimodels.usermodel",),
     ("vimodels.catalog", "vimodels.validation"),
     ("guides",),
     ("vimodels.compile",),

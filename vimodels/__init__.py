@@ -1,5 +1,7 @@
 """vimodels: a variational-inference workbench on Pyro."""
 
+import importlib
+
 from vimodels.catalog import (
     MODELS,
     CatalogEntry,
@@ -12,6 +14,7 @@ from vimodels.errors import (
     CurvatureError,
     DataError,
     IncompatibleError,
+    ModelError,
     OptionError,
     OutputError,
     UnknownNameError,
@@ -24,6 +27,20 @@ from vimodels.svi.fit import FitProgress, FitResult, fit
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``calibrate`` (:func:`vimodels.runs.calibrate.calibrate`), imported on first use.
+
+    The runs layer sits above diagnostics; importing it lazily keeps ``import
+    vimodels`` light and free of cycles.
+    """
+    if name == "calibrate":  # by name, as diagnostics' lazy exports: runs sits above
+        calibrate = importlib.import_module("vimodels.runs.calibrate").calibrate
+        globals()[name] = calibrate
+        return calibrate
+    raise AttributeError(f"module 'vimodels' has no attribute {name!r}")
+
+
 __all__ = [
     "MODELS",
     "ELBOS",
@@ -35,11 +52,13 @@ __all__ = [
     "FitProgress",
     "FitResult",
     "IncompatibleError",
+    "ModelError",
     "NutsSettings",
     "OptionError",
     "OutputError",
     "UnknownNameError",
     "VimodelsError",
+    "calibrate",
     "find_mode",
     "fit",
     "get_model",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-import sysconfig
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,182 @@ import pyro
 import torch
 from pyro import poutine
 
-from vimodels.errors import DataError
+from vimodels.errors import DataError, ModelError
 
 _FLOAT_KINDS = "f"
 _INT_KINDS = "iub"
+
+
+class RowAccessError(DataError, AttributeError):
+    """A :class:`RowArray` used as a whole (``x.sum()``, ``x @ w``) instead of by rows."""
+
+
+class RowArray:
+    """An array too large for memory, read one minibatch of rows at a time.
+
+    :func:`prepare_data` wraps a memory-mapped array (``np.load(path,
+    mmap_mode="r")``, :func:`load_arrays`) or any array-like that is not an
+    ndarray, list or tensor but has ``shape``, ``dtype`` and NumPy indexing
+    (an HDF5 dataset, a zarr array) in this class instead of converting it to
+    a tensor. The model indexes it like a tensor with its plate's indices,
+    ``x[idx]`` or ``x.index_select(0, idx)``, and gets a tensor of just those
+    rows (float32 for floating data, int64 for integers), checked finite.
+    Its first axis is the rows: it is per-row data for the plate whose size
+    is ``x.shape[0]``, and the model should only ever index it with that
+    plate's subsample indices (anything else reads what it asks for).
+
+    Attributes
+    ----------
+    shape : tuple of int
+        The array's shape.
+    rows_read : int
+        Rows copied out so far (for checking that a fit reads only its batches).
+    """
+
+    def __init__(self, key: str, array: Any):
+        self.key = key
+        self.array = array
+        self.shape = tuple(int(n) for n in array.shape)
+        kind = np.dtype(array.dtype).kind
+        if kind not in _FLOAT_KINDS + _INT_KINDS:
+            raise DataError(
+                f"data[{key!r}] has dtype {array.dtype} ({kind!r}); give numbers "
+                "(float or int arrays)"
+            )
+        if not self.shape:
+            raise DataError(f"data[{key!r}] is a 0-d array; give rows (shape (N, ...))")
+        self.kind = kind
+        self.rows_read = 0
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getattr__(self, name: str) -> Any:
+        key = self.__dict__.get("key")
+        if name.startswith("__") or key is None:
+            raise AttributeError(name)
+        raise RowAccessError(
+            f"data[{key!r}] is read by rows (memory-mapped), so it has no .{name}; "
+            f"index it with a plate's subsample indices, {key}[idx], and use the rows"
+        )
+
+    def __repr__(self) -> str:
+        return f"RowArray({self.key!r}, shape={self.shape}, dtype={self.array.dtype})"
+
+    @property
+    def ndim(self) -> int:
+        """Number of axes."""
+        return len(self.shape)
+
+    def dim(self) -> int:
+        """Number of axes (as ``torch.Tensor.dim``)."""
+        return len(self.shape)
+
+    def size(self, dim: int | None = None) -> Any:
+        """The shape, or its length along ``dim`` (as ``torch.Tensor.size``)."""
+        return torch.Size(self.shape) if dim is None else self.shape[dim]
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        """The rows at ``index`` (a tensor or array of row indices, an int or a slice)."""
+        if isinstance(index, torch.Tensor):
+            index = index.detach().cpu().numpy()
+        rows = np.asarray(self.array[index])
+        self.rows_read += int(rows.shape[0]) if rows.ndim == len(self.shape) else 1
+        if self.kind in _FLOAT_KINDS:
+            out = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+            if not bool(torch.isfinite(out).all()):
+                raise DataError(
+                    f"data[{self.key!r}] has NaN or infinite values among the rows read; "
+                    "drop or impute them before fitting"
+                )
+            return out
+        if self.kind == "b":
+            return torch.from_numpy(np.ascontiguousarray(rows))
+        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        """``self[index]`` for ``dim == 0`` (rows), as ``torch.Tensor.index_select``."""
+        if dim not in (0, -len(self.shape)):
+            raise DataError(f"data[{self.key!r}] can only be indexed by rows (dim 0), got {dim}")
+        return self[index]
+
+
+def _is_lazy_array(value: Any) -> bool:
+    if isinstance(value, (RowArray, np.memmap)):
+        return True
+    if isinstance(value, (np.ndarray, np.generic, torch.Tensor, list, tuple, str, bytes)):
+        return False
+    if type(value).__module__.split(".")[0] == "pandas":  # label indexing: left as given
+        return False
+    shape = getattr(value, "shape", None)
+    return (
+        isinstance(shape, tuple)
+        and len(shape) >= 1
+        and hasattr(value, "dtype")
+        and hasattr(value, "__getitem__")
+    )
+
+
+def load_arrays(path: str | Path, key: str | None = None) -> dict[str, Any]:
+    """Memory-map the arrays of a ``.npy`` or ``.npz`` file: ``{name: array}``.
+
+    A ``.npy`` file gives ``{key: array}`` (``key`` defaults to the file's stem);
+    the members of an uncompressed ``.npz`` (``np.savez``) are memory-mapped in
+    place, compressed ones (``np.savez_compressed``) are read into memory.
+    Pass the result as ``data``: memory-mapped arrays become :class:`RowArray`.
+
+    Raises
+    ------
+    DataError
+        For a missing file, another suffix, or a file NumPy cannot read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist; give a .npy or .npz file")
+    try:
+        if path.suffix == ".npy":
+            return {key or path.stem: np.load(path, mmap_mode="r", allow_pickle=False)}
+        if path.suffix == ".npz":
+            return _load_npz(path)
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read data file {str(path)!r}: {exc}") from exc
+    raise DataError(f"data file {str(path)!r} is not .npy or .npz; save arrays with np.save")
+
+
+def _load_npz(path: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with zipfile.ZipFile(path) as zf:
+        infos = [i for i in zf.infolist() if i.filename.endswith(".npy")]
+    with open(path, "rb") as fh:
+        for info in infos:
+            name = info.filename[: -len(".npy")]
+            if info.compress_type != zipfile.ZIP_STORED:
+                with np.load(path, allow_pickle=False) as z:
+                    out[name] = z[name]
+                continue
+            fh.seek(info.header_offset)
+            header = fh.read(30)  # the member's local file header
+            name_len = int.from_bytes(header[26:28], "little")
+            extra_len = int.from_bytes(header[28:30], "little")
+            fh.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(fh)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(fh)
+            if dtype.hasobject:
+                raise DataError(f"{path.name}: member {name!r} holds Python objects; give numbers")
+            out[name] = np.memmap(
+                path,
+                dtype=dtype,
+                mode="r",
+                offset=fh.tell(),
+                shape=shape,
+                order="F" if fortran else "C",
+            )
+    return out
 
 
 def _from_pandas(key: str, value: Any) -> np.ndarray:
@@ -52,6 +224,8 @@ def _from_pandas(key: str, value: Any) -> np.ndarray:
 
 
 def _to_tensor(key: str, value: Any) -> Any:
+    if _is_lazy_array(value):
+        return value if isinstance(value, RowArray) else RowArray(key, value)
     if isinstance(value, (pd.Series, pd.DataFrame)):
         value = _from_pandas(key, value)
     if isinstance(value, torch.Tensor):
@@ -128,7 +302,9 @@ def check_signature(model: Callable, data: Mapping[str, Any]) -> None:
 def prepare_data(model: Callable, data: Mapping[str, Any] | None) -> dict[str, Any]:
     """Validate ``data`` for ``model`` and convert arrays to tensors.
 
-    Floating arrays become float32 tensors, integer arrays int64. Checks names
+    Floating arrays become float32 tensors, integer arrays int64; memory-mapped
+    arrays (and array-likes that are not ndarrays) become :class:`RowArray`,
+    read a minibatch at a time (and checked finite as they are read). Checks names
     against the model's signature, finiteness, and that one trace of the model
     under Pyro's validation succeeds (shape mismatches inside plates, values
     outside a distribution's support).
@@ -158,29 +334,31 @@ def prepare_data(model: Callable, data: Mapping[str, Any] | None) -> dict[str, A
 
 
 def trace_check(model: Callable, data: Mapping[str, Any], name: str) -> poutine.Trace:
-    """Run the model once under validation; wrap any failure as a DataError.
+    """Run the model once under validation; wrap any failure as a DataError or ModelError.
 
-    Also refuses observed values that Pyro broadcast silently: a value whose
-    shape differs from its site's batch and event shape (``y`` of shape
-    ``(30, 1)`` under a plate of 30 would give a 30 x 30 likelihood).
+    The error blames what is wrong: the data (a value outside a distribution's
+    support, shapes that do not broadcast: raised inside Pyro or torch), or the
+    model (its own code raised, or it uses something that cannot run:
+    :class:`~vimodels.errors.ModelError`), and names the model's line. Also
+    refuses observed values that Pyro broadcast silently: a value whose shape
+    differs from its site's batch and event shape (``y`` of shape ``(30, 1)``
+    under a plate of 30 would give a 30 x 30 likelihood).
     """
     try:
         with pyro.validation_enabled(True), poutine.block():
             tr = poutine.trace(model).get_trace(**data)
             tr.compute_log_prob()
-    except (ValueError, RuntimeError, IndexError, TypeError) as exc:
+    except Exception as exc:  # a user's model can raise anything: say whose fault it is
         if isinstance(exc, DataError):
             raise
-        origin = _raised_in_user_code(exc)
-        if origin is not None:
-            raise DataError(
-                f"model {name!r} raised {type(exc).__name__} ({origin}): {_one_line(exc)}; "
-                "this came from the model's own code: fix the model, or the data it checks"
-            ) from exc
-        raise DataError(
-            f"data does not fit model {name!r}: {_one_line(exc)}; check the shapes and values "
-            "of the data"
-        ) from exc
+        err = blame(exc, name)
+        lazy = sorted(k for k, v in data.items() if isinstance(v, RowArray))
+        if lazy and not isinstance(err, ModelError):
+            err = DataError(
+                f"{err}; {', '.join(lazy)} are read by rows (memory-mapped): index them with "
+                "a plate's subsample indices, x[idx]"
+            )
+        raise err from exc
     check_observed_shapes(tr, data, name)
     return tr
 
@@ -229,29 +407,56 @@ def _one_line(exc: BaseException) -> str:
     return text.rstrip(".")
 
 
-_LIBRARY_ROOTS = tuple(
-    {
-        str(Path(p).resolve())
-        for k in ("stdlib", "platstdlib", "purelib", "platlib")
-        if (p := sysconfig.get_paths().get(k))
-    }
-)
+_LIBRARY_DIRS = tuple(
+    str(Path(m.__file__).resolve().parent)
+    for m in (torch, pyro, np)
+    if getattr(m, "__file__", None)
+) + (str(Path(__file__).resolve().parent),)
 
 
-def _raised_in_user_code(exc: BaseException) -> str | None:
-    """``"in fn, file.py line n"`` when the innermost frame is outside the installed libraries."""
+def _user_frame(exc: BaseException) -> tuple[str, bool] | None:
+    """``("file.py:line", raised_there)`` of the last frame outside the libraries."""
     tb = exc.__traceback__
-    if tb is None:
-        return None
-    while tb.tb_next is not None:
+    found, last_user = None, False
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        path = str(Path(filename).resolve()) if not filename.startswith("<") else filename
+        user = not path.startswith(_LIBRARY_DIRS) and "importlib" not in path
+        if user:
+            found = f"{Path(filename).name}:{tb.tb_lineno}"
+        last_user = user
         tb = tb.tb_next
-    code = tb.tb_frame.f_code
-    path = str(Path(code.co_filename).resolve())
-    if code.co_filename.startswith("<") and code.co_filename != "<stdin>":
-        if code.co_filename.startswith("<frozen"):
-            return None
-    elif any(path.startswith(root) for root in _LIBRARY_ROOTS):
-        return None
-    if Path(__file__).resolve().parent in Path(path).parents and "catalog" not in path:
-        return None  # this package's own plumbing, not a model
-    return f"in {code.co_name}, {Path(code.co_filename).name} line {tb.tb_lineno}"
+    return None if found is None else (found, last_user)
+
+
+def blame(exc: BaseException, name: str) -> DataError:
+    """The user error for ``exc`` raised by a run of model ``name``: the data's or the model's.
+
+    - ``NotImplementedError``: the model uses something Pyro cannot do here (ModelError);
+    - raised by the model's own code (the innermost frame is the user's): ModelError
+      naming the line, with the model's message;
+    - raised inside Pyro or torch (a value outside a support, shapes that do not
+      broadcast): DataError, with Pyro's message and shapes on one line;
+    - anything else: ModelError.
+    """
+    msg = _one_line(exc)
+    frame = _user_frame(exc)
+    at = f" at {frame[0]}" if frame else ""
+    if isinstance(exc, NotImplementedError):
+        return ModelError(
+            f"model {name!r} cannot be run{at}: {msg} (NotImplementedError); the model uses "
+            "something Pyro cannot do here"
+        )
+    if frame is not None and frame[1]:
+        return ModelError(
+            f"model {name!r} raised {type(exc).__name__}{at}: {msg}; this came from the "
+            "model's own code: fix the model, or the data it checks"
+        )
+    if isinstance(exc, (ValueError, RuntimeError, IndexError, TypeError)):
+        return DataError(
+            f"data does not fit model {name!r}{at}: {msg}; check the shapes and values of the data"
+        )
+    return ModelError(
+        f"model {name!r} fails{at}: {type(exc).__name__}: {msg}; fix the model's code "
+        "(or the data it reads)"
+    )

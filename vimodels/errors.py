@@ -34,6 +34,14 @@ class DataError(VimodelsError):
     """Data that is missing, mis-shaped, of the wrong dtype or not finite."""
 
 
+class ModelError(DataError):
+    """The user's model cannot be run as written (a bug in its code, an unsupported construct).
+
+    A :class:`DataError` subclass: before models were told apart from their data,
+    both raised DataError.
+    """
+
+
 class OptionError(VimodelsError):
     """An option of the wrong type or out of its valid range."""
 

@@ -786,8 +786,8 @@ def run_nuts(
     seed : int
         Master seed; chain ``c`` gets an independent seed derived from it.
     sites : tuple of str, optional
-        Sites of interest to check; defaults to the entry's, or every latent and
-        deterministic site.
+        Sites of interest to check; defaults to the entry's, or every continuous
+        latent and deterministic site (discrete sites are recovered but not checked).
     cache : bool
         Read and write the on-disk cache.
     cache_dir : path, optional
@@ -823,7 +823,7 @@ def run_nuts(
     sites = (
         tuple(sites)
         if sites
-        else (entry.sites if entry is not None else info.latent + info.deterministic)
+        else (entry.sites if entry is not None else info.continuous + info.deterministic)
     )
     unknown = [x for x in sites if x not in info.sites or info.sites[x].kind == "observed"]
     if unknown:

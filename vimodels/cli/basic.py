@@ -10,12 +10,14 @@ from pathlib import Path
 from guides.registry import GENERIC, HANDWRITTEN
 from vimodels.catalog.registry import MODELS, get_model
 from vimodels.cli.options import parse_options
-from vimodels.errors import check_option
+from vimodels.data import load_arrays
+from vimodels.errors import OptionError, check_option
 from vimodels.io import atomic_write_json, output_folder, safe_name
 from vimodels.svi.check import check_model
 from vimodels.svi.convergence import ConvergenceRule
 from vimodels.svi.elbos import ELBOS
 from vimodels.svi.fit import fit
+from vimodels.usermodel import is_model_spec, load_data, load_model_spec, read_data_map
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,18 +27,86 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--markdown", action="store_true", help="print Markdown tables (README)")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("fit", help="fit a catalog model with SVI")
-    p.add_argument("model")
+    p = sub.add_parser(
+        "fit",
+        help="fit a catalog model or your own (FILE.py:FUNCTION) with SVI",
+        description="Fit a model with SVI. " + USER_MODEL_NOTE,
+    )
+    add_model_arguments(p)
     add_fit_arguments(p)
     p.add_argument("--guide", default="auto_normal")
     p.add_argument("--elbo", default="trace")
     p.add_argument("--draws", type=int, default=1000, help="guide draws written to netcdf")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
+    p.add_argument(
+        "--mmap",
+        action="append",
+        metavar="FILE.npz|KEY=FILE.npy",
+        help="data arrays (added to --data's), memory-mapped and read a batch at a time "
+        "by plates with subsample_size: data larger than memory (repeatable)",
+    )
+    p.add_argument(
+        "--subsample",
+        default="epoch",
+        choices=["epoch", "independent", "pyro"],
+        help="how subsampled plates draw their rows (default: epoch)",
+    )
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("check", help="check a model: log density, gradients, transforms")
     p.add_argument("model")
     p.set_defaults(func=cmd_check)
+
+
+USER_MODEL_NOTE = (
+    "MODEL is a catalog name (vimodels list) or FILE.py:FUNCTION, your own Pyro model: "
+    "the file is imported and its code runs, with your rights, as if you ran it yourself "
+    "(only give files you trust). Its arguments come from --data FILE (.json object of "
+    "name -> number or list, .npz arrays, or .csv columns), renamed with --data-map or --arg."
+)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, its data and the sites to report (``fit``, ``nuts``, ``compare``)."""
+    p.add_argument("model", help="catalog name, or FILE.py:FUNCTION (runs that file's code)")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="FILE",
+        help="arguments of the model: .json, .npz or .csv (one argument per column)",
+    )
+    p.add_argument(
+        "--data-map",
+        default=None,
+        metavar="FILE",
+        help="TOML or JSON file mapping argument names to data columns",
+    )
+    p.add_argument(
+        "--arg",
+        action="append",
+        metavar="ARGUMENT=COLUMN",
+        help="pass data column COLUMN as the model's argument ARGUMENT (repeatable)",
+    )
+    p.add_argument(
+        "--sites", nargs="+", default=None, help="sites to report (default: the model's)"
+    )
+
+
+def cli_model(args: argparse.Namespace) -> tuple:
+    """``(model, data, name)`` for the API from the CLI's model, --data and renames.
+
+    ``model`` is a catalog entry or the user's function; ``data`` is None for a
+    catalog entry without --data.
+    """
+    data_map = read_data_map(args.data_map, args.arg)
+    if is_model_spec(args.model):
+        fn = load_model_spec(args.model)
+        return fn, load_data(args.data, data_map, fn), getattr(fn, "__name__", "user_model")
+    entry = get_model(args.model)
+    data = load_data(args.data, data_map, entry.model) if args.data is not None else None
+    if data is None and data_map:
+        raise OptionError("--data-map and --arg rename columns of --data FILE; give one")
+    return entry, data, entry.name
 
 
 def add_fit_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,14 +191,27 @@ def cmd_fit(args: argparse.Namespace) -> int:
     """Fit one model/guide/ELBO and write draws (netcdf) and a JSON summary.
 
     Exit status: 0, 130 after Ctrl-C (the partial fit is written), 1 when the
-    fit ended non-finite (loss, gradient or ELBO estimate; what it had is written).
+    fit ended non-finite or diverged (loss, gradient or ELBO estimate; what it
+    had is written).
     """
-    entry = get_model(args.model)
+    model, data, name = cli_model(args)
     check_option("--draws", args.draws, kind=int, low=1)
+    mapped = data_files(args.mmap)
+    if mapped:
+        data = {**(data or {}), **mapped}
+    sites = tuple(args.sites) if args.sites else None
     kwargs = fit_kwargs(args)
-    with output_folder(args.out or Path("runs") / safe_name(entry.name)) as out:
-        result = fit(entry, guide=args.guide, elbo=args.elbo, **kwargs)
-        stem = fit_file_stem(entry.name, result.guide_name, args.elbo, result.seed)
+    with output_folder(args.out or Path("runs") / safe_name(name)) as out:
+        result = fit(
+            model,
+            data,
+            guide=args.guide,
+            elbo=args.elbo,
+            sites=sites,
+            subsample=args.subsample,
+            **kwargs,
+        )
+        stem = fit_file_stem(name, result.guide_name, args.elbo, result.seed)
         if result.status == "diverged":  # a failure: the summary says why, no draws
             atomic_write_json(out / f"{stem}.json", result.summary())
             print(
@@ -160,6 +243,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def data_files(specs: list[str] | None) -> dict | None:
+    """``--mmap`` values as a data dict of memory-mapped arrays (None when there are none)."""
+    if not specs:
+        return None
+    data: dict = {}
+    for spec in specs:
+        key, sep, path = spec.rpartition("=")
+        data.update(load_arrays(path, key if sep else None))
+    return data
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
-from vimodels.catalog.registry import get_model
-from vimodels.cli.basic import add_fit_arguments, fit_kwargs
+from vimodels.cli.basic import (
+    USER_MODEL_NOTE,
+    add_fit_arguments,
+    add_model_arguments,
+    cli_model,
+    fit_kwargs,
+)
 from vimodels.cli.sweep import add_executor_arguments, make_cli_executor
 from vimodels.errors import check_option
 from vimodels.io import atomic_write_json, ensure_dir, output_folder, safe_name
@@ -15,8 +21,12 @@ from vimodels.io import atomic_write_json, ensure_dir, output_folder, safe_name
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``nuts`` and ``compare`` subcommands."""
-    p = sub.add_parser("nuts", help="NUTS reference draws of a catalog model (cached, checked)")
-    p.add_argument("model")
+    p = sub.add_parser(
+        "nuts",
+        help="NUTS reference draws of a model (cached, checked)",
+        description="NUTS reference draws of a model, checked and cached. " + USER_MODEL_NOTE,
+    )
+    add_model_arguments(p)
     _add_nuts_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="recompute even if cached")
@@ -26,8 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_nuts)
 
-    p = sub.add_parser("compare", help="fit guides x ELBOs, compare with the reference, report")
-    p.add_argument("model")
+    p = sub.add_parser(
+        "compare",
+        help="fit guides x ELBOs, compare with the reference, report",
+        description="Fit guides x ELBOs, compare with the reference, write the report. "
+        + USER_MODEL_NOTE,
+    )
+    add_model_arguments(p)
     p.add_argument(
         "--guides",
         nargs="+",
@@ -117,9 +132,12 @@ def cmd_nuts(args: argparse.Namespace) -> int:
     from diagnostics.convert import reference_to_inference_data, save_netcdf
     from diagnostics.nuts.reference import run_nuts
 
+    model, data, _ = cli_model(args)
     try:
         ref = run_nuts(
-            args.model,
+            model,
+            data,
+            sites=tuple(args.sites) if args.sites else None,
             settings=_nuts_settings(args),
             seed=args.seed,
             cache=not args.no_cache,
@@ -161,18 +179,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from vimodels.runs.compare import run_compare
     from vimodels.runs.config import check_grid_names, default_guides
 
-    entry = get_model(args.model)
+    model, data, name = cli_model(args)
     check_option("--draws", args.draws, kind=int, low=10)
+    entry = model if not callable(model) else None
     # a typo in --guides/--elbos: exit 2 before any work (run_compare checks too)
     check_grid_names(args.guides or default_guides(entry), args.elbos or ("trace",), entry)
-    out = Path(args.out) if args.out else Path("runs") / safe_name(entry.name) / "compare"
+    out = Path(args.out) if args.out else Path("runs") / safe_name(name) / "compare"
     kwargs = fit_kwargs(args)
     kwargs.pop("num_steps")
     seed = kwargs.pop("seed")
+    # the executors run catalog models by name; a user's model or data fits in this process
+    by_name = data is None and not callable(model)
     try:
-        with output_folder(out), make_cli_executor(args) as executor:
+        executor_context = make_cli_executor(args) if by_name else contextlib.nullcontext()
+        with output_folder(out), executor_context as executor:
             run = run_compare(
-                entry,
+                model,
+                data=data,
+                sites=tuple(args.sites) if args.sites else None,
                 guides=args.guides,
                 elbos=args.elbos,
                 steps=args.steps,

@@ -11,11 +11,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from vimodels.cli import basic, compare, sweep, vae
+from vimodels.cli import basic, calibrate, compare, sweep, vae
 from vimodels.cli.options import EXIT_USAGE, Parser
 from vimodels.errors import VimodelsError
 
-COMMAND_MODULES = (basic, compare, vae, sweep)
+COMMAND_MODULES = (basic, compare, vae, sweep, calibrate)
 
 
 def build_parser() -> argparse.ArgumentParser:

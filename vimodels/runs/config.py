@@ -38,16 +38,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guides.registry import get_guide_spec, guide_names
+from vimodels.catalog.base import CatalogEntry, NutsSettings
+from vimodels.catalog.registry import get_model
 from vimodels.errors import OptionError, UnknownNameError, VimodelsError
 from vimodels.runs.tasks import fit_option_names
-from guides.registry import get_guide_spec, guide_names
-from vimodels.catalog.base import NutsSettings
-from vimodels.catalog.registry import get_model
 from vimodels.svi.elbos import get_elbo_spec
 
 TOP_KEYS = (
@@ -174,7 +174,6 @@ def config_from_dict(
     base_dir : path
         Folder that a relative ``cache`` path is relative to.
     """
-
     _unknown(where, "key(s)", raw, TOP_KEYS)
     if "models" not in raw:
         raise _err(where, "needs models = [...] (see `vimodels list models`)")

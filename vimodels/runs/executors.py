@@ -59,6 +59,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from vimodels.errors import OptionError, VimodelsError, check_option
 from vimodels.runs.worker import (
     TaskCancelled,
     TaskInterrupted,
@@ -66,7 +67,6 @@ from vimodels.runs.worker import (
     ignore_sigint,
     init_worker,
 )
-from vimodels.errors import OptionError, VimodelsError, check_option
 
 __all__ = [
     "EXECUTORS",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
@@ -31,7 +31,6 @@ from diagnostics.report import (
     write_report,
 )
 from vimodels.io import atomic_write_json, atomic_write_text, ensure_dir, safe_name
-
 from vimodels.runs.records import SweepRun
 
 BY_METHOD_COLUMNS = (

@@ -38,8 +38,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from diagnostics import metrics
+from diagnostics.comparison import compare
+from diagnostics.convert import group_arrays
+from diagnostics.references import get_reference
+from guides.registry import get_guide_spec
+from vimodels.catalog.registry import get_model
+from vimodels.errors import OptionError, VimodelsError
+from vimodels.io import ensure_dir, safe_name
+from vimodels.runs.config import SweepConfig, default_guides
 from vimodels.runs.executors import Outcome, TaskCancelled, TaskInterrupted, make_executor
-from vimodels.runs.config import SweepConfig
+from vimodels.runs.records import Failure, SweepRun
+from vimodels.runs.report import write_sweep_report
 from vimodels.runs.tasks import (
     ReferenceTask,
     StoredFit,
@@ -52,17 +62,6 @@ from vimodels.runs.tasks import (
     make_reference_task,
     make_task,
 )
-from vimodels.errors import OptionError, VimodelsError
-from vimodels.io import ensure_dir, safe_name
-from vimodels.runs.config import default_guides
-from guides.registry import get_guide_spec
-from vimodels.catalog.registry import get_model
-from diagnostics.references import get_reference
-from vimodels.runs.records import Failure, SweepRun
-from vimodels.runs.report import write_sweep_report
-from diagnostics.comparison import compare
-from diagnostics import metrics
-from diagnostics.convert import group_arrays
 
 if TYPE_CHECKING:
     from diagnostics.comparison import Comparison
@@ -96,7 +95,6 @@ def _failure(outcome: Outcome, stage: str | None = None) -> Failure:
 
 def grid(config: SweepConfig) -> tuple[list[Task], list[str]]:
     """The fit tasks of a sweep, and the cells left out (with the reason)."""
-
     tasks, skipped = [], []
     for model in config.models:
         entry = get_model(model)
@@ -238,7 +236,6 @@ def run_sweep(
     -------
     SweepRun
     """
-
     t0 = time.perf_counter()
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     out = ensure_dir(out).resolve()
@@ -386,7 +383,6 @@ def _with_keys(df: pd.DataFrame, model: str, seed: int) -> pd.DataFrame:
 
 def _fit_rows(fits: Mapping[str, StoredFit], model: str, seed: int) -> pd.DataFrame:
     """Rows without reference metrics (the model has no reference)."""
-
     rows = []
     for name, f in fits.items():
         lw = group_arrays(f.inference_data, "sample_stats")["log_weight"].reshape(-1)

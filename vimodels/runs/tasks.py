@@ -13,7 +13,7 @@ parts + a hash of every input) under the output folder:
     :func:`diagnostics.comparison.compare` draws them;
 ``arrays.npz``
     ``losses`` per step, and ``evidence_log_weights`` (``num_evidence``
-    draws by :func:`diagnostics.comparison.evidence_log_weights`, seed + 7)
+    draws by :func:`diagnostics.evidence.evidence_log_weights`, seed + 7)
     where the model has no exact log evidence;
 ``summary.json``
     the task, the fit's summary and the SHA-256 of the two files. Written
@@ -36,6 +36,7 @@ worker, chains one after another, cached by :mod:`diagnostics.nuts.reference`).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import json
 import os
@@ -49,27 +50,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from pyro.infer import config_enumerate
 
+from diagnostics.convert import fit_to_inference_data, load_netcdf, save_netcdf
+from diagnostics.evidence import EVIDENCE_SEED_OFFSET, evidence_log_weights
+from diagnostics.references import get_reference
+from vimodels.catalog.registry import get_model
+from vimodels.data import prepare_data
 from vimodels.errors import OptionError, check_option, check_seed, derive_seed
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, safe_name
-from vimodels.svi.fit import fit
-from vimodels.svi.convergence import ConvergenceRule
-import importlib
-from vimodels.versions import versions
-import torch
-import diagnostics.comparison
-import diagnostics.convert
 from vimodels.runs.worker import interrupts_deferred
-from vimodels.svi.result import INTERRUPTED
-from diagnostics.comparison import EVIDENCE_SEED_OFFSET, evidence_log_weights
-from diagnostics.convert import fit_to_inference_data, save_netcdf
-from vimodels.catalog.registry import get_model
-from pyro.infer import config_enumerate
-from vimodels.data import prepare_data
 from vimodels.svi.binding import Bound
-from diagnostics.convert import load_netcdf
-from diagnostics.comparison import EVIDENCE_SEED_OFFSET
-from diagnostics.references import get_reference
+from vimodels.svi.convergence import ConvergenceRule
+from vimodels.svi.fit import fit
+from vimodels.svi.result import INTERRUPTED
+from vimodels.versions import versions
 
 TASK_FORMAT = 1
 SUMMARY = "summary.json"
@@ -86,7 +82,6 @@ def _canonical(obj: Any) -> str:
 
 def fit_option_names() -> tuple[str, ...]:
     """Options of :func:`vimodels.svi.fit.fit` a task may carry (all but the grid's own)."""
-
     return tuple(p for p in inspect.signature(fit).parameters if p not in _FIXED)
 
 
@@ -190,7 +185,6 @@ def make_task(
             f"unknown fit option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
         )
     if "convergence" in opts and not isinstance(opts["convergence"], Mapping):
-
         if isinstance(opts["convergence"], ConvergenceRule):
             opts["convergence"] = asdict(opts["convergence"])
         else:
@@ -211,8 +205,6 @@ _DRAW_MODULES = ("_arviz.py", "convert.py", "draws.py", "tasks.py")
 @lru_cache(maxsize=1)
 def code_fingerprint() -> str:
     """SHA-256 (16 hex digits) of the fitting and drawing source files and library versions."""
-
-
     h = hashlib.sha256(_canonical(versions()).encode())
     for package in ("vimodels", "guides", "diagnostics"):
         root = Path(importlib.import_module(package).__file__).parent
@@ -255,7 +247,6 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
         step) is written to the ``partial/`` subfolder first, and the message
         says so. The task stays unfinished.
     """
-
     # what writing the result needs, imported before the fit: a Ctrl-C during these
     # (slow) imports costs no fitted steps, and after the fit nothing slow is left
 
@@ -292,7 +283,6 @@ def run_task(task: Task, out_dir: str | os.PathLike) -> dict[str, Any]:
 
 def _write_result(task: Task, result: Any, folder: Path, t0: float) -> dict[str, Any]:
     """Write draws, arrays and (last) the summary of ``result`` into ``folder``."""
-
     (folder / SUMMARY).unlink(missing_ok=True)
     idata = fit_to_inference_data(result, task.num_draws, seed=task.seed)
     ensure_dir(folder)
@@ -371,8 +361,6 @@ def is_done(task: Task, out_dir: str | os.PathLike) -> bool:
 @lru_cache(maxsize=32)
 def _bound_model(model: str, enumerate_discrete: bool) -> tuple[Any, tuple]:
     """The catalog model bound to its data as :func:`vimodels.svi.fit.fit` binds it."""
-
-
     entry = get_model(model)
     data = prepare_data(entry.model, entry.data())
     keys = tuple(k for k, v in data.items() if isinstance(v, torch.Tensor))
@@ -459,7 +447,6 @@ class StoredFit:
     @property
     def entry(self) -> Any:
         """The catalog entry."""
-
         return get_model(self.task.model)
 
     @property
@@ -486,9 +473,8 @@ class StoredFit:
     def stored_evidence_log_weights(self, num_samples: int, seed: int) -> np.ndarray:
         """The stored evidence log weights; the request must match how they were drawn.
 
-        See :func:`diagnostics.comparison.evidence_log_weights`.
+        See :func:`diagnostics.evidence.evidence_log_weights`.
         """
-
         want = derive_seed(self.task.seed, EVIDENCE_SEED_OFFSET)
         if self.evidence_log_weights is None or (num_samples, seed) != (
             self.task.num_evidence,
@@ -567,8 +553,6 @@ class ReferenceTask:
 
     def run(self, out_dir: str | os.PathLike | None = None) -> Any:
         """The NUTS reference (:func:`diagnostics.nuts.reference.get_reference`) in one process."""
-
-
         torch.set_num_threads(1)
         return get_reference(
             self.model,

@@ -18,6 +18,7 @@ from pyro import poutine
 from pyro.infer import config_enumerate
 from pyro.poutine.util import site_is_subsample
 
+from vimodels.adapt import adapt_model, keyword_model
 from vimodels.catalog.base import CatalogEntry
 from vimodels.catalog.registry import get_model
 from vimodels.data import prepare_data, trace_check
@@ -135,7 +136,9 @@ def resolve_model(
         entry = model
     elif callable(model):
         name = getattr(model, "__name__", "user_model")
-        return None, model, prepare_data(model, data), name
+        fn = keyword_model(model)
+        data_dict = prepare_data(fn, data)
+        return None, adapt_model(fn, data_dict), data_dict, name
     else:
         raise OptionError(
             f"model must be a catalog name, a CatalogEntry or a Pyro model function, "

@@ -385,15 +385,18 @@ def sample_guide(
     parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
     report = {} if report is None else report
     report.update(vectorized=False, reason=None)
+
+    def traces() -> tuple[poutine.Trace, poutine.Trace]:
+        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+        return guide_tr, model_tr
+
     with torch.no_grad():
         try:
             for start, stop in _chunks(num_samples, chunk):
                 n = stop - start
                 with pyro.plate(_DRAWS_PLATE, n, dim=-ndim):
-                    guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
-                    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
-                        *args, **kwargs
-                    )
+                    guide_tr, model_tr = _tolerant(traces)
                 part = _weights_and_values(model_tr, guide_tr, info, n, ndim)
                 if start == 0:  # the same check as the ELBO's (vimodels.svi.particles)
                     check_particles(model, guide, args, kwargs, model_tr, guide_tr, part[1])
@@ -407,13 +410,30 @@ def sample_guide(
             )
             parts = []
             for _ in range(num_samples):
-                guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
-                model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
-                    *args, **kwargs
-                )
+                guide_tr, model_tr = _tolerant(traces)
                 parts.append(_weights_and_values(model_tr, guide_tr, info, 1, 1, vectorized=False))
     draws = {name: np.concatenate([p[0][name] for p in parts]) for name in info.latent}
-    return draws, np.concatenate([p[1] for p in parts])
+    lw = np.concatenate([p[1] for p in parts])
+    return draws, np.where(np.isnan(lw), -np.inf, lw)
+
+
+def _tolerant(traces: Callable[[], tuple]) -> tuple:
+    """``traces()``, rerun without Pyro's validation where a guide draw breaks a constraint.
+
+    A degenerate guide (a fit stopped on a non-finite loss, say) can draw values
+    where the model cannot be evaluated: a scale that underflows to 0, a NaN.
+    Those draws have no posterior density: rerun without validation, their log
+    weights come out non-finite and count as ``-inf`` (weight 0), and the
+    diagnostics flag the guide instead of failing on it.
+    """
+    try:
+        return traces()
+    except ValueError as exc:
+        text = str(exc)
+        if "invalid values" not in text and "Expected parameter" not in text:
+            raise
+        with pyro.validation_enabled(False):
+            return traces()
 
 
 def _weights_and_values(
@@ -674,7 +694,7 @@ def replay_model(
                 )
 
     def run(fn: Callable) -> poutine.Trace:
-        return poutine.trace(fn).get_trace(*args, **kwargs)
+        return _tolerant(lambda: poutine.trace(fn).get_trace(*args, **kwargs))
 
     with torch.no_grad():
         try:

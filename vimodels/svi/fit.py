@@ -41,7 +41,9 @@ from vimodels.svi.by_optimizer import (
 from vimodels.svi.convergence import ConvergenceRule
 from vimodels.svi.divergence import DivergenceRule
 from vimodels.svi.loop import LoopOutcome, LoopSettings, Objective, run_loop
+from vimodels.svi.minibatch_eval import EVAL_BATCHES, minibatch_elbo
 from vimodels.svi.result import DIVERGED, NONFINITE, FitProgress, FitResult
+from vimodels.svi.subsample import IndexSupplier
 from vimodels.svi.weights import elbo_estimate, log_weights
 from vimodels.versions import versions
 
@@ -73,6 +75,7 @@ def fit(
     average: bool = True,
     callback: Callable[[FitProgress], None] | None = None,
     init: str | None = None,
+    subsample: str = "epoch",
 ) -> FitResult:
     """Fit a guide to a model with SVI (or, for three guides, by L-BFGS).
 
@@ -148,6 +151,16 @@ def fit(
         that Gaussian where that is smaller (Adam moves every coordinate by
         about ``lr`` per step, which would throw a tightly pinned parameter
         out of its posterior); ``settings["init"]`` reports both.
+    subsample : {"epoch", "independent", "pyro"}
+        How the indices of a plate declared with ``subsample_size`` are drawn
+        (:mod:`vimodels.svi.subsample`): from one pseudo-random permutation
+        per pass over the data (``"epoch"``), as independent batches, or by
+        Pyro's ``randperm`` (``"pyro"``, cost per step growing with the data).
+        With subsampling, JIT and the compiled step are off, and the final
+        ELBO comes from ``num_eval`` draws on 100 independent batches, its
+        standard error including the subsampling noise
+        (:mod:`vimodels.svi.minibatch_eval`); ``settings["subsample"]`` says
+        what ran. The README's section "Large data" gives the data contract.
 
     Returns
     -------
@@ -191,7 +204,12 @@ def fit(
             guide_options=guide_options,
             num_threads=num_threads,
         )
-    binding = bind(model, data, discrete_ok=elbo_spec.discrete, sites=sites)
+    # minibatch: plates' subsample indices drawn in O(batch) (vimodels/svi/subsample.py)
+    supplier = IndexSupplier(seed, subsample)  # OptionError for an unknown scheme
+    with supplier:
+        binding = bind(model, data, discrete_ok=elbo_spec.discrete, sites=sites)
+    if supplier.subsampled and subsample != "pyro":
+        jit = False  # NumPy-drawn indices would be frozen into a traced graph
     guide_opts, elbo_opts = dict(guide_options or {}), dict(elbo_options or {})
     start = None
     if init is not None:
@@ -229,11 +247,19 @@ def fit(
         label=f"{binding.name}/{guide if isinstance(guide, str) else 'guide'}/{elbo}",
         divergence=DivergenceRule(log_evidence=known_log_evidence(binding)),
     )
-    with pyro.get_param_store().scope() as state, torch_threads(num_threads):
+    with pyro.get_param_store().scope() as state, torch_threads(num_threads), supplier:
         pyro.set_rng_seed(seed)
         outcome = run_loop(binding, build, loop_settings, callback)
         result = finish(
-            binding, outcome, loop_settings, state, elbo, guide_opts, elbo_opts, num_eval
+            binding,
+            outcome,
+            loop_settings,
+            state,
+            elbo,
+            guide_opts,
+            elbo_opts,
+            num_eval,
+            supplier=supplier if supplier.subsampled else None,
         )
     if start is not None:
         result.settings["init"] = start[2]
@@ -330,10 +356,12 @@ def finish(
     guide_opts: Mapping[str, Any],
     elbo_opts: Mapping[str, Any],
     num_eval: int,
+    supplier: IndexSupplier | None = None,
 ) -> FitResult:
     """The loop's outcome as a :class:`FitResult`: Laplace step, ELBO estimate, settings.
 
-    Runs inside the fit's parameter-store scope ``state``.
+    Runs inside the fit's parameter-store scope ``state``. With ``supplier``
+    (the model subsamples its data) the ELBO comes from minibatches.
     """
     objective, message = outcome.objective, outcome.message
     status, converged = outcome.status, outcome.converged
@@ -385,22 +413,41 @@ def finish(
         "laplace_note": laplace_note,
         "divergence": loop.divergence.for_guide(sample_guide).as_dict(),
         "versions": versions(),
+        "subsample": None,
     }
+    subsampled = None
+    if supplier is not None:  # --- minibatch
+        subsampled = {**supplier.record(), "eval_batches": min(num_eval, EVAL_BATCHES)}
+        if subsampled["scheme"] != "pyro":
+            subsampled["note"] = "JIT and the compiled step are off (indices drawn in NumPy)"
+        settings["subsample"] = subsampled
     est, se = math.nan, math.nan
     evaluation: dict = {"vectorized": None, "reason": None}
     if len(outcome.losses) and status != DIVERGED:
         pyro.set_rng_seed(derive_seed(loop.seed, 3))
         with torch.no_grad(), pyro.validation_enabled(False):
-            log_w = log_weights(
-                keyword_call(binding.model),
-                keyword_call(sample_guide),
-                positional_kwargs(binding.args),
-                num_eval,
-                binding.depth,
-                discrete=bool(binding.hidden),
-                report=evaluation,
-            )
-        est, se = elbo_estimate(log_w)
+            if subsampled is not None:  # --- minibatch: draws on independent data batches
+                est, se = minibatch_elbo(
+                    keyword_call(binding.model),
+                    keyword_call(sample_guide),
+                    positional_kwargs(binding.args),
+                    num_eval,
+                    binding.depth,
+                    seed=derive_seed(loop.seed, 3),
+                    discrete=bool(binding.hidden),
+                    report=evaluation,
+                )
+            else:  # --- end minibatch
+                log_w = log_weights(
+                    keyword_call(binding.model),
+                    keyword_call(sample_guide),
+                    positional_kwargs(binding.args),
+                    num_eval,
+                    binding.depth,
+                    discrete=bool(binding.hidden),
+                    report=evaluation,
+                )
+                est, se = elbo_estimate(log_w)
         # a finite ELBO above what any sound fit can reach is a failure, not a result
         rule = loop.divergence.for_guide(sample_guide)
         diverged = rule.check_elbo(est, se, float(outcome.losses[0]), loop.num_steps)
@@ -439,6 +486,7 @@ def finish(
         max_plate_nesting=binding.depth,
         discrete_sites=binding.hidden,
         site_shapes=binding.site_shapes,
+        subsample=subsampled,
     )
 
 

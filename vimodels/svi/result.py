@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,8 @@ from vimodels.catalog.base import CatalogEntry
 from vimodels.errors import OptionError, check_option, check_seed, derive_seed
 from vimodels.io import jsonable
 from vimodels.svi.binding import keyword_call, positional_kwargs
+from vimodels.svi.minibatch_eval import EVAL_BATCHES, minibatch_log_weights
+from vimodels.svi.subsample import IndexSupplier
 from vimodels.svi.weights import draw_sites, log_weights
 
 CONVERGED = "converged"
@@ -61,7 +64,9 @@ class FitProgress:
         try:
             if seed is not None:
                 pyro.set_rng_seed(seed)
-            with pyro.validation_enabled(False):
+            # subsampled plates draw their own batches here, not the fit's next ones
+            batches = IndexSupplier(self.step if seed is None else seed, "independent")
+            with pyro.validation_enabled(False), batches:
                 return self._draw(num_samples, sites)
         finally:
             pyro.util.set_rng_state(state)
@@ -97,6 +102,11 @@ class FitResult:
         One-line account of how the fit ended.
     sites : tuple of str
         Sites returned by :meth:`sample`.
+    subsample : dict or None
+        ``settings["subsample"]`` when the model subsamples its data: then
+        :meth:`sample` and :meth:`log_weights` draw batches in O(batch) and
+        :meth:`log_weights` returns minibatch estimates
+        (:mod:`vimodels.svi.minibatch_eval`).
     """
 
     model_name: str
@@ -123,6 +133,7 @@ class FitResult:
     max_plate_nesting: int = 1
     discrete_sites: tuple[str, ...] = ()
     site_shapes: dict[str, tuple[int, ...]] = field(repr=False, default_factory=dict)
+    subsample: dict | None = field(repr=False, default=None)
 
     @property
     def partial(self) -> bool:
@@ -157,7 +168,7 @@ class FitResult:
                 f"(and the model's other sample sites: {', '.join(self.site_shapes)})"
             )
         pyro.set_rng_seed(derive_seed(self.seed, 1) if seed is None else check_seed(seed))
-        with pyro.get_param_store().scope(self.param_state):
+        with pyro.get_param_store().scope(self.param_state), self._batches(seed, 1):
             return draw_sites(
                 keyword_call(self.model),
                 keyword_call(self.guide),
@@ -169,8 +180,26 @@ class FitResult:
             )
 
     def log_weights(self, num_samples: int = 1000, seed: int | None = None) -> np.ndarray:
-        """``log p(x, z) - log q(z)`` for ``num_samples`` guide draws, shape ``(num_samples,)``."""
-        pyro.set_rng_seed(derive_seed(self.seed, 2) if seed is None else check_seed(seed))
+        """``log p(x, z) - log q(z)`` for ``num_samples`` guide draws, shape ``(num_samples,)``.
+
+        For a model that subsamples its data, per-draw unbiased estimates from
+        groups of draws on independent batches
+        (:func:`~vimodels.svi.minibatch_eval.minibatch_log_weights`).
+        """
+        seed = derive_seed(self.seed, 2) if seed is None else check_seed(seed)
+        pyro.set_rng_seed(seed)
+        if self.subsample is not None:  # a model that subsamples its data
+            with pyro.get_param_store().scope(self.param_state):
+                return minibatch_log_weights(
+                    keyword_call(self.model),
+                    keyword_call(self.guide),
+                    self._kwargs(),
+                    num_samples,
+                    self.max_plate_nesting,
+                    seed=seed,
+                    discrete=bool(self.discrete_sites),
+                    batches=self.subsample.get("eval_batches", EVAL_BATCHES),
+                )[0]
         with pyro.get_param_store().scope(self.param_state):
             return log_weights(
                 keyword_call(self.model),
@@ -183,6 +212,14 @@ class FitResult:
 
     def _kwargs(self) -> dict:
         return positional_kwargs(self.args)
+
+    def _batches(self, seed: int | None, offset: int) -> contextlib.AbstractContextManager:
+        """Subsampled plates draw independent batches in O(batch) (when the model has any)."""
+        if self.subsample is None:
+            return contextlib.nullcontext()
+        return IndexSupplier(
+            derive_seed(self.seed, offset) if seed is None else seed, "independent"
+        )
 
     def to_inference_data(self, num_samples: int = 1000, seed: int | None = None):
         """ArviZ InferenceData of guide draws (see :mod:`diagnostics.convert`).

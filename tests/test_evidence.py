@@ -1,0 +1,146 @@
+"""log p(x) from the reference draws: bridge sampling checked against exact answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import integrate, stats
+
+from diagnostics.evidence import (
+    ESTIMATED,
+    EXACT,
+    LogEvidence,
+    StudentT,
+    bridge_sampling,
+    check_bounds,
+    reference_log_evidence,
+)
+from diagnostics.nuts.reference import exact_reference, get_reference
+from vimodels.catalog.registry import get_model
+from vimodels.svi.binding import resolve_model
+
+
+def _bound(name: str):
+    entry, fn, data, _ = resolve_model(name)
+
+    def model():
+        return fn(**data)
+
+    return entry, model, data
+
+
+def test_bridge_sampling_on_a_known_gaussian():
+    rng = np.random.default_rng(0)
+    d, log_z = 3, -12.5
+    target = stats.multivariate_normal(np.arange(d), np.diag([1.0, 2.0, 0.5]))
+    post = target.rvs(size=(2, 1000), random_state=rng)
+    proposal = StudentT.fit(post[:, :500].reshape(-1, d))
+    half = post[:, 500:]
+    prop = proposal.sample(2000, rng)
+    out = bridge_sampling(
+        target.logpdf(half) + log_z,
+        proposal.log_prob(half.reshape(-1, d)).reshape(2, 500),
+        target.logpdf(prop) + log_z,
+        proposal.log_prob(prop),
+    )
+    assert out["se"] > 0
+    assert abs(out["value"] - log_z) <= 3 * out["se"]
+
+
+def test_student_t_density_matches_scipy():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((500, 2)) @ np.array([[1.0, 0.3], [0.0, 2.0]])
+    t = StudentT.fit(x, df=5.0)
+    ref = stats.multivariate_t(t.loc, t.scale, df=5.0)
+    pts = t.sample(10, rng)
+    assert np.allclose(t.log_prob(pts), ref.logpdf(pts))
+
+
+@pytest.mark.parametrize("name", ["conjugate_linear_regression", "neals_funnel"])
+def test_bridge_sampling_matches_exact_evidence(name):
+    entry, model, _ = _bound(name)
+    truth = entry.exact_posterior().log_evidence
+    ref = exact_reference(entry, num_chains=4, num_draws=1000, seed=0)
+    le = reference_log_evidence(model, (), ref, max_plate_nesting=entry.max_plate_nesting, seed=3)
+    assert le.kind == ESTIMATED and le.method == "bridge sampling"
+    assert 0 < le.se < 0.5
+    assert abs(le.value - truth) <= 3 * le.se, (le.value, le.se, truth)
+    assert "bridge sampling" in le.source and "k-hat" in le.source
+
+
+def _eight_schools_log_evidence(y: np.ndarray, sigma: np.ndarray) -> float:
+    """2-D quadrature over (mu, log tau); theta integrated out in closed form."""
+
+    def log_f(mu: float, log_tau: float) -> float:
+        tau = math.exp(log_tau)
+        sd = np.sqrt(sigma**2 + tau**2)
+        return (
+            stats.norm.logpdf(mu, 0.0, 5.0)
+            + stats.halfcauchy.logpdf(tau, scale=5.0)
+            + log_tau
+            + float(np.sum(stats.norm.logpdf(y, mu, sd)))
+        )
+
+    shift = log_f(4.4, 1.0)
+    val, _ = integrate.dblquad(
+        lambda mu, lt: math.exp(log_f(mu, lt) - shift), -15.0, 8.0, -40.0, 50.0, epsabs=1e-12
+    )
+    return shift + math.log(val)
+
+
+@pytest.mark.slow
+def test_eight_schools_bridge_sampling_matches_quadrature(tmp_path):
+    entry, model, data = _bound("eight_schools_noncentered")
+    truth = _eight_schools_log_evidence(data["y"].double().numpy(), data["sigma"].double().numpy())
+    assert truth == pytest.approx(-31.311, abs=0.01)
+    ref = get_reference(entry, cache_dir=tmp_path, seed=0)
+    le = reference_log_evidence(model, (), ref, max_plate_nesting=1, seed=7)
+    assert le.method == "bridge sampling"
+    assert le.se < 0.1
+    assert abs(le.value - truth) <= 3 * le.se, (le.value, le.se, truth)
+
+
+def test_check_bounds_flags_a_bound_above_the_evidence():
+    summary = pd.DataFrame(
+        [
+            {
+                "method": "a/trace",
+                "iwae": -30.9,
+                "iwae_se": 0.02,
+                "elbo": -31.5,
+                "elbo_se": 0.02,
+                "khat": 0.3,
+            },
+            {
+                "method": "b/trace",
+                "iwae": -31.35,
+                "iwae_se": 0.02,
+                "elbo": -32.0,
+                "elbo_se": 0.02,
+                "khat": 0.3,
+            },
+            {
+                "method": "c/trace",
+                "iwae": -30.0,
+                "iwae_se": 0.01,
+                "elbo": -33.0,
+                "elbo_se": 0.1,
+                "khat": 0.9,
+            },
+        ]
+    )
+    le = LogEvidence(-31.31, 0.02, ESTIMATED, "bridge", "bridge sampling")
+    flags = check_bounds(summary, le)
+    assert len(flags) == 2
+    assert flags[0].startswith("a/trace: IWAE bound") and "estimate" in flags[0]
+    assert flags[1].startswith("c/trace") and "heavy-tailed" in flags[1]
+    exact = LogEvidence(-31.31, 0.0, EXACT, "closed form", "closed form")
+    assert "trust log p(x)" in check_bounds(summary, exact)[0]
+
+
+def test_catalog_entries_used_exist():
+    for name in ("conjugate_linear_regression", "neals_funnel", "eight_schools_noncentered"):
+        assert get_model(name).name == name
