@@ -178,3 +178,37 @@ def test_external_kind_rejects_catalog_models():
 
     with pytest.raises(UnknownNameError):
         get_reference("eight_schools_noncentered", kind="external")
+
+
+@pytest.mark.parametrize("name", ["pdb_garch11", "pdb_hmm_example", "pdb_kidiq_interaction"])
+def test_model_checks_pass(name):
+    from vimodels.svi.check import check_model
+
+    report = check_model(name)
+    assert all(item.ok for item in report), [i for i in report if not i.ok]
+
+
+def test_catalog_listing_stays_the_catalog():
+    from vimodels.cli.basic import markdown_tables
+
+    assert "pdb_" not in markdown_tables("models")
+
+
+@pytest.mark.slow
+def test_compare_runs_against_the_external_reference(tmp_path):
+    from vimodels.runs.compare import run_compare
+
+    run = run_compare(
+        "pdb_mesquite_logvolume",
+        guides=["auto_normal"],
+        steps=300,
+        out=tmp_path,
+        reference="external",
+        num_draws=500,
+        progress=False,
+        netcdf=False,
+    )
+    c = run.comparison
+    assert c.reference.kind == "external" and c.reference.trusted
+    assert set(c.sites["element"]) == {"beta[0]", "beta[1]", "sigma"}
+    assert (tmp_path / "report.md").is_file()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from pyro.distributions import TorchDistribution
-from torch.distributions import constraints, transform_to
+from torch.distributions import constraints
 
 _RADIUS = 2.0
 
@@ -24,6 +24,10 @@ def _feasible(
     support: constraints.Constraint, shape: torch.Size, dtype: torch.dtype
 ) -> torch.Tensor:
     """A point uniform in ``(-2, 2)`` on the unconstrained scale of ``support``."""
+    # imported here: the NUTS cache fingerprints a model's globals, and a transform
+    # registry object cannot be fingerprinted
+    from torch.distributions import transform_to
+
     t = transform_to(support)
     probe = t(torch.zeros(shape, dtype=dtype))
     u = t.inv(probe)

@@ -19,7 +19,7 @@ be computed from what is shipped; it is reported alongside, not used.
 (with the latent sites the Stan program does not report, and the
 deterministic sites and log likelihood replayed through the Pyro model) as a
 :class:`diagnostics.Reference` of kind ``"external"``, which
-:func:`diagnostics.run_compare` and ``vimodels compare --reference external``
+:func:`vimodels.runs.compare.run_compare` and ``vimodels compare --reference external``
 accept.
 """
 

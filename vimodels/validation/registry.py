@@ -183,7 +183,10 @@ PDB_GP_POIS_REGR = CatalogEntry(
     # (rho, alpha) are tightly coupled: NUTS needs trees of ~170 leapfrog steps, and at
     # target 0.9 left 3 divergences in 4 x 300 draws (posteriordb ran Stan at adapt_delta
     # 0.99, max_treedepth 15). The centered form is no way out: the prior precision of f
-    # has eigenvalues ~1e8 (smooth kernel, rho ~ 2.8 grid steps). Target 0.95.
+    # has eigenvalues ~1e8 (smooth kernel, rho ~ 2.8 grid steps). Target 0.95: 4 x 300
+    # draws, 1 divergence, so the reference stays UNTRUSTED (tests/validation mark it as
+    # known). The dense metric (metric="dense", 500 warm-up, 4 x 400, target 0.95) gave no
+    # divergence but bulk ESS 220 for rho at a similar cost: not better.
     nuts=NutsSettings(num_warmup=300, num_samples=300, num_chains=4, target_accept_prob=0.95),
     default_guides=GUIDES,
     max_plate_nesting=0,
