@@ -24,11 +24,9 @@ def _feasible(
     support: constraints.Constraint, shape: torch.Size, dtype: torch.dtype
 ) -> torch.Tensor:
     """A point uniform in ``(-2, 2)`` on the unconstrained scale of ``support``."""
-    # imported here: the NUTS cache fingerprints a model's globals, and a transform
-    # registry object cannot be fingerprinted
-    from torch.distributions import transform_to
-
-    t = transform_to(support)
+    # through the torch module (fingerprinted by name): the NUTS cache fingerprints a
+    # model's globals, and the transform registry object itself cannot be fingerprinted
+    t = torch.distributions.transform_to(support)
     probe = t(torch.zeros(shape, dtype=dtype))
     u = t.inv(probe)
     return t(torch.rand_like(u) * (2 * _RADIUS) - _RADIUS)
