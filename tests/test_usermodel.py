@@ -125,7 +125,8 @@ def test_fit_user_model_from_each_format(files, data_args, in_subprocess, tmp_pa
         assert main(argv) == 0
         stdout = capsys.readouterr().out
     assert "regression / auto_normal / trace" in stdout
-    summary = json.loads((out / "regression__auto_normal__trace.json").read_text())
+    (written,) = out.glob("regression__auto_normal__trace*.json")
+    summary = json.loads(written.read_text())
     assert summary["model"] == "regression"
 
 
