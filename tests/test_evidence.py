@@ -18,7 +18,8 @@ from diagnostics.evidence import (
     check_bounds,
     reference_log_evidence,
 )
-from diagnostics.nuts.reference import exact_reference, get_reference
+from diagnostics.nuts.reference import exact_reference
+from diagnostics.references import get_reference
 from vimodels.catalog.registry import get_model
 from vimodels.svi.binding import resolve_model
 

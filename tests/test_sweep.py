@@ -241,7 +241,7 @@ def test_sweep_runs_the_grid_and_reports_failures_with_inputs(local_run):
     for c in run.comparisons.values():
         assert c.skipped and c.skipped[0].startswith(f"{FAILING}/trace: OptionError")
     le = run.comparisons[("eight_schools_noncentered", 0)].log_evidence
-    assert le.kind == "estimated" and "300 draws" in le.source
+    assert le.kind == "estimated" and le.method == "bridge sampling"  # on the reference draws
     assert run.comparisons[("conjugate_linear_regression", 1)].log_evidence.kind == "exact"
     # combined report
     for name in (

@@ -90,19 +90,20 @@ def test_spec_and_loaders(files):
 
 
 @pytest.mark.parametrize(
-    "data_args",
+    ("data_args", "in_subprocess"),
     [
-        ["--data", "data.json"],
-        ["--data", "data.npz"],
-        ["--data", "data.csv", "--data-map", "map.toml"],
-        ["--data", "data.csv", "--arg", "x=xx", "--arg", "y=yy"],
+        (["--data", "data.json"], False),
+        (["--data", "data.npz"], True),
+        (["--data", "data.csv", "--data-map", "map.toml"], False),
+        (["--data", "data.csv", "--arg", "x=xx", "--arg", "y=yy"], True),
     ],
     ids=["json", "npz", "csv-toml", "csv-arg"],
 )
-def test_fit_user_model_from_each_format(files, data_args, tmp_path):
+def test_fit_user_model_from_each_format(files, data_args, in_subprocess, tmp_path, capsys):
+    """Two formats through ``python -m vimodels.cli``, two through ``main`` (the same code)."""
     data_args = [str(files / a) if a.startswith(("data.", "map.")) else a for a in data_args]
     out = tmp_path / "out"
-    r = run(
+    argv = [
         "fit",
         f"{files / 'model.py'}:regression",
         *data_args,
@@ -114,12 +115,18 @@ def test_fit_user_model_from_each_format(files, data_args, tmp_path):
         "--sites",
         "b",
         "--out",
-        out,
-        cache=tmp_path / "cache",
-    )
-    assert r.returncode == 0, r.stderr
-    assert "regression / auto_normal / trace" in r.stdout
-    summary = json.loads((out / "regression__auto_normal__trace.json").read_text())
+        str(out),
+    ]
+    if in_subprocess:
+        r = run(*argv, cache=tmp_path / "cache")
+        assert r.returncode == 0, r.stderr
+        stdout = r.stdout
+    else:
+        assert main(argv) == 0
+        stdout = capsys.readouterr().out
+    assert "regression / auto_normal / trace" in stdout
+    (written,) = out.glob("regression__auto_normal__trace*.json")
+    summary = json.loads(written.read_text())
     assert summary["model"] == "regression"
 
 

@@ -17,12 +17,12 @@ says which arguments it takes.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import json
 import sys
 import tomllib
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from vimodels.errors import DataError, OptionError, UnknownNameError
+from vimodels.io import safe_name
 
 DATA_SUFFIXES = (".json", ".npz", ".csv")
 
@@ -67,7 +68,10 @@ def load_model_spec(spec: str) -> Callable:
     path = Path(path_text).expanduser()
     if not path.is_file():
         raise OptionError(f"model file {path_text!r} does not exist (or is not a file)")
-    module_name = f"vimodels_user_{path.stem}_{uuid.uuid4().hex[:8]}"
+    # named by the file's path: the same file gets the same name, which the reference
+    # cache's model fingerprint includes (a random name would miss the cache every run)
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    module_name = f"vimodels_user_{safe_name(path.stem)}_{digest}"
     spec_obj = importlib.util.spec_from_file_location(module_name, path)
     if spec_obj is None or spec_obj.loader is None:
         raise OptionError(f"cannot import model file {path_text!r}")

@@ -395,12 +395,16 @@ def sample_guide(
         try:
             for start, stop in _chunks(num_samples, chunk):
                 n = stop - start
-                with pyro.plate(_DRAWS_PLATE, n, dim=-ndim):
-                    guide_tr, model_tr = _tolerant(traces)
-                part = _weights_and_values(model_tr, guide_tr, info, n, ndim)
-                if start == 0:  # the same check as the ELBO's (vimodels.svi.particles)
-                    check_particles(model, guide, args, kwargs, model_tr, guide_tr, part[1])
-                parts.append(part)
+
+                def vectorized_part(n: int = n, first: bool = start == 0) -> tuple:
+                    with pyro.plate(_DRAWS_PLATE, n, dim=-ndim):
+                        guide_tr, model_tr = traces()
+                    part = _weights_and_values(model_tr, guide_tr, info, n, ndim)
+                    if first:  # the same check as the ELBO's (vimodels.svi.particles)
+                        check_particles(model, guide, args, kwargs, model_tr, guide_tr, part[1])
+                    return part
+
+                parts.append(_tolerant(vectorized_part))
             report["vectorized"] = True
         except (NotVectorizable, *_FALLBACK_ERRORS) as exc:
             report["reason"] = (
@@ -409,15 +413,19 @@ def sample_guide(
                 else f"the model fails under a particle plate ({type(exc).__name__})"
             )
             parts = []
+
+            def one_draw() -> tuple:
+                guide_tr, model_tr = traces()
+                return _weights_and_values(model_tr, guide_tr, info, 1, 1, vectorized=False)
+
             for _ in range(num_samples):
-                guide_tr, model_tr = _tolerant(traces)
-                parts.append(_weights_and_values(model_tr, guide_tr, info, 1, 1, vectorized=False))
+                parts.append(_tolerant(one_draw))
     draws = {name: np.concatenate([p[0][name] for p in parts]) for name in info.latent}
     lw = np.concatenate([p[1] for p in parts])
     return draws, np.where(np.isnan(lw), -np.inf, lw)
 
 
-def _tolerant(traces: Callable[[], tuple]) -> tuple:
+def _tolerant(traces: Callable[[], Any]) -> Any:
     """``traces()``, rerun without Pyro's validation where a guide draw breaks a constraint.
 
     A degenerate guide (a fit stopped on a non-finite loss, say) can draw values
