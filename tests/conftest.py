@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyro
 import pytest
 import torch
+
+# tests/ holds helpers shared by the test packages (fit_models, sweep_helpers)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Small models run many times slower with 2 intra-op threads on a loaded 2-core machine.
 torch.set_num_threads(1)

@@ -23,6 +23,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from diagnostics.references import get_reference
 from vimodels.catalog import mixture
 from vimodels.catalog.registry import MODELS
 from vimodels.svi.check import check_model
@@ -392,7 +393,6 @@ def test_structured_guide_draws_locals_from_their_exact_conditional(name):
 
 # ----------------------------------------------------------------------------- references (slow)
 
-NO_REFERENCE = "diagnostics.nuts.reference (the NUTS reference, issue #3) is not available"
 
 
 @pytest.fixture(scope="session")
@@ -412,8 +412,7 @@ def reference_cache(tmp_path_factory):
 
 
 def _reference(name: str, cache_dir):
-    reference = pytest.importorskip("diagnostics.nuts.reference", reason=NO_REFERENCE)
-    return reference.get_reference(name, cache_dir=cache_dir)
+    return get_reference(name, cache_dir=cache_dir)
 
 
 # Amortized entries (a latent per image) have no global posterior for NUTS: `vimodels vae`.

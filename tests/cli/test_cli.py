@@ -15,7 +15,7 @@ import pytest
 from vimodels.catalog.registry import MODELS
 from vimodels.cli.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args, timeout=300):

@@ -24,7 +24,7 @@ from vimodels.cli.main import main
 from vimodels.errors import IncompatibleError
 from vimodels.svi.fit import fit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONJ = "conjugate_linear_regression"
 
 

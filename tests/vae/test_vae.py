@@ -28,7 +28,7 @@ from vimodels.vae import evaluate as vae_eval
 from vimodels.vae.train import Objective, parse_objective, train_digits_vae
 from vimodels.vae.trainer import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

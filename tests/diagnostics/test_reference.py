@@ -20,11 +20,11 @@ from diagnostics.nuts.reference import (
     cache_key,
     default_cache_dir,
     exact_reference,
-    get_reference,
     reparameterized_reference,
     run_checks,
     run_nuts,
 )
+from diagnostics.references import get_reference
 from vimodels.catalog.base import NutsSettings
 from vimodels.catalog.registry import MODELS, get_model
 from vimodels.errors import IncompatibleError, OptionError

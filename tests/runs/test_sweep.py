@@ -24,7 +24,7 @@ from vimodels.runs.tasks import (
     read_summary,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Two models: one with an exact posterior (reference drawn in the driver) and one that
 # needs NUTS (a reference task in a worker) and has no exact log evidence (the stored

@@ -17,7 +17,7 @@ import pytest
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 PAUSE_HOOK = ROOT / "tests" / "pause_at_step"  # its sitecustomize pauses a fit at a step
 

@@ -15,7 +15,7 @@ from vimodels.cli.main import main
 from vimodels.errors import DataError, OptionError, UnknownNameError
 from vimodels.usermodel import is_model_spec, load_data, load_model_spec, read_data_map
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 MODEL = '''
 import pyro
