@@ -394,7 +394,6 @@ def test_structured_guide_draws_locals_from_their_exact_conditional(name):
 # ----------------------------------------------------------------------------- references (slow)
 
 
-
 @pytest.fixture(scope="session")
 def reference_cache(tmp_path_factory):
     """One reference cache for the run: each entry's NUTS runs once.
