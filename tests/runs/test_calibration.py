@@ -244,12 +244,12 @@ def test_rerun_skips_finished_simulations(tmp_path):
 
 
 def test_failed_fits_are_counted_and_listed_with_their_seeds(tmp_path, monkeypatch):
-    import vimodels.svi.fit as fit_module
+    import vimodels.runs.calibrate as calibrate_module
 
     def broken(*args, seed=0, **kwargs):
         raise RuntimeError(f"boom at seed {seed}")
 
-    monkeypatch.setattr(fit_module, "fit", broken)
+    monkeypatch.setattr(calibrate_module, "fit", broken)
     cal = calibrate(
         CONJ,
         methods=["exact", "mean_field/trace"],
