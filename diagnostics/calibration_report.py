@@ -27,8 +27,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from diagnostics import calibration as stats
-from diagnostics.report import _CSS, _html_table, _md_table, _plain
-from vimodels.io import atomic_write, atomic_write_json, atomic_write_text, ensure_dir, safe_name
+from diagnostics.report import CSS, html_table, json_plain, md_table, write_figures
+from vimodels.io import atomic_write_json, atomic_write_text, ensure_dir, safe_name
 
 MAX_PANELS = 16
 HIST_BINS = 20
@@ -212,7 +212,7 @@ def render_html(cal: Any, figures: dict[str, bytes]) -> str:
     e = html.escape
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>vimodels calibrate: "
-        f"{e(cal.model)}</title><style>{_CSS}</style></head><body>",
+        f"{e(cal.model)}</title><style>{CSS}</style></head><body>",
         f"<h1>Simulation-based calibration: {e(cal.model)}</h1>",
     ]
     if cal.partial:
@@ -221,10 +221,10 @@ def render_html(cal: Any, figures: dict[str, bytes]) -> str:
             "simulations that finished</div>"
         )
     parts.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in _header_lines(cal)) + "</ul>")
-    parts.append("<h2>Methods</h2>" + _html_table(_select(cal.summary, SUMMARY_COLUMNS), "summary"))
+    parts.append("<h2>Methods</h2>" + html_table(_select(cal.summary, SUMMARY_COLUMNS), "summary"))
     if not cal.sites.empty:
         parts.append(
-            "<h2>Verdicts per site</h2>" + _html_table(_select(cal.sites, SITE_COLUMNS), "sites")
+            "<h2>Verdicts per site</h2>" + html_table(_select(cal.sites, SITE_COLUMNS), "sites")
         )
     parts.append(f"<p>{e(HOW_TO_READ)}</p><p>{e(CANNOT_TELL)}</p>")
     parts.append("<h2>Failed or non-converged fits</h2>")
@@ -234,14 +234,14 @@ def render_html(cal: Any, figures: dict[str, bytes]) -> str:
         parts.append(
             "<p>Failed fits are left out of the ranks (and counted above); non-converged fits "
             "are kept. Reproduce one with its simulation seed and fit seed (the simulated data "
-            "are stored in its sims/ record).</p>" + _html_table(_failure_table(cal), "failures")
+            "are stored in its sims/ record).</p>" + html_table(_failure_table(cal), "failures")
         )
     for name, png in figures.items():
         data = base64.b64encode(png).decode("ascii")
         parts.append(f"<img alt='{e(name)}' src='data:image/png;base64,{data}'>")
     if not cal.elements.empty:
         parts.append(
-            "<h2>Elements</h2>" + _html_table(_select(cal.elements, ELEMENT_COLUMNS), "elements")
+            "<h2>Elements</h2>" + html_table(_select(cal.elements, ELEMENT_COLUMNS), "elements")
         )
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -256,18 +256,18 @@ def render_markdown(cal: Any, figure_files: dict[str, str]) -> str:
             "",
         ]
     lines += [f"- {x}" for x in _header_lines(cal)] + [""]
-    lines += ["## Methods", "", _md_table(_select(cal.summary, SUMMARY_COLUMNS)), ""]
+    lines += ["## Methods", "", md_table(_select(cal.summary, SUMMARY_COLUMNS)), ""]
     if not cal.sites.empty:
-        lines += ["## Verdicts per site", "", _md_table(_select(cal.sites, SITE_COLUMNS)), ""]
+        lines += ["## Verdicts per site", "", md_table(_select(cal.sites, SITE_COLUMNS)), ""]
     lines += [HOW_TO_READ, "", CANNOT_TELL, "", "## Failed or non-converged fits", ""]
     if cal.failures.empty:
         lines += ["None: every fit finished and converged.", ""]
     else:
-        lines += [_md_table(_failure_table(cal)), ""]
+        lines += [md_table(_failure_table(cal)), ""]
     for name, path in figure_files.items():
         lines += [f"![{name}]({path})", ""]
     if not cal.elements.empty:
-        lines += ["## Elements", "", _md_table(_select(cal.elements, ELEMENT_COLUMNS)), ""]
+        lines += ["## Elements", "", md_table(_select(cal.elements, ELEMENT_COLUMNS)), ""]
     return "\n".join(lines)
 
 
@@ -292,15 +292,8 @@ def write_calibration_report(cal: Any, out: str | Path) -> dict[str, Path]:
         ``failures_csv``, ``ranks_csv``, ``json`` and ``figure:<name>``.
     """
     out = ensure_dir(out)
-    figs = ensure_dir(out / "figures")
-    files: dict[str, Path] = {}
     figures = make_figures(cal)
-    rel = {}
-    for name, png in figures.items():
-        path = figs / f"{name}.png"
-        atomic_write(path, lambda tmp, data=png: Path(tmp).write_bytes(data))
-        files[f"figure:{name}"] = path
-        rel[name] = f"figures/{name}.png"
+    files, rel = write_figures(figures, out)
     for key, name, df in (
         ("summary_csv", "summary.csv", cal.summary),
         ("sites_csv", "sites.csv", cal.sites),
@@ -313,7 +306,7 @@ def write_calibration_report(cal: Any, out: str | Path) -> dict[str, Path]:
     files["html"] = atomic_write_text(out / "report.html", render_html(cal, figures))
     payload = cal.to_json()
     payload["files"] = {k: str(v.relative_to(out)) for k, v in files.items()}
-    files["json"] = atomic_write_json(out / "calibration.json", _plain(payload))
+    files["json"] = atomic_write_json(out / "calibration.json", json_plain(payload))
     return files
 
 

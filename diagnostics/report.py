@@ -268,7 +268,8 @@ def site_table(c: Comparison) -> pd.DataFrame:
     return c.sites[[k for k, _ in cols]].rename(columns=dict(cols))
 
 
-def _html_table(df: pd.DataFrame, table_id: str) -> str:
+def html_table(df: pd.DataFrame, table_id: str) -> str:
+    """``df`` as an HTML table with id ``table_id``, numbers formatted by :func:`fmt`."""
     head = "".join(f"<th>{html.escape(str(col))}</th>" for col in df.columns)
     body = []
     for row in df.itertuples(index=False):
@@ -285,7 +286,8 @@ def _html_table(df: pd.DataFrame, table_id: str) -> str:
     )
 
 
-def _md_table(df: pd.DataFrame) -> str:
+def md_table(df: pd.DataFrame) -> str:
+    """``df`` as a Markdown table, numbers formatted by :func:`fmt`."""
     lines = [
         "| " + " | ".join(str(c) for c in df.columns) + " |",
         "|" + "|".join("---" for _ in df.columns) + "|",
@@ -330,7 +332,8 @@ def _floor_line(c: Comparison) -> str:
     )
 
 
-def _evidence_line(c: Comparison) -> str:
+def evidence_line(c: Comparison) -> str:
+    """One line on the log evidence the gaps are measured against: value, se, method."""
     le = c.log_evidence
     if le.kind == "unknown":
         return f"log p(x): unknown ({le.source}); gaps are not shown."
@@ -339,7 +342,7 @@ def _evidence_line(c: Comparison) -> str:
     return f"log p(x) = {le.value:.5g}{se} nats, {le.kind}{how}: {le.source}."
 
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;color:#222}
 table{border-collapse:collapse;font-size:12px;margin:0.5em 0 1.5em}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
@@ -355,7 +358,7 @@ def render_html(c: Comparison, figures: Mapping[str, bytes]) -> str:
     e = html.escape
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>vimodels compare: "
-        f"{e(c.model_name)}</title><style>{_CSS}</style></head><body>",
+        f"{e(c.model_name)}</title><style>{CSS}</style></head><body>",
         f"<h1>Variational approximations vs. reference: {e(c.model_name)}</h1>",
     ]
     if c.partial:
@@ -372,7 +375,7 @@ def render_html(c: Comparison, figures: Mapping[str, bytes]) -> str:
         + "".join(f"<li>{e(x)}</li>" for x in _reference_lines(c))
         + "</ul>"
     )
-    parts.append(f"<p>{e(_evidence_line(c))}</p>")
+    parts.append(f"<p>{e(evidence_line(c))}</p>")
     if c.flags:
         parts.append(
             "<h2>Unreliable results</h2>"
@@ -384,7 +387,7 @@ def render_html(c: Comparison, figures: Mapping[str, bytes]) -> str:
             + "".join(f"<li>{e(x)}</li>" for x in c.lessons)
             + "</ul>"
         )
-    parts.append("<h2>Methods</h2>" + _html_table(summary_table(c), "summary"))
+    parts.append("<h2>Methods</h2>" + html_table(summary_table(c), "summary"))
     parts.append(
         "<p>gap = log p(x) - ELBO (nats, = KL(q || p)); k-hat: PSIS Pareto k of "
         "log p(x, z) - log q(z) (good &lt; 0.5 &lt; ok &lt; 0.7 &lt; bad); W1: "
@@ -406,7 +409,7 @@ def render_html(c: Comparison, figures: Mapping[str, bytes]) -> str:
         parts.append(
             f"<h2>{e(captions[name])}</h2><img alt='{name}' src='data:image/png;base64,{data}'>"
         )
-    parts.append("<h2>Sites</h2>" + _html_table(site_table(c), "sites"))
+    parts.append("<h2>Sites</h2>" + html_table(site_table(c), "sites"))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -423,18 +426,41 @@ def render_markdown(c: Comparison, figure_files: Mapping[str, str]) -> str:
             "",
         ]
     lines += ["## Reference", ""] + [f"- {x}" for x in _reference_lines(c)] + [""]
-    lines += [_evidence_line(c), ""]
+    lines += [evidence_line(c), ""]
     if c.flags:
         lines += ["## Unreliable results", ""] + [f"- **{f}**" for f in c.flags] + [""]
     if c.lessons:
         lines += ["## What this shows", ""] + [f"- {x}" for x in c.lessons] + [""]
-    lines += ["## Methods", "", _md_table(summary_table(c)), "", _floor_line(c), ""]
+    lines += ["## Methods", "", md_table(summary_table(c)), "", _floor_line(c), ""]
     if c.skipped:
         lines += ["Skipped: " + "; ".join(c.skipped), ""]
     for name, path in figure_files.items():
         lines += [f"![{name}]({path})", ""]
-    lines += ["## Sites", "", _md_table(site_table(c)), ""]
+    lines += ["## Sites", "", md_table(site_table(c)), ""]
     return "\n".join(lines)
+
+
+def write_figures(
+    figures: Mapping[str, bytes], out: Path
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """Write PNG figures into ``out/figures/`` atomically.
+
+    Returns
+    -------
+    files : dict of str to Path
+        ``figure:<name>`` -> the file written.
+    rel : dict of str to str
+        ``<name>`` -> its path relative to ``out`` (for Markdown links).
+    """
+    figs = ensure_dir(out / "figures")
+    files: dict[str, Path] = {}
+    rel: dict[str, str] = {}
+    for name, png in figures.items():
+        path = figs / f"{name}.png"
+        atomic_write(path, lambda tmp, data=png: Path(tmp).write_bytes(data))
+        files[f"figure:{name}"] = path
+        rel[name] = f"figures/{name}.png"
+    return files, rel
 
 
 def write_report(c: Comparison, out: str | Path, *, netcdf: bool = True) -> dict[str, Path]:
@@ -447,15 +473,8 @@ def write_report(c: Comparison, out: str | Path, *, netcdf: bool = True) -> dict
         ``figure:<name>``, ``netcdf:<method>`` and ``netcdf:reference``.
     """
     out = ensure_dir(out)
-    figs = ensure_dir(out / "figures")
-    files: dict[str, Path] = {}
     figures = make_figures(c)
-    rel = {}
-    for name, png in figures.items():
-        path = figs / f"{name}.png"
-        atomic_write(path, lambda tmp, data=png: Path(tmp).write_bytes(data))
-        files[f"figure:{name}"] = path
-        rel[name] = f"figures/{name}.png"
+    files, rel = write_figures(figures, out)
     if netcdf:
         for method, idata in c.inference_data.items():
             stem = safe_name(method.replace("/", "__"))
@@ -469,19 +488,20 @@ def write_report(c: Comparison, out: str | Path, *, netcdf: bool = True) -> dict
     files["html"] = atomic_write_text(out / "report.html", render_html(c, figures))
     payload = c.to_json()
     payload["files"] = {k: str(v.relative_to(out)) for k, v in files.items()}
-    files["json"] = atomic_write_json(out / "diagnostics.json", _plain(payload))
+    files["json"] = atomic_write_json(out / "diagnostics.json", json_plain(payload))
     return files
 
 
-def _plain(obj: Any) -> Any:
+def json_plain(obj: Any) -> Any:
+    """``obj`` with NumPy scalars as Python numbers, infinities as strings (for JSON)."""
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): json_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [json_plain(v) for v in obj]
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, float) and np.isinf(obj):
         return str(obj)
     if isinstance(obj, Sequence) and not isinstance(obj, str):
-        return [_plain(v) for v in obj]
+        return [json_plain(v) for v in obj]
     return obj

@@ -22,12 +22,12 @@ from typing import Any
 import pandas as pd
 
 from diagnostics.report import (
-    _CSS,
+    CSS,
     SUMMARY_COLUMNS,
-    _evidence_line,
-    _html_table,
-    _md_table,
-    _plain,
+    evidence_line,
+    html_table,
+    json_plain,
+    md_table,
     write_report,
 )
 from vimodels.io import atomic_write_json, atomic_write_text, ensure_dir, safe_name
@@ -103,7 +103,7 @@ def _sections(run: SweepRun) -> list[dict[str, Any]]:
             {
                 "model": model,
                 "reference": _reference_line(run, model),
-                "evidence": _evidence_line(first) if first is not None else "",
+                "evidence": evidence_line(first) if first is not None else "",
                 "flags": flags,
                 "by_method": _select(by, BY_METHOD_COLUMNS),
                 "summary": _select(rows, _summary_columns()),
@@ -124,7 +124,7 @@ def render_markdown(run: SweepRun) -> str:
         lines += [f"**PARTIAL RESULT: {partial_line(run)}**", ""]
     if run.failures:
         lines += ["## Failed tasks", ""]
-        lines += [_md_table(failures_table(run)), ""]
+        lines += [md_table(failures_table(run)), ""]
     if run.skipped:
         lines += ["Left out: " + "; ".join(run.skipped), ""]
     for sec in _sections(run):
@@ -132,8 +132,8 @@ def render_markdown(run: SweepRun) -> str:
         if sec["evidence"]:
             lines += [sec["evidence"], ""]
         lines += [f"- **{f}**" for f in sec["flags"]] + ([""] if sec["flags"] else [])
-        lines += ["Mean over seeds:", "", _md_table(sec["by_method"]), ""]
-        lines += ["Per seed:", "", _md_table(sec["summary"]), ""]
+        lines += ["Mean over seeds:", "", md_table(sec["by_method"]), ""]
+        lines += ["Per seed:", "", md_table(sec["summary"]), ""]
         if sec["reports"]:
             links = ", ".join(f"[seed {s}]({p})" for s, p in sec["reports"].items())
             lines += [f"Full reports: {links}", ""]
@@ -145,13 +145,13 @@ def render_html(run: SweepRun) -> str:
     e = html.escape
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>vimodels sweep: "
-        f"{e(run.config.name)}</title><style>{_CSS}</style></head><body>",
+        f"{e(run.config.name)}</title><style>{CSS}</style></head><body>",
         f"<h1>Sweep {e(run.config.name)}</h1><p>{e(_counts(run))}</p>",
     ]
     if run.partial:
         parts.append(f"<div class='untrusted'>PARTIAL RESULT: {e(partial_line(run))}</div>")
     if run.failures:
-        parts.append("<h2>Failed tasks</h2>" + _html_table(failures_table(run), "failures"))
+        parts.append("<h2>Failed tasks</h2>" + html_table(failures_table(run), "failures"))
     if run.skipped:
         parts.append("<p>Left out: " + "; ".join(e(s) for s in run.skipped) + "</p>")
     for i, sec in enumerate(_sections(run)):
@@ -159,8 +159,8 @@ def render_html(run: SweepRun) -> str:
         if sec["evidence"]:
             parts.append(f"<p>{e(sec['evidence'])}</p>")
         parts += [f"<div class='flag'>{e(f)}</div>" for f in sec["flags"]]
-        parts.append("<h3>Mean over seeds</h3>" + _html_table(sec["by_method"], f"by_method{i}"))
-        parts.append("<h3>Per seed</h3>" + _html_table(sec["summary"], f"summary{i}"))
+        parts.append("<h3>Mean over seeds</h3>" + html_table(sec["by_method"], f"by_method{i}"))
+        parts.append("<h3>Per seed</h3>" + html_table(sec["summary"], f"summary{i}"))
         if sec["reports"]:
             links = ", ".join(f"<a href='{e(p)}'>seed {s}</a>" for s, p in sec["reports"].items())
             parts.append(f"<p>Full reports: {links}</p>")
@@ -210,5 +210,5 @@ def write_sweep_report(run: SweepRun) -> dict[str, Path]:
         "references": {m: r.summary() for m, r in run.references.items()},
         "files": {k: str(v.relative_to(out)) for k, v in files.items()},
     }
-    files["json"] = atomic_write_json(out / "sweep.json", _plain(payload))
+    files["json"] = atomic_write_json(out / "sweep.json", json_plain(payload))
     return files
