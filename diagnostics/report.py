@@ -168,7 +168,7 @@ def figure_forest(c: Comparison) -> Figure:
             ax.plot([x.mean()], [y], "o", color=color, ms=3.5, label=name if j == 0 else None)
     ax.set_yticks([-j - 0.4 + step / 2 for j in range(len(elements))], elements, fontsize=8)
     ax.set_xlabel("mean and central 90% interval")
-    ax.legend(fontsize=8, loc="best", frameon=False)
+    _legend(ax, fontsize=8, loc="best", frameon=False)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -201,6 +201,12 @@ def figure_pair(c: Comparison) -> Figure | None:
     return fig
 
 
+def _legend(ax: Any, **kw: Any) -> None:
+    """A legend where something is labelled (every method failed: nothing to name)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
 def figure_losses(c: Comparison) -> Figure:
     """Smoothed ELBO per step (minus the loss) of each method, with the log evidence."""
     fig = Figure(figsize=(7, 3.6))
@@ -229,7 +235,7 @@ def figure_losses(c: Comparison) -> Figure:
         ax.set_ylim(lo - pad, hi + pad)
     ax.set_xlabel("step")
     ax.set_ylabel("ELBO estimate (nats), moving average")
-    ax.legend(fontsize=8, frameon=False)
+    _legend(ax, fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
