@@ -40,7 +40,7 @@ import pyro
 from diagnostics import _arviz
 from vimodels.errors import DataError, OptionError, check_option, check_seed, derive_seed
 from vimodels.io import atomic_write
-from vimodels.svi.binding import resolve_model
+from vimodels.resolve import resolve_model
 from vimodels.svi.draws import model_info, replay_model, sample_guide
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ import numpy as np
 
 from diagnostics.nuts.reference import Reference, run_checks
 from vimodels.catalog.base import CatalogEntry
-from vimodels.svi.binding import resolve_model
+from vimodels.resolve import resolve_model
 from vimodels.svi.draws import model_info, replay_model
 from vimodels.validation.models import DATA_DIR
 from vimodels.validation.reference import (

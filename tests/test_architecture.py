@@ -22,7 +22,7 @@ PACKAGES = ("vimodels", "guides", "diagnostics")
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("vimodels.errors", "vimodels.io", "vimodels.versions", "vimodels.data", "vimodels.adapt"),
     ("vimodels.usermodel",),
-    ("vimodels.catalog", "vimodels.validation"),
+    ("vimodels.catalog", "vimodels.validation", "vimodels.resolve"),
     ("guides",),
     ("vimodels.compile",),
     ("vimodels.mode",),

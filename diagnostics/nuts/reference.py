@@ -66,7 +66,7 @@ from vimodels.catalog.registry import get_model
 from vimodels.data import trace_check
 from vimodels.errors import IncompatibleError, OptionError, check_option, check_seed
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, jsonable, safe_name
-from vimodels.svi.binding import resolve_model
+from vimodels.resolve import resolve_model
 from vimodels.svi.draws import model_info, recover_discrete, replay_model
 from vimodels.versions import versions
 

@@ -21,7 +21,7 @@ from diagnostics.evidence import (
 from diagnostics.nuts.reference import exact_reference
 from diagnostics.references import get_reference
 from vimodels.catalog.registry import get_model
-from vimodels.svi.binding import resolve_model
+from vimodels.resolve import resolve_model
 
 
 def _bound(name: str):

@@ -12,7 +12,8 @@ import torch
 from fit_models import nan_guide, nan_model, normal_model
 
 from vimodels.errors import IncompatibleError, OptionError, UnknownNameError
-from vimodels.svi.binding import Binding, bind, resolve_model
+from vimodels.resolve import resolve_model
+from vimodels.svi.binding import Binding, bind
 from vimodels.svi.convergence import ConvergenceRule
 from vimodels.svi.fit import build_objective, check_fit_options, finish, torch_threads
 from vimodels.svi.loop import LoopSettings, Objective, run_loop

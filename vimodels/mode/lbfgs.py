@@ -22,11 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vimodels.catalog.base import CatalogEntry
-from vimodels.catalog.registry import get_model
-from vimodels.data import prepare_data
 from vimodels.errors import OptionError, check_option
 from vimodels.mode.potential import Potential, make_potential
+from vimodels.resolve import resolve_model
 
 GRADIENT = "gradient"
 OBJECTIVE = "objective"
@@ -461,19 +459,11 @@ def potential_for(
     dtype: torch.dtype = torch.float64,
     jacobian: bool = True,
 ) -> Potential:
-    """:func:`make_potential` for a catalog name or entry, or a model with its data."""
-    if isinstance(model, str):
-        model = get_model(model)
-    if isinstance(model, CatalogEntry):
-        base = model.data()
-        if data is not None:
-            base.update(data)
-        return make_potential(
-            model.model, prepare_data(model.model, base), dtype=dtype, jacobian=jacobian
-        )
-    if not callable(model):
-        raise OptionError(
-            f"model must be a catalog name, a CatalogEntry or a Pyro model function, "
-            f"got {type(model).__name__}"
-        )
-    return make_potential(model, prepare_data(model, data), dtype=dtype, jacobian=jacobian)
+    """:func:`make_potential` for a catalog name or entry, or a model with its data.
+
+    Resolved as a fit resolves it (:func:`vimodels.resolve.resolve_model`), so a
+    user's model gets the same checks and adaptations (positional-only
+    arguments, sites that cannot be sampled).
+    """
+    _, fn, data_dict, _ = resolve_model(model, data)
+    return make_potential(fn, data_dict, dtype=dtype, jacobian=jacobian)

@@ -20,9 +20,9 @@ from diagnostics.references import get_reference
 from diagnostics.report import write_report
 from vimodels.catalog.base import CatalogEntry
 from vimodels.errors import IncompatibleError, OptionError, VimodelsError, check_option
+from vimodels.resolve import resolve_model
 from vimodels.runs.config import check_grid_names, default_guides
 from vimodels.runs.sweep import fit_with_executor
-from vimodels.svi.binding import resolve_model
 from vimodels.svi.fit import fit
 
 

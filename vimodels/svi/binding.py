@@ -1,9 +1,8 @@
 """Binding a model to its data, and the checks that run once before any fitting.
 
-:func:`resolve_model` is the one place a catalog name, a catalog entry or a
-user's Pyro function becomes ``(entry, model function, checked data, name)``;
-fits, NUTS references and the command line all go through it. :func:`bind`
-adds what a fit needs on top: one checked model trace, the discrete sites,
+:func:`vimodels.resolve.resolve_model` turns a catalog name, a catalog entry
+or a user's Pyro function into ``(entry, model function, checked data, name)``;
+:func:`bind` adds what a fit needs on top: one checked model trace, the discrete sites,
 the plate depth, the sites to report and the model as a positional callable.
 """
 
@@ -18,11 +17,10 @@ from pyro import poutine
 from pyro.infer import config_enumerate
 from pyro.poutine.util import site_is_subsample
 
-from vimodels.adapt import adapt_model, keyword_model
 from vimodels.catalog.base import CatalogEntry
-from vimodels.catalog.registry import get_model
-from vimodels.data import prepare_data, trace_check
+from vimodels.data import trace_check
 from vimodels.errors import IncompatibleError, OptionError
+from vimodels.resolve import resolve_model
 
 
 class Bound:
@@ -118,36 +116,6 @@ def check_guide_matches(
         raise IncompatibleError(
             f"guide {guide_name!r} does not fit model {model_name!r} ({'; '.join(parts)})"
         )
-
-
-def resolve_model(
-    model: str | CatalogEntry | Callable, data: Mapping | None = None
-) -> tuple[CatalogEntry | None, Callable, dict, str]:
-    """``(entry or None, model function, checked data, name)`` for a name, entry or function.
-
-    Raises
-    ------
-    UnknownNameError, OptionError, DataError
-        For an unknown catalog name, a non-model argument or bad data.
-    """
-    if isinstance(model, str):
-        entry = get_model(model)
-    elif isinstance(model, CatalogEntry):
-        entry = model
-    elif callable(model):
-        name = getattr(model, "__name__", "user_model")
-        fn = keyword_model(model)
-        data_dict = prepare_data(fn, data)
-        return None, adapt_model(fn, data_dict), data_dict, name
-    else:
-        raise OptionError(
-            f"model must be a catalog name, a CatalogEntry or a Pyro model function, "
-            f"got {type(model).__name__}"
-        )
-    base = entry.data()
-    if data is not None:
-        base.update(data)
-    return entry, entry.model, prepare_data(entry.model, base), entry.name
 
 
 @dataclass(frozen=True)
