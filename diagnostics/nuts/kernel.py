@@ -551,9 +551,27 @@ class Windows:
 
 @dataclass
 class Welford:
-    """Running mean and variance of vectors."""
+    """Running mean and variance (``dense=False``) or covariance (``dense=True``) of vectors.
+
+    Welford's update, as Stan's ``welford_var_estimator`` and
+    ``welford_covar_estimator``; the diagonal of the dense estimate equals the
+    diagonal one.
+
+    Attributes
+    ----------
+    dim : int
+        Length of the vectors.
+    dense : bool
+        Keep the full ``(dim, dim)`` matrix of cross products, else its diagonal.
+    n : int
+        Samples added since the last :meth:`restart`.
+    mean : ndarray, shape (dim,)
+    m2 : ndarray, shape (dim,) or (dim, dim)
+        Sum of (cross) products of deviations from the running mean.
+    """
 
     dim: int
+    dense: bool = False
     n: int = 0
     mean: np.ndarray = field(default=None)  # type: ignore[assignment]
     m2: np.ndarray = field(default=None)  # type: ignore[assignment]
@@ -565,55 +583,37 @@ class Welford:
         """Forget every sample."""
         self.n = 0
         self.mean = np.zeros(self.dim)
-        self.m2 = np.zeros(self.dim)
+        self.m2 = np.zeros((self.dim, self.dim) if self.dense else self.dim)
 
     def add(self, x: np.ndarray) -> None:
         """Add one sample."""
         self.n += 1
         delta = x - self.mean
         self.mean = self.mean + delta / self.n
-        self.m2 = self.m2 + delta * (x - self.mean)
+        if self.dense:
+            self.m2 += np.outer(x - self.mean, delta)
+        else:
+            self.m2 = self.m2 + delta * (x - self.mean)
 
-    def regularized_variance(self) -> np.ndarray:
-        """Sample variance shrunk towards 1e-3 with weight 5 / (n + 5) (Stan)."""
+    def regularized(self) -> np.ndarray:
+        """The sample (co)variance shrunk towards ``1e-3 I`` with weight ``5 / (n + 5)`` (Stan).
+
+        Returns
+        -------
+        ndarray
+            ``n / (n + 5) * var + 1e-3 * 5 / (n + 5)``, shape ``(dim,)`` (Stan's
+            ``diag_e``), or the same with the covariance, made symmetric, and
+            ``1e-3 * 5 / (n + 5) * I``, shape ``(dim, dim)`` (``dense_e``).
+        """
         n = self.n
         var = self.m2 / max(n - 1, 1)
-        return (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
-
-
-@dataclass
-class WelfordCovariance:
-    """Running mean and covariance of vectors (Stan's ``welford_covar_estimator``)."""
-
-    dim: int
-    n: int = 0
-    mean: np.ndarray = field(default=None)  # type: ignore[assignment]
-    m2: np.ndarray = field(default=None)  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.restart()
-
-    def restart(self) -> None:
-        """Forget every sample."""
-        self.n = 0
-        self.mean = np.zeros(self.dim)
-        self.m2 = np.zeros((self.dim, self.dim))
-
-    def add(self, x: np.ndarray) -> None:
-        """Add one sample."""
-        self.n += 1
-        delta = x - self.mean
-        self.mean = self.mean + delta / self.n
-        self.m2 += np.outer(x - self.mean, delta)
-
-    def regularized_covariance(self) -> np.ndarray:
-        """``n / (n + 5) * cov + 1e-3 * 5 / (n + 5) * I`` (Stan's ``dense_e``), symmetric."""
-        n = self.n
-        cov = self.m2 / max(n - 1, 1)
-        cov = 0.5 * (cov + cov.T)
-        out = (n / (n + 5.0)) * cov
-        out[np.diag_indices(self.dim)] += 1e-3 * (5.0 / (n + 5.0))
-        return out
+        if self.dense:
+            var = 0.5 * (var + var.T)
+        out = (n / (n + 5.0)) * var
+        if self.dense:
+            out[np.diag_indices(self.dim)] += 1e-3 * (5.0 / (n + 5.0))
+            return out
+        return out + 1e-3 * (5.0 / (n + 5.0))
 
 
 def last_window(num_warmup: int) -> int:
@@ -1124,9 +1124,7 @@ def _warmup_steps(
     averaging.restart(chain.step_size)
     windows = Windows(num_warmup)
     dense = metric == "dense"
-    welford: Welford | WelfordCovariance = (
-        WelfordCovariance(chain.dim) if dense else Welford(chain.dim)
-    )
+    welford = Welford(chain.dim, dense=dense)
     warmup_steps = 0
     for _ in range(num_warmup):
         info = yield from chain.transition_steps()
@@ -1138,11 +1136,7 @@ def _warmup_steps(
             welford.add(chain.z)
         if windows.end_of_window():
             windows.advance()
-            chain.inv_mass = (
-                welford.regularized_covariance()  # type: ignore[union-attr]
-                if dense
-                else welford.regularized_variance()  # type: ignore[union-attr]
-            )
+            chain.inv_mass = welford.regularized()
             welford.restart()
             yield from chain.find_step_size_steps()
             averaging.restart(chain.step_size)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from diagnostics.nuts import kernel as _nuts
-from diagnostics.nuts.kernel import NUTSChain, WelfordCovariance, resolve_metric, sample_chain
+from diagnostics.nuts.kernel import NUTSChain, Welford, resolve_metric, sample_chain
 from diagnostics.nuts.progress import ChainStatus, LiveProgress, format_status, live_progress
 from diagnostics.nuts.reference import EBFMI_MIN, ebfmi, run_checks, run_nuts
 
@@ -68,16 +68,30 @@ def small_correlated_model():
 # ----------------------------------------------------------------------------- dense metric
 
 
-def test_welford_covariance_is_the_sample_covariance_regularized_as_stan():
+@pytest.mark.parametrize("dense", [False, True])
+def test_welford_is_the_sample_variance_or_covariance_regularized_as_stan(dense):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 3)) @ np.array([[1.0, 0.5, 0.0], [0.0, 2.0, 0.1], [0.0, 0.0, 0.3]])
-    w = WelfordCovariance(3)
+    x += np.array([1e3, -5.0, 0.0])  # a large mean: the running update must not lose the spread
+    w = Welford(3, dense=dense)
+    for _ in range(2):  # restart forgets the first pass
+        for row in x[::-1]:
+            w.add(row)
+        w.restart()
     for row in x:
         w.add(row)
     n = len(x)
-    expected = n / (n + 5) * np.cov(x.T) + 1e-3 * 5 / (n + 5) * np.eye(3)
-    np.testing.assert_allclose(w.regularized_covariance(), expected, rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(w.mean, x.mean(axis=0), atol=1e-14)
+    cov = np.cov(x.T) if dense else np.var(x, axis=0, ddof=1)
+    reg = 1e-3 * 5 / (n + 5) * (np.eye(3) if dense else np.ones(3))
+    np.testing.assert_allclose(w.regularized(), n / (n + 5) * cov + reg, rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(w.mean, x.mean(axis=0), rtol=1e-14)
+    if dense:
+        out = w.regularized()
+        assert np.array_equal(out, out.T)
+        diag = Welford(3)
+        for row in x:
+            diag.add(row)
+        np.testing.assert_allclose(np.diag(out), diag.regularized(), rtol=1e-12)
 
 
 def test_dense_momentum_has_the_metric_as_covariance_and_leapfrog_conserves_energy():
