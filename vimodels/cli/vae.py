@@ -130,9 +130,14 @@ def _train_evaluate_report(args: argparse.Namespace, objective, out: Path, run_d
     }
     atomic_write(run_dir / "arrays.npz", lambda tmp: _save_npz(tmp, arrays))
     test = evaluation.summary["test"]
+    flag = (
+        f"; k-hat >= 0.7 for {test['khat_bad']} images: not to be trusted"
+        if test.get("khat_bad")
+        else ""
+    )
     print(
         f"test log-likelihood {test['log_likelihood']:.3f} +- {test['log_likelihood_mcse']:.3f} "
-        f"nats per image (K={test['num_particles']}), test ELBO {test['elbo']:.3f}"
+        f"nats per image (K={test['num_particles']}{flag}), test ELBO {test['elbo']:.3f}"
     )
     gap = evaluation.summary["gap"]
     if gap:

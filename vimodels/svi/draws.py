@@ -37,7 +37,8 @@ from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from vimodels.svi.particles import NotVectorizable, check_particles, trace_log_weights
+from vimodels.svi.logweight import NotVectorizable, trace_log_weights
+from vimodels.svi.particles import check_particles
 
 LATENT = "latent"
 DETERMINISTIC = "deterministic"
@@ -189,7 +190,8 @@ def model_info(
     ModelInfo
     """
     kwargs = dict(kwargs or {})
-    with torch.no_grad(), poutine.block():
+    # the random stream is left as it was: draws made after this call do not depend on it
+    with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):
         tr = poutine.trace(model).get_trace(*args, **kwargs)
     depth = 0
     for site in tr.nodes.values():
@@ -345,12 +347,24 @@ def sample_guide(
     num_samples: int,
     chunk: int = 1000,
     report: dict | None = None,
+    *,
+    sites: tuple[str, ...] | None = None,
+    check: bool = True,
+    nan_as: float = -np.inf,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Draw latent values from ``guide`` with their log importance weights.
+    """Draw from ``guide`` and return the model's sites with their log importance weights.
 
-    A vectorized pass is used where :func:`vimodels.svi.particles.check_particles`
-    finds it matches one-draw evaluation (the check the fit's ELBO uses);
-    otherwise draws are made one at a time.
+    The one way the project draws from a guide: :meth:`FitResult.sample`, the
+    fit's ELBO (:func:`vimodels.svi.weights.log_weights`), the minibatch ELBO,
+    ArviZ conversion and the evidence estimate all call it, so the same seed
+    gives the same draws everywhere. A vectorized pass (the draws on a plate
+    just outside the model's plates) is used where
+    :func:`vimodels.svi.particles.check_particles` finds it matches one-draw
+    evaluation; otherwise draws are made one at a time. Log weights are summed
+    by :func:`vimodels.svi.logweight.log_weight_terms`; enumerated discrete
+    sites are summed out exactly (Pyro's tensor contraction, one draw at a
+    time where that fails) and, when asked for, drawn from their conditional
+    posterior (:func:`recover_discrete`).
 
     Parameters
     ----------
@@ -365,26 +379,51 @@ def sample_guide(
         Draws per vectorized pass.
     report : dict, optional
         Filled with ``vectorized`` (bool) and ``reason`` (why not, or None).
+    sites : tuple of str, optional
+        Sites to return (latent, deterministic or observed sites of ``info``;
+        others are left out); default: every latent site. ``()`` for the log
+        weights only.
+    check : bool
+        Check the first vectorized pass against one-draw evaluation.
+    nan_as : float
+        What a NaN log weight (a draw where the model has no density) becomes.
 
     Returns
     -------
     draws : dict of str to ndarray
-        Each latent site, shape ``(num_samples, *site_shape)``; discrete sites
-        left to enumeration are sampled from their conditional posterior.
+        Each requested site, shape ``(num_samples, *site_shape)``.
     log_weights : ndarray, shape (num_samples,)
         ``log p(x, z) - log q(z)`` of each draw (nats), discrete sites summed out.
     """
     kwargs = dict(kwargs)
-    if info.discrete:
-        try:
-            return _sample_guide_enum(model, guide, args, kwargs, info, num_samples, chunk)
-        except _FALLBACK_ERRORS:
-            return _sample_guide_discrete(model, guide, args, kwargs, info, num_samples)
-    depth = info.max_plate_nesting
-    ndim = depth + 1
-    parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+    sites = info.latent if sites is None else tuple(s for s in sites if s in info.sites)
     report = {} if report is None else report
     report.update(vectorized=False, reason=None)
+    if info.discrete:
+        draws, lw = _sample_discrete(
+            model, guide, args, kwargs, info, num_samples, chunk, sites, report
+        )
+    else:
+        draws, lw = _sample_continuous(
+            model, guide, args, kwargs, info, num_samples, chunk, sites, check, report
+        )
+    return draws, np.where(np.isnan(lw), nan_as, lw)
+
+
+def _sample_continuous(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    info: ModelInfo,
+    num_samples: int,
+    chunk: int,
+    sites: tuple[str, ...],
+    check: bool,
+    report: dict,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    ndim = info.max_plate_nesting + 1
+    parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
 
     def traces() -> tuple[poutine.Trace, poutine.Trace]:
         guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -399,30 +438,76 @@ def sample_guide(
                 def vectorized_part(n: int = n, first: bool = start == 0) -> tuple:
                     with pyro.plate(_DRAWS_PLATE, n, dim=-ndim):
                         guide_tr, model_tr = traces()
-                    part = _weights_and_values(model_tr, guide_tr, info, n, ndim)
-                    if first:  # the same check as the ELBO's (vimodels.svi.particles)
+                    part = _weights_and_values(model_tr, guide_tr, info, sites, n, ndim)
+                    if first and check:  # the same check as the ELBO's (vimodels.svi.particles)
                         check_particles(model, guide, args, kwargs, model_tr, guide_tr, part[1])
                     return part
 
                 parts.append(_tolerant(vectorized_part))
             report["vectorized"] = True
         except (NotVectorizable, *_FALLBACK_ERRORS) as exc:
-            report["reason"] = (
-                str(exc)
-                if isinstance(exc, NotVectorizable)
-                else f"the model fails under a particle plate ({type(exc).__name__})"
-            )
+            report["reason"] = _reason(exc)
             parts = []
 
             def one_draw() -> tuple:
                 guide_tr, model_tr = traces()
-                return _weights_and_values(model_tr, guide_tr, info, 1, 1, vectorized=False)
+                return _weights_and_values(model_tr, guide_tr, info, sites, 1, None)
 
             for _ in range(num_samples):
                 parts.append(_tolerant(one_draw))
-    draws = {name: np.concatenate([p[0][name] for p in parts]) for name in info.latent}
-    lw = np.concatenate([p[1] for p in parts])
-    return draws, np.where(np.isnan(lw), -np.inf, lw)
+    draws = (
+        {name: np.concatenate([p[0][name] for p in parts]) for name in sites if name in parts[0][0]}
+        if parts
+        else {}
+    )
+    return draws, np.concatenate([p[1] for p in parts]) if parts else np.zeros(0)
+
+
+def _reason(exc: Exception) -> str:
+    """Why draws are evaluated one at a time, in one line."""
+    if isinstance(exc, NotVectorizable):
+        return str(exc)[:300]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"the model fails under a particle plate ({type(exc).__name__}: {text})"[:300]
+
+
+def _sample_discrete(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    info: ModelInfo,
+    num_samples: int,
+    chunk: int,
+    sites: tuple[str, ...],
+    report: dict,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Draws and log weights of a model with enumerated discrete sites."""
+    deterministic = [s for s in sites if info.sites[s].kind != LATENT]
+    recover = bool(deterministic) or any(s in info.discrete for s in sites)
+    try:
+        latent, lw = _sample_guide_enum(
+            model, guide, args, kwargs, info, num_samples, chunk, recover
+        )
+        report["vectorized"] = True
+    except _FALLBACK_ERRORS as exc:
+        report["reason"] = "enumerated discrete sites summed out one draw at a time: " + _reason(
+            exc
+        )
+        latent, lw = _sample_guide_discrete(model, guide, args, kwargs, info, num_samples)
+    draws = {s: latent[s] for s in sites if s in latent}
+    if deterministic:
+        replay = replay_model(model, args, kwargs, info, latent, chunk=chunk)
+        found = {
+            **replay.deterministic,
+            **{k: _repeat(v, num_samples) for k, v in info.observed_values.items()},
+        }
+        draws.update({s: found[s] for s in deterministic if s in found})
+    return {s: draws[s] for s in sites if s in draws}, lw
+
+
+def _repeat(value: np.ndarray, n: int) -> np.ndarray:
+    return np.broadcast_to(value, (n, *np.shape(value))).copy()
 
 
 def _tolerant(traces: Callable[[], Any]) -> Any:
@@ -448,18 +533,16 @@ def _weights_and_values(
     model_tr: poutine.Trace,
     guide_tr: poutine.Trace,
     info: ModelInfo,
+    sites: tuple[str, ...],
     n: int,
-    ndim: int,
-    vectorized: bool = True,
+    ndim: int | None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    if vectorized:
-        total = trace_log_weights(model_tr, guide_tr, n, ndim)
-    else:
-        w = model_tr.log_prob_sum() - guide_tr.log_prob_sum(lambda name, s: not s["is_observed"])
-        total = torch.as_tensor([float(w)], dtype=torch.float64)
+    """The requested sites' values and the log weights of one pass (``ndim=None``: one draw)."""
+    total = trace_log_weights(model_tr, guide_tr, n, ndim)
     values = {
         name: _as_draws(model_tr.nodes[name]["value"], n, info.sites[name].shape)
-        for name in info.latent
+        for name in sites
+        if name in model_tr.nodes
     }
     return values, total.numpy().copy()
 
@@ -483,6 +566,7 @@ def _sample_guide_enum(
     info: ModelInfo,
     num_samples: int,
     chunk: int,
+    recover: bool = True,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Vectorized draws and log weights of a model whose discrete sites are enumerated.
 
@@ -520,8 +604,9 @@ def _sample_guide_enum(
                     _as_draws(model_tr.nodes[name]["value"], n, info.sites[name].shape)
                 )
     draws = {name: np.concatenate(v) for name, v in values.items()}
-    draws.update(recover_discrete(model, args, kwargs, info, draws, chunk))
-    return {name: draws[name] for name in info.latent}, np.concatenate(weights)
+    if recover:  # the discrete sites, from their conditional posterior
+        draws.update(recover_discrete(model, args, kwargs, info, draws, chunk))
+    return {name: draws[name] for name in info.latent if name in draws}, np.concatenate(weights)
 
 
 def _sample_guide_discrete(

@@ -26,6 +26,7 @@ from pyro.infer import ELBO
 from pyro.poutine.util import site_is_subsample
 
 from vimodels.errors import IncompatibleError
+from vimodels.svi.logweight import log_weight_terms
 
 
 def detach_distribution(fn: dist.Distribution) -> dist.Distribution:
@@ -70,44 +71,6 @@ def detach_distribution(fn: dist.Distribution) -> dist.Distribution:
             f"cannot rebuild {type(fn).__name__} with detached parameters ({exc}); use the "
             "standard estimator"
         ) from exc
-
-
-def site_log_prob(site: dict, detach: bool = False, use_scale: bool = True) -> torch.Tensor:
-    """``log_prob`` of a trace site, masked and (optionally) scaled.
-
-    Parameters
-    ----------
-    site : dict
-        A sample site of a Pyro trace.
-    detach : bool
-        Evaluate with the distribution's parameters detached.
-    use_scale : bool
-        Multiply by the site's scale (subsampling factor, ``poutine.scale``).
-
-    Returns
-    -------
-    Tensor, shape ``batch_shape`` of the site
-    """
-    fn = detach_distribution(site["fn"]) if detach else site["fn"]
-    lp = fn.log_prob(site["value"])
-    mask = site.get("mask")
-    if mask is not None and mask is not True:
-        lp = torch.where(mask, lp, lp.new_zeros(()))
-    scale = site["scale"]
-    if use_scale and not (isinstance(scale, float) and scale == 1.0):
-        lp = lp * scale
-    return lp
-
-
-def particle_sum(lp: torch.Tensor, ndim: int, num: int) -> torch.Tensor:
-    """Sum a log-prob tensor over every dim but the particle dim; shape ``(num,)``.
-
-    ``ndim`` is the number of batch dims including the particle dim, which is
-    the leftmost of them.
-    """
-    if lp.dim() < ndim:
-        lp = lp.reshape((1,) * (ndim - lp.dim()) + lp.shape)
-    return lp.reshape(lp.shape[0], -1).sum(-1).expand(num)
 
 
 def _check_reparameterized(guide_tr: poutine.Trace, what: str) -> None:
@@ -200,11 +163,7 @@ class StickingTheLanding(DifferentiableLossELBO):
             model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
                 *args, **kwargs
             )
-        log_w = torch.zeros(K)
-        for site in model_tr.nodes.values():
-            if site["type"] == "sample" and not site_is_subsample(site):
-                log_w = log_w + particle_sum(site_log_prob(site), ndim, K)
-        for site in guide_tr.nodes.values():
-            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
-                log_w = log_w - particle_sum(site_log_prob(site, detach=True), ndim, K)
+        log_w = log_weight_terms(
+            model_tr, guide_tr, K, ndim, guide_fn=detach_distribution, dtype=None
+        ).draws
         return -log_w.mean()

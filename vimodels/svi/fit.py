@@ -434,7 +434,6 @@ def finish(
                     num_eval,
                     binding.depth,
                     seed=derive_seed(loop.seed, 3),
-                    discrete=bool(binding.hidden),
                     report=evaluation,
                 )
             else:  # --- end minibatch
@@ -444,7 +443,6 @@ def finish(
                     positional_kwargs(binding.args),
                     num_eval,
                     binding.depth,
-                    discrete=bool(binding.hidden),
                     report=evaluation,
                 )
                 est, se = elbo_estimate(log_w)

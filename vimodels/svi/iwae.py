@@ -35,6 +35,7 @@ from pyro.poutine.util import site_is_subsample
 
 from vimodels.errors import IncompatibleError, OptionError
 from vimodels.svi.estimators import DifferentiableLossELBO, detach_distribution
+from vimodels.svi.logweight import log_weight_terms
 
 ESTIMATORS = ("standard", "dreg")
 
@@ -127,18 +128,6 @@ def analyse(
     return Structure(ELBO_FALLBACK if subsampled else JOINT, None, None, depth, tuple(latent))
 
 
-def _log_prob(site: dict) -> torch.Tensor:
-    lp = site["fn"].log_prob(site["value"])
-    scale = site["scale"]
-    return lp if isinstance(scale, float) and scale == 1.0 else lp * scale
-
-
-def _pad(x: torch.Tensor, ndim: int) -> torch.Tensor:
-    if x.dim() < ndim:
-        x = x.reshape((1,) * (ndim - x.dim()) + x.shape)
-    return x
-
-
 class IWAE(DifferentiableLossELBO):
     """Importance-weighted autoencoder bound with ``num_particles`` = K.
 
@@ -226,60 +215,32 @@ class IWAE(DifferentiableLossELBO):
             model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
                 *args, **kwargs
             )
-        global_w = torch.zeros(1)
-        local_w = None
-        plate_scale = None
         per_point = st.mode in (PER_DATAPOINT, HIERARCHICAL)
         dreg = self.estimator == "dreg"
-        for sign, tr in ((1.0, model_tr), (-1.0, guide_tr)):
-            for site in tr.nodes.values():
-                if site["type"] != "sample" or site_is_subsample(site):
-                    continue
-                if tr is guide_tr and site["is_observed"]:
-                    continue
-                fn = detach_distribution(site["fn"]) if dreg and tr is guide_tr else site["fn"]
-                if per_point and st.plate in _frames(site):
-                    if plate_scale is None:
-                        plate_scale = _plate_scale(site, st.plate)
-                    lp = _pad(fn.log_prob(site["value"]), ndim)
-                    inner = site["scale"] / plate_scale
-                    if not (isinstance(inner, float) and inner == 1.0):
-                        lp = lp * inner
-                    keep = {0, ndim + st.plate_dim}
-                    dims = [d for d in range(ndim) if d not in keep]
-                    lp = lp.sum(dims) if dims else lp
-                    local_w = sign * lp if local_w is None else local_w + sign * lp
-                else:
-                    lp = _pad(_log_prob(dict(site, fn=fn)), ndim)
-                    global_w = global_w + sign * lp.reshape(lp.shape[0], -1).sum(-1)
-        global_w = global_w.expand(K)
+        terms = log_weight_terms(
+            model_tr,
+            guide_tr,
+            K,
+            ndim,
+            plate=st.plate if per_point else None,
+            guide_fn=detach_distribution if dreg else None,
+            dtype=None,
+        )
+        global_w, local_w, plate_scale = terms.draws, terms.local, terms.plate_scale
         if st.mode == JOINT:
             total = global_w
-            if local_w is not None:
-                total = total + local_w.reshape(K, -1).sum(-1)
             bound = torch.logsumexp(total, 0) - math.log(K)
             if dreg and bound.requires_grad:
                 _dreg_hooks(guide_tr, torch.softmax(total.detach(), 0), ndim, None)
         elif st.mode == ELBO_FALLBACK:
             bound = global_w.mean()
         else:
-            local = local_w.expand(K, *local_w.shape[1:]).reshape(K, -1)
+            local = local_w
             lme = torch.logsumexp(local, 0) - math.log(K)
             bound = global_w.mean() + plate_scale * lme.sum()
             if dreg and bound.requires_grad:
                 _dreg_hooks(guide_tr, torch.softmax(local.detach(), 0), ndim, st.plate_dim)
         return -bound
-
-
-def _plate_scale(site: dict, plate: str) -> float:
-    """Subsample scale N / b of ``plate`` for ``site``."""
-    for f in site["cond_indep_stack"]:
-        if f.name == plate:
-            full = getattr(f, "full_size", None)
-            if full is not None and f.size:
-                return float(full) / float(f.size)
-    scale = site["scale"]
-    return float(scale) if not isinstance(scale, torch.Tensor) else float(scale.max())
 
 
 def _guide_sample_sites(guide_tr: poutine.Trace) -> list[dict]:

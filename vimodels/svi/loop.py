@@ -42,9 +42,10 @@ from tqdm.auto import tqdm
 from vimodels.compile.step import StepCompileError, compile_step
 from vimodels.compile.step import supports as compiles_step
 from vimodels.svi.averaging import IterateAverage
-from vimodels.svi.binding import Binding, check_guide_matches, keyword_call, positional_kwargs
+from vimodels.svi.binding import Binding, check_guide_matches
 from vimodels.svi.convergence import ConvergenceRule, is_flat
 from vimodels.svi.divergence import DivergenceRule
+from vimodels.svi.draws import model_info, sample_guide
 from vimodels.svi.optim import make_optimizer, svi_step
 from vimodels.svi.result import (
     CONVERGED,
@@ -54,7 +55,6 @@ from vimodels.svi.result import (
     NONFINITE,
     FitProgress,
 )
-from vimodels.svi.weights import draw_sites
 
 # Fits shorter than this keep the JIT ELBO: compiling the step costs about half
 # a second (plus a one-off second or two per process for torch's tracing
@@ -323,14 +323,8 @@ def _current_draw(
 
     def draw(num: int, which: tuple[str, ...] | None) -> dict[str, np.ndarray]:
         with averager.swapped():
-            return draw_sites(
-                keyword_call(binding.model),
-                keyword_call(guide),
-                positional_kwargs(binding.args),
-                num,
-                binding.depth,
-                tuple(which or binding.sites),
-                binding.site_shapes,
-            )
+            info = model_info(binding.model, binding.args, {}, binding.depth)
+            sites = tuple(which or binding.sites)
+            return sample_guide(binding.model, guide, binding.args, {}, info, num, sites=sites)[0]
 
     return draw

@@ -24,11 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import pyro
-import torch
-from pyro import poutine
 
-from vimodels.svi.particles import trace_log_weights
 from vimodels.svi.subsample import IndexSupplier
 from vimodels.svi.weights import log_weights
 
@@ -51,7 +47,6 @@ def minibatch_log_weights(
     max_plate_nesting: int,
     *,
     seed: int,
-    discrete: bool = False,
     batches: int = EVAL_BATCHES,
     report: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -69,8 +64,6 @@ def minibatch_log_weights(
         Plate depth of the model.
     seed : int
         Seed of the batches (the draws of ``z`` follow Pyro's random state).
-    discrete : bool
-        Model has enumerated discrete sites (see :func:`~vimodels.svi.weights.log_weights`).
     batches : int
         Number of groups (independent batches).
     report : dict, optional
@@ -93,12 +86,10 @@ def minibatch_log_weights(
     with IndexSupplier(seed, "independent", hold=True) as supplier:
         for n in sizes:
             supplier.advance()
-            if out and report["vectorized"]:
-                # the first group's pass was checked against one-draw evaluation: the
-                # others run the same vectorized pass unchecked
-                out.append(_vectorized_pass(model, guide, kwargs, int(n), max_plate_nesting))
-                continue
             group: dict = {}
+            # the first group's vectorized pass is checked against one-draw evaluation: the
+            # others run the same pass unchecked while the checks pass
+            checked = bool(out) and report["vectorized"]
             out.append(
                 log_weights(
                     model,
@@ -107,26 +98,14 @@ def minibatch_log_weights(
                     int(n),
                     max_plate_nesting,
                     chunk=int(n),
-                    discrete=discrete,
                     report=group,
+                    check=not checked,
                 )
             )
             if not group.get("vectorized"):
                 report["vectorized"] = False
                 report["reason"] = report["reason"] or group.get("reason")
     return np.concatenate(out), sizes
-
-
-def _vectorized_pass(
-    model: Callable, guide: Callable, kwargs: dict, n: int, max_plate_nesting: int
-) -> np.ndarray:
-    """``n`` log weights from one pass under a particle plate (as ``log_weights`` runs it)."""
-    ndim = max_plate_nesting + 1
-    with torch.no_grad():
-        with pyro.plate("_weights_particles", n, dim=-ndim):
-            guide_tr = poutine.trace(guide).get_trace(**kwargs)
-            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(**kwargs)
-        return trace_log_weights(model_tr, guide_tr, n, ndim).numpy().copy()
 
 
 def grouped_estimate(log_w: np.ndarray, sizes: np.ndarray) -> tuple[float, float]:
@@ -161,7 +140,6 @@ def minibatch_elbo(
     max_plate_nesting: int,
     *,
     seed: int,
-    discrete: bool = False,
     batches: int = EVAL_BATCHES,
     report: dict | None = None,
 ) -> tuple[float, float]:
@@ -173,7 +151,6 @@ def minibatch_elbo(
         num,
         max_plate_nesting,
         seed=seed,
-        discrete=discrete,
         batches=batches,
         report=report,
     )

@@ -16,8 +16,8 @@ wrong numbers instead of an error, for instance
 draws evaluated one at a time, for a few draws spread over the pass (never
 only the first, which the second kind of bug gets right), after a cheap check
 that no site's batch holds more entries than ``n`` draws allow. The ELBO of a
-fit (:func:`vimodels.svi.weights.log_weights`) and the draws of the diagnostics
-(:func:`vimodels.svi.draws.sample_guide`) both go through it and evaluate one
+fit, its draws and the diagnostics all come from
+:func:`vimodels.svi.draws.sample_guide`, which goes through it and evaluates one
 draw at a time when it fails, saying why.
 """
 
@@ -30,8 +30,8 @@ import numpy as np
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.distributions.util import scale_and_mask
-from pyro.poutine.util import site_is_subsample
+
+from vimodels.svi.logweight import NotVectorizable, counted_sites, trace_log_weights
 
 #: Draws of a vectorized pass that are re-evaluated one at a time.
 NUM_CHECK = 4
@@ -39,53 +39,6 @@ NUM_CHECK = 4
 #: ``ATOL + RTOL * |log w|``, far above float32 summation error and far below
 #: any broadcasting mistake.
 ATOL, RTOL = 1e-3, 1e-4
-
-
-class NotVectorizable(ValueError):
-    """A model or guide gives different numbers under a particle plate."""
-
-
-def site_log_prob(site: dict, n: int, ndim: int) -> torch.Tensor:
-    """Scaled, masked log density of a site summed per draw, shape ``(n,)``.
-
-    ``ndim`` is the position of the particle plate counted from the right
-    (``max_plate_nesting + 1``); a density without that axis is the same for
-    every draw.
-    """
-    lp = site["fn"].log_prob(site["value"])
-    lp = scale_and_mask(lp, site["scale"], site["mask"])
-    if not isinstance(lp, torch.Tensor):
-        lp = torch.as_tensor(lp)
-    if lp.dim() < ndim:
-        lp = lp.reshape((1,) * (ndim - lp.dim()) + tuple(lp.shape))
-    lead = lp.shape[0]
-    total = lp.reshape(lead, -1).sum(-1)
-    if lead not in (1, n):
-        raise NotVectorizable(
-            f"site {site['name']!r} has a log density of shape {tuple(lp.shape)} "
-            f"under {n} particles"
-        )
-    return total.expand(n) if lead == 1 else total
-
-
-def _counted(tr: poutine.Trace, guide: bool) -> list[dict]:
-    return [
-        s
-        for s in tr.nodes.values()
-        if s["type"] == "sample" and not site_is_subsample(s) and not (guide and s["is_observed"])
-    ]
-
-
-def trace_log_weights(
-    model_tr: poutine.Trace, guide_tr: poutine.Trace, n: int, ndim: int
-) -> torch.Tensor:
-    """``log p(x, z) - log q(z)`` per draw of a vectorized pass, float64 shape ``(n,)``."""
-    total = torch.zeros(n, dtype=torch.float64)
-    for site in _counted(model_tr, False):
-        total = total + site_log_prob(site, n, ndim).double()
-    for site in _counted(guide_tr, True):
-        total = total - site_log_prob(site, n, ndim).double()
-    return total
 
 
 def _is_delta(fn: Any) -> bool:
@@ -127,15 +80,7 @@ def _sequential(
         g = poutine.replay(guide, trace=fake)
     guide_tr = poutine.trace(g).get_trace(*args, **kwargs)
     model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
-    w = model_tr.log_prob_sum() - guide_tr.log_prob_sum(lambda name, s: not s["is_observed"])
-    return guide_tr, model_tr, float(w)
-
-
-def sequential_log_weight(
-    model: Callable, guide: Callable, args: tuple, kwargs: Mapping[str, Any]
-) -> float:
-    """``log p(x, z) - log q(z)`` of one fresh guide draw, evaluated without a particle plate."""
-    return _sequential(model, guide, args, kwargs, None)[2]
+    return guide_tr, model_tr, float(trace_log_weights(model_tr, guide_tr, 1, None)[0])
 
 
 def check_particles(
@@ -174,8 +119,8 @@ def check_particles(
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         ref_g, ref_m, _ = _sequential(model, guide, args, kwargs, None)
         for vec, ref in ((guide_tr, ref_g), (model_tr, ref_m)):
-            vec_sites = {s["name"]: s for s in _counted(vec, vec is guide_tr)}
-            ref_sites = {s["name"]: s for s in _counted(ref, ref is ref_g)}
+            vec_sites = {s["name"]: s for s in counted_sites(vec, vec is guide_tr)}
+            ref_sites = {s["name"]: s for s in counted_sites(ref, ref is ref_g)}
             if set(vec_sites) != set(ref_sites):
                 raise NotVectorizable(
                     "the sites differ under a particle plate: "
@@ -192,7 +137,7 @@ def check_particles(
                     )
         shapes = {
             s["name"]: tuple(s["value"].shape)
-            for s in _counted(ref_g, True)
+            for s in counted_sites(ref_g, True)
             if not _is_delta(s["fn"])
         }
         for i in picks:

@@ -14,9 +14,10 @@ from vimodels.catalog.base import CatalogEntry
 from vimodels.errors import OptionError, check_option, check_seed, derive_seed
 from vimodels.io import jsonable
 from vimodels.svi.binding import keyword_call, positional_kwargs
+from vimodels.svi.draws import model_info, sample_guide
 from vimodels.svi.minibatch_eval import EVAL_BATCHES, minibatch_log_weights
 from vimodels.svi.subsample import IndexSupplier
-from vimodels.svi.weights import draw_sites, log_weights
+from vimodels.svi.weights import log_weights
 
 CONVERGED = "converged"
 MAX_STEPS = "max_steps"
@@ -167,17 +168,13 @@ class FitResult:
                 f"unknown site(s) {unknown}; this fit can draw: {', '.join(self.sites)} "
                 f"(and the model's other sample sites: {', '.join(self.site_shapes)})"
             )
+        info = model_info(self.model, self.args, {}, self.max_plate_nesting)
         pyro.set_rng_seed(derive_seed(self.seed, 1) if seed is None else check_seed(seed))
         with pyro.get_param_store().scope(self.param_state), self._batches(seed, 1):
-            return draw_sites(
-                keyword_call(self.model),
-                keyword_call(self.guide),
-                self._kwargs(),
-                num_samples,
-                self.max_plate_nesting,
-                sites,
-                self.site_shapes,
-            )
+            # the draws of to_inference_data with the same seed
+            return sample_guide(
+                self.model, self.guide, self.args, {}, info, num_samples, sites=sites
+            )[0]
 
     def log_weights(self, num_samples: int = 1000, seed: int | None = None) -> np.ndarray:
         """``log p(x, z) - log q(z)`` for ``num_samples`` guide draws, shape ``(num_samples,)``.
@@ -197,7 +194,6 @@ class FitResult:
                     num_samples,
                     self.max_plate_nesting,
                     seed=seed,
-                    discrete=bool(self.discrete_sites),
                     batches=self.subsample.get("eval_batches", EVAL_BATCHES),
                 )[0]
         with pyro.get_param_store().scope(self.param_state):
@@ -207,7 +203,6 @@ class FitResult:
                 self._kwargs(),
                 num_samples,
                 self.max_plate_nesting,
-                discrete=bool(self.discrete_sites),
             )
 
     def _kwargs(self) -> dict:

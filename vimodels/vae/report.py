@@ -177,7 +177,8 @@ def table_rows(summaries: Sequence[Mapping[str, Any]]) -> list[list[str]]:
                 f"{train.get('epochs', '-')} ({train.get('best_epoch', '-')})",
                 _pm(train.get("seconds_per_epoch"), None, 3),
                 _pm(ll.get("log_likelihood"), ll.get("log_likelihood_mcse"))
-                + f" ({ll.get('num_particles', '-')})",
+                + f" ({ll.get('num_particles', '-')})"
+                + (f" k-hat&ge;0.7: {ll['khat_bad']}" if ll.get("khat_bad") else ""),
                 _pm(ll.get("elbo"), ll.get("elbo_mcse")),
                 _pm(gap.get("approximation_gap"), gap.get("approximation_gap_mcse")),
                 _pm(gap.get("amortization_gap"), gap.get("amortization_gap_mcse")),
