@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from vimodels.svi.draws import model_info, sample_guide
 from vimodels.svi.subsample import IndexSupplier
-from vimodels.svi.weights import log_weights
 
 #: Independent data batches of the final ELBO estimate (at most one per draw).
 EVAL_BATCHES = 100
@@ -67,7 +67,7 @@ def minibatch_log_weights(
     batches : int
         Number of groups (independent batches).
     report : dict, optional
-        Filled as :func:`~vimodels.svi.weights.log_weights` fills it: whether
+        Filled as :func:`~vimodels.svi.draws.sample_guide` fills it: whether
         every group was evaluated under a particle plate, and the first reason
         one was not.
 
@@ -82,26 +82,22 @@ def minibatch_log_weights(
     out = []
     report = {} if report is None else report
     report.update(vectorized=True, reason=None)
+    info = None
     # one batch per group: its draws, and the one-draw checks of its vectorized pass, share it
     with IndexSupplier(seed, "independent", hold=True) as supplier:
         for n in sizes:
             supplier.advance()
+            if info is None:  # traced once, on the first group's batch
+                info = model_info(model, (), kwargs, max_plate_nesting)
             group: dict = {}
             # the first group's vectorized pass is checked against one-draw evaluation: the
             # others run the same pass unchecked while the checks pass
             checked = bool(out) and report["vectorized"]
-            out.append(
-                log_weights(
-                    model,
-                    guide,
-                    kwargs,
-                    int(n),
-                    max_plate_nesting,
-                    chunk=int(n),
-                    report=group,
-                    check=not checked,
-                )
-            )
+            _, lw = sample_guide(
+                model, guide, (), kwargs, info, int(n), int(n), group,
+                sites=(), check=not checked, nan_as=np.nan,
+            )  # fmt: skip
+            out.append(lw)
             if not group.get("vectorized"):
                 report["vectorized"] = False
                 report["reason"] = report["reason"] or group.get("reason")

@@ -168,13 +168,14 @@ class FitResult:
                 f"unknown site(s) {unknown}; this fit can draw: {', '.join(self.sites)} "
                 f"(and the model's other sample sites: {', '.join(self.site_shapes)})"
             )
-        info = model_info(self.model, self.args, {}, self.max_plate_nesting)
         pyro.set_rng_seed(derive_seed(self.seed, 1) if seed is None else check_seed(seed))
-        with pyro.get_param_store().scope(self.param_state), self._batches(seed, 1):
-            # the draws of to_inference_data with the same seed
-            return sample_guide(
-                self.model, self.guide, self.args, {}, info, num_samples, sites=sites
-            )[0]
+        with pyro.get_param_store().scope(self.param_state):
+            info = model_info(self.model, self.args, {}, self.max_plate_nesting)
+            with self._batches(seed, 1):
+                # the draws of to_inference_data with the same seed
+                return sample_guide(
+                    self.model, self.guide, self.args, {}, info, num_samples, sites=sites
+                )[0]
 
     def log_weights(self, num_samples: int = 1000, seed: int | None = None) -> np.ndarray:
         """``log p(x, z) - log q(z)`` for ``num_samples`` guide draws, shape ``(num_samples,)``.
