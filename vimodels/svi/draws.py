@@ -350,8 +350,9 @@ def sample_guide(
     *,
     sites: tuple[str, ...] | None = None,
     check: bool = True,
+    weights: bool = True,
     nan_as: float = -np.inf,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Draw from ``guide`` and return the model's sites with their log importance weights.
 
     The one way the project draws from a guide: :meth:`FitResult.sample`, the
@@ -384,7 +385,10 @@ def sample_guide(
         others are left out); default: every latent site. ``()`` for the log
         weights only.
     check : bool
-        Check the first vectorized pass against one-draw evaluation.
+        Check the first vectorized pass against one-draw evaluation (off where the
+        same model and guide passed it before: a fit's ELBO records whether they did).
+    weights : bool
+        Return the log weights (else None; they are still computed for the check).
     nan_as : float
         What a NaN log weight (a draw where the model has no density) becomes.
 
@@ -392,8 +396,9 @@ def sample_guide(
     -------
     draws : dict of str to ndarray
         Each requested site, shape ``(num_samples, *site_shape)``.
-    log_weights : ndarray, shape (num_samples,)
-        ``log p(x, z) - log q(z)`` of each draw (nats), discrete sites summed out.
+    log_weights : ndarray, shape (num_samples,), or None
+        ``log p(x, z) - log q(z)`` of each draw (nats), discrete sites summed out;
+        None unless ``weights``.
     """
     kwargs = dict(kwargs)
     sites = info.latent if sites is None else tuple(s for s in sites if s in info.sites)
@@ -405,9 +410,9 @@ def sample_guide(
         )
     else:
         draws, lw = _sample_continuous(
-            model, guide, args, kwargs, info, num_samples, chunk, sites, check, report
+            model, guide, args, kwargs, info, num_samples, chunk, sites, check, weights, report
         )
-    return draws, np.where(np.isnan(lw), nan_as, lw)
+    return draws, np.where(np.isnan(lw), nan_as, lw) if weights else None
 
 
 def _sample_continuous(
@@ -420,6 +425,7 @@ def _sample_continuous(
     chunk: int,
     sites: tuple[str, ...],
     check: bool,
+    weights: bool,
     report: dict,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     ndim = info.max_plate_nesting + 1
@@ -438,7 +444,8 @@ def _sample_continuous(
                 def vectorized_part(n: int = n, first: bool = start == 0) -> tuple:
                     with pyro.plate(_DRAWS_PLATE, n, dim=-ndim):
                         guide_tr, model_tr = traces()
-                    part = _weights_and_values(model_tr, guide_tr, info, sites, n, ndim)
+                    weigh = weights or (first and check)
+                    part = _weights_and_values(model_tr, guide_tr, info, sites, n, ndim, weigh)
                     if first and check:  # the same check as the ELBO's (vimodels.svi.particles)
                         check_particles(model, guide, args, kwargs, model_tr, guide_tr, part[1])
                     return part
@@ -451,7 +458,7 @@ def _sample_continuous(
 
             def one_draw() -> tuple:
                 guide_tr, model_tr = traces()
-                return _weights_and_values(model_tr, guide_tr, info, sites, 1, None)
+                return _weights_and_values(model_tr, guide_tr, info, sites, 1, None, weights)
 
             for _ in range(num_samples):
                 parts.append(_tolerant(one_draw))
@@ -536,9 +543,16 @@ def _weights_and_values(
     sites: tuple[str, ...],
     n: int,
     ndim: int | None,
+    weigh: bool = True,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The requested sites' values and the log weights of one pass (``ndim=None``: one draw)."""
-    total = trace_log_weights(model_tr, guide_tr, n, ndim)
+    """The requested sites' values and the log weights of one pass (``ndim=None``: one draw).
+
+    Without ``weigh`` the log weights are NaN (not computed).
+    """
+    if weigh:
+        total = trace_log_weights(model_tr, guide_tr, n, ndim)
+    else:
+        total = torch.full((n,), float("nan"), dtype=torch.float64)
     values = {
         name: _as_draws(model_tr.nodes[name]["value"], n, info.sites[name].shape)
         for name in sites

@@ -320,11 +320,20 @@ def _current_draw(
     binding: Binding, guide: Callable, averager: IterateAverage
 ) -> Callable[[int, tuple[str, ...] | None], dict[str, np.ndarray]]:
     """``draw(n, sites)``: guide draws at the parameters the fit would return now."""
+    checked: dict = {"info": None, "vectorized": False}
 
     def draw(num: int, which: tuple[str, ...] | None) -> dict[str, np.ndarray]:
         with averager.swapped():
-            info = model_info(binding.model, binding.args, {}, binding.depth)
-            sites = tuple(which or binding.sites)
-            return sample_guide(binding.model, guide, binding.args, {}, info, num, sites=sites)[0]
+            if checked["info"] is None:  # traced once per fit
+                checked["info"] = model_info(binding.model, binding.args, {}, binding.depth)
+            report: dict = {}
+            draws, _ = sample_guide(
+                binding.model, guide, binding.args, {}, checked["info"], num,
+                report=report, sites=tuple(which or binding.sites),
+                check=not checked["vectorized"], weights=False,
+            )  # fmt: skip
+            # a vectorized pass that passed the particle check once is not checked again
+            checked["vectorized"] = bool(report["vectorized"])
+            return draws
 
     return draw

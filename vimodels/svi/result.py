@@ -172,10 +172,12 @@ class FitResult:
         with pyro.get_param_store().scope(self.param_state):
             info = model_info(self.model, self.args, {}, self.max_plate_nesting)
             with self._batches(seed, 1):
-                # the draws of to_inference_data with the same seed
+                # the draws of to_inference_data with the same seed; the particle check
+                # is skipped where the fit's ELBO draws passed it
                 return sample_guide(
-                    self.model, self.guide, self.args, {}, info, num_samples, sites=sites
-                )[0]
+                    self.model, self.guide, self.args, {}, info, num_samples, sites=sites,
+                    check=self.settings.get("eval_vectorized") is not True, weights=False,
+                )[0]  # fmt: skip
 
     def log_weights(self, num_samples: int = 1000, seed: int | None = None) -> np.ndarray:
         """``log p(x, z) - log q(z)`` for ``num_samples`` guide draws, shape ``(num_samples,)``.
