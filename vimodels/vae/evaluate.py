@@ -153,20 +153,24 @@ class LikelihoodEstimate:
         }
 
 
-def _lme_stats(log_w: np.ndarray, strata: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def _lme_stats(
+    log_w: np.ndarray, strata: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Row-wise log-mean-exp of ``log_w`` (n, K) and its delta-method standard error.
 
-    With ``strata`` > 1 the columns are that many equal blocks drawn from
-    different proposals (stratified sampling): the variance of the mean adds
-    the blocks' variances.
+    ``strata`` labels each column with the proposal it was drawn from (stratified
+    sampling, a fixed number of draws from each): the variance of the mean then
+    adds the strata's variances, ``sum_s K_s var_s / K^2``.
     """
     k = log_w.shape[1]
     m = log_w.max(1, keepdims=True)
     w = np.exp(log_w - m)
     mean = w.mean(1)
-    if k < 2 * strata:
+    labels = np.zeros(k, dtype=int) if strata is None else np.asarray(strata)
+    blocks = [w[:, labels == s] for s in np.unique(labels)]
+    if min(b.shape[1] for b in blocks) < 2:
         return m[:, 0] + np.log(mean), np.full(len(w), np.nan)
-    var = sum(b.var(1, ddof=1) * b.shape[1] for b in np.array_split(w, strata, axis=1)) / k**2
+    var = sum(b.var(1, ddof=1) * b.shape[1] for b in blocks) / k**2
     return m[:, 0] + np.log(mean), np.sqrt(var) / mean
 
 
@@ -339,11 +343,9 @@ def log_likelihood(
             rows.append(torch.cat(cols, 0).T.numpy())
             q_rows.append(torch.cat(q_cols, 0).T.numpy())
     log_w, log_w_q = np.concatenate(rows, 0), np.concatenate(q_rows, 0)
-    if defensive:  # stratified: the encoder's and the t's draws, chunk by chunk
-        order = np.argsort(_stratum(num_particles, part_chunk), kind="stable")
-        log_p, log_p_se = _lme_stats(log_w[:, order], strata=2)
-    else:
-        log_p, log_p_se = _lme_stats(log_w)
+    # stratified: the encoder's and the t's draws, chunk by chunk
+    strata = _stratum(num_particles, part_chunk) if defensive else None
+    log_p, log_p_se = _lme_stats(log_w, strata)
     return LikelihoodEstimate(
         log_p=log_p,
         log_p_se=log_p_se,
