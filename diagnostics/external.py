@@ -56,7 +56,6 @@ from vimodels.validation.reference import (
 from vimodels.validation.registry import get_spec
 from vimodels.versions import versions
 
-
 # family-wise probability that independent draws fail the R-hat bound of an external reference
 RHAT_FALSE_ALARM = 0.01
 # the thinned draws' mean must lie this many MCSE from posteriordb's mean over all draws
