@@ -261,6 +261,17 @@ def _gp_pc_latents(draws: dict[str, np.ndarray], data: DataDict) -> dict[str, np
     return {"f_innov": f_tilde[..., :c] * scale, "f_tilde_rest": f_tilde[..., c:]}
 
 
+def _qr_latents(draws: dict[str, np.ndarray], data: DataDict) -> dict[str, np.ndarray]:
+    """``theta = R beta`` of a QR twin from the reference's ``beta``."""
+    R = np.linalg.inv(data["R_inv"].numpy())
+    return {"theta": np.asarray(draws["beta"]) @ R.T}
+
+
+def _arma_scaled_latents(draws: dict[str, np.ndarray], data: DataDict) -> dict[str, np.ndarray]:
+    """``theta_raw = theta / theta_unit`` of ``pdb_arma11_scaled``."""
+    return {"theta_raw": np.asarray(draws["theta"]) / float(data["theta_unit"])}
+
+
 @dataclass(frozen=True)
 class ValidationSpec:
     """A validation entry and where its external reference comes from.
@@ -292,10 +303,12 @@ _SPECS: tuple[ValidationSpec, ...] = (
     ValidationSpec(PDB_GP_POIS_REGR_PC, "gp_pois_regr-gp_pois_regr", _gp_pc_latents),
     ValidationSpec(PDB_HMM_EXAMPLE, "hmm_example-hmm_example"),
     ValidationSpec(PDB_ARMA11, "arma-arma11"),
-    ValidationSpec(PDB_ARMA11_SCALED, "arma-arma11"),
-    ValidationSpec(_qr_twin(PDB_KIDIQ_INTERACTION), "kidiq-kidscore_interaction"),
-    ValidationSpec(_qr_twin(PDB_EARNINGS_LOGEARN_INTERACTION), "earnings-logearn_interaction"),
-    ValidationSpec(_qr_twin(PDB_NES1972), "nes1972-nes"),
+    ValidationSpec(PDB_ARMA11_SCALED, "arma-arma11", _arma_scaled_latents),
+    ValidationSpec(_qr_twin(PDB_KIDIQ_INTERACTION), "kidiq-kidscore_interaction", _qr_latents),
+    ValidationSpec(
+        _qr_twin(PDB_EARNINGS_LOGEARN_INTERACTION), "earnings-logearn_interaction", _qr_latents
+    ),
+    ValidationSpec(_qr_twin(PDB_NES1972), "nes1972-nes", _qr_latents),
 )
 
 POSTERIORS: dict[str, ValidationSpec] = {s.entry.name: s for s in _SPECS}
