@@ -3,8 +3,8 @@
 Writes ``benchmarks/posteriordb.md``. Per posterior (``vimodels.validation``):
 
 - NUTS: the project's reference (``diagnostics.get_reference``, the entry's
-  settings; QR / rescaled twins where the entry says so), its wall time, min
-  bulk ESS per second, whether it is trusted, and the worst |z| of its means
+  settings; QR / rescaled / partly centered twins where the entry says so), its
+  wall time, min bulk ESS per second, whether it is trusted, and the worst |z| of its means
   against posteriordb's (combined MCSE, as in ``tests/validation``);
 - VI: for each default guide (``auto_normal``, ``auto_multivariate_normal``)
   with the ``trace`` ELBO, ``diagnostics.compare`` against posteriordb's
@@ -129,7 +129,8 @@ def render(results: dict, args: argparse.Namespace, load: tuple[str, str], total
         "the 10 x 100 thinned draws shipped with it, `vimodels.validation`). NUTS: the "
         "project's sampler under each entry's settings (`get_reference`; kidiq, earnings and "
         "nes1972 take their draws from NUTS on QR coordinates, arma11 from NUTS on a rescaled "
-        "theta: the same posteriors, see `vimodels/validation/registry.py`). "
+        "theta, gp_pois_regr from NUTS with f's first 3 innovations centered: the same "
+        "posteriors, see `vimodels/validation/registry.py`). "
         "`worst |z|`: largest |mean difference| over parameters in combined MCSE (both "
         "sides' ESS). VI: `fit(..., elbo='trace')` with fit()'s defaults and at most "
         f"{args.steps} steps (early stopping on), {NUM_DRAWS} guide draws, compared with "

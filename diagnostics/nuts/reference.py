@@ -302,6 +302,7 @@ def run_checks(
     sites: tuple[str, ...],
     num_divergences: int | None,
     energy: np.ndarray | None = None,
+    rhat_max: float = RHAT_MAX,
 ) -> tuple[Check, ...]:
     """The reference checks on the sites of interest.
 
@@ -315,11 +316,14 @@ def run_checks(
     energy : ndarray or None
         ``(chain, draw)`` Hamiltonian of each draw; ``None`` where the sampler
         does not record it (no E-BFMI check).
+    rhat_max : float
+        R-hat threshold (default :data:`RHAT_MAX`; external references set their
+        own, :func:`diagnostics.external.thinned_rhat_max`).
 
     Returns
     -------
     tuple of Check
-        ``rhat`` (< 1.01), ``ess_bulk`` and ``ess_tail`` (>= 400), ``divergences`` (0),
+        ``rhat`` (< ``rhat_max``), ``ess_bulk`` and ``ess_tail`` (>= 400), ``divergences`` (0),
         ``ebfmi`` (>= 0.3 on every chain, where ``energy`` is given).
     """
     rows = [r for r in _site_rows(draws, sites, mcse=False) if np.isfinite(r["ess_bulk"])]
@@ -327,7 +331,7 @@ def run_checks(
     checks = []
     if not rows:
         checks.append(
-            Check("rhat", False, float("nan"), RHAT_MAX, "no varying site of interest to check")
+            Check("rhat", False, float("nan"), rhat_max, "no varying site of interest to check")
         )
     elif chains < 2:
         checks.append(
@@ -335,7 +339,7 @@ def run_checks(
                 "rhat",
                 False,
                 float("nan"),
-                RHAT_MAX,
+                rhat_max,
                 f"split R-hat needs at least 2 chains, got {chains}",
             )
         )
@@ -344,10 +348,11 @@ def run_checks(
         checks.append(
             Check(
                 "rhat",
-                worst["rhat"] < RHAT_MAX,
+                worst["rhat"] < rhat_max,
                 worst["rhat"],
-                RHAT_MAX,
-                f"max split R-hat {worst['rhat']:.4f} at {worst['element']} (needs < {RHAT_MAX})",
+                rhat_max,
+                f"max split R-hat {worst['rhat']:.4f} at {worst['element']} "
+                f"(needs < {rhat_max:.4g})",
             )
         )
     for key in ("ess_bulk", "ess_tail") if rows else ():

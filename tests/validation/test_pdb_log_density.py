@@ -8,7 +8,8 @@ site conditioned on constrained values) must differ from it by the same
 constant at two points (posteriordb reference draws): differences between the
 points agree. Where the Pyro model samples a reparameterised latent (GARCH's
 ``beta1_raw``, the twins' ``theta``), the log-Jacobian of the change of
-variables is subtracted, as stated per case.
+variables is subtracted, as stated per case (the GP twin's partly centered
+``f_innov`` included).
 """
 
 from __future__ import annotations
@@ -179,6 +180,15 @@ def _gp_latents(p):
     return q, 0.0
 
 
+def _gp_pc_latents(p):
+    """The twin samples f_innov = L[j, j] f_tilde[j] (j < 3): log-Jacobian -sum log L[j, j]."""
+    q, _ = _gp_latents(p)
+    scale = np.diag(_gp_cholesky(p))[:3]
+    q["f_innov"] = q["f_tilde"][:3] * scale
+    q["f_tilde_rest"] = q["f_tilde"][3:]
+    return q, -np.log(scale).sum()
+
+
 def _qr_latents(name):
     def convert(p):
         R = np.linalg.inv(get_model(name).data()["R_inv"].numpy())
@@ -209,6 +219,7 @@ CASES = {
     "pdb_arma11_scaled": (stan_arma, _arma_scaled_latents),
     "pdb_garch11": (stan_garch, _garch_latents),
     "pdb_gp_pois_regr": (stan_gp, _gp_latents),
+    "pdb_gp_pois_regr_pc": (stan_gp, _gp_pc_latents),
     "pdb_hmm_example": (stan_hmm, _same),
 }
 
@@ -226,7 +237,7 @@ def test_log_density_matches_the_stan_program(name):
     for i in POINTS:
         p = _point(name, i)
         latents, log_jac = to_latents(p)
-        if name == "pdb_gp_pois_regr":  # Stan's target is in (rho, alpha, f_tilde)
+        if name.startswith("pdb_gp_pois_regr"):  # Stan's target is in (rho, alpha, f_tilde)
             p = latents
         pyro_lp = _pyro_log_joint(name, latents) - log_jac
         diffs.append((pyro_lp, stan_target(p)))

@@ -3,8 +3,9 @@
 For each validation posterior, :func:`diagnostics.get_reference` (the
 project's NUTS under the entry's settings; for entries with
 ``reference_from``, NUTS on the named equivalent form) must pass its own
-checks (split R-hat < 1.01, bulk/tail ESS >= 400, no divergence), and every
-parameter's posterior mean must lie within 5 combined MCSE of posteriordb's:
+checks (split R-hat < 1.01, bulk/tail ESS >= 400, no divergence, E-BFMI >= 0.3 on
+every chain), and every parameter's posterior mean must lie within 5 combined MCSE of
+posteriordb's:
 
     |mean_nuts - mean_pdb| <= 5 * sqrt(mcse_nuts^2 + mcse_pdb^2),
 
@@ -31,11 +32,6 @@ POSTERIORS = (
     "pdb_hmm_example",
 )
 Z_MAX = 5.0
-# Known: no affordable NUTS setting of the project's sampler gives a trusted reference on
-# the latent GP (see the entry's comment): diagonal metric at target 0.95, 4 x 300 draws:
-# 1 divergence (0 needs ~0.99 and treedepth 15, as posteriordb's Stan run); dense metric,
-# 4 x 400 draws: no divergence but bulk ESS 220 for rho. Its means are still checked.
-KNOWN_UNTRUSTED = {"pdb_gp_pois_regr"}
 
 
 @pytest.mark.slow
@@ -47,8 +43,15 @@ def test_nuts_agrees_with_posteriordb(name):
     from diagnostics import get_reference
 
     ref = get_reference(name, seed=0)
-    if name not in KNOWN_UNTRUSTED:
-        assert ref.trusted, ref.describe()
+    assert ref.trusted, ref.describe()
+    # every check ran, E-BFMI (Stan's energy diagnostic) included
+    assert {c.name for c in ref.checks} == {
+        "rhat",
+        "ess_bulk",
+        "ess_tail",
+        "divergences",
+        "ebfmi",
+    }
     ours = ref.site_table().set_index("element")
     theirs = reference_table(name).set_index("element")
     assert set(theirs.index) <= set(ours.index)
@@ -60,5 +63,3 @@ def test_nuts_agrees_with_posteriordb(name):
         f"{name}: {worst} NUTS {ours.loc[worst, 'mean']:.5g} vs posteriordb "
         f"{theirs.loc[worst, 'mean']:.5g} ({z[worst]:+.2f} combined MCSE)"
     )
-    if not ref.trusted:
-        pytest.xfail(f"known untrusted NUTS reference: {ref.describe()}")

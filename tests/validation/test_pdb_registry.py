@@ -155,7 +155,17 @@ def test_reference_table_mcse_is_sd_over_root_ess():
     assert (np.abs(tab["mean"] - tab["mean_full"]) < 5 * tab["mcse_mean"]).all()
 
 
-@pytest.mark.parametrize("name", ["pdb_garch11", "pdb_gp_pois_regr", "pdb_hmm_example"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "pdb_garch11",
+        "pdb_gp_pois_regr",
+        "pdb_gp_pois_regr_pc",
+        "pdb_hmm_example",
+        "pdb_arma11_scaled",
+        "pdb_kidiq_interaction_qr",
+    ],
+)
 def test_external_reference_has_every_latent_site(name):
     from diagnostics import get_reference
 

@@ -318,21 +318,44 @@ def load_garch() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- GP, HMM
 
 
-def gp_pois_regr(x: torch.Tensor, k: torch.Tensor) -> None:
+def gp_pois_regr(x: torch.Tensor, k: torch.Tensor, centered: int = 0) -> None:
     """Latent GP, Poisson counts: ``k ~ poisson_log(f)``, ``f = L(alpha, rho) f_tilde``.
 
     ``L`` is the Cholesky factor of the exponentiated-quadratic covariance
     ``alpha^2 exp(-(x_i - x_j)^2 / (2 rho^2)) + 1e-10 I``; ``rho ~ gamma(25, 4)``
     (shape, rate), ``alpha ~ normal(0, 2)`` on ``alpha > 0``, ``f_tilde ~ normal(0, 1)``.
+
+    Parameters
+    ----------
+    x, k : Tensor, shape (N,)
+    centered : int
+        0 (the program as written): ``f_tilde`` is the latent site. ``c > 0``: the
+        first ``c`` elements are sampled *centered*, as the innovations
+        ``f_innov[j] = L[j, j] f_tilde[j] ~ normal(0, L[j, j])`` (the part of
+        ``f[j]`` not predicted by ``f[:j]``), the others as ``f_tilde_rest ~
+        normal(0, 1)``; ``f_tilde`` is recorded. The same joint density of
+        ``(rho, alpha, f_tilde)`` (a change of variables whose Jacobian the
+        normal densities carry), so the same posterior, in coordinates where
+        the elements that the counts pin down do not stretch with
+        ``alpha * L[j, j]`` (a partially non-centered parameterization,
+        Papaspiliopoulos, Roberts and Skold 2007; see ``pdb_gp_pois_regr_pc``).
     """
     n = x.shape[-1]
     rho = pyro.sample("rho", dist.Gamma(_scalar(x, 25.0), _scalar(x, 4.0)))
     alpha = pyro.sample("alpha", dist.HalfNormal(_scalar(x, 2.0)))
-    f_tilde = pyro.sample("f_tilde", dist.Normal(x.new_zeros(n), 1.0).to_event(1))
+    if centered == 0:
+        f_tilde = pyro.sample("f_tilde", dist.Normal(x.new_zeros(n), 1.0).to_event(1))
     d2 = (x[:, None] - x[None, :]) ** 2
     r, a = rho[..., None, None], alpha[..., None, None]
     cov = a**2 * torch.exp(-0.5 * d2 / r**2) + 1e-10 * torch.eye(n, dtype=x.dtype)
     L = torch.linalg.cholesky(cov)
+    if centered > 0:
+        scale = torch.diagonal(L, dim1=-2, dim2=-1)[..., :centered]
+        innov = pyro.sample("f_innov", dist.Normal(torch.zeros_like(scale), scale).to_event(1))
+        rest = pyro.sample("f_tilde_rest", dist.Normal(x.new_zeros(n - centered), 1.0).to_event(1))
+        batch = torch.broadcast_shapes(innov.shape[:-1], rest.shape[:-1])
+        parts = [(innov / scale).expand(batch + (centered,)), rest.expand(batch + (n - centered,))]
+        f_tilde = pyro.deterministic("f_tilde", torch.cat(parts, -1))
     f = pyro.deterministic("f", (L @ f_tilde[..., None])[..., 0])
     pyro.sample("k", dist.Poisson(f.exp()).to_event(1), obs=k)
 
