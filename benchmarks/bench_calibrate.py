@@ -7,7 +7,18 @@ scaling ratio against the serial executor (start-up of the pool or the
 cluster included). It also checks that every executor wrote the same
 records (ranks, seeds, statuses), bit for bit.
 
+CPU time (user + system of this process and of the reaped worker
+processes) is reported per fit next to the wall time: on a shared machine
+the ideal scaling ratio is limited by the CPU the workers get, not by their
+number, and the CPU time per fit shows what each executor adds to the work.
+
 Usage: python benchmarks/bench_calibrate.py [--sims 200] [--steps 2000] [--workers 2]
+           [--num-eval 1000]
+
+The full-size figure of benchmarks/README.md (200 simulations x 3 methods
+per executor) is ``--sims 200 --steps 100 --num-eval 100``: short fits
+(about half a CPU-second each) so the three runs fit in an hour on a busy
+2-core machine.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +37,52 @@ sys.path.insert(0, str(HERE.parent))
 
 MODEL = "eight_schools_noncentered"
 GUIDES = ("mean_field", "full_rank", "structured")
-_CPU_FIELDS = ("user", "system", "children_user", "children_system")
+
+
+class TreeCPU:
+    """CPU time (user + system) of this process and every process it starts, meanwhile.
+
+    A thread polls the descendants (``psutil``) every ``interval`` seconds and
+    keeps each one's last reading, so worker processes count whether or not
+    this process reaps them (a Dask nanny's worker is its grandchild); what a
+    worker spends in its last ``interval`` before it exits is missed.
+    """
+
+    def __init__(self, interval: float = 0.25):
+        import psutil
+
+        self._psutil = psutil
+        self._me = psutil.Process()
+        self._seen: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(interval,), daemon=True)
+        self._start = self._own()
+
+    def _own(self) -> float:
+        t = self._me.cpu_times()
+        return t.user + t.system
+
+    def _poll(self, interval: float) -> None:
+        while not self._stop.is_set():
+            for child in self._me.children(recursive=True):
+                try:
+                    with child.oneshot():
+                        t = child.cpu_times()
+                        self._seen[(child.pid, child.create_time())] = t.user + t.system
+                except self._psutil.Error:
+                    continue  # gone meanwhile: its last reading stays
+            self._stop.wait(interval)
+
+    def __enter__(self) -> TreeCPU:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.own = self._own() - self._start
+        self.children = sum(self._seen.values())
+        self.total = self.own + self.children
 
 
 def _records(folder: Path) -> dict:
@@ -45,46 +102,56 @@ def calibrate_benchmark(
     workers: int = 2,
     executors: tuple[str, ...] = ("serial", "local", "dask"),
     num_draws: int = 100,
+    num_eval: int | None = None,
 ) -> dict:
     """Time the same calibration on each executor; return the rows and the scaling ratios."""
     import vimodels
 
     rows = {}
     records = {}
+    fit_options = {} if num_eval is None else {"num_eval": num_eval}
     with tempfile.TemporaryDirectory(prefix="bench-calibrate-") as tmp:
         for name in executors:
             out = Path(tmp) / name
-            cpu0 = os.times()
+            load0 = os.getloadavg()
             t0 = time.perf_counter()
-            cal = vimodels.calibrate(
-                MODEL,
-                guides=list(GUIDES),
-                sims=sims,
-                steps=steps,
-                num_draws=num_draws,
-                executor=name,
-                workers=None if name == "serial" else workers,
-                out=out,
-                report=False,
-            )
+            with TreeCPU() as tree:
+                cal = vimodels.calibrate(
+                    MODEL,
+                    guides=list(GUIDES),
+                    sims=sims,
+                    steps=steps,
+                    num_draws=num_draws,
+                    executor=name,
+                    workers=None if name == "serial" else workers,
+                    fit_options=fit_options,
+                    out=out,
+                    report=False,
+                )
             wall = time.perf_counter() - t0
-            cpu1 = os.times()
             fits = sims * len(GUIDES)
+            cpu = tree.total
             rows[name] = {
                 "wall_s": wall,
                 "fits": fits,
                 "fits_per_s": fits / wall,
-                "driver_cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
-                # with the worker processes reaped when the pool or cluster closed
-                "cpu_s": sum(getattr(cpu1, f) - getattr(cpu0, f) for f in _CPU_FIELDS),
+                "driver_cpu_s": tree.own,
+                # this process and every process it started (pool workers, Dask's
+                # scheduler-side threads are in driver_cpu_s, its nannies and workers here)
+                "cpu_s": cpu,
+                "cpu_s_per_fit": cpu / fits,
+                "fit_wall_s_median": float(cal.summary["median_fit_s"].median()),
+                "load_before": load0,
+                "load_after": os.getloadavg(),
                 "failed": int(cal.summary["failed"].sum()),
                 "not_converged": int(cal.summary["not_converged"].sum()),
                 "verdicts": {m: v for m, v in zip(cal.summary["method"], cal.summary["verdict"])},
             }
             records[name] = _records(out)
             print(
-                f"{name:7s} {fits} fits in {wall:7.1f} s: {fits / wall:.3f} fits/s "
-                f"(load {os.getloadavg()[0]:.1f})",
+                f"{name:7s} {fits} fits in {wall:7.1f} s: {fits / wall:.3f} fits/s, "
+                f"{cpu / fits:.3f} CPU-s per fit "
+                f"(load {load0[0]:.1f} before, {os.getloadavg()[0]:.1f} after)",
                 flush=True,
             )
     base = rows.get("serial", {}).get("fits_per_s")
@@ -100,6 +167,13 @@ def calibrate_benchmark(
     )
     return {
         "name": f"calibrate {MODEL} x {len(GUIDES)} methods, {sims} sims, {workers} workers",
+        "settings": {
+            "sims": sims,
+            "steps": steps,
+            "num_draws": num_draws,
+            "num_eval": num_eval,
+            "workers": workers,
+        },
         "rows": rows,
         "identical_records": same,
         "load_average": os.getloadavg(),
@@ -113,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--draws", type=int, default=100)
     parser.add_argument(
+        "--num-eval", type=int, default=None, help="draws of each fit's final ELBO estimate"
+    )
+    parser.add_argument(
         "--executors",
         nargs="+",
         default=["serial", "local", "dask"],
@@ -121,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     res = calibrate_benchmark(
-        args.sims, args.steps, args.workers, tuple(args.executors), args.draws
+        args.sims, args.steps, args.workers, tuple(args.executors), args.draws, args.num_eval
     )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2, default=str))
