@@ -53,9 +53,10 @@ from diagnostics.metrics import element_labels
 from guides.registry import get_guide_spec
 from vimodels.catalog.base import CatalogEntry
 from vimodels.catalog.registry import get_model
-from vimodels.data import prepare_data, trace_check
+from vimodels.data import trace_check
 from vimodels.errors import IncompatibleError, OptionError, check_option
 from vimodels.io import atomic_write_json, ensure_dir, safe_name
+from vimodels.resolve import resolve_model
 from vimodels.runs.sweep import _executor
 from vimodels.runs.tasks import code_fingerprint, fit_option_names
 from vimodels.svi.convergence import ConvergenceRule
@@ -139,8 +140,9 @@ class Problem:
     name : str
         Catalog name, or the user model's name.
     model : str or callable
-        Catalog name (workers look it up) or the user's Pyro model (must be
-        importable by name for the local process pool).
+        Catalog name (workers look it up) or the user's Pyro model as given
+        (must be importable by name for the local process pool); every use
+        resolves it with :func:`vimodels.resolve.resolve_model`, as a fit does.
     template : dict or None
         The user model's data (shapes and the unobserved inputs); ``None``
         for a catalog entry (its own data).
@@ -165,16 +167,19 @@ class Problem:
         """The catalog entry, or None for a user model."""
         return get_model(self.model) if isinstance(self.model, str) else None
 
+    def _resolved(self) -> tuple[Callable, dict[str, Any]]:
+        # resolved where it runs (a worker): the adapted function of a user's model is
+        # a closure that does not pickle, the user's own function does
+        _, fn, data, _ = resolve_model(self.model, self.template)
+        return fn, data
+
     def model_fn(self) -> Callable:
-        """The Pyro model function."""
-        entry = self.entry
-        return entry.model if entry is not None else self.model
+        """The Pyro model function, called as ``model(**data)`` (:func:`resolve_model`)."""
+        return self._resolved()[0]
 
     def data(self) -> dict[str, Any]:
         """The base data (tensors), as :func:`vimodels.fit` binds it."""
-        entry = self.entry
-        base = entry.data() if entry is not None else dict(self.template or {})
-        return prepare_data(self.model_fn(), base)
+        return self._resolved()[1]
 
 
 def _source(fn: Callable) -> str:
@@ -216,6 +221,34 @@ def _observed_sites(model_fn: Callable, data: Mapping[str, Any], keys: Sequence[
     return out
 
 
+def _check_generative(fn: Callable, name: str) -> None:
+    """Refuse latent sites that cannot be drawn from their prior (the model adapted them)."""
+    sites = getattr(fn, "unsampleable_sites", ())
+    if sites:
+        raise IncompatibleError(
+            f"model {name!r} cannot be calibrated: calibration draws every latent site from "
+            f"its prior by running the model, and site(s) {', '.join(sites)} have a "
+            "distribution that cannot be sampled (such as ImproperUniform with the prior "
+            "given by pyro.factor); write their prior as a distribution that can be sampled"
+        )
+
+
+def _check_no_factor(tr: poutine.Trace, name: str) -> None:
+    """Refuse ``pyro.factor`` terms: simulating runs the model forward and would skip them."""
+    factors = [
+        n
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample" and s["is_observed"] and type(s["fn"]).__name__ == "Unit"
+    ]
+    if factors:
+        raise IncompatibleError(
+            f"model {name!r} cannot be calibrated: it adds log-density terms with "
+            f"pyro.factor ({', '.join(factors)}), which running the model forward (how "
+            "calibration draws theta and the data) does not sample from, so the simulated "
+            "data would not follow the model; write those terms as pyro.sample sites"
+        )
+
+
 def make_problem(
     model: str | Callable,
     data: Mapping[str, Any] | None = None,
@@ -254,8 +287,8 @@ def make_problem(
                 f"calibration of {model!r} is not supported: it needs continuous latent sites "
                 "fitted per data set (no enumerated or amortized model)"
             )
-        fn, name, template = entry.model, entry.name, None
-        base = prepare_data(fn, entry.data())
+        _, fn, base, name = resolve_model(entry)
+        template = None
         keys = tuple(observed or entry.observed)
         default_sites = entry.sites
     elif callable(model):
@@ -263,8 +296,7 @@ def make_problem(
             raise OptionError(
                 "a user model needs data=: a template data set whose shapes are simulated"
             )
-        fn, name = model, getattr(model, "__name__", "user_model")
-        base = prepare_data(fn, data)
+        _, fn, base, name = resolve_model(model, data)
         template = {
             k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
             for k, v in base.items()
@@ -275,7 +307,9 @@ def make_problem(
         raise OptionError(
             f"model must be a catalog name or a Pyro model function, got {type(model).__name__}"
         )
+    _check_generative(fn, name)
     tr = trace_check(fn, base, name)
+    _check_no_factor(tr, name)
     if not keys and template is not None:  # a user model: every array it observes as is
         obs_values = [
             s["value"] for s in tr.nodes.values() if s["type"] == "sample" and s["is_observed"]
@@ -330,7 +364,7 @@ def make_problem(
     h.update(_canonical({"observed": obs_map, "sites": list(sites)}).encode())
     return Problem(
         name=name,
-        model=model if isinstance(model, str) else fn,
+        model=model,
         template=template,
         observed=obs_map,
         sites=sites,
