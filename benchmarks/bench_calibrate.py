@@ -16,7 +16,7 @@ Usage: python benchmarks/bench_calibrate.py [--sims 200] [--steps 2000] [--worke
            [--num-eval 1000]
 
 The full-size figure of benchmarks/README.md (200 simulations x 3 methods
-per executor) is ``--sims 200 --steps 100 --num-eval 100``: short fits
+per executor) is ``--sims 200 --steps 100 --num-eval 100 --no-jit``: short fits
 (about half a CPU-second each) so the three runs fit in an hour on a busy
 2-core machine.
 """
@@ -103,13 +103,16 @@ def calibrate_benchmark(
     executors: tuple[str, ...] = ("serial", "local", "dask"),
     num_draws: int = 100,
     num_eval: int | None = None,
+    jit: bool | None = None,
 ) -> dict:
     """Time the same calibration on each executor; return the rows and the scaling ratios."""
     import vimodels
 
     rows = {}
     records = {}
-    fit_options = {} if num_eval is None else {"num_eval": num_eval}
+    fit_options: dict = {} if num_eval is None else {"num_eval": num_eval}
+    if jit is not None:
+        fit_options["jit"] = jit
     with tempfile.TemporaryDirectory(prefix="bench-calibrate-") as tmp:
         for name in executors:
             out = Path(tmp) / name
@@ -172,6 +175,7 @@ def calibrate_benchmark(
             "steps": steps,
             "num_draws": num_draws,
             "num_eval": num_eval,
+            "jit": jit,
             "workers": workers,
         },
         "rows": rows,
@@ -195,10 +199,22 @@ def main(argv: list[str] | None = None) -> None:
         default=["serial", "local", "dask"],
         choices=["serial", "local", "dask"],
     )
+    parser.add_argument(
+        "--no-jit",
+        action="store_true",
+        help="fit without the JIT ELBO (each JIT fit leaves its traced graph in torch's "
+        "global compilation unit: 16-19 MB per short fit, which adds up over hundreds of fits)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     res = calibrate_benchmark(
-        args.sims, args.steps, args.workers, tuple(args.executors), args.draws, args.num_eval
+        args.sims,
+        args.steps,
+        args.workers,
+        tuple(args.executors),
+        args.draws,
+        args.num_eval,
+        False if args.no_jit else None,
     )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2, default=str))
