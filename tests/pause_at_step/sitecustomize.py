@@ -5,7 +5,9 @@ processes it spawns, which inherit the environment) and set
 
 - ``VIMODELS_TEST_PAUSE_DIR``: folder for the marker files;
 - ``VIMODELS_TEST_PAUSE_STEP``: the step after which the fit pauses;
-- ``VIMODELS_TEST_PAUSE_GUIDE`` (optional): pause only fits of this guide.
+- ``VIMODELS_TEST_PAUSE_GUIDE`` (optional): pause only fits of this guide;
+- ``VIMODELS_TEST_PAUSE_SKIP`` (optional): let this many such fits of each
+  process run to their end first (pause the next one).
 
 Once :func:`vimodels.svi.fit.fit` is imported it is wrapped: the fit's
 callback writes ``<dir>/<guide>.paused`` (the process id) after that step,
@@ -26,6 +28,8 @@ import time
 _DIR = os.environ.get("VIMODELS_TEST_PAUSE_DIR")
 _STEP = int(os.environ.get("VIMODELS_TEST_PAUSE_STEP", "0") or 0)
 _GUIDE = os.environ.get("VIMODELS_TEST_PAUSE_GUIDE")
+_SKIP = int(os.environ.get("VIMODELS_TEST_PAUSE_SKIP", "0") or 0)
+_started = [0]  # fits of the guide started in this process
 _TARGET = "vimodels.svi.fit"
 _MAX_PAUSE_S = 600  # a test that never sends Ctrl-C fails instead of hanging
 
@@ -49,6 +53,9 @@ def _wrap(module) -> None:
         guide = kwargs.get("guide", "auto_normal")
         name = guide if isinstance(guide, str) else getattr(guide, "__name__", "guide")
         if _GUIDE and name != _GUIDE:
+            return original(*args, **kwargs)
+        _started[0] += 1
+        if _started[0] <= _SKIP:
             return original(*args, **kwargs)
         user_callback = kwargs.get("callback")
 

@@ -22,8 +22,12 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 PAUSE_HOOK = ROOT / "tests" / "pause_at_step"  # its sitecustomize pauses a fit at a step
 
 
-def _pausing_env(folder: Path, step: int, guide: str | None = None) -> dict[str, str]:
+def _pausing_env(
+    folder: Path, step: int, guide: str | None = None, skip: int = 0
+) -> dict[str, str]:
     """Environment in which fits (of ``guide``) pause after ``step`` until Ctrl-C.
+
+    With ``skip``, the first ``skip`` fits of each process run to their end.
 
     The fit writes ``folder/<guide>.paused`` and waits: a test that sends SIGINT
     once the file exists interrupts the fit at that step on any machine, fast or
@@ -37,6 +41,8 @@ def _pausing_env(folder: Path, step: int, guide: str | None = None) -> dict[str,
     }
     if guide is not None:
         env["VIMODELS_TEST_PAUSE_GUIDE"] = guide
+    if skip:
+        env["VIMODELS_TEST_PAUSE_SKIP"] = str(skip)
     return env
 
 
@@ -459,3 +465,146 @@ def test_ctrl_c_in_compare_with_an_executor_keeps_a_partial_report(tmp_path, cap
     assert "1 fit(s) already finished" in captured.err and "PARTIAL" not in captured.out
     assert (done / "summary.json").read_bytes() == before
     assert list(pd.read_csv(out / "summary.csv")["method"]) == [f"{first}/trace"]
+
+
+# ------------------------------------------------------- calibrate: Ctrl-C, a lost worker
+
+CAL_SIMS = 4
+
+
+def _calibrate_args(out: Path, executor: str) -> list[str]:
+    """``vimodels calibrate`` of the conjugate model: 4 simulations of one short fit each."""
+    return [
+        "calibrate",
+        "conjugate_linear_regression",
+        "--guides",
+        "mean_field",
+        "--sims",
+        str(CAL_SIMS),
+        "--steps",
+        "60",
+        "--no-jit",
+        "--draws",
+        "20",
+        "--seed",
+        "3",
+        "--executor",
+        executor,
+        "--jobs",
+        "1",  # local: one worker, so the simulations run one after another, in order
+        "--out",
+        str(out),
+    ]
+
+
+def _sim_records(folder: Path) -> dict[str, dict]:
+    """File name -> simulation record without its timings."""
+    out = {}
+    for path in sorted((folder / "sims").glob("*.json")):
+        rec = json.loads(path.read_text())
+        rec.pop("wall_time_s")
+        for m in rec["methods"].values():
+            m.pop("wall_time_s")
+        out[path.name] = rec
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_calibration(tmp_path_factory):
+    """The same calibration run to its end in one go (serial, in this process)."""
+    from vimodels.cli.main import main
+
+    out = tmp_path_factory.mktemp("calibrate") / "ref"
+    assert main([*_calibrate_args(out, "serial"), "--quiet"]) == 0
+    return _sim_records(out), json.loads((out / "calibration.json").read_text())
+
+
+def _assert_same_calibration(out: Path, reference: tuple[dict, dict]) -> None:
+    """Same records bit for bit (seeds, ranks, statuses), each simulation ranked once."""
+    records, payload = reference
+    assert _sim_records(out) == records
+    assert sorted(r["index"] for r in records.values()) == list(range(CAL_SIMS))
+    got = json.loads((out / "calibration.json").read_text())
+    assert got["partial"] is False and got["ranks"] == payload["ranks"]
+    assert all(len(r) == CAL_SIMS for r in got["ranks"]["mean_field/trace"].values())
+    assert got["summary"][0]["ranked"] == CAL_SIMS and got["failures"] == payload["failures"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_calibrate_keeps_finished_simulations_and_resumes(
+    tmp_path, capsys, uninterrupted_calibration
+):
+    """``vimodels calibrate --executor local``: Ctrl-C (the whole process group) while the
+    third simulation's fit is at its step 20 (a test hook; the first two fits of the worker
+    run to their end). Exit 130, no traceback, no worker left, a PARTIAL report of the two
+    finished simulations; a rerun runs the other two only and ends with the records and
+    ranks of an uninterrupted run, bit for bit."""
+    out, marks = tmp_path / "cal", tmp_path / "marks"
+    marks.mkdir()
+    proc = _cli(
+        *_calibrate_args(out, "local"),
+        env=_pausing_env(marks, 20, "mean_field", skip=2),
+        start_new_session=True,
+    )
+    _wait_for_file("mean_field.paused", marks, proc)
+    trackers = _trackers(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    _assert_no_worker_left(proc.pid, trackers)
+    assert "PARTIAL RESULT" in stdout
+    assert "interrupted: stopping; finished simulations are kept for a rerun" in stderr
+    kept = sorted((out / "sims").glob("*.json"))
+    assert [p.name[:8] for p in kept] == ["sim00000", "sim00001"]  # nothing of the third
+    before = {p.name: p.read_bytes() for p in kept}
+    partial = json.loads((out / "calibration.json").read_text())
+    assert partial["partial"] is True and (partial["executed"], partial["reused"]) == (2, 0)
+    assert partial["summary"][0]["ranked"] == 2
+    assert all(f["status"] != "failed" for f in partial["failures"])
+    assert "PARTIAL RESULT" in (out / "report.md").read_text()
+
+    from vimodels.cli.main import main
+
+    assert main(_calibrate_args(out, "serial")) == 0  # the rerun, here
+    err = capsys.readouterr().err
+    assert "2 simulation(s) already finished" in err
+    assert "[1/2]" in err and "[2/2]" in err and "[3/" not in err  # only the other two ran
+    assert {p.name: p.read_bytes() for p in kept} == before  # the finished ones untouched
+    done = json.loads((out / "calibration.json").read_text())
+    assert (done["executed"], done["reused"]) == (2, 2)
+    _assert_same_calibration(out, uninterrupted_calibration)
+
+
+@pytest.mark.slow
+def test_calibrate_survives_a_lost_worker(tmp_path, uninterrupted_calibration):
+    """The worker process is killed (SIGKILL: out of memory, a node gone) in the middle of
+    the third simulation: the pool reruns that simulation in a new worker, the run ends
+    normally, and every simulation is ranked once, as in an uninterrupted run."""
+    out, marks = tmp_path / "cal", tmp_path / "marks"
+    marks.mkdir()
+    proc = _cli(
+        *_calibrate_args(out, "local"),
+        # the first worker pauses in its third fit; its replacement starts counting afresh
+        env=_pausing_env(marks, 20, "mean_field", skip=2),
+        start_new_session=True,
+    )
+    _wait_for_file("mean_field.paused", marks, proc)
+    worker = int((marks / "mean_field.paused").read_text())
+    assert worker != proc.pid
+    os.kill(worker, signal.SIGKILL)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "FAILED" not in stderr, stderr
+    progress = [line for line in stderr.splitlines() if line.startswith("[")]
+    sims = sorted(int(line.split(" sim ")[1].split()[0]) for line in progress)
+    assert sims == list(range(CAL_SIMS)), progress  # each simulation reported once
+    done = json.loads((out / "calibration.json").read_text())
+    assert (done["executed"], done["reused"]) == (CAL_SIMS, 0)
+    _assert_same_calibration(out, uninterrupted_calibration)
