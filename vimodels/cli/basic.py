@@ -13,6 +13,7 @@ from vimodels.cli.options import parse_options
 from vimodels.data import load_arrays
 from vimodels.errors import OptionError, check_option
 from vimodels.io import atomic_write_json, output_folder, safe_name
+from vimodels.svi.by_optimizer import INIT_METHODS
 from vimodels.svi.check import check_model
 from vimodels.svi.convergence import ConvergenceRule
 from vimodels.svi.elbos import ELBOS
@@ -34,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(p)
     add_fit_arguments(p)
+    add_init_argument(p)
     p.add_argument("--guide", default="auto_normal")
     p.add_argument("--elbo", default="trace")
     p.add_argument("--draws", type=int, default=1000, help="guide draws written to netcdf")
@@ -142,6 +144,18 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def add_init_argument(p: argparse.ArgumentParser) -> None:
+    """``--init`` of ``fit`` and ``compare``: ``fit(init=...)``, ``none`` for None."""
+    p.add_argument(
+        "--init",
+        default="none",
+        choices=("none", *INIT_METHODS),
+        help="start the Gaussian autoguides (auto_normal, auto_multivariate_normal, "
+        "auto_lowrank_multivariate_normal) at the Laplace approximation or at Pathfinder's "
+        "Gaussian; compare starts its other guides as usual (default: none)",
+    )
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the registries."""
     if args.markdown:
@@ -179,6 +193,7 @@ def fit_kwargs(args: argparse.Namespace) -> dict:
         elbo_options=parse_options(args.elbo_opt, "ELBO"),
         jit=False if args.no_jit else None,
         progress=False if args.quiet else None,
+        **({} if getattr(args, "init", "none") == "none" else {"init": args.init}),
     )
 
 

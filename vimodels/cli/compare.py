@@ -10,6 +10,7 @@ from pathlib import Path
 from vimodels.cli.basic import (
     USER_MODEL_NOTE,
     add_fit_arguments,
+    add_init_argument,
     add_model_arguments,
     cli_model,
     fit_kwargs,
@@ -51,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--elbos", nargs="+", default=["trace"], help="ELBO names (default trace)")
     add_fit_arguments(p)
+    add_init_argument(p)
     p.add_argument("--out", default=None, help="output folder (default runs/<model>/compare)")
     p.add_argument(
         "--reference",

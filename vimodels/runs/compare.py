@@ -23,6 +23,7 @@ from vimodels.errors import IncompatibleError, OptionError, VimodelsError, check
 from vimodels.resolve import resolve_model
 from vimodels.runs.config import check_grid_names, default_guides
 from vimodels.runs.sweep import fit_with_executor
+from vimodels.svi.by_optimizer import options_for_guide
 from vimodels.svi.fit import fit
 
 
@@ -172,7 +173,7 @@ def run_compare(
                 num_steps=steps,
                 seed=seed,
                 **({"sites": tuple(sites)} if sites else {}),
-                **options,
+                **options_for_guide(options, guide),
             )
         except (IncompatibleError, OptionError) as exc:
             skipped.append(f"{guide}/{elbo}: {exc}")

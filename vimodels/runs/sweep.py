@@ -62,6 +62,7 @@ from vimodels.runs.tasks import (
     make_reference_task,
     make_task,
 )
+from vimodels.svi.by_optimizer import options_for_guide
 
 if TYPE_CHECKING:
     from diagnostics.comparison import Comparison
@@ -493,7 +494,7 @@ def fit_with_executor(
             e,
             seed=seed,
             steps=steps,
-            options=fit_options,
+            options=options_for_guide(fit_options or {}, g),
             num_draws=num_draws,
             num_evidence=num_evidence,
         )

@@ -56,6 +56,18 @@ def check_init(init: Any, guide: Any) -> None:
         )
 
 
+def options_for_guide(options: Mapping[str, Any], guide: Any) -> dict[str, Any]:
+    """``options`` without ``init`` where ``guide`` cannot start from a Gaussian.
+
+    A grid (``compare``, sweeps) passes one set of fit options to every guide:
+    ``init`` then starts the Gaussian autoguides and leaves the others as they are.
+    """
+    out = dict(options)
+    if out.get("init") is not None and not (isinstance(guide, str) and guide in INIT_GUIDES):
+        out.pop("init")
+    return out
+
+
 # options the SVI guides take that mean nothing here but may come from a grid
 _IGNORED = ("init_loc_fn",)
 
