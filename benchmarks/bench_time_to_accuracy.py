@@ -1,0 +1,318 @@
+"""Benchmark 4b (issue 18): time to accuracy of every method, as a fraction of the NUTS time.
+
+Models: every hierarchical catalog entry of benchmark 4 (``bench_accuracy.ENTRIES``)
+and the nine posteriordb posteriors of ``vimodels.validation``. Methods: the
+entry's default guides with ``fit()``'s defaults, ``auto_laplace`` (L-BFGS mode
++ exact Hessian), ``pathfinder`` (4 paths), and ``auto_normal`` /
+``auto_multivariate_normal`` started at the Laplace approximation or at
+Pathfinder's Gaussian (``init="laplace"`` / ``"pathfinder"``).
+
+Accuracy, over every element of the reference's sites: all means within
+``0.2`` reference sd and all sds within 20 % of the reference sd. The
+reference is the NUTS reference for a catalog entry (its sites of interest;
+eight schools centered takes the non-centered one's, as ``compare`` does) and
+posteriordb's summary over its 10 000 Stan draws for a ``pdb_*`` posterior.
+
+Time: for an SVI fit, the first checkpoint (every ``--every`` steps, guide
+draws at the current parameters, as the fit would return them) from which
+every later checkpoint and the returned fit are accurate ("settled"); the
+wall time since ``fit()`` was called (L-BFGS start, model checks and JIT
+included) minus the checkpoints' own time. For Laplace and Pathfinder, the
+wall time of the call, if its result is accurate. The NUTS time is the
+project's reference (``diagnostics.get_reference`` with the entry's settings,
+4 chains) as recorded when it was computed: run with an empty cache so that
+it is measured in the same run, under the same load. Ratio: the fastest
+accurate method's time / NUTS time (target <= 0.1).
+
+Monte Carlo error of the check: ``--draws`` guide draws (default 2000) give a
+mean to 0.022 sd and an sd to 1.6 % (one standard error); the NUTS reference's
+means to <= 0.05 sd (ESS >= 400). A method at the threshold can flip; the
+table gives the worst errors so the margin shows.
+
+Usage: python benchmarks/bench_time_to_accuracy.py [--models ...] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import bench_accuracy  # noqa: E402
+
+VALIDATION = (
+    "pdb_kidiq_interaction",
+    "pdb_mesquite_logvolume",
+    "pdb_earnings_logearn_interaction",
+    "pdb_nes1972",
+    "pdb_ark",
+    "pdb_arma11",
+    "pdb_garch11",
+    "pdb_gp_pois_regr",
+    "pdb_hmm_example",
+)
+MODELS = tuple(bench_accuracy.ENTRIES) + VALIDATION
+MEAN_TOL = 0.2  # posterior sd
+SD_TOL = 0.2  # relative
+#: (label, guide, init) after the entry's default guides
+EXTRA_METHODS = (
+    ("auto_laplace", "auto_laplace", None),
+    ("pathfinder", "pathfinder", None),
+    ("auto_normal, init=laplace", "auto_normal", "laplace"),
+    ("auto_multivariate_normal, init=laplace", "auto_multivariate_normal", "laplace"),
+    ("auto_normal, init=pathfinder", "auto_normal", "pathfinder"),
+    ("auto_multivariate_normal, init=pathfinder", "auto_multivariate_normal", "pathfinder"),
+)
+ONE_SHOT = ("auto_laplace", "pathfinder", "auto_delta")
+
+
+def uptime() -> str:
+    """``uptime``'s line (the load average) or ``unknown``."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def reference(name: str, cache_dir: str | None = None) -> dict:
+    """Reference means and sds per element, the sites, and the NUTS reference's wall time."""
+    from diagnostics import get_reference
+    from vimodels.catalog.registry import get_model
+
+    if name.startswith("pdb_"):
+        from vimodels.validation import parse_stan_name, reference_table
+
+        nuts = get_reference(name, seed=0, cache_dir=cache_dir)
+        table = reference_table(name)
+        index = [(row.site, parse_stan_name(row.parameter)[1]) for row in table.itertuples()]
+        return {
+            "sites": tuple(dict.fromkeys(s for s, _ in index)),
+            "index": index,
+            "labels": list(table["element"]),
+            "mean": table["mean_full"].to_numpy(float),
+            "sd": table["sd_full"].to_numpy(float),
+            "nuts_s": nuts.wall_time,
+            "nuts_trusted": nuts.trusted,
+            "source": "posteriordb (10 000 Stan draws)",
+        }
+    source = get_model(name).reference_from or name
+    ref = get_reference(name, seed=0, cache_dir=cache_dir)
+    index, labels, means, sds = [], [], [], []
+    for site in ref.sites:
+        d = np.asarray(ref.draws[site], dtype=float)
+        flat = d.reshape(d.shape[0] * d.shape[1], -1)
+        shape = d.shape[2:]
+        for j in range(flat.shape[1]):
+            idx = np.unravel_index(j, shape) if shape else ()
+            index.append((site, tuple(int(i) for i in idx)))
+            labels.append(site + (f"[{','.join(map(str, idx))}]" if shape else ""))
+            means.append(flat[:, j].mean())
+            sds.append(flat[:, j].std(ddof=1))
+    return {
+        "sites": tuple(ref.sites),
+        "index": index,
+        "labels": labels,
+        "mean": np.array(means),
+        "sd": np.array(sds),
+        "nuts_s": ref.wall_time,
+        "nuts_trusted": ref.trusted,
+        "source": f"NUTS ({source})",
+    }
+
+
+def errors(draws: dict, ref: dict) -> tuple[float, float, int]:
+    """Worst |mean error| (sd), worst |sd ratio - 1|, and the element of the worse of the two."""
+    cols = []
+    for site, idx in ref["index"]:
+        x = np.asarray(draws[site], dtype=float)
+        cols.append(x[(slice(None),) + idx])
+    x = np.stack(cols, 1)
+    z = np.abs(x.mean(0) - ref["mean"]) / ref["sd"]
+    r = np.abs(x.std(0, ddof=1) / ref["sd"] - 1.0)
+    worst = int(np.argmax(np.maximum(z / MEAN_TOL, r / SD_TOL)))
+    return float(z.max()), float(r.max()), worst
+
+
+def accurate(z: float, r: float) -> bool:
+    """All means within MEAN_TOL sd and all sds within SD_TOL (non-finite: no)."""
+    return bool(np.isfinite(z) and np.isfinite(r) and z <= MEAN_TOL and r <= SD_TOL)
+
+
+def time_method(
+    name: str, guide: str, init: str | None, ref: dict, every: int, draws: int, seed: int
+) -> dict:
+    """One fit with fit()'s defaults; its settled time to accuracy (None: never)."""
+    import vimodels
+
+    trail: list[tuple[int, float, bool]] = []
+    spent = [0.0]
+
+    def callback(progress) -> None:
+        if progress.step % every and progress.step != 1:
+            return
+        t_in = time.perf_counter()
+        z, r, _ = errors(progress.sample(draws, seed=seed + 10), ref)
+        trail.append((progress.step, t_in - t_call - spent[0], accurate(z, r)))
+        spent[0] += time.perf_counter() - t_in
+
+    kwargs = {"init": init} if init else {}
+    if guide not in ONE_SHOT:
+        kwargs["callback"] = callback
+    t_call = time.perf_counter()
+    try:
+        result = vimodels.fit(
+            name,
+            guide=guide,
+            seed=seed,
+            progress=False,
+            sites=ref["sites"],
+            num_eval=100,
+            **kwargs,
+        )
+    except vimodels.VimodelsError as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+    total = time.perf_counter() - t_call - spent[0]
+    z, r, worst = errors(result.sample(draws, seed=seed + 10), ref)
+    ok_final = accurate(z, r)
+    if guide in ONE_SHOT:
+        settled_s = total if ok_final else None
+    else:
+        oks = [ok for _, _, ok in trail]
+        i = next((i for i in range(len(oks)) if all(oks[i:])), None)
+        settled_s = trail[i][1] if (i is not None and ok_final) else None
+    return {
+        "settled_s": settled_s,
+        "fit_s": total,
+        "steps": result.num_steps,
+        "status": result.status,
+        "mean_err": z,
+        "sd_err": r,
+        "worst": ref["labels"][worst],
+    }
+
+
+def run(
+    models: tuple[str, ...], every: int, draws: int, seed: int, cache_dir: str | None = None
+) -> dict:
+    """Every method on every model; prints one JSON line per fit."""
+    import vimodels
+
+    torch.set_num_threads(1)
+    # one-time costs of a process (lazy imports, first JIT of the session) are not VI's
+    vimodels.fit("eight_schools_noncentered", num_steps=5, num_eval=2, progress=False)
+    rows = []
+    for name in models:
+        load0 = os.getloadavg()[0]
+        ref = reference(name, cache_dir)
+        print(f"{name}: reference {ref['source']}, NUTS {ref['nuts_s']:.1f} s", flush=True)
+        entry = vimodels.get_model(name)
+        methods = [(g, g, None) for g in entry.default_guides]
+        methods += [m for m in EXTRA_METHODS if m[0] not in {x[0] for x in methods}]
+        results = []
+        for label, guide, init in methods:
+            res = {"method": label, **time_method(name, guide, init, ref, every, draws, seed)}
+            res["load"] = os.getloadavg()[0]
+            results.append(res)
+            print(json.dumps({"model": name, **res}, default=float), flush=True)
+        ok = [r for r in results if r.get("settled_s") is not None]
+        best = min(ok, key=lambda r: r["settled_s"]) if ok else None
+        rows.append(
+            {
+                "model": name,
+                "reference": ref["source"],
+                "dim_checked": len(ref["mean"]),
+                "nuts_s": ref["nuts_s"],
+                "nuts_trusted": ref["nuts_trusted"],
+                "best": best["method"] if best else None,
+                "best_s": best["settled_s"] if best else None,
+                "ratio": best["settled_s"] / ref["nuts_s"] if best else None,
+                "methods": results,
+                "load": (load0, os.getloadavg()[0]),
+            }
+        )
+    return {"rows": rows}
+
+
+def _cell(r: dict, nuts_s: float) -> str:
+    if "error" in r:
+        return "error"
+    acc = f"{r['mean_err']:.2f} / {100 * r['sd_err']:.0f} %"
+    if r["settled_s"] is None:
+        return f"never ({acc})"
+    return f"{r['settled_s']:.1f} s = {r['settled_s'] / nuts_s:.3f} ({acc})"
+
+
+def render(res: dict, start: str, end: str) -> str:
+    """Markdown: the summary table, then every method per model."""
+    lines = [
+        f"Load (`uptime`) at the start: `{start}`; at the end: `{end}`.",
+        "",
+        "| model | NUTS s | fastest accurate method | its time | / NUTS | target 0.1 | load |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in res["rows"]:
+        trust = "" if row["nuts_trusted"] else " (not trusted)"
+        if row["best"] is None:
+            cells = "none | | | missed"
+        else:
+            verdict = "met" if row["ratio"] <= 0.1 else "missed"
+            cells = f"{row['best']} | {row['best_s']:.2f} s | {row['ratio']:.3f} | {verdict}"
+        lines.append(
+            f"| `{row['model']}` | {row['nuts_s']:.1f}{trust} | {cells} "
+            f"| {row['load'][0]:.1f}-{row['load'][1]:.1f} |"
+        )
+    labels = list(dict.fromkeys(m["method"] for row in res["rows"] for m in row["methods"]))
+    lines += [
+        "",
+        "Every method: settled time, fraction of the NUTS time, and (worst |mean error| in "
+        "sd / worst |sd ratio - 1|) of the returned fit; `never`: not accurate at the end.",
+        "",
+        "| model | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for row in res["rows"]:
+        by = {m["method"]: m for m in row["methods"]}
+        cells = [_cell(by[x], row["nuts_s"]) if x in by else "" for x in labels]
+        lines.append(f"| `{row['model']}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--every", type=int, default=25, help="steps between checkpoints")
+    parser.add_argument("--draws", type=int, default=2000, help="guide draws per check")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--out", type=Path, help="write the Markdown tables here")
+    parser.add_argument(
+        "--cache-dir",
+        help="NUTS reference cache (default: a fresh temporary folder, so that NUTS runs "
+        "in this process under the same load)",
+    )
+    args = parser.parse_args(argv)
+    start = uptime()
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run(tuple(args.models), args.every, args.draws, args.seed, args.cache_dir or tmp)
+    text = render(res, start, uptime())
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
