@@ -47,10 +47,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+import bench_accuracy  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-import bench_accuracy  # noqa: E402
 
 VALIDATION = (
     "pdb_kidiq_interaction",
