@@ -10,6 +10,7 @@ Benchmarks (issue #6), in the order they run:
   default_speed_1  2. the same with 1 particle
   nuts             3. NUTS reference vs plain Pyro and NumPyro (bench extra), compile included
   accuracy         4. time until VI means are within 0.2 NUTS sd, vs the NUTS time
+  time_to_accuracy 4b. every method (L-BFGS starts too) to means 0.2 sd, sds 20 %, 16 models
   vae              5. digits VAE: trace vs IWAE-8 (runs benchmarks/vae.py)
   memory           6. peak memory of `vimodels compare eight_schools_noncentered`
   mode            10. L-BFGS mode + Laplace, Pathfinder, init="laplace" vs Adam (issue 18)
@@ -27,6 +28,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +42,7 @@ import bench_fit  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_mode  # noqa: E402
 import bench_nuts  # noqa: E402
+import bench_time_to_accuracy  # noqa: E402
 
 
 def _overhead(quick: bool) -> dict:
@@ -67,6 +70,14 @@ def _nuts(quick: bool) -> dict:
 def _accuracy(quick: bool) -> dict:
     entries = ("eight_schools_noncentered",) if quick else bench_accuracy.ENTRIES
     return bench_accuracy.accuracy_benchmark(entries, quick=quick)
+
+
+def _time_to_accuracy(quick: bool) -> dict:
+    models = ("eight_schools_noncentered", "pdb_mesquite_logvolume") if quick else None
+    with tempfile.TemporaryDirectory() as tmp:  # NUTS measured in this run, same load
+        return bench_time_to_accuracy.run(
+            models or bench_time_to_accuracy.MODELS, every=25, draws=2000, seed=0, cache_dir=tmp
+        )
 
 
 def _vae(quick: bool) -> dict:
@@ -100,6 +111,7 @@ BENCHMARKS: dict[str, Callable[[bool], dict]] = {
     "default_speed_1": _default_speed_1,
     "nuts": _nuts,
     "accuracy": _accuracy,
+    "time_to_accuracy": _time_to_accuracy,
     "vae": _vae,
     "memory": _memory,
     "mode": _mode,
