@@ -292,6 +292,31 @@ def run_pathfinder(model: pm.Model, ref: list, draws: int):
     return {"settled_s": wall if ok(z, r) else None, "total_s": wall, "mean_err": z, "sd_err": r}
 
 
+def render(rows: list[dict], nuts_s: dict[str, float] | None = None) -> str:
+    """Markdown: per posterior and method, settled time (and / NUTS), final errors."""
+    nuts_s = nuts_s or {}
+    out = [
+        "| posterior | method | settled time | / NUTS | final worst mean err (sd) "
+        "| final worst sd err | load |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| `{r['model']}` | {r['method']} | failed: {r['error'][:90]} | | | | |")
+            continue
+        t = r["settled_s"]
+        n = nuts_s.get(r["model"])
+        ratio = f"{t / n:.3f}" if (t is not None and n) else ""
+        time_cell = "never" if t is None else f"{t:.1f} s"
+        if r["method"] != "pathfinder" and t is not None:
+            time_cell += f" ({r['settled_iter']} it.)"
+        out.append(
+            f"| `{r['model']}` | {r['method']} | {time_cell} | {ratio} | {r['mean_err']:.2f} "
+            f"| {100 * r['sd_err']:.0f} % | {r['load']:.1f} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -320,8 +345,13 @@ def main(argv: list[str] | None = None) -> None:
             res["wall_s"] = time.perf_counter() - t
             rows.append(res)
             print(json.dumps(res, default=float), flush=True)
+    end = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"load at the start: `{load}`; at the end: `{end}`")
+    print(render(rows))
     if args.json:
-        args.json.write_text(json.dumps({"uptime_start": load, "rows": rows}, default=float))
+        args.json.write_text(
+            json.dumps({"uptime_start": load, "uptime_end": end, "rows": rows}, default=float)
+        )
 
 
 if __name__ == "__main__":
