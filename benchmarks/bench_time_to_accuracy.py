@@ -260,7 +260,7 @@ def run(
 
 def _cell(r: dict, nuts_s: float) -> str:
     if "error" in r:
-        return "error"
+        return f"failed ({r['error'].split(':')[0]})"
     acc = f"{r['mean_err']:.2f} / {100 * r['sd_err']:.0f} %"
     if r["settled_s"] is None:
         return f"never ({acc})"
@@ -276,7 +276,9 @@ def render(res: dict, start: str, end: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in res["rows"]:
-        trust = "" if row["nuts_trusted"] else " (not trusted)"
+        trust = {True: "", False: " (not trusted)"}.get(
+            row["nuts_trusted"], " (trust not recorded)"
+        )
         if row["best"] is None:
             cells = "none | | | missed"
         else:
@@ -297,7 +299,7 @@ def render(res: dict, start: str, end: str) -> str:
     ]
     for row in res["rows"]:
         by = {m["method"]: m for m in row["methods"]}
-        cells = [_cell(by[x], row["nuts_s"]) if x in by else "" for x in labels]
+        cells = [_cell(by[x], row["nuts_s"]) if x in by else "not run" for x in labels]
         lines.append(f"| `{row['model']}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
