@@ -302,7 +302,8 @@ def render(rows: list[dict], nuts_s: dict[str, float] | None = None) -> str:
     ]
     for r in rows:
         if "error" in r:
-            out.append(f"| `{r['model']}` | {r['method']} | failed: {r['error'][:90]} | | | | |")
+            why = " ".join(r["error"].split())[:90]
+            out.append(f"| `{r['model']}` | {r['method']} | failed: {why} | | | | |")
             continue
         t = r["settled_s"]
         n = nuts_s.get(r["model"])
