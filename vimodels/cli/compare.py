@@ -131,21 +131,23 @@ def cmd_nuts(args: argparse.Namespace) -> int:
     """Run (or load) the NUTS reference; print its checks; exit 1 when it is untrusted."""
     from diagnostics.convert import reference_to_inference_data, save_netcdf
     from diagnostics.nuts.reference import run_nuts
+    from diagnostics.reparam import retry_reparameterized
 
     model, data, _ = cli_model(args)
+    options = {
+        "sites": tuple(args.sites) if args.sites else None,
+        "settings": _nuts_settings(args),
+        "seed": args.seed,
+        "cache": not args.no_cache,
+        "cache_dir": args.cache,
+        "force": args.force,
+        "num_workers": args.workers,
+        "progress": not args.quiet,
+    }
     try:
-        ref = run_nuts(
-            model,
-            data,
-            sites=tuple(args.sites) if args.sites else None,
-            settings=_nuts_settings(args),
-            seed=args.seed,
-            cache=not args.no_cache,
-            cache_dir=args.cache,
-            force=args.force,
-            num_workers=args.workers,
-            progress=not args.quiet,
-        )
+        ref = run_nuts(model, data, **options)
+        # failing its checks on a funnel: retried with the centered sites decentered
+        ref = retry_reparameterized(model, data, ref, **options)
     except KeyboardInterrupt:  # the cache entry is written only after every chain finished
         print("vimodels: NUTS interrupted; no reference was cached or written", file=sys.stderr)
         return 130
