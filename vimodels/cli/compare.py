@@ -49,7 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="guide names (default: the model's default guides + auto_iaf_normal)",
     )
-    p.add_argument("--elbos", nargs="+", default=["trace"], help="ELBO names (default trace)")
+    p.add_argument(
+        "--elbos",
+        nargs="+",
+        default=None,
+        help="ELBO names (default trace; enum for a model with discrete latent sites)",
+    )
     add_fit_arguments(p)
     p.add_argument("--out", default=None, help="output folder (default runs/<model>/compare)")
     p.add_argument(
@@ -179,13 +184,15 @@ _NO_REPORT = "no report was written; fits finished so far stay in {} and a rerun
 def cmd_compare(args: argparse.Namespace) -> int:
     """Fit the grid, compare with the reference and write the report."""
     from vimodels.runs.compare import run_compare
-    from vimodels.runs.config import check_grid_names, default_guides
+    from vimodels.runs.config import check_grid_names, default_elbos, default_guides
 
     model, data, name = cli_model(args)
     check_option("--draws", args.draws, kind=int, low=10)
     entry = model if not callable(model) else None
     # a typo in --guides/--elbos: exit 2 before any work (run_compare checks too)
-    check_grid_names(args.guides or default_guides(entry), args.elbos or ("trace",), entry)
+    check_grid_names(
+        args.guides or default_guides(entry), args.elbos or default_elbos(entry), entry
+    )
     out = Path(args.out) if args.out else Path("runs") / safe_name(name) / "compare"
     kwargs = fit_kwargs(args)
     kwargs.pop("num_steps")
