@@ -91,9 +91,10 @@ def test_default_compare_has_no_failed_method(name, reference_cache, tmp_path):
             continue
         observed = set(idata.observed_data.data_vars)
         assert observed and set(idata.log_likelihood.data_vars) == observed, path.name
-        for site in observed:
+        for site in observed:  # one value per observation: the site's batch dims
             ll = idata.log_likelihood[site]
-            assert ll.dims[2:] == idata.observed_data[site].dims, (path.name, site)
+            batch = idata.observed_data[site].dims[: ll.ndim - 2]
+            assert ll.dims[:2] == ("chain", "draw") and ll.dims[2:] == batch, (path.name, site)
         if len(observed) == 1:
             assert np.isfinite(az.loo(idata)["elpd_loo"]), path.name
         loaded[path.stem] = idata
