@@ -343,6 +343,10 @@ def compare(
     summary["gap"] = le.value - summary["elbo"]
     summary["gap_se"] = np.sqrt(summary["elbo_se"] ** 2 + (le.se**2 if np.isfinite(le.se) else 0))
     summary["iwae_gap"] = le.value - summary["iwae"]
+    # which reference every row is measured against (summary.csv says where its draws came from)
+    summary["reference"] = reference.kind + (
+        f", {reference.reference_from}" if reference.reference_from else ""
+    )
     summary["reliable"] = (
         summary["converged"]
         & (summary["khat"] < metrics.KHAT_BAD)

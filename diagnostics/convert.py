@@ -209,6 +209,8 @@ def reference_to_inference_data(
         "cache_key": ref.cache_key,
         "wall_time_s": ref.wall_time,
     }
+    if ref.reference_from:  # draws of another form of the model: say so in the file
+        attrs["reference_from"] = ref.reference_from
     return build_inference_data(
         ref.draws,
         dims=ref.dims,

@@ -3,7 +3,9 @@
 :func:`get_reference` chooses: a catalog entry's closed-form sampler where it
 has one (``auto``/``exact``), the project's NUTS (:func:`run_nuts`), a
 reparameterized equivalent where the catalog names one, or posteriordb's Stan
-draws for the validation suite (``external``).
+draws for the validation suite (``external``). A NUTS reference that fails its
+checks is retried on the model with its centered sites decentered
+(:mod:`diagnostics.reparam`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from diagnostics.nuts.reference import (
     reparameterized_reference,
     run_nuts,
 )
+from diagnostics.reparam import retry_reparameterized
 from vimodels.catalog.base import CatalogEntry
 from vimodels.catalog.registry import get_model
 from vimodels.errors import OptionError
@@ -30,6 +33,7 @@ def get_reference(
     data: Mapping[str, Any] | None = None,
     *,
     kind: str = "auto",
+    reparam: bool = True,
     **nuts_options: Any,
 ) -> Reference:
     """The reference for a model: exact draws where a closed-form sampler exists, else NUTS.
@@ -41,6 +45,11 @@ def get_reference(
     kind : str
         ``"auto"``, ``"nuts"``, ``"exact"`` or ``"external"`` (a validation entry's
         posteriordb draws, :func:`diagnostics.external.external_reference`).
+    reparam : bool
+        When NUTS on the model as written fails its checks with divergences, R-hat
+        or E-BFMI, retry it with its centered location-scale sites decentered
+        (:func:`diagnostics.reparam.retry_reparameterized`) and use that reference
+        if it passes; its ``reference_from`` says so.
     **nuts_options
         Passed to :func:`run_nuts` (``settings``, ``seed``, ``cache_dir`` ...); for exact
         draws only ``seed`` is used.
@@ -69,4 +78,5 @@ def get_reference(
         return exact_reference(entry, seed=nuts_options.get("seed", 0))
     if entry is not None and data is None and entry.reference_from is not None:
         return reparameterized_reference(entry, run_nuts(entry.reference_from, **nuts_options))
-    return run_nuts(model, data, **nuts_options)
+    ref = run_nuts(model, data, **nuts_options)
+    return retry_reparameterized(model, data, ref, **nuts_options) if reparam else ref

@@ -28,6 +28,11 @@ class GuideSpec:
         (by hiding them for enumeration).
     options : tuple of str
         Options the factory accepts.
+    lr_scale : float
+        The guide's parameters learn at ``lr_scale`` times the fit's ``lr``. Adam
+        moves every parameter by about ``lr`` per step; where an output sums many
+        parameters (a flow's autoregressive network), that moves it by ``lr`` times
+        the width, so the guide gets a smaller step.
     """
 
     name: str
@@ -36,6 +41,7 @@ class GuideSpec:
     families: tuple[str, ...] | None = None
     discrete: bool = True
     options: tuple[str, ...] = ()
+    lr_scale: float = 1.0
 
     @property
     def generic(self) -> bool:

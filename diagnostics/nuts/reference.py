@@ -210,6 +210,17 @@ class Reference:
         div = self.sample_stats.get("diverging")
         return int(np.sum(div)) if div is not None else 0
 
+    @property
+    def reference_from(self) -> str | None:
+        """Where the draws came from when not from NUTS on the model as written, else None.
+
+        ``"reference from the reparameterized model (LocScaleReparam on: beta)"``
+        (:mod:`diagnostics.reparam`) or the catalog entry whose draws stand in
+        (:func:`reparameterized_reference`).
+        """
+        value = self.settings.get("reference_from")
+        return str(value) if value else None
+
     def flat(self, site: str) -> np.ndarray:
         """Draws of ``site`` with chains pooled, shape ``(chain * draw, *shape)``."""
         x = self.draws[site]
@@ -237,15 +248,17 @@ class Reference:
             "cache_path": str(self.cache_path) if self.cache_path else None,
             "from_cache": self.from_cache,
             "notes": list(self.notes),
+            "reference_from": self.reference_from,
         }
 
     def describe(self) -> str:
         """One line: kind, size, trust and the failing checks."""
         failing = [c.detail for c in self.checks if not c.ok]
         trust = "trusted" if self.trusted else "UNTRUSTED (" + "; ".join(failing) + ")"
+        origin = f"; {self.reference_from}" if self.reference_from else ""
         return (
             f"{self.kind} reference for {self.model_name}: {self.num_chains} chain(s) x "
-            f"{self.num_draws} draws, {trust}"
+            f"{self.num_draws} draws, {trust}{origin}"
         )
 
 
@@ -1113,5 +1126,10 @@ def reparameterized_reference(entry: CatalogEntry, source: Reference) -> Referen
         dims={k: info.dims[k] for k in wanted if k in info.dims},
         checks=checks,
         trusted=all(c.ok for c in checks),
+        settings={
+            **source.settings,
+            "reference_from": f"reference from {source.model_name} (the same posterior in "
+            "another parameterization)",
+        },
         notes=source.notes + (note,),
     )

@@ -50,7 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="guide names (default: the model's default guides + auto_iaf_normal)",
     )
-    p.add_argument("--elbos", nargs="+", default=["trace"], help="ELBO names (default trace)")
+    p.add_argument(
+        "--elbos",
+        nargs="+",
+        default=None,
+        help="ELBO names (default trace; enum for a model with discrete latent sites)",
+    )
     add_fit_arguments(p)
     add_init_argument(p)
     p.add_argument("--out", default=None, help="output folder (default runs/<model>/compare)")
@@ -133,21 +138,23 @@ def cmd_nuts(args: argparse.Namespace) -> int:
     """Run (or load) the NUTS reference; print its checks; exit 1 when it is untrusted."""
     from diagnostics.convert import reference_to_inference_data, save_netcdf
     from diagnostics.nuts.reference import run_nuts
+    from diagnostics.reparam import retry_reparameterized
 
     model, data, _ = cli_model(args)
+    options = {
+        "sites": tuple(args.sites) if args.sites else None,
+        "settings": _nuts_settings(args),
+        "seed": args.seed,
+        "cache": not args.no_cache,
+        "cache_dir": args.cache,
+        "force": args.force,
+        "num_workers": args.workers,
+        "progress": not args.quiet,
+    }
     try:
-        ref = run_nuts(
-            model,
-            data,
-            sites=tuple(args.sites) if args.sites else None,
-            settings=_nuts_settings(args),
-            seed=args.seed,
-            cache=not args.no_cache,
-            cache_dir=args.cache,
-            force=args.force,
-            num_workers=args.workers,
-            progress=not args.quiet,
-        )
+        ref = run_nuts(model, data, **options)
+        # failing its checks on a funnel: retried with the centered sites decentered
+        ref = retry_reparameterized(model, data, ref, **options)
     except KeyboardInterrupt:  # the cache entry is written only after every chain finished
         print("vimodels: NUTS interrupted; no reference was cached or written", file=sys.stderr)
         return 130
@@ -179,13 +186,15 @@ _NO_REPORT = "no report was written; fits finished so far stay in {} and a rerun
 def cmd_compare(args: argparse.Namespace) -> int:
     """Fit the grid, compare with the reference and write the report."""
     from vimodels.runs.compare import run_compare
-    from vimodels.runs.config import check_grid_names, default_guides
+    from vimodels.runs.config import check_grid_names, default_elbos, default_guides
 
     model, data, name = cli_model(args)
     check_option("--draws", args.draws, kind=int, low=10)
     entry = model if not callable(model) else None
     # a typo in --guides/--elbos: exit 2 before any work (run_compare checks too)
-    check_grid_names(args.guides or default_guides(entry), args.elbos or ("trace",), entry)
+    check_grid_names(
+        args.guides or default_guides(entry), args.elbos or default_elbos(entry), entry
+    )
     out = Path(args.out) if args.out else Path("runs") / safe_name(name) / "compare"
     kwargs = fit_kwargs(args)
     kwargs.pop("num_steps")

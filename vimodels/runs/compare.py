@@ -21,9 +21,10 @@ from diagnostics.report import write_report
 from vimodels.catalog.base import CatalogEntry
 from vimodels.errors import IncompatibleError, OptionError, VimodelsError, check_option
 from vimodels.resolve import resolve_model
-from vimodels.runs.config import check_grid_names, default_guides
+from vimodels.runs.config import check_grid_names, default_elbos, default_guides
 from vimodels.runs.sweep import fit_with_executor
 from vimodels.svi.by_optimizer import options_for_guide
+from vimodels.svi.draws import model_info
 from vimodels.svi.fit import fit
 
 
@@ -45,7 +46,7 @@ class CompareRun:
 def run_compare(
     model: str | CatalogEntry | Callable,
     guides: Sequence[str] | None = None,
-    elbos: Sequence[str] = ("trace",),
+    elbos: Sequence[str] | None = None,
     steps: int = 2000,
     out: str | Path | None = None,
     *,
@@ -72,8 +73,9 @@ def run_compare(
         Catalog name or entry, or a Pyro model with ``data``.
     guides : sequence of str, optional
         Default :func:`default_guides`.
-    elbos : sequence of str
-        ELBO names.
+    elbos : sequence of str, optional
+        ELBO names; default :func:`~vimodels.runs.config.default_elbos` (``enum``
+        for a model with discrete latent sites, else ``trace``).
     steps : int
         Maximum SVI steps per fit.
     out : path, optional
@@ -109,7 +111,7 @@ def run_compare(
     CompareRun
     """
     check_option("steps", steps, kind=int, low=1)
-    entry, fn, _, name = resolve_model(model, data)
+    entry, fn, data_dict, name = resolve_model(model, data)
     if entry is not None and entry.amortized:
         raise IncompatibleError(
             f"{name!r} is amortized (a latent per image): its posterior has no global sites "
@@ -117,7 +119,10 @@ def run_compare(
             "objective, NUTS on z for a few test images, writes the report)"
         )
     guides = tuple(guides) if guides else default_guides(entry)
-    elbos = tuple(elbos) if elbos else ("trace",)
+    if not elbos:  # enum for a model with discrete latent sites, else trace
+        discrete = entry is None and bool(model_info(fn, (), data_dict).discrete)
+        elbos = default_elbos(entry, discrete)
+    elbos = tuple(elbos)
     check_grid_names(guides, elbos, entry)  # a typo stops here, before any work
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     if isinstance(reference, Reference):

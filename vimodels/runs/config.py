@@ -295,6 +295,16 @@ def load_config(path: str | os.PathLike) -> SweepConfig:
     return config_from_dict(raw, where=str(path), base_dir=path.resolve().parent)
 
 
+def default_elbos(entry: CatalogEntry | None, discrete: bool = False) -> tuple[str, ...]:
+    """``("enum",)`` for a model with discrete latent sites, else ``("trace",)``.
+
+    Only the ``enum`` ELBO sums discrete sites out; under any other every pair of
+    a default comparison of a mixture would be skipped. ``discrete`` says so for a
+    user's model (a catalog entry says it itself).
+    """
+    return ("enum",) if discrete or (entry is not None and entry.discrete) else ("trace",)
+
+
 def default_guides(entry: CatalogEntry | None) -> tuple[str, ...]:
     """The entry's default guides plus an autoregressive flow (a non-Gaussian family)."""
     if entry is None:

@@ -94,7 +94,9 @@ def fit(
     num_steps : int
         Maximum Adam steps.
     lr : float
-        Adam learning rate.
+        Adam learning rate. A registry guide learns at its ``lr_scale`` times it
+        (``auto_iaf_normal``: 0.25, its flow's outputs sum hundreds of weights);
+        ``result.settings`` holds the ``lr`` used and the ``lr_scale``.
     lr_decay : float, optional
         Final learning rate as a fraction of ``lr``, reached by geometric decay
         over ``num_steps`` (a factor per step); ``None`` keeps ``lr`` fixed.
@@ -233,6 +235,13 @@ def fit(
             apply_init(objective.guide, start[0], start[1], binding.args)
         return objective
 
+    # a guide whose outputs sum many parameters (a flow) learns at a fraction of lr
+    lr_scale = (
+        guide_registry.get_guide_spec(guide, binding.family).lr_scale
+        if isinstance(guide, str)
+        else 1.0
+    )
+    lr *= lr_scale
     loop_settings = LoopSettings(
         num_steps=num_steps,
         lr=lr,
@@ -263,6 +272,7 @@ def fit(
         )
     if start is not None:
         result.settings["init"] = start[2]
+    result.settings["lr_scale"] = lr_scale
     return result
 
 
