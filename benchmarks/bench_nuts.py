@@ -463,6 +463,267 @@ def battery(
     return rows
 
 
+# ----------------------------------------------------------------------------- battery vs NumPyro
+
+VS_MODELS = (
+    "eight_schools_noncentered",
+    "radon_varying_intercept_centered",
+    "radon_varying_intercept_noncentered",
+    "radon_varying_slope",
+    "radon_contextual",
+    "sleepstudy_random_slopes",
+    "pdb_kidiq_interaction",
+    "pdb_mesquite_logvolume",
+    "pdb_earnings_logearn_interaction",
+    "pdb_nes1972",
+    "pdb_ark",
+    "pdb_garch11",
+    "pdb_gp_pois_regr",
+    "pdb_hmm_example",
+    "pdb_arma11",
+    "regression",
+)
+VS_SAMPLERS = ("numpyro", "diag", "dense", "low_rank", "auto")
+VS_MAX_DRAWS = 500  # warm-up and draws capped at this (the battery's cost)
+VS_REGRESSION = {"num_warmup": 300, "num_samples": 300, "num_chains": 4}
+
+
+def _vs_settings(model: str, max_draws: int = VS_MAX_DRAWS) -> dict:
+    """The entry's own NUTS settings, warm-up and draws capped at ``max_draws``."""
+    if model == "regression":
+        s = dict(VS_REGRESSION, target_accept_prob=0.8, max_tree_depth=10)
+    else:
+        from vimodels.catalog.registry import get_model
+
+        n = get_model(model).nuts
+        s = {
+            "num_warmup": n.num_warmup,
+            "num_samples": n.num_samples,
+            "num_chains": n.num_chains,
+            "target_accept_prob": n.target_accept_prob,
+            "max_tree_depth": n.max_tree_depth,
+        }
+    s["num_warmup"] = min(s["num_warmup"], max_draws)
+    s["num_samples"] = min(s["num_samples"], max_draws)
+    return s
+
+
+def _vs_model(model: str) -> tuple:
+    """``(model, data)`` of a catalog entry or of the synthetic regression."""
+    if model == "regression":
+        return regression_model, regression_data()
+    from vimodels.catalog.registry import get_model
+
+    entry = get_model(model)
+    return entry.model, entry.data()
+
+
+def _min_ess(samples: dict) -> tuple[float, float]:
+    """Min bulk ESS and max R-hat over every element of ``samples`` (site -> (C, S, ...))."""
+    import numpy as np
+
+    from diagnostics import _arviz
+
+    ess, rhat = [], []
+    for x in samples.values():
+        flat = np.asarray(x, dtype=float).reshape(x.shape[0], x.shape[1], -1)
+        for j in range(flat.shape[2]):
+            ess.append(_arviz.ess(flat[:, :, j], "bulk"))
+            rhat.append(_arviz.rhat(flat[:, :, j]))
+    return float(min(ess)), float(max(rhat))
+
+
+def _vs_child_vimodels(model: str, metric: str, s: dict, seed: int) -> dict:
+    import numpy as np
+
+    t0 = time.perf_counter()
+    from diagnostics.nuts.reference import run_nuts
+
+    t_import = time.perf_counter() - t0
+    args = (regression_model, regression_data()) if model == "regression" else (model,)
+    t0 = time.perf_counter()
+    ref = run_nuts(*args, settings=dict(s, metric=metric), seed=seed, cache=False, num_workers=1)
+    t_run = time.perf_counter() - t0
+    latent = {k: ref.draws[k] for k in ref.latent_sites if k in ref.draws}
+    ess, rhat = _min_ess(latent)
+    st = ref.sample_stats
+    return {
+        "import": t_import,
+        "run": t_run,
+        "min_ess_bulk": ess,
+        "max_rhat": rhat,
+        "grad_per_draw": float(np.mean(st["n_steps"])),
+        "tree_depth": float(np.mean(st["tree_depth"])),
+        "divergences": int(ref.num_divergences),
+        "metric_used": ",".join(ref.settings.get("metric_used", [])),
+        "dim": int(sum(np.prod(v.shape[2:], dtype=int) for v in latent.values())),
+    }
+
+
+def _vs_child_numpyro(model: str, s: dict, seed: int) -> dict:
+    """NumPyro's default NUTS on the project's potential (benchmarks/torch_to_jax.py).
+
+    Timed: importing JAX and NumPyro, and ``MCMC.run`` (JIT compilation
+    included, results blocked on). Not timed: recording the model's torch
+    potential and replaying it in JAX (a stand-in for the user's NumPyro
+    model, which NumPyro would trace itself inside ``run``).
+    """
+    t0 = time.perf_counter()
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    from numpyro.infer import MCMC, NUTS
+
+    t_import = time.perf_counter() - t0
+    import numpy as np
+    import torch
+    import torch_to_jax
+
+    from diagnostics.nuts import kernel
+
+    fn, data = _vs_model(model)
+    seeds = [seed + c for c in range(s["num_chains"])]  # run_nuts's seeds for its chains
+    setup = kernel._setup(fn, data, seeds, None, False)
+    potential_fn = torch_to_jax.jax_potential(setup.potential, setup.z0[0])
+    numpyro.set_platform("cpu")
+    t0 = time.perf_counter()
+    mcmc = MCMC(
+        NUTS(
+            potential_fn=potential_fn,
+            target_accept_prob=s["target_accept_prob"],
+            max_tree_depth=s["max_tree_depth"],
+        ),
+        num_warmup=s["num_warmup"],
+        num_samples=s["num_samples"],
+        num_chains=s["num_chains"],
+        chain_method="sequential",
+        progress_bar=False,
+    )
+    init = jnp.asarray(np.stack(setup.z0)) if s["num_chains"] > 1 else jnp.asarray(setup.z0[0])
+    mcmc.run(jax.random.PRNGKey(seed), init_params=init, extra_fields=("num_steps", "diverging"))
+    draws = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
+    t_run = time.perf_counter() - t0
+    draws = np.asarray(draws, dtype=np.float64)
+    if draws.ndim == 2:
+        draws = draws[None]
+    per_chain = [
+        kernel._constrain(d, setup.potential, setup.transforms, setup.dtype) for d in draws
+    ]
+    latent = {k: np.stack([c[k] for c in per_chain]) for k in per_chain[0]}
+    ess, rhat = _min_ess(latent)
+    extra = mcmc.get_extra_fields()
+    steps = np.asarray(extra["num_steps"], dtype=float)
+    return {
+        "import": t_import,
+        "run": t_run,
+        "min_ess_bulk": ess,
+        "max_rhat": rhat,
+        "grad_per_draw": float(steps.mean()),
+        "tree_depth": float(np.log2(steps + 1).mean()),
+        "divergences": int(np.sum(extra["diverging"])),
+        "metric_used": "diag",
+        "dim": setup.potential.dim,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def vs_child(sampler: str, model: str, s: dict, seed: int, out: str) -> None:
+    """One battery cell in this (fresh) process; writes its JSON to ``out``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if sampler == "numpyro":
+        res = _vs_child_numpyro(model, s, seed)
+    else:
+        res = _vs_child_vimodels(model, sampler, s, seed)
+    Path(out).write_text(json.dumps(res))
+
+
+def vs_battery(
+    models: tuple[str, ...] = VS_MODELS,
+    samplers: tuple[str, ...] = ("numpyro", "diag", "auto"),
+    max_draws: int = VS_MAX_DRAWS,
+    seed: int = 0,
+) -> list[dict]:
+    """Benchmark 3: min bulk ESS per second against NumPyro, every model, interleaved.
+
+    Each cell (model, sampler) runs in a fresh Python process; its time is
+    the imports plus the sampling call (compilation included). The samplers
+    of one model run one after the other, so that they meet the same load.
+    """
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-nuts-vs-") as tmp:
+        for model in models:
+            s = _vs_settings(model, max_draws)
+            for sampler in samplers:
+                if sampler == "numpyro" and not have_numpyro():
+                    print("  NumPyro/JAX not installed: skipped (the 'bench' extra)", flush=True)
+                    continue
+                out = str(Path(tmp) / f"{model}-{sampler}.json")
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--vs-child", sampler]
+                cmd += ["--vs-model", model, "--settings", json.dumps(s), "--out", out]
+                cmd += ["--seed", str(seed)]
+                env = dict(os.environ, PYTHONPATH=str(ROOT))
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+                total = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    print(f"  {model} {sampler}: FAILED\n{proc.stderr[-2000:]}", flush=True)
+                    continue
+                res = json.loads(Path(out).read_text())
+                timed = res["import"] + res["run"]
+                res.update(
+                    model=model,
+                    sampler=sampler,
+                    settings=s,
+                    timed_s=timed,
+                    process_s=total,
+                    ess_per_s=res["min_ess_bulk"] / timed,
+                    load=os.getloadavg()[0],
+                )
+                rows.append(res)
+                print(
+                    f"  {model} {sampler} ({res['metric_used']}): {res['ess_per_s']:.1f} ESS/s "
+                    f"(min bulk ESS {res['min_ess_bulk']:.0f} in {timed:.1f} s = import "
+                    f"{res['import']:.1f} + run {res['run']:.1f}; process {total:.1f} s), "
+                    f"{res['grad_per_draw']:.1f} grad/draw, {res['divergences']} divergent, "
+                    f"R-hat {res['max_rhat']:.3f}; load {res['load']:.2f}",
+                    flush=True,
+                )
+    return rows
+
+
+def vs_table(rows: list[dict]) -> str:
+    """The battery as a Markdown table: ESS/s of each sampler and the ratio to NumPyro's."""
+    import statistics as st
+
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    ours = [x for x in samplers if x != "numpyro"]
+    head = ["model", "D", "NumPyro ESS/s (grad/draw)"]
+    head += [f"{x} ESS/s (grad/draw)" for x in ours] + [f"{x} / NumPyro" for x in ours]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ratios: dict[str, list[float]] = {x: [] for x in ours}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        cells = {r["sampler"]: r for r in rows if r["model"] == model}
+        base = cells.get("numpyro")
+        line = [model, str(cells[next(iter(cells))].get("dim", ""))]
+        line.append(f"{base['ess_per_s']:.1f} ({base['grad_per_draw']:.0f})" if base else "-")
+        for x in ours:
+            c = cells.get(x)
+            line.append(f"{c['ess_per_s']:.1f} ({c['grad_per_draw']:.0f})" if c else "-")
+        for x in ours:
+            c = cells.get(x)
+            if c and base:
+                ratio = c["ess_per_s"] / base["ess_per_s"]
+                ratios[x].append(ratio)
+                line.append(f"{ratio:.2f}x")
+            else:
+                line.append("-")
+        lines.append("| " + " | ".join(line) + " |")
+    summary = ["**median**", "", ""] + [""] * len(ours)
+    summary += [f"{st.median(v):.2f}x" if v else "-" for v in ratios.values()]
+    lines.append("| " + " | ".join(summary) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -472,8 +733,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--battery", action="store_true", help="ESS/s of the diag, dense and auto metrics"
     )
-    parser.add_argument("--models", nargs="+", choices=BATTERY_MODELS, default=BATTERY_MODELS)
+    parser.add_argument("--models", nargs="+", choices=sorted(set(BATTERY_MODELS + VS_MODELS)))
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=METRICS)
+    parser.add_argument(
+        "--vs-numpyro",
+        action="store_true",
+        help="benchmark 3: min bulk ESS/s against NumPyro on every model, as a table",
+    )
+    parser.add_argument("--samplers", nargs="+", choices=VS_SAMPLERS)
+    parser.add_argument("--max-draws", type=int, default=VS_MAX_DRAWS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vs-child", choices=VS_SAMPLERS, help=argparse.SUPPRESS)
+    parser.add_argument("--vs-model", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
@@ -482,9 +753,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child(args.child, json.loads(args.settings), args.cache_dir, args.out)
         return
+    if args.vs_child:
+        vs_child(args.vs_child, args.vs_model, json.loads(args.settings), args.seed, args.out)
+        return
+    if args.vs_numpyro:
+        models = tuple(args.models or VS_MODELS)
+        samplers = tuple(args.samplers or ("numpyro", "diag", "auto"))
+        rows = vs_battery(models, samplers, args.max_draws, args.seed)
+        print(vs_table(rows))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2, default=str))
+        return
     if args.battery:
         quick = {"num_chains": 2, "num_warmup": 150, "num_samples": 150} if args.quick else None
-        res = {"name": "NUTS metrics: ESS/s", "rows": battery(args.models, args.metrics, quick)}
+        models = tuple(args.models or BATTERY_MODELS)
+        res = {"name": "NUTS metrics: ESS/s", "rows": battery(models, args.metrics, quick)}
         print(json.dumps(res, indent=1, default=str))
         if args.json:
             args.json.write_text(json.dumps(res, indent=2, default=str))

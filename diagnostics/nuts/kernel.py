@@ -15,13 +15,27 @@ vector, and only the potential and its gradient in torch (JIT-traced):
   criterion on ``rho`` (sum of momenta) including the checks across subtree
   boundaries that Stan added in 2.21, divergence at an energy error of 1000;
 - warm-up is Stan's: dual averaging of the step size (gamma 0.05, t0 10,
-  kappa 0.75) and an inverse metric from Welford estimates in doubling
-  windows (75 / 25... / 50 iterations, or 15% / 75% / 10% of a short warm-up),
-  regularized towards 1e-3 as in Stan: diagonal (the variances, Stan's
-  ``diag_e``) or dense (the covariance, Stan's ``dense_e``:
-  ``n / (n + 5) * cov + 1e-3 * 5 / (n + 5) * I``); ``metric="auto"`` takes
-  the dense one up to :data:`AUTO_DENSE_MAX_DIM` dimensions where the
-  warm-up's last window has enough draws for it (:func:`resolve_metric`).
+  kappa 0.75) and an inverse metric estimated in doubling windows (75 /
+  25... / 50 iterations, or 15% / 75% / 10% of a short warm-up), one of:
+
+  - ``"diag"``: the variances, regularized towards 1e-3 as in Stan's
+    ``diag_e`` (``n / (n + 5) * var + 1e-3 * 5 / (n + 5)``);
+  - ``"dense"``: the covariance as Stan's ``dense_e`` estimates it, with
+    Stan's regularization made relative to each coordinate's variance
+    below 1 (``n / (n + 5) * cov + 1e-3 * 5 / (n + 5) * diag(min(var, 1))``,
+    :meth:`Welford.relative_covariance`): Stan's absolute
+    ``1e-3 * 5 / (n + 5) * I`` dominates the narrowest directions of a
+    posterior whose variances are below about 1e-4 and collapses the step
+    size there;
+  - ``"low_rank"``: nutpie's metric (Seyboldt et al. 2023, "Preconditioning
+    Hamiltonian Monte Carlo by minimizing Fisher divergence"): a diagonal
+    from the draws' and the gradients' variances, ``sqrt(var(z) / var(grad))``,
+    times a low-rank correction along the eigenvectors, in the diagonally
+    scaled space, of the geometric mean of the draws' covariance and the
+    gradients' inverse covariance whose eigenvalues lie outside [1/2, 2]
+    (:func:`low_rank_metric`, :class:`LowRankMetric`): O(D k) per leapfrog
+    step for rank k, against O(D^2) for the dense metric;
+  - ``"auto"``: :func:`resolve_metric`.
 
 Each kept draw records ArviZ's ``sample_stats`` names: ``diverging``,
 ``step_size``, ``tree_depth``, ``n_steps``, ``lp``, ``acceptance_rate``,
@@ -65,11 +79,15 @@ STAT_NAMES = (
     "energy_error",
     "max_energy_error",
 )
-METRICS = ("diag", "dense", "auto")
+METRICS = ("diag", "dense", "low_rank", "auto")
 # metric="auto": dense up to this many dimensions, and only where the last warm-up window
-# holds at least AUTO_DRAWS_PER_DIM draws per dimension; diagonal otherwise (resolve_metric)
+# holds at least AUTO_DRAWS_PER_DIM draws per dimension; low-rank otherwise (resolve_metric)
 AUTO_DENSE_MAX_DIM = 64
 AUTO_DRAWS_PER_DIM = 5
+# the low-rank metric (nutpie's defaults): regularization of the scaled covariances and the
+# eigenvalue cutoff (eigenvalues in [1 / cutoff, cutoff] are left to the diagonal)
+LOW_RANK_GAMMA = 1e-5
+LOW_RANK_CUTOFF = 2.0
 MAX_DELTA_H = 1000.0  # energy error that marks a divergence (Stan's value)
 LOG_08 = math.log(0.8)
 LOG_2 = math.log(2.0)
@@ -615,6 +633,176 @@ class Welford:
             return out
         return out + 1e-3 * (5.0 / (n + 5.0))
 
+    def relative_covariance(self) -> np.ndarray:
+        """``n / (n + 5) * cov + 1e-3 * 5 / (n + 5) * diag(min(var, 1))``: Stan's, made relative.
+
+        :meth:`regularized` (Stan's ``dense_e``) where every variance is at
+        least 1; below, the regularization of a coordinate shrinks with its
+        variance (Stan's applied to the correlations), where Stan's absolute
+        ``1e-3 * I`` swamps variances below about 1e-4 and collapses the step
+        size. Positive definite where every variance is
+        positive; a variance that is zero or not finite (a coordinate that
+        never moved in the window) becomes Stan's 1e-3.
+        """
+        n = self.n
+        cov = self.m2 / max(n - 1, 1)
+        cov = 0.5 * (cov + cov.T)
+        var = np.diag(cov).copy()
+        bad = ~(np.isfinite(var) & (var > 0.0))
+        if bad.any():
+            var[bad] = 1e-3
+            cov[bad, :] = 0.0
+            cov[:, bad] = 0.0
+        out = (n / (n + 5.0)) * cov
+        out[np.diag_indices(self.dim)] = (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0)) * (
+            np.minimum(var, 1.0)
+        )
+        return out
+
+
+@dataclass
+class DrawsAndGradients:
+    """The draws and potential gradients of a warm-up window (for :func:`low_rank_metric`)."""
+
+    dim: int
+    draws: list[np.ndarray] = field(default_factory=list)
+    grads: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        """Number of draws held."""
+        return len(self.draws)
+
+    def add(self, z: np.ndarray, g: np.ndarray) -> None:
+        """Add one draw and the gradient there."""
+        self.draws.append(z)
+        self.grads.append(g)
+
+    def restart(self) -> None:
+        """Forget every draw."""
+        self.draws, self.grads = [], []
+
+    def metric(self) -> LowRankMetric:
+        """:func:`low_rank_metric` of the window."""
+        return low_rank_metric(np.asarray(self.draws), np.asarray(self.grads))
+
+
+@dataclass
+class LowRankMetric:
+    """Inverse metric ``diag(s) (I + U (diag(lam) - 1) U^T) diag(s)``, ``U`` orthonormal (D, k).
+
+    The representation of nutpie's low-rank modified mass matrix: ``s`` the
+    diagonal scales, ``U`` and ``lam`` the eigenvectors and eigenvalues kept
+    in the scaled space. Products with it and draws of the momentum cost
+    O(D k).
+    """
+
+    stds: np.ndarray  # (D,)
+    vecs: np.ndarray  # (D, k)
+    vals: np.ndarray  # (k,)
+
+    def __post_init__(self) -> None:
+        self.stds = np.asarray(self.stds, dtype=np.float64)
+        self.vecs = np.ascontiguousarray(self.vecs, dtype=np.float64).reshape(len(self.stds), -1)
+        self.vals = np.asarray(self.vals, dtype=np.float64).reshape(-1)
+        self._vals_m1 = self.vals - 1.0
+        self._sqrt_inv_m1 = self.vals**-0.5 - 1.0
+
+    @property
+    def rank(self) -> int:
+        """``k``, the number of eigenvectors kept."""
+        return int(self.vals.shape[0])
+
+    def velocity(self, r: np.ndarray) -> np.ndarray:
+        """``M^-1 r`` (a new array)."""
+        y = self.stds * r
+        if self.rank:
+            y += self.vecs @ (self._vals_m1 * (self.vecs.T @ y))
+        y *= self.stds
+        return y
+
+    def momentum(self, xi: np.ndarray) -> np.ndarray:
+        """A draw of ``N(0, M)`` from a standard normal ``xi`` (D,)."""
+        y = xi.copy()
+        if self.rank:
+            y += self.vecs @ (self._sqrt_inv_m1 * (self.vecs.T @ xi))
+        return y / self.stds
+
+    def dense(self) -> np.ndarray:
+        """The inverse metric as a (D, D) matrix."""
+        inner = np.eye(len(self.stds)) + (self.vecs * self._vals_m1) @ self.vecs.T
+        return self.stds[:, None] * inner * self.stds[None, :]
+
+
+def _spd_mean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The matrix ``S`` with ``S b S = a`` (the geometric mean of ``a`` and ``b^-1``), both SPD."""
+    w, v = np.linalg.eigh(b)
+    w = np.maximum(w, 1e-300)
+    b_half = (v * np.sqrt(w)) @ v.T
+    b_inv_half = (v / np.sqrt(w)) @ v.T
+    w2, v2 = np.linalg.eigh(b_half @ a @ b_half)
+    middle = (v2 * np.sqrt(np.maximum(w2, 0.0))) @ v2.T
+    return b_inv_half @ middle @ b_inv_half
+
+
+def low_rank_metric(
+    draws: np.ndarray,
+    grads: np.ndarray,
+    gamma: float = LOW_RANK_GAMMA,
+    cutoff: float = LOW_RANK_CUTOFF,
+) -> LowRankMetric:
+    """nutpie's low-rank modified inverse metric from a window's draws and gradients.
+
+    1. Diagonal scales ``s = (var(draws) / var(grads))^(1/4)``: the diagonal
+       metric that minimizes the Fisher divergence (exact for a Gaussian with
+       independent coordinates).
+    2. In the scaled space (draws ``(z - mean) / s``, gradients ``(g - mean) * s``),
+       the span of both sets (orthonormalized, ``Q``), the covariances of the
+       draws and of the gradients there, each plus ``gamma * I``, and their
+       geometric mean ``S`` (``S C_grad S = C_draws``: for a Gaussian, its
+       covariance in that span).
+    3. The eigenvectors of ``S`` whose eigenvalues lie outside ``[1 / cutoff,
+       cutoff]``, mapped back by ``Q``: where the posterior is wider or
+       narrower than the diagonal says by more than the cutoff.
+
+    A coordinate whose draws or gradients did not vary keeps its draws' variance
+    (or 1e-3 where that is zero too), without a low-rank part.
+
+    Parameters
+    ----------
+    draws, grads : ndarray, shape (n, D)
+    gamma, cutoff : float
+        nutpie's defaults (1e-5 and 2).
+    """
+    draws = np.asarray(draws, dtype=np.float64)
+    grads = np.asarray(grads, dtype=np.float64)
+    n, dim = draws.shape
+    if n < 3:
+        return LowRankMetric(np.ones(dim), np.zeros((dim, 0)), np.zeros(0))
+    var_x = draws.var(axis=0)
+    var_g = grads.var(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        stds = (var_x / var_g) ** 0.25
+    bad = ~(np.isfinite(stds) & (stds > 0.0))
+    if bad.any():
+        fallback = np.where(np.isfinite(var_x) & (var_x > 0.0), var_x, 1e-3)
+        stds[bad] = np.sqrt(fallback[bad])
+    x = (draws - draws.mean(axis=0)) / stds
+    g = (grads - grads.mean(axis=0)) * stds
+    if bad.any() or not (np.isfinite(x).all() and np.isfinite(g).all()):
+        return LowRankMetric(stds, np.zeros((dim, 0)), np.zeros(0))
+    u_x = np.linalg.svd(x.T, full_matrices=False)[0]
+    u_g = np.linalg.svd(g.T, full_matrices=False)[0]
+    q = np.linalg.qr(np.hstack([u_x, u_g]))[0]
+    q = q[:, : min(q.shape[1], dim)]
+    px, pg = x @ q, g @ q
+    eye = np.eye(q.shape[1])
+    c_x = px.T @ px / n + gamma * eye
+    c_g = pg.T @ pg / n + gamma * eye
+    vals, vecs = np.linalg.eigh(_spd_mean(c_x, c_g))
+    keep = (vals >= cutoff) | (vals <= 1.0 / cutoff)
+    return LowRankMetric(stds, q @ vecs[:, keep], vals[keep])
+
 
 def last_window(num_warmup: int) -> int:
     """Draws in the last slow window of Stan's warm-up schedule (the final metric's)."""
@@ -630,11 +818,13 @@ def last_window(num_warmup: int) -> int:
 
 
 def resolve_metric(metric: str, dim: int, num_warmup: int) -> str:
-    """The metric a chain adapts: ``"diag"`` or ``"dense"``.
+    """The metric a chain adapts: ``"diag"``, ``"dense"`` or ``"low_rank"``.
 
     ``"auto"`` is ``"dense"`` when ``dim <= AUTO_DENSE_MAX_DIM`` (64) and the
     warm-up's last window (:func:`last_window`) holds at least
-    ``AUTO_DRAWS_PER_DIM * dim`` draws (5 per dimension), else ``"diag"``.
+    ``AUTO_DRAWS_PER_DIM * dim`` draws (5 per dimension), else ``"low_rank"``
+    (which learns from the gradients too, so needs fewer draws, and costs
+    O(D k) per step).
     Measured (benchmarks/README.md, benchmark 3b): a dense product costs
     2-4x a diagonal one per leapfrog step, small next to the step's
     Python up to about 64 dimensions and growing as D^2 above; and a
@@ -648,7 +838,7 @@ def resolve_metric(metric: str, dim: int, num_warmup: int) -> str:
         raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
     if metric == "auto":
         enough = last_window(num_warmup) >= AUTO_DRAWS_PER_DIM * dim
-        return "dense" if dim <= AUTO_DENSE_MAX_DIM and enough else "diag"
+        return "dense" if dim <= AUTO_DENSE_MAX_DIM and enough else "low_rank"
     return metric
 
 
@@ -752,6 +942,7 @@ class NUTSChain:
         self.z, self.u, self.g = np.asarray(z0, dtype=np.float64), u, g
         self.dim = self.z.shape[0]
         self._dense = False
+        self._low_rank: LowRankMetric | None = None
         self._momentum_factor: np.ndarray | None = None
         self.inv_mass = np.ones(self.dim)
         self.step_size = 1.0
@@ -762,12 +953,19 @@ class NUTSChain:
         self.max_error = 0.0
 
     @property
-    def inv_mass(self) -> np.ndarray:
-        """The inverse metric, (D,) diagonal or (D, D) dense."""
+    def inv_mass(self) -> np.ndarray | LowRankMetric:
+        """The inverse metric, (D,) diagonal, (D, D) dense or a :class:`LowRankMetric`."""
         return self._inv_mass
 
     @inv_mass.setter
-    def inv_mass(self, value: np.ndarray) -> None:
+    def inv_mass(self, value: np.ndarray | LowRankMetric) -> None:
+        if isinstance(value, LowRankMetric):
+            self._low_rank = value
+            self._dense = False
+            self._momentum_factor = None
+            self._inv_mass = value
+            return
+        self._low_rank = None
         value = np.asarray(value, dtype=np.float64)
         self._dense = value.ndim == 2
         if self._dense:
@@ -787,10 +985,14 @@ class NUTSChain:
     def _momentum(self) -> np.ndarray:
         if self._dense:
             return self._momentum_factor @ self.rng.standard_normal(self.dim)
+        if self._low_rank is not None:
+            return self._low_rank.momentum(self.rng.standard_normal(self.dim))
         return self.rng.standard_normal(self.dim) / np.sqrt(self._inv_mass)
 
     def _velocity(self, r: np.ndarray) -> np.ndarray:
         """``M^-1 r`` (a new array)."""
+        if self._low_rank is not None:
+            return self._low_rank.velocity(r)
         return self._inv_mass @ r if self._dense else self._inv_mass * r
 
     def _energy(self, u: float, r: np.ndarray) -> float:
@@ -1118,13 +1320,19 @@ def chain_steps(
 def _warmup_steps(
     chain: NUTSChain, num_warmup: int, metric: str = "diag", status: ChainStatus | None = None
 ) -> Steps[int]:
-    """Stan's warm-up of ``chain``, ``"diag"`` or ``"dense"`` metric; returns its leapfrog steps."""
+    """Stan's warm-up of ``chain`` with a ``"diag"``, ``"dense"`` or ``"low_rank"`` metric.
+
+    Returns its leapfrog steps.
+    """
     yield from chain.find_step_size_steps()
     averaging = DualAveraging(target=chain.target)
     averaging.restart(chain.step_size)
     windows = Windows(num_warmup)
-    dense = metric == "dense"
-    welford = Welford(chain.dim, dense=dense)
+    welford: Welford | DrawsAndGradients
+    if metric == "low_rank":
+        welford = DrawsAndGradients(chain.dim)
+    else:
+        welford = Welford(chain.dim, dense=metric == "dense")
     warmup_steps = 0
     for _ in range(num_warmup):
         info = yield from chain.transition_steps()
@@ -1133,10 +1341,18 @@ def _warmup_steps(
         warmup_steps += info["n_steps"]
         chain.step_size = averaging.update(info["acceptance_rate"])
         if windows.in_window():
-            welford.add(chain.z)
+            if isinstance(welford, DrawsAndGradients):
+                welford.add(chain.z, chain.g)
+            else:
+                welford.add(chain.z)
         if windows.end_of_window():
             windows.advance()
-            chain.inv_mass = welford.regularized()
+            if isinstance(welford, DrawsAndGradients):
+                chain.inv_mass = welford.metric()
+            elif welford.dense:
+                chain.inv_mass = welford.relative_covariance()
+            else:
+                chain.inv_mass = welford.regularized()
             welford.restart()
             yield from chain.find_step_size_steps()
             averaging.restart(chain.step_size)
@@ -1230,7 +1446,8 @@ def sample_chain(
     jit : bool
         Trace the potential.
     metric : str
-        ``"diag"`` (Stan's default), ``"dense"`` or ``"auto"`` (:func:`resolve_metric`).
+        ``"diag"`` (Stan's default), ``"dense"``, ``"low_rank"`` or ``"auto"``
+        (:func:`resolve_metric`).
     status : ChainStatus, optional
         Updated after every transition (live progress).
 

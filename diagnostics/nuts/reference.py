@@ -83,9 +83,10 @@ SAMPLER_NAMES = {
 }
 METRIC_NAMES = {
     "diag": "diagonal (Stan's diag_e)",
-    "dense": "dense (Stan's dense_e)",
+    "dense": "dense (Stan's dense_e, regularized relative to the variances)",
+    "low_rank": "diagonal plus low rank from draws and gradients (nutpie's)",
     "auto": f"dense up to {AUTO_DENSE_MAX_DIM} dimensions with {AUTO_DRAWS_PER_DIM} draws per "
-    "dimension in the last warm-up window, else diagonal",
+    "dimension in the last warm-up window, else low rank",
 }
 CHAIN_METHODS = {
     "lockstep": "all chains of a process together, one batched gradient per leapfrog step",

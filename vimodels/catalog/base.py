@@ -53,11 +53,13 @@ class NutsSettings:
     metric : str
         The project's sampler's adapted metric (inverse mass matrix), in Stan's
         windows: ``"diag"``: the posterior variances (Stan's ``diag_e``);
-        ``"dense"``: the full covariance (Stan's ``dense_e``), for correlated
-        posteriors; ``"auto"``: dense up to 64 dimensions where the warm-up's
-        last window holds at least 5 draws per dimension, else diagonal
-        (``diagnostics.nuts.kernel.resolve_metric``). The Pyro sampler takes
-        ``"dense"`` as ``full_mass=True`` and the others as diagonal.
+        ``"dense"``: the full covariance (Stan's ``dense_e``, regularized
+        relative to the variances), for correlated posteriors;
+        ``"low_rank"``: nutpie's diagonal plus low-rank metric, learnt from the
+        draws and their gradients; ``"auto"``: dense up to 64 dimensions where
+        the warm-up's last window holds at least 5 draws per dimension, else
+        low rank (``diagnostics.nuts.kernel.resolve_metric``). The Pyro sampler
+        takes ``"dense"`` as ``full_mass=True`` and the others as diagonal.
     """
 
     num_warmup: int = 500

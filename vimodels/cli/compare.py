@@ -98,10 +98,11 @@ def _add_nuts_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--metric",
-        choices=("diag", "dense", "auto"),
+        choices=("diag", "dense", "low_rank", "auto"),
         default=None,
-        help="the project's NUTS metric: diagonal, dense (for correlated posteriors) or auto "
-        "(dense up to 64 dimensions given enough warm-up) (default: the model's)",
+        help="the project's NUTS metric: diagonal, dense or low_rank (for correlated "
+        "posteriors) or auto (dense up to 64 dimensions given enough warm-up, else "
+        "low_rank) (default: the model's)",
     )
     p.add_argument(
         "--workers",
