@@ -247,6 +247,7 @@ OPS: dict[Any, Callable] = {
     aten.cumprod.default: _cum(jnp.cumprod),
     aten.mm.default: jnp.matmul,
     aten.bmm.default: jnp.matmul,
+    aten.mv.default: jnp.matmul,
     aten.matmul.default: jnp.matmul,
     aten.addmm.default: lambda c, a, b, beta=1, alpha=1: beta * c + alpha * (a @ b),
     aten.dot.default: jnp.dot,

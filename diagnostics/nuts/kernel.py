@@ -642,7 +642,7 @@ class Welford:
         ``1e-3 * I`` swamps variances below about 1e-4 and collapses the step
         size. Positive definite where every variance is
         positive; a variance that is zero or not finite (a coordinate that
-        never moved in the window) becomes Stan's 1e-3.
+        never moved in the window) is taken as 1e-3 (and its covariances as 0).
         """
         n = self.n
         cov = self.m2 / max(n - 1, 1)
@@ -732,6 +732,15 @@ class LowRankMetric:
         """The inverse metric as a (D, D) matrix."""
         inner = np.eye(len(self.stds)) + (self.vecs * self._vals_m1) @ self.vecs.T
         return self.stds[:, None] * inner * self.stds[None, :]
+
+
+def metric_from_gradient(grad: np.ndarray) -> LowRankMetric:
+    """nutpie's first metric: variances ``1 / |grad|`` (1 where the gradient is 0), clipped to 1e±20."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        stds = np.abs(np.asarray(grad, dtype=np.float64)) ** -0.5
+    stds = np.where(np.isfinite(stds), stds, 1.0)
+    stds = np.clip(stds, 1e-10, 1e10)
+    return LowRankMetric(stds, np.zeros((len(stds), 0)), np.zeros(0))
 
 
 def _spd_mean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -1322,8 +1331,13 @@ def _warmup_steps(
 ) -> Steps[int]:
     """Stan's warm-up of ``chain`` with a ``"diag"``, ``"dense"`` or ``"low_rank"`` metric.
 
-    Returns its leapfrog steps.
+    Returns its leapfrog steps. The low-rank metric starts, as nutpie's does,
+    from the diagonal the initial gradient suggests (:func:`metric_from_gradient`)
+    instead of the identity: on a badly scaled posterior the first buffer's
+    trees are then short.
     """
+    if metric == "low_rank":
+        chain.inv_mass = metric_from_gradient(chain.g)
     yield from chain.find_step_size_steps()
     averaging = DualAveraging(target=chain.target)
     averaging.restart(chain.step_size)

@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from diagnostics.nuts import kernel as _nuts
-from diagnostics.nuts.kernel import NUTSChain, Welford, resolve_metric, sample_chain
+from diagnostics.nuts.kernel import (
+    LowRankMetric,
+    NUTSChain,
+    Welford,
+    low_rank_metric,
+    resolve_metric,
+    sample_chain,
+)
 from diagnostics.nuts.progress import ChainStatus, LiveProgress, format_status, live_progress
 from diagnostics.nuts.reference import EBFMI_MIN, ebfmi, run_checks, run_nuts
 
@@ -54,10 +61,18 @@ CORR = _ar2_correlation(DIM)
 SCALES50 = np.logspace(0, 3, DIM)
 MEANS50 = np.linspace(-1.0, 1.0, DIM)
 TRIL50 = torch.tensor(np.linalg.cholesky(CORR * np.outer(SCALES50, SCALES50)))
+# three decades below 1: sds down to 1e-3, where Stan's absolute regularization of the
+# dense metric (1e-3 * 5 / (n + 5) added to variances of 1e-6) swamped the narrow directions
+TINY50 = np.logspace(-3, 0, DIM)
+TRIL_TINY50 = torch.tensor(np.linalg.cholesky(CORR * np.outer(TINY50, TINY50)))
 
 
 def correlated_model():
     pyro.sample("x", dist.MultivariateNormal(torch.tensor(MEANS50), scale_tril=TRIL50))
+
+
+def tiny_correlated_model():
+    pyro.sample("x", dist.MultivariateNormal(torch.tensor(MEANS50), scale_tril=TRIL_TINY50))
 
 
 def small_correlated_model():
@@ -94,6 +109,83 @@ def test_welford_is_the_sample_variance_or_covariance_regularized_as_stan(dense)
         np.testing.assert_allclose(np.diag(out), diag.regularized(), rtol=1e-12)
 
 
+def test_relative_covariance_is_stans_above_unit_variance_and_scale_free_below():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 3)) * np.array([3.0, 1e-3, 0.5]) + np.array([0.0, 5.0, -1.0])
+    x[:, 2] += 0.2 * x[:, 0]
+    w = Welford(3, dense=True)
+    for row in x:
+        w.add(row)
+    n, cov = len(x), np.cov(x.T)
+    expected = n / (n + 5) * cov + 1e-3 * 5 / (n + 5) * np.diag(np.minimum(np.diag(cov), 1.0))
+    got = w.relative_covariance()
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-18)
+    # the 1e-3 sd coordinate keeps its scale (Stan's adds 7.7e-5 to its variance of 1e-6)
+    assert got[1, 1] / cov[1, 1] < 1.0 and w.regularized()[1, 1] / cov[1, 1] > 50
+    # scale-free below unit variance: rescaling the draws rescales the metric
+    w1, w2 = Welford(3, dense=True), Welford(3, dense=True)
+    for row in x:
+        w1.add(row * 0.1)
+        w2.add(row * 1e-3)
+    np.testing.assert_allclose(w2.relative_covariance(), 1e-4 * w1.relative_covariance(), rtol=1e-9)
+    stuck = Welford(2, dense=True)
+    for _ in range(10):
+        stuck.add(np.array([1.0, 2.0]))
+    n = 10  # a variance of 0 is taken as 1e-3, then regularized
+    np.testing.assert_allclose(
+        stuck.relative_covariance(), (n / (n + 5) + 1e-3 * 5 / (n + 5)) * 1e-3 * np.eye(2)
+    )
+
+
+def _gaussian_draws_and_gradients(cov: np.ndarray, n: int, seed: int) -> tuple:
+    """Draws of N(0, cov) and the potential's exact gradients there (cov^-1 x)."""
+    x = np.random.default_rng(seed).multivariate_normal(np.zeros(len(cov)), cov, size=n)
+    return x, np.linalg.solve(cov, x.T).T
+
+
+def test_low_rank_metric_is_the_covariance_from_exact_gradients():
+    # S C_grad S = C_draws has the exact solution S = cov when grad = cov^-1 x,
+    # whatever the sampling noise of the draws: with every eigenvalue kept, the metric
+    # is the covariance up to gamma (1e-5 in the scaled space)
+    cov = CORR[:12, :12] * np.outer(TINY50[:12], TINY50[:12]) * 1e4
+    x, g = _gaussian_draws_and_gradients(cov, 200, 0)
+    full = low_rank_metric(x, g, cutoff=1.0)
+    assert full.rank == 12
+    np.testing.assert_allclose(full.dense(), cov, rtol=1e-3, atol=1e-3 * np.abs(cov).max())
+    # nutpie's cutoff 2: the posterior seen through the metric has every variance in [1/2, 2]
+    m = low_rank_metric(x, g)
+    assert 0 < m.rank < 12
+    chol = np.linalg.cholesky(cov)
+    inv_chol = np.linalg.inv(chol)
+    seen = np.linalg.eigvalsh(inv_chol @ m.dense() @ inv_chol.T)
+    assert seen.min() >= 0.5 - 1e-6 and seen.max() <= 2.0 + 1e-6, seen
+    # too few draws, or a coordinate that never moved: a diagonal, no low-rank part
+    assert low_rank_metric(x[:2], g[:2]).rank == 0
+    x[:, 3] = 1.0
+    stuck = low_rank_metric(x, g)
+    assert stuck.rank == 0 and np.all(np.isfinite(stuck.stds))
+
+
+def test_low_rank_velocity_and_momentum_match_the_dense_matrix():
+    rng = np.random.default_rng(2)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 2)))
+    m = LowRankMetric(np.array([1.0, 2.0, 0.5, 1e-3, 3.0, 1.0]), q, np.array([9.0, 0.2]))
+    inv = m.dense()
+    r = rng.normal(size=6)
+    np.testing.assert_allclose(m.velocity(r), inv @ r, rtol=1e-12)
+    xi = rng.normal(size=(20000, 6))
+    p = np.stack([m.momentum(row) for row in xi])
+    mass = np.linalg.inv(inv)
+    scale = np.sqrt(np.outer(np.diag(mass), np.diag(mass)))  # se of a covariance ~ scale sqrt(2/n)
+    assert np.abs((np.cov(p.T) - mass) / scale).max() <= 5 * np.sqrt(2 / 20000)
+    chain = NUTSChain(lambda z: (0.5 * float(z @ z), z.copy()), np.zeros(6), rng)
+    chain.inv_mass = m
+    assert chain.inv_mass is m
+    np.testing.assert_allclose(chain._velocity(r), inv @ r, rtol=1e-12)
+    chain.inv_mass = np.ones(6)  # back to diagonal
+    np.testing.assert_array_equal(chain._velocity(r), r)
+
+
 def test_dense_momentum_has_the_metric_as_covariance_and_leapfrog_conserves_energy():
     pyro.set_rng_seed(0)
     params, potential_fn, _, _ = pyro.infer.mcmc.util.initialize_model(small_correlated_model)
@@ -125,10 +217,11 @@ def test_auto_metric_is_dense_for_few_dimensions_and_enough_warmup():
     assert _nuts.last_window(500) == 200 and _nuts.last_window(10) == 0
     limit = _nuts.AUTO_DENSE_MAX_DIM
     assert resolve_metric("auto", limit, 2000) == "dense"  # last window 1100 >= 5 * 64
-    assert resolve_metric("auto", limit + 1, 5000) == "diag"
-    assert resolve_metric("auto", 45, 300) == "diag"  # 100 draws for 45 dimensions: too few
+    assert resolve_metric("auto", limit + 1, 5000) == "low_rank"
+    assert resolve_metric("auto", 45, 300) == "low_rank"  # 100 draws for 45 dimensions: too few
     assert resolve_metric("auto", 10, 300) == "dense"
     assert resolve_metric("diag", 3, 500) == "diag" and resolve_metric("dense", 500, 10) == "dense"
+    assert resolve_metric("low_rank", 3, 500) == "low_rank"
     with pytest.raises(ValueError, match="unknown metric"):
         resolve_metric("full", 3, 500)
 
@@ -164,6 +257,36 @@ def test_dense_metric_samples_a_correlated_50d_gaussian_in_short_trees():
     for r in runs:
         assert r["metric"] == "dense" and not r["stats"]["diverging"].any()
         assert r["stats"]["tree_depth"].mean() <= 4.0, r["stats"]["tree_depth"].mean()
+
+
+def _check_gaussian(runs: list, means: np.ndarray, sds: np.ndarray, metric: str) -> None:
+    draws = np.stack([r["samples"]["x"] for r in runs])  # (chains, draws, D)
+    for k in range(draws.shape[-1]):
+        x = draws[..., k]
+        assert az.rhat(x) < 1.01, k
+        m_se, s_se = float(az.mcse(x, method="mean")), float(az.mcse(x, method="sd"))
+        assert abs(x.mean() - means[k]) <= 5 * m_se, (k, x.mean(), m_se)
+        assert abs(x.std() - sds[k]) <= 5 * s_se, (k, x.std(), s_se)
+    for r in runs:
+        assert r["metric"] == metric and not r["stats"]["diverging"].any()
+        assert r["stats"]["tree_depth"].mean() <= 4.0, r["stats"]["tree_depth"].mean()
+
+
+@pytest.mark.slow
+def test_low_rank_metric_samples_the_correlated_50d_gaussian_in_short_trees():
+    kw = {"num_warmup": 600, "num_samples": 300, "max_tree_depth": 7}
+    runs = _nuts.sample_chains(correlated_model, {}, seeds=[11, 12], metric="low_rank", **kw)
+    assert isinstance(runs[0]["inv_mass"], LowRankMetric) and runs[0]["inv_mass"].rank > 0
+    _check_gaussian(runs, MEANS50, SCALES50, "low_rank")
+
+
+@pytest.mark.slow
+def test_dense_metric_keeps_short_trees_where_sds_go_down_to_1e_3():
+    # Stan's absolute regularization made the metric's narrowest directions ~50x too wide
+    # here, the step size ~7x too small and the trees deeper
+    kw = {"num_warmup": 600, "num_samples": 300, "max_tree_depth": 7}
+    runs = _nuts.sample_chains(tiny_correlated_model, {}, seeds=[11, 12], metric="dense", **kw)
+    _check_gaussian(runs, MEANS50, TINY50, "dense")
 
 
 @pytest.mark.slow
