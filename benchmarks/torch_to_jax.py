@@ -314,14 +314,16 @@ OPS: dict[Any, Callable] = {
     aten._linalg_check_errors.default: lambda *a, **k: None,
     aten.masked_fill.Scalar: lambda x, m, v: jnp.where(m, v, x),
     aten.masked_fill.Tensor: lambda x, m, v: jnp.where(m, v, x),
-    aten.copy.default: lambda dst, src, non_blocking=False: jnp.broadcast_to(
-        src, dst.shape
-    ).astype(dst.dtype),
+    aten.copy.default: lambda dst, src, non_blocking=False: jnp.broadcast_to(src, dst.shape).astype(
+        dst.dtype
+    ),
     operator.getitem: operator.getitem,
 }
 
 
-def record(fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor) -> torch.fx.GraphModule:
+def record(
+    fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor
+) -> torch.fx.GraphModule:
     """``fn`` as an FX graph of ATen operations, simplified as the project's sampler's.
 
     :func:`vimodels.compile.record.record` (else ``make_fx``), then

@@ -35,7 +35,8 @@ vector, and only the potential and its gradient in torch (JIT-traced):
     gradients' inverse covariance whose eigenvalues lie outside [1/2, 2]
     (:func:`low_rank_metric`, :class:`LowRankMetric`): O(D k) per leapfrog
     step for rank k, against O(D^2) for the dense metric;
-  - ``"auto"``: :func:`resolve_metric`.
+  - ``"auto"``: dense or low-rank up to 64 dimensions, diagonal above
+    (:func:`resolve_metric`).
 
 Each kept draw records ArviZ's ``sample_stats`` names: ``diverging``,
 ``step_size``, ``tree_depth``, ``n_steps``, ``lp``, ``acceptance_rate``,
@@ -80,8 +81,8 @@ STAT_NAMES = (
     "max_energy_error",
 )
 METRICS = ("diag", "dense", "low_rank", "auto")
-# metric="auto": dense up to this many dimensions, and only where the last warm-up window
-# holds at least AUTO_DRAWS_PER_DIM draws per dimension; low-rank otherwise (resolve_metric)
+# metric="auto" up to this many dimensions: dense where the last warm-up window holds at
+# least AUTO_DRAWS_PER_DIM draws per dimension, else low-rank; diagonal above (resolve_metric)
 AUTO_DENSE_MAX_DIM = 64
 AUTO_DRAWS_PER_DIM = 5
 # the low-rank metric (nutpie's defaults): regularization of the scaled covariances and the
@@ -735,7 +736,7 @@ class LowRankMetric:
 
 
 def metric_from_gradient(grad: np.ndarray) -> LowRankMetric:
-    """nutpie's first metric: variances ``1 / |grad|`` (1 where the gradient is 0), clipped to 1e±20."""
+    """The first metric nutpie takes: variances ``1 / |grad|`` (1 where it is 0), clipped."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         stds = np.abs(np.asarray(grad, dtype=np.float64)) ** -0.5
     stds = np.where(np.isfinite(stds), stds, 1.0)
@@ -760,7 +761,7 @@ def low_rank_metric(
     gamma: float = LOW_RANK_GAMMA,
     cutoff: float = LOW_RANK_CUTOFF,
 ) -> LowRankMetric:
-    """nutpie's low-rank modified inverse metric from a window's draws and gradients.
+    """The low-rank modified inverse metric of nutpie from a window's draws and gradients.
 
     1. Diagonal scales ``s = (var(draws) / var(grads))^(1/4)``: the diagonal
        metric that minimizes the Fisher divergence (exact for a Gaussian with
@@ -829,12 +830,17 @@ def last_window(num_warmup: int) -> int:
 def resolve_metric(metric: str, dim: int, num_warmup: int) -> str:
     """The metric a chain adapts: ``"diag"``, ``"dense"`` or ``"low_rank"``.
 
-    ``"auto"`` is ``"dense"`` when ``dim <= AUTO_DENSE_MAX_DIM`` (64) and the
-    warm-up's last window (:func:`last_window`) holds at least
+    ``"auto"``, up to ``AUTO_DENSE_MAX_DIM`` (64) dimensions, is ``"dense"``
+    where the warm-up's last window (:func:`last_window`) holds at least
     ``AUTO_DRAWS_PER_DIM * dim`` draws (5 per dimension), else ``"low_rank"``
-    (which learns from the gradients too, so needs fewer draws, and costs
-    O(D k) per step).
-    Measured (benchmarks/README.md, benchmark 3b): a dense product costs
+    (which learns from the gradients too, so needs fewer draws); above 64
+    dimensions it is ``"diag"``.
+    Measured (benchmarks/README.md, benchmark 3): on the ill-conditioned
+    regression (26 dimensions, 50 draws in the last window) the low-rank
+    metric needs 7 gradients per draw where NumPyro's diagonal needs 930;
+    on the radon entries (89 to 175 dimensions, hierarchical, little
+    correlation) a low-rank estimate from so few draws is noisier than the
+    diagonal and loses to it. Measured before (benchmark 3b): a dense product costs
     2-4x a diagonal one per leapfrog step, small next to the step's
     Python up to about 64 dimensions and growing as D^2 above; and a
     covariance estimated from too few draws per dimension is noisy enough
@@ -847,7 +853,9 @@ def resolve_metric(metric: str, dim: int, num_warmup: int) -> str:
         raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
     if metric == "auto":
         enough = last_window(num_warmup) >= AUTO_DRAWS_PER_DIM * dim
-        return "dense" if dim <= AUTO_DENSE_MAX_DIM and enough else "low_rank"
+        if dim > AUTO_DENSE_MAX_DIM:
+            return "diag"
+        return "dense" if enough else "low_rank"
     return metric
 
 
@@ -1331,13 +1339,16 @@ def _warmup_steps(
 ) -> Steps[int]:
     """Stan's warm-up of ``chain`` with a ``"diag"``, ``"dense"`` or ``"low_rank"`` metric.
 
-    Returns its leapfrog steps. The low-rank metric starts, as nutpie's does,
-    from the diagonal the initial gradient suggests (:func:`metric_from_gradient`)
-    instead of the identity: on a badly scaled posterior the first buffer's
-    trees are then short.
+    Returns its leapfrog steps. The dense and low-rank metrics start, as
+    nutpie's does, from the diagonal the initial gradient suggests
+    (:func:`metric_from_gradient`) instead of the identity: on a badly scaled
+    posterior the first buffer's trees are then short. (The diagonal metric
+    starts from the identity, as Stan's ``diag_e``.)
     """
     if metric == "low_rank":
         chain.inv_mass = metric_from_gradient(chain.g)
+    elif metric == "dense":
+        chain.inv_mass = metric_from_gradient(chain.g).stds ** 2
     yield from chain.find_step_size_steps()
     averaging = DualAveraging(target=chain.target)
     averaging.restart(chain.step_size)

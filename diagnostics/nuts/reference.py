@@ -86,7 +86,8 @@ METRIC_NAMES = {
     "dense": "dense (Stan's dense_e, regularized relative to the variances)",
     "low_rank": "diagonal plus low rank from draws and gradients (nutpie's)",
     "auto": f"dense up to {AUTO_DENSE_MAX_DIM} dimensions with {AUTO_DRAWS_PER_DIM} draws per "
-    "dimension in the last warm-up window, else low rank",
+    "dimension in the last warm-up window, else low rank up to that many dimensions, "
+    "else diagonal",
 }
 CHAIN_METHODS = {
     "lockstep": "all chains of a process together, one batched gradient per leapfrog step",

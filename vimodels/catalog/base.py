@@ -58,7 +58,8 @@ class NutsSettings:
         ``"low_rank"``: nutpie's diagonal plus low-rank metric, learnt from the
         draws and their gradients; ``"auto"``: dense up to 64 dimensions where
         the warm-up's last window holds at least 5 draws per dimension, else
-        low rank (``diagnostics.nuts.kernel.resolve_metric``). The Pyro sampler
+        low rank; diagonal above 64 dimensions
+        (``diagnostics.nuts.kernel.resolve_metric``). The Pyro sampler
         takes ``"dense"`` as ``full_mass=True`` and the others as diagonal.
     """
 

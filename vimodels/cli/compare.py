@@ -101,8 +101,8 @@ def _add_nuts_arguments(p: argparse.ArgumentParser) -> None:
         choices=("diag", "dense", "low_rank", "auto"),
         default=None,
         help="the project's NUTS metric: diagonal, dense or low_rank (for correlated "
-        "posteriors) or auto (dense up to 64 dimensions given enough warm-up, else "
-        "low_rank) (default: the model's)",
+        "posteriors) or auto (up to 64 dimensions dense given enough warm-up, else "
+        "low_rank; diagonal above) (default: the model's)",
     )
     p.add_argument(
         "--workers",
