@@ -692,34 +692,45 @@ def vs_battery(
 
 
 def vs_table(rows: list[dict]) -> str:
-    """The battery as a Markdown table: ESS/s of each sampler and the ratio to NumPyro's."""
+    """The battery as a Markdown table: ESS/s of each sampler and its ratio to NumPyro's.
+
+    Each cell: ESS/s (gradients per draw; for the project's sampler, the
+    metric it adapted); the last column: the 1-minute load average over the
+    model's cells.
+    """
     import statistics as st
 
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
     ours = [x for x in samplers if x != "numpyro"]
     head = ["model", "D", "NumPyro ESS/s (grad/draw)"]
-    head += [f"{x} ESS/s (grad/draw)" for x in ours] + [f"{x} / NumPyro" for x in ours]
+    head += [f"`{x}` ESS/s (grad/draw, metric)" for x in ours]
+    head += [f"`{x}` / NumPyro" for x in ours] + ["load"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ratios: dict[str, list[float]] = {x: [] for x in ours}
     for model in dict.fromkeys(r["model"] for r in rows):
         cells = {r["sampler"]: r for r in rows if r["model"] == model}
         base = cells.get("numpyro")
-        line = [model, str(cells[next(iter(cells))].get("dim", ""))]
+        dim = next((c["dim"] for c in cells.values() if "dim" in c), "")
+        line = [model, str(dim)]
         line.append(f"{base['ess_per_s']:.1f} ({base['grad_per_draw']:.0f})" if base else "-")
         for x in ours:
             c = cells.get(x)
-            line.append(f"{c['ess_per_s']:.1f} ({c['grad_per_draw']:.0f})" if c else "-")
+            line.append(
+                f"{c['ess_per_s']:.1f} ({c['grad_per_draw']:.0f}, {c['metric_used']})" if c else "-"
+            )
         for x in ours:
             c = cells.get(x)
             if c and base:
                 ratio = c["ess_per_s"] / base["ess_per_s"]
                 ratios[x].append(ratio)
-                line.append(f"{ratio:.2f}x")
+                line.append(f"**{ratio:.2f}x**" if ratio < 1.0 else f"{ratio:.2f}x")
             else:
                 line.append("-")
+        loads = [c["load"] for c in cells.values()]
+        line.append(f"{min(loads):.1f}-{max(loads):.1f}")
         lines.append("| " + " | ".join(line) + " |")
     summary = ["**median**", "", ""] + [""] * len(ours)
-    summary += [f"{st.median(v):.2f}x" if v else "-" for v in ratios.values()]
+    summary += [f"{st.median(v):.2f}x" if v else "-" for v in ratios.values()] + [""]
     lines.append("| " + " | ".join(summary) + " |")
     return "\n".join(lines)
 
