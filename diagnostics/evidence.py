@@ -189,6 +189,17 @@ def bridge_sampling(
     with np.errstate(over="ignore"):
         f1 = 1.0 / (s1 + s2 * np.exp(-lp2))
         f2 = 1.0 / (s1 * np.exp(lp1) + s2)
+    if not (np.mean(f1) > 0 and np.mean(f2) > 0):
+        # the proposal and the posterior do not overlap in floating point: no error estimate
+        return {
+            "value": float("nan"),
+            "se": float("nan"),
+            "re2": float("nan"),
+            "iterations": iterations,
+            "n_post": n1,
+            "n_eff": 0.0,
+            "n_prop": n2,
+        }
     term1 = float(np.var(f1, ddof=1) / np.mean(f1) ** 2 / n2)
     if f2.ndim == 2 and f2.shape[0] >= 1 and f2.shape[1] >= 4 and np.ptp(f2) > 0:
         mcse = _arviz.mcse_mean(f2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -49,6 +50,21 @@ def test_bridge_sampling_on_a_known_gaussian():
     )
     assert out["se"] > 0
     assert abs(out["value"] - log_z) <= 3 * out["se"]
+
+
+def test_bridge_sampling_without_overlap_is_nan_not_a_warning():
+    """Proposal and posterior 2000 nats apart: no estimate (and no 0/0 RuntimeWarning,
+    which the suite and a user's ``-W error`` turn into a crash of ``compare``)."""
+    rng = np.random.default_rng(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = bridge_sampling(
+            rng.normal(size=(2, 100)),
+            -2000 + rng.normal(size=(2, 100)),
+            -2000 + rng.normal(size=300),
+            rng.normal(size=300),
+        )
+    assert math.isnan(out["value"]) and math.isnan(out["se"])
 
 
 def test_student_t_density_matches_scipy():

@@ -396,3 +396,20 @@ def test_reference_task_is_plain_data():
     assert t == ReferenceTask("eight_schools_noncentered", '{"num_chains":2}', 3)
     assert "seed=3" in t.label and isinstance(hash(t), int)
     assert not isinstance(t, Task)
+
+
+def test_grid_without_elbos_takes_each_models_default():
+    """No ``elbos`` key: ``enum`` for a mixture (under ``trace`` every pair is skipped)."""
+    raw = json.loads(json.dumps(GRID))
+    del raw["elbos"]
+    raw.update(
+        models=["galaxies_gaussian_mixture", "conjugate_linear_regression"],
+        guides=["auto_normal"],
+        guide_options={},
+    )
+    tasks, _ = grid(config_from_dict(raw))
+    by_model = {(t.model, t.elbo) for t in tasks}
+    assert by_model == {
+        ("galaxies_gaussian_mixture", "enum"),
+        ("conjugate_linear_regression", "trace"),
+    }

@@ -4,7 +4,7 @@ Example (every key but ``models`` is optional)::
 
     models = ["eight_schools_noncentered", "conjugate_linear_regression"]
     guides = ["auto_normal", "auto_multivariate_normal"]  # default: each model's defaults
-    elbos = ["trace"]                                     # default ["trace"]
+    elbos = ["trace"]                     # default: each model's (enum for discrete sites)
     seeds = [0, 1]                                        # default [0]
     steps = 2000                                          # default 2000
     cache = "refcache"        # reference cache folder (relative to this file); false: none
@@ -48,7 +48,7 @@ from vimodels.catalog.base import CatalogEntry, NutsSettings
 from vimodels.catalog.registry import get_model
 from vimodels.errors import OptionError, UnknownNameError, VimodelsError
 from vimodels.runs.tasks import fit_option_names
-from vimodels.svi.elbos import get_elbo_spec
+from vimodels.svi.elbos import ELBOS, get_elbo_spec
 
 TOP_KEYS = (
     "models",
@@ -76,7 +76,9 @@ class SweepConfig:
     models : tuple of str
     guides : tuple of str or None
         ``None``: each model's default guides (see :func:`default_guides`).
-    elbos : tuple of str
+    elbos : tuple of str or None
+        ``None``: each model's default ELBOs (see :func:`default_elbos`: ``enum``
+        for a model with discrete latent sites, else ``trace``).
     seeds : tuple of int
     steps : int
     fit_options : dict
@@ -102,7 +104,7 @@ class SweepConfig:
 
     models: tuple[str, ...]
     guides: tuple[str, ...] | None = None
-    elbos: tuple[str, ...] = ("trace",)
+    elbos: tuple[str, ...] | None = None
     seeds: tuple[int, ...] = (0,)
     steps: int = 2000
     fit_options: dict[str, Any] = field(default_factory=dict)
@@ -192,8 +194,8 @@ def config_from_dict(
         usable = [g for g in guides if any(_fits(get_guide_spec, g, e.family) for e in entries)]
         if not usable:
             raise _err(where, f"no guide in {list(guides)} serves any model of the sweep")
-    elbos = _names(where, "elbos", raw.get("elbos", ["trace"]))
-    for name in elbos:
+    elbos = _names(where, "elbos", raw["elbos"]) if "elbos" in raw else None
+    for name in elbos or ():
         try:
             get_elbo_spec(name)
         except UnknownNameError as exc:
@@ -213,7 +215,10 @@ def config_from_dict(
         where, "[fit] option(s)", fit_options, set(fit_option_names()) - set(per_name)
     )  # per-guide/ELBO options have their own tables
     tables = {}
-    for key, valid in (("guide_options", guides or guide_names(None)), ("elbo_options", elbos)):
+    for key, valid in (
+        ("guide_options", guides or guide_names(None)),
+        ("elbo_options", elbos or tuple(ELBOS)),
+    ):
         table = _table(where, key, raw.get(key, {}))
         _unknown(where, f"name(s) in [{key}]", table, valid)
         for name, opts in table.items():

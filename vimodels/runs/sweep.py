@@ -46,7 +46,7 @@ from guides.registry import get_guide_spec
 from vimodels.catalog.registry import get_model
 from vimodels.errors import OptionError, VimodelsError
 from vimodels.io import ensure_dir, safe_name
-from vimodels.runs.config import SweepConfig, default_guides
+from vimodels.runs.config import SweepConfig, default_elbos, default_guides
 from vimodels.runs.executors import Outcome, TaskCancelled, TaskInterrupted, make_executor
 from vimodels.runs.records import Failure, SweepRun
 from vimodels.runs.report import write_sweep_report
@@ -105,7 +105,7 @@ def grid(config: SweepConfig) -> tuple[list[Task], list[str]]:
             except VimodelsError as exc:
                 skipped.append(f"{model} {guide}: {exc}")
                 continue
-            for elbo in config.elbos:
+            for elbo in config.elbos or default_elbos(entry):
                 options = dict(config.fit_options)
                 if guide in config.guide_options:
                     options["guide_options"] = config.guide_options[guide]

@@ -29,6 +29,7 @@ step and the bound.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -217,10 +218,12 @@ def run_loop(
                     )
             if not finite:
                 status = NONFINITE
-                message = (
-                    f"stopped at step {step}: the loss or a gradient was {loss} (non-finite); "
-                    f"kept the parameters of step {step - 1}"
+                what = (
+                    f"the loss was {loss}"
+                    if not math.isfinite(loss)
+                    else f"a gradient was non-finite (the loss was {loss:.6g})"
                 )
+                message = f"stopped at step {step}: {what}; kept the parameters of step {step - 1}"
                 break
             losses.append(loss)
             diverged = s.divergence.for_guide(objective.guide).check_step(
