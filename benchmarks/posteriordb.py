@@ -82,7 +82,7 @@ def nuts_row(name: str, cache_dir: str) -> dict:
 
 def vi_rows(name: str, steps: int, seed: int) -> list[dict]:
     """Each default guide with the trace ELBO, compared with posteriordb's draws."""
-    from vimodels.fit import fit
+    from vimodels.svi.fit import fit
 
     from diagnostics import compare
     from diagnostics.external import external_reference

@@ -51,3 +51,37 @@ def test_nuts_benchmark_skips_numpyro_variants_when_absent(runner, monkeypatch, 
     assert res["skipped"] == ["numpyro_sequential"]
     assert res["rows"] == {}
     assert "skipping the NumPyro variants" in capsys.readouterr().out
+
+
+def _first_party_imports(path: Path) -> list[tuple[str, str | None]]:
+    """``(module, name)`` of every first-party ``from ... import`` in ``path``, nested ones too."""
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.split(".")[0] in ("vimodels", "diagnostics", "guides"):
+                out += [(node.module, a.name) for a in node.names]
+    return out
+
+
+_SCRIPTS = sorted(
+    p
+    for folder in ("benchmarks", "examples")
+    for p in (Path(__file__).resolve().parents[1] / folder).glob("*.py")
+)
+
+
+@pytest.mark.parametrize("path", _SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_scripts_import_only_what_exists(path):
+    """A module moved in the re-layout must not leave a script importing its old name
+    (``benchmarks/posteriordb.py`` imported ``vimodels.fit`` inside a function, which
+    only failed after its 10-minute NUTS part)."""
+    import importlib
+
+    for module, name in _first_party_imports(path):
+        assert importlib.util.find_spec(module) is not None, f"{path.name}: no module {module}"
+        mod = importlib.import_module(module)
+        assert hasattr(mod, name) or importlib.util.find_spec(f"{module}.{name}"), (
+            f"{path.name}: {module} has no {name}"
+        )
