@@ -173,16 +173,10 @@ def bridge_sampling(
         log_z = new
         if done:
             break
+    nan = float("nan")
+    failed = {"value": nan, "se": nan, "re2": nan, "iterations": iterations}
     if not np.isfinite(log_z):
-        return {
-            "value": float("nan"),
-            "se": float("nan"),
-            "re2": float("nan"),
-            "iterations": iterations,
-            "n_post": n1,
-            "n_eff": neff,
-            "n_prop": n2,
-        }
+        return {**failed, "n_post": n1, "n_eff": neff, "n_prop": n2}
     s1, s2 = math.exp(ls1), math.exp(ls2)
     # normalized posterior p = q / Z; f1 on proposal draws, f2 on posterior draws (bounded)
     lp2, lp1 = l2 - log_z, l1 - log_z  # log p - log g
@@ -191,15 +185,7 @@ def bridge_sampling(
         f2 = 1.0 / (s1 * np.exp(lp1) + s2)
     if not (np.mean(f1) > 0 and np.mean(f2) > 0):
         # the proposal and the posterior do not overlap in floating point: no error estimate
-        return {
-            "value": float("nan"),
-            "se": float("nan"),
-            "re2": float("nan"),
-            "iterations": iterations,
-            "n_post": n1,
-            "n_eff": 0.0,
-            "n_prop": n2,
-        }
+        return {**failed, "n_post": n1, "n_eff": 0.0, "n_prop": n2}
     term1 = float(np.var(f1, ddof=1) / np.mean(f1) ** 2 / n2)
     if f2.ndim == 2 and f2.shape[0] >= 1 and f2.shape[1] >= 4 and np.ptp(f2) > 0:
         mcse = _arviz.mcse_mean(f2)
