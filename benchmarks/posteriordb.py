@@ -82,10 +82,9 @@ def nuts_row(name: str, cache_dir: str) -> dict:
 
 def vi_rows(name: str, steps: int, seed: int) -> list[dict]:
     """Each default guide with the trace ELBO, compared with posteriordb's draws."""
-    from vimodels.svi.fit import fit
-
     from diagnostics import compare
     from diagnostics.external import external_reference
+    from vimodels.svi.fit import fit
 
     ref = external_reference(name)
     fits = [
