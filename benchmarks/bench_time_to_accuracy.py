@@ -52,17 +52,9 @@ import bench_accuracy  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-VALIDATION = (
-    "pdb_kidiq_interaction",
-    "pdb_mesquite_logvolume",
-    "pdb_earnings_logearn_interaction",
-    "pdb_nes1972",
-    "pdb_ark",
-    "pdb_arma11",
-    "pdb_garch11",
-    "pdb_gp_pois_regr",
-    "pdb_hmm_example",
-)
+from vimodels.validation import list_posteriors  # noqa: E402
+
+VALIDATION = tuple(list_posteriors())
 MODELS = tuple(bench_accuracy.ENTRIES) + VALIDATION
 MEAN_TOL = 0.2  # posterior sd
 SD_TOL = 0.2  # relative

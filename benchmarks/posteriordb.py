@@ -34,17 +34,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ENTRIES = (
-    "pdb_kidiq_interaction",
-    "pdb_mesquite_logvolume",
-    "pdb_earnings_logearn_interaction",
-    "pdb_nes1972",
-    "pdb_ark",
-    "pdb_arma11",
-    "pdb_garch11",
-    "pdb_gp_pois_regr",
-    "pdb_hmm_example",
-)
+from vimodels.validation import list_posteriors  # noqa: E402
+
+ENTRIES = tuple(list_posteriors())
 GUIDES = ("auto_normal", "auto_multivariate_normal")
 NUM_DRAWS = 2000  # guide draws per method for the metrics
 DEFAULT_STEPS = 3000

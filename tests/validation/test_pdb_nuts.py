@@ -18,19 +18,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vimodels.validation import reference_table
+from vimodels.validation import list_posteriors, reference_table
 
-POSTERIORS = (
-    "pdb_kidiq_interaction",
-    "pdb_mesquite_logvolume",
-    "pdb_earnings_logearn_interaction",
-    "pdb_nes1972",
-    "pdb_ark",
-    "pdb_arma11",
-    "pdb_garch11",
-    "pdb_gp_pois_regr",
-    "pdb_hmm_example",
-)
+POSTERIORS = tuple(list_posteriors())
+
+
+def test_the_nine_posteriors_are_listed():
+    assert len(POSTERIORS) == 9 and "pdb_gp_pois_regr_pc" not in POSTERIORS
+
+
 Z_MAX = 5.0
 
 

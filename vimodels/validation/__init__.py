@@ -24,6 +24,7 @@ from vimodels.validation.registry import (
     ValidationSpec,
     get_spec,
     get_validation_model,
+    list_posteriors,
     list_validation_models,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "ValidationSpec",
     "get_spec",
     "get_validation_model",
+    "list_posteriors",
     "list_validation_models",
     "parse_stan_name",
     "reference_draws",

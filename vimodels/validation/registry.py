@@ -340,3 +340,13 @@ def get_spec(name: str | CatalogEntry | ValidationSpec) -> ValidationSpec:
 def list_validation_models() -> list[str]:
     """Names of the validation entries, in registration order."""
     return list(VALIDATION_MODELS)
+
+
+def list_posteriors() -> list[str]:
+    """One name per posteriordb posterior (the nine), in registration order.
+
+    Leaves out the twins that another entry takes its reference from
+    (``reference_from``: QR coordinates, a rescaled theta, a partly centered GP).
+    """
+    twins = {e.reference_from for e in VALIDATION_MODELS.values() if e.reference_from}
+    return [name for name in VALIDATION_MODELS if name not in twins]
