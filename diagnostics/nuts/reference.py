@@ -47,16 +47,15 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from filelock import FileLock
 from pyro.poutine.util import site_is_subsample
 
-from diagnostics import _arviz
-from diagnostics.metrics import element_labels
+from diagnostics import chainstats
+from diagnostics.labels import element_labels
 from diagnostics.nuts.chains import is_lockstep, run_group
 from diagnostics.nuts.fingerprint import Unfingerprintable, fingerprint
 from diagnostics.nuts.kernel import AUTO_DENSE_MAX_DIM, AUTO_DRAWS_PER_DIM
@@ -69,6 +68,9 @@ from vimodels.io import atomic_write, atomic_write_json, ensure_dir, jsonable, s
 from vimodels.resolve import resolve_model
 from vimodels.svi.draws import model_info, recover_discrete, replay_model
 from vimodels.versions import versions
+
+if TYPE_CHECKING:
+    import pandas
 
 RHAT_MAX = 1.01
 ESS_MIN = 400.0
@@ -228,8 +230,10 @@ class Reference:
         x = self.draws[site]
         return x.reshape((-1,) + x.shape[2:])
 
-    def site_table(self) -> pd.DataFrame:
+    def site_table(self) -> pandas.DataFrame:
         """Per-element mean, sd, MCSE, split R-hat and bulk/tail ESS of the sites of interest."""
+        import pandas as pd
+
         return pd.DataFrame(_site_rows(self.draws, self.sites))
 
     def summary(self) -> dict[str, Any]:
@@ -286,10 +290,10 @@ def _site_rows(
                     "element": label,
                     "mean": float(d.mean()),
                     "sd": float(d.std(ddof=1)) if d.size > 1 else float("nan"),
-                    "mcse_mean": float("nan") if constant or not mcse else _arviz.mcse_mean(d),
-                    "rhat": float("nan") if constant else _arviz.rhat(d),
-                    "ess_bulk": float("nan") if constant else _arviz.ess(d, "bulk"),
-                    "ess_tail": float("nan") if constant else _arviz.ess(d, "tail"),
+                    "mcse_mean": float("nan") if constant or not mcse else chainstats.mcse_mean(d),
+                    "rhat": float("nan") if constant else chainstats.rhat(d),
+                    "ess_bulk": float("nan") if constant else chainstats.ess(d, "bulk"),
+                    "ess_tail": float("nan") if constant else chainstats.ess(d, "tail"),
                 }
             )
     return rows

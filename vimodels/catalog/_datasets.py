@@ -8,9 +8,12 @@ install.
 
 from __future__ import annotations
 
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from vimodels.errors import DataError
+
+if TYPE_CHECKING:  # pandas loads with the data, not with the catalog
+    import pandas as pd
 
 
 def rdataset(package: str, item: str, columns: tuple[str, ...]) -> pd.DataFrame:

@@ -39,7 +39,6 @@ trees of depth 5 at step size 0.16, and 20 minutes for four chains here.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyro
 import pyro.distributions as dist
 import torch
@@ -73,6 +72,8 @@ def load_sleepstudy() -> dict[str, torch.Tensor | int]:
         appearance); ``days`` (180,) days of sleep restriction; ``num_subjects``
         int (18); ``reaction`` (180,) mean reaction time in ms.
     """
+    import pandas as pd  # loaded with the data (rdataset returns a DataFrame)
+
     frame = rdataset("lme4", "sleepstudy", ("Reaction", "Days", "Subject"))
     codes, _ = pd.factorize(frame["Subject"])  # order of first appearance
     return {

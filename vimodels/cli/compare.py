@@ -137,7 +137,6 @@ def _nuts_settings(args: argparse.Namespace) -> dict:
 
 def cmd_nuts(args: argparse.Namespace) -> int:
     """Run (or load) the NUTS reference; print its checks; exit 1 when it is untrusted."""
-    from diagnostics.convert import reference_to_inference_data, save_netcdf
     from diagnostics.nuts.reference import run_nuts
     from diagnostics.reparam import retry_reparameterized
 
@@ -174,6 +173,8 @@ def cmd_nuts(args: argparse.Namespace) -> int:
             + (f"; cached at {ref.cache_path}" if ref.cache_path else "")
         )
     if args.out:
+        from diagnostics.convert import reference_to_inference_data, save_netcdf  # ArviZ
+
         out = ensure_dir(args.out)
         save_netcdf(reference_to_inference_data(ref), out / "reference.nc")
         atomic_write_json(out / "reference.json", ref.summary())

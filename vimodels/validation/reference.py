@@ -26,14 +26,16 @@ accept.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from vimodels.catalog.base import CatalogEntry
 from vimodels.validation.models import read_json
 from vimodels.validation.registry import get_spec
+
+if TYPE_CHECKING:
+    import pandas
 
 EXTERNAL_KIND = "external"
 _NAME = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\[([0-9,]+)\])?$")
@@ -87,7 +89,7 @@ def reference_draws(name: str | CatalogEntry) -> dict[str, np.ndarray]:
     return {k: v.reshape((chains, n // chains) + v.shape[1:]) for k, v in out.items()}
 
 
-def reference_table(name: str | CatalogEntry) -> pd.DataFrame:
+def reference_table(name: str | CatalogEntry) -> pandas.DataFrame:
     """One row per reference parameter: Stan name, site element, means, sd, ESS and MCSE.
 
     Columns: ``parameter`` (Stan's name), ``site``, ``element`` (``beta[0]``),
@@ -96,6 +98,7 @@ def reference_table(name: str | CatalogEntry) -> pd.DataFrame:
     ``sd_full`` (posteriordb's summary over all 10 000 draws).
     """
     import arviz as az
+    import pandas as pd
 
     ref = reference_json(name)
     draws = reference_draws(name)
