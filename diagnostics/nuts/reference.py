@@ -7,7 +7,8 @@ process in lockstep with one batched gradient per leapfrog step
 where cores allow), then checks the draws before anyone trusts them:
 
 - rank-normalized split R-hat < 1.01,
-- bulk and tail effective sample size >= 400,
+- bulk and tail effective sample size >= 400 (both ArviZ's statistics, computed
+  without importing ArviZ by :mod:`diagnostics.chainstats`),
 
 for every element of every site of interest, no divergent transition, and
 an energy Bayesian fraction of missing information (E-BFMI) of at least
