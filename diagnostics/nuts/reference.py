@@ -231,11 +231,15 @@ class Reference:
         x = self.draws[site]
         return x.reshape((-1,) + x.shape[2:])
 
+    def site_rows(self) -> list[dict[str, Any]]:
+        """:meth:`site_table` as a list of rows (dicts), without pandas."""
+        return _site_rows(self.draws, self.sites)
+
     def site_table(self) -> pandas.DataFrame:
         """Per-element mean, sd, MCSE, split R-hat and bulk/tail ESS of the sites of interest."""
         import pandas as pd
 
-        return pd.DataFrame(_site_rows(self.draws, self.sites))
+        return pd.DataFrame(self.site_rows())
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly account: kind, trust, checks, settings, versions, cache."""

@@ -163,8 +163,7 @@ def cmd_nuts(args: argparse.Namespace) -> int:
         print(f"[{'ok' if check.ok else 'FAIL'}] {check.detail}")
     for note in ref.notes:
         print(f"note: {note}")
-    table = ref.site_table()
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    print(format_rows(ref.site_rows()))
     if ref.from_cache:
         print(f"loaded from cache {ref.cache_path}")
     else:
@@ -180,6 +179,22 @@ def cmd_nuts(args: argparse.Namespace) -> int:
         atomic_write_json(out / "reference.json", ref.summary())
         print(f"wrote {out / 'reference.nc'} and {out / 'reference.json'}")
     return 0 if ref.trusted else 1
+
+
+def format_rows(rows: list[dict]) -> str:
+    """Rows as a text table, columns right-aligned, floats to 4 significant digits.
+
+    What ``DataFrame.to_string(index=False)`` printed, without importing pandas
+    (a second of start-up; benchmarks/README.md, "Import time").
+    """
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
+    widths = [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(columns)]
+    lines = [" ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += [" ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
 
 
 _NO_REPORT = "no report was written; fits finished so far stay in {} and a rerun reuses them"
