@@ -1,0 +1,76 @@
+"""TorchScript compilation units that are freed with what was traced into them.
+
+``torch.jit.trace`` puts every traced function, and every traced module's type
+and methods, into one process-wide compilation unit
+(``torch.jit._state._python_cu``) that nothing ever empties: a traced function
+or module that is no longer referenced still holds its graphs and the graph
+executor's profiled and optimised plans there. Each fit with Pyro's
+``JitTrace_ELBO`` traces a new function (about 20 MB for eight schools), and
+each compiled step (:mod:`vimodels.compile.step`) a new module, so a
+long-lived process (a calibration loop, a process-pool or Dask worker, a
+test worker) grew by that much per fit.
+
+A function or module holds a strong reference to the compilation unit it was
+traced into. Traced into a unit of its own instead, it is freed, with its
+unit, when its last reference goes:
+
+- :func:`new_unit` is a fresh unit, for ``torch.jit.trace(...,
+  _compilation_unit=new_unit())`` (modules);
+- :func:`private_units` makes ``torch.jit.trace`` of a *function* (as Pyro's
+  ``JitTrace_ELBO`` and ``NUTS(jit_compile=True)`` do) use a fresh unit within
+  the block, by swapping the process-wide unit that torch looks up at each
+  trace. Nested and concurrent blocks (threads) are safe: the process-wide unit
+  is restored when the last block ends.
+
+``torch.jit.script`` of a function resolves calls to other scripted functions
+through the process-wide unit; functions scripted inside a block land in the
+block's unit and remain usable (they hold it), but are not found by name by
+later scripts outside the block. Nothing in the fits scripts functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+import torch.jit._state as _jit_state
+
+_LOCK = threading.Lock()
+_DEPTH = 0
+_SAVED: list = []  # the process-wide unit while any block is open
+
+
+def new_unit() -> torch._C.CompilationUnit:
+    """A fresh TorchScript compilation unit (freed with the last module traced into it)."""
+    return torch._C.CompilationUnit()
+
+
+def global_unit() -> torch._C.CompilationUnit:
+    """The compilation unit ``torch.jit.trace`` of a function uses now."""
+    return _jit_state._python_cu
+
+
+@contextlib.contextmanager
+def private_units() -> Iterator[torch._C.CompilationUnit]:
+    """Within the block, functions traced by ``torch.jit.trace`` go into a unit of their own.
+
+    Yields the block's unit. What is traced in the block is freed when it is
+    no longer referenced, instead of staying in torch's process-wide unit
+    until the process ends.
+    """
+    global _DEPTH
+    unit = new_unit()
+    with _LOCK:
+        if _DEPTH == 0:
+            _SAVED[:] = [_jit_state._python_cu]
+        _DEPTH += 1
+        _jit_state._python_cu = unit
+    try:
+        yield unit
+    finally:
+        with _LOCK:
+            _DEPTH -= 1
+            if _DEPTH == 0:  # else another block is open: what it traces may land here
+                _jit_state._python_cu = _SAVED.pop()
