@@ -40,7 +40,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence, transform_to
 
 from vimodels.compile.record import UnsupportedTrace, record
-from vimodels.compile.units import new_unit
+from vimodels.compile.units import private_units
 
 SUPPORTED = (Trace_ELBO, JitTrace_ELBO, TraceMeanField_ELBO)
 RTOL = 1e-4
@@ -335,10 +335,9 @@ def _trace(loss_fn, model, guide, args, names, params) -> CompiledStep:
         raise StepCompileError("the step reads a tensor's value into Python")
     if not used:
         raise StepCompileError("the loss depends on no parameter")
-    with torch.no_grad():
-        # a unit of its own: freed with the module (torch's global one is never emptied)
-        traced = torch.jit.trace(graph, examples, check_trace=False, _compilation_unit=new_unit())
-        compiled = torch.jit.freeze(traced.eval())
+    # a compilation unit of its own, freed with the module (torch's global one is never emptied)
+    with torch.no_grad(), private_units():
+        compiled = torch.jit.freeze(torch.jit.trace(graph, examples, check_trace=False).eval())
     return CompiledStep(names, params, used, graph, compiled)
 
 

@@ -10,17 +10,15 @@ each compiled step (:mod:`vimodels.compile.step`) a new module, so a
 long-lived process (a calibration loop, a process-pool or Dask worker, a
 test worker) grew by that much per fit.
 
-A function or module holds a strong reference to the compilation unit it was
-traced into. Traced into a unit of its own instead, it is freed, with its
-unit, when its last reference goes:
-
-- :func:`new_unit` is a fresh unit, for ``torch.jit.trace(...,
-  _compilation_unit=new_unit())`` (modules);
-- :func:`private_units` makes ``torch.jit.trace`` of a *function* (as Pyro's
-  ``JitTrace_ELBO`` and ``NUTS(jit_compile=True)`` do) use a fresh unit within
-  the block, by swapping the process-wide unit that torch looks up at each
-  trace. Nested and concurrent blocks (threads) are safe: the process-wide unit
-  is restored when the last block ends.
+A traced function or module holds a strong reference to the compilation unit
+it was traced into. Traced into a unit of its own instead, it is freed, with
+its unit, when its last reference goes. :func:`private_units` makes
+``torch.jit.trace`` (of a function, as Pyro's ``JitTrace_ELBO`` and
+``NUTS(jit_compile=True)`` do, or of a module: its type and methods) use a
+fresh unit within the block, by swapping the process-wide unit that torch
+looks up at each trace (``torch.jit.trace``'s ``_compilation_unit`` argument
+is ignored for modules). Nested and concurrent blocks (threads) are safe: the
+process-wide unit is restored when the last block ends.
 
 ``torch.jit.script`` of a function resolves calls to other scripted functions
 through the process-wide unit; functions scripted inside a block land in the
@@ -37,14 +35,10 @@ from collections.abc import Iterator
 import torch
 import torch.jit._state as _jit_state
 
+ENABLED = True  # False: torch's behaviour (everything in the global unit), for benchmarks
 _LOCK = threading.Lock()
 _DEPTH = 0
 _SAVED: list = []  # the process-wide unit while any block is open
-
-
-def new_unit() -> torch._C.CompilationUnit:
-    """A fresh TorchScript compilation unit (freed with the last module traced into it)."""
-    return torch._C.CompilationUnit()
 
 
 def global_unit() -> torch._C.CompilationUnit:
@@ -61,7 +55,10 @@ def private_units() -> Iterator[torch._C.CompilationUnit]:
     until the process ends.
     """
     global _DEPTH
-    unit = new_unit()
+    if not ENABLED:
+        yield _jit_state._python_cu
+        return
+    unit = torch._C.CompilationUnit()
     with _LOCK:
         if _DEPTH == 0:
             _SAVED[:] = [_jit_state._python_cu]
