@@ -57,6 +57,7 @@ from diagnostics.convert import fit_to_inference_data, load_netcdf, save_netcdf
 from diagnostics.evidence import EVIDENCE_SEED_OFFSET, evidence_log_weights
 from diagnostics.references import get_reference
 from vimodels.catalog.registry import get_model
+from vimodels.compile.units import private_units
 from vimodels.data import prepare_data
 from vimodels.errors import OptionError, check_option, check_seed, derive_seed
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, safe_name
@@ -585,5 +586,10 @@ def make_reference_task(
 
 
 def execute(task: Task | ReferenceTask, out_dir: str) -> Any:
-    """Run any task (the function every executor maps over the grid)."""
-    return task.run(out_dir)
+    """Run any task (the function every executor maps over the grid).
+
+    What the task traces with TorchScript (JIT ELBOs, NUTS potentials) is freed
+    with it, not kept in torch's global compilation unit for the worker's life.
+    """
+    with private_units():
+        return task.run(out_dir)
