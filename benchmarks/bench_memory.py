@@ -19,8 +19,16 @@ warm cache (fits only). Three figures per run:
 The per-process peaks and the number of live processes at the peak say what
 dominates.
 
+``--per-fit``: instead, the memory a long-lived process gains per JIT fit (RSS
+growth over repeated short fits of eight schools with Pyro's ``JitTrace_ELBO``,
+and over repeated uncached compiled steps), with TorchScript traces in
+compilation units of their own (:mod:`vimodels.compile.units`, the default)
+against the baseline (torch's global unit, where nothing is ever freed), each
+in a fresh process, interleaved.
+
 Usage: python benchmarks/bench_memory.py [--steps N] [--interval S] [--model NAME]
        [--cache-dir DIR] [compare options, e.g. --jobs 1 or --executor serial]
+       python benchmarks/bench_memory.py --per-fit [--fits N] [--repeats R]
 """
 
 from __future__ import annotations
@@ -190,6 +198,36 @@ def memory_benchmark(
     return {"name": f"memory: vimodels compare {model}", "rows": rows}
 
 
+PER_FIT_CHILD = ROOT / "tests" / "compile" / "jit_memory_child.py"
+
+
+def per_fit_benchmark(fits: int = 30, compiled_steps: int = 10, repeats: int = 2) -> dict:
+    """MB gained per JIT fit and per compiled step: private units vs torch's global unit.
+
+    Each run is a fresh process (``tests/compile/jit_memory_child.py``); the
+    two variants alternate, ``repeats`` times each.
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    rows: dict[str, list[dict]] = {"baseline (global unit)": [], "private units": []}
+    for _ in range(repeats):
+        for label, flag in (("baseline (global unit)", ["--baseline"]), ("private units", [])):
+            cmd = [sys.executable, str(PER_FIT_CHILD), "--fits", str(fits)]
+            cmd += ["--steps", str(compiled_steps), *flag]
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows[label].append(res)
+            print(
+                f"{label}: {res['mb_per_fit']:.2f} MB/fit ({fits} JIT fits of 10 steps, "
+                f"{res['s_per_fit']:.2f} s/fit), {res['mb_per_step']:.2f} MB per compiled "
+                f"step ({compiled_steps}, {res['s_per_step']:.2f} s each); functions left in "
+                f"torch's global unit: {res['global_unit_functions_added']}",
+                flush=True,
+            )
+    return {"name": "memory per JIT fit: private compilation units vs global", "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="eight_schools_noncentered")
@@ -197,7 +235,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between samples")
     parser.add_argument("--cache-dir", help="a warm reference cache: run only the warm case")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--per-fit", action="store_true", help="MB per JIT fit (see above)")
+    parser.add_argument("--fits", type=int, default=30, help="--per-fit: fits per process")
+    parser.add_argument("--repeats", type=int, default=2, help="--per-fit: processes per variant")
     args, extra = parser.parse_known_args(argv)
+    if args.per_fit:
+        res = per_fit_benchmark(args.fits, repeats=args.repeats)
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=1))
+        return
     res = memory_benchmark(args.model, args.steps, args.interval, tuple(extra), args.cache_dir)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
