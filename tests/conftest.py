@@ -12,6 +12,8 @@ import pyro
 import pytest
 import torch
 
+from vimodels.compile.units import private_units
+
 # tests/ holds helpers shared by the test packages (fit_models, sweep_helpers)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -25,7 +27,8 @@ def _fresh_pyro():
     pyro.set_rng_seed(0)
     np.random.seed(0)
     threads = torch.get_num_threads()
-    with pyro.validation_enabled(True):
+    # what a test traces with TorchScript is freed with it, not kept for the worker's life
+    with pyro.validation_enabled(True), private_units():
         yield
     torch.set_num_threads(threads)
     pyro.clear_param_store()
