@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,13 +15,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from cli_runner import run_cli
 
 import vimodels
 from diagnostics.nuts.reference import run_nuts
 from vimodels.cli.main import main
 from vimodels.errors import DataError, IncompatibleError, OptionError, UnknownNameError
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(num_steps=5, num_eval=10, progress=False)
 TINY_NUTS = {"num_chains": 1, "num_warmup": 20, "num_samples": 20}
 
@@ -50,17 +46,6 @@ def _one_line_exit_2(capsys, argv: list[str], needle: str) -> str:
     assert len(lines) == 1 and "Traceback" not in err, err
     assert needle in lines[0], lines[0]
     return lines[0]
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "vimodels.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
 
 
 # ------------------------------------------------------------ mis-shaped data (broadcast)
@@ -331,7 +316,7 @@ def test_run_compare_refuses_an_unknown_name_before_any_work(tmp_path):
 def test_compare_lists_an_inapplicable_pair_on_stderr(tmp_path):
     common = ["--steps", "30", "--draws", "100", "--iwae-k", "5", "--no-netcdf", "--quiet"]
     common += ["--executor", "serial", "--reference", "exact"]
-    proc = _cli(
+    proc = run_cli(
         "compare",
         "conjugate_linear_regression",
         "--guides",
@@ -345,7 +330,7 @@ def test_compare_lists_an_inapplicable_pair_on_stderr(tmp_path):
     warned = [x for x in proc.stderr.splitlines() if x.startswith("vimodels: warning: skipped")]
     assert len(warned) == 1 and "structured/trace" in warned[0], proc.stderr
     # nothing at all could run: exit 2, one line
-    proc = _cli(
+    proc = run_cli(
         "compare",
         "conjugate_linear_regression",
         "--guides",

@@ -8,26 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from cli_runner import ROOT, run_cli
 
 from vimodels.catalog.registry import MODELS
 from vimodels.cli.main import main
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(*args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "vimodels.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=env,
-    )
 
 
 def test_list_shows_every_registry(capsys):
@@ -62,7 +48,7 @@ def test_check_passes_on_catalog(model, capsys):
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(args, needle):
-    proc = run(*args)
+    proc = run_cli(*args)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -72,13 +58,13 @@ def test_user_mistakes_exit_2_with_one_line(args, needle):
 def test_output_folder_that_is_a_file(tmp_path):
     target = tmp_path / "file.txt"
     target.write_text("x")
-    proc = run("fit", "eight_schools_noncentered", "--steps", "5", "--out", str(target))
+    proc = run_cli("fit", "eight_schools_noncentered", "--steps", "5", "--out", str(target))
     assert proc.returncode == 2 and "is a file" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_fit_writes_netcdf_and_json(tmp_path):
     out = tmp_path / "run"
-    proc = run(
+    proc = run_cli(
         "fit",
         "eight_schools_noncentered",
         "--guide",

@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 
 from vimodels.cli.main import main
 from vimodels.svi.by_optimizer import INIT_GUIDES, options_for_guide
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(*args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "vimodels.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=env,
-    )
-
 
 @pytest.mark.parametrize("command", ["fit", "compare"])
 def test_a_bad_init_exits_2_listing_the_choices(command):
-    proc = run(command, "conjugate_linear_regression", "--init", "lapalce")
+    proc = run_cli(command, "conjugate_linear_regression", "--init", "lapalce")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr

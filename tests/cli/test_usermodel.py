@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 
 from vimodels.cli.main import main
 from vimodels.errors import DataError, OptionError, UnknownNameError
 from vimodels.usermodel import is_model_spec, load_data, load_model_spec, read_data_map
-
-ROOT = Path(__file__).resolve().parents[2]
 
 MODEL = '''
 import pyro
@@ -37,16 +32,8 @@ def _helper():
 '''
 
 
-def run(*args, cache, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VIMODELS_CACHE": str(cache)}
-    return subprocess.run(
-        [sys.executable, "-m", "vimodels.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=env,
-    )
+def run(*args, cache):
+    return run_cli(*args, env={"VIMODELS_CACHE": str(cache)})
 
 
 @pytest.fixture(scope="module")
