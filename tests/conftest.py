@@ -34,16 +34,39 @@ def _fresh_pyro():
     pyro.clear_param_store()
 
 
+def _run_folder(tmp_path_factory) -> Path:
+    """The base temporary folder of this run; under pytest-xdist, the one all workers share.
+
+    Fresh each run (pytest keeps the last few and deletes older ones).
+    """
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Point the reference cache at a fresh folder: CI starts cold, so must the tests."""
+    """Point the reference cache at a fresh folder: CI starts cold, so must the tests.
+
+    One folder for the run, shared by the xdist workers: each reference (NUTS of
+    a catalog entry, the tiny eight-schools run) is computed once per run, not
+    once per worker; the cache's file lock makes a worker that needs an entry
+    another one is computing wait for it and load it.
+    """
+    path = _run_folder(tmp_path_factory) / "vimodels-cache"
+    path.mkdir(exist_ok=True)
     old = os.environ.get("VIMODELS_CACHE")
-    os.environ["VIMODELS_CACHE"] = str(tmp_path_factory.mktemp("vimodels-cache"))
+    os.environ["VIMODELS_CACHE"] = str(path)
     yield os.environ["VIMODELS_CACHE"]
     if old is None:
         os.environ.pop("VIMODELS_CACHE", None)
     else:
         os.environ["VIMODELS_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def reference_cache(_isolated_cache) -> Path:
+    """The run's reference cache folder (see ``_isolated_cache``), for an explicit ``cache_dir``."""
+    return Path(_isolated_cache)
 
 
 @pytest.fixture(scope="session")
