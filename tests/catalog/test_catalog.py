@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import subprocess
 import sys
@@ -394,22 +393,6 @@ def test_structured_guide_draws_locals_from_their_exact_conditional(name):
 # ----------------------------------------------------------------------------- references (slow)
 
 
-@pytest.fixture(scope="session")
-def reference_cache(tmp_path_factory):
-    """One reference cache for the run: each entry's NUTS runs once.
-
-    Under pytest-xdist the folder is shared by the workers (the base temporary
-    folder of the run, fresh each run); the cache's file lock makes a worker that
-    needs an entry another one is computing wait for it instead of recomputing.
-    """
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent
-    path = base / "references"
-    path.mkdir(exist_ok=True)
-    return path
-
-
 def _reference(name: str, cache_dir):
     return get_reference(name, cache_dir=cache_dir)
 
@@ -478,42 +461,6 @@ def test_radon_mean_field_underestimates_county_scale_sd(reference_cache):
     assert gap < -4 * se, f"mean-field sd(sigma_a) minus NUTS: {gap:.4f} (se {se:.4f})"
     better, se_b = errors["structured"]
     assert abs(better) + 4 * math.hypot(se, se_b) < abs(gap), errors
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", WITH_REFERENCE)
-def test_compare_command_writes_a_report(name, reference_cache, tmp_path):
-    """``vimodels compare`` on every entry: tiny fits against the (cached) reference."""
-    from vimodels.cli.main import main
-
-    entry = MODELS[name]
-    out = tmp_path / name
-    argv = [
-        "compare",
-        name,
-        "--guides",
-        entry.default_guides[0],
-        "--elbos",
-        "enum" if entry.discrete else "trace",
-        "--steps",
-        "5",
-        "--draws",
-        "100",
-        "--iwae-k",
-        "2",
-        "--no-netcdf",
-        "--quiet",
-        "--executor",
-        "serial",  # in this process: no worker start-up per entry (the pool has its own tests)
-        "--cache",
-        str(reference_cache),
-        "--out",
-        str(out),
-    ]
-    assert main(argv) == 0
-    for filename in ("report.md", "report.html", "summary.csv", "diagnostics.json"):
-        assert (out / filename).stat().st_size > 0, filename
-    assert name in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("name", AMORTIZED)
