@@ -71,6 +71,14 @@ def _wait_for(stream, needle: str, timeout: float = 120) -> list[str]:
     raise AssertionError(f"{needle!r} never appeared: {''.join(lines)}")
 
 
+def _finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    """``proc.communicate(timeout)``; the process is killed whatever happens."""
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+
+
 _COMPARE_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -110,10 +118,7 @@ def test_ctrl_c_in_compare_keeps_a_partial_report(tmp_path):
     )
     _wait_for_pause(marks, guides[0], proc)
     proc.send_signal(signal.SIGINT)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    stdout, stderr = _finish(proc)
     assert proc.returncode == 130, stderr
     diag = json.loads((out / "diagnostics.json").read_text())
     assert diag["partial"] is True
@@ -300,10 +305,7 @@ def test_interrupting_a_local_executor_stops_every_worker(tmp_path):
         cwd=ROOT,
         env={**ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
     )
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    stdout, stderr = _finish(proc)
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr, stderr
     # returned within communicate()'s timeout, far shorter than the grace
@@ -353,6 +355,26 @@ def _wait_for_file(pattern: str, folder: Path, proc: subprocess.Popen, timeout: 
         time.sleep(0.05)
     proc.kill()
     raise AssertionError(f"{pattern} never appeared in {folder}: {proc.communicate()[1]}")
+
+
+def _start_paused(
+    args_for, tmp_path: Path, name: str, guide: str, skip: int = 0
+) -> tuple[Path, Path, subprocess.Popen]:
+    """Start ``vimodels *args_for(out)`` in a session of its own; wait until a fit pauses.
+
+    Fits of ``guide`` pause after step 20 (the first ``skip`` of each process run
+    to their end). Returns the output folder ``tmp_path / name``, the marker
+    folder and the running process.
+    """
+    out, marks = tmp_path / name, tmp_path / "marks"
+    marks.mkdir()
+    proc = _cli(
+        *args_for(out),
+        env=_pausing_env(marks, 20, guide, skip=skip),
+        start_new_session=True,
+    )
+    _wait_for_file(f"{guide}.paused", marks, proc)
+    return out, marks, proc
 
 
 def _session_processes(sid: int) -> dict[int, str]:
@@ -419,23 +441,15 @@ def test_ctrl_c_in_compare_with_an_executor_keeps_a_partial_report(tmp_path, cap
         f"interrupted: methods not run: {third}/trace; "
         f"stopped early (what they learned is kept): {second}/trace"
     )
-    out, marks = tmp_path / "cmp", tmp_path / "marks"
-    marks.mkdir()
-    proc = _cli(
-        *_compare_args(out, [first, second, third], executor),
-        env=_pausing_env(marks, 20, second),
-        start_new_session=True,
+    out, _, proc = _start_paused(
+        lambda out: _compare_args(out, [first, second, third], executor), tmp_path, "cmp", second
     )
-    _wait_for_file(f"{second}.paused", marks, proc)
     trackers = _trackers(proc.pid)  # seen now, while the command runs
     if executor == "local":
         os.killpg(proc.pid, signal.SIGINT)
     else:
         proc.send_signal(signal.SIGINT)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    stdout, stderr = _finish(proc)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
     _assert_no_worker_left(proc.pid, trackers)  # the workers were stopped and reaped
@@ -497,6 +511,13 @@ def _calibrate_args(out: Path, executor: str) -> list[str]:
     ]
 
 
+def _paused_calibration(tmp_path: Path) -> tuple[Path, Path, subprocess.Popen]:
+    """``vimodels calibrate --executor local`` (one worker), paused in the third fit's step 20."""
+    return _start_paused(
+        lambda out: _calibrate_args(out, "local"), tmp_path, "cal", "mean_field", skip=2
+    )
+
+
 def _sim_records(folder: Path) -> dict[str, dict]:
     """File name -> simulation record without its timings."""
     out = {}
@@ -539,20 +560,10 @@ def test_ctrl_c_in_calibrate_keeps_finished_simulations_and_resumes(
     run to their end). Exit 130, no traceback, no worker left, a PARTIAL report of the two
     finished simulations; a rerun runs the other two only and ends with the records and
     ranks of an uninterrupted run, bit for bit."""
-    out, marks = tmp_path / "cal", tmp_path / "marks"
-    marks.mkdir()
-    proc = _cli(
-        *_calibrate_args(out, "local"),
-        env=_pausing_env(marks, 20, "mean_field", skip=2),
-        start_new_session=True,
-    )
-    _wait_for_file("mean_field.paused", marks, proc)
+    out, _, proc = _paused_calibration(tmp_path)
     trackers = _trackers(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    stdout, stderr = _finish(proc)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
     _assert_no_worker_left(proc.pid, trackers)
@@ -584,22 +595,12 @@ def test_calibrate_survives_a_lost_worker(tmp_path, uninterrupted_calibration):
     """The worker process is killed (SIGKILL: out of memory, a node gone) in the middle of
     the third simulation: the pool reruns that simulation in a new worker, the run ends
     normally, and every simulation is ranked once, as in an uninterrupted run."""
-    out, marks = tmp_path / "cal", tmp_path / "marks"
-    marks.mkdir()
-    proc = _cli(
-        *_calibrate_args(out, "local"),
-        # the first worker pauses in its third fit; its replacement starts counting afresh
-        env=_pausing_env(marks, 20, "mean_field", skip=2),
-        start_new_session=True,
-    )
-    _wait_for_file("mean_field.paused", marks, proc)
+    # the first worker pauses in its third fit; its replacement starts counting afresh
+    out, marks, proc = _paused_calibration(tmp_path)
     worker = int((marks / "mean_field.paused").read_text())
     assert worker != proc.pid
     os.kill(worker, signal.SIGKILL)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
+    stdout, stderr = _finish(proc, timeout=300)
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and "FAILED" not in stderr, stderr
     progress = [line for line in stderr.splitlines() if line.startswith("[")]
