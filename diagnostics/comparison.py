@@ -37,6 +37,7 @@ from diagnostics.evidence import (  # noqa: F401  (re-exported)
 from diagnostics.nuts.reference import Reference
 from vimodels.errors import IncompatibleError, OptionError, check_option
 from vimodels.svi.draws import ModelInfo, model_info
+from vimodels.svi.scope import param_scope
 
 if TYPE_CHECKING:
     from vimodels.svi.fit import FitResult
@@ -287,7 +288,8 @@ def compare(
             f"{reference.model_name!r}"
         )
     first = fits[0]
-    info = model_info(first.model, first.args, {}, first.max_plate_nesting)
+    with param_scope(first):  # the model's pyro.param sites: the fit's, not the global store
+        info = model_info(first.model, first.args, {}, first.max_plate_nesting)
     sites = tuple(s for s in (sites or reference.sites) if s in reference.draws)
     joint_sites = tuple(s for s in info.continuous if s in reference.draws)
     ref_unc = _unconstrained(reference.draws, info, joint_sites, 2)

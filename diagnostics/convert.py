@@ -42,6 +42,7 @@ from vimodels.errors import DataError, OptionError, check_option, check_seed, de
 from vimodels.io import atomic_write
 from vimodels.resolve import resolve_model
 from vimodels.svi.draws import model_info, replay_model, sample_guide
+from vimodels.svi.scope import param_scope
 
 if TYPE_CHECKING:
     from diagnostics.nuts.reference import Reference
@@ -130,13 +131,14 @@ def fit_to_inference_data(
         ``sample_stats.log_weight`` holds ``log p(x, z) - log q(z)`` of each draw.
     """
     check_option("num_samples", num_samples, kind=int, low=1)
-    info = model_info(result.model, result.args, {}, result.max_plate_nesting)
-    pyro.set_rng_seed(derive_seed(result.seed, 1) if seed is None else check_seed(seed))
-    with pyro.get_param_store().scope(result.param_state):
+    # the model runs in the fit's parameter scope (its pyro.param sites), as in FitResult.sample
+    with param_scope(result):
+        info = model_info(result.model, result.args, {}, result.max_plate_nesting)
+        pyro.set_rng_seed(derive_seed(result.seed, 1) if seed is None else check_seed(seed))
         latent, log_w = sample_guide(result.model, result.guide, result.args, {}, info, num_samples)
-    replay = replay_model(
-        result.model, result.args, {}, info, latent, predictive=posterior_predictive
-    )
+        replay = replay_model(
+            result.model, result.args, {}, info, latent, predictive=posterior_predictive
+        )
     posterior = {**latent, **replay.deterministic}
     attrs = {
         "method": "vi",

@@ -48,6 +48,7 @@ from diagnostics import _arviz, metrics
 from diagnostics.nuts.kernel import BatchedPotential, FlatPotential
 from vimodels.errors import derive_seed
 from vimodels.svi.draws import model_info, sample_guide
+from vimodels.svi.scope import param_scope
 
 if TYPE_CHECKING:
     from diagnostics.nuts.reference import Reference
@@ -504,14 +505,15 @@ def _log_evidence(
     if reference is not None:
         first = fits[0]
         try:
-            le = reference_log_evidence(
-                first.model,
-                tuple(first.args),
-                reference,
-                max_plate_nesting=first.max_plate_nesting,
-                num_proposal=None,
-                seed=derive_seed(seed, EVIDENCE_SEED_OFFSET),
-            )
+            with param_scope(first):  # the model's pyro.param sites: the fit's
+                le = reference_log_evidence(
+                    first.model,
+                    tuple(first.args),
+                    reference,
+                    max_plate_nesting=first.max_plate_nesting,
+                    num_proposal=None,
+                    seed=derive_seed(seed, EVIDENCE_SEED_OFFSET),
+                )
         except Exception as exc:  # a model the potential cannot evaluate: fall back
             why = f"bridge sampling unavailable ({type(exc).__name__}: {str(exc)[:120]})"
         else:
@@ -575,9 +577,9 @@ def evidence_log_weights(result: FitResult, num: int, seed: int) -> np.ndarray:
     stored = getattr(result, "stored_evidence_log_weights", None)
     if stored is not None:
         return stored(num, seed)
-    info = model_info(result.model, result.args, {}, result.max_plate_nesting)
-    pyro.set_rng_seed(seed)
-    with pyro.get_param_store().scope(result.param_state):
+    with param_scope(result):  # the model's pyro.param sites: the fit's, not the global store
+        info = model_info(result.model, result.args, {}, result.max_plate_nesting)
+        pyro.set_rng_seed(seed)
         _, lw = sample_guide(result.model, result.guide, result.args, {}, info, num)
     return lw
 

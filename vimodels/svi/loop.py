@@ -6,7 +6,9 @@ objective that ran (rebuilt without JIT when tracing failed at the first
 step). The parameters live in the caller's Pyro parameter-store scope.
 
 A run ends on the first of: the step budget; the convergence rule
-(:mod:`vimodels.svi.convergence`); Ctrl-C; a non-finite loss or gradient
+(:mod:`vimodels.svi.convergence`), unless a parameter coordinate has stopped
+moving under a noisy loss (:mod:`vimodels.svi.stuck`: the fit is stuck, runs
+on, and is not converged); Ctrl-C; a non-finite loss or gradient
 (``nonfinite``, the step is not applied); or a finite loss outside any
 plausible range (``diverged``, :class:`~vimodels.svi.divergence.DivergenceRule`).
 The divergence rule, checked after every step:
@@ -56,6 +58,7 @@ from vimodels.svi.result import (
     NONFINITE,
     FitProgress,
 )
+from vimodels.svi.stuck import StepActivity, stuck_note
 
 # Fits shorter than this keep the JIT ELBO: compiling the step costs about half
 # a second (plus a one-off second or two per process for torch's tracing
@@ -175,9 +178,11 @@ def run_loop(
     pyro.set_rng_seed(s.seed)
     window = s.rule.resolve_window(s.num_steps)
     averager = IterateAverage()
+    activity = StepActivity()
     losses: list[float] = []
     status, message = MAX_STEPS, ""
     flat_checks, converged = 0, False
+    stuck: str | None = None  # why a flat loss was not called converged
     jit_note = compile_note = None
     compiled = None
     in_callbacks = 0.0
@@ -237,6 +242,10 @@ def run_loop(
                 averager.start(1, batch=max(1, window // 10))
             else:
                 averager.update()
+            if step == 0:
+                activity.start()
+            else:
+                activity.update()
             if callback is not None:
                 t_cb = time.perf_counter()
                 draw = _current_draw(binding, objective.guide, averager)
@@ -247,19 +256,22 @@ def run_loop(
                 if step % 50 == 0:
                     bar.set_postfix(loss=f"{loss:.4g}")
             if (step + 1) % window == 0:
+                activity.end_window()
                 if is_flat(np.asarray(losses), window, s.rule):
                     flat_checks += 1
                     if flat_checks >= s.rule.patience:
-                        converged = True
-                        if s.rule.early_stop:
-                            status = CONVERGED
-                            message = (
-                                f"converged at step {step + 1}: no significant improvement "
-                                f"over {s.rule.patience} windows of {window} steps"
-                            )
-                            break
+                        # a flat loss over parameters that no longer move is a stuck fit
+                        stuck = stuck_note(activity, np.asarray(losses), window, s.rule.rtol)
+                        converged = converged or stuck is None
+                    if converged and s.rule.early_stop:
+                        status = CONVERGED
+                        message = (
+                            f"converged at step {step + 1}: no significant improvement "
+                            f"over {s.rule.patience} windows of {window} steps"
+                        )
+                        break
                 else:
-                    flat_checks = 0
+                    flat_checks, stuck = 0, None
     except KeyboardInterrupt:
         status = INTERRUPTED
         message = f"interrupted at step {len(losses)}; kept the parameters learned"
@@ -269,11 +281,12 @@ def run_loop(
     averaged = averager.commit() if status not in (NONFINITE, DIVERGED) else None
     wall = time.perf_counter() - t0
     if status == MAX_STEPS:
-        message = f"ran all {s.num_steps} steps; " + (
-            "the loss had flattened"
-            if converged
-            else "the loss was still improving (not converged)"
-        )
+        if converged:
+            message = f"ran all {s.num_steps} steps; the loss had flattened"
+        elif stuck is not None:
+            message = f"ran all {s.num_steps} steps; not converged: {stuck}"
+        else:
+            message = f"ran all {s.num_steps} steps; the loss was still improving (not converged)"
     if averaged is not None:
         first, n = averaged["from_step"], averaged["steps"]
         message = (

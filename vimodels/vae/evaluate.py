@@ -261,16 +261,12 @@ def _defensive_log_weights(
         ``log p(x_i, z) - log q(z)`` of the encoder's draws (for the ELBO).
     """
     loc, scale = gaussian_encoder(guide, data)
-    k_t = int(round(DEFENSIVE_SHARE * k))
-    k_q = k - k_t
+    k_q, k_t = _split(k)
     q = dist.Normal(loc, scale)
     t = dist.StudentT(DEFENSIVE_DF, loc, DEFENSIVE_WIDEN * scale)
     z = torch.cat([q.sample((k_q,)), t.sample((k_t,))])
     log_q, log_t = q.log_prob(z).sum(-1).double(), t.log_prob(z).sum(-1).double()
-    if k_t == 0:
-        log_r = log_q
-    else:
-        log_r = torch.logaddexp(log_q + math.log(k_q / k), log_t + math.log(k_t / k))
+    log_r = _mixture_log_prob(log_q, log_t, k_q, k_t)
     log_p = log_joint(model, data, z).double()
     return log_p - log_r, log_p[:k_q] - log_q[:k_q]
 
@@ -357,14 +353,27 @@ def log_likelihood(
     )
 
 
+def _split(k: int) -> tuple[int, int]:
+    """Draws of a ``k``-draw chunk from the encoder and from the mixture's other component."""
+    k_other = int(round(DEFENSIVE_SHARE * k))
+    return k - k_other, k_other
+
+
 def _stratum(num_particles: int, chunk: int) -> np.ndarray:
-    """0 for the encoder's draws, 1 for the defensive component's, in draw order."""
+    """0 for the encoder's draws, 1 for the other component's, in draw order (:func:`_split`)."""
     out = []
     for done in range(0, num_particles, chunk):
-        k = min(chunk, num_particles - done)
-        k_t = int(round(DEFENSIVE_SHARE * k))
-        out.append(np.r_[np.zeros(k - k_t, int), np.ones(k_t, int)])
+        k_q, k_t = _split(min(chunk, num_particles - done))
+        out.append(np.r_[np.zeros(k_q, int), np.ones(k_t, int)])
     return np.concatenate(out)
+
+
+def _mixture_log_prob(log_q: torch.Tensor, log_t: torch.Tensor, k_q: int, k_t: int) -> torch.Tensor:
+    """Log density of the mixture with the chunk's shares ``k_q / k`` and ``k_t / k``."""
+    if k_t == 0:
+        return log_q
+    k = k_q + k_t
+    return torch.logaddexp(log_q + math.log(k_q / k), log_t + math.log(k_t / k))
 
 
 def gaussian_encoder(
@@ -578,19 +587,22 @@ def amortization_gap(
                 m, s = _elbo_draws(model, part, loc_s, scale_s, k, latent)
                 es.append((m, s, k))
                 # defensive mixture proposal: half the draws from each component
-                half = max(1, k // 2)
+                k_a, k_s = _split(k)
                 z = torch.cat(
                     [
-                        loc_a + scale_a * torch.randn(half, *loc_a.shape),
-                        loc_s + scale_s * torch.randn(k - half, *loc_s.shape),
+                        loc_a + scale_a * torch.randn(k_a, *loc_a.shape),
+                        loc_s + scale_s * torch.randn(k_s, *loc_s.shape),
                     ]
                 )
-                log_q = torch.logaddexp(
+                log_q = _mixture_log_prob(
                     _diag_normal_log_prob(z, loc_a, scale_a),
                     _diag_normal_log_prob(z, loc_s, scale_s),
-                ) - math.log(2.0)
+                    k_a,
+                    k_s,
+                )
                 log_w.append((log_joint(model, part, z, latent) - log_q).double().T.numpy())
-    log_p, log_p_se = _lme_stats(np.concatenate(log_w, 1))
+    # stratified: a fixed share of the draws from each component, chunk by chunk
+    log_p, log_p_se = _lme_stats(np.concatenate(log_w, 1), _stratum(num_particles, chunk))
     elbo_a, elbo_a_se = _pool(ea)
     elbo_s, elbo_s_se = _pool(es)
     return GapEstimate(
