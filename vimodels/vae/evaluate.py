@@ -248,16 +248,17 @@ def _defensive_log_weights(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``k`` draws per data point from the defensive mixture, and the encoder's own weights.
 
-    The first ``k - k // 2`` draws come from the encoder ``q = N(loc, scale)``, the
-    rest from independent Student-t's (:data:`DEFENSIVE_DF`) with location ``loc``
-    and scale ``DEFENSIVE_WIDEN * scale``; every draw is weighted against the
+    The first ``k_q`` draws come from the encoder ``q = N(loc, scale)``, the other
+    ``k_t`` from independent Student-t's (:data:`DEFENSIVE_DF`) with location
+    ``loc`` and scale ``DEFENSIVE_WIDEN * scale``, where ``k_q, k_t = _split(k)``
+    (``k_t = round(DEFENSIVE_SHARE * k)``); every draw is weighted against the
     mixture with the same shares (stratified sampling, unbiased for ``p(x_i)``).
 
     Returns
     -------
     log_w : Tensor, shape (k, n)
         ``log p(x_i, z) - log r(z)`` with ``r`` the mixture.
-    log_w_q : Tensor, shape (k - k // 2, n)
+    log_w_q : Tensor, shape (k_q, n)
         ``log p(x_i, z) - log q(z)`` of the encoder's draws (for the ELBO).
     """
     loc, scale = gaussian_encoder(guide, data)
