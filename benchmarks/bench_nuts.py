@@ -488,14 +488,29 @@ VS_MAX_DRAWS = 500  # warm-up and draws capped at this (the battery's cost)
 VS_REGRESSION = {"num_warmup": 300, "num_samples": 300, "num_chains": 4}
 
 
+def _vs_source(model: str) -> str:
+    """The entry whose draws a user's reference of ``model`` is made from.
+
+    An entry with ``reference_from`` (``pdb_gp_pois_regr``: its partially
+    centered twin) gets its reference by sampling that entry
+    (``diagnostics.references``): what a user waits for, so both samplers
+    sample it.
+    """
+    if model == "regression":
+        return model
+    from vimodels.catalog.registry import get_model
+
+    return get_model(model).reference_from or model
+
+
 def _vs_settings(model: str, max_draws: int = VS_MAX_DRAWS) -> dict:
-    """The entry's own NUTS settings, warm-up and draws capped at ``max_draws``."""
+    """The NUTS settings of the entry sampled (:func:`_vs_source`), capped at ``max_draws``."""
     if model == "regression":
         s = dict(VS_REGRESSION, target_accept_prob=0.8, max_tree_depth=10)
     else:
         from vimodels.catalog.registry import get_model
 
-        n = get_model(model).nuts
+        n = get_model(_vs_source(model)).nuts
         s = {
             "num_warmup": n.num_warmup,
             "num_samples": n.num_samples,
@@ -514,7 +529,7 @@ def _vs_model(model: str) -> tuple:
         return regression_model, regression_data()
     from vimodels.catalog.registry import get_model
 
-    entry = get_model(model)
+    entry = get_model(_vs_source(model))
     return entry.model, entry.data()
 
 
@@ -540,7 +555,7 @@ def _vs_child_vimodels(model: str, metric: str, s: dict, seed: int) -> dict:
     from diagnostics.nuts.reference import run_nuts
 
     t_import = time.perf_counter() - t0
-    args = (regression_model, regression_data()) if model == "regression" else (model,)
+    args = (regression_model, regression_data()) if model == "regression" else (_vs_source(model),)
     t0 = time.perf_counter()
     ref = run_nuts(*args, settings=dict(s, metric=metric), seed=seed, cache=False, num_workers=1)
     t_run = time.perf_counter() - t0
@@ -582,7 +597,11 @@ def _vs_child_numpyro(model: str, s: dict, seed: int) -> dict:
     from diagnostics.nuts import kernel
 
     fn, data = _vs_model(model)
-    seeds = [seed + c for c in range(s["num_chains"])]  # run_nuts's seeds for its chains
+    # run_nuts's seeds for its chains, so that both start from the same points (Pyro's
+    # init_to_uniform of each seed)
+    from diagnostics.nuts.reference import _chain_seeds
+
+    seeds = _chain_seeds(seed, s["num_chains"])
     setup = kernel._setup(fn, data, seeds, None, False)
     potential_fn = torch_to_jax.jax_potential(setup.potential, setup.z0[0])
     numpyro.set_platform("cpu")

@@ -91,6 +91,10 @@ LOW_RANK_GAMMA = 1e-5
 LOW_RANK_CUTOFF = 2.0
 MAX_DELTA_H = 1000.0  # energy error that marks a divergence (Stan's value)
 LOG_08 = math.log(0.8)
+# a warm-up window whose potential fell by more than this many times sqrt(D / 2) (the sd of
+# the potential of a D-dimensional Gaussian) between its first and last quarters was spent
+# in a transient (the chain still on its way to the typical set), not in the posterior
+TRANSIENT_DROP = 10.0
 LOG_2 = math.log(2.0)
 
 
@@ -814,6 +818,24 @@ def low_rank_metric(
     return LowRankMetric(stds, q @ vecs[:, keep], vals[keep])
 
 
+def is_transient(potentials: Sequence[float], dim: int) -> bool:
+    """Whether a warm-up window's potentials show a chain still on its way in.
+
+    True where the mean potential of the window's first quarter exceeds that of
+    its last quarter by more than ``TRANSIENT_DROP * sqrt(dim / 2)`` (a
+    10-sigma fall for a chain in the typical set of a Gaussian, whose potential
+    has sd ``sqrt(D / 2)``), or where a potential is not finite.
+    """
+    u = np.asarray(potentials, dtype=np.float64)
+    q = len(u) // 4
+    if q < 1:
+        return False
+    if not np.isfinite(u).all():
+        return True
+    drop = float(u[:q].mean() - u[-q:].mean())
+    return drop > TRANSIENT_DROP * math.sqrt(dim / 2.0)
+
+
 def last_window(num_warmup: int) -> int:
     """Draws in the last slow window of Stan's warm-up schedule (the final metric's)."""
     w = Windows(num_warmup)
@@ -1216,12 +1238,15 @@ def drive(steps: Steps[T], potential: Callable[[np.ndarray], Reply]) -> T:
     -------
     The generator's return value.
     """
-    try:
-        z = next(steps)
-        while True:
-            z = steps.send(potential(z))
-    except StopIteration as stop:
-        return stop.value
+    # an overflow (a step into a region where the potential or the kinetic energy is
+    # not finite) makes the energy infinite: a divergence, counted, not a warning
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            z = next(steps)
+            while True:
+                z = steps.send(potential(z))
+        except StopIteration as stop:
+            return stop.value
 
 
 def drive_lockstep(
@@ -1251,6 +1276,15 @@ def drive_lockstep(
     list
         The generators' return values, in order.
     """
+    with np.errstate(over="ignore", invalid="ignore"):  # overflows are divergences (drive)
+        return _drive_lockstep(programs, batched, dim)
+
+
+def _drive_lockstep(
+    programs: Sequence[Steps[T]],
+    batched: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    dim: int,
+) -> list[T]:
     k_all = len(programs)
     z = np.zeros((k_all, dim))
     results: list[Any] = [None] * k_all
@@ -1358,6 +1392,7 @@ def _warmup_steps(
         welford = DrawsAndGradients(chain.dim)
     else:
         welford = Welford(chain.dim, dense=metric == "dense")
+    potentials: list[float] = []
     warmup_steps = 0
     for _ in range(num_warmup):
         info = yield from chain.transition_steps()
@@ -1370,15 +1405,24 @@ def _warmup_steps(
                 welford.add(chain.z, chain.g)
             else:
                 welford.add(chain.z)
+            if metric != "diag":
+                potentials.append(chain.u)
         if windows.end_of_window():
             windows.advance()
-            if isinstance(welford, DrawsAndGradients):
+            if metric != "diag" and is_transient(potentials, chain.dim):
+                # the window's draws followed the chain's way in, not the posterior: a
+                # metric from them (or from the initial gradient) can freeze the chain
+                # where it is (variances far below the posterior's along the coordinates
+                # that barely moved); start again from Stan's unit metric
+                chain.inv_mass = np.ones(chain.dim)
+            elif isinstance(welford, DrawsAndGradients):
                 chain.inv_mass = welford.metric()
             elif welford.dense:
                 chain.inv_mass = welford.relative_covariance()
             else:
                 chain.inv_mass = welford.regularized()
             welford.restart()
+            potentials = []
             yield from chain.find_step_size_steps()
             averaging.restart(chain.step_size)
         windows.counter += 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import math
+import warnings
 
 import arviz as az
 import matplotlib
@@ -417,3 +419,63 @@ def test_progress_is_silent_off_a_terminal(capsys, tmp_path, monkeypatch):
     shown = term.getvalue()
     assert "chain 0: warm-up 20/20, sampling 10/10" in shown and "chain 1:" in shown
     assert "draws/s" in shown and "grad/draw" in shown
+
+
+def _steep(z: np.ndarray) -> tuple[float, np.ndarray]:
+    """``sum(exp(z^2))``: overflows to inf beyond |z| of about 26.6, as an explosive model does."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = np.exp(z * z)
+        return float(e.sum()), 2.0 * z * e
+
+
+def test_an_overflowing_step_is_a_divergence_not_a_warning():
+    chain = NUTSChain(_steep, np.array([0.5, -0.3]), np.random.default_rng(0))
+    chain.step_size = 50.0  # the first leapfrog step lands where exp(z^2) overflows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        info = _nuts.drive(chain.transition_steps(), _steep)
+    assert info["diverging"] and info["n_steps"] == 1
+    np.testing.assert_array_equal(chain.z, [0.5, -0.3])  # the chain stays where it was
+    assert math.isinf(info["max_energy_error"])
+
+
+@pytest.mark.parametrize("metric", ["dense", "low_rank"])
+def test_a_chain_started_far_in_the_tail_finds_the_posterior_without_warnings(metric):
+    # exp(z^2) starting at z = 6 (potential 4e15 per coordinate): the first window's draws
+    # follow the chain's way in; estimated from them, a dense or low-rank metric used to
+    # freeze the chain there (deep trees, minutes; pdb_arma11 in benchmark 3d); now 21
+    # gradients per draw (the diagonal metric: 6)
+    z0 = np.array([6.0, -5.5, 0.1])
+    programs = [
+        _nuts.chain_steps(
+            z0, np.random.default_rng(1), num_warmup=150, num_samples=50, metric=metric
+        )
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = next(programs[0])
+        run = _nuts.drive(_continue(programs[0], first), _steep)
+    draws = run["draws"]
+    assert np.abs(draws).max() < 3.0  # exp(z^2) puts essentially no mass beyond |z| = 3
+    assert run["stats"]["n_steps"].mean() < 50  # 322 (dense) and 352 (low-rank) before
+
+
+def _continue(program, first):
+    """The generator ``program`` whose first yield (``first``) was already taken."""
+    reply = yield first
+    while True:
+        try:
+            z = program.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        reply = yield z
+
+
+def test_a_window_whose_potential_falls_steeply_is_a_transient():
+    rng = np.random.default_rng(0)
+    stationary = 5.0 + rng.standard_normal(100) * np.sqrt(2.0)  # D = 4: sd sqrt(2)
+    assert not _nuts.is_transient(stationary, 4)
+    falling = stationary + np.linspace(40.0, 0.0, 100)
+    assert _nuts.is_transient(falling, 4)
+    assert _nuts.is_transient([1.0, 2.0, np.inf, 1.0], 4)
+    assert not _nuts.is_transient([1e9, 1.0], 4)  # too short to say
