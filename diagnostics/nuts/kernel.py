@@ -38,6 +38,14 @@ vector, and only the potential and its gradient in torch (JIT-traced):
   - ``"auto"``: dense or low-rank up to 64 dimensions, diagonal above
     (:func:`resolve_metric`).
 
+  A dense or low-rank window spent on the chain's way into the typical set
+  (its potential falls by more than ten of its typical sds, :func:`is_transient`)
+  is not used: the metric restarts from the unit one (a metric from such draws,
+  or from the initial gradient far out in the tail, can freeze the chain there:
+  ``pdb_arma11`` from a start with potential 3e36 ran for minutes).
+- an energy that overflows (a step into a region where the potential or the
+  kinetic energy is not finite) is a divergence, without NumPy warnings.
+
 Each kept draw records ArviZ's ``sample_stats`` names: ``diverging``,
 ``step_size``, ``tree_depth``, ``n_steps``, ``lp``, ``acceptance_rate``,
 ``energy`` (the Hamiltonian at the selected point), ``energy_error`` (its
