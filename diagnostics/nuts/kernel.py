@@ -72,6 +72,7 @@ from pyro.infer.mcmc.util import initialize_model
 
 from diagnostics.nuts.progress import ChainStatus
 from vimodels.compile.record import record, simplify_graph
+from vimodels.compile.units import private_units
 from vimodels.errors import IncompatibleError
 
 T = TypeVar("T")
@@ -1491,6 +1492,7 @@ def _setup(
     return _Setup(potential, z0, transforms, dtype)
 
 
+@private_units()  # the chain's traced potential is freed with it (vimodels.compile.units)
 def sample_chain(
     model: Callable,
     data: Mapping[str, Any],
@@ -1555,6 +1557,7 @@ def sample_chain(
     return _chain_result(run, setup)
 
 
+@private_units()  # the chains' traced potentials are freed with them
 def sample_chains(
     model: Callable,
     data: Mapping[str, Any],

@@ -41,6 +41,7 @@ from pyro.infer import MCMC, NUTS
 from diagnostics import metrics
 from guides.vae import encoder_guide
 from vimodels.catalog.vae import digits_split, digits_vae
+from vimodels.compile.units import private_units
 from vimodels.errors import IncompatibleError, OptionError, check_option
 from vimodels.svi.logweight import NotVectorizable, counted_sites, log_weight_terms
 from vimodels.vae.trainer import split_data
@@ -688,7 +689,12 @@ def nuts_latent_posterior(
 
     chains, divergences = [], 0
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]), frozen_params(), pyro.validation_enabled(False):
+    with (
+        torch.random.fork_rng(devices=[]),
+        frozen_params(),
+        pyro.validation_enabled(False),
+        private_units(),  # the JIT potential's traces are freed with the chains
+    ):
         for c in range(num_chains):
             pyro.set_rng_seed(seed + c)
             try:
