@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from pyro import poutine
 from pyro.infer import autoguide
 from pyro.infer.autoguide import initialization as init
@@ -33,6 +34,32 @@ def resolve_init_loc_fn(value: str | Callable | None) -> Callable | None:
     raise OptionError(
         f"init_loc_fn must be a callable or one of {', '.join(INIT_LOC_FNS)}, got {value!r}"
     )
+
+
+class AutoIAFNormal(autoguide.AutoIAFNormal):
+    """Pyro's ``AutoIAFNormal`` without the parameter alias that breaks its JIT ELBO.
+
+    Pyro's ``AutoNormalizingFlow.get_posterior`` keeps the flow's first
+    parameter as ``self._prototype_tensor`` (only for its dtype and device);
+    assigned to a ``PyroModule``, that registers the same ``nn.Parameter`` a
+    second time under ``<name>._prototype_tensor``. ``torch.jit.trace`` then
+    sees one tensor passed twice and gives the second input a fresh alias, so
+    the traced ELBO fails Pyro's check ``constrained_param.unconstrained() is
+    unconstrained_param`` (an ``AssertionError``: pyro-ppl/pyro issue 3132,
+    open for Pyro 1.9) and the fit falls back to the Python ELBO. The alias
+    also gives the first weight two Adam states, i.e. two updates a step.
+    Here the prototype is a plain zero-dimensional tensor of the flow's dtype
+    and device, which is all ``get_base_dist`` uses.
+    """
+
+    def get_posterior(self, *args, **kwargs):
+        """The flow; builds it on the first call (prototype kept as a plain tensor)."""
+        if self.transform is None:
+            self.transform = self._init_transform_fn(self.latent_dim)
+            for _, p in self.named_pyro_params():
+                self._prototype_tensor = torch.zeros((), dtype=p.dtype, device=p.device)
+                break
+        return super().get_posterior(*args, **kwargs)
 
 
 def _hide(model: Callable, hidden: tuple[str, ...]) -> Callable:
@@ -102,7 +129,7 @@ def _iaf(model: Callable, data: dict, hidden: tuple[str, ...] = (), **options):
         kwargs["hidden_dim"] = hs
     _reject_rest("auto_iaf_normal", options, ("init_loc_fn", "num_transforms", "hidden_dim"))
     kwargs.setdefault("num_transforms", 2)
-    return autoguide.AutoIAFNormal(_hide(model, hidden), **kwargs)
+    return AutoIAFNormal(_hide(model, hidden), **kwargs)
 
 
 def _structured(model: Callable, data: dict, hidden: tuple[str, ...] = (), **options):
