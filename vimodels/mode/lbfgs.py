@@ -8,7 +8,17 @@ from several starting points and returns the best mode with a report.
 Stopping rule of one run (Stan's defaults, in spirit): the largest gradient
 element below ``gtol``, or a relative change of the log density below
 ``ftol`` on ``patience`` consecutive iterations, or the line search making no
-progress, or ``max_iters`` iterations.
+progress, or ``max_iters`` iterations, or ``max_evals`` evaluations. A run
+counts as converged only if its last gradient is small (``gtol``, or below
+``GRAD_TOL_REL * max(1, |log p|)`` when it stopped on a flat objective or no
+progress).
+
+An unbounded density (centered eight schools: a hierarchical scale going to 0
+with the group effects at their mean sends ``log p`` to ``+inf``) has no mode;
+:func:`lbfgs_run` stops with reason ``unbounded`` when the log density keeps
+climbing while the gradient grows by ``UNBOUNDED_GRAD_GROWTH`` and a
+coordinate runs past ``UNBOUNDED_U`` (see :func:`_unbounded`), and
+:func:`find_mode` then stops and says so instead of trying the other starts.
 """
 
 from __future__ import annotations
@@ -31,6 +41,18 @@ OBJECTIVE = "objective"
 NO_PROGRESS = "no_progress"
 MAX_ITERS = "max_iters"
 NONFINITE = "nonfinite"
+MAX_EVALS = "max_evals"
+UNBOUNDED = "unbounded"
+
+#: a run stopped on a flat objective or no progress converged only if its
+#: largest gradient element is at most this times ``max(1, |log p|)``
+GRAD_TOL_REL = 1e-3
+#: unbounded: some unconstrained coordinate beyond this (a scale below e^-15) ...
+UNBOUNDED_U = 15.0
+#: ... the largest gradient element this many times its smallest so far (at least 1) ...
+UNBOUNDED_GRAD_GROWTH = 1e6
+#: ... and log p still rising by over 1 nat across this many iterations
+UNBOUNDED_WINDOW = 10
 
 
 @dataclass(frozen=True)
@@ -49,9 +71,10 @@ class LbfgsPath:
         Log-density-and-gradient evaluations (line search included).
     reason : str
         Why it stopped: ``gradient``, ``objective``, ``no_progress``,
-        ``max_iters`` or ``nonfinite``.
+        ``max_iters``, ``max_evals``, ``nonfinite`` or ``unbounded``.
     converged : bool
-        ``gradient`` or ``objective``, or no progress with a small gradient.
+        ``gradient``, or ``objective`` or no progress with a small gradient
+        (:data:`GRAD_TOL_REL`).
     """
 
     positions: torch.Tensor
@@ -92,7 +115,7 @@ class ModeReport:
     Attributes
     ----------
     converged : bool
-        Whether the best run met a convergence criterion.
+        Whether the best run met a convergence criterion (never when unbounded).
     message : str
         One line: the mode's log density, gradient, iterations, agreement of the runs.
     runs : tuple of RunReport
@@ -103,6 +126,9 @@ class ModeReport:
         Evaluations over all runs.
     wall_time : float
         Seconds.
+    unbounded : str or None
+        Where a run found the density unbounded, one line naming the site
+        (then ``converged`` is False and no mode exists); else None.
     """
 
     converged: bool
@@ -111,6 +137,7 @@ class ModeReport:
     best: int
     num_evals: int
     wall_time: float
+    unbounded: str | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +200,7 @@ def lbfgs_run(
     patience: int = 3,
     precondition: bool | None = None,
     restarts: int = 2,
+    max_evals: int | None = None,
 ) -> LbfgsPath:
     """Maximise ``potential`` from ``start`` by L-BFGS with a strong Wolfe line search.
 
@@ -197,6 +225,9 @@ def lbfgs_run(
         With preconditioning: times a run that stopped unconverged (no progress,
         or a flat objective with a large gradient) restarts from where it ended
         with the scales recomputed there.
+    max_evals : int, optional
+        Log-density evaluations at most (line searches included, Hessian
+        passes not); default ``3 * max_iters``.
 
     Returns
     -------
@@ -211,6 +242,7 @@ def lbfgs_run(
     lps: list[torch.Tensor] = []
     grads: list[torch.Tensor] = []
     evals = 0
+    budget = 3 * max_iters if max_evals is None else max_evals
     reason = MAX_ITERS
     for attempt in range(restarts + 1 if precondition else 1):
         if precondition:
@@ -223,10 +255,22 @@ def lbfgs_run(
             positions, lps, grads = positions[:-1], lps[:-1], grads[:-1]
             left += 1
         reason, n = _run(
-            potential, u0, scale, left, history_size, gtol, ftol, patience, positions, lps, grads
+            potential,
+            u0,
+            scale,
+            left,
+            history_size,
+            gtol,
+            ftol,
+            patience,
+            positions,
+            lps,
+            grads,
+            budget,
         )
         evals += n
-        if reason in (GRADIENT, NONFINITE, MAX_ITERS) or not positions:
+        budget -= n
+        if reason in (GRADIENT, NONFINITE, MAX_ITERS, MAX_EVALS, UNBOUNDED) or not positions:
             break
         if reason == OBJECTIVE and float(grads[-1].abs().max()) <= 1e-3:
             break
@@ -235,8 +279,10 @@ def lbfgs_run(
         lp0 = torch.tensor(-math.inf, dtype=dtype)
         positions, lps, grads = [start.detach().clone()], [lp0], [torch.zeros_like(start)]
     grad_max = float(grads[-1].abs().max())
-    converged = reason in (GRADIENT, OBJECTIVE) or (
-        reason == NO_PROGRESS and grad_max <= 1e-3 * max(1.0, abs(float(lps[-1])))
+    # a flat objective or a stalled line search is a mode only where the gradient is small
+    converged = reason == GRADIENT or (
+        reason in (OBJECTIVE, NO_PROGRESS)
+        and grad_max <= GRAD_TOL_REL * max(1.0, abs(float(lps[-1])))
     )
     return LbfgsPath(
         torch.stack(positions),
@@ -260,6 +306,7 @@ def _run(
     positions: list[torch.Tensor],
     lps: list[torch.Tensor],
     grads: list[torch.Tensor],
+    max_evals: int,
 ) -> tuple[str, int]:
     """One L-BFGS run in ``z = u / scale``; appends accepted iterates (in ``u``) to the lists."""
     z = (u0 / scale).requires_grad_(True)
@@ -294,6 +341,8 @@ def _run(
     reason = MAX_ITERS
     flat = 0
     taken = 0
+    first = len(lps)
+    g_low = math.inf
     while True:
         last.clear()
         before = z.detach().clone()
@@ -306,8 +355,13 @@ def _run(
         positions.append(before * scale)
         lps.append(lp)
         grads.append(g)
-        if float(g.abs().max()) <= gtol:
+        g_max = float(g.abs().max())
+        if g_max <= gtol:
             reason = GRADIENT
+            break
+        g_low = min(g_low, max(g_max, 1.0))
+        if _unbounded(positions, lps, first, g_max, g_low):
+            reason = UNBOUNDED
             break
         if len(lps) > 1:
             change = abs(float(lps[-1] - lps[-2]))
@@ -317,11 +371,50 @@ def _run(
                 break
         if taken >= max_iters:
             break
+        if evals >= max_evals:
+            reason = MAX_EVALS
+            break
         taken += 1
         if torch.equal(z.detach(), before):
             reason = NO_PROGRESS
             break
     return reason, evals
+
+
+def _unbounded(
+    positions: list[torch.Tensor], lps: list[torch.Tensor], first: int, g_max: float, g_low: float
+) -> bool:
+    """Whether this run is climbing an unbounded density (no mode to find).
+
+    All of: a coordinate beyond :data:`UNBOUNDED_U`, the gradient grown
+    :data:`UNBOUNDED_GRAD_GROWTH`-fold over its smallest value in this run,
+    and ``log p`` up by more than 1 nat over the last :data:`UNBOUNDED_WINDOW`
+    iterations. A run towards a mode has a shrinking gradient; one along an
+    unbounded ridge (a scale to 0) gains ``log p`` at a steady rate while the
+    curvature across the ridge, and so the gradient, grows without end.
+    """
+    if len(lps) - first <= UNBOUNDED_WINDOW or g_max < UNBOUNDED_GRAD_GROWTH * g_low:
+        return False
+    if float(positions[-1].abs().max()) <= UNBOUNDED_U:
+        return False
+    return float(lps[-1] - lps[-1 - UNBOUNDED_WINDOW]) > 1.0
+
+
+def unbounded_message(potential: Potential, path: LbfgsPath) -> str:
+    """One line: which site ran off, how far ``log p`` rose, and what to do instead."""
+    moved = (path.positions[-1] - path.positions[0]).abs()
+    i = int(moved.argmax())
+    block = next(b for b in potential.blocks if b.start <= i < b.start + b.size)
+    site = block.name if block.size == 1 else f"{block.name}[{i - block.start}]"
+    u_end = float(path.positions[-1][i])
+    return (
+        f"the density is unbounded along {site} (unconstrained value {u_end:.3g} after "
+        f"{path.num_iters} iterations, log density {float(path.log_densities[0]):.4g} -> "
+        f"{float(path.log_densities[-1]):.4g} and still rising, max |gradient| "
+        f"{path.grad_max:.2g}): no mode exists (typically a hierarchical scale going to 0 "
+        "in a centered model); use a non-centered model or a guide other than "
+        "auto_delta/auto_laplace"
+    )
 
 
 def resolve_inits(
@@ -356,6 +449,7 @@ def find_mode(
     dtype: torch.dtype = torch.float64,
     jacobian: bool = True,
     potential: Potential | None = None,
+    max_evals: int | None = None,
 ) -> ModeResult:
     """The mode of a model's unconstrained log density, by L-BFGS from several starts.
 
@@ -384,11 +478,16 @@ def find_mode(
     potential : Potential, optional
         Reuse a potential built by :func:`make_potential` (then ``model``,
         ``data``, ``dtype`` and ``jacobian`` are ignored).
+    max_evals : int, optional
+        Evaluations per start at most (see :func:`lbfgs_run`).
 
     Returns
     -------
     ModeResult
         The best run's end point; ``report.message`` says whether the runs agree.
+        A run that finds the density unbounded ends the search: the result is
+        that run's end point, ``report.converged`` False and ``report.unbounded``
+        and ``report.message`` say along which site.
     """
     check_option("num_inits", num_inits, kind=int, low=1)
     check_option("max_iters", max_iters, kind=int, low=1)
@@ -398,12 +497,22 @@ def find_mode(
         potential = potential_for(model, data, dtype=dtype, jacobian=jacobian)
     t0 = time.perf_counter()
     starts = resolve_inits(potential, num_inits, seed, init)
-    paths = tuple(
-        lbfgs_run(
-            potential, s, max_iters=max_iters, history_size=history_size, gtol=gtol, ftol=ftol
+    found: list[LbfgsPath] = []
+    for s in starts:
+        found.append(
+            lbfgs_run(
+                potential,
+                s,
+                max_iters=max_iters,
+                history_size=history_size,
+                gtol=gtol,
+                ftol=ftol,
+                max_evals=max_evals,
+            )
         )
-        for s in starts
-    )
+        if found[-1].reason == UNBOUNDED:  # no mode exists: other starts cannot find one
+            break
+    paths = tuple(found)
     runs = tuple(
         RunReport(
             i,
@@ -422,7 +531,12 @@ def find_mode(
             f"L-BFGS found no finite log density from {num_inits} start(s); give an init "
             "inside the support or check the model"
         )
-    best = max(finite, key=lambda i: (runs[i].converged, runs[i].log_density))
+    unbounded = next((i for i, p in enumerate(paths) if p.reason == UNBOUNDED), None)
+    best = (
+        unbounded
+        if unbounded is not None
+        else max(finite, key=lambda i: (runs[i].converged, runs[i].log_density))
+    )
     path = paths[best]
     u = path.positions[-1]
     lp = float(path.log_densities[-1])
@@ -439,6 +553,13 @@ def find_mode(
     )
     if same < len(finite):
         msg += " (the others ended elsewhere: several modes or unfinished runs)"
+    note = None
+    if unbounded is not None:
+        note = unbounded_message(potential, path)
+        msg = (
+            f"NOT converged: {note}; start {best + 1} of {num_inits}, {r.num_evals} "
+            "evaluations (the other starts were not run)"
+        )
     report = ModeReport(
         r.converged,
         msg,
@@ -446,6 +567,7 @@ def find_mode(
         best,
         sum(p.num_evals for p in paths),
         time.perf_counter() - t0,
+        note,
     )
     with torch.no_grad():
         values = {k: v.detach().cpu().numpy().copy() for k, v in potential.constrain(u).items()}

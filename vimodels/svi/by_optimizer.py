@@ -33,7 +33,7 @@ from vimodels.mode.lbfgs import ModeResult, find_mode
 from vimodels.mode.pathfinder import PathfinderResult, pathfinder
 from vimodels.mode.potential import Potential, make_potential
 from vimodels.svi.binding import bind, keyword_call, positional_kwargs
-from vimodels.svi.result import CONVERGED, MAX_STEPS, FitResult
+from vimodels.svi.result import CONVERGED, DIVERGED, MAX_STEPS, FitResult
 from vimodels.svi.weights import elbo_estimate, log_weights
 from vimodels.versions import versions
 
@@ -108,6 +108,7 @@ def mode_report_dict(mode: ModeResult) -> dict[str, Any]:
     return {
         "converged": r.converged,
         "message": r.message,
+        "unbounded": r.unbounded,
         "best": r.best,
         "num_evals": r.num_evals,
         "wall_time_s": r.wall_time,
@@ -145,7 +146,9 @@ def fit_by_optimizer(
     Returns
     -------
     FitResult
-        ``status`` ``converged`` when the L-BFGS runs met their tolerance, else
+        ``status`` ``converged`` when the L-BFGS runs met their tolerance,
+        ``diverged`` (ELBO NaN, draws at the last iterate) when ``auto_delta``'s
+        or ``auto_laplace``'s density is unbounded (no mode exists), else
         ``max_steps``; ``losses`` are ``-log p`` along the chosen L-BFGS run;
         ``settings["mode"]`` (Laplace, delta) or ``settings["pathfinder"]`` report it.
 
@@ -195,6 +198,7 @@ def fit_by_optimizer(
             potential = make_potential(
                 binding.model_fn, binding.data, dtype=dtype, jacobian=guide != "auto_delta"
             )
+            unbounded = False
             if guide == "pathfinder":
                 mixture = bool(opts.pop("mixture", False))
                 pf = pathfinder(None, potential=potential, seed=seed, **opts)
@@ -230,7 +234,12 @@ def fit_by_optimizer(
                 converged = mode.report.converged
                 num_steps = int(sum(p.num_iters for p in mode.paths))
                 settings["mode"] = mode_report_dict(mode)
-                if guide == "auto_laplace":
+                unbounded = mode.report.unbounded is not None
+                if unbounded:  # no mode: no Laplace; the delta guide keeps a result to inspect
+                    sample_guide = _delta_guide(bound_model, args, potential, mode)
+                    message = f"{guide}: {mode.report.message}"
+                    params = None
+                elif guide == "auto_laplace":
                     lap = laplace_from_mode(mode, opts.get("max_dim", MAX_HESSIAN_DIM))
                     sample_guide = gaussian_guide(bound_model, (lap.gaussian,))
                     message = f"Laplace at the L-BFGS mode: {mode.report.message}"
@@ -244,15 +253,18 @@ def fit_by_optimizer(
                     params = None
             wall = time.perf_counter() - t0
             pyro.set_rng_seed(seed + 3)
-            with torch.no_grad(), pyro.validation_enabled(False):
-                log_w = log_weights(
-                    keyword_call(bound_model),
-                    keyword_call(sample_guide),
-                    positional_kwargs(args),
-                    num_eval,
-                    depth,
-                )
-            est, se = elbo_estimate(log_w)
+            if unbounded:  # log p at the last iterate is arbitrary: no ELBO to report
+                est, se = float("nan"), float("nan")
+            else:
+                with torch.no_grad(), pyro.validation_enabled(False):
+                    log_w = log_weights(
+                        keyword_call(bound_model),
+                        keyword_call(sample_guide),
+                        positional_kwargs(args),
+                        num_eval,
+                        depth,
+                    )
+                est, se = elbo_estimate(log_w)
             if params is None:
                 params = {
                     name: pyro.param(name).detach().double().numpy().copy()
@@ -268,7 +280,7 @@ def fit_by_optimizer(
         elbo=est,
         elbo_se=se,
         params=params,
-        status=CONVERGED if converged else MAX_STEPS,
+        status=DIVERGED if unbounded else (CONVERGED if converged else MAX_STEPS),
         converged=converged,
         num_steps=num_steps,
         wall_time=wall,
