@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
 
+import vimodels
+from vimodels.errors import IncompatibleError
 from vimodels.mode.lbfgs import GRAD_TOL_REL, UNBOUNDED, find_mode, lbfgs_run
 from vimodels.mode.potential import make_potential
 
@@ -49,3 +52,8 @@ def test_max_evals_caps_a_run():
     start = torch.tensor([30.0, 30.0, 30.0], dtype=torch.float64)
     p = lbfgs_run(pot, start, max_evals=3, precondition=False)
     assert p.reason == "max_evals" and p.num_evals <= 3 + 25 and not p.converged
+
+
+def test_laplace_init_refuses_an_unbounded_density():
+    with pytest.raises(IncompatibleError, match="unbounded along tau"):
+        vimodels.fit("eight_schools_centered", guide="auto_normal", init="laplace", num_steps=2)

@@ -332,6 +332,11 @@ def gaussian_for_init(
         Its layout.
     note : str
         One line for the fit's settings.
+
+    Raises
+    ------
+    IncompatibleError
+        ``init="laplace"`` on a density without a mode (unbounded).
     """
     if init not in ("laplace", "pathfinder"):
         raise OptionError(f"init must be None, 'laplace' or 'pathfinder', got {init!r}")
@@ -344,6 +349,11 @@ def gaussian_for_init(
     potential = make_potential(model_fn, data, dtype=torch.float64)
     if init == "laplace":
         mode = find_mode(None, potential=potential, seed=seed)
+        if mode.report.unbounded is not None:
+            raise IncompatibleError(
+                f"init='laplace' needs a mode, and {mode.report.unbounded}; or start with "
+                "init='pathfinder' or no init"
+            )
         lap = laplace_from_mode(mode)
         note = f"laplace: {mode.report.message}"
         gaussian = lap.gaussian
