@@ -98,8 +98,8 @@ def child_project(model: str, metric: str, s: dict, seed: int, out: str) -> dict
 def child_nutpie(model: str, low_rank: bool, s: dict, seed: int, out: str) -> dict:
     """nutpie on the project's traced potential, one core; ESS of the constrained draws."""
     t0 = time.perf_counter()
-    import nutpie
     import numpy as np
+    import nutpie
     import torch
     from nutpie.compiled_pyfunc import from_pyfunc
 
