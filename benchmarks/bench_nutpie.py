@@ -366,6 +366,9 @@ def table(rows: list[dict]) -> str:
             elif a and b and "timeout_s" in a and "ess_per_s" in b:
                 line.append("not done")
                 ratios[(t, o)].append(0.0)  # counts as a loss in the median
+            elif a and b and "ess_per_s" in a and "timeout_s" in b:
+                line.append("**ours not done**")
+                ratios[(t, o)].append(math.inf)  # counts as a win in the median
             else:
                 line.append("-")
         checks = []
@@ -384,6 +387,19 @@ def table(rows: list[dict]) -> str:
     summary = ["**median**", ""] + [""] * len(ours + theirs)
     summary += [f"{statistics.median(v):.2f}x" if v else "-" for v in ratios.values()]
     lines.append("| " + " | ".join(summary + ["", ""]) + " |")
+    # the same ratio with the sampling call only (imports left out), where both finished
+    run_only = ["median, sampling call only", ""] + [""] * len(ours + theirs)
+    for t, o in pairs:
+        v = [
+            (a["min_ess_bulk"] / a["run"]) / (b["min_ess_bulk"] / b["run"])
+            for m in dict.fromkeys(r["model"] for r in rows)
+            for a in rows
+            for b in rows
+            if a["model"] == m == b["model"] and a["sampler"] == t and b["sampler"] == o
+            if "run" in a and "run" in b
+        ]
+        run_only.append(f"{statistics.median(v):.2f}x" if v else "-")
+    lines.append("| " + " | ".join(run_only + ["", ""]) + " |")
     return "\n".join(lines)
 
 
@@ -395,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per cell")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--table", type=Path, help="print the table of rows written by --json")
     parser.add_argument("--child", choices=SAMPLERS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
@@ -402,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         child(args.child, args.model, json.loads(args.settings), args.seed, args.out)
+        return
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
         return
     models = tuple(args.models or bench_nuts.VS_MODELS)
     rows = battery(models, tuple(args.samplers), args.max_draws, args.seed, args.timeout)
