@@ -326,20 +326,36 @@ def battery(
                 done[sampler] = row
                 rows.append(row)
                 if "npz" in row:
-                    proj = done.get("diag", {}).get("npz")
-                    ref = _reference_stats(model, Path(proj) if proj else None)
-                    if sampler == "diag" and not model.startswith("pdb_"):
-                        ref = None  # checked against itself: nothing to check
-                    row.update(check(Path(row["npz"]), ref))
                     print(
                         f"  {model} {sampler} ({row['metric_used']}): {row['ess_per_s']:.2f} "
                         f"ESS/s (min bulk ESS {row['min_ess_bulk']:.0f} in {row['timed_s']:.1f}"
                         f" s = import {row['import']:.1f} + run {row['run']:.1f}), "
                         f"{row['grad_per_draw']:.1f} grad/draw, {row['divergences']} divergent,"
-                        f" R-hat {row['max_rhat']:.3f}; means vs {row['check_against']}: max "
-                        f"{row['max_z']:.1f} MCSE over {row['checked']}; load {row['load']:.2f}",
+                        f" R-hat {row['max_rhat']:.3f}; load {row['load']:.2f}",
                         flush=True,
                     )
+            # the means: against posteriordb, else the project's diag cell (its auto cell
+            # where the diag one did not finish)
+            base = next((done[x] for x in ("diag", "auto") if "npz" in done.get(x, {})), None)
+            for sampler, row in done.items():
+                if "npz" not in row or row.get("note"):
+                    continue
+                own = base is not None and base["sampler"] == sampler
+                if model.startswith("pdb_"):
+                    ref = _reference_stats(model, None)
+                elif base is None or own:
+                    continue  # nothing to check against
+                else:
+                    ref = (
+                        f"project {base['sampler']}",
+                        _reference_stats(model, Path(base["npz"]))[1],
+                    )
+                row.update(check(Path(row["npz"]), ref))
+                print(
+                    f"  {model} {sampler}: means vs {row['check_against']}: max "
+                    f"{row['max_z']:.1f} MCSE over {row['checked']} elements",
+                    flush=True,
+                )
     return rows
 
 
