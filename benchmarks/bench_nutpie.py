@@ -301,8 +301,12 @@ def battery(
     max_draws: int = bench_nuts.VS_MAX_DRAWS,
     seed: int = 0,
     timeout: float = 900.0,
+    json_path: Path | None = None,
 ) -> list[dict]:
-    """Every (model, sampler) cell in a fresh process, the samplers of a model back to back."""
+    """Every (model, sampler) cell in a fresh process, the samplers of a model back to back.
+
+    The rows so far are written to ``json_path`` after each model.
+    """
     from diagnostics.nuts.kernel import resolve_metric
 
     rows = []
@@ -356,6 +360,8 @@ def battery(
                     f"{row['max_z']:.1f} MCSE over {row['checked']} elements",
                     flush=True,
                 )
+            if json_path is not None:
+                json_path.write_text(json.dumps(rows, indent=2, default=str))
     return rows
 
 
@@ -449,10 +455,8 @@ def main(argv: list[str] | None = None) -> None:
         print(table(json.loads(args.table.read_text())))
         return
     models = tuple(args.models or bench_nuts.VS_MODELS)
-    rows = battery(models, tuple(args.samplers), args.max_draws, args.seed, args.timeout)
+    rows = battery(models, tuple(args.samplers), args.max_draws, args.seed, args.timeout, args.json)
     print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=str))
 
 
 if __name__ == "__main__":
