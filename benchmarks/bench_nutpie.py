@@ -107,7 +107,7 @@ def child_nutpie(model: str, low_rank: bool, s: dict, seed: int, out: str) -> di
     from diagnostics.nuts import kernel
 
     t_import = time.perf_counter() - t0
-    fn, data = bench_nuts._vs_model(model)
+    fn, data = bench_nuts._vs_model(bench_nuts._vs_source(model))  # what run_nuts samples
     chains = s["num_chains"]
     t0 = time.perf_counter()
     torch.set_num_threads(1)  # one core, as the project's chains and NumPyro's
