@@ -133,8 +133,10 @@ OPTIMIZER_GUIDES: dict[str, tuple[str, ...]] = {
         "ftol",
         "mixture",
         "lbfgs_history_size",
+        "resample",
     ),
     "auto_laplace": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol", "max_dim"),
+    "auto_laplace_is": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol", "max_dim"),
     "auto_delta": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol"),
 }
 
@@ -200,9 +202,15 @@ AUTO_GUIDES: tuple[GuideSpec, ...] = (
         options=_optimizer_options("auto_laplace"),
     ),
     GuideSpec(
+        "auto_laplace_is",
+        _simple(autoguide.AutoLaplaceApproximation, "auto_laplace_is", ("init_loc_fn",)),
+        "Laplace's Gaussian as a proposal; draws PSIS-resampled by log p - log q",
+        options=_optimizer_options("auto_laplace_is"),
+    ),
+    GuideSpec(
         "pathfinder",
         _fitted_by_optimizer,
-        "Pathfinder: the best-ELBO Gaussian along 4 L-BFGS paths (Zhang et al. 2022)",
+        "Pathfinder: 4 L-BFGS paths' best Gaussians, draws PSIS-resampled (Zhang et al. 2022)",
         options=_optimizer_options("pathfinder"),
     ),
     GuideSpec(

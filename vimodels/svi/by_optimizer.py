@@ -1,11 +1,21 @@
 """Optimizer-based methods as a :class:`~vimodels.svi.result.FitResult`, like any SVI fit.
 
 ``fit_by_optimizer`` runs ``pathfinder``, ``auto_laplace`` (L-BFGS mode plus the
-exact Hessian) or ``auto_delta`` (L-BFGS constrained MAP) and wraps the result:
-its guide is a Pyro guide over the model's latent sites (a fixed Gaussian or
-mixture of Gaussians; ``AutoDelta`` at the MAP), so ``sample``, ``log_weights``,
-PSIS k-hat, ArviZ export, compare and sweeps treat it as any other fit.
-``vimodels.fit(model, guide=name)`` calls it for these three names.
+exact Hessian), ``auto_laplace_is`` (the same, importance-resampled) or
+``auto_delta`` (L-BFGS constrained MAP) and wraps the result: its guide is a
+Pyro guide over the model's latent sites (a fixed Gaussian or mixture of
+Gaussians; ``AutoDelta`` at the MAP), so ``sample``, ``log_weights``, PSIS
+k-hat, ArviZ export, compare and sweeps treat it as any other fit.
+``vimodels.fit(model, guide=name)`` calls it for these names.
+
+Pathfinder (by default) and ``auto_laplace_is`` resample: the guide is the
+proposal (the equal-weight mixture of the paths' best Gaussians, as in the
+paper's multi-path Algorithm 2, or Laplace's Gaussian) and
+``settings["resample"]`` makes ``sample`` and ArviZ export return draws
+resampled by Pareto-smoothed importance weights ``log p - log q``
+(:mod:`vimodels.svi.resample`); the fit's Pareto k is in
+``settings["resample"]["k_hat"]`` and the message, with a
+:class:`~vimodels.svi.resample.ResamplingWarning` at 0.7 or more.
 
 The methods themselves are in :mod:`vimodels.mode`; this module only binds
 the model (as SVI does) and wraps their result.
@@ -33,6 +43,7 @@ from vimodels.mode.lbfgs import ModeResult, find_mode
 from vimodels.mode.pathfinder import PathfinderResult, pathfinder
 from vimodels.mode.potential import Potential, make_potential
 from vimodels.svi.binding import bind, keyword_call, positional_kwargs
+from vimodels.svi.resample import khat_note, resample_settings
 from vimodels.svi.result import CONVERGED, MAX_STEPS, FitResult
 from vimodels.svi.weights import elbo_estimate, log_weights
 from vimodels.versions import versions
@@ -195,8 +206,11 @@ def fit_by_optimizer(
             potential = make_potential(
                 binding.model_fn, binding.data, dtype=dtype, jacobian=guide != "auto_delta"
             )
+            resample = guide == "auto_laplace_is"
             if guide == "pathfinder":
-                mixture = bool(opts.pop("mixture", False))
+                resample = bool(opts.pop("resample", True))
+                # the proposal of the resampling is the paper's mixture of the paths
+                mixture = bool(opts.pop("mixture", resample))
                 pf = pathfinder(None, potential=potential, seed=seed, **opts)
                 sample_guide = _pathfinder_guide(bound_model, pf, mixture)
                 best_path = max(
@@ -230,10 +244,12 @@ def fit_by_optimizer(
                 converged = mode.report.converged
                 num_steps = int(sum(p.num_iters for p in mode.paths))
                 settings["mode"] = mode_report_dict(mode)
-                if guide == "auto_laplace":
+                if guide in ("auto_laplace", "auto_laplace_is"):
                     lap = laplace_from_mode(mode, opts.get("max_dim", MAX_HESSIAN_DIM))
                     sample_guide = gaussian_guide(bound_model, (lap.gaussian,))
                     message = f"Laplace at the L-BFGS mode: {mode.report.message}"
+                    if resample:
+                        message = f"importance-resampled {message}"
                     params = {
                         "loc": lap.loc.double().numpy(),
                         "scale_tril": lap.gaussian.scale_tril.double().numpy(),
@@ -253,6 +269,9 @@ def fit_by_optimizer(
                     depth,
                 )
             est, se = elbo_estimate(log_w)
+            if resample:
+                settings["resample"] = resample_settings(log_w)
+                message = f"{message}; {khat_note(settings['resample']['k_hat'], len(log_w))}"
             if params is None:
                 params = {
                     name: pyro.param(name).detach().double().numpy().copy()
