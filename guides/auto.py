@@ -119,6 +119,8 @@ def _structured(model: Callable, data: dict, hidden: tuple[str, ...] = (), **opt
     return autoguide.AutoStructured(_hide(model, hidden), **kwargs)
 
 
+_LAPLACE_OPTIONS = ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol", "max_dim")
+
 #: Guides fitted by L-BFGS instead of SVI (vimodels.mode, vimodels.svi.by_optimizer),
 #: with the options each takes.
 OPTIMIZER_GUIDES: dict[str, tuple[str, ...]] = {
@@ -135,8 +137,8 @@ OPTIMIZER_GUIDES: dict[str, tuple[str, ...]] = {
         "lbfgs_history_size",
         "resample",
     ),
-    "auto_laplace": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol", "max_dim"),
-    "auto_laplace_is": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol", "max_dim"),
+    "auto_laplace": _LAPLACE_OPTIONS,
+    "auto_laplace_is": _LAPLACE_OPTIONS,
     "auto_delta": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol"),
 }
 
