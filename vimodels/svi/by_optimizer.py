@@ -260,6 +260,7 @@ def fit_by_optimizer(
                     params = None
             wall = time.perf_counter() - t0
             pyro.set_rng_seed(seed + 3)
+            evaluation: dict[str, Any] = {}
             with torch.no_grad(), pyro.validation_enabled(False):
                 log_w = log_weights(
                     keyword_call(bound_model),
@@ -267,7 +268,11 @@ def fit_by_optimizer(
                     positional_kwargs(args),
                     num_eval,
                     depth,
+                    report=evaluation,
                 )
+            # as an SVI fit records it: later draws skip the particle check it passed
+            settings["eval_vectorized"] = evaluation.get("vectorized")
+            settings["eval_vectorized_note"] = evaluation.get("reason")
             est, se = elbo_estimate(log_w)
             if resample:
                 settings["resample"] = resample_settings(log_w)
