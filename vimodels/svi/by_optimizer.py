@@ -14,8 +14,7 @@ paper's multi-path Algorithm 2, or Laplace's Gaussian) and
 ``settings["resample"]`` makes ``sample`` and ArviZ export return draws
 resampled by Pareto-smoothed importance weights ``log p - log q``
 (:mod:`vimodels.svi.resample`); the fit's Pareto k is in
-``settings["resample"]["k_hat"]`` and the message, with a
-:class:`~vimodels.svi.resample.ResamplingWarning` at 0.7 or more.
+``settings["resample"]["k_hat"]`` and the message, which flags 0.7 or more.
 
 The methods themselves are in :mod:`vimodels.mode`; this module only binds
 the model (as SVI does) and wraps their result.

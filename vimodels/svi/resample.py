@@ -7,7 +7,10 @@ of proposal draws with Pareto-smoothed importance weights
 guide (the mixture of the paths' Gaussians, or Laplace's Gaussian), and the
 resampled draws follow the posterior as closely as the weights allow (Pareto
 ``k`` < 0.7: reliable; above: the proposal misses mass and the draws lean
-toward it).
+toward it). The fit flags a k of 0.7 or more in ``settings["resample"]``
+(``reliable`` False) and in its message, as the project reports every other
+doubt about a fit (no Python warning: the message travels with the result
+into reports and comparisons).
 
 A fit that resamples carries ``settings["resample"]`` (:func:`resample_settings`);
 :meth:`~vimodels.svi.result.FitResult.sample` and ArviZ conversion then call
@@ -17,7 +20,6 @@ bounds, k-hat and evidence estimates are those of the proposal.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,26 +36,26 @@ POOL_FACTOR = 4
 #: Pareto k at and above which the resampled draws are flagged unreliable.
 KHAT_BAD = 0.7
 
-
-class ResamplingWarning(UserWarning):
-    """The importance weights behind resampled draws are too heavy-tailed (k-hat >= 0.7)."""
+#: Fewest draws from which a fit estimates its Pareto k (the tail fit needs about 10 of them).
+MIN_DRAWS = 50
 
 
 def resample_settings(log_w: np.ndarray, pool_factor: int = POOL_FACTOR) -> dict[str, Any]:
     """``settings["resample"]`` of a fit from its proposal's log weights (the ELBO draws).
 
-    Warns :class:`ResamplingWarning` when the Pareto k is 0.7 or more.
+    ``k_hat`` is None (and ``reliable`` None) when there are too few draws to fit
+    the tail (fewer than :data:`MIN_DRAWS`).
     """
-    k_hat = khat_of(log_w)
+    k_hat = khat_of(log_w) if len(log_w) >= MIN_DRAWS else None
     out = {"method": "psis", "pool_factor": int(pool_factor), "k_hat": k_hat}
-    out["reliable"] = bool(k_hat < KHAT_BAD)
-    if not out["reliable"]:
-        warnings.warn(khat_note(k_hat, len(log_w)), ResamplingWarning, stacklevel=3)
+    out["reliable"] = None if k_hat is None else bool(k_hat < KHAT_BAD)
     return out
 
 
-def khat_note(k_hat: float, n: int) -> str:
+def khat_note(k_hat: float | None, n: int) -> str:
     """One line on a Pareto k of ``n`` weights."""
+    if k_hat is None:
+        return f"importance weights' Pareto k not estimated ({n} draws; {MIN_DRAWS} needed)"
     if k_hat < KHAT_BAD:
         return f"importance weights' Pareto k {k_hat:.2f} ({n} draws): resampling reliable"
     return (
