@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from vimodels.compile.record import record, simplify_graph
+from vimodels.compile.units import private_units
 from vimodels.mode.potential import Potential
 
 #: False: always evaluate eagerly (for benchmarks of the difference)
@@ -68,7 +69,8 @@ def _build(potential: Potential) -> Callable | None:
             if any(r in n for n in names for r in _RANDOM):
                 return None  # random operations (subsampling): not a function of u alone
             graph = simplify_graph(graph, u0)
-            with torch.no_grad():
+            # a compilation unit of its own, freed with the graph (as the compiled SVI step)
+            with torch.no_grad(), private_units():
                 frozen = torch.jit.freeze(torch.jit.trace(graph, (u0,), check_trace=False).eval())
             # a second point: the prior median moved by a fixed, uneven pattern
             shift = torch.linspace(-0.5, 0.7, potential.dim, dtype=u0.dtype)
@@ -110,7 +112,9 @@ def _build_batch(potential: Potential, n: int) -> Callable | None:
             if any(x in name for name in names for x in ("_local_scalar_dense", *_RANDOM)):
                 return None
             graph = simplify_graph(graph, example)
-            frozen = torch.jit.freeze(torch.jit.trace(graph, (example,), check_trace=False).eval())
+            with private_units():
+                traced = torch.jit.trace(graph, (example,), check_trace=False)
+                frozen = torch.jit.freeze(traced.eval())
             other = u0 + 0.5 * torch.randn(n, potential.dim, generator=gen, dtype=u0.dtype)
             for x, r in ((example, ref), (other, potential._batched(other))):
                 got = frozen(x)
