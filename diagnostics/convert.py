@@ -42,6 +42,7 @@ from vimodels.errors import DataError, OptionError, check_option, check_seed, de
 from vimodels.io import atomic_write
 from vimodels.resolve import resolve_model
 from vimodels.svi.draws import model_info, replay_model, sample_guide
+from vimodels.svi.resample import POOL_FACTOR, resampled_draws
 from vimodels.svi.scope import param_scope
 
 if TYPE_CHECKING:
@@ -129,13 +130,27 @@ def fit_to_inference_data(
     -------
     InferenceData
         ``sample_stats.log_weight`` holds ``log p(x, z) - log q(z)`` of each draw.
+        For a fit that resamples (``settings["resample"]``: ``pathfinder``,
+        ``auto_laplace_is``) the posterior draws are PSIS-resampled from a pool of
+        guide draws and ``log_weight`` holds the weights of ``num_samples``
+        independent guide draws (the proposal's, for ELBO, IWAE and k-hat); the
+        attrs ``resampled`` and ``resample_k_hat`` say so.
     """
     check_option("num_samples", num_samples, kind=int, low=1)
+    resample = (getattr(result, "settings", None) or {}).get("resample")
     # the model runs in the fit's parameter scope (its pyro.param sites), as in FitResult.sample
     with param_scope(result):
         info = model_info(result.model, result.args, {}, result.max_plate_nesting)
         pyro.set_rng_seed(derive_seed(result.seed, 1) if seed is None else check_seed(seed))
-        latent, log_w = sample_guide(result.model, result.guide, result.args, {}, info, num_samples)
+        if resample:  # Pathfinder, auto_laplace_is: PSIS-resampled from a pool of guide draws
+            latent, log_w, k_hat = resampled_draws(
+                result.model, result.guide, result.args, {}, info, num_samples,
+                resample.get("pool_factor", POOL_FACTOR),
+            )  # fmt: skip
+        else:
+            latent, log_w = sample_guide(
+                result.model, result.guide, result.args, {}, info, num_samples
+            )
         replay = replay_model(
             result.model, result.args, {}, info, latent, predictive=posterior_predictive
         )
@@ -154,6 +169,9 @@ def fit_to_inference_data(
         "draws_seed": derive_seed(result.seed, 1) if seed is None else seed,
         "settings": result.settings,
     }
+    if resample:
+        attrs["resampled"] = "psis"
+        attrs["resample_k_hat"] = k_hat
     return build_inference_data(
         {k: v[None] for k, v in posterior.items()},
         dims=info.dims,

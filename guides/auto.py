@@ -146,6 +146,8 @@ def _structured(model: Callable, data: dict, hidden: tuple[str, ...] = (), **opt
     return autoguide.AutoStructured(_hide(model, hidden), **kwargs)
 
 
+_LAPLACE_OPTIONS = ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol", "max_dim")
+
 #: Guides fitted by L-BFGS instead of SVI (vimodels.mode, vimodels.svi.by_optimizer),
 #: with the options each takes.
 OPTIMIZER_GUIDES: dict[str, tuple[str, ...]] = {
@@ -160,8 +162,10 @@ OPTIMIZER_GUIDES: dict[str, tuple[str, ...]] = {
         "ftol",
         "mixture",
         "lbfgs_history_size",
+        "resample",
     ),
-    "auto_laplace": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol", "max_dim"),
+    "auto_laplace": _LAPLACE_OPTIONS,
+    "auto_laplace_is": _LAPLACE_OPTIONS,
     "auto_delta": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol"),
 }
 
@@ -227,9 +231,15 @@ AUTO_GUIDES: tuple[GuideSpec, ...] = (
         options=_optimizer_options("auto_laplace"),
     ),
     GuideSpec(
+        "auto_laplace_is",
+        _simple(autoguide.AutoLaplaceApproximation, "auto_laplace_is", ("init_loc_fn",)),
+        "Laplace's Gaussian as a proposal; draws PSIS-resampled by log p - log q",
+        options=_optimizer_options("auto_laplace_is"),
+    ),
+    GuideSpec(
         "pathfinder",
         _fitted_by_optimizer,
-        "Pathfinder: the best-ELBO Gaussian along 4 L-BFGS paths (Zhang et al. 2022)",
+        "Pathfinder: 4 L-BFGS paths' best Gaussians, draws PSIS-resampled (Zhang et al. 2022)",
         options=_optimizer_options("pathfinder"),
     ),
     GuideSpec(

@@ -87,11 +87,14 @@ class FixedGaussianGuide(autoguide.AutoContinuous):
 
     def get_posterior(self, *args, **kwargs):
         """The fixed Gaussian, or the equal-weight mixture of the components."""
+        # fixed, already checked factors: no per-call validation (a Cholesky check each time)
         if self.locs.shape[0] == 1:
-            return dist.MultivariateNormal(self.locs[0], scale_tril=self.scale_trils[0])
-        mix = dist.Categorical(logits=self.locs.new_zeros(self.locs.shape[0]))
-        comp = dist.MultivariateNormal(self.locs, scale_tril=self.scale_trils)
-        return dist.MixtureSameFamily(mix, comp)
+            return dist.MultivariateNormal(
+                self.locs[0], scale_tril=self.scale_trils[0], validate_args=False
+            )
+        mix = dist.Categorical(logits=self.locs.new_zeros(self.locs.shape[0]), validate_args=False)
+        comp = dist.MultivariateNormal(self.locs, scale_tril=self.scale_trils, validate_args=False)
+        return dist.MixtureSameFamily(mix, comp, validate_args=False)
 
     def _loc_scale(self, *args, **kwargs):
         weights = 1.0 / self.locs.shape[0]

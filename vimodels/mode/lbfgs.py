@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from vimodels.errors import OptionError, check_option
+from vimodels.mode.fast import compiled_value_and_grad
 from vimodels.mode.potential import Potential, make_potential
 from vimodels.resolve import resolve_model
 
@@ -322,11 +323,21 @@ def _run(
     )
     evals = 0
     last: list[tuple[torch.Tensor, torch.Tensor]] = []
+    fast = compiled_value_and_grad(potential)
 
     def closure() -> torch.Tensor:
         nonlocal evals
         evals += 1
         opt.zero_grad()
+        if fast is not None:  # the frozen graph of value and gradient (vimodels.mode.fast)
+            lp, g = fast(z.detach() * scale)
+            if not torch.isfinite(lp):
+                z.grad = torch.zeros_like(z)
+                last.append((torch.tensor(math.inf, dtype=z.dtype), z.grad.clone()))
+                return torch.tensor(1e300, dtype=z.dtype)
+            z.grad = -g * scale
+            last.append((lp, z.grad.clone()))
+            return -lp
         lp = potential.log_density(z * scale)
         if not torch.isfinite(lp):
             # a finite, very poor value lets the line search back off

@@ -71,6 +71,7 @@ import numpy as np
 import torch
 
 from vimodels.errors import OptionError, check_option
+from vimodels.mode.fast import compiled_log_density_batch
 from vimodels.mode.laplace import Gaussian
 from vimodels.mode.lbfgs import LbfgsPath, lbfgs_run, potential_for, resolve_inits
 from vimodels.mode.potential import Potential
@@ -327,7 +328,7 @@ def elbo_of(
         return -math.inf
     if not bool(torch.isfinite(draws).all()):
         return -math.inf
-    log_p = potential.log_density_batch(draws)
+    log_p = compiled_log_density_batch(potential, draws.shape[0])(draws)
     w = log_p - log_q
     if not bool(torch.isfinite(w).all()):
         return -math.inf

@@ -1,11 +1,20 @@
 """Optimizer-based methods as a :class:`~vimodels.svi.result.FitResult`, like any SVI fit.
 
 ``fit_by_optimizer`` runs ``pathfinder``, ``auto_laplace`` (L-BFGS mode plus the
-exact Hessian) or ``auto_delta`` (L-BFGS constrained MAP) and wraps the result:
-its guide is a Pyro guide over the model's latent sites (a fixed Gaussian or
-mixture of Gaussians; ``AutoDelta`` at the MAP), so ``sample``, ``log_weights``,
-PSIS k-hat, ArviZ export, compare and sweeps treat it as any other fit.
-``vimodels.fit(model, guide=name)`` calls it for these three names.
+exact Hessian), ``auto_laplace_is`` (the same, importance-resampled) or
+``auto_delta`` (L-BFGS constrained MAP) and wraps the result: its guide is a
+Pyro guide over the model's latent sites (a fixed Gaussian or mixture of
+Gaussians; ``AutoDelta`` at the MAP), so ``sample``, ``log_weights``, PSIS
+k-hat, ArviZ export, compare and sweeps treat it as any other fit.
+``vimodels.fit(model, guide=name)`` calls it for these names.
+
+Pathfinder (by default) and ``auto_laplace_is`` resample: the guide is the
+proposal (the equal-weight mixture of the paths' best Gaussians, as in the
+paper's multi-path Algorithm 2, or Laplace's Gaussian) and
+``settings["resample"]`` makes ``sample`` and ArviZ export return draws
+resampled by Pareto-smoothed importance weights ``log p - log q``
+(:mod:`vimodels.svi.resample`); the fit's Pareto k is in
+``settings["resample"]["k_hat"]`` and the message, which flags 0.7 or more.
 
 The methods themselves are in :mod:`vimodels.mode`; this module only binds
 the model (as SVI does) and wraps their result.
@@ -33,6 +42,7 @@ from vimodels.mode.lbfgs import ModeResult, find_mode
 from vimodels.mode.pathfinder import PathfinderResult, pathfinder
 from vimodels.mode.potential import Potential, make_potential
 from vimodels.svi.binding import bind, keyword_call, positional_kwargs
+from vimodels.svi.resample import khat_note, resample_settings
 from vimodels.svi.result import CONVERGED, DIVERGED, MAX_STEPS, FitResult
 from vimodels.svi.weights import elbo_estimate, log_weights
 from vimodels.versions import versions
@@ -199,8 +209,11 @@ def fit_by_optimizer(
                 binding.model_fn, binding.data, dtype=dtype, jacobian=guide != "auto_delta"
             )
             unbounded = False
+            resample = guide == "auto_laplace_is"
             if guide == "pathfinder":
-                mixture = bool(opts.pop("mixture", False))
+                resample = bool(opts.pop("resample", True))
+                # the proposal of the resampling is the paper's mixture of the paths
+                mixture = bool(opts.pop("mixture", resample))
                 pf = pathfinder(None, potential=potential, seed=seed, **opts)
                 sample_guide = _pathfinder_guide(bound_model, pf, mixture)
                 best_path = max(
@@ -239,10 +252,12 @@ def fit_by_optimizer(
                     sample_guide = _delta_guide(bound_model, args, potential, mode)
                     message = f"{guide}: {mode.report.message}"
                     params = None
-                elif guide == "auto_laplace":
+                elif guide in ("auto_laplace", "auto_laplace_is"):
                     lap = laplace_from_mode(mode, opts.get("max_dim", MAX_HESSIAN_DIM))
                     sample_guide = gaussian_guide(bound_model, (lap.gaussian,))
                     message = f"Laplace at the L-BFGS mode: {mode.report.message}"
+                    if resample:
+                        message = f"importance-resampled {message}"
                     params = {
                         "loc": lap.loc.double().numpy(),
                         "scale_tril": lap.gaussian.scale_tril.double().numpy(),
@@ -253,6 +268,7 @@ def fit_by_optimizer(
                     params = None
             wall = time.perf_counter() - t0
             pyro.set_rng_seed(seed + 3)
+            evaluation: dict[str, Any] = {}
             if unbounded:  # log p at the last iterate is arbitrary: no ELBO to report
                 est, se = float("nan"), float("nan")
             else:
@@ -263,8 +279,15 @@ def fit_by_optimizer(
                         positional_kwargs(args),
                         num_eval,
                         depth,
+                        report=evaluation,
                     )
+                # as an SVI fit records it: later draws skip the particle check it passed
+                settings["eval_vectorized"] = evaluation.get("vectorized")
+                settings["eval_vectorized_note"] = evaluation.get("reason")
                 est, se = elbo_estimate(log_w)
+                if resample:
+                    settings["resample"] = resample_settings(log_w)
+                    message = f"{message}; {khat_note(settings['resample']['k_hat'], len(log_w))}"
             if params is None:
                 params = {
                     name: pyro.param(name).detach().double().numpy().copy()

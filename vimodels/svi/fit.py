@@ -171,8 +171,8 @@ def fit(
 
     Notes
     -----
-    ``guide="pathfinder"``, ``"auto_laplace"`` and ``"auto_delta"`` are fitted by
-    L-BFGS, not Adam (:func:`vimodels.svi.by_optimizer.fit_by_optimizer`): Pathfinder,
+    ``guide="pathfinder"``, ``"auto_laplace"``, ``"auto_laplace_is"`` and ``"auto_delta"``
+    are fitted by L-BFGS, not Adam (:func:`vimodels.svi.by_optimizer.fit_by_optimizer`): Pathfinder,
     the mode plus the exact Hessian, the constrained MAP. The SVI options
     (``num_steps``, ``lr``, ``elbo_options``, ``callback`` ...) do not apply to them;
     their ``guide_options`` are the optimizer's (``num_paths``, ``max_iters`` ...).

@@ -16,6 +16,7 @@ from vimodels.io import jsonable
 from vimodels.svi.binding import keyword_call, positional_kwargs
 from vimodels.svi.draws import model_info, sample_guide
 from vimodels.svi.minibatch_eval import EVAL_BATCHES, minibatch_log_weights
+from vimodels.svi.resample import POOL_FACTOR, resampled_draws
 from vimodels.svi.subsample import IndexSupplier
 from vimodels.svi.weights import log_weights
 
@@ -159,6 +160,9 @@ class FitResult:
         -------
         dict of str to ndarray
             Each array has shape ``(num_samples, *site_shape)``, constrained space.
+            For a fit with ``settings["resample"]`` (``pathfinder``, ``auto_laplace_is``):
+            draws resampled by Pareto-smoothed importance weights from four times as
+            many guide draws (:mod:`vimodels.svi.resample`).
         """
         num_samples = check_option("num_samples", num_samples, kind=int, low=1)
         sites = tuple(sites or self.sites)
@@ -171,12 +175,19 @@ class FitResult:
         pyro.set_rng_seed(derive_seed(self.seed, 1) if seed is None else check_seed(seed))
         with pyro.get_param_store().scope(self.param_state):
             info = model_info(self.model, self.args, {}, self.max_plate_nesting)
+            check = self.settings.get("eval_vectorized") is not True
+            if self.settings.get("resample"):  # Pathfinder, auto_laplace_is: PSIS-resampled
+                return resampled_draws(
+                    self.model, self.guide, self.args, {}, info, num_samples,
+                    self.settings["resample"].get("pool_factor", POOL_FACTOR),
+                    sites=sites, check=check,
+                )[0]  # fmt: skip
             with self._batches(seed, 1):
                 # the draws of to_inference_data with the same seed; the particle check
                 # is skipped where the fit's ELBO draws passed it
                 return sample_guide(
                     self.model, self.guide, self.args, {}, info, num_samples, sites=sites,
-                    check=self.settings.get("eval_vectorized") is not True, weights=False,
+                    check=check, weights=False,
                 )[0]  # fmt: skip
 
     def log_weights(self, num_samples: int = 1000, seed: int | None = None) -> np.ndarray:
