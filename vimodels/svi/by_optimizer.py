@@ -41,7 +41,7 @@ from vimodels.mode.laplace import MAX_HESSIAN_DIM, Gaussian, laplace_from_mode
 from vimodels.mode.lbfgs import ModeResult, find_mode
 from vimodels.mode.pathfinder import PathfinderResult, pathfinder
 from vimodels.mode.potential import Potential, make_potential
-from vimodels.svi.binding import bind, keyword_call, positional_kwargs
+from vimodels.svi.binding import bind, keyword_call, latent_sites, positional_kwargs
 from vimodels.svi.resample import khat_note, resample_settings
 from vimodels.svi.result import CONVERGED, DIVERGED, MAX_STEPS, FitResult
 from vimodels.svi.weights import elbo_estimate, log_weights
@@ -175,6 +175,16 @@ def fit_by_optimizer(
     check_option("seed", seed, kind=int, low=0)
     check_option("num_eval", num_eval, kind=int, low=2)
     binding = bind(model, data, discrete_ok=True, sites=sites)
+    # the fitted Gaussian draws in the dtype the model's latents have (float64 data
+    # makes float64 latents; a float32 draw would then meet float64 in a matmul)
+    latent_dtype = next(
+        (
+            s["value"].dtype
+            for s in latent_sites(binding.trace).values()
+            if torch.is_floating_point(s["value"])
+        ),
+        torch.float32,
+    )
     if binding.hidden:
         raise IncompatibleError(
             f"guide {guide!r} needs continuous latents; model {binding.name!r} has discrete "
@@ -215,7 +225,7 @@ def fit_by_optimizer(
                 # the proposal of the resampling is the paper's mixture of the paths
                 mixture = bool(opts.pop("mixture", resample))
                 pf = pathfinder(None, potential=potential, seed=seed, **opts)
-                sample_guide = _pathfinder_guide(bound_model, pf, mixture)
+                sample_guide = _pathfinder_guide(bound_model, pf, mixture, latent_dtype)
                 best_path = max(
                     (r for r in pf.paths if r.best is not None), key=lambda r: r.best.elbo
                 )
@@ -254,7 +264,7 @@ def fit_by_optimizer(
                     params = None
                 elif guide in ("auto_laplace", "auto_laplace_is"):
                     lap = laplace_from_mode(mode, opts.get("max_dim", MAX_HESSIAN_DIM))
-                    sample_guide = gaussian_guide(bound_model, (lap.gaussian,))
+                    sample_guide = gaussian_guide(bound_model, (lap.gaussian,), latent_dtype)
                     message = f"Laplace at the L-BFGS mode: {mode.report.message}"
                     if resample:
                         message = f"importance-resampled {message}"
@@ -323,9 +333,11 @@ def fit_by_optimizer(
     )
 
 
-def _pathfinder_guide(model: Callable, pf: PathfinderResult, mixture: bool) -> Any:
+def _pathfinder_guide(
+    model: Callable, pf: PathfinderResult, mixture: bool, dtype: torch.dtype
+) -> Any:
     """The best component's Gaussian, or (``mixture``) the equal-weight mixture of all."""
-    return gaussian_guide(model, pf.components if mixture else (pf.components[pf.best],))
+    return gaussian_guide(model, pf.components if mixture else (pf.components[pf.best],), dtype)
 
 
 def _delta_guide(model: Callable, args: tuple, potential: Potential, mode: ModeResult) -> Any:
