@@ -130,14 +130,11 @@ def test_pathfinder_gets_eight_schools_tau_against_nuts():
     NUTS's (batch means) and the resampling's (effective size of the proposal's
     smoothed weights, 1 / sum p^2, plus the resampled draws' own).
     """
-    from diagnostics.nuts.reference import run_nuts
+    from diagnostics.references import get_reference
 
-    ref = run_nuts(
-        "eight_schools_noncentered",
-        settings={"num_chains": 2, "num_warmup": 500, "num_samples": 1000},
-        seed=0,
-        num_workers=1,
-    )
+    # the catalog's reference (4 x 500 draws), shared through the run's cache with the
+    # catalog's reference tests instead of a NUTS run of this test's own
+    ref = get_reference("eight_schools_noncentered")
     tau_ref = np.asarray(ref.draws["tau"], dtype=float)
     sd = float(tau_ref.std())
     r = vimodels.fit("eight_schools_noncentered", guide="pathfinder", seed=1, num_eval=1000)
