@@ -111,7 +111,7 @@ def child_nutpie(model: str, low_rank: bool, s: dict, seed: int, out: str) -> di
     chains = s["num_chains"]
     t0 = time.perf_counter()
     torch.set_num_threads(1)  # one core, as the project's chains and NumPyro's
-    setup = kernel._setup(fn, data, [seed + c for c in range(chains)], None, True)
+    setup = bench_nuts.chain_setup(fn, data, seed, chains, jit=True)  # run_nuts's points
     potential = setup.potential
     dim = potential.dim
     frozen = potential.mode == "fx"
@@ -169,8 +169,7 @@ def child_nutpie(model: str, low_rank: bool, s: dict, seed: int, out: str) -> di
         maxdepth=s["max_tree_depth"],
     )
     z = np.asarray(trace.posterior["z"].values, dtype=np.float64)  # (chains, draws, D)
-    per_chain = [kernel._constrain(d, potential, setup.transforms, setup.dtype) for d in z]
-    latent = {k: np.stack([c[k] for c in per_chain]) for k in per_chain[0]}
+    latent = bench_nuts.constrained_draws(z, setup)
     t_run = time.perf_counter() - t0
     ess, rhat = bench_nuts._min_ess(latent)
     st = trace.sample_stats
@@ -276,18 +275,10 @@ def _run_cell(sampler, model, s, seed, work: Path, timeout: float) -> dict | Non
     if proc.returncode != 0:
         print(f"  {model} {sampler}: FAILED\n{proc.stderr[-2000:]}", flush=True)
         return None
-    res = json.loads(Path(out + ".json").read_text())
-    timed = res["import"] + res["run"]
-    res.update(
-        model=model,
-        sampler=sampler,
-        settings=s,
-        timed_s=timed,
-        process_s=total,
-        ess_per_s=res["min_ess_bulk"] / timed,
-        load=_load(),
-        npz=out + ".npz",
+    res = bench_nuts.cell_record(
+        json.loads(Path(out + ".json").read_text()), model, sampler, s, total
     )
+    res["npz"] = out + ".npz"
     return res
 
 

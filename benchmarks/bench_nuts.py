@@ -548,6 +548,45 @@ def _min_ess(samples: dict) -> tuple[float, float]:
     return float(min(ess)), float(max(rhat))
 
 
+def chain_setup(fn, data: dict, seed: int, num_chains: int, jit: bool):
+    """``kernel._setup`` at run_nuts's initial points (Pyro's init_to_uniform of its chain seeds).
+
+    Every other sampler of the battery starts here, so that all start where the
+    project's chains start.
+    """
+    from diagnostics.nuts import kernel
+    from diagnostics.nuts.reference import _chain_seeds
+
+    return kernel._setup(fn, data, _chain_seeds(seed, num_chains), None, jit)
+
+
+def constrained_draws(draws, setup) -> dict:
+    """Site -> constrained draws ``(chains, draws, ...)`` from flat unconstrained ``(C, S, D)``."""
+    import numpy as np
+
+    from diagnostics.nuts import kernel
+
+    per_chain = [
+        kernel._constrain(d, setup.potential, setup.transforms, setup.dtype) for d in draws
+    ]
+    return {k: np.stack([c[k] for c in per_chain]) for k in per_chain[0]}
+
+
+def cell_record(res: dict, model: str, sampler: str, s: dict, process_s: float) -> dict:
+    """A child's result with the whole-call time (imports + run) and ESS per second added."""
+    timed = res["import"] + res["run"]
+    res.update(
+        model=model,
+        sampler=sampler,
+        settings=s,
+        timed_s=timed,
+        process_s=process_s,
+        ess_per_s=res["min_ess_bulk"] / timed,
+        load=os.getloadavg()[0],
+    )
+    return res
+
+
 def _vs_child_vimodels(model: str, metric: str, s: dict, seed: int) -> dict:
     import numpy as np
 
@@ -594,15 +633,8 @@ def _vs_child_numpyro(model: str, s: dict, seed: int) -> dict:
     import torch
     import torch_to_jax
 
-    from diagnostics.nuts import kernel
-
     fn, data = _vs_model(model)
-    # run_nuts's seeds for its chains, so that both start from the same points (Pyro's
-    # init_to_uniform of each seed)
-    from diagnostics.nuts.reference import _chain_seeds
-
-    seeds = _chain_seeds(seed, s["num_chains"])
-    setup = kernel._setup(fn, data, seeds, None, False)
+    setup = chain_setup(fn, data, seed, s["num_chains"], jit=False)
     potential_fn = torch_to_jax.jax_potential(setup.potential, setup.z0[0])
     numpyro.set_platform("cpu")
     t0 = time.perf_counter()
@@ -625,10 +657,7 @@ def _vs_child_numpyro(model: str, s: dict, seed: int) -> dict:
     draws = np.asarray(draws, dtype=np.float64)
     if draws.ndim == 2:
         draws = draws[None]
-    per_chain = [
-        kernel._constrain(d, setup.potential, setup.transforms, setup.dtype) for d in draws
-    ]
-    latent = {k: np.stack([c[k] for c in per_chain]) for k in per_chain[0]}
+    latent = constrained_draws(draws, setup)
     ess, rhat = _min_ess(latent)
     extra = mcmc.get_extra_fields()
     steps = np.asarray(extra["num_steps"], dtype=float)
@@ -687,17 +716,8 @@ def vs_battery(
                 if proc.returncode != 0:
                     print(f"  {model} {sampler}: FAILED\n{proc.stderr[-2000:]}", flush=True)
                     continue
-                res = json.loads(Path(out).read_text())
-                timed = res["import"] + res["run"]
-                res.update(
-                    model=model,
-                    sampler=sampler,
-                    settings=s,
-                    timed_s=timed,
-                    process_s=total,
-                    ess_per_s=res["min_ess_bulk"] / timed,
-                    load=os.getloadavg()[0],
-                )
+                res = cell_record(json.loads(Path(out).read_text()), model, sampler, s, total)
+                timed = res["timed_s"]
                 rows.append(res)
                 print(
                     f"  {model} {sampler} ({res['metric_used']}): {res['ess_per_s']:.1f} ESS/s "
