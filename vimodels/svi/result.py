@@ -17,6 +17,7 @@ from vimodels.svi.binding import keyword_call, positional_kwargs
 from vimodels.svi.draws import model_info, sample_guide
 from vimodels.svi.minibatch_eval import EVAL_BATCHES, minibatch_log_weights
 from vimodels.svi.resample import POOL_FACTOR, resampled_draws
+from vimodels.svi.scope import param_scope
 from vimodels.svi.subsample import IndexSupplier
 from vimodels.svi.weights import log_weights
 
@@ -173,7 +174,7 @@ class FitResult:
                 f"(and the model's other sample sites: {', '.join(self.site_shapes)})"
             )
         pyro.set_rng_seed(derive_seed(self.seed, 1) if seed is None else check_seed(seed))
-        with pyro.get_param_store().scope(self.param_state):
+        with param_scope(self):
             info = model_info(self.model, self.args, {}, self.max_plate_nesting)
             check = self.settings.get("eval_vectorized") is not True
             if self.settings.get("resample"):  # Pathfinder, auto_laplace_is: PSIS-resampled
@@ -200,7 +201,7 @@ class FitResult:
         seed = derive_seed(self.seed, 2) if seed is None else check_seed(seed)
         pyro.set_rng_seed(seed)
         if self.subsample is not None:  # a model that subsamples its data
-            with pyro.get_param_store().scope(self.param_state):
+            with param_scope(self):
                 return minibatch_log_weights(
                     keyword_call(self.model),
                     keyword_call(self.guide),
@@ -210,7 +211,7 @@ class FitResult:
                     seed=seed,
                     batches=self.subsample.get("eval_batches", EVAL_BATCHES),
                 )[0]
-        with pyro.get_param_store().scope(self.param_state):
+        with param_scope(self):
             return log_weights(
                 keyword_call(self.model),
                 keyword_call(self.guide),
