@@ -71,7 +71,7 @@ import torch
 from pyro.infer.mcmc.util import initialize_model
 
 from diagnostics.nuts.progress import ChainStatus
-from vimodels.compile.record import record, simplify_graph
+from vimodels.compile.record import freeze, record, simplify_graph
 from vimodels.compile.units import private_units
 from vimodels.errors import IncompatibleError
 
@@ -323,8 +323,7 @@ def _simplified_and_frozen(
 
 def _freeze(graph: torch.fx.GraphModule, example: torch.Tensor) -> Callable:
     """Frozen TorchScript of an FX graph, traced at ``example``."""
-    with torch.no_grad():
-        return torch.jit.freeze(torch.jit.trace(graph, (example,), check_trace=False).eval())
+    return freeze(graph, example)
 
 
 def _simplified(graph: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:

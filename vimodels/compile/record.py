@@ -40,6 +40,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from vimodels.compile.units import private_units
+
 aten = torch.ops.aten
 
 # operations whose output depends on their tensor input only through its static shape
@@ -206,6 +208,26 @@ def _all_tensors(out: Any) -> bool:
     if isinstance(out, (tuple, list)):
         return all(isinstance(o, torch.Tensor) for o in out)
     return False
+
+
+def reads_value(gm: torch.fx.GraphModule) -> bool:
+    """Whether the graph read a tensor's value into Python (a branch the graph froze)."""
+    return any("_local_scalar_dense" in str(n.target) for n in gm.graph.nodes)
+
+
+def has_random(gm: torch.fx.GraphModule) -> bool:
+    """Whether the graph draws random numbers (not a function of its inputs alone)."""
+    return any(n.op == "call_function" and _is_random(n) for n in gm.graph.nodes)
+
+
+def freeze(gm: torch.fx.GraphModule, *example: torch.Tensor) -> Callable:
+    """Frozen TorchScript of ``gm`` traced at ``example``, in a compilation unit of its own.
+
+    The unit is freed with the returned module (torch's process-wide one is never
+    emptied: :mod:`vimodels.compile.units`).
+    """
+    with torch.no_grad(), private_units():
+        return torch.jit.freeze(torch.jit.trace(gm, example, check_trace=False).eval())
 
 
 def count_ops(gm: torch.fx.GraphModule) -> int:

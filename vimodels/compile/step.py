@@ -39,8 +39,7 @@ from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence, transform_to
 
-from vimodels.compile.record import UnsupportedTrace, record
-from vimodels.compile.units import private_units
+from vimodels.compile.record import UnsupportedTrace, freeze, reads_value, record
 
 SUPPORTED = (Trace_ELBO, JitTrace_ELBO, TraceMeanField_ELBO)
 RTOL = 1e-4
@@ -330,14 +329,11 @@ def _trace(loss_fn, model, guide, args, names, params) -> CompiledStep:
         )
     if seen - set(names):
         raise StepCompileError(f"new parameters while tracing: {sorted(seen - set(names))}")
-    pulled = [n for n in graph.graph.nodes if "_local_scalar_dense" in str(n.target)]
-    if pulled:
+    if reads_value(graph):
         raise StepCompileError("the step reads a tensor's value into Python")
     if not used:
         raise StepCompileError("the loss depends on no parameter")
-    # a compilation unit of its own, freed with the module (torch's global one is never emptied)
-    with torch.no_grad(), private_units():
-        compiled = torch.jit.freeze(torch.jit.trace(graph, examples, check_trace=False).eval())
+    compiled = freeze(graph, *examples)
     return CompiledStep(names, params, used, graph, compiled)
 
 

@@ -25,8 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from vimodels.compile.record import record, simplify_graph
-from vimodels.compile.units import private_units
+from vimodels.compile.record import freeze, has_random, reads_value, record, simplify_graph
 from vimodels.mode.potential import Potential
 
 #: False: always evaluate eagerly (for benchmarks of the difference)
@@ -34,8 +33,6 @@ ENABLED = True
 
 #: relative agreement the frozen graph must show with the eager potential
 RTOL = 1e-9
-
-_RANDOM = ("rand", "bernoulli", "normal_", "multinomial", "poisson", "exponential_")
 
 
 def _eager_value_and_grad(potential: Potential, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -63,15 +60,11 @@ def _build(potential: Potential) -> Callable | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = record(lambda u: _eager_value_and_grad(potential, u), u0)
-            names = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
-            if any("_local_scalar_dense" in n for n in names):
+            if reads_value(graph):
                 return None  # the model reads a value into Python: a branch the graph freezes
-            if any(r in n for n in names for r in _RANDOM):
+            if has_random(graph):
                 return None  # random operations (subsampling): not a function of u alone
-            graph = simplify_graph(graph, u0)
-            # a compilation unit of its own, freed with the graph (as the compiled SVI step)
-            with torch.no_grad(), private_units():
-                frozen = torch.jit.freeze(torch.jit.trace(graph, (u0,), check_trace=False).eval())
+            frozen = freeze(simplify_graph(graph, u0), u0)
             # a second point: the prior median moved by a fixed, uneven pattern
             shift = torch.linspace(-0.5, 0.7, potential.dim, dtype=u0.dtype)
             for u in (u0, u0 + shift):
@@ -108,13 +101,9 @@ def _build_batch(potential: Potential, n: int) -> Callable | None:
             if not potential._batch_ok:
                 return None
             graph = record(potential._batched, example)
-            names = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
-            if any(x in name for name in names for x in ("_local_scalar_dense", *_RANDOM)):
+            if reads_value(graph) or has_random(graph):
                 return None
-            graph = simplify_graph(graph, example)
-            with private_units():
-                traced = torch.jit.trace(graph, (example,), check_trace=False)
-                frozen = torch.jit.freeze(traced.eval())
+            frozen = freeze(simplify_graph(graph, example), example)
             other = u0 + 0.5 * torch.randn(n, potential.dim, generator=gen, dtype=u0.dtype)
             for x, r in ((example, ref), (other, potential._batched(other))):
                 got = frozen(x)
