@@ -23,7 +23,6 @@ coordinate runs past ``UNBOUNDED_U`` (see :func:`_unbounded`), and
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -31,9 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.optimize
 import torch
-from threadpoolctl import ThreadpoolController
 
 from vimodels.errors import OptionError, check_option
 from vimodels.mode.fast import compiled_value_and_grad
@@ -57,8 +54,6 @@ UNBOUNDED_U = 15.0
 UNBOUNDED_GRAD_GROWTH = 1e6
 #: ... and log p still rising by over 1 nat across this many iterations
 UNBOUNDED_WINDOW = 10
-#: evaluations per line search at most (torch's strong-Wolfe default, 25, kept)
-MAX_LINE_SEARCH = 25
 
 
 @dataclass(frozen=True)
@@ -300,31 +295,6 @@ def lbfgs_run(
     )
 
 
-@functools.cache
-def _blas() -> ThreadpoolController:
-    """The process's BLAS libraries (found once, after SciPy's optimizer is loaded)."""
-    return ThreadpoolController()
-
-
-class _Stop(Exception):
-    """Raised inside the objective to end the run (never escapes :func:`_run`)."""
-
-
-def _eager_value_and_grad(potential: Potential) -> Callable:
-    """``u -> (log p, d log p / du)`` through the potential itself (no frozen graph)."""
-
-    def value_and_grad(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.enable_grad():
-            x = u.detach().clone().requires_grad_(True)
-            lp = potential.log_density(x)
-            if not torch.isfinite(lp):
-                return lp.detach(), torch.zeros_like(x)
-            (g,) = torch.autograd.grad(lp, x, allow_unused=True)
-        return lp.detach(), torch.zeros_like(x) if g is None else g.detach()
-
-    return value_and_grad
-
-
 def _run(
     potential: Potential,
     u0: torch.Tensor,
@@ -341,110 +311,105 @@ def _run(
 ) -> tuple[str, int]:
     """One L-BFGS run in ``z = u / scale``; appends accepted iterates (in ``u``) to the lists.
 
-    SciPy's L-BFGS-B without bounds (``maxcor = history_size``, a Moré-Thuente
-    line search of at most :data:`MAX_LINE_SEARCH` evaluations) minimises
-    ``-log p`` in float64; its own stopping rules are switched off (``gtol =
-    ftol = 0``) and every accepted iterate is checked here, in the callback,
-    against this module's rules. The values and gradients of the accepted
-    iterates come from this run's evaluations (kept per line search, keyed on
-    the point), so nothing is evaluated twice.
+    ``torch.optim.LBFGS`` with ``max_iter=1`` evaluates the closure at the
+    start of every ``step``: the point its previous line search accepted and
+    already evaluated. Evaluations are kept per step, keyed on the point's
+    bytes, and that one is served from them (the same bits, so the same
+    iterates; one evaluation per iteration fewer).
     """
-    dtype = potential.dtype
-    value_and_grad = compiled_value_and_grad(potential) or _eager_value_and_grad(potential)
-    scale_np = scale.detach().double().cpu().numpy()
+    z = (u0 / scale).requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [z],
+        lr=1.0,
+        max_iter=1,
+        max_eval=25,
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+        history_size=history_size,
+        line_search_fn="strong_wolfe",
+    )
     evals = 0
-    # this line search's evaluations: bytes of z -> (u, log p, d log p / du)
+    last: list[tuple[torch.Tensor, torch.Tensor]] = []
+    fast = compiled_value_and_grad(potential)
+    # this step's evaluations: bytes of z -> (log p, d(-log p)/dz, the loss returned)
     seen: dict[bytes, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def evaluate(z: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def evaluate() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if fast is not None:  # the frozen graph of value and gradient (vimodels.mode.fast)
+            lp, g = fast(z.detach() * scale)
+            if not torch.isfinite(lp):
+                return torch.tensor(math.inf, dtype=z.dtype), torch.zeros_like(z), _huge(z)
+            return lp, -g * scale, -lp
+        with torch.enable_grad():
+            x = z.detach().clone().requires_grad_(True)
+            lp = potential.log_density(x * scale)
+            if not torch.isfinite(lp):
+                # a finite, very poor value lets the line search back off
+                return torch.tensor(math.inf, dtype=z.dtype), torch.zeros_like(z), _huge(z)
+            (g,) = torch.autograd.grad(-lp, x, allow_unused=True)
+        return lp.detach(), torch.zeros_like(z) if g is None else g.detach(), -lp.detach()
+
+    def closure() -> torch.Tensor:
         nonlocal evals
-        key = z.tobytes()
+        key = z.detach().cpu().numpy().tobytes()
         if key not in seen:
             evals += 1
-            u = torch.from_numpy(z * scale_np).to(dtype)
-            lp, g = value_and_grad(u)
-            seen[key] = (u, lp, g)
-        return seen[key]
+            seen[key] = evaluate()
+        lp, gz, loss = seen[key]
+        z.grad = gz.clone()
+        last.append((lp, gz))
+        return loss
 
-    def objective(z: np.ndarray) -> tuple[float, np.ndarray]:
-        _, lp, g = evaluate(z)
-        value = float(lp)
-        if not (math.isfinite(value) and bool(torch.isfinite(g).all())):
-            # a finite, very poor value lets the line search back off
-            return 1e300, np.zeros_like(z)
-        return -value, -(g.double().cpu().numpy() * scale_np)
-
-    state = {"reason": None, "flat": 0, "taken": 0, "g_low": math.inf}
+    reason = MAX_ITERS
+    flat = 0
+    taken = 0
     first = len(lps)
-
-    def accept(z: np.ndarray) -> None:
-        """Record the iterate at ``z`` and raise :class:`_Stop` where a rule says stop."""
-        u, lp, g = evaluate(z)
+    g_low = math.inf
+    while True:
+        last.clear()
+        before = z.detach().clone()
+        opt.step(closure)
+        lp, gz = last[0]  # the first evaluation of a step is at its starting point
+        keep = seen.get(z.detach().cpu().numpy().tobytes())  # where the next step starts
         seen.clear()
-        if not (math.isfinite(float(lp)) and bool(torch.isfinite(g).all())):
-            state["reason"] = NONFINITE
-            raise _Stop
-        positions.append(u)
+        if keep is not None:
+            seen[z.detach().cpu().numpy().tobytes()] = keep
+        if not math.isfinite(float(lp)):
+            reason = NONFINITE
+            break
+        g = -gz / scale  # closure stored d(-log p)/dz; d log p / du = (d log p / dz) / scale
+        positions.append(before * scale)
         lps.append(lp)
         grads.append(g)
         g_max = float(g.abs().max())
         if g_max <= gtol:
-            state["reason"] = GRADIENT
-            raise _Stop
-        state["g_low"] = min(state["g_low"], max(g_max, 1.0))
-        if _unbounded(positions, lps, first, g_max, state["g_low"]):
-            state["reason"] = UNBOUNDED
-            raise _Stop
-        if len(lps) > first + 1:
+            reason = GRADIENT
+            break
+        g_low = min(g_low, max(g_max, 1.0))
+        if _unbounded(positions, lps, first, g_max, g_low):
+            reason = UNBOUNDED
+            break
+        if len(lps) > 1:
             change = abs(float(lps[-1] - lps[-2]))
-            state["flat"] = state["flat"] + 1 if change <= ftol * max(1.0, abs(float(lp))) else 0
-            if state["flat"] >= patience:
-                state["reason"] = OBJECTIVE
-                raise _Stop
-        if state["taken"] >= max_iters:
-            state["reason"] = MAX_ITERS
-            raise _Stop
+            flat = flat + 1 if change <= ftol * max(1.0, abs(float(lp))) else 0
+            if flat >= patience:
+                reason = OBJECTIVE
+                break
+        if taken >= max_iters:
+            break
         if evals >= max_evals:
-            state["reason"] = MAX_EVALS
-            raise _Stop
-        state["taken"] += 1
+            reason = MAX_EVALS
+            break
+        taken += 1
+        if torch.equal(z.detach(), before):
+            reason = NO_PROGRESS
+            break
+    return reason, evals
 
-    def callback(intermediate_result: Any) -> None:
-        try:
-            accept(intermediate_result.x)
-        except _Stop:
-            raise StopIteration from None
 
-    z0 = (u0.detach().double().cpu() / scale.detach().double().cpu()).numpy()
-    try:
-        accept(z0)
-    except _Stop:
-        return state["reason"], evals
-    # L-BFGS-B's small dense algebra (2m x 2m) on one BLAS thread: on a busy 2-core
-    # machine OpenBLAS's threads made each iteration ~100 times slower (~15 ms)
-    with _blas().limit(limits=1, user_api="blas"):
-        result = scipy.optimize.minimize(
-            objective,
-            z0,
-            jac=True,
-            method="L-BFGS-B",
-            callback=callback,
-            options={
-                "maxcor": history_size,
-                "gtol": 0.0,
-                "ftol": 0.0,
-                "maxiter": max_iters + 1,
-                "maxfun": max_evals + MAX_LINE_SEARCH + 1,
-                "maxls": MAX_LINE_SEARCH,
-            },
-        )
-    if state["reason"] is not None:  # the callback stopped it
-        return state["reason"], evals
-    # SciPy stopped on its own: a line search that found no lower point (or, with
-    # ftol = 0, a step that lowered nothing), or its evaluation/iteration cap
-    if result.status == 1:
-        return (MAX_EVALS if evals >= max_evals else MAX_ITERS), evals
-    return NO_PROGRESS, evals
+def _huge(z: torch.Tensor) -> torch.Tensor:
+    """The loss returned where ``log p`` is not finite (the line search backs off)."""
+    return torch.tensor(1e300, dtype=z.dtype)
 
 
 def _unbounded(
