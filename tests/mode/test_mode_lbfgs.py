@@ -93,3 +93,61 @@ def test_find_mode_checks_options():
         find_mode("conjugate_linear_regression", num_inits=0)
     with pytest.raises(OptionError, match=r"init must have shape \(3,\)"):
         find_mode("conjugate_linear_regression", init=np.zeros(2))
+
+
+def _path_checks(pot, path):
+    """log p never falls along the path; recorded values and gradients are the potential's."""
+    lps = path.log_densities.numpy()
+    assert np.all(np.diff(lps) >= 0.0), np.diff(lps).min()
+    for u, lp, g in zip(path.positions, path.log_densities, path.grads, strict=True):
+        x = u.clone().requires_grad_(True)
+        value = pot.log_density(x)
+        (expected,) = torch.autograd.grad(value, x)
+        # the frozen graph agrees with the eager potential to 1e-9 (vimodels.mode.fast.RTOL)
+        assert float(lp) == pytest.approx(float(value.detach()), rel=1e-9, abs=1e-9)
+        assert torch.allclose(g, expected, rtol=1e-9, atol=1e-9 * (1 + float(expected.abs().max())))
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "eager"])
+def test_recorded_path_is_monotone_with_autograds_gradients(frozen, monkeypatch):
+    """Each recorded iterate's log p and gradient are those at its position (Pathfinder)."""
+    import vimodels.mode.lbfgs as lbfgs
+
+    if not frozen:
+        monkeypatch.setattr(lbfgs, "compiled_value_and_grad", lambda potential: None)
+    pot = make_potential(
+        get_model("eight_schools_noncentered").model, get_model("eight_schools_noncentered").data()
+    )
+    start = pot.random_inits(1, seed=3)[0]
+    path = lbfgs_run(pot, start, history_size=5)
+    assert path.converged and path.num_iters > 10, (path.reason, path.num_iters)
+    _path_checks(pot, path)
+
+
+def test_no_point_is_evaluated_twice(monkeypatch):
+    """A step's start was its previous line search's last point: served, not evaluated again."""
+    import vimodels.mode.lbfgs as lbfgs
+
+    real = lbfgs.compiled_value_and_grad
+    points: list[bytes] = []
+
+    def recording(potential):
+        fn = real(potential)
+
+        def value_and_grad(u):
+            points.append(u.detach().numpy().tobytes())
+            return fn(u)
+
+        return value_and_grad
+
+    monkeypatch.setattr(lbfgs, "compiled_value_and_grad", recording)
+    idx = np.arange(10)
+    sd = np.linspace(1.0, 3.0, 10)
+    cov = 0.5 ** np.abs(idx[:, None] - idx[None, :]) * sd[:, None] * sd[None, :]
+    loc, tril = as_tensors(np.linspace(-4.0, 5.0, 10), np.linalg.cholesky(cov))
+    pot = make_potential(gaussian_model, {"mean": loc, "scale_tril": tril})
+    path = lbfgs_run(pot, torch.zeros(10, dtype=torch.float64), precondition=False)
+    assert path.converged
+    assert len(points) == len(set(points)) == path.num_evals
+    # about one evaluation per iteration (the old driver made two or more)
+    assert path.num_evals < 1.5 * path.num_iters + 5, (path.num_evals, path.num_iters)
