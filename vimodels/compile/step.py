@@ -79,18 +79,27 @@ class CompiledStep:
         with torch.no_grad():
             return self.compiled(*inputs)
 
-    def step(self, optim: Callable[[list[torch.Tensor]], None]) -> tuple[float, bool]:
-        """One SVI step at the store's parameters: ``(loss, finite)``; steps only when finite."""
+    def step(
+        self,
+        optim: Callable[[list[torch.Tensor]], None],
+        accept: Callable[[float], bool] | None = None,
+    ) -> tuple[float, bool]:
+        """One SVI step at the store's parameters: ``(loss, finite)``.
+
+        The optimizer steps only when the step is finite and ``accept(loss)``
+        (if given) is true.
+        """
         loss, finite, *grads = self(*self.params)
         finite = bool(finite)
-        if finite:
+        loss = float(loss)
+        if finite and (accept is None or accept(loss)):
             ps = self._used_params
             for p, g in zip(ps, grads):
                 p.grad = g
             optim(ps)
             for p in ps:
                 p.grad = None
-        return float(loss), finite
+        return loss, finite
 
 
 def supports(loss_fn: Any) -> bool:

@@ -432,6 +432,7 @@ def finish(
         "divergence": loop.divergence.for_guide(sample_guide).as_dict(),
         "versions": versions(),
         "subsample": None,
+        "spikes": outcome.spikes,
     }
     subsampled = None
     if supplier is not None:  # --- minibatch

@@ -9,8 +9,13 @@ A run ends on the first of: the step budget; the convergence rule
 (:mod:`vimodels.svi.convergence`), unless a parameter coordinate has stopped
 moving under a noisy loss (:mod:`vimodels.svi.stuck`: the fit is stuck, runs
 on, and is not converged); Ctrl-C; a non-finite loss or gradient
-(``nonfinite``, the step is not applied); or a finite loss outside any
-plausible range (``diverged``, :class:`~vimodels.svi.divergence.DivergenceRule`).
+(``nonfinite``, the step is not applied); a finite loss outside any
+plausible range (``diverged``, :class:`~vimodels.svi.divergence.DivergenceRule`);
+or most of the latest steps' losses spiking (``diverged``). A step whose loss
+spikes far above the recent losses (:class:`~vimodels.svi.spike.SpikeGuard`) is
+not applied (neither the parameters nor Adam's state see its gradient), is
+left out of the losses the convergence rule judges, and is counted in the
+message and in ``LoopOutcome.spikes``.
 The divergence rule, checked after every step:
 
 - where ``log p(x)`` is known (``U``, a catalog entry's exact log evidence), a
@@ -36,6 +41,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -58,6 +64,7 @@ from vimodels.svi.result import (
     NONFINITE,
     FitProgress,
 )
+from vimodels.svi.spike import SpikeGuard
 from vimodels.svi.stuck import StepActivity, stuck_note
 
 # Fits shorter than this keep the JIT ELBO: compiling the step costs about half
@@ -132,6 +139,8 @@ class LoopOutcome:
         Why JIT or the compiled step did not run, where they did not.
     compiled : bool
         Whether the compiled step ran.
+    spikes : dict or None
+        The steps skipped because their loss spiked (:meth:`SpikeGuard.summary`).
     """
 
     losses: np.ndarray
@@ -145,6 +154,7 @@ class LoopOutcome:
     jit_note: str | None
     compile_note: str | None
     compiled: bool
+    spikes: dict | None = None
 
 
 def run_loop(
@@ -179,7 +189,9 @@ def run_loop(
     window = s.rule.resolve_window(s.num_steps)
     averager = IterateAverage()
     activity = StepActivity()
+    guard = SpikeGuard()
     losses: list[float] = []
+    kept: list[float] = []  # the losses of the steps applied (the convergence rule's)
     status, message = MAX_STEPS, ""
     flat_checks, converged = 0, False
     stuck: str | None = None  # why a flat loss was not called converged
@@ -195,14 +207,16 @@ def run_loop(
             validate = s.validate_first_step and step == 0
             if step == 1 and s.jit is not False and not jit_note and compiles_step(objective.loss):
                 compiled, compile_note = _compile(binding, objective, s)
+            accept = partial(guard.accepts, step)
             try:
                 if compiled is not None:
-                    loss, finite = compiled.step(optim)
+                    loss, finite = compiled.step(optim, accept)
                 else:
                     with pyro.validation_enabled(validate):
                         loss, finite = svi_step(
-                            binding.model, objective.guide, objective.loss, optim, binding.args
-                        )
+                            binding.model, objective.guide, objective.loss, optim, binding.args,
+                            accept,
+                        )  # fmt: skip
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # JIT tracing failures vary widely
@@ -217,10 +231,13 @@ def run_loop(
                 pyro.set_rng_seed(s.seed)
                 objective = build(False)
                 optim = make_optimizer(s.lr, s.lr_decay, s.num_steps)
+                guard = SpikeGuard()
+                accept = partial(guard.accepts, step)
                 with pyro.validation_enabled(validate):
                     loss, finite = svi_step(
-                        binding.model, objective.guide, objective.loss, optim, binding.args
-                    )
+                        binding.model, objective.guide, objective.loss, optim, binding.args,
+                        accept,
+                    )  # fmt: skip
             if not finite:
                 status = NONFINITE
                 what = (
@@ -231,6 +248,14 @@ def run_loop(
                 message = f"stopped at step {step}: {what}; kept the parameters of step {step - 1}"
                 break
             losses.append(loss)
+            if guard.skipped and guard.skipped[-1] == step:
+                diverged = guard.diverged(step)
+                if diverged:
+                    status, converged = DIVERGED, False
+                    message = diverged
+                    break
+            else:
+                kept.append(loss)
             diverged = s.divergence.for_guide(objective.guide).check_step(
                 step, loss, losses[0], s.num_steps
             )
@@ -257,11 +282,11 @@ def run_loop(
                     bar.set_postfix(loss=f"{loss:.4g}")
             if (step + 1) % window == 0:
                 activity.end_window()
-                if is_flat(np.asarray(losses), window, s.rule):
+                if is_flat(np.asarray(kept), window, s.rule):
                     flat_checks += 1
                     if flat_checks >= s.rule.patience:
                         # a flat loss over parameters that no longer move is a stuck fit
-                        stuck = stuck_note(activity, np.asarray(losses), window, s.rule.rtol)
+                        stuck = stuck_note(activity, np.asarray(kept), window, s.rule.rtol)
                         converged = converged or stuck is None
                     if converged and s.rule.early_stop:
                         status = CONVERGED
@@ -304,6 +329,8 @@ def run_loop(
             "; not averaged: every parameter was still drifting (its last iterate is kept); "
             "run more steps"
         )
+    if guard.note() is not None:
+        message = f"{message}; {guard.note()}"
     return LoopOutcome(
         losses=np.asarray(losses, dtype=float),
         status=status,
@@ -316,6 +343,7 @@ def run_loop(
         jit_note=jit_note,
         compile_note=compile_note,
         compiled=compiled is not None,
+        spikes=guard.summary(),
     )
 
 

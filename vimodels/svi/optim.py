@@ -107,9 +107,21 @@ def make_optimizer(lr: float, lr_decay: float | None, num_steps: int) -> Adam:
 
 
 def svi_step(
-    model: Callable, guide: Callable, loss_fn: Any, optim: Callable, args: tuple
+    model: Callable,
+    guide: Callable,
+    loss_fn: Any,
+    optim: Callable,
+    args: tuple,
+    accept: Callable[[float], bool] | None = None,
 ) -> tuple[float, bool]:
     """One SVI step that refuses to apply non-finite gradients.
+
+    Parameters
+    ----------
+    accept : callable, optional
+        ``accept(loss)`` for a finite step: False skips the optimizer (the
+        parameters and its state stay as they were; a loss spike,
+        :class:`vimodels.svi.spike.SpikeGuard`).
 
     Returns
     -------
@@ -127,7 +139,7 @@ def svi_step(
     finite = math.isfinite(loss) and all(
         p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params
     )
-    if finite:
+    if finite and (accept is None or accept(loss)):
         optim(params)
     zero_grads(params)
     return loss, finite
