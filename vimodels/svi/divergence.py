@@ -32,6 +32,11 @@ Check 1 needs ``q`` to be a density: a point-mass guide (``AutoDelta``, and
 ``AutoLaplaceApproximation`` while it trains) reports ``log p(x, z*)``, which
 exceeds ``log p(x)`` by the log posterior density at the mode, so for it only
 check 2 applies (:meth:`DivergenceRule.for_guide`).
+
+Both checks look down (a loss too good to be true). Upward spikes, one guide
+draw where the model's density explodes, are :mod:`vimodels.svi.spike`'s: such
+a step is skipped, and a fit whose latest steps mostly spike stops as
+``diverged`` too.
 """
 
 from __future__ import annotations

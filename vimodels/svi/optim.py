@@ -15,7 +15,10 @@ the divergence rule of :mod:`vimodels.svi.divergence` for finite losses out of
 any plausible range), not hidden by clipping. Clipping the gradient norm to
 100 was tried on the case that rule was made for (a full-rank Gaussian over
 1000 dimensions whose loss fell from 1.9e3 to -7e7 at step 15): it ran away
-at the same step, so no clipping option is offered.
+at the same step, so no clipping option is offered. A step whose loss spikes
+far above the recent losses is not clipped either but skipped whole
+(:mod:`vimodels.svi.spike`, through the step's ``accept``): Adam's state never
+sees its gradient.
 """
 
 from __future__ import annotations

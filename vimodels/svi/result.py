@@ -100,7 +100,9 @@ class FitResult:
         Seconds spent in the loop.
     seed : int
     settings : dict
-        Settings actually used (ELBO class, particles, JIT, threads, guide options...).
+        Settings actually used (ELBO class, particles, JIT, threads, guide options...);
+        ``settings["spikes"]``: the steps skipped because their loss spiked
+        (:mod:`vimodels.svi.spike`), None when none was.
     message : str
         One-line account of how the fit ended.
     sites : tuple of str
