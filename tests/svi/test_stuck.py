@@ -82,7 +82,7 @@ def test_frozen_counts_coordinates_that_moved_and_then_stopped():
     pyro.clear_param_store()
 
 
-@pytest.mark.slow  # 60-80 s (2000 JIT steps, load 8 on 2 cores)
+@pytest.mark.slow  # 78-101 s (2000 JIT steps, load 8-14 on 2 cores)
 def test_pdb_arma11_multivariate_normal_skips_the_spike_and_reaches_auto_normal():
     """The spike of step 98 is skipped (vimodels.svi.spike): the fit no longer freezes
     (the old code: stuck, ELBO -389) and reaches auto_normal's ELBO, 57.20 (seed 0)."""
