@@ -152,3 +152,25 @@ def compiled_value_and_grad(potential: Potential) -> Callable | None:
         cached = _build(potential) or False
         potential._compiled_vg = cached
     return cached or None
+
+
+def frozen_log_density_batch(potential: Potential, n: int, build: bool = True) -> Callable | None:
+    """The frozen graph of :func:`compiled_log_density_batch` for ``n`` rows, or None.
+
+    None where the graph is not valid for this potential (the eager method is
+    then the only one), where :data:`ENABLED` is False, or where none is built
+    for ``n`` yet and ``build`` is False.
+    """
+    if not ENABLED:
+        return None
+    cache = getattr(potential, "_compiled_batch", None) or {}
+    if n not in cache and not build:
+        return None
+    compiled_log_density_batch(potential, n)
+    return potential._compiled_batch[n] or None
+
+
+def frozen_batch_sizes(potential: Potential) -> tuple[int, ...]:
+    """The row counts for which a valid frozen batched graph is already built."""
+    cache = getattr(potential, "_compiled_batch", None) or {}
+    return tuple(n for n, f in cache.items() if f)

@@ -65,10 +65,22 @@ class FixedGaussianGuide(autoguide.AutoContinuous):
         Component means (``P = 1``: a single Gaussian).
     scale_trils : Tensor, shape (P, dim, dim)
         Lower Cholesky factors of the component covariances. The mixture weights are equal.
+    potential : Potential, optional
+        The model's flat unconstrained log density (Jacobian included) over the same
+        layout, kept as :attr:`potential`: the importance resampling evaluates its
+        proposal pool through the potential's frozen batched graph where that gives
+        the same log weights (:mod:`vimodels.svi.pool`).
     """
 
-    def __init__(self, model: Callable, locs: torch.Tensor, scale_trils: torch.Tensor):
+    def __init__(
+        self,
+        model: Callable,
+        locs: torch.Tensor,
+        scale_trils: torch.Tensor,
+        potential: Potential | None = None,
+    ):
         super().__init__(model)
+        self.potential = potential
         if locs.dim() != 2 or scale_trils.shape != locs.shape + locs.shape[-1:]:
             raise OptionError(
                 f"locs must be (P, dim) and scale_trils (P, dim, dim), got "
@@ -106,12 +118,15 @@ class FixedGaussianGuide(autoguide.AutoContinuous):
 
 
 def gaussian_guide(
-    model: Callable, gaussians: tuple[Gaussian, ...], dtype: torch.dtype = torch.float32
+    model: Callable,
+    gaussians: tuple[Gaussian, ...],
+    dtype: torch.dtype = torch.float32,
+    potential: Potential | None = None,
 ) -> FixedGaussianGuide:
     """A :class:`FixedGaussianGuide` from one or more :class:`Gaussian` (mixture if several)."""
     locs = torch.stack([g.loc.to(dtype) for g in gaussians])
     trils = torch.stack([g.scale_tril.to(dtype) for g in gaussians])
-    return FixedGaussianGuide(model, locs, trils)
+    return FixedGaussianGuide(model, locs, trils, potential)
 
 
 def lowrank_factors(cov: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

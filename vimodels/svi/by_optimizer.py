@@ -225,7 +225,7 @@ def fit_by_optimizer(
                 # the proposal of the resampling is the paper's mixture of the paths
                 mixture = bool(opts.pop("mixture", resample))
                 pf = pathfinder(None, potential=potential, seed=seed, **opts)
-                sample_guide = _pathfinder_guide(bound_model, pf, mixture, latent_dtype)
+                sample_guide = _pathfinder_guide(bound_model, pf, mixture, latent_dtype, potential)
                 best_path = max(
                     (r for r in pf.paths if r.best is not None), key=lambda r: r.best.elbo
                 )
@@ -264,7 +264,9 @@ def fit_by_optimizer(
                     params = None
                 elif guide in ("auto_laplace", "auto_laplace_is"):
                     lap = laplace_from_mode(mode, opts.get("max_dim", MAX_HESSIAN_DIM))
-                    sample_guide = gaussian_guide(bound_model, (lap.gaussian,), latent_dtype)
+                    sample_guide = gaussian_guide(
+                        bound_model, (lap.gaussian,), latent_dtype, potential
+                    )
                     message = f"Laplace at the L-BFGS mode: {mode.report.message}"
                     if resample:
                         message = f"importance-resampled {message}"
@@ -334,10 +336,15 @@ def fit_by_optimizer(
 
 
 def _pathfinder_guide(
-    model: Callable, pf: PathfinderResult, mixture: bool, dtype: torch.dtype
+    model: Callable,
+    pf: PathfinderResult,
+    mixture: bool,
+    dtype: torch.dtype,
+    potential: Potential | None = None,
 ) -> Any:
     """The best component's Gaussian, or (``mixture``) the equal-weight mixture of all."""
-    return gaussian_guide(model, pf.components if mixture else (pf.components[pf.best],), dtype)
+    components = pf.components if mixture else (pf.components[pf.best],)
+    return gaussian_guide(model, components, dtype, potential)
 
 
 def _delta_guide(model: Callable, args: tuple, potential: Potential, mode: ModeResult) -> Any:

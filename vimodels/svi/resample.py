@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from vimodels.mode.psis import psis
-from vimodels.svi.draws import ModelInfo, sample_guide
+from vimodels.svi.draws import ModelInfo
+from vimodels.svi.pool import pool_draws
 
 #: Proposal draws per resampled draw (Stan's multi-path Pathfinder pools
 #: ``num_paths`` x ``num_draws`` and keeps ``num_draws``: 4 for its 4 paths).
@@ -103,7 +104,9 @@ def resampled_draws(
     """``num_samples`` draws resampled (with replacement) from ``pool_factor`` x as many.
 
     The pool is drawn from ``guide`` under Pyro's current random state (set the
-    seed before calling); the resampling indices come from the same stream.
+    seed before calling); the resampling indices come from the same stream. Its
+    log weights come from the frozen potential of a Laplace or Pathfinder guide
+    where that gives the traces' numbers (:func:`vimodels.svi.pool.pool_draws`).
 
     Returns
     -------
@@ -116,7 +119,7 @@ def resampled_draws(
         Pareto k of the whole pool's weights.
     """
     pool = num_samples * pool_factor
-    latent, log_w = sample_guide(model, guide, args, kwargs, info, pool, sites=sites, check=check)
+    latent, log_w = pool_draws(model, guide, args, kwargs, info, pool, sites=sites, check=check)
     probs, k_hat = psis_probabilities(log_w)
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     idx = np.random.default_rng(seed).choice(pool, size=num_samples, replace=True, p=probs)
