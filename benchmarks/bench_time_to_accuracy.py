@@ -308,6 +308,62 @@ def render(res: dict, start: str, end: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: ``--resample-pool``'s default models: the posteriordb regressions and arK of section 4b
+POOL_MODELS = (
+    "pdb_mesquite_logvolume",
+    "pdb_earnings_logearn_interaction",
+    "pdb_nes1972",
+    "pdb_kidiq_interaction",
+    "pdb_ark",
+)
+
+
+def resample_pool_timing(models: tuple[str, ...], draws: int, seed: int, reps: int) -> str:
+    """``fit(...).sample(draws)`` of the resampling methods, pool by traces vs frozen potential.
+
+    One fit per model and method; then, in the same process, ``reps`` rounds of
+    one call with the pool drawn through Pyro's traces (``vimodels.svi.pool.ENABLED``
+    False, the old path) and one through the frozen potential (the first of
+    those builds the graph and runs the agreement check: shown apart). Every
+    pair must give the same draws.
+    """
+    import vimodels
+    from vimodels.svi import pool
+
+    lines = [
+        f"start: {uptime()}; torch threads {torch.get_num_threads()}",
+        "",
+        "| model | method | rows | traces (old) | frozen, 1st call | frozen, later | same draws |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in models:
+        for guide in ("auto_laplace_is", "pathfinder"):
+            fit = vimodels.fit(name, guide=guide, seed=seed, progress=False, num_eval=100)
+            old, new, same, ref = [], [], True, {}
+            for _ in range(reps):
+                for enabled in (False, True):
+                    pool.ENABLED = enabled
+                    t0 = time.perf_counter()
+                    got = fit.sample(draws, seed=seed + 10)
+                    (new if enabled else old).append(time.perf_counter() - t0)
+                    if enabled:
+                        same &= all(np.array_equal(got[k], ref[k]) for k in ref)
+                    else:
+                        ref = got
+            pool.ENABLED = True
+            potential = fit.guide.potential
+            rows = [n for n, f in getattr(potential, "_compiled_batch", {}).items() if f]
+            frozen = getattr(fit.guide, "_pool_agrees", None)
+            later = ", ".join(f"{t:.2f}" for t in new[1:])
+            lines.append(
+                f"| `{name}` | {guide} | {rows if frozen else 'traces'} | "
+                f"{', '.join(f'{t:.2f}' for t in old)} | {new[0]:.2f} | {later} | {same} |"
+            )
+            print(lines[-1], flush=True)
+    lines += ["", f"end: {uptime()}"]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -322,7 +378,25 @@ def main(argv: list[str] | None = None) -> None:
         "in this process under the same load)",
     )
     parser.add_argument("--all-inits", action="store_true", help="auto_normal's inits too")
+    parser.add_argument(
+        "--resample-pool",
+        action="store_true",
+        help="instead: time sample(--draws) of auto_laplace_is and pathfinder with the "
+        "resampling pool drawn through Pyro's traces vs the frozen potential, interleaved "
+        "(--models default: five posteriordb posteriors)",
+    )
+    parser.add_argument("--reps", type=int, default=3, help="rounds for --resample-pool")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.resample_pool:
+        models = POOL_MODELS if args.models == list(MODELS) else tuple(args.models)
+        text = resample_pool_timing(models, args.draws, args.seed, args.reps)
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return
     start = uptime()
     with tempfile.TemporaryDirectory() as tmp:
         res = run(

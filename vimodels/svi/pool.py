@@ -45,13 +45,19 @@ from pyro import poutine
 
 from vimodels.mode.fast import frozen_batch_sizes, frozen_log_density_batch
 from vimodels.mode.guides import FixedGaussianGuide
+from vimodels.mode.potential import Potential
 from vimodels.svi.draws import _DRAWS_PLATE, LATENT, ModelInfo, _as_draws, _chunks, sample_guide
 
 #: False: always draw the pool through Pyro's traces (for benchmarks of the difference)
 ENABLED = True
 
-#: Rows per call of a frozen graph built here (Pathfinder's 25 ELBO draws build the same size).
-ROWS = 25
+#: Rows per call of the frozen graph: about this many data elements per call (the model's
+#: arithmetic on large data stays in cache; small models make fewer calls), within
+#: :data:`MIN_ROWS` and :data:`MAX_ROWS`. A graph already built for a size within a factor 2
+#: (Pathfinder's 25 ELBO draws) is reused.
+ROW_ELEMENTS = 40_000
+MIN_ROWS = 25
+MAX_ROWS = 500
 
 #: Draws on which the frozen weights must match the traces' once per guide, and how closely.
 CHECK_DRAWS = 16
@@ -115,8 +121,9 @@ def _frozen_for(
         return None
     if any(info.sites[s].kind != LATENT for s in sites):
         return None
-    sizes = frozen_batch_sizes(potential)
-    rows = min(sizes) if sizes else ROWS
+    rows = _rows(potential)
+    near = [n for n in frozen_batch_sizes(potential) if rows / 2 <= n <= 2 * rows]
+    rows = near[0] if near else rows
     fn = frozen_log_density_batch(potential, rows)
     if fn is None:
         return None
@@ -127,6 +134,12 @@ def _frozen_for(
     return (fn, rows) if verdict else None
 
 
+def _rows(potential: Potential) -> int:
+    """Rows per call of the frozen graph for this potential's data (see :data:`ROW_ELEMENTS`)."""
+    size = sum(v.numel() for v in potential.data.values() if isinstance(v, torch.Tensor))
+    return int(min(MAX_ROWS, max(MIN_ROWS, ROW_ELEMENTS // max(size, 1))))
+
+
 def _agrees(
     model: Callable,
     guide: FixedGaussianGuide,
@@ -135,7 +148,7 @@ def _agrees(
     kwargs: Mapping[str, Any],
     info: ModelInfo,
 ) -> bool:
-    """Whether the frozen weights of :data:`CHECK_DRAWS` draws are the traces' (random state kept)."""
+    """Whether :data:`CHECK_DRAWS` draws' frozen weights are the traces' (random state kept)."""
     state = pyro.util.get_rng_state()
     try:
         pyro.set_rng_seed(_CHECK_SEED)
