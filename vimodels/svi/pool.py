@@ -34,8 +34,9 @@ Otherwise the pool is drawn through the traces, as before.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -211,7 +212,8 @@ def _frozen_pool(
 
     The guide draws each chunk under the draws plate exactly as
     :func:`sample_guide` has it draw (same random numbers, same values); its
-    flat draw ``u`` and ``log q(u)`` come from the guide's auxiliary latent site.
+    flat draw ``u`` is the guide's auxiliary latent site, ``log q(u)`` comes
+    from :func:`gaussian_log_density`.
     """
     fn, rows = frozen
     potential = guide.potential
@@ -219,7 +221,7 @@ def _frozen_pool(
     aux = f"_{guide._pyro_name}_latent"
     values: dict[str, list[np.ndarray]] = {name: [] for name in sites}
     weights = []
-    with torch.no_grad():
+    with torch.no_grad(), _one_thread():
         for start, stop in _chunks(num_samples, chunk):
             n = stop - start
             with pyro.plate(_DRAWS_PLATE, n, dim=-ndim):
@@ -244,3 +246,20 @@ def _frozen_pool(
                 )
     draws = {name: np.concatenate(v) for name, v in values.items()}
     return draws, np.concatenate(weights) if weights else np.zeros(0)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread for the pool's small blocks (torch's setting restored after).
+
+    Blocks of ~40 000 elements gain nothing from a second thread, and on a loaded
+    machine each parallel operation waits for a descheduled one: tens of ms per
+    operation, over hundreds of calls (benchmarks/README.md, section 4b). Rows are
+    independent, so only the order of a reduction within a row could change: round-off.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
