@@ -13,19 +13,22 @@ same weight is
 for the guide's flat draw ``u``: ``log p(x, T(u)) + log|det dT/du|`` less the
 Gaussian's (mixture's) log density, where the trace path subtracts the guide's
 ``log q(u) - log|det dT/du|``. :func:`pool_draws` evaluates the potential by
-its frozen batched graph (:func:`vimodels.mode.fast.frozen_log_density_batch`)
-where one exists for the potential; the guide itself still draws every chunk
-as before, so the same seed gives the same draws.
+its frozen batched graph (:func:`vimodels.mode.fast.frozen_log_density_batch`,
+on blocks of rows, one intra-op thread) and ``log q`` by one triangular solve
+per component (:func:`gaussian_log_density`); the guide itself still draws
+every chunk as before, so the same seed gives the same draws. Measured in
+benchmarks/README.md, section 4b ("Where the fixed costs go").
 
 It does so only where the result is the same as the trace path's:
 
 - the guide is a fixed Gaussian with a potential in its own dtype, the model
   has no discrete site, and only latent sites are asked for;
 - the potential has a valid frozen graph (no value read into Python, no
-  random operation: what :mod:`vimodels.mode.fast` refuses stays eager);
+  random operation, a batched density that matches the row-by-row one: what
+  :mod:`vimodels.mode.fast` refuses, a masked site for one, stays on the traces);
 - once per guide, :data:`CHECK_DRAWS` draws' log weights agree with the trace
-  path's to :data:`RTOL` relative (a model that masks sites, or makes float32
-  constants the potential makes in float64, does not);
+  path's to :data:`RTOL` relative (a model that makes float32 constants, which
+  the potential makes in float64, does not);
 - every weight of the pool is finite (elsewhere the trace path, which reruns
   a draw that breaks Pyro's validation, decides).
 
