@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_import.py [--repeats 5] [--top 15] [--other-tree DIR] [--nuts]
+    python benchmarks/bench_import.py [--repeats 5] [--top 15] [--other-tree DIR] [--nuts] [--fit]
 
 Each measurement is a fresh interpreter running ``python -X importtime -c "import X"``;
 its figure is the sum of the cumulative times of the top-level imports (what the
@@ -13,7 +13,10 @@ rounds. ``--other-tree DIR`` measures the same targets on another checkout of th
 project (e.g. the commit before a change) in the same rounds, for a before/after table.
 ``--top K`` lists the K most expensive modules (cumulative) of the last round of each
 target. ``--nuts`` adds ``vimodels nuts eight_schools_noncentered`` end to end
-(4 chains x 200 + 200 draws, no cache), split into import and the rest.
+(4 chains x 200 + 200 draws, no cache), split into import and the rest. ``--fit`` adds
+a tiny ``vimodels fit eight_schools_noncentered`` (5 steps, no JIT) end to end, writing the
+netcdf (1000 draws, the default) and, in this tree only, with ``--no-netcdf``, into a
+temporary folder.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +43,7 @@ TARGETS = {
 NUTS_ARGS = (
     "nuts eight_schools_noncentered --no-cache --quiet --chains 4 --warmup 200 --samples 200"
 )
+FIT_ARGS = "fit eight_schools_noncentered --steps 5 --no-jit --quiet"
 _LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
 
 
@@ -90,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=0, help="list the K costliest modules per target")
     p.add_argument("--other-tree", type=Path, help="another checkout, measured in the same rounds")
     p.add_argument("--nuts", action="store_true", help="add `vimodels nuts` end to end")
+    p.add_argument("--fit", action="store_true", help="add a tiny `vimodels fit` end to end")
     args = p.parse_args(argv)
+    out = tempfile.TemporaryDirectory()
 
     trees = {"this": ROOT}
     if args.other_tree is not None:
@@ -99,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.nuts:
         for t in trees:
             jobs[("vimodels nuts (end to end)", t)] = ["-m", "vimodels.cli", *NUTS_ARGS.split()]
+    if args.fit:
+        fit = ["-m", "vimodels.cli", *FIT_ARGS.split(), "--out", out.name]
+        for t in trees:
+            jobs[("vimodels fit, 5 steps (netcdf)", t)] = fit
+        # this tree only: checkouts before the option have no --no-netcdf
+        jobs[("vimodels fit, 5 steps --no-netcdf", "this")] = [*fit, "--no-netcdf"]
     times: dict = {key: [] for key in jobs}
     walls: dict = {key: [] for key in jobs}
     last_rows: dict = {}
@@ -125,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{key[0]} ({key[1]}): costliest modules, cumulative s (last round)")
             for name, sec in top_modules(rows, args.top):
                 print(f"  {sec:7.2f}  {name}")
+    out.cleanup()
     return 0
 
 

@@ -88,6 +88,16 @@ def test_fit_writes_netcdf_and_json(tmp_path):
     assert not list(out.glob(".*.tmp")), "temporary files left behind"
 
 
+def test_fit_no_netcdf_writes_only_the_summary(tmp_path, capsys):
+    args = ["fit", "eight_schools_noncentered", "--steps", "5", "--no-jit", "--quiet"]
+    assert main([*args, "--no-netcdf", "--out", str(tmp_path)]) == 0
+    stem = "eight_schools_noncentered__auto_normal__trace__seed0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.json"]
+    summary = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert summary["num_steps"] == 5 and "netcdf" not in summary
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / stem}.json"
+
+
 @pytest.mark.slow
 def test_ctrl_c_keeps_partial_fit(tmp_path, no_leftover_processes):
     """Ctrl-C at step 20: the fit pauses there (a test hook) until the signal comes."""

@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guide", default="auto_normal")
     p.add_argument("--elbo", default="trace")
     p.add_argument("--draws", type=int, default=1000, help="guide draws written to netcdf")
+    p.add_argument(
+        "--no-netcdf",
+        action="store_true",
+        help="write only the JSON summary: no draws, and ArviZ is never imported",
+    )
     p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
     p.add_argument(
         "--mmap",
@@ -203,10 +208,11 @@ def fit_file_stem(model: str, guide: str, elbo: str, seed: int) -> str:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    """Fit one model/guide/ELBO and write draws (netcdf) and a JSON summary.
+    """Fit one model/guide/ELBO; write draws (netcdf, unless ``--no-netcdf``) and a summary.
 
-    Exit status: 0, 130 after Ctrl-C (the partial fit is written), 1 when the
-    fit ended non-finite or diverged (loss, gradient or ELBO estimate; what it
+    ArviZ (seconds to import, benchmarks/README.md 3e) is imported only to write the
+    netcdf, after the fit. Exit status: 0, 130 after Ctrl-C (the partial fit is written),
+    1 when the fit ended non-finite or diverged (loss, gradient or ELBO estimate; what it
     had is written).
     """
     model, data, name = cli_model(args)
@@ -234,19 +240,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-        from diagnostics.convert import save_netcdf
+        nc = None
+        if not args.no_netcdf:
+            from diagnostics.convert import save_netcdf  # ArviZ: only for the netcdf
 
-        idata = result.to_inference_data(args.draws)
-        nc = save_netcdf(idata, out / f"{stem}.nc")
+            nc = save_netcdf(result.to_inference_data(args.draws), out / f"{stem}.nc")
         summary = result.summary()
-        summary["netcdf"] = nc.name
+        if nc is not None:
+            summary["netcdf"] = nc.name
         atomic_write_json(out / f"{stem}.json", summary)
     print(f"{result.model_name} / {result.guide_name} / {args.elbo}: {result.message}")
     print(
         f"ELBO {result.elbo:.3f} +- {result.elbo_se:.3f} nats, {result.num_steps} steps, "
         f"{result.wall_time:.1f} s"
     )
-    print(f"wrote {out / (stem + '.nc')} and {out / (stem + '.json')}")
+    written = ([] if nc is None else [str(nc)]) + [str(out / f"{stem}.json")]
+    print("wrote " + " and ".join(written))
     if result.status == "interrupted":
         return 130
     if result.status == "nonfinite" or not math.isfinite(result.elbo):
