@@ -100,6 +100,10 @@ LOW_RANK_GAMMA = 1e-5
 LOW_RANK_CUTOFF = 2.0
 MAX_DELTA_H = 1000.0  # energy error that marks a divergence (Stan's value)
 LOG_08 = math.log(0.8)
+# the step-size search gives up above this (2**512, about 1.3e154): a Gaussian of that
+# scale cannot be evaluated in float64 (its variance overflows), so a potential that one
+# leapfrog step of this size leaves unchanged is flat, not wide
+MAX_STEP_SIZE = 2.0**512
 # a warm-up window whose potential fell by more than this many times sqrt(D / 2) (the sd of
 # the potential of a D-dimensional Gaussian) between its first and last quarters was spent
 # in a transient (the chain still on its way to the typical set), not in the posterior
@@ -935,6 +939,26 @@ def _persist(ps_minus: np.ndarray, ps_plus: np.ndarray, rho: np.ndarray) -> bool
     return float(ps_plus @ rho) > 0.0 and float(ps_minus @ rho) > 0.0
 
 
+def _flat_potential_error(step_size: float) -> IncompatibleError:
+    """The step-size search found the potential constant up to ``step_size``: improper."""
+    return IncompatibleError(
+        "NUTS found no step size: the log density took one value at every point that "
+        f"leapfrog steps smaller than {step_size:.3g} reached, so it is flat (an improper "
+        "posterior: a parameter with a flat prior that the data do not inform, or none at "
+        "all); give every parameter a proper prior"
+    )
+
+
+def _rough_potential_error() -> IncompatibleError:
+    """The step-size search halved to 0: no step, however small, is accepted."""
+    return IncompatibleError(
+        "NUTS found no step size: even the smallest leapfrog step changes the energy by "
+        "more than log(1/0.8), so the log density or its gradient is not finite or not "
+        "smooth at the chain's position (a NaN gradient, a discontinuity or a kink); make "
+        "the density smooth and finite over the support (guard log, sqrt, abs and branches)"
+    )
+
+
 class NUTSChain:
     """One NUTS chain, written as generators that ask for the potential.
 
@@ -1068,10 +1092,26 @@ class NUTSChain:
 
     # --- step size
     def find_step_size_steps(self) -> Steps[None]:
-        """Stan's heuristic: double or halve until one leapfrog step crosses acceptance 0.8."""
+        """Stan's heuristic: double or halve until one leapfrog step crosses acceptance 0.8.
+
+        Unlike Stan's, no bound of 1e7 on the step size: with the unit metric of the
+        first search, a proper posterior whose scale in the unconstrained space is
+        ``s`` needs a step size of about ``s``, and ``Normal(0, 1e8)`` is a vague prior
+        some models use. The search gives up at :data:`MAX_STEP_SIZE`, where no
+        proper density can still be flat (a Gaussian of that scale cannot be evaluated
+        in float64), when the potential stayed constant until it overflowed, or when
+        halving reaches 0.
+
+        Raises
+        ------
+        IncompatibleError
+            The potential is flat (an improper posterior), or not smooth or finite
+            around the current point (no step, however small, is accepted).
+        """
         start = _Point(self.z, None, self.u, self.g)  # type: ignore[arg-type]
         direction = 0
-        for _ in range(100):
+        flat = True  # every point reached so far had the potential of the start
+        while True:
             r = self._momentum()
             h0 = self._energy(self.u, r)
             start.r = r
@@ -1082,15 +1122,19 @@ class NUTSChain:
             if direction == 0:
                 direction = 1 if delta > LOG_08 else -1
             if direction == 1 and not delta > LOG_08:
-                break
+                if flat and not math.isfinite(h):
+                    # a constant potential until its arithmetic overflowed (a float32
+                    # potential at |z| ~ 1e19): no step size, not a crossing
+                    raise _flat_potential_error(self.step_size)
+                return
             if direction == -1 and not delta < LOG_08:
-                break
+                return
+            flat = flat and q.u == self.u
             self.step_size = self.step_size * 2.0 if direction == 1 else self.step_size * 0.5
-            if self.step_size > 1e7 or self.step_size == 0.0:
-                raise ValueError(
-                    f"no reasonable step size (reached {self.step_size:g}); the "
-                    "posterior is improper or the potential is not smooth"
-                )
+            if self.step_size > MAX_STEP_SIZE:
+                raise _flat_potential_error(self.step_size)
+            if self.step_size == 0.0:
+                raise _rough_potential_error()
 
     def find_reasonable_step_size(self) -> None:
         """:meth:`find_step_size_steps` driven by :attr:`potential`."""

@@ -14,6 +14,7 @@ from pyro.infer.mcmc.util import initialize_model
 
 from diagnostics.nuts import kernel as _nuts
 from diagnostics.nuts.kernel import FlatPotential, NUTSChain, Windows, sample_chain
+from vimodels.errors import IncompatibleError
 
 # A Gaussian whose scales span three orders of magnitude, with one correlated
 # pair: the diagonal metric must learn the scales, the trajectory the correlation.
@@ -181,6 +182,63 @@ def test_divergence_is_flagged_on_a_step_far_too_large():
     info = chain.transition()
     assert info["diverging"]
     assert info["acceptance_rate"] < 0.01
+
+
+# ----------------------------------------------------------------------------- step size
+
+
+def _gaussian_potential(scale: float):
+    return lambda z: (0.5 * float(z @ z) / scale**2, z / scale**2)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e8, 1e12, 1e100])
+def test_step_size_search_reaches_the_scale_of_a_wide_proper_posterior(scale):
+    # with the unit metric, one leapfrog step on N(0, scale^2) crosses acceptance 0.8 at a
+    # step of about the scale (0.5 to 7 times it over 20 seeds); Stan's bound of 1e7 on
+    # the step size called every posterior wider than that improper
+    for seed in range(10):
+        z0 = np.array([0.3 * scale])
+        chain = NUTSChain(_gaussian_potential(scale), z0, np.random.default_rng(seed))
+        chain.find_reasonable_step_size()
+        assert scale / 4 <= chain.step_size <= 8 * scale, seed
+
+
+def vague_model():
+    pyro.sample("x", dist.Normal(torch.tensor(3e8), torch.tensor(1e8)))
+
+
+@pytest.mark.slow  # 2.4-4.1 s on the loaded 2-core machine
+def test_vague_prior_of_scale_1e8_is_sampled_exactly():
+    runs = _chains(vague_model, num_chains=2, num_warmup=200, num_samples=300)
+    draws = np.stack([r["samples"]["x"] for r in runs])[..., None] / 1e8  # (2, 300, 1)
+    _mcse_check(draws, np.array([3.0]), np.array([1.0]))
+
+
+def flat_model():
+    x = pyro.sample("x", dist.Normal(0.0, 1.0))
+    pyro.factor("cancel", -dist.Normal(0.0, 1.0).log_prob(x))  # log density 0 everywhere
+
+
+def test_flat_posterior_is_reported_as_improper():
+    with pytest.raises(IncompatibleError, match="improper posterior.*proper prior"):
+        sample_chain(flat_model, {}, num_warmup=10, num_samples=10, seed=0, jit=False)
+
+
+def test_constant_potential_is_reported_as_improper():
+    chain = NUTSChain(lambda z: (0.0, np.zeros_like(z)), np.array([0.3]), np.random.default_rng(0))
+    with pytest.raises(IncompatibleError, match="improper posterior"):
+        chain.find_reasonable_step_size()
+
+
+def test_nan_gradient_is_reported_not_halved_away():
+    # before, the search halved 100 times and went on silently with a step of 8e-31
+    chain = NUTSChain(
+        lambda z: (0.5 * float(z @ z), np.full_like(z, np.nan)),
+        np.array([0.3]),
+        np.random.default_rng(0),
+    )
+    with pytest.raises(IncompatibleError, match="not finite or not smooth"):
+        chain.find_reasonable_step_size()
 
 
 # ----------------------------------------------------------------------------- lockstep
