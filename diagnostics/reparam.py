@@ -40,12 +40,12 @@ from diagnostics.nuts.reference import (
     NUTS_KIND,
     Reference,
     _settings_for,
-    run_checks,
+    rebadged,
     run_nuts,
 )
 from vimodels.catalog.base import CatalogEntry
 from vimodels.resolve import resolve_model
-from vimodels.svi.draws import model_info
+from vimodels.svi.draws import ModelInfo, model_info
 
 REPARAM = "LocScaleReparam"
 # checks whose failure points at the posterior's geometry (a funnel), not at too few draws
@@ -199,7 +199,6 @@ def retry_reparameterized(
     if options.get("progress"):
         print(f"  {first.describe()}: retrying under {reparam_label(sites)}", file=sys.stderr)
     second = run_nuts(reparameterized_model(fn, sites, name), data_dict, **options)
-    label = reparam_label(sites)
     if not second.trusted:
         failing = "; ".join(c.detail for c in second.checks if not c.ok)
         note = (
@@ -213,14 +212,14 @@ def retry_reparameterized(
             notes=first.notes + (note,),
             settings={**first.settings, "reparam_retry": retry},
         )
-    wanted = tuple(dict.fromkeys(info.latent + tuple(first.sites)))
-    draws = {k: second.draws[k] for k in wanted if k in second.draws}
-    checks = run_checks(
-        draws,
-        first.sites,
-        second.num_divergences,
-        second.sample_stats.get("energy"),
-    )
+    return _rebadged_retry(first, second, sites, name, info)
+
+
+def _rebadged_retry(
+    first: Reference, second: Reference, sites: tuple[str, ...], name: str, info: ModelInfo
+) -> Reference:
+    """``second``, the trusted retry's draws, as the reference of the model as written."""
+    label = reparam_label(sites)
     failing = "; ".join(c.detail for c in first.checks if not c.ok)
     note = (
         f"{label}: NUTS on the model as written failed its checks ({failing}); the draws "
@@ -228,21 +227,15 @@ def retry_reparameterized(
         f"sampled instead ({REPARAM}(centered=0)), each site recorded back as the "
         "model's own value"
     )
-    return dataclasses.replace(
+    return rebadged(
         second,
+        info,
         model_name=name,
-        draws=draws,
         sites=tuple(first.sites),
-        latent_sites=tuple(info.latent),
-        dims={k: info.dims[k] for k in wanted if k in info.dims},
-        plate_sizes=dict(info.plate_sizes),
-        checks=checks,
-        trusted=all(c.ok for c in checks),
+        reference_from=label,
+        note=note,
         settings={
-            **second.settings,
-            "reference_from": label,
             "reparam": {"method": f"{REPARAM}(centered=0)", "sites": list(sites)},
             "first_try": {"cache_key": first.cache_key, "failing": failing},
         },
-        notes=second.notes + (note,),
     )

@@ -67,7 +67,7 @@ from vimodels.data import trace_check
 from vimodels.errors import IncompatibleError, OptionError, check_option, check_seed
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, jsonable, safe_name
 from vimodels.resolve import resolve_model
-from vimodels.svi.draws import model_info, recover_discrete, replay_model
+from vimodels.svi.draws import ModelInfo, model_info, recover_discrete, replay_model
 from vimodels.versions import versions
 
 if TYPE_CHECKING:
@@ -1094,7 +1094,7 @@ def reparameterized_reference(entry: CatalogEntry, source: Reference) -> Referen
 
     Keeps the draws of ``entry``'s latent sites and sites of interest (deterministic
     sites of the source, such as ``theta = mu + tau * theta_tilde``), re-runs the
-    checks on them and notes where the draws came from.
+    checks on them and notes where the draws came from (:func:`rebadged`).
 
     Parameters
     ----------
@@ -1109,38 +1109,85 @@ def reparameterized_reference(entry: CatalogEntry, source: Reference) -> Referen
         When the source lacks one of ``entry``'s latent sites or sites of interest.
     """
     _, fn, data, name = resolve_model(entry)
-    info = model_info(fn, (), data, entry.max_plate_nesting)
-    wanted = tuple(dict.fromkeys(info.latent + tuple(entry.sites)))
+    return rebadged(
+        source,
+        model_info(fn, (), data, entry.max_plate_nesting),
+        model_name=name,
+        sites=tuple(entry.sites),
+        reference_from=f"reference from {source.model_name} (the same posterior in "
+        "another parameterization)",
+        note=f"draws of {source.model_name} (the same posterior in another "
+        f"parameterization), kept for the sites of {name}",
+    )
+
+
+def rebadged(
+    source: Reference,
+    info: ModelInfo,
+    *,
+    model_name: str,
+    sites: tuple[str, ...],
+    reference_from: str,
+    note: str,
+    settings: Mapping[str, Any] | None = None,
+) -> Reference:
+    """``source``'s draws relabelled as the reference of another form of the same posterior.
+
+    The one place that re-badges a reference (a catalog twin's,
+    :func:`reparameterized_reference`; a decentered retry's,
+    :func:`diagnostics.reparam.retry_reparameterized`): keeps the draws of the
+    model's latent sites and of ``sites``, re-runs the checks on them (with the
+    source's divergences and energies when it is a NUTS run), takes the model's
+    dimension names and plate sizes, and says where the draws came from.
+
+    Parameters
+    ----------
+    source : Reference
+        The draws, of a model with the same posterior whose draws include every
+        latent site of the model the reference is for (as deterministic sites).
+    info : ModelInfo
+        The layout of the model the reference is for.
+    model_name : str
+        Its name.
+    sites : tuple of str
+        Its sites of interest.
+    reference_from : str
+        Where the draws came from, as every output shows it (``settings["reference_from"]``).
+    note : str
+        One line added to the source's notes.
+    settings : dict, optional
+        More settings to record (added to the source's).
+
+    Raises
+    ------
+    IncompatibleError
+        When the source's draws lack one of the model's latent sites or of ``sites``.
+    """
+    wanted = tuple(dict.fromkeys(info.latent + tuple(sites)))
     missing = [k for k in wanted if k not in source.draws]
     if missing:
         raise IncompatibleError(
-            f"{source.model_name!r} cannot stand in for {name!r}: its draws lack "
+            f"{source.model_name!r} cannot stand in for {model_name!r}: its draws lack "
             f"{', '.join(missing)}; record them as deterministic sites of {source.model_name!r}"
         )
     draws = {k: source.draws[k] for k in wanted}
+    nuts = source.kind == NUTS_KIND
     checks = run_checks(
         draws,
-        entry.sites,
-        source.num_divergences if source.kind == NUTS_KIND else None,
-        source.sample_stats.get("energy") if source.kind == NUTS_KIND else None,
-    )
-    note = (
-        f"draws of {source.model_name} (the same posterior in another parameterization), "
-        f"kept for the sites of {name}"
+        tuple(sites),
+        source.num_divergences if nuts else None,
+        source.sample_stats.get("energy") if nuts else None,
     )
     return dataclasses.replace(
         source,
-        model_name=name,
+        model_name=model_name,
         draws=draws,
-        sites=tuple(entry.sites),
+        sites=tuple(sites),
         latent_sites=tuple(info.latent),
         dims={k: info.dims[k] for k in wanted if k in info.dims},
+        plate_sizes=dict(info.plate_sizes),
         checks=checks,
         trusted=all(c.ok for c in checks),
-        settings={
-            **source.settings,
-            "reference_from": f"reference from {source.model_name} (the same posterior in "
-            "another parameterization)",
-        },
+        settings={**source.settings, "reference_from": reference_from, **(settings or {})},
         notes=source.notes + (note,),
     )

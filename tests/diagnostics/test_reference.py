@@ -20,6 +20,7 @@ from diagnostics.nuts.reference import (
     cache_key,
     default_cache_dir,
     exact_reference,
+    rebadged,
     reparameterized_reference,
     run_checks,
     run_nuts,
@@ -28,6 +29,7 @@ from diagnostics.references import get_reference
 from vimodels.catalog.base import NutsSettings
 from vimodels.catalog.registry import MODELS, get_model
 from vimodels.errors import IncompatibleError, OptionError
+from vimodels.svi.draws import model_info
 from vimodels.svi.fit import fit
 
 CONJ = "conjugate_linear_regression"
@@ -255,6 +257,37 @@ def test_centered_reference_is_noncentered_nuts_on_the_same_sites(tiny_nuts_eigh
     # a source without the entry's sites cannot stand in for it
     with pytest.raises(IncompatibleError, match="lack"):
         reparameterized_reference(get_model("radon_varying_intercept_centered"), src)
+
+
+def test_rebadged_keeps_the_models_sites_and_says_where_the_draws_came_from(
+    tiny_nuts_eight_schools,
+):
+    """The one re-badging helper (catalog twins and decentered retries use it)."""
+    src = tiny_nuts_eight_schools
+    entry = get_model("eight_schools_centered")
+    info = model_info(entry.model, (), entry.data(), entry.max_plate_nesting)
+    ref = rebadged(
+        src,
+        info,
+        model_name="renamed",
+        sites=("tau",),
+        reference_from="reference from elsewhere",
+        note="a note",
+        settings={"extra": 1},
+    )
+    assert ref.model_name == "renamed" and ref.sites == ("tau",)
+    assert set(ref.draws) == {"mu", "tau", "theta"} and ref.latent_sites == ("mu", "tau", "theta")
+    assert ref.dims == {k: info.dims[k] for k in ("mu", "tau", "theta") if k in info.dims}
+    assert ref.plate_sizes == info.plate_sizes
+    assert ref.reference_from == "reference from elsewhere" and ref.settings["extra"] == 1
+    assert {k: v for k, v in ref.settings.items() if k not in ("reference_from", "extra")} == (
+        src.settings
+    )
+    assert ref.notes == (*src.notes, "a note")
+    expected = run_checks(ref.draws, ("tau",), src.num_divergences, src.sample_stats.get("energy"))
+    assert ref.checks == expected and ref.trusted == all(c.ok for c in expected)
+    with pytest.raises(IncompatibleError, match="lack nope; record them"):
+        rebadged(src, info, model_name="x", sites=("nope",), reference_from="r", note="n")
 
 
 def test_bad_options():
