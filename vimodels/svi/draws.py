@@ -404,23 +404,39 @@ def sample_guide(
     sites = info.latent if sites is None else tuple(s for s in sites if s in info.sites)
     report = {} if report is None else report
     report.update(vectorized=False, reason=None)
+    call = _GuideCall(model, guide, args, kwargs, info)
     if info.discrete:
-        draws, lw = _sample_discrete(
-            model, guide, args, kwargs, info, num_samples, chunk, sites, report
-        )
+        draws, lw = _sample_discrete(call, num_samples, chunk, sites, report)
     else:
-        draws, lw = _sample_continuous(
-            model, guide, args, kwargs, info, num_samples, chunk, sites, check, weights, report
-        )
+        draws, lw = _sample_continuous(call, num_samples, chunk, sites, check, weights, report)
     return draws, np.where(np.isnan(lw), nan_as, lw) if weights else None
 
 
+@dataclass(frozen=True)
+class _GuideCall:
+    """The model and guide (``fn(*args, **kwargs)``) and the model's layout, in one.
+
+    What each private sampler of :func:`sample_guide` needs, passed as one argument
+    instead of five.
+    """
+
+    model: Callable
+    guide: Callable
+    args: tuple
+    kwargs: dict
+    info: ModelInfo
+
+    def traces(self) -> tuple[poutine.Trace, poutine.Trace]:
+        """A guide trace and the model's trace replayed on it."""
+        guide_tr = poutine.trace(self.guide).get_trace(*self.args, **self.kwargs)
+        model_tr = poutine.trace(poutine.replay(self.model, trace=guide_tr)).get_trace(
+            *self.args, **self.kwargs
+        )
+        return guide_tr, model_tr
+
+
 def _sample_continuous(
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    info: ModelInfo,
+    call: _GuideCall,
     num_samples: int,
     chunk: int,
     sites: tuple[str, ...],
@@ -428,13 +444,10 @@ def _sample_continuous(
     weights: bool,
     report: dict,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    model, guide, args, kwargs, info = call.model, call.guide, call.args, call.kwargs, call.info
     ndim = info.max_plate_nesting + 1
     parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
-
-    def traces() -> tuple[poutine.Trace, poutine.Trace]:
-        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
-        return guide_tr, model_tr
+    traces = call.traces
 
     with torch.no_grad():
         try:
@@ -479,32 +492,23 @@ def _reason(exc: Exception) -> str:
 
 
 def _sample_discrete(
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    info: ModelInfo,
-    num_samples: int,
-    chunk: int,
-    sites: tuple[str, ...],
-    report: dict,
+    call: _GuideCall, num_samples: int, chunk: int, sites: tuple[str, ...], report: dict
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Draws and log weights of a model with enumerated discrete sites."""
+    info = call.info
     deterministic = [s for s in sites if info.sites[s].kind != LATENT]
     recover = bool(deterministic) or any(s in info.discrete for s in sites)
     try:
-        latent, lw = _sample_guide_enum(
-            model, guide, args, kwargs, info, num_samples, chunk, recover
-        )
+        latent, lw = _sample_guide_enum(call, num_samples, chunk, recover)
         report["vectorized"] = True
     except _FALLBACK_ERRORS as exc:
         report["reason"] = "enumerated discrete sites summed out one draw at a time: " + _reason(
             exc
         )
-        latent, lw = _sample_guide_discrete(model, guide, args, kwargs, info, num_samples)
+        latent, lw = _sample_guide_discrete(call, num_samples)
     draws = {s: latent[s] for s in sites if s in latent}
     if deterministic:
-        replay = replay_model(model, args, kwargs, info, latent, chunk=chunk)
+        replay = replay_model(call.model, call.args, call.kwargs, info, latent, chunk=chunk)
         found = {
             **replay.deterministic,
             **{k: _repeat(v, num_samples) for k, v in info.observed_values.items()},
@@ -573,14 +577,7 @@ def _per_draw(t: torch.Tensor, symbol: str, n: int) -> torch.Tensor:
 
 
 def _sample_guide_enum(
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    info: ModelInfo,
-    num_samples: int,
-    chunk: int,
-    recover: bool = True,
+    call: _GuideCall, num_samples: int, chunk: int, recover: bool = True
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Vectorized draws and log weights of a model whose discrete sites are enumerated.
 
@@ -588,6 +585,7 @@ def _sample_guide_enum(
     contraction, as in ``TraceEnum_ELBO``) separately for every draw; the
     discrete sites themselves are then drawn by :func:`recover_discrete`.
     """
+    model, guide, args, kwargs, info = call.model, call.guide, call.args, call.kwargs, call.info
     depth = info.max_plate_nesting
     enum_model = config_enumerate(model, default="parallel")
     values: dict[str, list[np.ndarray]] = {name: [] for name in info.continuous}
@@ -624,9 +622,10 @@ def _sample_guide_enum(
 
 
 def _sample_guide_discrete(
-    model: Callable, guide: Callable, args: tuple, kwargs: dict, info: ModelInfo, num_samples: int
+    call: _GuideCall, num_samples: int
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One draw at a time: enumerated ``log p`` and ``infer_discrete`` for hidden sites."""
+    model, guide, args, kwargs, info = call.model, call.guide, call.args, call.kwargs, call.info
     depth = info.max_plate_nesting
     enum_model = config_enumerate(model, default="parallel")
     elbo = TraceEnum_ELBO(max_plate_nesting=depth)
