@@ -75,6 +75,21 @@ MEAN_FIELD_INITS = (
     ("auto_normal, init=laplace", "auto_normal", "laplace"),
     ("auto_normal, init=pathfinder", "auto_normal", "pathfinder"),
 )
+#: ``--decenter`` adds these: the same methods on the decentered model (``reparam="decenter"``,
+#: for the models with a site to decenter; the hand-written guides cannot apply)
+DECENTERED_METHODS = (
+    ("pathfinder, decenter", "pathfinder", None),
+    ("auto_laplace_is, decenter", "auto_laplace_is", None),
+    ("auto_laplace, decenter", "auto_laplace", None),
+    ("auto_normal, decenter", "auto_normal", None),
+    ("auto_multivariate_normal, decenter", "auto_multivariate_normal", None),
+    ("auto_multivariate_normal, init=laplace, decenter", "auto_multivariate_normal", "laplace"),
+    (
+        "auto_multivariate_normal, init=pathfinder, decenter",
+        "auto_multivariate_normal",
+        "pathfinder",
+    ),
+)
 ONE_SHOT = ("auto_laplace", "auto_laplace_is", "pathfinder", "auto_delta")
 
 
@@ -150,8 +165,20 @@ def accurate(z: float, r: float) -> bool:
     return bool(np.isfinite(z) and np.isfinite(r) and z <= MEAN_TOL and r <= SD_TOL)
 
 
+def label_decenters(label: str) -> bool:
+    """Whether a method's label asks for the decentered model."""
+    return label.endswith(", decenter")
+
+
 def time_method(
-    name: str, guide: str, init: str | None, ref: dict, every: int, draws: int, seed: int
+    name: str,
+    guide: str,
+    init: str | None,
+    ref: dict,
+    every: int,
+    draws: int,
+    seed: int,
+    label: str = "",
 ) -> dict:
     """One fit with fit()'s defaults; its settled time to accuracy (None: never)."""
     import vimodels
@@ -168,6 +195,8 @@ def time_method(
         spent[0] += time.perf_counter() - t_in
 
     kwargs = {"init": init} if init else {}
+    if label_decenters(label):
+        kwargs["reparam"] = "decenter"
     if guide not in ONE_SHOT:
         kwargs["callback"] = callback
     t_call = time.perf_counter()
@@ -217,8 +246,10 @@ def run(
     seed: int,
     cache_dir: str | None = None,
     all_inits: bool = False,
+    decenter: bool = False,
+    only: tuple[str, ...] | None = None,
 ) -> dict:
-    """Every method on every model; prints one JSON line per fit."""
+    """Every method on every model (``only``: these labels); prints one JSON line per fit."""
     import vimodels
 
     torch.set_num_threads(1)
@@ -235,11 +266,18 @@ def run(
         )
         entry = vimodels.get_model(name)
         methods = [(g, g, None) for g in entry.default_guides]
-        extra = EXTRA_METHODS + (MEAN_FIELD_INITS if all_inits else ())
+        extra = (
+            EXTRA_METHODS
+            + (MEAN_FIELD_INITS if all_inits else ())
+            + (DECENTERED_METHODS if decenter else ())
+        )
         methods += [m for m in extra if m[0] not in {x[0] for x in methods}]
+        if only:
+            methods = [m for m in methods if m[0] in only]
         results = []
         for label, guide, init in methods:
-            res = {"method": label, **time_method(name, guide, init, ref, every, draws, seed)}
+            timed = time_method(name, guide, init, ref, every, draws, seed, label)
+            res = {"method": label, **timed}
             res["load"] = os.getloadavg()[0]
             results.append(res)
             print(json.dumps({"model": name, **res}, default=float), flush=True)
@@ -387,7 +425,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--reps", type=int, default=3, help="rounds for --resample-pool")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--decenter",
+        action="store_true",
+        help='the autoguide methods on the decentered model too (fit(reparam="decenter"))',
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="run only the methods with these labels"
+    )
     args = parser.parse_args(argv)
+    labels = [m[0] for m in EXTRA_METHODS + MEAN_FIELD_INITS + DECENTERED_METHODS]
+    unknown = set(args.methods or ()) - set(labels) - {"mean_field", "full_rank", "structured"}
+    if unknown:
+        parser.error(f"unknown method(s) {sorted(unknown)}; valid: {labels} and default guides")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.resample_pool:
@@ -406,6 +456,8 @@ def main(argv: list[str] | None = None) -> None:
             args.seed,
             args.cache_dir or tmp,
             args.all_inits,
+            args.decenter,
+            tuple(args.methods) if args.methods else None,
         )
     text = render(res, start, uptime())
     print(text)

@@ -37,6 +37,7 @@ from diagnostics.evidence import (  # noqa: F401  (re-exported)
 from diagnostics.nuts.reference import Reference
 from vimodels.errors import IncompatibleError, OptionError, check_option
 from vimodels.svi.draws import ModelInfo, model_info
+from vimodels.svi.reparam import decentered_sites_of
 from vimodels.svi.scope import param_scope
 
 if TYPE_CHECKING:
@@ -135,8 +136,12 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def method_name(result: FitResult) -> str:
-    """``<guide>/<elbo>``: how a fit is named in tables and files."""
-    return f"{result.guide_name}/{result.elbo_name}"
+    """``<guide>/<elbo>``: how a fit is named in tables and files.
+
+    ``<guide>+decenter/<elbo>`` for a fit of the decentered model (``reparam="decenter"``).
+    """
+    decenter = "+decenter" if decentered_sites_of(result) else ""
+    return f"{result.guide_name}{decenter}/{result.elbo_name}"
 
 
 def _unconstrained(
@@ -291,7 +296,10 @@ def compare(
     with param_scope(first):  # the model's pyro.param sites: the fit's, not the global store
         info = model_info(first.model, first.args, {}, first.max_plate_nesting)
     sites = tuple(s for s in (sites or reference.sites) if s in reference.draws)
-    joint_sites = tuple(s for s in info.continuous if s in reference.draws)
+    # a decentered fit's model records the user's decentered sites as deterministic:
+    # the joint metrics still compare them (real support: their unconstraining is the identity)
+    continuous = tuple(dict.fromkeys(info.continuous + decentered_sites_of(first)))
+    joint_sites = tuple(s for s in continuous if s in reference.draws)
     ref_unc = _unconstrained(reference.draws, info, joint_sites, 2)
     ref_ok = np.all(np.isfinite(ref_unc), axis=1) if ref_unc.size else None
     floor = metrics.joint_floor(ref_unc[ref_ok], seed=seed) if joint_sites else {}

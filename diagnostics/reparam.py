@@ -7,9 +7,9 @@ rightly UNTRUSTED. The same posterior written non-centered samples well.
 :func:`retry_reparameterized` reruns NUTS on the user's model under
 ``poutine.reparam`` with ``LocScaleReparam(centered=0)`` on each latent
 location-scale site (Normal, StudentT, Cauchy, Laplace, ...; real support) whose
-location or scale depends on another latent site, the sites Pyro's
-``AutoReparam(centered=0.0)`` would decenter, less those whose parameters are
-fixed. The reparameterized model draws ``<site>_decentered`` and records each
+location or scale depends on another latent site (found, and the model built,
+by :mod:`vimodels.svi.reparam`, which ``fit(..., reparam="decenter")`` uses too).
+The reparameterized model draws ``<site>_decentered`` and records each
 original site as a deterministic function of it, so its draws map back onto the
 user's sites exactly.
 
@@ -29,13 +29,6 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
-from pyro import poutine
-from pyro.infer.inspect import get_dependencies
-from pyro.infer.reparam import LocScaleReparam
-from pyro.poutine.messenger import Messenger
-from torch.distributions import constraints
-
 from diagnostics.nuts.reference import (
     NUTS_KIND,
     Reference,
@@ -46,8 +39,8 @@ from diagnostics.nuts.reference import (
 from vimodels.catalog.base import CatalogEntry
 from vimodels.resolve import resolve_model
 from vimodels.svi.draws import ModelInfo, model_info
+from vimodels.svi.reparam import REPARAM, decentering_sites, reparameterized_model
 
-REPARAM = "LocScaleReparam"
 # checks whose failure points at the posterior's geometry (a funnel), not at too few draws
 _GEOMETRY_CHECKS = ("divergences", "rhat", "ebfmi")
 
@@ -55,104 +48,6 @@ _GEOMETRY_CHECKS = ("divergences", "rhat", "ebfmi")
 def reparam_label(sites: tuple[str, ...]) -> str:
     """``"reference from the reparameterized model (LocScaleReparam on: a, b)"``."""
     return f"reference from the reparameterized model ({REPARAM} on: {', '.join(sites)})"
-
-
-def _loc_scale_base(fn: Any) -> Any | None:
-    """The location-scale family under ``Independent`` wrappers, or None."""
-    while isinstance(fn, torch.distributions.Independent):
-        fn = fn.base_dist
-    params = set(getattr(fn, "arg_constraints", {}))
-    if not {"loc", "scale"} <= params:
-        return None
-    support = fn.support
-    while hasattr(support, "base_constraint"):
-        support = support.base_constraint
-    return fn if support == constraints.real else None
-
-
-def decentering_sites(fn: Callable, data: Mapping[str, Any]) -> tuple[str, ...]:
-    """Latent location-scale sites whose location or scale depends on another latent site.
-
-    Parameters
-    ----------
-    fn : callable
-        The model, called as ``fn(**data)`` (resolved: :func:`vimodels.resolve.resolve_model`).
-    data : dict
-
-    Returns
-    -------
-    tuple of str
-        In the model's order; empty when there is none. Where Pyro cannot trace
-        the dependencies (:func:`pyro.infer.inspect.get_dependencies` fails on the
-        model), every latent location-scale site whose parameters are not constant.
-    """
-    tr = poutine.trace(fn).get_trace(**data)
-    latent = {
-        name: site
-        for name, site in tr.nodes.items()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and not site["infer"].get("is_auxiliary")
-        and type(site["fn"]).__name__ != "_Subsample"
-    }
-    candidates = [name for name, site in latent.items() if _loc_scale_base(site["fn"])]
-    if not candidates:
-        return ()
-    try:
-        deps = get_dependencies(fn, (), dict(data))["prior_dependencies"]
-    except Exception:  # noqa: BLE001 - provenance tracking fails on some ops: decenter all
-        deps = None
-    out = []
-    for name in candidates:
-        if deps is not None:
-            upstream = set(deps.get(name, {})) - {name}
-            if upstream & set(latent):
-                out.append(name)
-        else:
-            base = _loc_scale_base(latent[name]["fn"])
-            if not (_constant(base.loc) and _constant(base.scale)):
-                out.append(name)
-    return tuple(out)
-
-
-def _constant(x: Any) -> bool:
-    x = torch.as_tensor(x)
-    return bool(x.numel() == 0 or torch.all(x == x.reshape(-1)[0]))
-
-
-class _RecordAsDeterministic(Messenger):
-    """Mark the sites ``poutine.reparam`` replaced as deterministic (as ``pyro.deterministic``).
-
-    Entered outside the reparam handler, so it sees each site after the handler
-    turned it into a masked ``Delta`` of the transformed draw.
-    """
-
-    def __init__(self, names: frozenset[str]) -> None:
-        super().__init__()
-        self.names = names
-
-    def _pyro_sample(self, msg: Any) -> None:
-        if msg["name"] in self.names and msg["is_observed"]:
-            msg["infer"] = {**(msg.get("infer") or {}), "_deterministic": True}
-
-
-def reparameterized_model(fn: Callable, sites: tuple[str, ...], name: str) -> Callable:
-    """``fn`` under ``LocScaleReparam(centered=0)`` on ``sites``, called as ``model(**data)``.
-
-    Each site ``s`` becomes a latent ``s_decentered`` and a deterministic ``s``
-    holding the user's value, so draws of the original sites come back from the
-    sampler's deterministic record.
-    """
-    names = frozenset(sites)
-
-    def reparameterized(**data: Any) -> Any:
-        config = {s: LocScaleReparam(centered=0.0) for s in sites}
-        with _RecordAsDeterministic(names), poutine.reparam(config=config):
-            return fn(**data)
-
-    reparameterized.__name__ = f"{name}__reparam"
-    reparameterized.__qualname__ = reparameterized.__name__
-    return reparameterized
 
 
 def should_retry(ref: Reference) -> bool:

@@ -22,15 +22,10 @@ from diagnostics import _arviz
 from diagnostics.convert import reference_to_inference_data, save_netcdf
 from diagnostics.nuts.reference import run_nuts
 from diagnostics.references import get_reference
-from diagnostics.reparam import (
-    decentering_sites,
-    reparam_label,
-    reparameterized_model,
-    retry_reparameterized,
-    should_retry,
-)
+from diagnostics.reparam import reparam_label, retry_reparameterized, should_retry
 from vimodels.resolve import resolve_model
 from vimodels.runs.compare import run_compare
+from vimodels.svi.reparam import decentering_sites, reparameterized_model
 
 
 def centered_funnel(n: int = 2) -> None:

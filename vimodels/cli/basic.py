@@ -18,6 +18,7 @@ from vimodels.svi.check import check_model
 from vimodels.svi.convergence import ConvergenceRule
 from vimodels.svi.elbos import ELBOS
 from vimodels.svi.fit import fit
+from vimodels.svi.reparam import REPARAM_METHODS
 from vimodels.usermodel import is_model_spec, load_data, load_model_spec, read_data_map
 
 
@@ -36,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     add_fit_arguments(p)
     add_init_argument(p)
+    add_reparam_argument(p)
     p.add_argument("--guide", default="auto_normal")
     p.add_argument("--elbo", default="trace")
     p.add_argument("--draws", type=int, default=1000, help="guide draws written to netcdf")
@@ -161,6 +163,19 @@ def add_init_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_reparam_argument(p: argparse.ArgumentParser) -> None:
+    """``--reparam`` of ``fit`` and ``compare``: ``fit(reparam=...)``, ``none`` for None."""
+    p.add_argument(
+        "--reparam",
+        default="none",
+        choices=("none", *REPARAM_METHODS),
+        help="decenter: fit the model with Pyro's LocScaleReparam(centered=0) on each "
+        "latent location-scale site whose location or scale depends on another latent "
+        "site (a centered hierarchical model's funnel); results report the model's own "
+        "sites. Autoguides only: compare skips hand-written guides (default: none)",
+    )
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the registries."""
     if args.markdown:
@@ -199,6 +214,7 @@ def fit_kwargs(args: argparse.Namespace) -> dict:
         jit=False if args.no_jit else None,
         progress=False if args.quiet else None,
         **({} if getattr(args, "init", "none") == "none" else {"init": args.init}),
+        **({} if getattr(args, "reparam", "none") == "none" else {"reparam": args.reparam}),
     )
 
 
@@ -232,7 +248,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
             subsample=args.subsample,
             **kwargs,
         )
-        stem = fit_file_stem(name, result.guide_name, args.elbo, result.seed)
+        # a decentered fit's files do not replace those of the model as written
+        decenter = "+decenter" if result.settings.get("reparam") else ""
+        stem = fit_file_stem(name, result.guide_name + decenter, args.elbo, result.seed)
         if result.status == "diverged":  # a failure: the summary says why, no draws
             atomic_write_json(out / f"{stem}.json", result.summary())
             print(

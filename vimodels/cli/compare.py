@@ -12,6 +12,7 @@ from vimodels.cli.basic import (
     add_fit_arguments,
     add_init_argument,
     add_model_arguments,
+    add_reparam_argument,
     cli_model,
     fit_kwargs,
 )
@@ -58,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_fit_arguments(p)
     add_init_argument(p)
+    add_reparam_argument(p)
     p.add_argument("--out", default=None, help="output folder (default runs/<model>/compare)")
     p.add_argument(
         "--reference",

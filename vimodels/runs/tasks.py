@@ -441,6 +441,11 @@ class StoredFit:
         return self.summary["fit"]["message"]
 
     @property
+    def settings(self) -> dict[str, Any]:
+        """The settings the fit recorded (``summary.json``)."""
+        return self.summary["fit"].get("settings") or {}
+
+    @property
     def max_plate_nesting(self) -> int:
         """Plate depth the fit used."""
         return int(self.summary["max_plate_nesting"])

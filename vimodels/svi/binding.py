@@ -21,6 +21,7 @@ from vimodels.catalog.base import CatalogEntry
 from vimodels.data import trace_check
 from vimodels.errors import IncompatibleError, OptionError
 from vimodels.resolve import resolve_model
+from vimodels.svi.reparam import check_reparam, decentered_model
 
 
 class Bound:
@@ -146,6 +147,10 @@ class Binding:
         Sites that results report.
     site_shapes : dict of str to tuple of int
         Shape of every sample site's value.
+    decentered : tuple of str
+        The user's sites that ``reparam="decenter"`` decentered (empty: the model
+        as written). ``model_fn`` is then the decentered model
+        (:mod:`vimodels.svi.reparam`), which records these sites as deterministic.
     """
 
     entry: CatalogEntry | None
@@ -162,6 +167,7 @@ class Binding:
     depth: int
     sites: tuple[str, ...]
     site_shapes: dict[str, tuple[int, ...]]
+    decentered: tuple[str, ...] = ()
 
     @property
     def family(self) -> str | None:
@@ -175,6 +181,7 @@ def bind(
     *,
     discrete_ok: bool,
     sites: tuple[str, ...] | None = None,
+    reparam: str | None = None,
 ) -> Binding:
     """Resolve a model, check its data with one traced run, and work out what a fit needs.
 
@@ -186,19 +193,30 @@ def bind(
         Whether the ELBO sums out discrete latent sites (else they are an error).
     sites : tuple of str, optional
         Sites to report; default: the entry's sites of interest, or every latent
-        and deterministic site of a user's model.
+        and deterministic site of a user's model (as written, before any ``reparam``).
+    reparam : {None, "decenter"}
+        ``"decenter"``: bind the model decentered (:mod:`vimodels.svi.reparam`).
 
     Raises
     ------
     IncompatibleError
-        For discrete latent sites under an ELBO that cannot sum them out.
+        For discrete latent sites under an ELBO that cannot sum them out; for
+        ``reparam="decenter"`` on a model with nothing to decenter.
+    OptionError
+        For an unknown ``reparam``.
     """
+    reparam = check_reparam(reparam)
     entry, model_fn, data_dict, name = resolve_model(model, data)
     tensor_keys = tuple(k for k, v in data_dict.items() if isinstance(v, torch.Tensor))
     static = {k: v for k, v in data_dict.items() if k not in tensor_keys}
     args = tuple(data_dict[k] for k in tensor_keys)
     tr = trace_check(model_fn, data_dict, name)
     check_has_latent(tr, name)
+    decentered: tuple[str, ...] = ()
+    user_tr = tr
+    if reparam == "decenter":
+        model_fn, decentered = decentered_model(model_fn, data_dict, name)
+        tr = trace_check(model_fn, data_dict, name)
     hidden = discrete_sites(tr)
     if hidden and not discrete_ok:
         raise IncompatibleError(
@@ -210,7 +228,7 @@ def bind(
     if entry is not None and entry.max_plate_nesting is not None:
         depth = max(depth, entry.max_plate_nesting)
     if sites is None:
-        sites = entry.sites if entry is not None else _default_sites(tr, hidden)
+        sites = entry.sites if entry is not None else _default_sites(user_tr, hidden)
     sites = check_sites(tr, sites)
     model_kw = config_enumerate(model_fn, default="parallel") if hidden else model_fn
     site_shapes = {
@@ -233,6 +251,7 @@ def bind(
         depth=depth,
         sites=tuple(sites),
         site_shapes=site_shapes,
+        decentered=decentered,
     )
 
 

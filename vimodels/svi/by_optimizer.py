@@ -42,6 +42,7 @@ from vimodels.mode.lbfgs import ModeResult, find_mode
 from vimodels.mode.pathfinder import PathfinderResult, pathfinder
 from vimodels.mode.potential import Potential, make_potential
 from vimodels.svi.binding import bind, keyword_call, latent_sites, positional_kwargs
+from vimodels.svi.reparam import reparam_note, reparam_settings
 from vimodels.svi.resample import khat_note, resample_settings
 from vimodels.svi.result import CONVERGED, DIVERGED, MAX_STEPS, FitResult
 from vimodels.svi.weights import elbo_estimate, log_weights
@@ -137,12 +138,13 @@ def fit_by_optimizer(
     sites: tuple[str, ...] | None = None,
     guide_options: Mapping[str, Any] | None = None,
     num_threads: int | None = 1,
+    reparam: str | None = None,
 ) -> Any:
     """Fit ``pathfinder``, ``auto_laplace`` or ``auto_delta`` by L-BFGS; a ``FitResult``.
 
     Parameters
     ----------
-    model, data, seed, num_eval, sites, num_threads
+    model, data, seed, num_eval, sites, num_threads, reparam
         As for :func:`vimodels.fit`.
     guide : str
         One of :data:`OPTIMIZER_GUIDES`.
@@ -174,7 +176,7 @@ def fit_by_optimizer(
     opts = _check_options(guide, guide_options or {})
     check_option("seed", seed, kind=int, low=0)
     check_option("num_eval", num_eval, kind=int, low=2)
-    binding = bind(model, data, discrete_ok=True, sites=sites)
+    binding = bind(model, data, discrete_ok=True, sites=sites, reparam=reparam)
     # the fitted Gaussian draws in the dtype the model's latents have (float64 data
     # makes float64 latents; a float32 draw would then meet float64 in a matmul)
     latent_dtype = next(
@@ -211,6 +213,7 @@ def fit_by_optimizer(
         "averaged": None,
         "step_compiler": "none",
         "versions": versions(),
+        "reparam": reparam_settings(binding.decentered) if binding.decentered else None,
     }
     try:
         with pyro.get_param_store().scope() as state:
@@ -307,6 +310,8 @@ def fit_by_optimizer(
                 }
     finally:
         torch.set_num_threads(threads_before)
+    if binding.decentered:
+        message = f"{message}; {reparam_note(binding.decentered)}"
     return FitResult(
         model_name=binding.name,
         guide_name=guide,

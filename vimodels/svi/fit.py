@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -28,9 +29,22 @@ from pyro.infer.autoguide import AutoLaplaceApproximation
 import guides as guide_registry
 from vimodels.catalog.base import CatalogEntry
 from vimodels.compile.units import private_units
-from vimodels.errors import OptionError, check_option, check_seed, derive_seed
+from vimodels.errors import (
+    IncompatibleError,
+    OptionError,
+    check_option,
+    check_seed,
+    derive_seed,
+)
 from vimodels.svi import elbos as elbo_registry
-from vimodels.svi.binding import Binding, Bound, bind, keyword_call, positional_kwargs
+from vimodels.svi.binding import (
+    Binding,
+    Bound,
+    bind,
+    check_guide_matches,
+    keyword_call,
+    positional_kwargs,
+)
 from vimodels.svi.by_optimizer import (
     OPTIMIZER_GUIDES,
     apply_init,
@@ -43,6 +57,7 @@ from vimodels.svi.convergence import ConvergenceRule
 from vimodels.svi.divergence import DivergenceRule
 from vimodels.svi.loop import LoopOutcome, LoopSettings, Objective, run_loop
 from vimodels.svi.minibatch_eval import EVAL_BATCHES, minibatch_elbo
+from vimodels.svi.reparam import DECENTERED_SUFFIX, reparam_note, reparam_settings
 from vimodels.svi.result import DIVERGED, NONFINITE, FitProgress, FitResult
 from vimodels.svi.subsample import IndexSupplier
 from vimodels.svi.weights import elbo_estimate, log_weights
@@ -77,6 +92,7 @@ def fit(
     callback: Callable[[FitProgress], None] | None = None,
     init: str | None = None,
     subsample: str = "epoch",
+    reparam: str | None = None,
 ) -> FitResult:
     """Fit a guide to a model with SVI (or, for three guides, by L-BFGS).
 
@@ -164,6 +180,23 @@ def fit(
         standard error including the subsampling noise
         (:mod:`vimodels.svi.minibatch_eval`); ``settings["subsample"]`` says
         what ran. The README's section "Large data" gives the data contract.
+    reparam : {None, "decenter"}
+        ``"decenter"``: fit the model with Pyro's ``LocScaleReparam(centered=0)``
+        on each latent location-scale site whose location or scale depends on
+        another latent site (``theta ~ Normal(mu, tau)`` becomes
+        ``theta_decentered ~ Normal(0, 1)``, ``theta = mu + tau * theta_decentered``;
+        :mod:`vimodels.svi.reparam`). A centered hierarchical model's funnel,
+        which has no mode and which no Gaussian fits, becomes close to Gaussian.
+        The posterior and the evidence are the model's own (a change of
+        variables): ``sample``, ArviZ export and ``compare`` report the user's
+        sites (recorded as deterministic values of the decentered draws, next to
+        the ``<site>_decentered`` latents), and the ELBO bounds the same
+        ``log p(x)``. ``settings["reparam"]`` and the message name the sites
+        decentered. Applies to the registry's autoguides, ``pathfinder``,
+        ``auto_laplace(_is)``, ``auto_delta`` and ``init``; a hand-written guide
+        must name the decentered model's sites (else IncompatibleError). A model
+        with nothing to decenter raises IncompatibleError (the fit would be the
+        model as written). Default None: the model as written.
 
     Returns
     -------
@@ -206,11 +239,12 @@ def fit(
             sites=sites,
             guide_options=guide_options,
             num_threads=num_threads,
+            reparam=reparam,
         )
     # minibatch: plates' subsample indices drawn in O(batch) (vimodels/svi/subsample.py)
     supplier = IndexSupplier(seed, subsample)  # OptionError for an unknown scheme
     with supplier:
-        binding = bind(model, data, discrete_ok=elbo_spec.discrete, sites=sites)
+        binding = bind(model, data, discrete_ok=elbo_spec.discrete, sites=sites, reparam=reparam)
     if supplier.subsampled and subsample != "pyro":
         jit = False  # NumPy-drawn indices would be frozen into a traced graph
     guide_opts, elbo_opts = dict(guide_options or {}), dict(elbo_options or {})
@@ -281,7 +315,18 @@ def fit(
     if start is not None:
         result.settings["init"] = start[2]
     result.settings["lr_scale"] = lr_scale
-    return result
+    return record_reparam(result, binding.decentered)
+
+
+def record_reparam(result: FitResult, decentered: tuple[str, ...]) -> FitResult:
+    """``result`` with ``settings["reparam"]`` set, and the message naming decentered sites.
+
+    (:func:`~vimodels.svi.by_optimizer.fit_by_optimizer` records the same.)
+    """
+    result.settings["reparam"] = reparam_settings(decentered) if decentered else None
+    if not decentered:
+        return result
+    return dataclasses.replace(result, message=f"{result.message}; {reparam_note(decentered)}")
 
 
 def check_fit_options(
@@ -342,8 +387,19 @@ def build_objective(
     if callable(guide) and not isinstance(guide, str):
         g = Bound(guide, binding.tensor_keys, binding.static)
         name = getattr(guide, "__name__", "user_guide")
+        if binding.decentered:  # it must name the decentered model's latent sites
+            try:
+                check_guide_matches(
+                    binding.trace, g, binding.args, binding.hidden, name, binding.name
+                )
+            except IncompatibleError as exc:
+                why = decentered_guide_message(name, binding)
+                raise IncompatibleError(f"{why} ({exc})") from exc
     else:
         generic = guide_registry.get_guide_spec(guide, binding.family).generic
+        if binding.decentered and not generic:
+            # a family's guide names the model's sites as written: it cannot apply
+            raise IncompatibleError(decentered_guide_message(guide, binding))
         made = guide_registry.make_guide(
             guide,
             binding.model if generic else binding.model_kw,
@@ -363,6 +419,18 @@ def build_objective(
         **elbo_opts,
     )
     return Objective(g, name, loss, jit)
+
+
+def decentered_guide_message(guide: str, binding: Binding) -> str:
+    """Why a hand-written guide cannot serve a model fitted with ``reparam="decenter"``."""
+    new = ", ".join(s + DECENTERED_SUFFIX for s in binding.decentered)
+    return (
+        f"guide {guide!r} is hand-written for model {binding.name!r} as written; "
+        f"reparam='decenter' fits it with {', '.join(binding.decentered)} replaced by the "
+        f"latent site(s) {new} (the originals recorded as deterministic), which the guide "
+        "does not name. Use an autoguide (auto_normal, auto_multivariate_normal, pathfinder, "
+        "auto_laplace ...) or reparam=None"
+    )
 
 
 def finish(

@@ -1,0 +1,200 @@
+"""A model decentered by Pyro: ``LocScaleReparam(centered=0)`` on its dependent sites.
+
+A hierarchical model written the natural way (``theta ~ Normal(mu, tau)``) has a
+funnel for a posterior, which no Gaussian fits and which has no mode; the same
+posterior written non-centered (``theta = mu + tau * theta_decentered`` with
+``theta_decentered ~ Normal(0, 1)``) is close to Gaussian. This module finds the
+sites to decenter and builds the decentered model; ``fit(..., reparam="decenter")``
+(:func:`vimodels.svi.binding.bind`) fits it, and the NUTS reference's second try
+(:mod:`diagnostics.reparam`) samples it.
+
+The sites are the latent location-scale sites (Normal, StudentT, Cauchy, Laplace
+...; real support) whose location or scale depends on another latent site: the
+sites Pyro's ``AutoReparam(centered=0.0)`` would decenter, less those whose
+parameters are fixed. The decentered model draws ``<site>_decentered`` and
+records each original site as a deterministic function of it, so its draws map
+back onto the user's sites exactly. The change of variables is the model's own
+(Pyro's reparameterizer): the joint density of the observed data and the other
+latents is unchanged once ``<site>_decentered`` is integrated out, so the
+decentered model has the same posterior over the user's sites and the same
+evidence ``log p(x)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from pyro import poutine
+from pyro.infer.inspect import get_dependencies
+from pyro.infer.reparam import LocScaleReparam
+from pyro.poutine.messenger import Messenger
+from torch.distributions import constraints
+
+from vimodels.errors import IncompatibleError, OptionError
+
+REPARAM = "LocScaleReparam"
+#: Values of ``fit(reparam=...)`` besides None.
+REPARAM_METHODS = ("decenter",)
+#: Suffix of the latent site that replaces a decentered one.
+DECENTERED_SUFFIX = "_decentered"
+
+
+def check_reparam(reparam: Any) -> str | None:
+    """``reparam`` if it is None or one of :data:`REPARAM_METHODS`, else OptionError."""
+    if reparam is None or (isinstance(reparam, str) and reparam in REPARAM_METHODS):
+        return reparam
+    raise OptionError(
+        f"reparam must be None or one of {', '.join(repr(m) for m in REPARAM_METHODS)}, "
+        f"got {reparam!r}"
+    )
+
+
+def _loc_scale_base(fn: Any) -> Any | None:
+    """The location-scale family under ``Independent`` wrappers, or None."""
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    params = set(getattr(fn, "arg_constraints", {}))
+    if not {"loc", "scale"} <= params:
+        return None
+    support = fn.support
+    while hasattr(support, "base_constraint"):
+        support = support.base_constraint
+    return fn if support == constraints.real else None
+
+
+def decentering_sites(fn: Callable, data: Mapping[str, Any]) -> tuple[str, ...]:
+    """Latent location-scale sites whose location or scale depends on another latent site.
+
+    Parameters
+    ----------
+    fn : callable
+        The model, called as ``fn(**data)`` (resolved: :func:`vimodels.resolve.resolve_model`).
+    data : dict
+
+    Returns
+    -------
+    tuple of str
+        In the model's order; empty when there is none. Where Pyro cannot trace
+        the dependencies (:func:`pyro.infer.inspect.get_dependencies` fails on the
+        model), every latent location-scale site whose parameters are not constant.
+    """
+    with poutine.block():
+        tr = poutine.trace(fn).get_trace(**data)
+    latent = {
+        name: site
+        for name, site in tr.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site["infer"].get("is_auxiliary")
+        and type(site["fn"]).__name__ != "_Subsample"
+    }
+    candidates = [name for name, site in latent.items() if _loc_scale_base(site["fn"])]
+    if not candidates:
+        return ()
+    try:
+        with poutine.block():
+            deps = get_dependencies(fn, (), dict(data))["prior_dependencies"]
+    except Exception:  # noqa: BLE001 - provenance tracking fails on some ops: decenter all
+        deps = None
+    out = []
+    for name in candidates:
+        if deps is not None:
+            upstream = set(deps.get(name, {})) - {name}
+            if upstream & set(latent):
+                out.append(name)
+        else:
+            base = _loc_scale_base(latent[name]["fn"])
+            if not (_constant(base.loc) and _constant(base.scale)):
+                out.append(name)
+    return tuple(out)
+
+
+def _constant(x: Any) -> bool:
+    x = torch.as_tensor(x)
+    return bool(x.numel() == 0 or torch.all(x == x.reshape(-1)[0]))
+
+
+class _RecordAsDeterministic(Messenger):
+    """Mark the sites ``poutine.reparam`` replaced as deterministic (as ``pyro.deterministic``).
+
+    Entered outside the reparam handler, so it sees each site after the handler
+    turned it into a masked ``Delta`` of the transformed draw.
+    """
+
+    def __init__(self, names: frozenset[str]) -> None:
+        super().__init__()
+        self.names = names
+
+    def _pyro_sample(self, msg: Any) -> None:
+        if msg["name"] in self.names and msg["is_observed"]:
+            msg["infer"] = {**(msg.get("infer") or {}), "_deterministic": True}
+
+
+def reparameterized_model(fn: Callable, sites: tuple[str, ...], name: str) -> Callable:
+    """``fn`` under ``LocScaleReparam(centered=0)`` on ``sites``, called as ``model(**data)``.
+
+    Each site ``s`` becomes a latent ``s_decentered`` and a deterministic ``s``
+    holding the user's value, so draws of the original sites come back from the
+    sampler's deterministic record.
+    """
+    names = frozenset(sites)
+
+    def reparameterized(**data: Any) -> Any:
+        config = {s: LocScaleReparam(centered=0.0) for s in sites}
+        with _RecordAsDeterministic(names), poutine.reparam(config=config):
+            return fn(**data)
+
+    reparameterized.__name__ = f"{name}__reparam"
+    reparameterized.__qualname__ = reparameterized.__name__
+    return reparameterized
+
+
+def decentered_model(
+    fn: Callable, data: Mapping[str, Any], name: str
+) -> tuple[Callable, tuple[str, ...]]:
+    """``fn`` decentered for ``fit(reparam="decenter")``, and the sites decentered.
+
+    Raises
+    ------
+    IncompatibleError
+        When the model has no site to decenter: ``reparam="decenter"`` would fit
+        the model as written, which is not what was asked for.
+    """
+    sites = decentering_sites(fn, data)
+    if not sites:
+        raise IncompatibleError(
+            f"reparam='decenter' found nothing to decenter in model {name!r}: no latent "
+            "location-scale site (Normal, StudentT, Cauchy, Laplace ...) has a location or "
+            "scale that depends on another latent site. Fit it as written (reparam=None)"
+        )
+    return reparameterized_model(fn, sites, name), sites
+
+
+def reparam_settings(sites: tuple[str, ...]) -> dict[str, Any]:
+    """What a fit's ``settings["reparam"]`` records of a decentered fit."""
+    return {
+        "method": "decenter",
+        "reparameterizer": f"{REPARAM}(centered=0)",
+        "sites": list(sites),
+        "latent": [s + DECENTERED_SUFFIX for s in sites],
+    }
+
+
+def reparam_note(sites: tuple[str, ...]) -> str:
+    """One line for a decentered fit's message."""
+    return (
+        f"decentered ({REPARAM}(centered=0) on: {', '.join(sites)}; draws of these sites "
+        "are recorded from the fitted model)"
+    )
+
+
+def decentered_sites_of(result: Any) -> tuple[str, ...]:
+    """The sites a fit decentered (``settings["reparam"]["sites"]``); empty for none.
+
+    Reads a :class:`~vimodels.svi.result.FitResult` or anything with the same
+    ``settings`` (a stored fit's summary holds them too).
+    """
+    settings = getattr(result, "settings", None) or {}
+    return tuple((settings.get("reparam") or {}).get("sites") or ())
