@@ -11,7 +11,10 @@ sites to decenter and builds the decentered model; ``fit(..., reparam="decenter"
 The sites are the latent location-scale sites (Normal, StudentT, Cauchy, Laplace
 ...; real support) whose location or scale depends on another latent site: the
 sites Pyro's ``AutoReparam(centered=0.0)`` would decenter, less those whose
-parameters are fixed. The decentered model draws ``<site>_decentered`` and
+parameters are fixed; and the ``MultivariateNormal`` sites whose location or
+Cholesky factor depends on another latent site (correlated random effects),
+which Pyro has no reparameterizer for: ``x = loc + scale_tril @ z``,
+``z ~ Normal(0, I)``. The decentered model draws ``<site>_decentered`` and
 records each original site as a deterministic function of it, so its draws map
 back onto the user's sites exactly. The change of variables is the model's own
 (Pyro's reparameterizer): the joint density of the observed data and the other
@@ -25,16 +28,21 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer.inspect import get_dependencies
 from pyro.infer.reparam import LocScaleReparam
+from pyro.infer.reparam.reparam import Reparam
 from pyro.poutine.messenger import Messenger
 from torch.distributions import constraints
 
 from vimodels.errors import IncompatibleError, OptionError
 
 REPARAM = "LocScaleReparam"
+#: How the sites are decentered, as results record it.
+REPARAMETERIZER = f"{REPARAM}(centered=0); MultivariateNormal: loc + scale_tril @ z"
 #: Values of ``fit(reparam=...)`` besides None.
 REPARAM_METHODS = ("decenter",)
 #: Suffix of the latent site that replaces a decentered one.
@@ -64,6 +72,51 @@ def _loc_scale_base(fn: Any) -> Any | None:
     return fn if support == constraints.real else None
 
 
+def _mvn_base(fn: Any) -> Any | None:
+    """The ``MultivariateNormal`` under ``Independent`` wrappers, or None."""
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return fn if isinstance(fn, torch.distributions.MultivariateNormal) else None
+
+
+def _params(fn: Any) -> tuple[Any, Any]:
+    """``(loc, scale)`` of a location-scale site, ``(loc, scale_tril)`` of a multivariate one."""
+    mvn = _mvn_base(fn)
+    if mvn is not None:
+        return mvn.loc, mvn.scale_tril
+    base = _loc_scale_base(fn)
+    return base.loc, base.scale
+
+
+class _DecenterMultivariateNormal(Reparam):
+    """``x ~ MultivariateNormal(loc, scale_tril)`` as ``x = loc + scale_tril @ z``, ``z ~ N(0, I)``.
+
+    What ``LocScaleReparam(centered=0)`` does for a univariate family; like it, the
+    original site becomes a masked ``Delta`` of the transformed draw.
+    """
+
+    def apply(self, msg: dict) -> dict:
+        name, value, is_observed = msg["name"], msg["value"], msg["is_observed"]
+        fn, event_dim = self._unwrap(msg["fn"])
+        loc, tril = fn.loc, fn.scale_tril
+        z_value = None
+        if value is not None:  # differentiably invert the transform
+            z_value = torch.linalg.solve_triangular(
+                tril, (value - loc).unsqueeze(-1), upper=False
+            ).squeeze(-1)
+        noise = dist.Normal(torch.zeros_like(loc), 1.0).to_event(1)
+        z = pyro.sample(
+            f"{name}{DECENTERED_SUFFIX}",
+            self._wrap(noise, event_dim),
+            obs=z_value,
+            infer={"is_observed": is_observed},
+        )
+        if value is None:
+            value = loc + (tril @ z.unsqueeze(-1)).squeeze(-1)
+        new_fn = dist.Delta(value, event_dim=event_dim).mask(False)
+        return {"fn": new_fn, "value": value, "is_observed": True}
+
+
 def decentering_sites(fn: Callable, data: Mapping[str, Any]) -> tuple[str, ...]:
     """Latent location-scale sites whose location or scale depends on another latent site.
 
@@ -90,7 +143,11 @@ def decentering_sites(fn: Callable, data: Mapping[str, Any]) -> tuple[str, ...]:
         and not site["infer"].get("is_auxiliary")
         and type(site["fn"]).__name__ != "_Subsample"
     }
-    candidates = [name for name, site in latent.items() if _loc_scale_base(site["fn"])]
+    candidates = [
+        name
+        for name, site in latent.items()
+        if _loc_scale_base(site["fn"]) is not None or _mvn_base(site["fn"]) is not None
+    ]
     if not candidates:
         return ()
     try:
@@ -105,8 +162,8 @@ def decentering_sites(fn: Callable, data: Mapping[str, Any]) -> tuple[str, ...]:
             if upstream & set(latent):
                 out.append(name)
         else:
-            base = _loc_scale_base(latent[name]["fn"])
-            if not (_constant(base.loc) and _constant(base.scale)):
+            loc, scale = _params(latent[name]["fn"])
+            if not (_constant(loc) and _constant(scale)):
                 out.append(name)
     return tuple(out)
 
@@ -135,14 +192,21 @@ class _RecordAsDeterministic(Messenger):
 def reparameterized_model(fn: Callable, sites: tuple[str, ...], name: str) -> Callable:
     """``fn`` under ``LocScaleReparam(centered=0)`` on ``sites``, called as ``model(**data)``.
 
-    Each site ``s`` becomes a latent ``s_decentered`` and a deterministic ``s``
-    holding the user's value, so draws of the original sites come back from the
-    sampler's deterministic record.
+    (A ``MultivariateNormal`` site: ``loc + scale_tril @ z``.) Each site ``s``
+    becomes a latent ``s_decentered`` and a deterministic ``s`` holding the
+    user's value, so draws of the original sites come back from the sampler's
+    deterministic record.
     """
     names = frozenset(sites)
 
+    def config(msg: dict) -> Reparam | None:
+        if msg["name"] not in names:
+            return None
+        if _mvn_base(msg["fn"]) is not None:
+            return _DecenterMultivariateNormal()
+        return LocScaleReparam(centered=0.0)
+
     def reparameterized(**data: Any) -> Any:
-        config = {s: LocScaleReparam(centered=0.0) for s in sites}
         with _RecordAsDeterministic(names), poutine.reparam(config=config):
             return fn(**data)
 
@@ -166,8 +230,9 @@ def decentered_model(
     if not sites:
         raise IncompatibleError(
             f"reparam='decenter' found nothing to decenter in model {name!r}: no latent "
-            "location-scale site (Normal, StudentT, Cauchy, Laplace ...) has a location or "
-            "scale that depends on another latent site. Fit it as written (reparam=None)"
+            "location-scale site (Normal, StudentT, Cauchy, Laplace ..., MultivariateNormal) "
+            "has a location or scale that depends on another latent site. Fit it as written "
+            "(reparam=None)"
         )
     return reparameterized_model(fn, sites, name), sites
 
@@ -176,7 +241,7 @@ def reparam_settings(sites: tuple[str, ...]) -> dict[str, Any]:
     """What a fit's ``settings["reparam"]`` records of a decentered fit."""
     return {
         "method": "decenter",
-        "reparameterizer": f"{REPARAM}(centered=0)",
+        "reparameterizer": REPARAMETERIZER,
         "sites": list(sites),
         "latent": [s + DECENTERED_SUFFIX for s in sites],
     }
