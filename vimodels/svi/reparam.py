@@ -25,6 +25,7 @@ evidence ``log p(x)``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -189,13 +190,16 @@ class _RecordAsDeterministic(Messenger):
             msg["infer"] = {**(msg.get("infer") or {}), "_deterministic": True}
 
 
+@functools.lru_cache(maxsize=32)
 def reparameterized_model(fn: Callable, sites: tuple[str, ...], name: str) -> Callable:
     """``fn`` under ``LocScaleReparam(centered=0)`` on ``sites``, called as ``model(**data)``.
 
     (A ``MultivariateNormal`` site: ``loc + scale_tril @ z``.) Each site ``s``
     becomes a latent ``s_decentered`` and a deterministic ``s`` holding the
     user's value, so draws of the original sites come back from the sampler's
-    deterministic record.
+    deterministic record. The same arguments give the same function, so a later
+    fit of the same decentered model reuses its compiled step, as fits of the
+    model as written do (``fit``'s compile key holds the model function).
     """
     names = frozenset(sites)
 
