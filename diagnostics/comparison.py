@@ -388,6 +388,10 @@ def compare(
             "joint_sites": list(joint_sites),
             "sites": list(sites),
             "joint_floor": floor,
+            # methods fitted on the decentered model (fit(reparam="decenter")): their sites
+            "decentered": {
+                n: list(decentered_sites_of(r)) for n, r in named.items() if decentered_sites_of(r)
+            },
         },
     )
 

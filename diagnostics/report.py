@@ -404,6 +404,8 @@ def render_html(c: Comparison, figures: Mapping[str, bytes]) -> str:
     )
     if c.skipped:
         parts.append("<p>Skipped: " + "; ".join(e(s) for s in c.skipped) + "</p>")
+    if _decentered_line(c):
+        parts.append(f"<p>{e(_decentered_line(c))}</p>")
     captions = {
         "marginals": "Marginal densities over the reference",
         "forest": "Means and central 90% intervals",
@@ -418,6 +420,18 @@ def render_html(c: Comparison, figures: Mapping[str, bytes]) -> str:
     parts.append("<h2>Sites</h2>" + html_table(site_table(c), "sites"))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _decentered_line(c: Comparison) -> str:
+    """Which methods were fitted on the decentered model, on which sites ('' for none)."""
+    decentered = c.settings.get("decentered") or {}
+    if not decentered:
+        return ""
+    return (
+        "Decentered (fit(reparam='decenter'), LocScaleReparam(centered=0)): "
+        + "; ".join(f"{m} on {', '.join(sites)}" for m, sites in decentered.items())
+        + ". Their sites are reported as the model's own."
+    )
 
 
 def render_markdown(c: Comparison, figure_files: Mapping[str, str]) -> str:
@@ -440,6 +454,8 @@ def render_markdown(c: Comparison, figure_files: Mapping[str, str]) -> str:
     lines += ["## Methods", "", md_table(summary_table(c)), "", _floor_line(c), ""]
     if c.skipped:
         lines += ["Skipped: " + "; ".join(c.skipped), ""]
+    if _decentered_line(c):
+        lines += [_decentered_line(c), ""]
     for name, path in figure_files.items():
         lines += [f"![{name}]({path})", ""]
     lines += ["## Sites", "", md_table(site_table(c)), ""]

@@ -192,6 +192,7 @@ def test_decentered_pathfinder_reaches_the_nuts_reference_on_eight_schools_cente
     """
     from diagnostics.comparison import compare
     from diagnostics.references import get_reference
+    from diagnostics.report import render_markdown
 
     ref = get_reference(CENTERED)  # the catalog's (the non-centered entry's NUTS draws)
     tau_ref = np.asarray(ref.draws["tau"], dtype=float).ravel()
@@ -204,6 +205,8 @@ def test_decentered_pathfinder_reaches_the_nuts_reference_on_eight_schools_cente
     assert row["method"] == "pathfinder+decenter/trace" and not row["failed"]
     assert row["joint_dim"] == 10  # mu, tau and theta's eight: the user's sites
     assert set(c.sites["site"]) == {"mu", "tau", "theta"}
+    assert c.settings["decentered"] == {"pathfinder+decenter/trace": ["theta"]}
+    assert "pathfinder+decenter/trace on theta" in render_markdown(c, {})
 
 
 @pytest.mark.parametrize("command", ["fit", "compare"])
