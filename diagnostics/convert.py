@@ -42,6 +42,7 @@ from vimodels.errors import DataError, OptionError, check_option, check_seed, de
 from vimodels.io import atomic_write
 from vimodels.resolve import resolve_model
 from vimodels.svi.draws import model_info, replay_model, sample_guide
+from vimodels.svi.reparam import decentered_sites_of
 from vimodels.svi.resample import POOL_FACTOR, resampled_draws
 from vimodels.svi.scope import param_scope
 
@@ -134,7 +135,9 @@ def fit_to_inference_data(
         ``auto_laplace_is``) the posterior draws are PSIS-resampled from a pool of
         guide draws and ``log_weight`` holds the weights of ``num_samples``
         independent guide draws (the proposal's, for ELBO, IWAE and k-hat); the
-        attrs ``resampled`` and ``resample_k_hat`` say so.
+        attrs ``resampled`` and ``resample_k_hat`` say so. For a decentered fit
+        (``reparam="decenter"``) the attr ``decentered`` names the user's sites that
+        come back as deterministic values of the ``<site>_decentered`` draws.
     """
     check_option("num_samples", num_samples, kind=int, low=1)
     resample = (getattr(result, "settings", None) or {}).get("resample")
@@ -172,6 +175,8 @@ def fit_to_inference_data(
     if resample:
         attrs["resampled"] = "psis"
         attrs["resample_k_hat"] = k_hat
+    if decentered_sites_of(result):  # fitted decentered: the posterior has the user's sites too
+        attrs["decentered"] = ", ".join(decentered_sites_of(result))
     return build_inference_data(
         {k: v[None] for k, v in posterior.items()},
         dims=info.dims,

@@ -127,6 +127,7 @@ def test_a_decentered_fit_reports_the_users_sites():
     idata = r.to_inference_data(100, seed=2)
     assert idata.posterior["theta"].shape == (1, 100, 8)
     assert "theta_decentered" in idata.posterior  # the fitted latent, next to the user's
+    assert idata.attrs["decentered"] == "theta"
 
 
 def test_svi_guides_and_init_fit_the_decentered_model():
