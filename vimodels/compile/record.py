@@ -209,6 +209,8 @@ def _tensors_to_nodes(x: Any, node_of: Callable, found: list) -> Any:
     kind = type(x)
     if kind is tuple or kind is list:
         return kind(_tensors_to_nodes(v, node_of, found) for v in x)
+    if kind is torch.Size:  # pytree gives a plain tuple
+        return tuple(x)
     if kind is dict:
         return {k: _tensors_to_nodes(v, node_of, found) for k, v in x.items()}
     return x
