@@ -118,6 +118,13 @@ def record(fn: Callable, *example: torch.Tensor) -> torch.fx.GraphModule:
     *example : Tensor
         The inputs to run it at (the graph's placeholders).
 
+    Returns
+    -------
+    torch.fx.GraphModule
+        Its Python code is generated when it is first run (or its ``code`` read),
+        not here: :func:`simplify_graph` reads only the graph, and generating the
+        code of a graph nobody runs cost as much as a pass of the simplification.
+
     Raises
     ------
     UnsupportedTrace
