@@ -42,6 +42,11 @@ import torch.fx
 
 from vimodels.compile.units import private_units
 
+try:  # generates the module's Python code when it is first run, not when it is built
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+except ImportError:  # pragma: no cover - a torch without it: code generated at once
+    _LazyGraphModule = torch.fx.GraphModule
+
 aten = torch.ops.aten
 
 # operations whose output depends on their tensor input only through its static shape
@@ -113,13 +118,19 @@ def record(fn: Callable, *example: torch.Tensor) -> torch.fx.GraphModule:
     *example : Tensor
         The inputs to run it at (the graph's placeholders).
 
+    Returns
+    -------
+    torch.fx.GraphModule
+        Its Python code is generated when it is first run (or its ``code`` read),
+        not here: :func:`simplify_graph` reads only the graph, and generating the
+        code of a graph nobody runs cost as much as a pass of the simplification.
+
     Raises
     ------
     UnsupportedTrace
         When an operation writes into a constant, or an output is not a tensor.
     """
     from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_map
 
     root = torch.nn.Module()
     graph = torch.fx.Graph()
@@ -153,23 +164,13 @@ def record(fn: Callable, *example: torch.Tensor) -> torch.fx.GraphModule:
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
 
-            def arg(x: Any) -> Any:
-                return node_of(x) if isinstance(x, torch.Tensor) else x
-
-            node_args, node_kwargs = tree_map(arg, args), tree_map(arg, kwargs)
-            schema = getattr(func, "_schema", None)
-            if schema is not None:
-                written = [
-                    a.name
-                    for a in schema.arguments
-                    if a.alias_info is not None and a.alias_info.is_write
-                ]
-                for i, a in enumerate(schema.arguments):
-                    if a.name in written:
-                        value = node_args[i] if i < len(node_args) else node_kwargs.get(a.name)
-                        if isinstance(value, torch.fx.Node) and value in constants:
-                            raise UnsupportedTrace(f"{func} writes into a constant")
-            inputs = _nodes_in((node_args, node_kwargs))
+            inputs: list[torch.fx.Node] = []
+            node_args = _tensors_to_nodes(args, node_of, inputs)
+            node_kwargs = _tensors_to_nodes(kwargs, node_of, inputs)
+            for i, name in _written(func):
+                value = node_args[i] if i < len(node_args) else node_kwargs.get(name)
+                if isinstance(value, torch.fx.Node) and value in constants:
+                    raise UnsupportedTrace(f"{func} writes into a constant")
             varies = any(n in dynamic for n in inputs)
             if varies and not _all_tensors(out):
                 # a value read into Python (bool(), item()): what follows was decided
@@ -199,7 +200,45 @@ def record(fn: Callable, *example: torch.Tensor) -> torch.fx.GraphModule:
         raise UnsupportedTrace("the function returns something other than tensors")
     out_nodes = tuple(node_of(t) for t in outputs)
     graph.output(out_nodes if isinstance(result, tuple) else out_nodes[0])
-    return torch.fx.GraphModule(root, graph)
+    return _LazyGraphModule(root, graph)
+
+
+def _tensors_to_nodes(x: Any, node_of: Callable, found: list) -> Any:
+    """``x`` with each tensor (in tuples, lists and dicts) replaced by its node, kept in ``found``.
+
+    What ``torch.utils._pytree.tree_map`` gives on an operation's arguments, at a
+    fraction of its cost.
+    """
+    if isinstance(x, torch.Tensor):
+        node = node_of(x)
+        found.append(node)
+        return node
+    kind = type(x)
+    if kind is tuple or kind is list:
+        return kind(_tensors_to_nodes(v, node_of, found) for v in x)
+    if kind is torch.Size:  # pytree gives a plain tuple
+        return tuple(x)
+    if kind is dict:
+        return {k: _tensors_to_nodes(v, node_of, found) for k, v in x.items()}
+    return x
+
+
+# operator -> (index, name) of the arguments it writes into
+_WRITES: dict[Any, tuple[tuple[int, str], ...]] = {}
+
+
+def _written(func: Any) -> tuple[tuple[int, str], ...]:
+    written = _WRITES.get(func)
+    if written is None:
+        schema = getattr(func, "_schema", None)
+        arguments = schema.arguments if schema is not None else ()
+        written = tuple(
+            (i, a.name)
+            for i, a in enumerate(arguments)
+            if a.alias_info is not None and a.alias_info.is_write
+        )
+        _WRITES[func] = written
+    return written
 
 
 def _all_tensors(out: Any) -> bool:
@@ -226,13 +265,25 @@ def freeze(gm: torch.fx.GraphModule, *example: torch.Tensor) -> Callable:
     The unit is freed with the returned module (torch's process-wide one is never
     emptied: :mod:`vimodels.compile.units`).
     """
+    _compiled(gm)
     with torch.no_grad(), private_units():
         return torch.jit.freeze(torch.jit.trace(gm, example, check_trace=False).eval())
 
 
+def _compiled(gm: torch.fx.GraphModule) -> None:
+    """Generate the Python code of a lazily compiled module now (tracing runs it)."""
+    real = getattr(gm, "real_recompile", None)
+    if real is not None:
+        real()
+
+
 def count_ops(gm: torch.fx.GraphModule) -> int:
     """Number of operations (``call_function`` nodes) in a graph."""
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function")
+    return _count_ops(gm.graph)
+
+
+def _count_ops(graph: torch.fx.Graph) -> int:
+    return sum(1 for n in graph.nodes if n.op == "call_function")
 
 
 def simplify_graph(gm: torch.fx.GraphModule, *example: torch.Tensor) -> torch.fx.GraphModule:
@@ -251,35 +302,34 @@ def simplify_graph(gm: torch.fx.GraphModule, *example: torch.Tensor) -> torch.fx
         The simplified graph; ``gm`` itself when it mutates tensors in a way the
         pass does not undo, or when the pass would not remove anything.
     """
+    # the passes work on a copy of the graph and a plain module holding its constants;
+    # the Python code is generated once, for the result (the passes run no code)
     graph = torch.fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
-    new = torch.fx.GraphModule(gm, graph)
-    if not _functionalize(new.graph):
+    if any(n.op == "call_module" for n in graph.nodes) or not _functionalize(graph):
         return gm
-    new.recompile()
-    values = _evaluate(new, example)
-    varying = _varying(new.graph)
-    if any(_dynamic_shape(n, values, varying) for n in new.graph.nodes):
+    root = torch.nn.Module()
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            _copy_attr(gm, root, node.target)
+    values = _evaluate(graph, root, example)
+    varying = _varying(graph)
+    if any(_dynamic_shape(n, values, varying) for n in graph.nodes):
         return gm  # shapes seen at `example` may not hold elsewhere
-    _fold_constants(new, values)
+    _fold_constants(graph, root, values)
     for _ in range(4):
-        changed = _drop_identities(new.graph, values)
-        changed |= _fold_signs(new, values)
-        changed |= _slices_to_cat(new, values)
-        changed |= _merge_common(new.graph)
-        changed |= _dead_code(new.graph)
+        changed = _drop_identities(graph, values)
+        changed |= _fold_signs(graph, root, values)
+        changed |= _slices_to_cat(graph, root, values)
+        changed |= _merge_common(graph)
+        changed |= _dead_code(graph)
         if not changed:
             break
-    used = {n.target for n in new.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(new.named_buffers()):
-        if name not in used and "." not in name:
-            delattr(new, name)
-    new.graph.lint()
-    new.recompile()
-    if count_ops(new) >= count_ops(gm):
+    graph.lint()
+    if _count_ops(graph) >= count_ops(gm):
         return gm
-    return new
+    return torch.fx.GraphModule(root, graph)  # copies the attributes the graph still reads
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -386,18 +436,53 @@ def _functionalize(graph: torch.fx.Graph) -> bool:
     return True
 
 
-def _evaluate(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> dict:
-    """The value of every node at ``example``."""
+def _copy_attr(source: torch.nn.Module, root: torch.nn.Module, target: str) -> None:
+    """Put ``source``'s attribute ``target`` (dotted) on ``root`` as ``GraphModule`` copies it."""
+    *prefix, field = target.split(".")
+    for item in prefix:
+        inner = getattr(source, item)
+        mine = getattr(root, item, None)
+        if mine is inner:
+            return
+        if mine is None:
+            mine = torch.nn.Module()
+            setattr(root, item, mine)
+        source, root = inner, mine
+    value = getattr(source, field)
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        root.register_buffer(field, value)
+    else:
+        setattr(root, field, value)
+
+
+def _fetch(root: torch.nn.Module, target: str) -> Any:
+    value: Any = root
+    for item in target.split("."):
+        value = getattr(value, item)
+    return value
+
+
+def _evaluate(graph: torch.fx.Graph, root: torch.nn.Module, example: tuple) -> dict:
+    """The value of every node at ``example`` (what ``torch.fx.Interpreter`` computes)."""
     values: dict[torch.fx.Node, Any] = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n: torch.fx.Node) -> Any:
-            result = super().run_node(n)
-            values[n] = result
-            return result
-
+    inputs = iter(example)
+    get = values.__getitem__
     with torch.no_grad():
-        Recorder(gm).run(*example)
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                values[node] = next(inputs)
+            elif node.op == "get_attr":
+                values[node] = _fetch(root, node.target)
+            elif node.op == "call_function":
+                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), get)
+                values[node] = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                (obj, *args), kwargs = torch.fx.node.map_arg((node.args, node.kwargs), get)
+                values[node] = getattr(obj, node.target)(*args, **kwargs)
+            elif node.op == "output":
+                values[node] = torch.fx.node.map_arg(node.args[0], get)
+            else:
+                raise UnsupportedTrace(f"cannot evaluate a {node.op} node")
     return values
 
 
@@ -412,9 +497,8 @@ def _is_random(node: torch.fx.Node) -> bool:
     return torch.Tag.nondeterministic_seeded in tags
 
 
-def _fold_constants(gm: torch.fx.GraphModule, values: dict) -> None:
+def _fold_constants(graph: torch.fx.Graph, root: torch.nn.Module, values: dict) -> None:
     """Replace each operation that does not depend on the inputs by a constant attribute."""
-    graph = gm.graph
     const: set[torch.fx.Node] = set()
     for node in graph.nodes:
         if node.op == "get_attr":
@@ -439,9 +523,9 @@ def _fold_constants(gm: torch.fx.GraphModule, values: dict) -> None:
             continue
         name = f"_folded_{count}"
         count += 1
-        while hasattr(gm, name):
+        while hasattr(root, name):
             name += "_"
-        gm.register_buffer(name, value.detach())
+        root.register_buffer(name, value.detach())
         with graph.inserting_before(node):
             attr = graph.get_attr(name)
         attr.meta = dict(node.meta)
@@ -602,7 +686,7 @@ def _power_of_two(x: Any) -> bool:
     return abs(math.frexp(x)[0]) == 0.5
 
 
-def _fold_signs(gm: torch.fx.GraphModule, values: dict) -> bool:
+def _fold_signs(graph: torch.fx.Graph, root: torch.nn.Module, values: dict) -> bool:
     """Negations and doublings moved into constants, where IEEE rounding gives the same bits.
 
     Round-to-nearest is symmetric and scaling by a power of two is exact, so
@@ -610,7 +694,6 @@ def _fold_signs(gm: torch.fx.GraphModule, values: dict) -> bool:
     ``c * (2 * x) == (2 * c) * x`` (short of overflow), and
     ``-masked_fill(c, m, v) == masked_fill(-c, m, -v)``.
     """
-    graph = gm.graph
     changed = False
 
     def const(arg: Any) -> bool:
@@ -620,9 +703,9 @@ def _fold_signs(gm: torch.fx.GraphModule, values: dict) -> bool:
         if not isinstance(value, torch.Tensor):
             return value
         name = f"_signed_{len(values)}"
-        while hasattr(gm, name):
+        while hasattr(root, name):
             name += "_"
-        gm.register_buffer(name, value)
+        root.register_buffer(name, value)
         with graph.inserting_before(like):
             node = graph.get_attr(name)
         values[node] = value
@@ -707,9 +790,8 @@ def _is_neg(arg: Any) -> bool:
     return isinstance(arg, torch.fx.Node) and arg.target is aten.neg.default
 
 
-def _slices_to_cat(gm: torch.fx.GraphModule, values: dict) -> bool:
+def _slices_to_cat(graph: torch.fx.Graph, root: torch.nn.Module, values: dict) -> bool:
     """``slice_backward`` pieces summed into one tensor -> one ``cat`` (gaps filled with zeros)."""
-    graph = gm.graph
     adds = (aten.add.Tensor,)
 
     def leaves(node: torch.fx.Node, root: bool) -> list[torch.fx.Node] | None:
@@ -773,12 +855,12 @@ def _slices_to_cat(gm: torch.fx.GraphModule, values: dict) -> bool:
                 shape = list(sizes)
                 shape[dim] = start - at
                 name = f"_zeros_{len(values)}"
-                while hasattr(gm, name):
+                while hasattr(root, name):
                     name += "_"
-                gm.register_buffer(name, torch.zeros(shape, dtype=out.dtype, device=out.device))
+                root.register_buffer(name, torch.zeros(shape, dtype=out.dtype, device=out.device))
                 with graph.inserting_before(node):
                     zeros = graph.get_attr(name)
-                values[zeros] = getattr(gm, name)
+                values[zeros] = getattr(root, name)
                 parts.append(zeros)
             if grad is not None:
                 parts.append(grad)
