@@ -98,6 +98,24 @@ AUTO_DRAWS_PER_DIM = 5
 # eigenvalue cutoff (eigenvalues in [1 / cutoff, cutoff] are left to the diagonal)
 LOW_RANK_GAMMA = 1e-5
 LOW_RANK_CUTOFF = 2.0
+# the dense and low-rank metrics' warm-up schedule (SwitchingWindows, nutpie's, Seyboldt et al.
+# 2023): the first EARLY_WINDOW of the warm-up switches windows every EARLY_SWITCH draws, then
+# windows of LATE_SWITCH draws that double; the last STEP_SIZE_WINDOW adapts the step size only;
+# the metric is re-estimated from the current window every METRIC_UPDATE_EVERY draws
+EARLY_WINDOW = 0.3
+STEP_SIZE_WINDOW = 0.15
+EARLY_SWITCH = 10
+LATE_SWITCH = 80
+METRIC_UPDATE_EVERY = 10
+# the dense metric is the draws' covariance from this many draws per dimension (and at least
+# DENSE_MIN_DRAWS) in the current window; before, the low-rank estimate, which learns from the
+# gradients too and so needs fewer draws
+DENSE_DRAWS_PER_DIM = 2
+DENSE_MIN_DRAWS = 20
+# versions the warm-up and transition algorithm: part of the reference cache key, bumped with
+# every change that changes the draws of a seed (1: Stan's windows for every metric; 2: the
+# dense and low-rank metrics adapt in SwitchingWindows)
+ALGORITHM_VERSION = 2
 MAX_DELTA_H = 1000.0  # energy error that marks a divergence (Stan's value)
 LOG_08 = math.log(0.8)
 # the step-size search gives up above this (2**512, about 1.3e154): a Gaussian of that
@@ -585,6 +603,77 @@ class Windows:
 
 
 @dataclass
+class SwitchingWindows:
+    """nutpie's warm-up schedule for the dense and low-rank metrics: windows that overlap.
+
+    Every warm-up draw before :attr:`final_start` joins two windows, the
+    *current* one (the metric is estimated from it) and the *next* one; a
+    switch makes the next window current and starts a new one. In the first
+    ``EARLY_WINDOW`` (30 %) of the warm-up a switch comes every
+    ``EARLY_SWITCH`` (10) draws, so the metric follows the chain from its
+    tenth draw on and forgets its way in within 10 to 20 draws; after it, the
+    next window must hold ``LATE_SWITCH`` (80) draws, then twice the previous
+    window's (doubling, as Stan's windows), and the current window grows until
+    :attr:`final_start` where no later switch would fill its window. The last
+    ``STEP_SIZE_WINDOW`` (15 %) adapts the step size only (Stan's terminal
+    buffer). A warm-up under 20 iterations adapts no metric.
+
+    Attributes
+    ----------
+    num_warmup : int
+    early_end : int
+        First iteration of the late phase.
+    final_start : int
+        First iteration of the step-size-only window.
+    adapt_metric : bool
+    """
+
+    num_warmup: int
+    early_end: int = 0
+    final_start: int = 0
+    adapt_metric: bool = True
+
+    def __post_init__(self) -> None:
+        w = self.num_warmup
+        self.adapt_metric = w >= 20
+        self.early_end = int(EARLY_WINDOW * w)
+        self.final_start = w - int(STEP_SIZE_WINDOW * w)
+
+    def switches(self, i: int, next_size: int, current_size: int) -> bool:
+        """Whether iteration ``i``, whose draw the windows hold, ends with a switch.
+
+        Parameters
+        ----------
+        i : int
+            The warm-up iteration (0-based).
+        next_size : int
+            Draws in the next window (this one's included).
+        current_size : int
+            Draws in the current window that the next one lacks (the previous
+            window's length).
+        """
+        if not self.adapt_metric or i >= self.final_start:
+            return False
+        if i < self.early_end:
+            return next_size >= EARLY_SWITCH
+        if next_size < max(LATE_SWITCH, 2 * current_size):
+            return False
+        # as Stan's windows: where the window after this one would not fill before the
+        # step-size-only window, the current one grows to it instead
+        return i + 1 + max(LATE_SWITCH, 2 * next_size) <= self.final_start
+
+    def final_window(self) -> int:
+        """Draws in the current window when the metric adaptation ends (the final metric's)."""
+        if not self.adapt_metric:
+            return 0
+        current = nxt = 0  # start indices
+        for i in range(self.final_start):
+            if self.switches(i, i + 1 - nxt, nxt - current):
+                current, nxt = nxt, i + 1
+        return self.final_start - current
+
+
+@dataclass
 class Welford:
     """Running mean and variance (``dense=False``) or covariance (``dense=True``) of vectors.
 
@@ -886,7 +975,7 @@ def resolve_metric(metric: str, dim: int, num_warmup: int) -> str:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
     if metric == "auto":
-        enough = last_window(num_warmup) >= AUTO_DRAWS_PER_DIM * dim
+        enough = SwitchingWindows(num_warmup).final_window() >= AUTO_DRAWS_PER_DIM * dim
         if dim > AUTO_DENSE_MAX_DIM:
             return "diag"
         return "dense" if enough else "low_rank"
@@ -1400,7 +1489,10 @@ def chain_steps(
         start=start,
     )
     used = resolve_metric(metric, chain.dim, num_warmup)
-    warmup_steps = yield from _warmup_steps(chain, num_warmup, used, status)
+    if used == "diag":
+        warmup_steps = yield from _warmup_steps(chain, num_warmup, used, status)
+    else:
+        warmup_steps = yield from _switching_warmup_steps(chain, num_warmup, used, status)
     draws = np.empty((num_samples, chain.dim))
     stats: dict[str, list] = {k: [] for k in STAT_NAMES}
     for i in range(num_samples):
@@ -1418,6 +1510,99 @@ def chain_steps(
         "inv_mass": chain.inv_mass,
         "metric": used,
     }
+
+
+def window_metric(
+    draws: np.ndarray, grads: np.ndarray, metric: str
+) -> LowRankMetric | np.ndarray:
+    """The inverse metric estimated from a window's draws and gradients, ``(n, D)`` each.
+
+    ``"low_rank"``: :func:`low_rank_metric`. ``"dense"``: the draws' covariance
+    regularized as :meth:`Welford.relative_covariance` from ``DENSE_DRAWS_PER_DIM``
+    (2) draws per dimension and at least ``DENSE_MIN_DRAWS`` (20) on; from fewer,
+    where a covariance is singular or nearly, :func:`low_rank_metric`.
+    """
+    n, dim = draws.shape
+    if metric == "dense" and n >= max(DENSE_DRAWS_PER_DIM * dim, DENSE_MIN_DRAWS):
+        welford = Welford(dim, dense=True)
+        welford.n = n
+        welford.mean = draws.mean(axis=0)
+        dev = draws - welford.mean
+        welford.m2 = dev.T @ dev
+        return welford.relative_covariance()
+    return low_rank_metric(draws, grads)
+
+
+def _switching_warmup_steps(
+    chain: NUTSChain, num_warmup: int, metric: str, status: ChainStatus | None = None
+) -> Steps[int]:
+    """The warm-up of ``chain`` with a ``"dense"`` or ``"low_rank"`` metric (nutpie's schedule).
+
+    The metric starts from the diagonal the initial gradient suggests
+    (:func:`metric_from_gradient`) and is re-estimated from the current window
+    of :class:`SwitchingWindows` (:func:`window_metric`) every
+    ``METRIC_UPDATE_EVERY`` (10) draws from the first switch on, the last time
+    at the start of the step-size-only window. A current window spent on the
+    chain's way into the typical set (:func:`is_transient`) gives the unit
+    metric instead. The step size is searched again (Stan's heuristic) and its
+    dual averaging restarted after the first estimate and after the last one;
+    in between, the averaging follows the metric's updates (as nutpie's). A
+    transient current window is dropped where the next one holds
+    ``EARLY_SWITCH`` draws (a switch), so that a short warm-up, whose current
+    window would otherwise start at its tenth draw, forgets the way in too.
+    Returns the warm-up's leapfrog steps.
+    """
+    chain.inv_mass = metric_from_gradient(chain.g)
+    if metric == "dense":
+        chain.inv_mass = chain.inv_mass.stds**2
+    yield from chain.find_step_size_steps()
+    averaging = DualAveraging(target=chain.target)
+    averaging.restart(chain.step_size)
+    windows = SwitchingWindows(num_warmup)
+    draws: list[np.ndarray] = []
+    grads: list[np.ndarray] = []
+    potentials: list[float] = []
+    current = following = 0  # where the current and the next window start in draws
+    estimated = False
+    warmup_steps = 0
+    for i in range(num_warmup):
+        info = yield from chain.transition_steps()
+        if status is not None:
+            status.record(info, warmup=True)
+        warmup_steps += info["n_steps"]
+        chain.step_size = averaging.update(info["acceptance_rate"])
+        if not windows.adapt_metric or i >= windows.final_start:
+            continue
+        draws.append(chain.z)
+        grads.append(chain.g)
+        potentials.append(chain.u)
+        if windows.switches(i, len(draws) - following, following - current):
+            current, following = following, len(draws)
+        last = i == windows.final_start - 1
+        if not (last or (following > 0 and len(draws) % METRIC_UPDATE_EVERY == 0)):
+            continue
+        if (
+            is_transient(potentials[current:], chain.dim)
+            and len(draws) - following >= EARLY_SWITCH
+        ):
+            current, following = following, len(draws)  # forget the way in
+        if is_transient(potentials[current:], chain.dim):
+            # the window's draws followed the chain's way in, not the posterior: a
+            # metric from them (or from the initial gradient) can freeze the chain
+            # where it is (variances far below the posterior's along the coordinates
+            # that barely moved); Stan's unit metric until a window is not
+            chain.inv_mass = np.ones(chain.dim)
+        else:
+            chain.inv_mass = window_metric(
+                np.asarray(draws[current:]), np.asarray(grads[current:]), metric
+            )
+        if last or not estimated:
+            estimated = True
+            yield from chain.find_step_size_steps()
+            averaging.restart(chain.step_size)
+    if num_warmup > 0:
+        chain.step_size = averaging.final
+    return warmup_steps
 
 
 def _warmup_steps(
