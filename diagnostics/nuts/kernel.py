@@ -1533,6 +1533,12 @@ def window_metric(
     return low_rank_metric(draws, grads)
 
 
+def _initial_metric(grad: np.ndarray, metric: str) -> LowRankMetric | np.ndarray:
+    """:func:`metric_from_gradient`, as a diagonal for the dense metric."""
+    start = metric_from_gradient(grad)
+    return start.stds**2 if metric == "dense" else start
+
+
 def _switching_warmup_steps(
     chain: NUTSChain, num_warmup: int, metric: str, status: ChainStatus | None = None
 ) -> Steps[int]:
@@ -1552,9 +1558,7 @@ def _switching_warmup_steps(
     window would otherwise start at its tenth draw, forgets the way in too.
     Returns the warm-up's leapfrog steps.
     """
-    chain.inv_mass = metric_from_gradient(chain.g)
-    if metric == "dense":
-        chain.inv_mass = chain.inv_mass.stds**2
+    chain.inv_mass = _initial_metric(chain.g, metric)
     yield from chain.find_step_size_steps()
     averaging = DualAveraging(target=chain.target)
     averaging.restart(chain.step_size)
@@ -1588,10 +1592,10 @@ def _switching_warmup_steps(
             current, following = following, len(draws)  # forget the way in
         if is_transient(potentials[current:], chain.dim):
             # the window's draws followed the chain's way in, not the posterior: a
-            # metric from them (or from the initial gradient) can freeze the chain
-            # where it is (variances far below the posterior's along the coordinates
-            # that barely moved); Stan's unit metric until a window is not
-            chain.inv_mass = np.ones(chain.dim)
+            # metric from them can freeze the chain where it is (variances far below
+            # the posterior's along the coordinates that barely moved); the diagonal
+            # the gradient suggests where the chain is now until a window is not
+            chain.inv_mass = _initial_metric(chain.g, metric)
         else:
             chain.inv_mass = window_metric(
                 np.asarray(draws[current:]), np.asarray(grads[current:]), metric

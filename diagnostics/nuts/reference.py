@@ -59,7 +59,7 @@ from diagnostics import chainstats
 from diagnostics.labels import element_labels
 from diagnostics.nuts.chains import is_lockstep, run_group
 from diagnostics.nuts.fingerprint import Unfingerprintable, fingerprint
-from diagnostics.nuts.kernel import AUTO_DENSE_MAX_DIM, AUTO_DRAWS_PER_DIM
+from diagnostics.nuts.kernel import ALGORITHM_VERSION, AUTO_DENSE_MAX_DIM, AUTO_DRAWS_PER_DIM
 from diagnostics.nuts.progress import LiveProgress, live_progress
 from vimodels.catalog.base import CatalogEntry, NutsSettings
 from vimodels.catalog.registry import get_model
@@ -477,10 +477,14 @@ def cache_key(
     """SHA-256 of the model, the data, the settings, the seed and the versions.
 
     ``model`` is a function (keyed by :func:`model_fingerprint`: its code,
-    closure, defaults and the globals it reads) or such a fingerprint.
+    closure, defaults and the globals it reads) or such a fingerprint. A NUTS
+    key includes the sampler's ``ALGORITHM_VERSION`` (``diagnostics.nuts.kernel``),
+    so a change of the algorithm serves no reference drawn before it.
     """
     h = hashlib.sha256()
     h.update(f"vimodels-reference-v{CACHE_FORMAT}|{kind}|".encode())
+    if kind == NUTS_KIND:
+        h.update(f"algorithm-v{ALGORITHM_VERSION}|".encode())
     h.update(_model_source(model).encode() if isinstance(model, Callable) else model.encode())
     _hash_data(h, data)
     h.update(

@@ -479,3 +479,72 @@ def test_a_window_whose_potential_falls_steeply_is_a_transient():
     assert _nuts.is_transient(falling, 4)
     assert _nuts.is_transient([1.0, 2.0, np.inf, 1.0], 4)
     assert not _nuts.is_transient([1e9, 1.0], 4)  # too short to say
+
+
+# ----------------------------------------------------------------------------- warm-up schedule
+
+
+def test_switching_windows_follow_nutpies_schedule_and_end_with_a_long_window():
+    w = _nuts.SwitchingWindows(300)
+    assert (w.early_end, w.final_start) == (90, 255)
+    current = following = 0
+    switches = []
+    for i in range(300):
+        if w.switches(i, i + 1 - following, following - current):
+            current, following = following, i + 1
+            switches.append(i)
+    # every 10 draws in the first 30 %; the late window after the first 80 draws (160)
+    # would not fill before the step-size-only window, so the current one grows to it
+    # (Stan's rule for its last window)
+    assert switches == list(range(9, 90, 10))
+    assert w.final_window() == 255 - 80 == 175
+    assert _nuts.SwitchingWindows(1000).final_window() >= 400  # doubling late windows
+    assert not _nuts.SwitchingWindows(19).adapt_metric
+
+
+class _Steps(ChainStatus):
+    """A chain status that keeps every transition's leapfrog steps."""
+
+    def __init__(self, num_warmup, num_samples):
+        super().__init__(chain=0, num_warmup=num_warmup, num_samples=num_samples)
+        self.steps = []
+
+    def record(self, info, warmup):
+        self.steps.append(info["n_steps"])
+        super().record(info, warmup)
+
+
+@pytest.mark.parametrize("metric", ["dense", "low_rank"])
+def test_metric_is_estimated_early_in_the_warmup_and_samples_correctly(metric):
+    # a correlated (0.99) and badly scaled (sds 0.1 to 10) Gaussian started off its mean:
+    # under the initial gradient's diagonal the trees are deep (~100 steps); the metric is
+    # estimated from the tenth warm-up draw on, so that iterations 30 to 100 already run short
+    # trees (Stan's windows first estimated it at iteration 135 of 150: 59 and 66 steps
+    # there on the old code, against 5-7 now); measured 1.5 s for both
+    dim = 10
+    sds = np.logspace(-1, 1, dim)
+    cov = _ar2_correlation(dim) * np.outer(sds, sds)
+    mean = np.linspace(-1.0, 1.0, dim)
+    prec = np.linalg.inv(cov)
+
+    def potential(z):
+        d = z - mean
+        g = prec @ d
+        return 0.5 * float(d @ g), g
+
+    runs = []
+    for seed in (5, 6):
+        status = _Steps(150, 300)
+        program = _nuts.chain_steps(
+            mean + 3.0 * sds,
+            np.random.default_rng(seed),
+            num_warmup=150,
+            num_samples=300,
+            max_tree_depth=8,
+            metric=metric,
+            status=status,
+        )
+        run = _nuts.drive(program, potential)
+        assert np.mean(status.steps[30:100]) <= 15.0, np.mean(status.steps[30:100])
+        runs.append({"samples": {"x": run["draws"]}, "stats": run["stats"], "metric": metric})
+    _check_gaussian(runs, mean, sds, metric)

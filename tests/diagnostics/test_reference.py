@@ -212,6 +212,17 @@ def test_cache_key_tracks_source_data_settings_and_seed():
     assert base != cache_key(_model_a, data, NutsSettings(chain_method="independent"), 0, ("a",))
 
 
+def test_cache_key_tracks_the_sampler_algorithm_version(monkeypatch):
+    # a change of the warm-up (or the transition) changes a seed's draws: no reference drawn
+    # by the old algorithm may be served for the new one
+    from diagnostics.nuts import reference
+
+    data, s = {"x": torch.ones(3)}, NutsSettings()
+    base = cache_key(_model_a, data, s, 0, ("a",))
+    monkeypatch.setattr(reference, "ALGORITHM_VERSION", reference.ALGORITHM_VERSION + 1)
+    assert base != cache_key(_model_a, data, s, 0, ("a",))
+
+
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("VIMODELS_CACHE", str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c"
