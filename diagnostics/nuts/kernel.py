@@ -14,9 +14,20 @@ vector, and only the potential and its gradient in torch (JIT-traced):
   sampling between subtrees, uniform within them, the generalized no-U-turn
   criterion on ``rho`` (sum of momenta) including the checks across subtree
   boundaries that Stan added in 2.21, divergence at an energy error of 1000;
-- warm-up is Stan's: dual averaging of the step size (gamma 0.05, t0 10,
-  kappa 0.75) and an inverse metric estimated in doubling windows (75 /
-  25... / 50 iterations, or 15% / 75% / 10% of a short warm-up), one of:
+- warm-up: dual averaging of the step size (Stan's: gamma 0.05, t0 10,
+  kappa 0.75) and an inverse metric, one of the four below. The diagonal
+  metric adapts in Stan's doubling windows (75 / 25... / 50 iterations, or
+  15% / 75% / 10% of a short warm-up: :class:`Windows`), with the step size
+  searched again and its averaging restarted after each window. The dense and
+  low-rank metrics adapt in nutpie's overlapping windows
+  (:class:`SwitchingWindows`): they start from the diagonal the initial
+  gradient suggests, are re-estimated every 10 draws from the tenth on
+  (windows switching every 10 draws in the first 30% of the warm-up, then
+  80 and doubling, the current one growing to the last 15%, which adapts the
+  step size only), with the step size searched again after the first and the
+  last estimate; Stan's 75-iteration buffer at a fixed metric cost deep
+  trees on badly scaled posteriors (``pdb_gp_pois_regr``: most of the run).
+  The metrics:
 
   - ``"diag"``: the variances, regularized towards 1e-3 as in Stan's
     ``diag_e`` (``n / (n + 5) * var + 1e-3 * 5 / (n + 5)``);
@@ -40,9 +51,12 @@ vector, and only the potential and its gradient in torch (JIT-traced):
 
   A dense or low-rank window spent on the chain's way into the typical set
   (its potential falls by more than ten of its typical sds, :func:`is_transient`)
-  is not used: the metric restarts from the unit one (a metric from such draws,
-  or from the initial gradient far out in the tail, can freeze the chain there:
-  ``pdb_arma11`` from a start with potential 3e36 ran for minutes).
+  is not used (a metric from such draws, or the initial gradient's kept
+  unchanged, can freeze the chain there: ``pdb_arma11`` from a start with
+  potential 3e36 ran for minutes): the metric is the diagonal the gradient
+  at the chain's current point suggests (the unit metric, used before,
+  collapsed ``pdb_gp_pois_regr``'s step size to 0.003 and its trees to 1023
+  steps).
 - an energy that overflows (a step into a region where the potential or the
   kinetic energy is not finite) is a divergence, without NumPy warnings.
 

@@ -51,15 +51,21 @@ class NutsSettings:
         Pyro sampler always runs them so). Part of the reference's cache key:
         the batched gradient rounds differently, so the draws differ.
     metric : str
-        The project's sampler's adapted metric (inverse mass matrix), in Stan's
-        windows: ``"diag"``: the posterior variances (Stan's ``diag_e``);
-        ``"dense"``: the full covariance (Stan's ``dense_e``, regularized
-        relative to the variances), for correlated posteriors;
-        ``"low_rank"``: nutpie's diagonal plus low-rank metric, learnt from the
-        draws and their gradients; ``"auto"``: dense up to 64 dimensions where
-        the warm-up's last window holds at least 5 draws per dimension, else
-        low rank; diagonal above 64 dimensions
-        (``diagnostics.nuts.kernel.resolve_metric``). The Pyro sampler
+        The project's sampler's adapted metric (inverse mass matrix):
+        ``"diag"``: the posterior variances (Stan's ``diag_e``, in Stan's
+        warm-up windows); ``"dense"``: the full covariance (Stan's
+        ``dense_e``, regularized relative to the variances), for correlated
+        posteriors; ``"low_rank"``: nutpie's diagonal plus low-rank metric,
+        learnt from the draws and their gradients; ``"auto"``: dense up to 64
+        dimensions where the warm-up's final window holds at least 5 draws per
+        dimension, else low rank; diagonal above 64 dimensions
+        (``diagnostics.nuts.kernel.resolve_metric``). The dense and low-rank
+        metrics adapt in nutpie's schedule: estimated from the tenth warm-up
+        draw on and every 10 draws after, from windows that switch every 10
+        draws in the first 30 % of the warm-up, then after 80 draws and
+        doubling; the last 15 % adapts the step size only; before 2 draws per
+        dimension (and 20) the dense metric is the low-rank estimate
+        (``diagnostics.nuts.kernel.SwitchingWindows``). The Pyro sampler
         takes ``"dense"`` as ``full_mass=True`` and the others as diagonal.
     """
 
