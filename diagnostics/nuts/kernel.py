@@ -1526,9 +1526,7 @@ def chain_steps(
     }
 
 
-def window_metric(
-    draws: np.ndarray, grads: np.ndarray, metric: str
-) -> LowRankMetric | np.ndarray:
+def window_metric(draws: np.ndarray, grads: np.ndarray, metric: str) -> LowRankMetric | np.ndarray:
     """The inverse metric estimated from a window's draws and gradients, ``(n, D)`` each.
 
     ``"low_rank"``: :func:`low_rank_metric`. ``"dense"``: the draws' covariance
@@ -1599,10 +1597,7 @@ def _switching_warmup_steps(
         last = i == windows.final_start - 1
         if not (last or (following > 0 and len(draws) % METRIC_UPDATE_EVERY == 0)):
             continue
-        if (
-            is_transient(potentials[current:], chain.dim)
-            and len(draws) - following >= EARLY_SWITCH
-        ):
+        if is_transient(potentials[current:], chain.dim) and len(draws) - following >= EARLY_SWITCH:
             current, following = following, len(draws)  # forget the way in
         if is_transient(potentials[current:], chain.dim):
             # the window's draws followed the chain's way in, not the posterior: a
