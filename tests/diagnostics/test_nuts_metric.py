@@ -516,11 +516,11 @@ class _Steps(ChainStatus):
 
 @pytest.mark.parametrize("metric", ["dense", "low_rank"])
 def test_metric_is_estimated_early_in_the_warmup_and_samples_correctly(metric):
-    # a correlated (0.99) and badly scaled (sds 0.1 to 10) Gaussian started off its mean:
-    # under the initial gradient's diagonal the trees are deep (~100 steps); the metric is
-    # estimated from the tenth warm-up draw on, so that iterations 30 to 100 already run short
-    # trees (Stan's windows first estimated it at iteration 135 of 150: 59 and 66 steps
-    # there on the old code, against 5-7 now); measured 1.5 s for both
+    # a correlated (AR(2), lag-1 0.99) and badly scaled (sds 0.1 to 10) Gaussian started off
+    # its mean: under a diagonal metric the trees are deep; the metric is estimated from the
+    # tenth warm-up draw on (nutpie's schedule), so that iterations 30 to 100 already run
+    # short trees: 6-14 steps per draw, against 180 (dense) and 169 (low-rank) with Stan's
+    # windows, which estimated it first at iteration 135 of 150; about 3 s for both
     dim = 10
     sds = np.logspace(-1, 1, dim)
     cov = _ar2_correlation(dim) * np.outer(sds, sds)
@@ -545,6 +545,6 @@ def test_metric_is_estimated_early_in_the_warmup_and_samples_correctly(metric):
             status=status,
         )
         run = _nuts.drive(program, potential)
-        assert np.mean(status.steps[30:100]) <= 15.0, np.mean(status.steps[30:100])
+        assert np.mean(status.steps[30:100]) <= 30.0, np.mean(status.steps[30:100])
         runs.append({"samples": {"x": run["draws"]}, "stats": run["stats"], "metric": metric})
     _check_gaussian(runs, mean, sds, metric)
