@@ -207,7 +207,8 @@ def laplace(
     """
     check_option("max_dim", max_dim, kind=int, low=1)
     if mode is None:
-        potential = potential_for(model, data, dtype=dtype, jacobian=True)
+        seed = mode_options.get("seed", 0)
+        potential = potential_for(model, data, dtype=dtype, jacobian=True, seed=seed)
         if potential.dim > max_dim:
             negative_hessian(potential, potential.init_values, max_dim)  # raises
         mode = find_mode(None, potential=potential, **mode_options)

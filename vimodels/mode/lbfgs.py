@@ -495,7 +495,10 @@ def find_mode(
     init : array, shape (dim,), optional
         The first start (flat unconstrained).
     seed : int
-        Seed of the random starts.
+        Seed of the random starts, and of the prior draws that estimate the
+        prior median (when the potential is built here; see :func:`make_potential`).
+        The global random state is neither read nor changed, so the same seed
+        gives the same mode in every process.
     max_iters, history_size, gtol, ftol
         See :func:`lbfgs_run`; the memory defaults to torch's 100 pairs, which
         makes L-BFGS a full BFGS on posteriors of up to 100 dimensions (on a
@@ -525,7 +528,7 @@ def find_mode(
     check_option("history_size", history_size, kind=int, low=1)
     check_option("seed", seed, kind=int, low=0)
     if potential is None:
-        potential = potential_for(model, data, dtype=dtype, jacobian=jacobian)
+        potential = potential_for(model, data, dtype=dtype, jacobian=jacobian, seed=seed)
     t0 = time.perf_counter()
     starts = resolve_inits(potential, num_inits, seed, init)
     found: list[LbfgsPath] = []
@@ -611,6 +614,7 @@ def potential_for(
     *,
     dtype: torch.dtype = torch.float64,
     jacobian: bool = True,
+    seed: int = 0,
 ) -> Potential:
     """:func:`make_potential` for a catalog name or entry, or a model with its data.
 
@@ -619,4 +623,4 @@ def potential_for(
     arguments, sites that cannot be sampled).
     """
     _, fn, data_dict, _ = resolve_model(model, data)
-    return make_potential(fn, data_dict, dtype=dtype, jacobian=jacobian)
+    return make_potential(fn, data_dict, dtype=dtype, jacobian=jacobian, seed=seed)

@@ -467,7 +467,7 @@ def pathfinder(
         check_option(name, value, kind=int, low=1)
     check_option("seed", seed, kind=int, low=0)
     if potential is None:
-        potential = potential_for(model, data, dtype=dtype, jacobian=True)
+        potential = potential_for(model, data, dtype=dtype, jacobian=True, seed=seed)
     t0 = time.perf_counter()
     evals_before = potential.num_evals
     gen = torch.Generator().manual_seed(seed)

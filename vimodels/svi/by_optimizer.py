@@ -219,7 +219,11 @@ def fit_by_optimizer(
         with pyro.get_param_store().scope() as state:
             t0 = time.perf_counter()
             potential = make_potential(
-                binding.model_fn, binding.data, dtype=dtype, jacobian=guide != "auto_delta"
+                binding.model_fn,
+                binding.data,
+                dtype=dtype,
+                jacobian=guide != "auto_delta",
+                seed=seed,
             )
             unbounded = False
             resample = guide == "auto_laplace_is"
@@ -393,7 +397,7 @@ def gaussian_for_init(
             f"{', '.join(hidden)}"
         )
     t0 = time.perf_counter()
-    potential = make_potential(model_fn, data, dtype=torch.float64)
+    potential = make_potential(model_fn, data, dtype=torch.float64, seed=seed)
     if init == "laplace":
         mode = find_mode(None, potential=potential, seed=seed)
         if mode.report.unbounded is not None:
