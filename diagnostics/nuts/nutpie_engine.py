@@ -80,7 +80,9 @@ def flat_dim(info: Any) -> int:
 
 
 def resolve_sampler(sampler: str, dim: int) -> str:
-    """The engine that runs: ``"auto"`` is ``"nutpie"`` up to :data:`NUTPIE_MAX_DIM`, else
+    """The engine that runs for ``sampler`` on a ``dim``-dimensional potential.
+
+    ``"auto"`` is ``"nutpie"`` up to :data:`NUTPIE_MAX_DIM` dimensions, else
     ``"vimodels"``; any other name is itself.
 
     Parameters
@@ -96,7 +98,7 @@ def resolve_sampler(sampler: str, dim: int) -> str:
 
 
 def nutpie_version() -> str:
-    """nutpie's installed version (read from its metadata, without importing it)."""
+    """The installed version of nutpie (read from its metadata, without importing it)."""
     try:
         return importlib.metadata.version("nutpie")
     except importlib.metadata.PackageNotFoundError:
@@ -104,7 +106,7 @@ def nutpie_version() -> str:
 
 
 def make_logp_fn(potential: kernel.FlatPotential) -> Callable[[], Callable]:
-    """nutpie's ``make_logp_fn``: the log density and its gradient at a flat point.
+    """The ``make_logp_fn`` of nutpie: the log density and its gradient at a flat point.
 
     nutpie calls the function from its own sampler thread. Torch's thread
     count and inference mode are per thread, so both are set there: without
@@ -133,7 +135,7 @@ def make_logp_fn(potential: kernel.FlatPotential) -> Callable[[], Callable]:
 
 
 def _make_expand_fn(seed1: int, seed2: int, chain: int) -> Callable:
-    """nutpie's ``make_expand_fn``: the draw is the flat vector itself, ``z``."""
+    """The ``make_expand_fn`` of nutpie: the draw is the flat vector itself, ``z``."""
 
     def expand(x: np.ndarray, **unused: Any) -> dict[str, np.ndarray]:
         return {"z": np.array(x, dtype=np.float64)}
@@ -142,7 +144,7 @@ def _make_expand_fn(seed1: int, seed2: int, chain: int) -> Callable:
 
 
 def compiled_model(potential: kernel.FlatPotential, z0: np.ndarray) -> Any:
-    """nutpie's model of ``potential``, every chain of it starting at ``z0`` (shape (D,))."""
+    """The nutpie model of ``potential``, every chain of it starting at ``z0`` (shape (D,))."""
     from nutpie.compiled_pyfunc import from_pyfunc
 
     dim = potential.dim
