@@ -268,6 +268,25 @@ def test_low_rank_metric_samples_the_correlated_50d_gaussian_in_short_trees():
     _check_gaussian(runs, MEANS50, SCALES50, "low_rank")
 
 
+# 10 s at load 2 (the nutpie import 3 s of it)
+@pytest.mark.slow
+def test_nutpie_samples_the_correlated_50d_gaussian_in_short_trees():
+    s = {"sampler": "nutpie", "num_chains": 2, "num_warmup": 400, "num_samples": 200}
+    ref = run_nuts(correlated_model, settings={**s, "max_tree_depth": 7}, seed=11, cache=False)
+    assert ref.settings["sampler_used"] == "nutpie"
+    runs = [
+        {
+            "samples": {"x": ref.draws["x"][c]},
+            "stats": {k: v[c] for k, v in ref.sample_stats.items()},
+            "metric": ref.settings["metric_used"][0],
+        }
+        for c in range(2)
+    ]
+    _check_gaussian(runs, MEANS50, SCALES50, "low_rank (nutpie)")
+    # nutpie counts the tree's doublings as the project's sampler does: at most 2^depth steps
+    assert np.all(ref.sample_stats["n_steps"] <= 2 ** ref.sample_stats["tree_depth"])
+
+
 def _gaussian_chain(cov: np.ndarray, mean: np.ndarray, seed: int, metric: str) -> dict:
     """One chain of :func:`chain_steps` on N(mean, cov) (NumPy potential), started at the mean."""
     prec = np.linalg.inv(cov)
