@@ -1,10 +1,13 @@
 """Ground truth: a self-checked NUTS reference (or exact draws), cached on disk.
 
 :func:`run_nuts` runs NUTS on Pyro's potential (JIT-compiled where the model
-allows) in several independently seeded chains, by default all in this
-process in lockstep with one batched gradient per leapfrog step
-(``NutsSettings.chain_method``; independent chains run in parallel processes
-where cores allow), then checks the draws before anyone trusts them:
+allows) in several independently seeded chains, with the engine
+``NutsSettings.sampler`` names (default ``"auto"``: nutpie,
+:mod:`diagnostics.nuts.nutpie_engine`, up to 64 dimensions of the flat
+unconstrained vector; above, the project's sampler with all chains of this
+process in lockstep, one batched gradient per leapfrog step, or in parallel
+processes, ``NutsSettings.chain_method``), then checks the draws before anyone
+trusts them:
 
 - rank-normalized split R-hat < 1.01,
 - bulk and tail effective sample size >= 400 (both ArviZ's statistics, computed
