@@ -983,7 +983,7 @@ def _compute_nuts(
     ]
     if progress:
         print(
-            f"NUTS ({engine}) on {name}: {s.num_chains} chains x ({s.num_warmup} warm-up + "
+            f"NUTS on {name} ({engine}): {s.num_chains} chains x ({s.num_warmup} warm-up + "
             f"{s.num_samples}) draws, {num_workers} process(es), chains "
             f"{'in lockstep' if is_lockstep(s) else 'independent'}",
             file=sys.stderr,

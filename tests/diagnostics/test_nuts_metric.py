@@ -362,7 +362,8 @@ def test_reference_inference_data_works_with_arviz(tiny_nuts_eight_schools, tmp_
     from diagnostics.convert import load_netcdf, reference_to_inference_data, save_netcdf
 
     ref = tiny_nuts_eight_schools
-    assert set(ref.sample_stats) == ARVIZ_STATS
+    nutpie = ref.settings["sampler_used"] == "nutpie"  # the default engine here
+    assert set(ref.sample_stats) == ARVIZ_STATS - ({"max_energy_error"} if nutpie else set())
     assert "ebfmi" in {c.name for c in ref.checks}
     idata = reference_to_inference_data(ref)
     summary = az.summary(idata, var_names=["mu", "tau"])
@@ -423,15 +424,18 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_progress_is_silent_off_a_terminal(capsys, tmp_path, monkeypatch):
+def test_progress_is_silent_off_a_terminal(capfd, tmp_path, monkeypatch):
     assert live_progress(True, io.StringIO()) is None
     assert live_progress(False, _Terminal()) is None
     assert isinstance(live_progress(True, _Terminal()), LiveProgress)
     tiny = {"num_chains": 2, "num_warmup": 20, "num_samples": 10}
-    run_nuts("eight_schools_noncentered", settings=tiny, cache=False, progress=True)
-    err = capsys.readouterr().err
-    assert "NUTS on eight_schools_noncentered" in err  # the plain lines stay
-    assert "draws/s" not in err and "\x1b" not in err
+    for sampler in ("nutpie", "vimodels"):  # nutpie's own bar writes to file descriptor 2
+        settings = {**tiny, "sampler": sampler}
+        run_nuts("eight_schools_noncentered", settings=settings, cache=False, progress=True)
+        err = capfd.readouterr().err
+        assert "NUTS on eight_schools_noncentered" in err  # the plain lines stay
+        assert "draws/s" not in err and "\x1b" not in err and "\r" not in err
+    tiny["sampler"] = "vimodels"  # the project's sampler's live lines
     term = _Terminal()
     monkeypatch.setattr("sys.stderr", term)
     run_nuts("eight_schools_noncentered", settings=tiny, cache=False, progress=True)
