@@ -17,9 +17,8 @@ and their imports. Times (seconds):
 Variants:
 
 - ``vimodels``: ``diagnostics.nuts.reference.run_nuts`` with its default engine
-  (``sampler="auto"``: nutpie on eight schools' 10 dimensions; before it, the
-  project's chains in lockstep, one batched gradient per leapfrog step of all
-  four) on an empty cache folder (JIT, checks, cache write); then the
+  (the project's chains in lockstep, one batched gradient per leapfrog step of
+  all four) on an empty cache folder (JIT, checks, cache write); then the
   same call again in the same process (``second``: the cache is reused);
 - ``vimodels_cached``: a fresh process calling ``run_nuts`` on the warm cache;
 - ``pyro``: ``MCMC(NUTS(model, target_accept_prob=0.9), num_chains=4)`` as a
@@ -46,8 +45,9 @@ depth, gradients per draw, divergences, E-BFMI and trust.
 
 Against NumPyro (``--vs-numpyro``, benchmark 3d): min bulk ESS per second of
 NumPyro's NUTS and the project's reference (``default``: ``run_nuts``'s default
-engine; ``diag``, ``dense``, ``low_rank``, ``auto``: the project's sampler with
-that metric) on the battery of :data:`VS_MODELS`, each cell a fresh process.
+engine; ``nutpie_auto``: ``sampler="auto"``; ``diag``, ``dense``, ``low_rank``,
+``auto``: the project's sampler with that metric) on the battery of
+:data:`VS_MODELS`, each cell a fresh process.
 
     python benchmarks/bench_nuts.py --vs-numpyro [--models ...] \
         [--samplers numpyro default diag auto] [--max-draws 200]
@@ -492,10 +492,10 @@ VS_MODELS = (
     "pdb_arma11",
     "regression",
 )
-# "default": run_nuts with the entry's settings as they are (NutsSettings' default sampler,
-# "auto": nutpie up to 64 dimensions, else the project's sampler); the metric names: the
-# project's sampler (sampler="vimodels") with that metric
-VS_SAMPLERS = ("numpyro", "default", "diag", "dense", "low_rank", "auto")
+# "default": run_nuts with the entry's settings as they are (NutsSettings' default sampler);
+# "nutpie_auto": sampler="auto" (nutpie up to 64 dimensions, else the project's sampler); the
+# metric names: the project's sampler (sampler="vimodels") with that metric
+VS_SAMPLERS = ("numpyro", "default", "nutpie_auto", "diag", "dense", "low_rank", "auto")
 VS_MAX_DRAWS = 500  # warm-up and draws capped at this (the battery's cost)
 VS_REGRESSION = {"num_warmup": 300, "num_samples": 300, "num_chains": 4}
 
@@ -600,8 +600,8 @@ def cell_record(res: dict, model: str, sampler: str, s: dict, process_s: float) 
 
 
 def _vs_child_vimodels(model: str, metric: str, s: dict, seed: int) -> dict:
-    """A project cell: ``metric="default"`` is run_nuts's default engine, else the project's
-    sampler with that metric."""
+    """A project cell: ``metric="default"`` is run_nuts's default engine, ``"nutpie_auto"``
+    its ``sampler="auto"``, else the project's sampler with that metric."""
     import numpy as np
 
     t0 = time.perf_counter()
@@ -610,7 +610,12 @@ def _vs_child_vimodels(model: str, metric: str, s: dict, seed: int) -> dict:
     t_import = time.perf_counter() - t0
     args = (regression_model, regression_data()) if model == "regression" else (_vs_source(model),)
     t0 = time.perf_counter()
-    settings = s if metric == "default" else dict(s, metric=metric, sampler="vimodels")
+    if metric == "default":
+        settings = s
+    elif metric == "nutpie_auto":
+        settings = dict(s, sampler="auto")
+    else:
+        settings = dict(s, metric=metric, sampler="vimodels")
     ref = run_nuts(*args, settings=settings, seed=seed, cache=False, num_workers=1)
     t_run = time.perf_counter() - t0
     latent = {k: ref.draws[k] for k in ref.latent_sites if k in ref.draws}

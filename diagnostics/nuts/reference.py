@@ -2,11 +2,11 @@
 
 :func:`run_nuts` runs NUTS on Pyro's potential (JIT-compiled where the model
 allows) in several independently seeded chains, with the engine
-``NutsSettings.sampler`` names (default ``"auto"``: nutpie,
-:mod:`diagnostics.nuts.nutpie_engine`, up to 64 dimensions of the flat
-unconstrained vector; above, the project's sampler with all chains of this
-process in lockstep, one batched gradient per leapfrog step, or in parallel
-processes, ``NutsSettings.chain_method``), then checks the draws before anyone
+``NutsSettings.sampler`` names (default ``"vimodels"``: the project's sampler
+with all chains of this process in lockstep, one batched gradient per leapfrog
+step, or in parallel processes, ``NutsSettings.chain_method``; ``"nutpie"``:
+:mod:`diagnostics.nuts.nutpie_engine`; ``"auto"``: nutpie up to 64 dimensions
+of the flat unconstrained vector, the project's sampler above), then checks the draws before anyone
 trusts them:
 
 - rank-normalized split R-hat < 1.01,

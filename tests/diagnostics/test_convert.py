@@ -128,7 +128,7 @@ def test_reference_to_inference_data_nuts_stats(tiny_nuts_eight_schools, tmp_pat
     ref = tiny_nuts_eight_schools
     idata = reference_to_inference_data(ref, posterior_predictive=True)
     stats_ = group_arrays(idata, "sample_stats")
-    nutpie = ref.settings["sampler_used"] == "nutpie"  # the default engine here; no max error
+    nutpie = ref.settings["sampler_used"] == "nutpie"  # records no max_energy_error
     assert set(stats_) == {
         "diverging",
         "step_size",

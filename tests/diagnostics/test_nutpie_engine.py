@@ -44,7 +44,8 @@ def test_auto_is_nutpie_up_to_64_dimensions_and_the_projects_sampler_above():
     assert resolve_sampler("auto", 65) == "vimodels"
     for name in ("nutpie", "vimodels", "pyro"):
         assert resolve_sampler(name, 3) == resolve_sampler(name, 500) == name
-    assert NutsSettings().sampler == "auto"
+    # not the default: the slow reference tests failed on more entries with it
+    assert NutsSettings().sampler == "vimodels"
 
 
 def test_an_unknown_sampler_names_the_valid_ones():
@@ -73,7 +74,7 @@ def test_cache_key_differs_by_engine():
 # 14 s at load 2 (three nutpie runs, one of the project's sampler, the nutpie import 3 s)
 @pytest.mark.slow
 def test_nutpie_is_seeded_deterministic_cached_by_engine_and_recovers_discrete_sites(tmp_path):
-    s = {"num_chains": 2, "num_warmup": 100, "num_samples": 50}
+    s = {"num_chains": 2, "num_warmup": 100, "num_samples": 50, "sampler": "auto"}
     a = run_nuts(mixture, DATA, seed=3, settings=s, cache_dir=tmp_path)
     hit = run_nuts(mixture, DATA, seed=3, settings=s, cache_dir=tmp_path)
     again = run_nuts(mixture, DATA, seed=3, settings=s, cache_dir=tmp_path, force=True)

@@ -362,7 +362,7 @@ def test_reference_inference_data_works_with_arviz(tiny_nuts_eight_schools, tmp_
     from diagnostics.convert import load_netcdf, reference_to_inference_data, save_netcdf
 
     ref = tiny_nuts_eight_schools
-    nutpie = ref.settings["sampler_used"] == "nutpie"  # the default engine here
+    nutpie = ref.settings["sampler_used"] == "nutpie"  # with sampler="auto" (10 dimensions)
     assert set(ref.sample_stats) == ARVIZ_STATS - ({"max_energy_error"} if nutpie else set())
     assert "ebfmi" in {c.name for c in ref.checks}
     idata = reference_to_inference_data(ref)

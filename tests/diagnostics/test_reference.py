@@ -172,7 +172,7 @@ def test_short_run_is_untrusted_everywhere(tiny_nuts_eight_schools):
         "energy_error",
         "max_energy_error",
     }
-    if ref.settings["sampler_used"] == "nutpie":  # the default engine here (10 dimensions)
+    if ref.settings["sampler_used"] == "nutpie":  # with sampler="auto" (10 dimensions)
         expected.discard("max_energy_error")  # nutpie does not record it
     assert set(ref.sample_stats) == expected
     # sites of interest include the deterministic theta, recomputed per draw

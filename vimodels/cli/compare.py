@@ -89,8 +89,8 @@ def _add_nuts_arguments(p: argparse.ArgumentParser) -> None:
         "--sampler",
         choices=("auto", "nutpie", "vimodels", "pyro"),
         default=None,
-        help="NUTS implementation: auto (default: nutpie up to 64 dimensions, else the "
-        "project's), nutpie, the project's or pyro.infer.NUTS",
+        help="NUTS implementation: the project's (default), auto (nutpie up to 64 "
+        "dimensions, else the project's), nutpie or pyro.infer.NUTS",
     )
     p.add_argument(
         "--chain-method",
