@@ -57,7 +57,7 @@ def test_an_unknown_sampler_names_the_valid_ones():
 
 
 def test_cache_key_differs_by_engine():
-    s = NutsSettings(num_chains=2, num_warmup=20, num_samples=20)
+    s = NutsSettings(num_chains=2, num_warmup=20, num_samples=20, sampler="auto")
     keys = {
         engine: cache_key(mixture, DATA, s, 0, ("loc",), engine=engine)
         for engine in ("nutpie", "vimodels", "pyro")
