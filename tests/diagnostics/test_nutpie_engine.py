@@ -71,7 +71,7 @@ def test_cache_key_differs_by_engine():
     )
 
 
-# 14 s at load 2 (three nutpie runs, one of the project's sampler, the nutpie import 3 s)
+# 6 s at load 2.4 (three nutpie runs, one of the project's sampler, the nutpie import)
 @pytest.mark.slow
 def test_nutpie_is_seeded_deterministic_cached_by_engine_and_recovers_discrete_sites(tmp_path):
     s = {"num_chains": 2, "num_warmup": 100, "num_samples": 50, "sampler": "auto"}

@@ -268,7 +268,7 @@ def test_low_rank_metric_samples_the_correlated_50d_gaussian_in_short_trees():
     _check_gaussian(runs, MEANS50, SCALES50, "low_rank")
 
 
-# 10 s at load 2 (the nutpie import 3 s of it)
+# 14 s at load 2.4 under -n 2 (the nutpie import included)
 @pytest.mark.slow
 def test_nutpie_samples_the_correlated_50d_gaussian_in_short_trees():
     s = {"sampler": "nutpie", "num_chains": 2, "num_warmup": 400, "num_samples": 200}

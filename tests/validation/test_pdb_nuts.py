@@ -66,7 +66,7 @@ def _assert_means_agree(ref, name: str) -> None:
     )
 
 
-# 48 s at load 6-14 (the nutpie import 3 s of it at load 2)
+# 8 s at load 2.4 under -n 2 (the nutpie import included)
 @pytest.mark.slow
 def test_nutpie_agrees_with_posteriordb_on_kidiq():
     from diagnostics.nuts.reference import run_nuts
