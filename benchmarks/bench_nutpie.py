@@ -30,13 +30,11 @@ elements (MCSEs of both combined), against posteriordb's reference draws
 for the ``pdb_*`` entries and against the project's ``diag`` cell of the
 same run for the others (``ok`` when at most 5).
 
-nutpie is not a dependency of the project (only the ``bench`` extra lists
-it): run this in an environment of its own (benchmarks/README.md, 3c):
+nutpie is a dependency of the project since it became the reference's engine
+up to 64 dimensions (:mod:`diagnostics.nuts.nutpie_engine`; this script
+drives it directly, to compare its diagonal and low-rank metrics):
 
-    python -m venv nutpie-venv
-    nutpie-venv/bin/pip install torch==2.13.0      # the CPU wheel first
-    nutpie-venv/bin/pip install -e .[bench]
-    PYTHONPATH=. nutpie-venv/bin/python benchmarks/bench_nutpie.py [--models ...] \
+    PYTHONPATH=. python benchmarks/bench_nutpie.py [--models ...] \
         [--samplers diag auto nutpie_diag nutpie_low_rank] [--max-draws 200]
 """
 

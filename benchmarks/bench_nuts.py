@@ -16,9 +16,9 @@ and their imports. Times (seconds):
 
 Variants:
 
-- ``vimodels``: ``diagnostics.nuts.reference.run_nuts`` on an empty cache folder
-  (the chains in lockstep in the calling process, one batched gradient per
-  leapfrog step of all four, JIT, checks, cache write); then the
+- ``vimodels``: ``diagnostics.nuts.reference.run_nuts`` with its default engine
+  (the project's chains in lockstep, one batched gradient per leapfrog step of
+  all four) on an empty cache folder (JIT, checks, cache write); then the
   same call again in the same process (``second``: the cache is reused);
 - ``vimodels_cached``: a fresh process calling ``run_nuts`` on the warm cache;
 - ``pyro``: ``MCMC(NUTS(model, target_accept_prob=0.9), num_chains=4)`` as a
@@ -42,6 +42,15 @@ of the whole ``run_nuts`` call (tracing included, no cache), mean tree
 depth, gradients per draw, divergences, E-BFMI and trust.
 
     python benchmarks/bench_nuts.py --battery [--models ...] [--metrics ...]
+
+Against NumPyro (``--vs-numpyro``, benchmark 3d): min bulk ESS per second of
+NumPyro's NUTS and the project's reference (``default``: ``run_nuts``'s default
+engine; ``nutpie_auto``: ``sampler="auto"``; ``diag``, ``dense``, ``low_rank``,
+``auto``: the project's sampler with that metric) on the battery of
+:data:`VS_MODELS`, each cell a fresh process.
+
+    python benchmarks/bench_nuts.py --vs-numpyro [--models ...] \
+        [--samplers numpyro default diag auto] [--max-draws 200]
 """
 
 from __future__ import annotations
@@ -392,7 +401,7 @@ def battery_row(model: str, metric: str, seed: int = 0, settings: dict | None = 
 
     from diagnostics.nuts.reference import ebfmi, run_nuts
 
-    overrides = dict(settings or {}, metric=metric)
+    overrides = dict(settings or {}, metric=metric, sampler="vimodels")  # the project's metrics
     if model == "regression":
         args: tuple = (regression_model, regression_data())
         overrides = {**REGRESSION_SETTINGS, **overrides}
@@ -483,7 +492,10 @@ VS_MODELS = (
     "pdb_arma11",
     "regression",
 )
-VS_SAMPLERS = ("numpyro", "diag", "dense", "low_rank", "auto")
+# "default": run_nuts with the entry's settings as they are (NutsSettings' default sampler);
+# "nutpie_auto": sampler="auto" (nutpie up to 64 dimensions, else the project's sampler); the
+# metric names: the project's sampler (sampler="vimodels") with that metric
+VS_SAMPLERS = ("numpyro", "default", "nutpie_auto", "diag", "dense", "low_rank", "auto")
 VS_MAX_DRAWS = 500  # warm-up and draws capped at this (the battery's cost)
 VS_REGRESSION = {"num_warmup": 300, "num_samples": 300, "num_chains": 4}
 
@@ -588,6 +600,8 @@ def cell_record(res: dict, model: str, sampler: str, s: dict, process_s: float) 
 
 
 def _vs_child_vimodels(model: str, metric: str, s: dict, seed: int) -> dict:
+    """A project cell: ``metric="default"`` is run_nuts's default engine, ``"nutpie_auto"``
+    its ``sampler="auto"``, else the project's sampler with that metric."""
     import numpy as np
 
     t0 = time.perf_counter()
@@ -596,7 +610,13 @@ def _vs_child_vimodels(model: str, metric: str, s: dict, seed: int) -> dict:
     t_import = time.perf_counter() - t0
     args = (regression_model, regression_data()) if model == "regression" else (_vs_source(model),)
     t0 = time.perf_counter()
-    ref = run_nuts(*args, settings=dict(s, metric=metric), seed=seed, cache=False, num_workers=1)
+    if metric == "default":
+        settings = s
+    elif metric == "nutpie_auto":
+        settings = dict(s, sampler="auto")
+    else:
+        settings = dict(s, metric=metric, sampler="vimodels")
+    ref = run_nuts(*args, settings=settings, seed=seed, cache=False, num_workers=1)
     t_run = time.perf_counter() - t0
     latent = {k: ref.draws[k] for k in ref.latent_sites if k in ref.draws}
     ess, rhat = _min_ess(latent)
@@ -610,6 +630,7 @@ def _vs_child_vimodels(model: str, metric: str, s: dict, seed: int) -> dict:
         "tree_depth": float(np.mean(st["tree_depth"])),
         "divergences": int(ref.num_divergences),
         "metric_used": ",".join(ref.settings.get("metric_used", [])),
+        "sampler_used": ref.settings.get("sampler_used", "vimodels"),
         "dim": int(sum(np.prod(v.shape[2:], dtype=int) for v in latent.values())),
     }
 

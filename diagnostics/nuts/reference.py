@@ -1,10 +1,13 @@
 """Ground truth: a self-checked NUTS reference (or exact draws), cached on disk.
 
 :func:`run_nuts` runs NUTS on Pyro's potential (JIT-compiled where the model
-allows) in several independently seeded chains, by default all in this
-process in lockstep with one batched gradient per leapfrog step
-(``NutsSettings.chain_method``; independent chains run in parallel processes
-where cores allow), then checks the draws before anyone trusts them:
+allows) in several independently seeded chains, with the engine
+``NutsSettings.sampler`` names (default ``"vimodels"``: the project's sampler
+with all chains of this process in lockstep, one batched gradient per leapfrog
+step, or in parallel processes, ``NutsSettings.chain_method``; ``"nutpie"``:
+:mod:`diagnostics.nuts.nutpie_engine`; ``"auto"``: nutpie up to 64 dimensions
+of the flat unconstrained vector, the project's sampler above), then checks the draws before anyone
+trusts them:
 
 - rank-normalized split R-hat < 1.01,
 - bulk and tail effective sample size >= 400 (both ArviZ's statistics, computed
@@ -57,9 +60,15 @@ from pyro.poutine.util import site_is_subsample
 
 from diagnostics import chainstats
 from diagnostics.labels import element_labels
-from diagnostics.nuts.chains import is_lockstep, run_group
+from diagnostics.nuts.chains import is_lockstep, run_group, runs_grouped
 from diagnostics.nuts.fingerprint import Unfingerprintable, fingerprint
 from diagnostics.nuts.kernel import ALGORITHM_VERSION, AUTO_DENSE_MAX_DIM, AUTO_DRAWS_PER_DIM
+from diagnostics.nuts.nutpie_engine import (
+    NUTPIE_MAX_DIM,
+    flat_dim,
+    nutpie_version,
+    resolve_sampler,
+)
 from diagnostics.nuts.progress import LiveProgress, live_progress
 from vimodels.catalog.base import CatalogEntry, NutsSettings
 from vimodels.catalog.registry import get_model
@@ -83,6 +92,10 @@ NUTS_KIND = "nuts"
 SAMPLER_NAMES = {
     "vimodels": "vimodels NUTS (Stan's multinomial NUTS and warm-up, on Pyro's potential)",
     "pyro": "pyro NUTS (multinomial)",
+    "nutpie": "nutpie NUTS (Rust; diagonal plus low-rank mass matrix adapted over the whole "
+    "warm-up, on Pyro's potential)",
+    "auto": f"nutpie up to {NUTPIE_MAX_DIM} dimensions of the flat unconstrained vector, "
+    "else vimodels",
 }
 METRIC_NAMES = {
     "diag": "diagonal (Stan's diag_e)",
@@ -473,14 +486,21 @@ def cache_key(
     seed: int,
     sites: tuple[str, ...],
     kind: str = NUTS_KIND,
+    engine: str | None = None,
 ) -> str:
-    """SHA-256 of the model, the data, the settings, the seed and the versions.
+    """SHA-256 of the model, the data, the settings, the engine, the seed and the versions.
 
     ``model`` is a function (keyed by :func:`model_fingerprint`: its code,
     closure, defaults and the globals it reads) or such a fingerprint. A NUTS
     key includes the sampler's ``ALGORITHM_VERSION`` (``diagnostics.nuts.kernel``),
     so a change of the algorithm serves no reference drawn before it.
+    ``engine`` is the sampler that runs (``settings.sampler`` resolved,
+    :func:`~diagnostics.nuts.nutpie_engine.resolve_sampler`; default
+    ``settings.sampler``): the draws of one engine are never another's, and
+    nutpie's version is part of its key.
     """
+    engine = engine or settings.sampler
+    engine_versions = {"nutpie": nutpie_version()} if engine == "nutpie" else {}
     h = hashlib.sha256()
     h.update(f"vimodels-reference-v{CACHE_FORMAT}|{kind}|".encode())
     if kind == NUTS_KIND:
@@ -493,7 +513,8 @@ def cache_key(
                 "settings": dataclasses.asdict(settings),
                 "seed": seed,
                 "sites": list(sites),
-                "versions": versions(),
+                "engine": engine,
+                "versions": {**versions(), **engine_versions},
             },
             sort_keys=True,
         ).encode()
@@ -682,14 +703,14 @@ def _run_chains(
 ) -> tuple[list[dict], int, str | None]:
     """Run the chains in ``num_workers`` processes (1: in this one).
 
-    Chains in lockstep are split into one contiguous group per process; chains
+    Chains in lockstep (and nutpie's) are split into one contiguous group per process; chains
     run independently are handed out one at a time.
     """
     note = None
     if num_workers > 1 and not _picklable(specs[0]):
         note = "the model cannot be sent to worker processes (not importable); chains ran serially"
         num_workers = 1
-    if is_lockstep(specs[0]["settings"]):
+    if runs_grouped(specs[0]["settings"]):
         groups = [list(g) for g in np.array_split(np.array(specs, dtype=object), num_workers)]
     else:
         groups = [[spec] for spec in specs]
@@ -728,12 +749,13 @@ def _auto_workers(settings: NutsSettings) -> int:
     """Worker processes for the chains.
 
     Chains in lockstep: 1 (one batched gradient for all of them beats a
-    second process and its imports). Independent chains: one per chain up to
+    second process and its imports); nutpie's: 1 (one trace of the potential
+    serves them all). Independent chains: one per chain up to
     the core count, for chains long enough to pay for a process start (about
     3 s importing torch and Pyro); else 1.
     """
     cores = os.cpu_count() or 1
-    if is_lockstep(settings):
+    if runs_grouped(settings):
         return 1
     if settings.num_chains < 2 or cores < 2:
         return 1
@@ -871,12 +893,13 @@ def run_nuts(
         if cache:
             not_cached = "not cached: the model depends on a value that cannot be fingerprinted"
             cache = False
-    key = cache_key(model_id, data_dict, s, seed, sites)
+    engine = resolve_sampler(s.sampler, flat_dim(info))
+    key = cache_key(model_id, data_dict, s, seed, sites, engine=engine)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     npz, manifest = _entry_paths(root, name, key)
     if not_cached:
         ref = _compute_nuts(
-            entry, fn, data_dict, name, s, seed, sites, info, key, num_workers, progress
+            entry, fn, data_dict, name, s, engine, seed, sites, info, key, num_workers, progress
         )
         return dataclasses.replace(
             ref, notes=ref.notes + (not_cached,), settings={**ref.settings, "cache": not_cached}
@@ -889,12 +912,12 @@ def run_nuts(
                 if found is not None:
                     return found
             ref = _compute_nuts(
-                entry, fn, data_dict, name, s, seed, sites, info, key, num_workers, progress
+                entry, fn, data_dict, name, s, engine, seed, sites, info, key, num_workers, progress
             )
             _write_cache(ref, npz)
             return dataclasses.replace(ref, cache_path=npz)
     return _compute_nuts(
-        entry, fn, data_dict, name, s, seed, sites, info, key, num_workers, progress
+        entry, fn, data_dict, name, s, engine, seed, sites, info, key, num_workers, progress
     )
 
 
@@ -927,7 +950,8 @@ def _compute_nuts(
     fn: Callable,
     data: dict,
     name: str,
-    s: NutsSettings,
+    settings: NutsSettings,
+    engine: str,
     seed: int,
     sites: tuple[str, ...],
     info: Any,
@@ -935,6 +959,8 @@ def _compute_nuts(
     num_workers: int | None,
     progress: bool,
 ) -> Reference:
+    """NUTS draws of the model by ``engine`` (``settings.sampler`` resolved), checked."""
+    s = dataclasses.replace(settings, sampler=engine)  # what the chains run
     if num_workers is None:
         num_workers = _auto_workers(s)
     check_option("num_workers", num_workers, kind=int, low=1)
@@ -957,7 +983,7 @@ def _compute_nuts(
     ]
     if progress:
         print(
-            f"NUTS on {name}: {s.num_chains} chains x ({s.num_warmup} warm-up + "
+            f"NUTS on {name} ({engine}): {s.num_chains} chains x ({s.num_warmup} warm-up + "
             f"{s.num_samples}) draws, {num_workers} process(es), chains "
             f"{'in lockstep' if is_lockstep(s) else 'independent'}",
             file=sys.stderr,
@@ -984,8 +1010,10 @@ def _compute_nuts(
         )
     checks = run_checks(draws, sites, int(stats["diverging"].sum()), stats.get("energy"))
     used = {
-        **dataclasses.asdict(s),
-        "sampler": SAMPLER_NAMES[s.sampler],
+        **dataclasses.asdict(settings),
+        "sampler": SAMPLER_NAMES[settings.sampler],
+        "sampler_used": engine,
+        **({"nutpie_version": nutpie_version()} if engine == "nutpie" else {}),
         "seed": seed,
         "chain_seeds": seeds,
         "num_workers": used_workers,

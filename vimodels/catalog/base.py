@@ -40,10 +40,22 @@ class NutsSettings:
     jit_compile : bool
         Whether the model's potential may be JIT-compiled.
     sampler : str
-        ``"vimodels"`` (default): the project's NUTS on the flat unconstrained
-        vector (:mod:`diagnostics.nuts.kernel`; Pyro's potential, Stan's algorithm
-        and warm-up, about 5x less Python per leapfrog step); ``"pyro"``:
-        :class:`pyro.infer.NUTS`.
+        ``"vimodels"`` (default): the project's NUTS on the flat
+        unconstrained vector (:mod:`diagnostics.nuts.kernel`; Pyro's potential,
+        Stan's algorithm and warm-up, about 5x less Python per leapfrog step);
+        ``"auto"``: ``"nutpie"`` where the flat unconstrained vector
+        has at most 64 elements, else ``"vimodels"``
+        (:func:`diagnostics.nuts.nutpie_engine.resolve_sampler`; benchmarks/README.md,
+        3c: nutpie gave 1.3x-12.5x the ESS per second of the project's sampler on
+        10 of 11 models up to 64 dimensions, the project's diagonal metric with
+        chains in lockstep won on the radon entries of 89-175 dimensions);
+        ``"nutpie"``: nutpie's NUTS (Rust; a diagonal plus low-rank mass matrix
+        adapted over the whole warm-up) on the project's traced potential
+        (:mod:`diagnostics.nuts.nutpie_engine`; ``metric`` and ``chain_method``
+        do not apply; not the default: with it the slow reference tests
+        failed on five entries against three, benchmarks/README.md, 3d);
+        ``"pyro"``: :class:`pyro.infer.NUTS`. The engine that ran is the
+        reference's ``settings["sampler_used"]`` and part of its cache key.
     chain_method : str
         How the project's sampler runs the chains: ``"lockstep"`` (default):
         all chains of a process together, one batched gradient per leapfrog

@@ -87,9 +87,10 @@ def _add_nuts_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-nuts-jit", action="store_true", help="do not JIT-compile the potential")
     p.add_argument(
         "--sampler",
-        choices=("vimodels", "pyro"),
+        choices=("auto", "nutpie", "vimodels", "pyro"),
         default=None,
-        help="NUTS implementation: the project's (default, faster) or pyro.infer.NUTS",
+        help="NUTS implementation: the project's (default), auto (nutpie up to 64 "
+        "dimensions, else the project's), nutpie or pyro.infer.NUTS",
     )
     p.add_argument(
         "--chain-method",
