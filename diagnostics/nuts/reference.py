@@ -894,6 +894,11 @@ def run_nuts(
             not_cached = "not cached: the model depends on a value that cannot be fingerprinted"
             cache = False
     engine = resolve_sampler(s.sampler, flat_dim(info))
+    if engine == "nutpie" and nutpie_version() == "not installed":
+        raise OptionError(
+            f"NUTS sampler {s.sampler!r} runs nutpie on {name!r}, which is not installed; "
+            'install the extra (pip install "vimodels[nutpie]") or use sampler="vimodels"'
+        )
     key = cache_key(model_id, data_dict, s, seed, sites, engine=engine)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     npz, manifest = _entry_paths(root, name, key)
