@@ -16,7 +16,10 @@ dimensions of the flat vector and the project's sampler above
 (:func:`resolve_sampler`; benchmarks/README.md, 3c: nutpie low-rank gave
 1.3x-12.5x the ESS per second of the project's ``metric="auto"`` on 10 of
 11 models up to 64 dimensions, GARCH 0.94x; the project's diagonal metric
-with its chains in lockstep won on the radon entries of 89-175 dimensions).
+with its chains in lockstep won on the radon entries of 89-175 dimensions;
+measured before the project's sampler adapted its dense and low-rank metrics on
+nutpie's schedule, after which nutpie lost on every model re-run, 3d). It
+needs the optional extra ``vimodels[nutpie]``.
 
 nutpie is imported inside :func:`run_chains_nutpie` only: importing the
 reference path does not load it (nor the ArviZ and pandas it imports).

@@ -105,3 +105,14 @@ def test_nutpie_is_seeded_deterministic_cached_by_engine_and_recovers_discrete_s
     assert {ch.name for ch in a.checks} >= {"rhat", "ess_bulk", "divergences", "ebfmi"}
     steps = a.settings["chain_leapfrog_steps"]
     assert steps[0]["sampling"] == int(stats["n_steps"][0].sum()) and steps[0]["warmup"] > 0
+
+
+@pytest.mark.parametrize("sampler", ["nutpie", "auto"])
+def test_a_missing_nutpie_is_an_option_error_naming_the_extra(monkeypatch, tmp_path, sampler):
+    import diagnostics.nuts.reference as reference
+
+    monkeypatch.setattr(reference, "nutpie_version", lambda: "not installed")
+    with pytest.raises(OptionError, match=r"vimodels\[nutpie\]"):
+        run_nuts(mixture, DATA, settings={"sampler": sampler}, cache_dir=tmp_path)
+    # the project's own sampler needs no nutpie: the check is not reached before sampling
+    assert reference.resolve_sampler("vimodels", 2) == "vimodels"

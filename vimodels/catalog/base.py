@@ -48,12 +48,14 @@ class NutsSettings:
         (:func:`diagnostics.nuts.nutpie_engine.resolve_sampler`; benchmarks/README.md,
         3c: nutpie gave 1.3x-12.5x the ESS per second of the project's sampler on
         10 of 11 models up to 64 dimensions, the project's diagonal metric with
-        chains in lockstep won on the radon entries of 89-175 dimensions);
+        chains in lockstep won on the radon entries of 89-175 dimensions; measured
+        before the project's sampler adapted on nutpie's schedule, 3d);
         ``"nutpie"``: nutpie's NUTS (Rust; a diagonal plus low-rank mass matrix
         adapted over the whole warm-up) on the project's traced potential
         (:mod:`diagnostics.nuts.nutpie_engine`; ``metric`` and ``chain_method``
-        do not apply; not the default: with it the slow reference tests
-        failed on five entries against three, benchmarks/README.md, 3d);
+        do not apply; the optional extra ``vimodels[nutpie]``; not the default:
+        it lost to the project's sampler on every model re-run and with it the
+        slow reference tests failed on five entries, benchmarks/README.md, 3d);
         ``"pyro"``: :class:`pyro.infer.NUTS`. The engine that ran is the
         reference's ``settings["sampler_used"]`` and part of its cache key.
     chain_method : str
