@@ -39,15 +39,15 @@ from diagnostics.nuts.reference import (
 from vimodels.catalog.base import CatalogEntry
 from vimodels.resolve import resolve_model
 from vimodels.svi.draws import ModelInfo, model_info
-from vimodels.svi.reparam import REPARAM, decentering_sites, reparameterized_model
+from vimodels.svi.reparam import DECENTERING, decentering_sites, reparameterized_model
 
 # checks whose failure points at the posterior's geometry (a funnel), not at too few draws
 _GEOMETRY_CHECKS = ("divergences", "rhat", "ebfmi")
 
 
 def reparam_label(sites: tuple[str, ...]) -> str:
-    """``"reference from the reparameterized model (LocScaleReparam on: a, b)"``."""
-    return f"reference from the reparameterized model ({REPARAM} on: {', '.join(sites)})"
+    """``"reference from the reparameterized model (<DECENTERING>, on: a, b)"``."""
+    return f"reference from the reparameterized model ({DECENTERING}, on: {', '.join(sites)})"
 
 
 def should_retry(ref: Reference) -> bool:
@@ -97,7 +97,7 @@ def retry_reparameterized(
     if not second.trusted:
         failing = "; ".join(c.detail for c in second.checks if not c.ok)
         note = (
-            f"retried under the reparameterized model ({REPARAM}(centered=0) on: "
+            f"retried under the reparameterized model ({DECENTERING}, on: "
             f"{', '.join(sites)}): that reference fails its checks too ({failing}); "
             "the draws above are from the model as written"
         )
@@ -119,7 +119,7 @@ def _rebadged_retry(
     note = (
         f"{label}: NUTS on the model as written failed its checks ({failing}); the draws "
         f"come from the same model with {', '.join(s + '_decentered' for s in sites)} "
-        f"sampled instead ({REPARAM}(centered=0)), each site recorded back as the "
+        f"sampled instead ({DECENTERING}), each site recorded back as the "
         "model's own value"
     )
     return rebadged(
@@ -130,7 +130,7 @@ def _rebadged_retry(
         reference_from=label,
         note=note,
         settings={
-            "reparam": {"method": f"{REPARAM}(centered=0)", "sites": list(sites)},
+            "reparam": {"method": DECENTERING, "sites": list(sites)},
             "first_try": {"cache_key": first.cache_key, "failing": failing},
         },
     )

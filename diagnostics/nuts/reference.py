@@ -232,7 +232,8 @@ class Reference:
     def reference_from(self) -> str | None:
         """Where the draws came from when not from NUTS on the model as written, else None.
 
-        ``"reference from the reparameterized model (LocScaleReparam on: beta)"``
+        ``"reference from the reparameterized model (LocScaleReparam(centered=0), ...,
+        on: beta)"``
         (:mod:`diagnostics.reparam`) or the catalog entry whose draws stand in
         (:func:`reparameterized_reference`).
         """

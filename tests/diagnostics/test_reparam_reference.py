@@ -91,7 +91,10 @@ def test_centered_funnel_gets_a_trusted_reference_from_the_reparameterized_model
     assert should_retry(first), first.describe()  # divergences in the funnel's neck
     ref = get_reference(centered_funnel, {}, settings=settings, seed=1, cache_dir=tmp_path)
     label = reparam_label(("x",))
-    assert label == "reference from the reparameterized model (LocScaleReparam on: x)"
+    assert label == (
+        "reference from the reparameterized model (LocScaleReparam(centered=0), a "
+        "MultivariateNormal as loc + scale_tril @ z, on: x)"
+    )
     assert ref.trusted, ref.describe()
     assert ref.reference_from == label
     assert label in ref.describe()

@@ -121,7 +121,10 @@ def test_a_decentered_fit_reports_the_users_sites():
         "sites": ["theta"],
         "latent": ["theta_decentered"],
     }
-    assert "decentered (LocScaleReparam(centered=0) on: theta" in r.message
+    assert (
+        "decentered (LocScaleReparam(centered=0), a MultivariateNormal as loc + scale_tril @ z, "
+        "on: theta" in r.message
+    )
     draws = r.sample(500, seed=3)
     assert set(draws) == {"mu", "tau", "theta"} and draws["theta"].shape == (500, 8)
     idata = r.to_inference_data(100, seed=2)

@@ -44,6 +44,9 @@ from vimodels.errors import IncompatibleError, OptionError
 REPARAM = "LocScaleReparam"
 #: How the sites are decentered, as results record it.
 REPARAMETERIZER = f"{REPARAM}(centered=0); MultivariateNormal: loc + scale_tril @ z"
+#: The same in words, for messages and labels (a MultivariateNormal site is not
+#: decentered by ``LocScaleReparam``, which takes univariate families only).
+DECENTERING = f"{REPARAM}(centered=0), a MultivariateNormal as loc + scale_tril @ z"
 #: Values of ``fit(reparam=...)`` besides None.
 REPARAM_METHODS = ("decenter",)
 #: Suffix of the latent site that replaces a decentered one.
@@ -254,7 +257,7 @@ def reparam_settings(sites: tuple[str, ...]) -> dict[str, Any]:
 def reparam_note(sites: tuple[str, ...]) -> str:
     """One line for a decentered fit's message."""
     return (
-        f"decentered ({REPARAM}(centered=0) on: {', '.join(sites)}; draws of these sites "
+        f"decentered ({DECENTERING}, on: {', '.join(sites)}; draws of these sites "
         "are recorded from the fitted model)"
     )
 
