@@ -53,13 +53,49 @@ class AutoIAFNormal(autoguide.AutoIAFNormal):
     """
 
     def get_posterior(self, *args, **kwargs):
-        """The flow; builds it on the first call (prototype kept as a plain tensor)."""
+        """The flow; builds it on the first call (prototype kept as a plain tensor).
+
+        The flow's networks take the dtype of the model's latents: built in torch's
+        default (float32) for a float64 model, their first matrix product raised
+        ``expected m1 and m2 to have the same dtype``.
+        """
         if self.transform is None:
-            self.transform = self._init_transform_fn(self.latent_dim)
+            transform = self._init_transform_fn(self.latent_dim)
+            dtype = self._latent_dtype()
+            if isinstance(transform, torch.nn.Module) and dtype is not None:
+                transform = transform.to(dtype)
+            self.transform = transform
             for _, p in self.named_pyro_params():
                 self._prototype_tensor = torch.zeros((), dtype=p.dtype, device=p.device)
                 break
         return super().get_posterior(*args, **kwargs)
+
+    def _latent_dtype(self) -> torch.dtype | None:
+        """The floating dtype of the prototype trace's latent values, if any."""
+        for _, site in self.prototype_trace.iter_stochastic_nodes():
+            value = site["value"]
+            if torch.is_tensor(value) and value.is_floating_point():
+                return value.dtype
+        return None
+
+
+class AutoStructured(autoguide.AutoStructured):
+    """Pyro's ``AutoStructured`` whose linear dependencies take the model's dtype.
+
+    Pyro builds each ``"linear"`` dependency as a ``torch.nn.Linear`` in torch's
+    default dtype (float32); for a float64 model the guide's first call raised
+    ``expected m1 and m2 to have the same dtype``. The layers are cast to the
+    dtype of the guide's locations (the model's latents) once they exist.
+    """
+
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        dtype = next((p.dtype for p in self.locs.parameters() if p.is_floating_point()), None)
+        if dtype is None:
+            return
+        for module in self.deps.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.to(dtype)
 
 
 def _hide(model: Callable, hidden: tuple[str, ...]) -> Callable:
@@ -143,7 +179,7 @@ def _structured(model: Callable, data: dict, hidden: tuple[str, ...] = (), **opt
     )
     kwargs.setdefault("conditionals", "normal")
     kwargs.setdefault("dependencies", "linear")
-    return autoguide.AutoStructured(_hide(model, hidden), **kwargs)
+    return AutoStructured(_hide(model, hidden), **kwargs)
 
 
 _LAPLACE_OPTIONS = ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol", "max_dim")

@@ -49,3 +49,19 @@ def test_iaf_fit_uses_jit_on_sleepstudy():
     assert r.settings["jit"] and r.settings["jit_note"] is None, r.settings["jit_note"]
     assert r.settings["step_compiler"] != "python"
     assert np.isfinite(r.losses).all()
+
+
+def _model64(y):
+    mu = pyro.sample("mu", dist.Normal(torch.zeros(2, dtype=torch.float64), 10.0).to_event(1))
+    with pyro.plate("n", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu, 1.0).to_event(1), obs=y)
+
+
+def test_iaf_takes_a_float64_models_dtype():
+    # the flow's networks were float32 whatever the model: a float64 model's first step
+    # raised "expected m1 and m2 to have the same dtype" (every posteriordb entry is float64)
+    y = torch.linspace(-1.0, 1.0, 20, dtype=torch.float64).reshape(10, 2)
+    r = fit(_model64, {"y": y}, guide="auto_iaf_normal", num_steps=5, num_eval=4, progress=False)
+    assert np.isfinite(r.losses).all()
+    assert {p.dtype for p in r.guide.parameters()} == {torch.float64}
+    assert r.sample(3, seed=0)["mu"].dtype in (np.float64, torch.float64)

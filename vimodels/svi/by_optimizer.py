@@ -266,7 +266,7 @@ def fit_by_optimizer(
                 settings["mode"] = mode_report_dict(mode)
                 unbounded = mode.report.unbounded is not None
                 if unbounded:  # no mode: no Laplace; the delta guide keeps a result to inspect
-                    sample_guide = _delta_guide(bound_model, args, potential, mode)
+                    sample_guide = _delta_guide(bound_model, args, mode, latent_dtype)
                     message = f"{guide}: {mode.report.message}"
                     params = None
                 elif guide in ("auto_laplace", "auto_laplace_is"):
@@ -282,7 +282,7 @@ def fit_by_optimizer(
                         "scale_tril": lap.gaussian.scale_tril.double().numpy(),
                     }
                 else:
-                    sample_guide = _delta_guide(bound_model, args, potential, mode)
+                    sample_guide = _delta_guide(bound_model, args, mode, latent_dtype)
                     message = f"MAP by L-BFGS: {mode.report.message}"
                     params = None
             wall = time.perf_counter() - t0
@@ -356,11 +356,14 @@ def _pathfinder_guide(
     return gaussian_guide(model, components, dtype, potential)
 
 
-def _delta_guide(model: Callable, args: tuple, potential: Potential, mode: ModeResult) -> Any:
-    """An ``AutoDelta`` whose parameters are the constrained MAP (registered in the scope)."""
-    values = {
-        k: torch.as_tensor(v, dtype=torch.get_default_dtype()) for k, v in mode.values.items()
-    }
+def _delta_guide(model: Callable, args: tuple, mode: ModeResult, dtype: torch.dtype) -> Any:
+    """An ``AutoDelta`` whose parameters are the constrained MAP (registered in the scope).
+
+    In ``dtype``, the model's latents' (a float64 model's MAP was rounded to torch's
+    default float32: 1e-7 relative, a posterior sd where the data pin a coefficient
+    of order 100 to 1e-4).
+    """
+    values = {k: torch.as_tensor(v, dtype=dtype) for k, v in mode.values.items()}
     guide = autoguide.AutoDelta(model, init_loc_fn=init_to_value(values=values))
     guide(*args)  # creates the parameters at the MAP
     return guide
