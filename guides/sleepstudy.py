@@ -114,10 +114,32 @@ def _full_rank(model: Callable, data: dict, init_scale: float = 0.1, **_) -> Cal
     return _blocks.keyword_guide(lambda: _blocks.full_rank("full_rank", sites, init, init_scale))
 
 
+def covariance_tril(precision: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of ``precision^-1``, shape (..., n, n), as torch's MVN takes it.
+
+    torch's own algorithm for ``precision_matrix=`` (the Cholesky factor of the
+    flipped precision), with ``cholesky_ex`` in place of ``cholesky``: no error
+    check reads the factorization's status back into Python, so a fit's step
+    that draws from it can be compiled into one graph (:mod:`vimodels.compile.step`);
+    a precision that is not positive definite gives NaN (the fit stops on a NaN
+    loss) instead of an exception.
+    """
+    flipped, info = torch.linalg.cholesky_ex(torch.flip(precision, (-2, -1)))
+    l_inv = torch.flip(flipped, (-2, -1)).transpose(-1, -2)
+    eye = torch.eye(precision.shape[-1], dtype=precision.dtype).expand_as(l_inv)
+    tril = torch.linalg.solve_triangular(l_inv, eye, upper=False)
+    failed = (info > 0)[..., None, None]
+    return torch.where(failed, torch.full_like(tril, float("nan")), tril)
+
+
 def subject_conditional(
     g: dict[str, torch.Tensor], ztz: torch.Tensor, zty: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact ``p(subject_std_j | globals, y)``: mean (..., J, 2), precision (..., J, 2, 2)."""
+    """Exact ``p(subject_std_j | globals, y)``: mean and covariance factor.
+
+    Returns the mean (..., J, 2) and the lower Cholesky factor of the covariance
+    (..., J, 2, 2) (:func:`covariance_tril` of the precision).
+    """
     intercept = INTERCEPT_PRIOR[0] + INTERCEPT_PRIOR[1] * g["intercept_std"]
     slope = SLOPE_PRIOR[0] + SLOPE_PRIOR[1] * g["slope_std"]
     loc, scale_tril = subject_prior(intercept, slope, g["tau_std"], g["L_omega"])
@@ -127,7 +149,11 @@ def subject_conditional(
     prec_y = (SIGMA_SCALE * g["sigma_std"]).pow(-2)[..., None, None]
     precision = prior_precision + ztz * prec_y
     h = prior_precision @ loc.unsqueeze(-1) + zty.unsqueeze(-1) * prec_y
-    return torch.linalg.solve(precision, h).squeeze(-1), precision
+    tril = covariance_tril(precision)
+    # the mean solves precision @ mean = h: mean = tril @ tril^T @ h (no solve, which
+    # checks for a singular matrix by reading a value)
+    mean = (tril @ (tril.transpose(-1, -2) @ h)).squeeze(-1)
+    return mean, tril
 
 
 def _structured(model: Callable, data: dict, init_scale: float = 0.1, **_) -> Callable:
@@ -137,9 +163,9 @@ def _structured(model: Callable, data: dict, init_scale: float = 0.1, **_) -> Ca
 
     def body() -> None:
         g = _blocks.full_rank("structured.global", _globals(), init, init_scale)
-        loc, precision = subject_conditional(g, ztz, zty)
+        loc, tril = subject_conditional(g, ztz, zty)
         with pyro.plate("subjects", num, dim=-1):
-            pyro.sample("subject_std", dist.MultivariateNormal(loc, precision_matrix=precision))
+            pyro.sample("subject_std", dist.MultivariateNormal(loc, scale_tril=tril))
 
     return _blocks.keyword_guide(body)
 
