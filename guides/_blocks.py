@@ -214,9 +214,13 @@ def full_rank(
     # relative to its row's scale (a free Cholesky factor in 89 dimensions blew up
     # within 12-32 steps at lr 0.02 on radon)
     positive = dist.constraints.softplus_positive
-    scale = pyro.param(f"{prefix}.scale", torch.full((dim,), init_scale), constraint=positive)
+    scale = pyro.param(
+        f"{prefix}.scale", torch.full((dim,), init_scale, dtype=start.dtype), constraint=positive
+    )
     unit_tril = pyro.param(
-        f"{prefix}.scale_tril", torch.eye(dim), constraint=dist.constraints.unit_lower_cholesky
+        f"{prefix}.scale_tril",
+        torch.eye(dim, dtype=start.dtype),
+        constraint=dist.constraints.unit_lower_cholesky,
     )
     scale_tril = scale[..., None] * unit_tril
     z = pyro.sample(

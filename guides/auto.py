@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -61,21 +62,21 @@ class AutoIAFNormal(autoguide.AutoIAFNormal):
         """
         if self.transform is None:
             transform = self._init_transform_fn(self.latent_dim)
-            dtype = self._latent_dtype()
-            if isinstance(transform, torch.nn.Module) and dtype is not None:
-                transform = transform.to(dtype)
+            like = self._latent_value()
+            if isinstance(transform, torch.nn.Module) and like is not None:
+                transform = transform.to(dtype=like.dtype, device=like.device)
             self.transform = transform
             for _, p in self.named_pyro_params():
                 self._prototype_tensor = torch.zeros((), dtype=p.dtype, device=p.device)
                 break
         return super().get_posterior(*args, **kwargs)
 
-    def _latent_dtype(self) -> torch.dtype | None:
-        """The floating dtype of the prototype trace's latent values, if any."""
+    def _latent_value(self) -> torch.Tensor | None:
+        """The prototype trace's first floating latent value (its dtype and device), if any."""
         for _, site in self.prototype_trace.iter_stochastic_nodes():
             value = site["value"]
             if torch.is_tensor(value) and value.is_floating_point():
-                return value.dtype
+                return value
         return None
 
 
@@ -84,18 +85,26 @@ class AutoStructured(autoguide.AutoStructured):
 
     Pyro builds each ``"linear"`` dependency as a ``torch.nn.Linear`` in torch's
     default dtype (float32); for a float64 model the guide's first call raised
-    ``expected m1 and m2 to have the same dtype``. The layers are cast to the
-    dtype of the guide's locations (the model's latents) once they exist.
+    ``expected m1 and m2 to have the same dtype``. The layers Pyro built are cast
+    to the dtype and device of the guide's locations (the model's latents) once
+    they exist; a dependency or conditional given as a callable is the user's and
+    is left as given (it must take the model's dtype).
     """
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
-        dtype = next((p.dtype for p in self.locs.parameters() if p.is_floating_point()), None)
-        if dtype is None:
+        like = next((p for p in self.locs.parameters() if p.is_floating_point()), None)
+        if like is None:
             return
-        for module in self.deps.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.to(dtype)
+        for name, upstream in self.dependencies.items():
+            for up, dep in upstream.items():
+                if not (isinstance(dep, str) and dep == "linear"):
+                    continue
+                try:
+                    layer = attrgetter(f"{name}.{up}")(self.deps)
+                except AttributeError:  # a site Pyro built no dependency for
+                    continue
+                layer.to(dtype=like.dtype, device=like.device)
 
 
 def _hide(model: Callable, hidden: tuple[str, ...]) -> Callable:

@@ -120,13 +120,16 @@ def covariance_tril(precision: torch.Tensor) -> torch.Tensor:
     torch's own algorithm for ``precision_matrix=`` (the Cholesky factor of the
     flipped precision), with ``cholesky_ex`` in place of ``cholesky``: no error
     check reads the factorization's status back into Python, so a fit's step
-    that draws from it can be compiled into one graph (:mod:`vimodels.compile.step`);
-    a precision that is not positive definite gives NaN (the fit stops on a NaN
-    loss) instead of an exception.
+    that draws from it can be compiled into one graph (:mod:`vimodels.compile.step`).
+    A precision that is not positive definite (never, mathematically: the prior's
+    precision plus a positive semi-definite term) gives NaN, which the first step's
+    distribution validation rejects and the fit's NaN-loss check stops on later.
     """
     flipped, info = torch.linalg.cholesky_ex(torch.flip(precision, (-2, -1)))
     l_inv = torch.flip(flipped, (-2, -1)).transpose(-1, -2)
-    eye = torch.eye(precision.shape[-1], dtype=precision.dtype).expand_as(l_inv)
+    eye = torch.eye(precision.shape[-1], dtype=precision.dtype, device=precision.device).expand_as(
+        l_inv
+    )
     tril = torch.linalg.solve_triangular(l_inv, eye, upper=False)
     failed = (info > 0)[..., None, None]
     return torch.where(failed, torch.full_like(tril, float("nan")), tril)
@@ -143,7 +146,7 @@ def subject_conditional(
     intercept = INTERCEPT_PRIOR[0] + INTERCEPT_PRIOR[1] * g["intercept_std"]
     slope = SLOPE_PRIOR[0] + SLOPE_PRIOR[1] * g["slope_std"]
     loc, scale_tril = subject_prior(intercept, slope, g["tau_std"], g["L_omega"])
-    eye = torch.eye(2, dtype=ztz.dtype).expand_as(scale_tril)
+    eye = torch.eye(2, dtype=ztz.dtype, device=ztz.device).expand_as(scale_tril)
     s_inv = torch.linalg.solve_triangular(scale_tril, eye, upper=False)
     prior_precision = s_inv.transpose(-1, -2) @ s_inv  # (..., 1, 2, 2) under particles
     prec_y = (SIGMA_SCALE * g["sigma_std"]).pow(-2)[..., None, None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 import vimodels
@@ -43,3 +44,4 @@ def test_the_structured_guide_fit_runs_the_compiled_step():
         progress=False,
     )
     assert r.settings["step_compiler"] == "fx", r.settings["step_compiler_note"]
+    assert np.isfinite(r.losses).all()
