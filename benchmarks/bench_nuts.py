@@ -50,7 +50,12 @@ engine; ``nutpie_auto``: ``sampler="auto"``; ``diag``, ``dense``, ``low_rank``,
 :data:`VS_MODELS`, each cell a fresh process.
 
     python benchmarks/bench_nuts.py --vs-numpyro [--models ...] \
-        [--samplers numpyro default diag auto] [--max-draws 200]
+        [--samplers numpyro default diag auto] [--max-draws 200] [--seeds 3]
+
+``--seeds N`` runs every cell with the seeds 0..N-1 (from ``--seed``): the
+table gives the median ESS/s of each sampler and the median of the per-seed
+ratios (each against NumPyro's run with the same seed), with their spread
+``[min-max]``; one run per cell cannot tell 0.8x from 1.2x on a noisy model.
 """
 
 from __future__ import annotations
@@ -711,43 +716,49 @@ def vs_battery(
     samplers: tuple[str, ...] = ("numpyro", "diag", "auto"),
     max_draws: int = VS_MAX_DRAWS,
     seed: int = 0,
+    seeds: int = 1,
 ) -> list[dict]:
     """Benchmark 3: min bulk ESS per second against NumPyro, every model, interleaved.
 
-    Each cell (model, sampler) runs in a fresh Python process; its time is
-    the imports plus the sampling call (compilation included). The samplers
-    of one model run one after the other, so that they meet the same load.
+    Each cell (model, seed, sampler) runs in a fresh Python process; its time
+    is the imports plus the sampling call (compilation included). The
+    samplers of one model and seed run one after the other, so that they
+    meet the same load. ``seeds`` runs every cell with the seeds ``seed`` to
+    ``seed + seeds - 1``; each row carries its ``seed``.
     """
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-nuts-vs-") as tmp:
-        for model in models:
+        for model, sd, sampler in (
+            (m, sd, x) for m in models for sd in range(seed, seed + seeds) for x in samplers
+        ):
             s = _vs_settings(model, max_draws)
-            for sampler in samplers:
-                if sampler == "numpyro" and not have_numpyro():
-                    print("  NumPyro/JAX not installed: skipped (the 'bench' extra)", flush=True)
-                    continue
-                out = str(Path(tmp) / f"{model}-{sampler}.json")
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--vs-child", sampler]
-                cmd += ["--vs-model", model, "--settings", json.dumps(s), "--out", out]
-                cmd += ["--seed", str(seed)]
-                env = dict(os.environ, PYTHONPATH=str(ROOT))
-                t0 = time.perf_counter()
-                proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-                total = time.perf_counter() - t0
-                if proc.returncode != 0:
-                    print(f"  {model} {sampler}: FAILED\n{proc.stderr[-2000:]}", flush=True)
-                    continue
-                res = cell_record(json.loads(Path(out).read_text()), model, sampler, s, total)
-                timed = res["timed_s"]
-                rows.append(res)
-                print(
-                    f"  {model} {sampler} ({res['metric_used']}): {res['ess_per_s']:.1f} ESS/s "
-                    f"(min bulk ESS {res['min_ess_bulk']:.0f} in {timed:.1f} s = import "
-                    f"{res['import']:.1f} + run {res['run']:.1f}; process {total:.1f} s), "
-                    f"{res['grad_per_draw']:.1f} grad/draw, {res['divergences']} divergent, "
-                    f"R-hat {res['max_rhat']:.3f}; load {res['load']:.2f}",
-                    flush=True,
-                )
+            if sampler == "numpyro" and not have_numpyro():
+                print("  NumPyro/JAX not installed: skipped (the 'bench' extra)", flush=True)
+                continue
+            out = str(Path(tmp) / f"{model}-{sampler}-{sd}.json")
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--vs-child", sampler]
+            cmd += ["--vs-model", model, "--settings", json.dumps(s), "--out", out]
+            cmd += ["--seed", str(sd)]
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+            total = time.perf_counter() - t0
+            if proc.returncode != 0:
+                print(f"  {model} {sampler}: FAILED\n{proc.stderr[-2000:]}", flush=True)
+                continue
+            res = cell_record(json.loads(Path(out).read_text()), model, sampler, s, total)
+            res["seed"] = sd
+            timed = res["timed_s"]
+            rows.append(res)
+            print(
+                f"  {model} seed {sd} {sampler} ({res['metric_used']}): "
+                f"{res['ess_per_s']:.1f} ESS/s "
+                f"(min bulk ESS {res['min_ess_bulk']:.0f} in {timed:.1f} s = import "
+                f"{res['import']:.1f} + run {res['run']:.1f}; process {total:.1f} s), "
+                f"{res['grad_per_draw']:.1f} grad/draw, {res['divergences']} divergent, "
+                f"R-hat {res['max_rhat']:.3f}; load {res['load']:.2f}",
+                flush=True,
+            )
     return rows
 
 
@@ -756,9 +767,16 @@ def vs_table(rows: list[dict]) -> str:
 
     Each cell: ESS/s (gradients per draw; for the project's sampler, the
     metric it adapted); the last column: the 1-minute load average over the
-    model's cells.
+    model's cells. With several seeds (rows carrying ``seed``), a cell is
+    the median over the seeds with the spread ``[min-max]``, and a ratio is
+    the median (and spread) of the per-seed ratios, each against NumPyro's
+    run with the same seed.
     """
     import statistics as st
+
+    def spread(v: list[float], fmt: str) -> str:
+        mid = fmt.format(st.median(v))
+        return mid if len(v) == 1 else f"{mid} [{fmt.format(min(v))}-{fmt.format(max(v))}]"
 
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
     ours = [x for x in samplers if x != "numpyro"]
@@ -768,25 +786,35 @@ def vs_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ratios: dict[str, list[float]] = {x: [] for x in ours}
     for model in dict.fromkeys(r["model"] for r in rows):
-        cells = {r["sampler"]: r for r in rows if r["model"] == model}
-        base = cells.get("numpyro")
-        dim = next((c["dim"] for c in cells.values() if "dim" in c), "")
+        mine = [r for r in rows if r["model"] == model]
+        cells = {x: [r for r in mine if r["sampler"] == x] for x in samplers}
+        base = {r.get("seed", 0): r for r in cells.get("numpyro", [])}
+        dim = next((c["dim"] for c in mine if "dim" in c), "")
         line = [model, str(dim)]
-        line.append(f"{base['ess_per_s']:.1f} ({base['grad_per_draw']:.0f})" if base else "-")
-        for x in ours:
+        for x in ["numpyro"] + ours:
             c = cells.get(x)
-            line.append(
-                f"{c['ess_per_s']:.1f} ({c['grad_per_draw']:.0f}, {c['metric_used']})" if c else "-"
-            )
+            if not c:
+                line.append("-")
+                continue
+            cell = spread([r["ess_per_s"] for r in c], "{:.1f}")
+            grad = f"{st.median(r['grad_per_draw'] for r in c):.0f}"
+            if x != "numpyro":
+                grad += ", " + ",".join(dict.fromkeys(r["metric_used"] for r in c))
+            line.append(f"{cell} ({grad})")
         for x in ours:
-            c = cells.get(x)
-            if c and base:
-                ratio = c["ess_per_s"] / base["ess_per_s"]
+            per_seed = [
+                r["ess_per_s"] / base[r.get("seed", 0)]["ess_per_s"]
+                for r in cells.get(x, [])
+                if r.get("seed", 0) in base
+            ]
+            if per_seed:
+                ratio = st.median(per_seed)
                 ratios[x].append(ratio)
-                line.append(f"**{ratio:.2f}x**" if ratio < 1.0 else f"{ratio:.2f}x")
+                text = spread(per_seed, "{:.2f}x")
+                line.append(f"**{text}**" if ratio < 1.0 else text)
             else:
                 line.append("-")
-        loads = [c["load"] for c in cells.values()]
+        loads = [c["load"] for c in mine]
         line.append(f"{min(loads):.1f}-{max(loads):.1f}")
         lines.append("| " + " | ".join(line) + " |")
     summary = ["**median**", "", ""] + [""] * len(ours)
@@ -814,6 +842,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samplers", nargs="+", choices=VS_SAMPLERS)
     parser.add_argument("--max-draws", type=int, default=VS_MAX_DRAWS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="--vs-numpyro: run each cell with the seeds SEED..SEED+N-1; report medians and spread",
+    )
     parser.add_argument("--vs-child", choices=VS_SAMPLERS, help=argparse.SUPPRESS)
     parser.add_argument("--vs-model", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -830,7 +864,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.vs_numpyro:
         models = tuple(args.models or VS_MODELS)
         samplers = tuple(args.samplers or ("numpyro", "diag", "auto"))
-        rows = vs_battery(models, samplers, args.max_draws, args.seed)
+        rows = vs_battery(models, samplers, args.max_draws, args.seed, args.seeds)
         print(vs_table(rows))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2, default=str))

@@ -53,6 +53,45 @@ def test_nuts_benchmark_skips_numpyro_variants_when_absent(runner, monkeypatch, 
     assert "skipping the NumPyro variants" in capsys.readouterr().out
 
 
+def _vs_row(sampler: str, seed: int, ess_per_s: float) -> dict:
+    return {
+        "model": "m",
+        "sampler": sampler,
+        "seed": seed,
+        "ess_per_s": ess_per_s,
+        "grad_per_draw": 7.0,
+        "metric_used": "dense",
+        "dim": 3,
+        "load": 1.0,
+    }
+
+
+def test_vs_table_one_seed_keeps_the_single_run_cells():
+    bench_nuts = _load("bench_nuts")
+    table = bench_nuts.vs_table([_vs_row("numpyro", 0, 20.0), _vs_row("auto", 0, 10.0)])
+    assert "| m | 3 | 20.0 (7) | 10.0 (7, dense) | **0.50x** | 1.0-1.0 |" in table
+
+
+def test_vs_table_several_seeds_gives_medians_of_per_seed_ratios():
+    """``--seeds``: the median ESS/s and the median of the per-seed ratios (each against
+    NumPyro's run with the same seed: 10/20, 30/15, 12/10), not the ratio of medians."""
+    bench_nuts = _load("bench_nuts")
+    rows = [
+        _vs_row("numpyro", 0, 20.0),
+        _vs_row("auto", 0, 10.0),
+        _vs_row("numpyro", 1, 15.0),
+        _vs_row("auto", 1, 30.0),
+        _vs_row("numpyro", 2, 10.0),
+        _vs_row("auto", 2, 12.0),
+    ]
+    table = bench_nuts.vs_table(rows)
+    line = next(x for x in table.splitlines() if x.startswith("| m |"))
+    assert "15.0 [10.0-20.0] (7)" in line
+    assert "12.0 [10.0-30.0] (7, dense)" in line
+    assert "1.20x [0.50x-2.00x]" in line
+    assert table.splitlines()[-1].endswith("| 1.20x |  |")
+
+
 def _first_party_imports(path: Path) -> list[tuple[str, str | None]]:
     """``(module, name)`` of every first-party ``from ... import`` in ``path``, nested ones too."""
     import ast
