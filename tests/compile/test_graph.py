@@ -103,6 +103,29 @@ def test_identities_constants_and_gradient_pieces_are_removed():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_power_one_of_a_strided_view_is_dropped_before_pointwise_users():
+    """``pow(x, 1.0)`` (the backward of ``x ** 2``) of a strided slice returns a contiguous
+    copy: dropped all the same where its users are pointwise and give the same bits and
+    layout reading the slice (the GP's Cholesky diagonal, issue 17); kept before a view."""
+
+    def f(z):
+        d = torch.diagonal(z, 0, 1, 2)[:, 0:3]  # strided: not the layout pow returns
+        return (d**1.0 * 2.0 + z.sum(),)
+
+    def g(z):
+        d = torch.diagonal(z, 0, 1, 2)[:, 0:3]
+        return ((d**1.0).view(12) * 2.0,)  # a view needs the contiguous copy
+
+    z = torch.randn(4, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    simple = simplify_graph(make_fx(f)(z), z)
+    assert aten.pow.Tensor_Scalar not in _targets(simple)
+    kept = simplify_graph(make_fx(g)(z), z)
+    assert aten.pow.Tensor_Scalar in _targets(kept)
+    for point in (z, z.exp()):
+        assert torch.equal(simple(point)[0], f(point)[0])
+        assert torch.equal(kept(point)[0], g(point)[0])
+
+
 def test_gap_between_gradient_pieces_is_zero():
     def f(z):
         g0 = aten.slice_backward(z[0:1] * 2.0, [4], 0, 0, 1, 1)

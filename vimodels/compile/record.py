@@ -566,8 +566,13 @@ def _is_all(arg: Any, number: float, values: dict) -> bool:
     return v == number
 
 
-def _identity_of(node: torch.fx.Node, values: dict) -> torch.fx.Node | None:
-    """The input that ``node`` merely passes on, if any."""
+def _identity_of(node: torch.fx.Node, values: dict, layout: bool = True) -> torch.fx.Node | None:
+    """The input that ``node`` merely passes on, if any.
+
+    With ``layout=False`` the input may have other strides than ``node``'s
+    output (``pow(x, 1.0)`` of a strided slice gives a contiguous copy): the
+    caller then checks that the users do not see the difference.
+    """
     target = node.target
     args = node.args
     out = values.get(node)
@@ -617,9 +622,37 @@ def _identity_of(node: torch.fx.Node, values: dict) -> torch.fx.Node | None:
             candidate = args[0]
     if not isinstance(candidate, torch.fx.Node) or candidate.op == "output":
         return None
-    if not _same_layout(values.get(candidate), out):
+    if layout and not _same_layout(values.get(candidate), out):
+        return None
+    seen = values.get(candidate)
+    if not isinstance(seen, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return None
+    if seen.shape != out.shape or seen.dtype != out.dtype or seen.device != out.device:
         return None
     return candidate
+
+
+def _users_blind_to_layout(node: torch.fx.Node, same: torch.fx.Node, values: dict) -> bool:
+    """Whether every user of ``node`` gives the same bits and layout reading ``same`` instead.
+
+    Only pointwise operations qualify (their values do not depend on their
+    inputs' strides); each is re-run at the example to check its output's
+    layout and bits.
+    """
+    for user in node.users:
+        if user.op != "call_function" or torch.Tag.pointwise not in getattr(
+            user.target, "tags", ()
+        ):
+            return False
+        args, kwargs = torch.fx.node.map_arg(
+            (user.args, user.kwargs), lambda n: values[same] if n is node else values[n]
+        )
+        with torch.no_grad():
+            value = user.target(*args, **kwargs)
+        old = values.get(user)
+        if not _same_layout(value, old) or not torch.equal(value, old):
+            return False
+    return True
 
 
 def _alpha(node: torch.fx.Node) -> Any:
@@ -674,6 +707,10 @@ def _drop_identities(graph: torch.fx.Graph, values: dict) -> bool:
                 changed = True
                 continue
         same = _identity_of(node, values)
+        if same is None:
+            same = _identity_of(node, values, layout=False)
+            if same is not None and not _users_blind_to_layout(node, same, values):
+                same = None
         if same is not None:
             node.replace_all_uses_with(same)
             changed = True
