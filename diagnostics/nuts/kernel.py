@@ -73,6 +73,7 @@ calls it in the chain worker processes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
@@ -438,6 +439,7 @@ class BatchedPotential:
         self.mode = "rows"
         self.note: str | None = None
         self._batched: Callable | None = None
+        self._forward: Callable | None = None
         try:
             self._np_dtype: np.dtype | None = torch.empty((), dtype=potential.dtype).numpy().dtype
         except TypeError:  # a dtype NumPy lacks
@@ -448,6 +450,10 @@ class BatchedPotential:
             self._batched = _trace_batched(
                 potential, torch.as_tensor(example, dtype=potential.dtype)
             )
+            # the frozen module's compiled method itself (the module kept alongside): a
+            # module call adds nn.Module's hook dispatch, ~4 us a call (5% of eight
+            # schools' batched gradient)
+            self._forward = getattr(self._batched, "forward", self._batched)
             self.mode = "vmap"
         except Exception as exc:  # vmap and tracing failures vary widely
             self.note = (
@@ -464,7 +470,7 @@ class BatchedPotential:
                 x = torch.from_numpy(z.astype(self._np_dtype, copy=False))
             else:
                 x = torch.from_numpy(z).to(self.potential.dtype)
-            g, u = self._batched(x)
+            g, u = self._forward(x)
             return u.numpy().astype(np.float64), g.numpy().astype(np.float64)
         rows = [self.potential(row) for row in z]
         return np.array([u for u, _ in rows]), np.stack([g for _, g in rows])
@@ -1039,7 +1045,9 @@ def _logaddexp(x: float, y: float) -> float:
 
 def _persist(ps_minus: np.ndarray, ps_plus: np.ndarray, rho: np.ndarray) -> bool:
     """Generalized no-U-turn criterion: both ends still move along ``rho``."""
-    return float(ps_plus @ rho) > 0.0 and float(ps_minus @ rho) > 0.0
+    # ndarray.dot: the BLAS dot product `@` calls, without the ufunc dispatch (2.5x
+    # faster on 13 elements; the same bits)
+    return float(ps_plus.dot(rho)) > 0.0 and float(ps_minus.dot(rho)) > 0.0
 
 
 def _flat_potential_error(step_size: float) -> IncompatibleError:
@@ -1138,6 +1146,7 @@ class NUTSChain:
             self._dense = False
             self._momentum_factor = None
             self._inv_mass = value
+            self._velocity = value.velocity
             return
         self._low_rank = None
         value = np.asarray(value, dtype=np.float64)
@@ -1149,6 +1158,8 @@ class NUTSChain:
         else:
             self._momentum_factor = None
         self._inv_mass = value
+        # ``M^-1 r`` (a new array), bound once: ndarray.dot is the BLAS product `@` calls
+        self._velocity = value.dot if self._dense else functools.partial(np.multiply, value)
 
     def _require_potential(self) -> Callable[[np.ndarray], Reply]:
         if self.potential is None:
@@ -1163,14 +1174,10 @@ class NUTSChain:
             return self._low_rank.momentum(self.rng.standard_normal(self.dim))
         return self.rng.standard_normal(self.dim) / np.sqrt(self._inv_mass)
 
-    def _velocity(self, r: np.ndarray) -> np.ndarray:
-        """``M^-1 r`` (a new array)."""
-        if self._low_rank is not None:
-            return self._low_rank.velocity(r)
-        return self._inv_mass @ r if self._dense else self._inv_mass * r
+    _velocity: Callable[[np.ndarray], np.ndarray]  # ``M^-1 r`` (a new array), set with inv_mass
 
     def _energy(self, u: float, r: np.ndarray) -> float:
-        return u + 0.5 * float(r @ self._velocity(r))
+        return u + 0.5 * float(r.dot(self._velocity(r)))
 
     def _drift(self, p: _Point, eps: float) -> tuple[np.ndarray, np.ndarray]:
         """The first half of a leapfrog step: half a kick, then the drift; ``(z, r)``."""
@@ -1252,7 +1259,7 @@ class NUTSChain:
         q = _Point(z, r, u, g)
         self.n_leapfrog += 1
         ps = self._velocity(r)
-        h = u + 0.5 * float(r @ ps)
+        h = u + 0.5 * float(r.dot(ps))
         if not math.isfinite(h):
             h = math.inf
         q.h = h
@@ -1270,27 +1277,35 @@ class NUTSChain:
         return self._leaf(z, r, u, g, eps, h0)
 
     def build_steps(self, start: _Point, depth: int, eps: float, h0: float) -> Steps[_Subtree]:
-        """A subtree of ``2**depth`` leapfrog steps from ``start`` (Stan's ``build_tree``)."""
-        if depth == 0:
-            z, r = self._drift(start, eps)
+        """A subtree of ``2**depth`` leapfrog steps from ``start`` (Stan's ``build_tree``).
+
+        Stan's recursion unrolled: the leaves are built in order and, after leaf
+        ``i``, the pending left subtrees are merged with it as many times as ``i``
+        has trailing one bits (the post-order of the recursion: the same merges,
+        random numbers and early exits), without a generator per subtree or a
+        ``yield from`` chain as deep as the tree for every leapfrog step.
+        """
+        pending: list[_Subtree] = []  # left subtrees waiting for their right halves
+        point = start
+        for i in range(1 << depth):
+            z, r = self._drift(point, eps)
             u, g = yield z
-            return self._leaf(z, r, u, g, eps, h0)
-        if depth == 1:  # two leaves, without a generator each
-            z, r = self._drift(start, eps)
-            u, g = yield z
-            init = self._leaf(z, r, u, g, eps, h0)
-            if not init.valid:
-                return init
-            z, r = self._drift(init.end, eps)
-            u, g = yield z
-            final = self._leaf(z, r, u, g, eps, h0)
-        else:
-            init = yield from self.build_steps(start, depth - 1, eps, h0)
-            if not init.valid:
-                return init
-            final = yield from self.build_steps(init.end, depth - 1, eps, h0)
-        if not final.valid:
-            return final
+            sub = self._leaf(z, r, u, g, eps, h0)
+            if not sub.valid:
+                return sub
+            level = 0
+            while i & 1:
+                level += 1
+                sub = self._merge(pending.pop(), sub, level)
+                if not sub.valid:
+                    return sub
+                i >>= 1
+            pending.append(sub)
+            point = sub.end
+        return pending[0]
+
+    def _merge(self, init: _Subtree, final: _Subtree, depth: int) -> _Subtree:
+        """The subtree of depth ``depth`` made of two valid halves built one after the other."""
         log_w = _logaddexp(init.log_w, final.log_w)
         prop = init.prop
         if self.rng.random() < math.exp(final.log_w - log_w):

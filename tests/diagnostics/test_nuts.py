@@ -361,3 +361,49 @@ def test_drive_lockstep_keeps_finished_generators_as_padding():
     assert out == [30.0, 9.0]  # 3 * 10; 3 * (0 + 1 + 2)
     assert shapes == [(2, 1)] * 3
     assert _nuts.drive(program(3, 0.0), lambda z: (2.0 * z[0], z)) == 9.0
+
+
+# ----------------------------------------------------------------------------- tree
+
+
+class _RecursiveChain(NUTSChain):
+    """Stan's ``build_tree`` recursion, as the kernel wrote it before it was unrolled."""
+
+    def build_steps(self, start, depth, eps, h0):
+        if depth == 0:
+            z, r = self._drift(start, eps)
+            u, g = yield z
+            return self._leaf(z, r, u, g, eps, h0)
+        init = yield from self.build_steps(start, depth - 1, eps, h0)
+        if not init.valid:
+            return init
+        final = yield from self.build_steps(init.end, depth - 1, eps, h0)
+        if not final.valid:
+            return final
+        return self._merge(init, final, depth)
+
+
+@pytest.mark.parametrize("metric", ["diag", "dense"])
+def test_unrolled_tree_gives_the_recursion_s_transitions_bit_for_bit(metric):
+    """The unrolled ``build_steps`` merges in the recursion's post-order: the same random
+    numbers, U-turn checks, early exits and draws (issue 17), divergent trees included."""
+    pyro.set_rng_seed(0)
+    potential, z0 = _potential(gaussian_model)
+    cov = _cov().double().numpy()
+    inv_mass = cov if metric == "dense" else np.diag(cov)
+    runs = []
+    for cls in (NUTSChain, _RecursiveChain):
+        chain = cls(potential, z0, np.random.default_rng(3))
+        chain.inv_mass = inv_mass
+        chain.step_size = 0.9
+        infos = []
+        for i in range(300):
+            chain.step_size = 3.0 if i % 10 == 9 else 0.15  # deep trees; some diverge
+            infos.append(chain.transition())
+            infos[-1]["z"] = chain.z.copy()
+        runs.append(infos)
+    assert any(info["diverging"] for info in runs[0])
+    assert max(info["tree_depth"] for info in runs[0]) >= 3
+    for a, b in zip(*runs):
+        assert np.array_equal(a.pop("z"), b.pop("z"))
+        assert a == b
