@@ -215,7 +215,10 @@ PDB_GP_POIS_REGR_PC = CatalogEntry(
     # is 18, 6, 2.5 for j = 1..3 at the posterior mean, 0.9 and below from j = 4.
     # Target 0.9, trees ~200 steps, no divergence (seeds 0-2). 4 x 300 draws left rho's
     # split R-hat at 1.012 on seed 1 (bulk ESS 480-650); 4 x 500: R-hat 1.003, bulk ESS
-    # >= 750 (seeds 0, 1), about 90 s of one core.
+    # >= 750 (seeds 0, 1), about 90 s of one core. The dense metric (issue 17, 4 x (300 + 500)
+    # through get_reference, seeds 0-2) is 3-4x faster (13-18 s against 55 s for the diagonal,
+    # seed 0, at load 1.5-2.9) but not trusted: 4-5 divergences on every seed at target 0.9 (R-hat
+    # 1.012 on seed 0, min bulk ESS 355) and 1-5 at 0.95 (R-hat 1.012 on seed 0): kept diagonal.
     nuts=NutsSettings(num_warmup=300, num_samples=500, num_chains=4, target_accept_prob=0.9),
     default_guides=GUIDES,
     max_plate_nesting=0,
