@@ -109,7 +109,7 @@ CONJUGATE_LINEAR_REGRESSION = CatalogEntry(
     sites=("beta",),
     family="conjugate_linear_regression",
     observed=("y",),
-    nuts=NutsSettings(num_warmup=300, num_samples=500, num_chains=4),
+    nuts=NutsSettings(num_warmup=300, num_samples=500, num_chains=4, metric="diag"),
     exact=exact_posterior,
     max_plate_nesting=1,
 )

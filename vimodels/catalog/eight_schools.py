@@ -68,7 +68,12 @@ EIGHT_SCHOOLS_CENTERED = CatalogEntry(
     # short chains and depth-8 trees, honestly untrusted. The reference comes from NUTS on
     # the non-centered form, the same posterior over (mu, tau, theta).
     nuts=NutsSettings(
-        num_warmup=300, num_samples=300, num_chains=4, target_accept_prob=0.95, max_tree_depth=8
+        num_warmup=300,
+        num_samples=300,
+        num_chains=4,
+        target_accept_prob=0.95,
+        max_tree_depth=8,
+        metric="diag",
     ),
     reference_from="eight_schools_noncentered",
     default_guides=("mean_field", "full_rank", "structured"),
@@ -86,7 +91,9 @@ EIGHT_SCHOOLS_NONCENTERED = CatalogEntry(
     sites=("mu", "tau", "theta"),
     family="eight_schools_noncentered",
     observed=("y",),
-    nuts=NutsSettings(num_warmup=500, num_samples=500, num_chains=4, target_accept_prob=0.9),
+    nuts=NutsSettings(
+        num_warmup=500, num_samples=500, num_chains=4, target_accept_prob=0.9, metric="diag"
+    ),
     default_guides=("mean_field", "full_rank", "structured"),
     max_plate_nesting=1,
 )

