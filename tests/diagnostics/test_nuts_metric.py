@@ -571,3 +571,34 @@ def test_metric_is_estimated_early_in_the_warmup_and_samples_correctly(metric):
         assert np.mean(status.steps[30:100]) <= 30.0, np.mean(status.steps[30:100])
         runs.append({"samples": {"x": run["draws"]}, "stats": run["stats"], "metric": metric})
     _check_gaussian(runs, mean, sds, metric)
+
+
+def _correlated_pair():
+    z = pyro.sample(
+        "z", dist.MultivariateNormal(torch.zeros(2), torch.tensor([[1.0, 0.95], [0.95, 1.0]]))
+    )
+    return z
+
+
+def test_a_user_model_gets_metric_auto_and_every_entry_names_its_metric(tmp_path):
+    # a model without its own settings (a user's) runs "auto" (dense here: 2 dimensions);
+    # the catalog's and validation entries keep the metric their references were checked with
+    from vimodels.catalog.base import CatalogEntry, NutsSettings
+    from vimodels.catalog.registry import MODELS
+    from vimodels.validation import registry as validation
+
+    assert NutsSettings().metric == "auto"
+    ref = run_nuts(
+        _correlated_pair,
+        {},
+        settings={"num_warmup": 60, "num_samples": 20, "num_chains": 1},
+        cache=False,
+    )
+    assert ref.settings["metric"] == "auto"
+    assert ref.settings["metric_used"] == ["dense"]
+    entries = list(MODELS.values()) + [
+        e for e in vars(validation).values() if isinstance(e, CatalogEntry)
+    ]
+    dense = {"pdb_ark", "pdb_garch11", "pdb_hmm_example"}
+    for entry in entries:
+        assert entry.nuts.metric == ("dense" if entry.name in dense else "diag"), entry.name
