@@ -39,7 +39,12 @@ from diagnostics.nuts.reference import (
 from vimodels.catalog.base import CatalogEntry
 from vimodels.resolve import resolve_model
 from vimodels.svi.draws import ModelInfo, model_info
-from vimodels.svi.reparam import DECENTERING, decentering_sites, reparameterized_model
+from vimodels.svi.reparam import (
+    DECENTERING,
+    decentering_sites,
+    reparam_settings,
+    reparameterized_model,
+)
 
 # checks whose failure points at the posterior's geometry (a funnel), not at too few draws
 _GEOMETRY_CHECKS = ("divergences", "rhat", "ebfmi")
@@ -130,7 +135,7 @@ def _rebadged_retry(
         reference_from=label,
         note=note,
         settings={
-            "reparam": {"method": DECENTERING, "sites": list(sites)},
+            "reparam": reparam_settings(tuple(sites)),
             "first_try": {"cache_key": first.cache_key, "failing": failing},
         },
     )

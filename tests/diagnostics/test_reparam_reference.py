@@ -25,7 +25,7 @@ from diagnostics.references import get_reference
 from diagnostics.reparam import reparam_label, retry_reparameterized, should_retry
 from vimodels.resolve import resolve_model
 from vimodels.runs.compare import run_compare
-from vimodels.svi.reparam import decentering_sites, reparameterized_model
+from vimodels.svi.reparam import decentering_sites, reparam_settings, reparameterized_model
 
 
 def centered_funnel(n: int = 2) -> None:
@@ -97,6 +97,9 @@ def test_centered_funnel_gets_a_trusted_reference_from_the_reparameterized_model
     )
     assert ref.trusted, ref.describe()
     assert ref.reference_from == label
+    # recorded as a decentered fit records it (one schema for fits and references)
+    assert ref.settings["reparam"] == reparam_settings(("x",))
+    assert ref.settings["reparam"]["method"] == "decenter"
     assert label in ref.describe()
     assert ref.model_name == "centered_funnel"
     assert set(ref.draws) == {"y", "x"}  # the user's sites, not x_decentered
