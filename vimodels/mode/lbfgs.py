@@ -170,7 +170,10 @@ class ModeResult:
 def hessian_diagonal(potential: Potential, u: torch.Tensor) -> torch.Tensor:
     """``-d^2 log p / du_i^2`` at ``u`` (dim,): one backward pass per coordinate."""
     x = u.detach().clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(potential.log_density(x), x, create_graph=True)
+    lp = potential.log_density(x)
+    if not torch.isfinite(lp):  # outside the support: no curvature (NaN: the unit scale)
+        return torch.full_like(x, math.nan).detach()
+    (g,) = torch.autograd.grad(lp, x, create_graph=True)
     out = torch.empty_like(x)
     for i in range(x.shape[0]):
         (row,) = torch.autograd.grad(g[i], x, retain_graph=i + 1 < x.shape[0])

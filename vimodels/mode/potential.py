@@ -180,7 +180,20 @@ class Potential:
 
     # -- density --------------------------------------------------------------
     def log_density(self, u: torch.Tensor) -> torch.Tensor:
-        """``log p(x, T(u)) [+ log|J|]`` at one point ``u`` (dim,), a 0-dim tensor (nats)."""
+        """``log p(x, T(u)) [+ log|J|]`` at one point ``u`` (dim,), a 0-dim tensor (nats).
+
+        Where the model's own linear algebra fails at ``u`` (a covariance it
+        builds is not positive definite there, ``torch.linalg.LinAlgError``),
+        the density is ``-inf``, with a zero gradient: a point outside the
+        support, as Stan treats an exception in the log density, so that a line
+        search or a draw backs off instead of the whole fit raising.
+        """
+        try:
+            return self._log_density(u)
+        except torch.linalg.LinAlgError:
+            return u.sum() * 0.0 - math.inf
+
+    def _log_density(self, u: torch.Tensor) -> torch.Tensor:
         self.num_evals += 1
         with default_dtype(self.dtype):
             values = {}
@@ -219,6 +232,10 @@ class Potential:
                             raise ValueError("batched log density differs")
                         self._batch_ok = True
                     return out
+                except torch.linalg.LinAlgError:
+                    # a row where the model's linear algebra fails: these rows one by one
+                    # (that row -inf), the batched path kept for later calls
+                    pass
                 except (RuntimeError, ValueError, IndexError):
                     self._batch_ok = False
             return torch.stack([self.log_density(row) for row in u])
