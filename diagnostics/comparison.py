@@ -12,6 +12,7 @@ the grid of guides x ELBOs, get the (cached) reference, compare, write the repor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -161,14 +162,30 @@ def _unconstrained(
 
 
 def _worst_sd(rows: pd.DataFrame) -> tuple[float, str]:
+    """The sd ratio farthest from 1 on a log scale (0, a collapsed element, is the farthest)."""
     ratios = rows["sd_ratio"].to_numpy(dtype=float)
-    ok = np.isfinite(ratios) & (ratios > 0)
+    ok = np.isfinite(ratios) & (ratios >= 0)
     if not ok.any():
         return float("nan"), ""
-    k = int(np.argmax(np.where(ok, np.abs(np.log(np.where(ok, ratios, 1.0))), -np.inf)))
+    with np.errstate(divide="ignore"):
+        dist = np.where(ratios > 0, np.abs(np.log(np.where(ratios > 0, ratios, 1.0))), np.inf)
+    k = int(np.argmax(np.where(ok, dist, -np.inf)))
     return float(ratios[k]), str(rows["element"].iloc[k])
 
 
+def is_point_mass(draws: Mapping[str, np.ndarray]) -> bool:
+    """Whether every draw of every site is the same (a point estimate such as ``auto_delta``).
+
+    Its log weights are all equal, which PSIS reads as a perfect proposal
+    (k-hat ``-inf``); its "ELBO" is ``log p(x, z)`` at the point, since a
+    point mass has no density: its KL to a continuous posterior is infinite.
+    """
+    arrays = [np.asarray(v) for v in draws.values()]
+    return bool(arrays) and all(a.shape[0] > 1 and np.ptp(a, axis=0).max() == 0 for a in arrays)
+
+
+#: ``khat_verdict`` of a point estimate (``auto_delta``): no density, so no k-hat.
+POINT_MASS = "point mass"
 #: Fit statuses that make a method a failure in a comparison (a row, no metrics).
 FAILED_STATUSES = ("nonfinite", "diverged")
 _METRIC_ERRORS = (ValueError, FloatingPointError, np.linalg.LinAlgError, RuntimeError, KeyError)
@@ -203,16 +220,28 @@ def _method_metrics(
     table = metrics.marginal_table(post, reference.draws, sites)
     row: dict[str, Any] = {}
     finite = np.isfinite(lw)
-    row["elbo"], row["elbo_se"] = (
-        metrics.elbo(lw[finite]) if finite.sum() > 1 else (float("nan"), float("nan"))
-    )
+    nan = float("nan")
     k = min(iwae_k, max(1, len(lw) // 2))
-    row["iwae"], row["iwae_se"] = (
-        metrics.iwae_bound(lw, k) if finite.all() else (float("nan"), float("nan"))
-    )
     row["iwae_k"] = k
-    row["khat"] = metrics.psis_khat(lw) if finite.all() else float("inf")
-    row["khat_verdict"] = metrics.khat_verdict(row["khat"])
+    row["point_mass"] = is_point_mass(post)
+    row["outside_support"] = int(np.sum(lw == -np.inf))
+    if row["point_mass"]:
+        # no density: ELBO, IWAE, gap and k-hat are undefined (not "perfect")
+        row["elbo"] = row["elbo_se"] = row["iwae"] = row["iwae_se"] = row["khat"] = nan
+        row["khat_verdict"] = POINT_MASS
+    else:
+        if finite.all():
+            row["elbo"], row["elbo_se"] = metrics.elbo(lw) if len(lw) > 1 else (nan, nan)
+            row["iwae"], row["iwae_se"] = metrics.iwae_bound(lw, k)
+        elif np.isnan(lw).any() or (lw == np.inf).any():
+            row["elbo"] = row["elbo_se"] = row["iwae"] = row["iwae_se"] = nan
+        else:
+            # draws where log p = -inf (outside the posterior's support): the expectations
+            # are -inf, not the mean over the other draws
+            row["elbo"] = row["iwae"] = -math.inf
+            row["elbo_se"] = row["iwae_se"] = nan
+        row["khat"] = metrics.psis_khat(lw) if finite.all() else float("inf")
+        row["khat_verdict"] = metrics.khat_verdict(row["khat"])
     row["w1_mean"] = float(table["w1"].mean())
     row["w1_max"] = float(table["w1"].max())
     row["max_abs_std_mean_error"] = float(np.nanmax(np.abs(table["std_mean_error"])))
@@ -268,8 +297,13 @@ def compare(
         wall_time_s elbo elbo_se iwae iwae_se iwae_k khat khat_verdict w1_mean
         w1_max max_abs_std_mean_error worst_sd_ratio worst_sd_element coverage_min
         coverage_mean w2 sliced_w2 energy corr_max_error corr_rms_error joint_dim
-        log_evidence gap gap_se iwae_gap reliable`` (nats for ELBO, IWAE and gaps;
-        joint distances in reference-sd units of the unconstrained space).
+        log_evidence gap gap_se iwae_gap reliable point_mass outside_support`` (nats
+        for ELBO, IWAE and gaps; joint distances in reference-sd units of the
+        unconstrained space). A point estimate (``point_mass``: every draw the same,
+        e.g. ``auto_delta``) has no density: its ELBO, IWAE, gap and k-hat are NaN,
+        its k-hat verdict ``"point mass"``, and it is never ``reliable``. Where
+        ``outside_support`` guide draws have ``log p = -inf``, the ELBO and IWAE are
+        ``-inf`` (the mean over the other draws would overstate them).
     """
     check_option("num_draws", num_draws, kind=int, low=10)
     check_option("iwae_k", iwae_k, kind=int, low=1)
@@ -339,6 +373,7 @@ def compare(
         if got is None:
             row.update(dict.fromkeys(_METRIC_COLUMNS, float("nan")))
             row["khat_verdict"], row["worst_sd_element"] = "failed", ""
+            row["point_mass"], row["outside_support"] = False, 0
         else:
             metric_row, table, post, idata, lw = got
             row.update(metric_row)
@@ -360,6 +395,7 @@ def compare(
     summary["reliable"] = (
         summary["converged"]
         & (summary["khat"] < metrics.KHAT_BAD)
+        & ~summary["point_mass"].fillna(False).astype(bool)
         & ~summary["failed"]
         & reference.trusted
     )
@@ -406,6 +442,18 @@ def _flags(summary: pd.DataFrame, reference: Reference, le: LogEvidence) -> list
             "wrong"
         )
     for row in summary.itertuples():
+        if getattr(row, "point_mass", False) is True:
+            flags.append(
+                f"{row.method}: a point estimate (every draw the same): ELBO, IWAE, gap and "
+                "k-hat are not defined for it (a point mass has no density; its KL to the "
+                "posterior is infinite), and its sds are 0; the fit's own 'ELBO' is "
+                "log p(x, z) at the point"
+            )
+        if getattr(row, "outside_support", 0):
+            flags.append(
+                f"{row.method}: {row.outside_support} guide draw(s) fall where log p(x, z) = "
+                "-inf (outside the posterior's support): its ELBO and IWAE are -inf"
+            )
         if row.khat >= metrics.KHAT_BAD:
             flags.append(
                 f"{row.method}: PSIS k-hat {row.khat:.2f} > {metrics.KHAT_BAD}: q "
@@ -461,7 +509,11 @@ def _lessons(
 ) -> list[str]:
     out = []
     if le.kind != UNKNOWN and np.isfinite(le.value):
-        gaps = ", ".join(f"{r.method} {r.gap:.3g} +- {r.gap_se:.2g}" for r in summary.itertuples())
+        gaps = ", ".join(
+            f"{r.method} {r.gap:.3g} +- {r.gap_se:.2g}"
+            for r in summary.itertuples()
+            if not np.isnan(r.gap)
+        )
         out.append(
             f"The ELBO is a lower bound on log p(x) = {le.value:.4g} nats ({le.kind}); the gap "
             f"log p(x) - ELBO = KL(q || p) is what each method leaves on the table: {gaps}. "

@@ -48,6 +48,7 @@ from diagnostics import _arviz, metrics
 from diagnostics.nuts.kernel import BatchedPotential, FlatPotential
 from vimodels.errors import derive_seed
 from vimodels.svi.draws import model_info, sample_guide
+from vimodels.svi.reparam import decentered_sites_of, source_model
 from vimodels.svi.scope import param_scope
 
 if TYPE_CHECKING:
@@ -503,11 +504,13 @@ def _log_evidence(
         return LogEvidence(float(exact), 0.0, EXACT, "closed form (catalog)", "closed form")
     why = "no reference draws"
     if reference is not None:
-        first = fits[0]
+        # the reference's draws are of the model as written: a decentered fit's model
+        # has other latent sites (bridge sampling on it raised and fell back to guide IS)
+        first = next((f for f in fits if not decentered_sites_of(f)), fits[0])
         try:
             with param_scope(first):  # the model's pyro.param sites: the fit's
                 le = reference_log_evidence(
-                    first.model,
+                    source_model(first.model),
                     tuple(first.args),
                     reference,
                     max_plate_nesting=first.max_plate_nesting,
@@ -528,6 +531,8 @@ def _guide_log_evidence(
 ) -> LogEvidence:
     usable = summary[np.isfinite(summary["khat"]) | (summary["khat"] == -np.inf)]
     usable = usable[usable["status"] != "nonfinite"]
+    if "point_mass" in usable:  # equal weights (k-hat -inf) from a point, not a perfect q
+        usable = usable[~usable["point_mass"].fillna(False).astype(bool)]
     if "failed" in usable:
         usable = usable[~usable["failed"].astype(bool)]
     if usable.empty:

@@ -25,6 +25,7 @@ evidence ``log p(x)``.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -219,7 +220,23 @@ def reparameterized_model(fn: Callable, sites: tuple[str, ...], name: str) -> Ca
 
     reparameterized.__name__ = f"{name}__reparam"
     reparameterized.__qualname__ = reparameterized.__name__
+    reparameterized.source_model = fn  # type: ignore[attr-defined]  # the model as written
     return reparameterized
+
+
+def source_model(model: Callable) -> Callable:
+    """The model as the user wrote it: ``model`` itself, or what a decentered one wraps.
+
+    A fit's ``model`` (:class:`vimodels.svi.binding.Bound`, called with the fit's
+    ``args``) comes back as the same adapter around the model as written.
+    """
+    inner = getattr(model, "fn", None)
+    if inner is not None and hasattr(inner, "source_model"):
+        out = copy.copy(model)
+        out.fn = inner.source_model
+        out.__name__ = getattr(inner.source_model, "__name__", out.__name__)
+        return out
+    return getattr(model, "source_model", model)
 
 
 def decentered_model(
