@@ -92,6 +92,40 @@ def test_vs_table_several_seeds_gives_medians_of_per_seed_ratios():
     assert table.splitlines()[-1].endswith("| 1.20x |  |")
 
 
+def _detail_row(sampler: str, seed: int, min_ess: float) -> dict:
+    return {
+        "sampler": sampler,
+        "seed": seed,
+        "min_ess": min_ess,
+        "grad_per_draw": 20.0,
+        "warmup_grad_chain": [100, 300],
+        "step_size": [0.1, 0.3],
+        "accept": [0.9, 0.9],
+        "divergences": 0,
+        "ess": {"tau": min_ess},
+        "median_ess": {"theta": 2 * min_ess},
+    }
+
+
+def test_nuts_detail_summary_gives_ratio_of_means_and_per_seed_ratios():
+    """bench_nuts_detail: each figure's mean over the seeds (ours 100, 300; NumPyro 200,
+    200: ratio of means 1.00) and the per-seed ratios of the min ESS (0.5 and 1.5)."""
+    detail = _load("bench_nuts_detail")
+    rows = [
+        _detail_row("ours", 0, 100.0),
+        _detail_row("ours", 1, 300.0),
+        _detail_row("numpyro", 0, 200.0),
+        _detail_row("numpyro", 1, 200.0),
+    ]
+    table = detail.summary(rows, boot=10)
+    line = next(x for x in table.splitlines() if x.startswith("| min bulk ESS |"))
+    assert line.startswith("| min bulk ESS | 200 (1.4e+02) | 200 (0) | 1.00 [")
+    assert "| median ESS theta | 400 (2.8e+02) | 400 (0) | 1.00 [" in table
+    assert "| warm-up gradients per chain | 200 (0) | 200 (0) | 1.00 [1.00-1.00] |" in table
+    assert "| divergences | 0 (0) | 0 (0) | - |" in table
+    assert table.endswith("median 1.00 [0.50-1.50] over 2 seeds")
+
+
 def _first_party_imports(path: Path) -> list[tuple[str, str | None]]:
     """``(module, name)`` of every first-party ``from ... import`` in ``path``, nested ones too."""
     import ast
