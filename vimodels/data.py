@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ import pyro
 import torch
 from pyro import poutine
 
-from vimodels.errors import DataError, ModelError
+from vimodels.errors import DataError, ModelError, PrecisionWarning
 
 _FLOAT_KINDS = "f"
 _INT_KINDS = "iub"
@@ -225,6 +226,48 @@ def _from_pandas(key: str, value: Any) -> np.ndarray:
     return arr[:, 0] if arr.ndim == 2 and arr.shape[1] == 1 else arr
 
 
+#: Largest float32 rounding error, relative to the data's spread, that floating
+#: data may take when it is converted to float32 (:func:`float32_rounding`).
+FLOAT32_TOLERANCE = 1e-6
+
+
+def float32_rounding(arr: np.ndarray) -> float:
+    """The worst float32 rounding error of ``arr``, relative to its spread.
+
+    ``max |float32(x) - x| / sd(x)`` over the array (1-D) or per column: each
+    position along the trailing axes, over the rows (axis 0); the largest over
+    the columns. A column without spread (a constant, one row, a scalar) counts
+    its error relative to ``|x|`` instead, which float32 keeps within 6e-8.
+    Values beyond float32's range (about 3.4e38) give ``inf``.
+
+    Parameters
+    ----------
+    arr : np.ndarray
+        Floating values, any shape.
+
+    Returns
+    -------
+    float
+        0.0 when float32 holds ``arr`` exactly (float16/float32 input included).
+    """
+    if arr.dtype.itemsize <= 4 or arr.size == 0:
+        return 0.0
+    x = np.asarray(arr, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        err = np.abs(x.astype(np.float32).astype(np.float64) - x)
+    if not np.isfinite(x).all():
+        return 0.0  # NaN or inf: refused by check_finite, which names them
+    if not np.isfinite(err).all():
+        return float("inf")  # beyond float32's range
+    if x.ndim == 0 or x.shape[0] < 2:
+        scale = np.abs(x)
+    else:
+        scale = np.broadcast_to(x.std(axis=0), x.shape)
+        scale = np.where(scale > 0, scale, np.abs(x))
+    rel = np.divide(err, scale, out=np.zeros_like(err), where=scale > 0)
+    return float(rel.max())
+
+
 def _to_tensor(key: str, value: Any) -> Any:
     if _is_lazy_array(value):
         return value if isinstance(value, RowArray) else RowArray(key, value)
@@ -240,6 +283,8 @@ def _to_tensor(key: str, value: Any) -> Any:
     if isinstance(value, (np.ndarray, list, tuple)):
         arr = np.asarray(value)
         if arr.dtype.kind in _FLOAT_KINDS:
+            if float32_rounding(arr) > FLOAT32_TOLERANCE:
+                return torch.as_tensor(arr, dtype=torch.float64)
             return torch.as_tensor(arr, dtype=torch.float32)
         if arr.dtype.kind == "b":
             return torch.as_tensor(arr)
@@ -307,8 +352,16 @@ def check_signature(model: Callable, data: Mapping[str, Any]) -> None:
 def prepare_data(model: Callable, data: Mapping[str, Any] | None) -> dict[str, Any]:
     """Validate ``data`` for ``model`` and convert arrays to tensors.
 
-    Floating arrays become float32 tensors, integer arrays int64; memory-mapped
-    arrays (and array-likes that are not ndarrays) become :class:`RowArray`,
+    Floating arrays (NumPy, lists, pandas) become float32 tensors, unless float32
+    would round them by more than :data:`FLOAT32_TOLERANCE` (1e-6) of their spread
+    (:func:`float32_rounding`: values far from zero for their spread, such as
+    ``1e6 + 0.01 * noise``, or beyond float32's range): those stay float64, and
+    the model must then compute in float64 (constants and prior parameters made
+    with the data's dtype) or a :class:`~vimodels.errors.PrecisionWarning` says
+    that its float32 latents round the data. Tensors are kept as given (pass a
+    float32 tensor to accept the rounding). Integer arrays become int64;
+    memory-mapped arrays (and array-likes that are not ndarrays) become
+    :class:`RowArray` (float32 rows: store such data centered),
     read a minibatch at a time (and checked finite as they are read). Checks names
     against the model's signature, finiteness, and that one trace of the model
     under Pyro's validation succeeds (shape mismatches inside plates, values
@@ -357,6 +410,13 @@ def trace_check(model: Callable, data: Mapping[str, Any], name: str) -> poutine.
         if isinstance(exc, DataError):
             raise
         err = blame(exc, name)
+        wide = _needs_float64(data)
+        if wide and "dtype" in str(err):
+            err = type(err)(
+                f"{err}; {_float64_note(wide)}: the model must compute in the data's dtype "
+                f"(make its constants and prior parameters with dtype={next(iter(wide))}.dtype), "
+                "or center or rescale the data so that float32 holds it"
+            )
         lazy = sorted(k for k, v in data.items() if isinstance(v, RowArray))
         if lazy and not isinstance(err, ModelError):
             err = DataError(
@@ -365,7 +425,51 @@ def trace_check(model: Callable, data: Mapping[str, Any], name: str) -> poutine.
             )
         raise err from exc
     check_observed_shapes(tr, data, name)
+    _check_latent_dtype(tr, data, name)
     return tr
+
+
+def _needs_float64(data: Mapping[str, Any]) -> dict[str, float]:
+    """``{key: float32 rounding / spread}`` of the float64 tensors that float32 would round."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+            lost = float32_rounding(value.detach().cpu().numpy())
+            if lost > FLOAT32_TOLERANCE:
+                out[key] = lost
+    return out
+
+
+def _float64_note(wide: Mapping[str, float]) -> str:
+    return ", ".join(
+        f"data[{k!r}] is float64 (float32 would round it by {v:.2g} of its spread)"
+        for k, v in wide.items()
+    )
+
+
+def _check_latent_dtype(tr: poutine.Trace, data: Mapping[str, Any], name: str) -> None:
+    """Warn (PrecisionWarning) when data that needs float64 meets float32 latents."""
+    narrow = [
+        site_name
+        for site_name, site in tr.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and isinstance(site["value"], torch.Tensor)
+        and site["value"].dtype == torch.float32
+    ]
+    if not narrow:
+        return
+    wide = _needs_float64(data)
+    if wide:
+        warnings.warn(
+            f"{_float64_note(wide)}, but model {name!r} makes float32 latents "
+            f"({', '.join(narrow[:3])}): its float32 arithmetic with them can round away "
+            "the same precision; make the model follow the data's dtype (prior parameters "
+            f"as torch.tensor(0.0, dtype={next(iter(wide))}.dtype)), or center or rescale "
+            "the data",
+            PrecisionWarning,
+            stacklevel=2,
+        )
 
 
 def check_observed_shapes(tr: poutine.Trace, data: Mapping[str, Any], name: str) -> None:
