@@ -6,7 +6,7 @@ import inspect
 import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,64 @@ from vimodels.errors import DataError, ModelError, PrecisionWarning
 
 _FLOAT_KINDS = "f"
 _INT_KINDS = "iub"
+
+
+#: Largest float32 rounding error, relative to the data's spread, that floating
+#: data may take when it is converted to float32 (:func:`float32_rounding`).
+FLOAT32_TOLERANCE = 1e-6
+#: Rows of a memory-mapped floating array read once to measure its rounding (:class:`RowArray`).
+ROWS_CHECKED = 1024
+_CHUNK = 1 << 20  # elements per chunk of float32_rounding
+
+
+def float32_rounding(arr: np.ndarray) -> float:
+    """The worst float32 rounding error of ``arr``, relative to its spread.
+
+    ``max |float32(x) - x| / sd(x)`` over the array (1-D) or per column: each
+    position along the trailing axes, over the rows (axis 0); the largest over
+    the columns. A column without spread (a constant, one row, a scalar) counts
+    its error relative to ``|x|`` instead (float32 keeps that within 6e-8 above
+    1e-38). Values beyond float32's range (about 3.4e38) give ``inf``. Read in
+    chunks of rows: the extra memory is a few chunks, not copies of ``arr``.
+
+    Parameters
+    ----------
+    arr : np.ndarray
+        Floating values, any shape.
+
+    Returns
+    -------
+    float
+        0.0 when float32 holds ``arr`` exactly (float16/float32 input included),
+        and for data with NaN or inf (refused by :func:`check_finite`).
+    """
+    if arr.dtype.itemsize <= 4 or arr.size == 0:
+        return 0.0
+    x = np.asarray(arr).reshape((arr.shape[0], -1) if arr.ndim else (1, 1))
+    step = max(1, _CHUNK // max(1, x.shape[1]))
+
+    def chunks() -> Iterator[np.ndarray]:
+        for i in range(0, x.shape[0], step):
+            yield x[i : i + step].astype(np.float64, copy=False)
+
+    err = np.zeros(x.shape[1])
+    total = np.zeros(x.shape[1])
+    for c in chunks():
+        if not np.isfinite(c).all():
+            return 0.0
+        with np.errstate(over="ignore"):
+            e = np.abs(c.astype(np.float32).astype(np.float64) - c)
+        if not np.isfinite(e).all():
+            return float("inf")  # beyond float32's range
+        err = np.maximum(err, e.max(axis=0))
+        total += c.sum(axis=0)
+    mean = total / x.shape[0]
+    var = sum(((c - mean) ** 2).sum(axis=0) for c in chunks()) / x.shape[0]
+    scale = np.sqrt(var)
+    flat = scale <= 1e-12 * np.abs(mean)  # no spread (beyond summation error): |x|
+    scale = np.where(flat, np.abs(mean), scale)
+    rel = np.divide(err, scale, out=np.zeros_like(err), where=scale > 0)
+    return float(rel.max())
 
 
 class RowAccessError(DataError, AttributeError):
@@ -35,6 +93,9 @@ class RowArray:
     a tensor. The model indexes it like a tensor with its plate's indices,
     ``x[idx]`` or ``x.index_select(0, idx)``, and gets a tensor of just those
     rows (float32 for floating data, int64 for integers), checked finite.
+    Floating data that float32 would round (:func:`float32_rounding` of its
+    first :data:`ROWS_CHECKED` rows above :data:`FLOAT32_TOLERANCE`: values
+    far from zero for their spread) is read as float64, as in-memory data is.
     Its first axis is the rows: it is per-row data for the plate whose size
     is ``x.shape[0]``, and the model should only ever index it with that
     plate's subsample indices (anything else reads what it asks for).
@@ -60,6 +121,11 @@ class RowArray:
         if not self.shape:
             raise DataError(f"data[{key!r}] is a 0-d array; give rows (shape (N, ...))")
         self.kind = kind
+        self.float_dtype = np.float32
+        if kind in _FLOAT_KINDS and np.dtype(array.dtype).itemsize > 4:
+            head = np.asarray(array[:ROWS_CHECKED])  # not counted in rows_read
+            if float32_rounding(head) > FLOAT32_TOLERANCE:
+                self.float_dtype = np.float64
         self.rows_read = 0
 
     def __len__(self) -> int:
@@ -97,7 +163,7 @@ class RowArray:
         rows = np.asarray(self.array[index])
         self.rows_read += int(rows.shape[0]) if rows.ndim == len(self.shape) else 1
         if self.kind in _FLOAT_KINDS:
-            out = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+            out = torch.from_numpy(np.ascontiguousarray(rows, dtype=self.float_dtype))
             if not bool(torch.isfinite(out).all()):
                 raise DataError(
                     f"data[{self.key!r}] has NaN or infinite values among the rows read; "
@@ -226,48 +292,6 @@ def _from_pandas(key: str, value: Any) -> np.ndarray:
     return arr[:, 0] if arr.ndim == 2 and arr.shape[1] == 1 else arr
 
 
-#: Largest float32 rounding error, relative to the data's spread, that floating
-#: data may take when it is converted to float32 (:func:`float32_rounding`).
-FLOAT32_TOLERANCE = 1e-6
-
-
-def float32_rounding(arr: np.ndarray) -> float:
-    """The worst float32 rounding error of ``arr``, relative to its spread.
-
-    ``max |float32(x) - x| / sd(x)`` over the array (1-D) or per column: each
-    position along the trailing axes, over the rows (axis 0); the largest over
-    the columns. A column without spread (a constant, one row, a scalar) counts
-    its error relative to ``|x|`` instead, which float32 keeps within 6e-8.
-    Values beyond float32's range (about 3.4e38) give ``inf``.
-
-    Parameters
-    ----------
-    arr : np.ndarray
-        Floating values, any shape.
-
-    Returns
-    -------
-    float
-        0.0 when float32 holds ``arr`` exactly (float16/float32 input included).
-    """
-    if arr.dtype.itemsize <= 4 or arr.size == 0:
-        return 0.0
-    x = np.asarray(arr, dtype=np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        err = np.abs(x.astype(np.float32).astype(np.float64) - x)
-    if not np.isfinite(x).all():
-        return 0.0  # NaN or inf: refused by check_finite, which names them
-    if not np.isfinite(err).all():
-        return float("inf")  # beyond float32's range
-    if x.ndim == 0 or x.shape[0] < 2:
-        scale = np.abs(x)
-    else:
-        scale = np.broadcast_to(x.std(axis=0), x.shape)
-        scale = np.where(scale > 0, scale, np.abs(x))
-    rel = np.divide(err, scale, out=np.zeros_like(err), where=scale > 0)
-    return float(rel.max())
-
-
 def _to_tensor(key: str, value: Any) -> Any:
     if _is_lazy_array(value):
         return value if isinstance(value, RowArray) else RowArray(key, value)
@@ -361,7 +385,7 @@ def prepare_data(model: Callable, data: Mapping[str, Any] | None) -> dict[str, A
     that its float32 latents round the data. Tensors are kept as given (pass a
     float32 tensor to accept the rounding). Integer arrays become int64;
     memory-mapped arrays (and array-likes that are not ndarrays) become
-    :class:`RowArray` (float32 rows: store such data centered),
+    :class:`RowArray` (float32 rows, float64 by the same rule on its first rows),
     read a minibatch at a time (and checked finite as they are read). Checks names
     against the model's signature, finiteness, and that one trace of the model
     under Pyro's validation succeeds (shape mismatches inside plates, values

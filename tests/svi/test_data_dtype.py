@@ -132,3 +132,34 @@ def test_mixed_dtype_matmul_names_the_float64_key():
     data = prepare_data(regression, {"x": x, "y": np.zeros(10)})
     with pytest.raises(ModelError, match=r"data\['x'\] is float64 \(float32 would round it"):
         trace_check(regression, data, "regression")
+
+
+def test_memory_mapped_far_from_zero_rows_are_float64(tmp_path):
+    from vimodels.data import RowArray, load_arrays
+
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "far.npy", 1e6 + SIGMA * rng.standard_normal(3000))
+    np.save(tmp_path / "near.npy", rng.standard_normal(3000))
+    far = RowArray("far", load_arrays(tmp_path / "far.npy")["far"])
+    near = RowArray("near", load_arrays(tmp_path / "near.npy")["near"])
+    idx = torch.tensor([0, 5, 2999])
+    rows = far[idx]
+    assert rows.dtype == torch.float64
+    assert np.array_equal(rows.numpy(), np.load(tmp_path / "far.npy")[[0, 5, 2999]])
+    assert near[idx].dtype == torch.float32
+    assert far.rows_read == 3  # the rows read to measure the rounding are not counted
+
+
+def test_float32_rounding_in_chunks_matches_the_whole(monkeypatch):
+    """Chunked over rows (a few chunks of extra memory), the measure is the direct formula's."""
+    import vimodels.data as data_mod
+
+    rng = np.random.default_rng(2)
+    x = np.stack([rng.standard_normal(999), 1e5 + rng.standard_normal(999)], axis=1)
+    x[:, 0] *= 1e-3
+    direct = np.max(np.abs(x.astype(np.float32) - x).max(axis=0) / x.std(axis=0))
+    whole = data_mod.float32_rounding(x)
+    monkeypatch.setattr(data_mod, "_CHUNK", 10)
+    chunked = data_mod.float32_rounding(x)
+    assert whole == pytest.approx(direct, rel=1e-9)
+    assert chunked == pytest.approx(direct, rel=1e-9)
