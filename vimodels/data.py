@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,68 @@ import pyro
 import torch
 from pyro import poutine
 
-from vimodels.errors import DataError, ModelError
+from vimodels.errors import DataError, ModelError, PrecisionWarning
 
 _FLOAT_KINDS = "f"
 _INT_KINDS = "iub"
+
+
+#: Largest float32 rounding error, relative to the data's spread, that floating
+#: data may take when it is converted to float32 (:func:`float32_rounding`).
+FLOAT32_TOLERANCE = 1e-6
+#: Rows of a memory-mapped floating array read once to measure its rounding (:class:`RowArray`).
+ROWS_CHECKED = 1024
+_CHUNK = 1 << 20  # elements per chunk of float32_rounding
+
+
+def float32_rounding(arr: np.ndarray) -> float:
+    """The worst float32 rounding error of ``arr``, relative to its spread.
+
+    ``max |float32(x) - x| / sd(x)`` over the array (1-D) or per column: each
+    position along the trailing axes, over the rows (axis 0); the largest over
+    the columns. A column without spread (a constant, one row, a scalar) counts
+    its error relative to ``|x|`` instead (float32 keeps that within 6e-8 above
+    1e-38). Values beyond float32's range (about 3.4e38) give ``inf``. Read in
+    chunks of rows: the extra memory is a few chunks, not copies of ``arr``.
+
+    Parameters
+    ----------
+    arr : np.ndarray
+        Floating values, any shape.
+
+    Returns
+    -------
+    float
+        0.0 when float32 holds ``arr`` exactly (float16/float32 input included),
+        and for data with NaN or inf (refused by :func:`check_finite`).
+    """
+    if arr.dtype.itemsize <= 4 or arr.size == 0:
+        return 0.0
+    x = np.asarray(arr).reshape((arr.shape[0], -1) if arr.ndim else (1, 1))
+    step = max(1, _CHUNK // max(1, x.shape[1]))
+
+    def chunks() -> Iterator[np.ndarray]:
+        for i in range(0, x.shape[0], step):
+            yield x[i : i + step].astype(np.float64, copy=False)
+
+    err = np.zeros(x.shape[1])
+    total = np.zeros(x.shape[1])
+    for c in chunks():
+        if not np.isfinite(c).all():
+            return 0.0
+        with np.errstate(over="ignore"):
+            e = np.abs(c.astype(np.float32).astype(np.float64) - c)
+        if not np.isfinite(e).all():
+            return float("inf")  # beyond float32's range
+        err = np.maximum(err, e.max(axis=0))
+        total += c.sum(axis=0)
+    mean = total / x.shape[0]
+    var = sum(((c - mean) ** 2).sum(axis=0) for c in chunks()) / x.shape[0]
+    scale = np.sqrt(var)
+    flat = scale <= 1e-12 * np.abs(mean)  # no spread (beyond summation error): |x|
+    scale = np.where(flat, np.abs(mean), scale)
+    rel = np.divide(err, scale, out=np.zeros_like(err), where=scale > 0)
+    return float(rel.max())
 
 
 class RowAccessError(DataError, AttributeError):
@@ -34,6 +93,9 @@ class RowArray:
     a tensor. The model indexes it like a tensor with its plate's indices,
     ``x[idx]`` or ``x.index_select(0, idx)``, and gets a tensor of just those
     rows (float32 for floating data, int64 for integers), checked finite.
+    Floating data that float32 would round (:func:`float32_rounding` of its
+    first :data:`ROWS_CHECKED` rows above :data:`FLOAT32_TOLERANCE`: values
+    far from zero for their spread) is read as float64, as in-memory data is.
     Its first axis is the rows: it is per-row data for the plate whose size
     is ``x.shape[0]``, and the model should only ever index it with that
     plate's subsample indices (anything else reads what it asks for).
@@ -59,6 +121,11 @@ class RowArray:
         if not self.shape:
             raise DataError(f"data[{key!r}] is a 0-d array; give rows (shape (N, ...))")
         self.kind = kind
+        self.float_dtype = np.float32
+        if kind in _FLOAT_KINDS and np.dtype(array.dtype).itemsize > 4:
+            head = np.asarray(array[:ROWS_CHECKED])  # not counted in rows_read
+            if float32_rounding(head) > FLOAT32_TOLERANCE:
+                self.float_dtype = np.float64
         self.rows_read = 0
 
     def __len__(self) -> int:
@@ -96,7 +163,7 @@ class RowArray:
         rows = np.asarray(self.array[index])
         self.rows_read += int(rows.shape[0]) if rows.ndim == len(self.shape) else 1
         if self.kind in _FLOAT_KINDS:
-            out = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+            out = torch.from_numpy(np.ascontiguousarray(rows, dtype=self.float_dtype))
             if not bool(torch.isfinite(out).all()):
                 raise DataError(
                     f"data[{self.key!r}] has NaN or infinite values among the rows read; "
@@ -240,6 +307,8 @@ def _to_tensor(key: str, value: Any) -> Any:
     if isinstance(value, (np.ndarray, list, tuple)):
         arr = np.asarray(value)
         if arr.dtype.kind in _FLOAT_KINDS:
+            if float32_rounding(arr) > FLOAT32_TOLERANCE:
+                return torch.as_tensor(arr, dtype=torch.float64)
             return torch.as_tensor(arr, dtype=torch.float32)
         if arr.dtype.kind == "b":
             return torch.as_tensor(arr)
@@ -307,8 +376,16 @@ def check_signature(model: Callable, data: Mapping[str, Any]) -> None:
 def prepare_data(model: Callable, data: Mapping[str, Any] | None) -> dict[str, Any]:
     """Validate ``data`` for ``model`` and convert arrays to tensors.
 
-    Floating arrays become float32 tensors, integer arrays int64; memory-mapped
-    arrays (and array-likes that are not ndarrays) become :class:`RowArray`,
+    Floating arrays (NumPy, lists, pandas) become float32 tensors, unless float32
+    would round them by more than :data:`FLOAT32_TOLERANCE` (1e-6) of their spread
+    (:func:`float32_rounding`: values far from zero for their spread, such as
+    ``1e6 + 0.01 * noise``, or beyond float32's range): those stay float64, and
+    the model must then compute in float64 (constants and prior parameters made
+    with the data's dtype) or a :class:`~vimodels.errors.PrecisionWarning` says
+    that its float32 latents round the data. Tensors are kept as given (pass a
+    float32 tensor to accept the rounding). Integer arrays become int64;
+    memory-mapped arrays (and array-likes that are not ndarrays) become
+    :class:`RowArray` (float32 rows, float64 by the same rule on its first rows),
     read a minibatch at a time (and checked finite as they are read). Checks names
     against the model's signature, finiteness, and that one trace of the model
     under Pyro's validation succeeds (shape mismatches inside plates, values
@@ -357,6 +434,13 @@ def trace_check(model: Callable, data: Mapping[str, Any], name: str) -> poutine.
         if isinstance(exc, DataError):
             raise
         err = blame(exc, name)
+        wide = _needs_float64(data)
+        if wide and "dtype" in str(err):
+            err = type(err)(
+                f"{err}; {_float64_note(wide)}: the model must compute in the data's dtype "
+                f"(make its constants and prior parameters with dtype={next(iter(wide))}.dtype), "
+                "or center or rescale the data so that float32 holds it"
+            )
         lazy = sorted(k for k, v in data.items() if isinstance(v, RowArray))
         if lazy and not isinstance(err, ModelError):
             err = DataError(
@@ -365,7 +449,51 @@ def trace_check(model: Callable, data: Mapping[str, Any], name: str) -> poutine.
             )
         raise err from exc
     check_observed_shapes(tr, data, name)
+    _check_latent_dtype(tr, data, name)
     return tr
+
+
+def _needs_float64(data: Mapping[str, Any]) -> dict[str, float]:
+    """``{key: float32 rounding / spread}`` of the float64 tensors that float32 would round."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+            lost = float32_rounding(value.detach().cpu().numpy())
+            if lost > FLOAT32_TOLERANCE:
+                out[key] = lost
+    return out
+
+
+def _float64_note(wide: Mapping[str, float]) -> str:
+    return ", ".join(
+        f"data[{k!r}] is float64 (float32 would round it by {v:.2g} of its spread)"
+        for k, v in wide.items()
+    )
+
+
+def _check_latent_dtype(tr: poutine.Trace, data: Mapping[str, Any], name: str) -> None:
+    """Warn (PrecisionWarning) when data that needs float64 meets float32 latents."""
+    narrow = [
+        site_name
+        for site_name, site in tr.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and isinstance(site["value"], torch.Tensor)
+        and site["value"].dtype == torch.float32
+    ]
+    if not narrow:
+        return
+    wide = _needs_float64(data)
+    if wide:
+        warnings.warn(
+            f"{_float64_note(wide)}, but model {name!r} makes float32 latents "
+            f"({', '.join(narrow[:3])}): its float32 arithmetic with them can round away "
+            "the same precision; make the model follow the data's dtype (prior parameters "
+            f"as torch.tensor(0.0, dtype={next(iter(wide))}.dtype)), or center or rescale "
+            "the data",
+            PrecisionWarning,
+            stacklevel=2,
+        )
 
 
 def check_observed_shapes(tr: poutine.Trace, data: Mapping[str, Any], name: str) -> None:

@@ -58,6 +58,10 @@ class OutputError(VimodelsError):
     """An output location that cannot be written."""
 
 
+class PrecisionWarning(UserWarning):
+    """Float64 data that float32 would round (kept float64) met a model computing in float32."""
+
+
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are 32-bit
 
 
