@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 
@@ -144,3 +146,17 @@ def test_pathfinder_elbo_on_eight_schools_against_laplace_and_full_rank_svi():
     )
     assert pf.elbo - lap.elbo > 10 + 3 * math.hypot(pf.elbo_se, lap.elbo_se)
     assert mvn.elbo - pf.elbo < 8.0
+
+
+def _truncated():
+    # N(0, 1) truncated below at -2: a Gaussian approximation puts ~2 % of its draws outside
+    theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+    pyro.factor("trunc", torch.where(theta > -2.0, 0.0, -math.inf))
+
+
+def test_pooled_draws_outside_the_support_make_the_mixture_elbo_minus_inf():
+    # before: the mixture ELBO was the mean over the finite log weights only
+    res = pathfinder(_truncated, {}, seed=0)
+    assert res.elbo == -math.inf
+    assert "pooled draws where log p is -inf" in res.message
+    assert bool((res.draws[:, 0] > -2.0).all())  # resampling never returns such a draw

@@ -530,7 +530,10 @@ def pathfinder(
     log_w = (log_p - log_q).double().numpy()
     finite = np.isfinite(log_w)
     log_w = np.where(finite, log_w, -np.inf)
-    elbo = float(log_w[finite].mean()) if finite.any() else -math.inf
+    # a pooled draw where log p is -inf (outside the support) makes the mixture's ELBO -inf:
+    # the mean over the other draws would overstate it
+    outside = int((~finite).sum())
+    elbo = float(log_w.mean()) if not outside else -math.inf
     lw, k_hat = psis(np.where(finite, log_w, np.min(log_w[finite]) - 1e3))
     probs = np.exp(lw - lw.max())
     probs = np.where(finite, probs, 0.0)
@@ -543,7 +546,9 @@ def pathfinder(
         f"{len(components)} of {num_paths} path(s) usable; best Gaussians at L-BFGS "
         f"iterations {iters} of {[r.path.num_iters for r in kept]}; their ELBOs "
         f"{', '.join(f'{e:.4g}' for e in component_elbos)} (best: path {best + 1}); "
-        f"mixture ELBO {elbo:.4g}; Pareto k {k_hat:.2f}"
+        f"mixture ELBO {elbo:.4g}"
+        + (f" ({outside} of {len(log_w)} pooled draws where log p is -inf)" if outside else "")
+        + f"; Pareto k {k_hat:.2f}"
     )
     return PathfinderResult(
         components,
