@@ -71,6 +71,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "eight_schools_noncentered"
@@ -640,6 +641,24 @@ def _vs_child_vimodels(model: str, metric: str, s: dict, seed: int) -> dict:
     }
 
 
+def numpyro_mcmc(potential_fn: Any, s: dict) -> Any:
+    """NumPyro's default NUTS on ``potential_fn`` with the cell's settings, chains in sequence."""
+    from numpyro.infer import MCMC, NUTS
+
+    return MCMC(
+        NUTS(
+            potential_fn=potential_fn,
+            target_accept_prob=s["target_accept_prob"],
+            max_tree_depth=s["max_tree_depth"],
+        ),
+        num_warmup=s["num_warmup"],
+        num_samples=s["num_samples"],
+        num_chains=s["num_chains"],
+        chain_method="sequential",
+        progress_bar=False,
+    )
+
+
 def _vs_child_numpyro(model: str, s: dict, seed: int) -> dict:
     """NumPyro's default NUTS on the project's potential (benchmarks/torch_to_jax.py).
 
@@ -652,7 +671,6 @@ def _vs_child_numpyro(model: str, s: dict, seed: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpyro
-    from numpyro.infer import MCMC, NUTS
 
     t_import = time.perf_counter() - t0
     import numpy as np
@@ -664,18 +682,7 @@ def _vs_child_numpyro(model: str, s: dict, seed: int) -> dict:
     potential_fn = torch_to_jax.jax_potential(setup.potential, setup.z0[0])
     numpyro.set_platform("cpu")
     t0 = time.perf_counter()
-    mcmc = MCMC(
-        NUTS(
-            potential_fn=potential_fn,
-            target_accept_prob=s["target_accept_prob"],
-            max_tree_depth=s["max_tree_depth"],
-        ),
-        num_warmup=s["num_warmup"],
-        num_samples=s["num_samples"],
-        num_chains=s["num_chains"],
-        chain_method="sequential",
-        progress_bar=False,
-    )
+    mcmc = numpyro_mcmc(potential_fn, s)
     init = jnp.asarray(np.stack(setup.z0)) if s["num_chains"] > 1 else jnp.asarray(setup.z0[0])
     mcmc.run(jax.random.PRNGKey(seed), init_params=init, extra_fields=("num_steps", "diverging"))
     draws = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))

@@ -105,21 +105,9 @@ def _run_numpyro(setup, s: dict, seed: int) -> dict:
     import jax
     import jax.numpy as jnp
     import torch_to_jax
-    from numpyro.infer import MCMC, NUTS
 
     potential_fn = torch_to_jax.jax_potential(setup.potential, setup.z0[0])
-    mcmc = MCMC(
-        NUTS(
-            potential_fn=potential_fn,
-            target_accept_prob=s["target_accept_prob"],
-            max_tree_depth=s["max_tree_depth"],
-        ),
-        num_warmup=s["num_warmup"],
-        num_samples=s["num_samples"],
-        num_chains=s["num_chains"],
-        chain_method="sequential",
-        progress_bar=False,
-    )
+    mcmc = bench_nuts.numpyro_mcmc(potential_fn, s)
     init = jnp.asarray(np.stack(setup.z0))
     mcmc.warmup(
         jax.random.PRNGKey(seed), init_params=init, extra_fields=("num_steps",), collect_warmup=True
