@@ -167,8 +167,7 @@ def _worst_sd(rows: pd.DataFrame) -> tuple[float, str]:
     ok = np.isfinite(ratios) & (ratios >= 0)
     if not ok.any():
         return float("nan"), ""
-    with np.errstate(divide="ignore"):
-        dist = np.where(ratios > 0, np.abs(np.log(np.where(ratios > 0, ratios, 1.0))), np.inf)
+    dist = np.where(ratios > 0, np.abs(np.log(np.where(ratios > 0, ratios, 1.0))), np.inf)
     k = int(np.argmax(np.where(ok, dist, -np.inf)))
     return float(ratios[k]), str(rows["element"].iloc[k])
 
