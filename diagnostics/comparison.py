@@ -241,8 +241,9 @@ def _method_metrics(
             row["elbo_se"] = row["iwae_se"] = nan
         row["khat"] = metrics.psis_khat(lw) if finite.all() else float("inf")
         row["khat_verdict"] = metrics.khat_verdict(row["khat"])
-    row["w1_mean"] = float(table["w1"].mean())
-    row["w1_max"] = float(table["w1"].max())
+    # in reference sds: elements of different sites have different units
+    row["w1_mean"] = float(table["std_w1"].mean())
+    row["w1_max"] = float(table["std_w1"].max())
     row["max_abs_std_mean_error"] = float(np.nanmax(np.abs(table["std_mean_error"])))
     row["worst_sd_ratio"], row["worst_sd_element"] = _worst_sd(table)
     row["coverage_min"] = float(table["coverage90"].min())
@@ -297,8 +298,9 @@ def compare(
         w1_max max_abs_std_mean_error worst_sd_ratio worst_sd_element coverage_min
         coverage_mean w2 sliced_w2 energy corr_max_error corr_rms_error joint_dim
         log_evidence gap gap_se iwae_gap reliable point_mass outside_support`` (nats
-        for ELBO, IWAE and gaps; joint distances in reference-sd units of the
-        unconstrained space). A point estimate (``point_mass``: every draw the same,
+        for ELBO, IWAE and gaps; ``w1_mean``/``w1_max`` over the site elements of
+        the marginal W1 divided by the element's reference sd; joint distances in
+        reference-sd units of the unconstrained space). A point estimate (``point_mass``: every draw the same,
         e.g. ``auto_delta``) has no density: its ELBO, IWAE, gap and k-hat are NaN,
         its k-hat verdict ``"point mass"``, and it is never ``reliable``. Where
         ``outside_support`` guide draws have ``log p = -inf``, the ELBO and IWAE are

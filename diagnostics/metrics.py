@@ -12,7 +12,9 @@ Marginal metrics (one row per site element, :func:`marginal_table`):
   too narrow);
 - ``coverage90``: fraction of reference draws inside the approximation's
   central 90% interval (0.90 when the marginal is right);
-- ``w1``: 1-Wasserstein distance between the marginals (units of the site).
+- ``w1``: 1-Wasserstein distance between the marginals (units of the site),
+  and ``std_w1`` = ``w1`` / reference sd (unitless: what a comparison's
+  summary averages over elements of different sites and units).
 
 Joint metrics (:func:`joint_metrics`) on the continuous latent sites in
 unconstrained space, standardized by the reference sd of each coordinate:
@@ -114,7 +116,8 @@ def marginal_metrics(
     -------
     dict
         ``ref_mean``, ``ref_sd``, ``ref_mcse``, ``mean``, ``sd``, ``mean_error``,
-        ``std_mean_error``, ``std_mcse``, ``sd_ratio``, ``coverage90``, ``w1``.
+        ``std_mean_error``, ``std_mcse``, ``sd_ratio``, ``coverage90``, ``w1``,
+        ``std_w1`` (``w1`` in reference sds).
     """
     a = np.asarray(approx, dtype=float).ravel()
     r = np.asarray(reference, dtype=float)
@@ -137,7 +140,8 @@ def marginal_metrics(
         "std_mcse": mcse / ref_sd if not constant else float("nan"),
         "sd_ratio": sd / ref_sd if not constant else float("nan"),
         "coverage90": coverage(a, ref_flat, prob),
-        "w1": wasserstein1(a, ref_flat),
+        "w1": (w1 := wasserstein1(a, ref_flat)),
+        "std_w1": w1 / ref_sd if not constant else float("nan"),
     }
 
 

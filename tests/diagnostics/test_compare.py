@@ -333,3 +333,16 @@ def test_example_script_runs(script, tiny_nuts_eight_schools, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "UNTRUSTED" in proc.stdout
     assert (tmp_path / "example" / "report.html").is_file()
+
+
+def test_w1_summary_is_in_reference_sds(conj_run):
+    # the elements compared have different units and scales: the summary's mean and max
+    # W1 are of W1 / reference sd (a raw mean would be dominated by the widest site)
+    c, _, _ = conj_run
+    sites = c.sites
+    np.testing.assert_allclose(sites["std_w1"], sites["w1"] / sites["ref_sd"], rtol=1e-12)
+    assert (sites["ref_sd"] < 0.5).all()  # so a raw mean of W1 differs by 2x or more
+    for row in c.summary.itertuples():
+        mine = sites[sites["method"] == row.method]
+        assert row.w1_mean == pytest.approx((mine["w1"] / mine["ref_sd"]).mean(), rel=1e-12)
+        assert row.w1_max == pytest.approx((mine["w1"] / mine["ref_sd"]).max(), rel=1e-12)
