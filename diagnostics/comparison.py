@@ -300,10 +300,11 @@ def compare(
         log_evidence gap gap_se iwae_gap reliable point_mass outside_support`` (nats
         for ELBO, IWAE and gaps; ``w1_mean``/``w1_max`` over the site elements of
         the marginal W1 divided by the element's reference sd; joint distances in
-        reference-sd units of the unconstrained space). A point estimate (``point_mass``: every draw the same,
-        e.g. ``auto_delta``) has no density: its ELBO, IWAE, gap and k-hat are NaN,
-        its k-hat verdict ``"point mass"``, and it is never ``reliable``. Where
-        ``outside_support`` guide draws have ``log p = -inf``, the ELBO and IWAE are
+        reference-sd units of the unconstrained space). A point estimate
+        (``point_mass``: every draw the same, e.g. ``auto_delta``) has no density:
+        its ELBO, IWAE, gap and k-hat are NaN, its k-hat verdict ``"point mass"``,
+        and it is never ``reliable``. Where ``outside_support`` guide draws have
+        ``log p = -inf``, the ELBO and IWAE are
         ``-inf`` (the mean over the other draws would overstate them).
     """
     check_option("num_draws", num_draws, kind=int, low=10)
