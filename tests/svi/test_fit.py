@@ -12,7 +12,12 @@ from fit_models import nan_guide, nan_model, normal_model
 
 import vimodels
 from vimodels.svi.binding import keyword_call
-from vimodels.svi.convergence import ConvergenceRule, is_flat, window_improvement
+from vimodels.svi.convergence import (
+    ConvergenceRule,
+    is_flat,
+    level_since_half,
+    window_improvement,
+)
 from vimodels.svi.optim import Adam
 
 
@@ -101,12 +106,47 @@ def test_convergence_rule_on_synthetic_losses():
     assert drop > 3 * se and abs(level - 12.5) < 1
 
 
+def test_slow_improvement_is_not_flat():
+    # a loss still falling by 0.025 per window of 100 steps under noise sd 1: two adjacent
+    # windows cannot tell (se of their difference 0.14), but over half the run the fall
+    # (0.3) is more than twice its se, so the run has not converged
+    rng = np.random.default_rng(0)
+    window, n = 100, 2400
+    slow = 10 - 2.5e-4 * np.arange(n) + rng.normal(0, 1, n)
+    rule = ConvergenceRule()
+    assert is_flat(slow, window, rule)  # adjacent windows
+    assert not level_since_half(slow, window, rule)
+    drop, se, _ = window_improvement(slow, window, lag=n // 2)
+    assert abs(drop - 2.5e-4 * n / 2) < 5 * se  # the earlier window's mean, unbiased
+    flat = 10 + rng.normal(0, 1, n)
+    assert level_since_half(flat, window, rule)
+    # before the run is three windows long the halfway window would overlap the last two
+    assert not level_since_half(flat[: 2 * window], window, rule)
+
+
+@pytest.mark.slow  # about 10 s
+def test_slowly_improving_fit_is_not_called_converged():
+    # eight schools, centered, mean field: past step 1000 the ELBO gains about 0.05 nats a
+    # 200-step window (3.3 nats by step 12 000); the adjacent-window rule alone said
+    # "converged at step 1200" (seeds 0-2)
+    short = [
+        vimodels.fit("eight_schools_centered", guide="auto_normal", seed=s, progress=False)
+        for s in range(3)
+    ]
+    assert not any(r.converged for r in short), [r.message for r in short]
+    longer = vimodels.fit(
+        "eight_schools_centered", guide="auto_normal", seed=0, num_steps=6000, progress=False
+    )
+    # the truth the claim is checked against: more steps do improve the ELBO
+    best_short = max(r.elbo for r in short)
+    assert longer.elbo - best_short > 5 * np.hypot(longer.elbo_se, max(r.elbo_se for r in short))
+
+
 def test_fit_stops_early_when_converged():
     r = vimodels.fit(
         "eight_schools_noncentered",
         guide="mean_field",
         num_steps=4000,
-        lr=0.05,
         num_eval=50,
         progress=False,
     )

@@ -45,13 +45,17 @@ def test_a_guide_whose_gradient_vanishes_is_not_called_converged():
 
 
 def test_a_noisy_plateau_still_converges():
-    """The same model without the clamp: the parameters wander and it converges as before."""
+    """The same model without the clamp: the parameters wander and it converges as before.
+
+    (In 3000 steps: the loss falls by 0.18 nats between steps 450 and 1000, so it has
+    not been level for the second half of a 1000-step run; seeds 0-3 converge at
+    1500-2100 steps of 3000.)"""
     r = vimodels.fit(
-        normal_model, data=_data(), guide="auto_normal", num_steps=1000, progress=False,
+        normal_model, data=_data(), guide="auto_normal", num_steps=3000, progress=False,
         num_eval=20, seed=0,
     )  # fmt: skip
     assert r.status == "converged" and r.converged, r.message
-    assert r.num_steps < 1000
+    assert r.num_steps < 3000
 
 
 def test_without_early_stopping_the_stuck_fit_is_not_marked_converged():

@@ -40,6 +40,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -52,7 +53,7 @@ from vimodels.compile.step import StepCompileError, compile_step
 from vimodels.compile.step import supports as compiles_step
 from vimodels.svi.averaging import IterateAverage
 from vimodels.svi.binding import Binding, check_guide_matches
-from vimodels.svi.convergence import ConvergenceRule, is_flat
+from vimodels.svi.convergence import ConvergenceRule, is_flat, level_since_half
 from vimodels.svi.divergence import DivergenceRule
 from vimodels.svi.draws import model_info, sample_guide
 from vimodels.svi.optim import make_optimizer, svi_step
@@ -65,7 +66,7 @@ from vimodels.svi.result import (
     FitProgress,
 )
 from vimodels.svi.spike import SpikeGuard
-from vimodels.svi.stuck import StepActivity, stuck_note
+from vimodels.svi.stuck import StepActivity, noisy, stuck_note
 
 # Fits shorter than this keep the JIT ELBO: compiling the step costs about half
 # a second (plus a one-off second or two per process for torch's tracing
@@ -263,7 +264,7 @@ def run_loop(
                 status, converged = DIVERGED, False
                 message = f"{diverged}; the parameters ran away (try a smaller lr)"
                 break
-            if s.average and step == 0:
+            if step == 0:  # collected also without averaging: the drift check reads it
                 averager.start(1, batch=max(1, window // 10))
             else:
                 averager.update()
@@ -273,7 +274,7 @@ def run_loop(
                 activity.update()
             if callback is not None:
                 t_cb = time.perf_counter()
-                draw = _current_draw(binding, objective.guide, averager)
+                draw = _current_draw(binding, objective.guide, averager if s.average else None)
                 callback(FitProgress(step + 1, loss, t_cb - t0 - in_callbacks, draw))
                 in_callbacks += time.perf_counter() - t_cb
             if bar is not None:
@@ -282,17 +283,23 @@ def run_loop(
                     bar.set_postfix(loss=f"{loss:.4g}")
             if (step + 1) % window == 0:
                 activity.end_window()
-                if is_flat(np.asarray(kept), window, s.rule):
+                kept_arr = np.asarray(kept)
+                if is_flat(kept_arr, window, s.rule) and (
+                    not s.rule.half_window or level_since_half(kept_arr, window, s.rule)
+                ):
                     flat_checks += 1
                     if flat_checks >= s.rule.patience:
                         # a flat loss over parameters that no longer move is a stuck fit
-                        stuck = stuck_note(activity, np.asarray(kept), window, s.rule.rtol)
+                        stuck = stuck_note(activity, kept_arr, window, s.rule.rtol)
+                        if stuck is None and noisy(kept_arr, window, s.rule.rtol):
+                            stuck = averager.drift_note(step + 1)
                         converged = converged or stuck is None
                     if converged and s.rule.early_stop:
                         status = CONVERGED
                         message = (
                             f"converged at step {step + 1}: no significant improvement "
                             f"over {s.rule.patience} windows of {window} steps"
+                            + (f" nor since step {(step + 1) // 2}" if s.rule.half_window else "")
                         )
                         break
                 else:
@@ -303,7 +310,7 @@ def run_loop(
     finally:
         if bar is not None:
             bar.close()
-    averaged = averager.commit() if status not in (NONFINITE, DIVERGED) else None
+    averaged = averager.commit() if s.average and status not in (NONFINITE, DIVERGED) else None
     wall = time.perf_counter() - t0
     if status == MAX_STEPS:
         if converged:
@@ -361,13 +368,13 @@ def _compile(binding: Binding, objective: Objective, s: LoopSettings) -> tuple[A
 
 
 def _current_draw(
-    binding: Binding, guide: Callable, averager: IterateAverage
+    binding: Binding, guide: Callable, averager: IterateAverage | None
 ) -> Callable[[int, tuple[str, ...] | None], dict[str, np.ndarray]]:
     """``draw(n, sites)``: guide draws at the parameters the fit would return now."""
     checked: dict = {"info": None, "vectorized": False}
 
     def draw(num: int, which: tuple[str, ...] | None) -> dict[str, np.ndarray]:
-        with averager.swapped():
+        with averager.swapped() if averager is not None else nullcontext():
             if checked["info"] is None:  # traced once per fit
                 checked["info"] = model_info(binding.model, binding.args, {}, binding.depth)
             report: dict = {}

@@ -93,6 +93,16 @@ class StepActivity:
         return int(frozen.sum()), int(moved.sum())
 
 
+def noisy(losses: np.ndarray, window: int, rtol: float) -> bool:
+    """Whether the last window's loss varies by more than ``rtol`` of its level (Monte Carlo).
+
+    A deterministic loss (MAP by Adam) that settled varies by less; there, a
+    level loss is convergence even while the parameters still creep.
+    """
+    last = np.asarray(losses[-window:], dtype=float)
+    return bool(last.std() > rtol * abs(last.mean()))
+
+
 def stuck_note(activity: StepActivity, losses: np.ndarray, window: int, rtol: float) -> str | None:
     """Why a flat loss is not convergence (frozen parameters under a noisy loss), or ``None``.
 
@@ -109,10 +119,7 @@ def stuck_note(activity: StepActivity, losses: np.ndarray, window: int, rtol: fl
         ``rtol * |mean|`` counts as deterministic, where settling means stopping.
     """
     n_frozen, n_moved = activity.frozen()
-    if n_frozen == 0:
-        return None
-    last = np.asarray(losses[-window:], dtype=float)
-    if not last.std() > rtol * abs(last.mean()):
+    if n_frozen == 0 or not noisy(losses, window, rtol):
         return None
     return (
         f"loss flat but {n_frozen} of {n_moved} parameter coordinates stopped moving (their "
