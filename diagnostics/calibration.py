@@ -17,10 +17,11 @@ posterior ``p(theta | y)``, the rank is uniform on ``{0, ..., L}``.
   approximation is unbiased; a sign-flip test of a Kolmogorov-type symmetry
   statistic (exact under symmetry up to its Monte Carlo error);
 - :func:`holm`: Holm's step-down correction for the number of elements;
-- :func:`shape_z` and :func:`verdict`: which way a failing histogram leans
-  (``biased up``/``biased down``: the approximation's draws lie above/below
-  the truth too often; ``under-dispersed``: too narrow, ranks pile up at both
-  ends; ``over-dispersed``: too wide, ranks pile up in the middle);
+- :func:`shape_z`, :func:`tail_excess` and :func:`verdict`: which way a
+  failing histogram leans (``biased up``/``biased down``: the approximation's
+  draws lie above/below the truth too often, ranks pile up at one end;
+  ``under-dispersed``: too narrow, ranks pile up at both ends;
+  ``over-dispersed``: too wide, ranks pile up in the middle);
 - :func:`calibration_table` and :func:`site_table`: one row per element and
   per site with p-values (raw and Holm-corrected) and verdicts.
 
@@ -272,15 +273,58 @@ def shape_z(rank: np.ndarray, num_ranks: int) -> tuple[float, float]:
     return z_bias, z_spread
 
 
-def verdict(p_adjusted: float, z_bias: float, z_spread: float, alpha: float = 0.05) -> str:
-    """``calibrated`` when ``p_adjusted >= alpha``; else the larger deviation's name."""
+def tail_excess(rank: np.ndarray, num_ranks: int) -> tuple[float, float]:
+    """How much each half of the rank range weighs in the spread, relative to uniform ranks.
+
+    With ``x = u - 1/2`` (``u``: :func:`fractional` ranks) and ``m2`` the
+    uniform ranks' ``E[x^2]``, each half of the range contributes ``m2 / 2`` to
+    ``E[x^2]`` under uniform ranks. An approximation that is too narrow or too
+    wide but centred (a pure spread defect) keeps the ranks symmetric about
+    1/2: both halves gain (narrow) or lose (wide) alike. A bias moves ranks
+    from one half to the other: one half gains, the other loses.
+
+    Returns
+    -------
+    low, high : float
+        ``(mean(x^2 [x < 0]) - m2/2) / (m2/2)`` and the same for ``x > 0``:
+        0 for uniform ranks, -1 for a half without ranks, positive where
+        ranks pile up towards that end (up to ``(1/4 - m2/2) / (m2/2)``, about
+        5, when every rank sits at that end).
+    """
+    x = fractional(rank, num_ranks).reshape(-1) - 0.5
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    grid = fractional(np.arange(num_ranks), num_ranks) - 0.5  # exact discrete moments
+    half = float(np.mean(grid**2)) / 2
+    low = float(np.mean(np.where(x < 0, x**2, 0.0))) / half - 1.0
+    high = float(np.mean(np.where(x > 0, x**2, 0.0))) / half - 1.0
+    return low, high
+
+
+def verdict(p_adjusted: float, tail_low: float, tail_high: float, alpha: float = 0.05) -> str:
+    """``calibrated`` when ``p_adjusted >= alpha``; else which way the ranks lean.
+
+    The two halves' excesses (:func:`tail_excess`) split into a symmetric
+    part ``tail_low + tail_high`` (what a spread defect changes) and an
+    antisymmetric part ``tail_high - tail_low`` (what a bias changes); the
+    larger one names the defect. Equivalently: ``under-dispersed`` when both
+    halves gain weight, ``over-dispersed`` when both lose it, a bias when one
+    gains and the other loses: ``biased down`` when the ranks lean high (the
+    truth above the draws), ``biased up`` when they lean low.
+
+    Comparing the z-scores of the mean and of the spread instead (as
+    :func:`shape_z` gives them) calls a large bias ``under-dispersed``: when
+    the ranks pile up at one end, ``(u - 1/2)^2`` grows faster in z-units
+    than ``u - 1/2``.
+    """
     if not np.isfinite(p_adjusted):
         return "no data"
     if p_adjusted >= alpha:
         return CALIBRATED
-    if abs(z_bias) >= abs(z_spread):
-        return BIASED_UP if z_bias < 0 else BIASED_DOWN
-    return UNDER if z_spread > 0 else OVER
+    asym, sym = tail_high - tail_low, tail_high + tail_low
+    if abs(asym) >= abs(sym):
+        return BIASED_DOWN if asym > 0 else BIASED_UP
+    return UNDER if sym > 0 else OVER
 
 
 def calibration_table(
@@ -308,15 +352,17 @@ def calibration_table(
     Returns
     -------
     DataFrame
-        ``site element n mean_u sd_u z_bias z_spread p_uniform p_uniform_holm
-        vsbc_d p_vsbc p_vsbc_holm verdict``; ``sd_u`` is to be read against the
-        uniform's ``0.289``.
+        ``site element n mean_u sd_u z_bias z_spread tail_low tail_high
+        p_uniform p_uniform_holm vsbc_d p_vsbc p_vsbc_holm verdict``; ``sd_u``
+        is to be read against the uniform's ``0.289``; ``tail_low`` and
+        ``tail_high`` are :func:`tail_excess` (which decide the verdict).
     """
     rows = []
     for label, r in ranks_by_element.items():
         r = np.asarray(r, dtype=int).reshape(-1)
         u = fractional(r, num_ranks)
         zb, zs = shape_z(r, num_ranks)
+        lo, hi = tail_excess(r, num_ranks)
         d, pv = vsbc_test(r, num_ranks, num_null=num_null, seed=seed)
         rows.append(
             {
@@ -327,6 +373,8 @@ def calibration_table(
                 "sd_u": float(u.std()) if len(r) else float("nan"),
                 "z_bias": zb,
                 "z_spread": zs,
+                "tail_low": lo,
+                "tail_high": hi,
                 "p_uniform": uniformity_test(r, num_ranks, num_null=num_null, seed=seed),
                 "vsbc_d": d,
                 "p_vsbc": pv,
@@ -338,8 +386,8 @@ def calibration_table(
     df.insert(df.columns.get_loc("p_uniform") + 1, "p_uniform_holm", holm(df["p_uniform"]))
     df["p_vsbc_holm"] = holm(df["p_vsbc"])
     df["verdict"] = [
-        verdict(p, zb, zs, alpha)
-        for p, zb, zs in zip(df["p_uniform_holm"], df["z_bias"], df["z_spread"])
+        verdict(p, lo, hi, alpha)
+        for p, lo, hi in zip(df["p_uniform_holm"], df["tail_low"], df["tail_high"])
     ]
     return df
 

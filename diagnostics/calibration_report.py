@@ -173,6 +173,8 @@ ELEMENT_COLUMNS = (
     ("sd_u", "sd rank (0.289)"),
     ("z_bias", "z bias"),
     ("z_spread", "z spread"),
+    ("tail_low", "tail low"),
+    ("tail_high", "tail high"),
     ("p_uniform", "p ECDF"),
     ("p_uniform_holm", "p ECDF Holm"),
     ("p_vsbc", "p VSBC"),

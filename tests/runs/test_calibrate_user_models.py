@@ -9,7 +9,7 @@ import pytest
 import torch
 from pyro.distributions import constraints
 
-from vimodels.errors import IncompatibleError
+from vimodels.errors import DataError, IncompatibleError, OptionError
 from vimodels.runs.calibrate import calibrate, make_problem, simulate
 
 DATA = {"trials": [20.0, 30.0, 25.0], "successes": [7.0, 11.0, 9.0]}
@@ -81,3 +81,92 @@ def test_factor_terms_are_refused_rather_than_simulated_wrongly():
     """Running the model forward skips ``pyro.factor``: the simulated data would be wrong."""
     with pytest.raises(IncompatibleError, match=r"pyro.factor \(shrink\)"):
         calibrate(shrunk_mean, data={"y": [0.0, 1.0, 2.0, 3.0]}, **{**RUN, "sims": 2})
+
+
+# ------------------------------------------------- which site observes which data entry
+
+
+def two_obs(y1, y2):
+    a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    b = pyro.sample("b", dist.Normal(5.0, 1.0))
+    with pyro.plate("n", 4):
+        pyro.sample("obs1", dist.Normal(a, 0.1), obs=y1)
+        pyro.sample("obs2", dist.Normal(b, 0.1), obs=y2)
+
+
+def two_obs_copies(y1=None, y2=None):
+    """Observes copies of its data: only their values tie the sites to the entries."""
+    a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    b = pyro.sample("b", dist.Normal(5.0, 1.0))
+    with pyro.plate("n", 4):
+        pyro.sample("obs1", dist.Normal(a, 0.1), obs=None if y1 is None else y1.double())
+        pyro.sample("obs2", dist.Normal(b, 0.1), obs=None if y2 is None else y2.double())
+
+
+def regression(x, y):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0))
+    pyro.deterministic("x_copy", x)  # an observed-flagged site given x: not an observation
+    with pyro.plate("n", 4):
+        pyro.sample("y", dist.Normal(w * x, 0.1), obs=y)
+
+
+ZEROS = {"y1": [0.0] * 4, "y2": [0.0] * 4}
+
+
+def test_equal_placeholders_are_matched_to_the_sites_given_them():
+    """All-zero placeholders: each entry gets its own site's simulations.
+
+    Matching by value alone mapped both entries to the first site ({'y1': 'obs1',
+    'y2': 'obs1'}): y2 received y1's simulations, and calibrate called an exact-enough
+    auto_normal 'under-dispersed' for b.
+    """
+    problem = make_problem(two_obs, ZEROS)
+    assert problem.observed == {"y1": "obs1", "y2": "obs2"}
+    theta, data = simulate(problem, 1)
+    # y2 ~ N(b, 0.1) with b ~ N(5, 1), y1 ~ N(a, 0.1): within 5 sd of their own means
+    assert torch.all((data["y2"] - float(theta["b"])).abs() < 0.5)
+    assert torch.all((data["y1"] - float(theta["a"])).abs() < 0.5)
+
+
+def test_an_input_equal_to_an_observed_array_stays_an_input():
+    """x equal in value to y is the regression's input, not an observed entry."""
+    template = {"x": [0.0, 1.0, 2.0, 3.0], "y": [0.0, 1.0, 2.0, 3.0]}
+    problem = make_problem(regression, template, sites=["w"])
+    assert problem.observed == {"y": "y"}
+    _, data = simulate(problem, 2)
+    assert torch.equal(data["x"], torch.tensor(template["x"]))
+    assert not torch.equal(data["y"], data["x"])
+
+
+def test_value_matching_that_is_ambiguous_is_refused_with_the_fix():
+    """Copies of equal placeholders could be either site's: an error naming both ways out."""
+    with pytest.raises(DataError, match=r"ambiguous.*distinct placeholder.*observed=\{'y1'"):
+        make_problem(two_obs_copies, ZEROS)
+    with pytest.raises(DataError, match=r"'obs1', 'obs2'.*ambiguous"):
+        make_problem(two_obs_copies, ZEROS, observed=["y1", "y2"])
+    # distinct placeholders, or the sites named, resolve it
+    distinct = make_problem(two_obs_copies, {"y1": [0.0] * 4, "y2": [1.0] * 4})
+    assert distinct.observed == {"y1": "obs1", "y2": "obs2"}
+    named = make_problem(two_obs_copies, ZEROS, observed={"y1": "obs1", "y2": "obs2"})
+    assert named.observed == {"y1": "obs1", "y2": "obs2"}
+    theta, data = simulate(named, 1)
+    assert torch.all((data["y2"] - float(theta["b"])).abs() < 0.5)
+
+
+def test_one_array_passed_as_two_entries_is_refused():
+    zeros = torch.zeros(4)
+    with pytest.raises(DataError, match=r"one array passed as each of.*'y1', 'y2'"):
+        make_problem(two_obs, {"y1": zeros, "y2": zeros})
+    with pytest.raises(DataError, match=r"'obs1', 'obs2' are given data entry 'y1'"):
+        make_problem(two_obs, {"y1": zeros, "y2": zeros}, observed=["y1", "y2"])
+
+
+def test_named_sites_are_checked():
+    with pytest.raises(OptionError, match=r"'nope' is not an observed sample site.*obs1, obs2"):
+        make_problem(two_obs, ZEROS, observed={"y1": "nope"})
+    with pytest.raises(DataError, match=r"'y1', 'y2' would all be replaced.*'obs1'"):
+        make_problem(two_obs, ZEROS, observed={"y1": "obs1", "y2": "obs1"})
+    with pytest.raises(IncompatibleError, match=r"'obs2' does not take data entry 'y1'"):
+        make_problem(two_obs, {"y1": [0.0] * 4, "y2": [1.0] * 4}, observed={"y1": "obs2"})
+    with pytest.raises(OptionError, match="observed is a list"):
+        make_problem(two_obs, ZEROS, observed="y1")

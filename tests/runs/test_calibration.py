@@ -114,6 +114,15 @@ def test_histogram_and_its_band():
         (2.0, 0.0, cs.OVER),
         (1.0, 0.6, cs.BIASED_UP),
         (1.0, -0.6, cs.BIASED_DOWN),
+        # large biases pile the ranks up at one end: still a bias, not under-dispersion
+        # (comparing z-scores of the mean and the spread called these under-dispersed)
+        (1.0, -2.0, cs.BIASED_DOWN),
+        (1.0, -3.0, cs.BIASED_DOWN),
+        (1.5, -2.0, cs.BIASED_DOWN),
+        (1.5, -3.0, cs.BIASED_DOWN),
+        (1.0, 2.0, cs.BIASED_UP),
+        (1.0, 3.0, cs.BIASED_UP),
+        (1.5, 3.0, cs.BIASED_UP),
     ],
 )
 def test_verdicts_on_synthetic_ranks(scale, shift, expected):
@@ -121,10 +130,46 @@ def test_verdicts_on_synthetic_ranks(scale, shift, expected):
     table = cs.calibration_table(ranks, 101)
     sites = cs.site_table(table)
     assert sites["verdict"].tolist() == [expected]
+    assert (table["verdict"] == expected).all()
     if shift:  # VSBC sees the bias, and not the (symmetric) dispersion errors
         assert sites["vsbc"].tolist() == ["asymmetric"]
     else:
         assert sites["vsbc"].tolist() == ["symmetric"]
+
+
+@pytest.mark.parametrize("scale, shift", [(1.0, -2.0), (1.0, -3.0), (1.5, -3.0), (0.5, 0.0)])
+def test_verdicts_are_stable_over_repeated_rank_sets(scale, shift):
+    """20 seeded rank sets (L=100, n=200) per defect: every one gets the defect's name.
+
+    The old rule (larger of |z_bias|, |z_spread|) said under-dispersed for 8 of 20 sets
+    at bias 2, and for all of them at bias 3.
+    """
+    expected = cs.UNDER if shift == 0 else cs.BIASED_DOWN
+    ranks = {f"x[{i}]": _normal_ranks(200, scale, shift, seed=100 + i) for i in range(20)}
+    table = cs.calibration_table(ranks, 101, num_null=500)
+    assert (table["p_uniform_holm"] < 0.05).all()
+    assert table["verdict"].tolist() == [expected] * 20
+
+
+def test_truth_above_every_draw_is_a_bias():
+    """Every truth above every draw (all ranks L) is biased down, every truth below biased up."""
+    table = cs.calibration_table({"x": np.full(50, 100), "z": np.zeros(50, dtype=int)}, 101)
+    assert table["verdict"].tolist() == [cs.BIASED_DOWN, cs.BIASED_UP]
+    assert cs.tail_excess(np.full(50, 100), 101)[0] == -1.0  # no rank in the lower half
+
+
+def test_tail_excess_is_zero_for_uniform_ranks_and_symmetric_for_spread_defects():
+    low, high = cs.tail_excess(np.arange(101), 101)
+    assert abs(low) < 1e-12 and abs(high) < 1e-12
+    # ranks symmetric about the middle (a pure spread defect): both halves alike
+    narrow = np.r_[np.arange(10), np.arange(91, 101)]
+    low, high = cs.tail_excess(narrow, 101)
+    assert low == pytest.approx(high) and low > 0
+    assert cs.verdict(0.0, low, high) == cs.UNDER
+    low, high = cs.tail_excess(np.arange(40, 61), 101)
+    assert low == pytest.approx(high) and low < 0
+    assert cs.verdict(0.0, low, high) == cs.OVER
+    assert cs.verdict(0.5, low, high) == cs.CALIBRATED
 
 
 # ----------------------------------------------------------------------------- simulation

@@ -54,7 +54,7 @@ from guides.registry import get_guide_spec
 from vimodels.catalog.base import CatalogEntry
 from vimodels.catalog.registry import get_model
 from vimodels.data import trace_check
-from vimodels.errors import IncompatibleError, OptionError, check_option
+from vimodels.errors import DataError, IncompatibleError, OptionError, check_option
 from vimodels.io import atomic_write_json, ensure_dir, safe_name
 from vimodels.resolve import resolve_model
 from vimodels.runs.sweep import _executor
@@ -189,35 +189,133 @@ def _source(fn: Callable) -> str:
         return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def _observed_sites(model_fn: Callable, data: Mapping[str, Any], keys: Sequence[str]) -> dict:
-    """Map each observed data key to the sample site that observes it (by value)."""
-    with pyro.validation_enabled(False), poutine.block():
-        tr = poutine.trace(model_fn).get_trace(**data)
-    sites = [
-        (n, s["value"])
+def _observed_values(tr: poutine.Trace) -> dict[str, torch.Tensor]:
+    """Observed sample site -> its value (no deterministic, factor or subsample site)."""
+    return {
+        n: s["value"]
         for n, s in tr.nodes.items()
-        if s["type"] == "sample" and s["is_observed"] and isinstance(s["value"], torch.Tensor)
-    ]
-    out = {}
+        if s["type"] == "sample"
+        and s["is_observed"]
+        and not s["infer"].get("_deterministic")
+        and not site_is_subsample(s)
+        and type(s["fn"]).__name__ != "Unit"
+        and isinstance(s["value"], torch.Tensor)
+    }
+
+
+def _equal(observed: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether ``value`` (a data entry) equals an observed value (its shape and values)."""
+    return observed.shape == value.shape and bool(torch.equal(observed, value.to(observed.dtype)))
+
+
+def _ambiguous(what: str, keys: Sequence[str]) -> DataError:
+    example = ", ".join(f"{k!r}: '<site>'" for k in keys)
+    return DataError(
+        f"{what}; give the observed entries distinct placeholder values, or map each "
+        f"observed data entry to the site that observes it with observed={{{example}}}"
+    )
+
+
+def _detect_observed(tr: poutine.Trace, data: Mapping[str, Any]) -> tuple[str, ...]:
+    """The data entries a user model observes as given, in data order.
+
+    An observed site whose value *is* a data entry (the model passed it as
+    ``obs=``) observes that entry, and no other entry that merely has equal
+    values (an input that equals an observed array stays an input). A site
+    observing no entry itself (``obs=y.double()``) observes the one entry
+    equal to its value; several equal entries are ambiguous.
+    """
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    found: set[str] = set()
+    for site, value in _observed_values(tr).items():
+        keys = [k for k, v in tensors.items() if v is value]
+        how = "is given the one array passed as each of"
+        if not keys:
+            keys = [k for k, v in tensors.items() if _equal(value, v)]
+            how = "observes a value equal to each of"
+        if len(keys) > 1:
+            raise _ambiguous(
+                f"observed site {site!r} {how} the data entries "
+                f"{', '.join(map(repr, keys))}, so which of them is observed is ambiguous",
+                keys[:1],
+            )
+        found.update(keys)
+    return tuple(k for k in data if k in found)
+
+
+def _observed_sites(
+    tr: poutine.Trace, data: Mapping[str, Any], observed: Sequence[str] | Mapping[str, str]
+) -> dict[str, str]:
+    """Map each observed data entry to the sample site that observes it.
+
+    The site whose value is the entry itself (the array passed as ``obs=``)
+    comes first; only when no site observes the entry itself does an equal
+    value match (the model observes a copy: ``obs=y.double()``). Equal values
+    alone never decide between several sites: placeholder observed entries
+    are often all zeros. A mapping ``{entry: site}`` names the sites outright.
+
+    Raises
+    ------
+    IncompatibleError
+        An entry that no site observes unchanged.
+    DataError
+        An entry that several sites could observe, or two entries one site.
+    """
+    values = _observed_values(tr)
+    keys = list(observed)
     for key in keys:
-        value = data.get(key)
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(data.get(key), torch.Tensor):
             raise IncompatibleError(
                 f"observed data entry {key!r} is not an array in the data; observed entries "
                 "are the arrays the model observes (obs=...)"
             )
-        match = [
-            n
-            for n, v in sites
-            if v is value or (v.shape == value.shape and bool(torch.equal(v, value.to(v.dtype))))
-        ]
-        if not match:
-            raise IncompatibleError(
-                f"no observed site of the model takes data entry {key!r} as it is (its obs "
-                "is a transform or a subsample of it); calibration replaces observed entries "
-                "by simulated values of the site, so the model must observe them unchanged"
-            )
-        out[key] = match[0]
+    out: dict[str, str] = {}
+    if isinstance(observed, Mapping):
+        for key, site in observed.items():
+            if site not in values:
+                raise OptionError(
+                    f"observed={{{key!r}: {site!r}}}: {site!r} is not an observed sample site "
+                    f"of the model; observed sites: {', '.join(values) or '(none)'}"
+                )
+            if not (values[site] is data[key] or _equal(values[site], data[key])):
+                raise IncompatibleError(
+                    f"observed site {site!r} does not take data entry {key!r} as it is (its "
+                    "obs is a transform or a subsample of it); calibration replaces observed "
+                    "entries by simulated values of the site, so the model must observe them "
+                    "unchanged"
+                )
+            out[key] = site
+    else:
+        by_identity = {key: [n for n, v in values.items() if v is data[key]] for key in keys}
+        claimed = {n for sites in by_identity.values() for n in sites}
+        for key in keys:
+            match = by_identity[key] or [
+                n for n, v in values.items() if n not in claimed and _equal(v, data[key])
+            ]
+            if not match:
+                raise IncompatibleError(
+                    f"no observed site of the model takes data entry {key!r} as it is (its "
+                    "obs is a transform or a subsample of it); calibration replaces observed "
+                    "entries by simulated values of the site, so the model must observe them "
+                    "unchanged"
+                )
+            if len(match) > 1:
+                how = "are given" if by_identity[key] else "take values equal to"
+                raise _ambiguous(
+                    f"observed sites {', '.join(map(repr, match))} {how} data entry {key!r}, "
+                    "so which one's simulated values replace it is ambiguous",
+                    keys,
+                )
+            out[key] = match[0]
+    sites = list(out.values())
+    shared = sorted({n for n in sites if sites.count(n) > 1})
+    if shared:
+        keys = [k for k, n in out.items() if n in shared]
+        raise _ambiguous(
+            f"data entries {', '.join(map(repr, keys))} would all be replaced by the "
+            f"simulated values of site(s) {', '.join(map(repr, shared))}",
+            keys,
+        )
     return out
 
 
@@ -253,7 +351,7 @@ def make_problem(
     model: str | Callable,
     data: Mapping[str, Any] | None = None,
     *,
-    observed: Sequence[str] | None = None,
+    observed: Sequence[str] | Mapping[str, str] | None = None,
     sites: Sequence[str] | None = None,
 ) -> Problem:
     """A checked :class:`Problem` for a catalog name or a user model.
@@ -265,15 +363,28 @@ def make_problem(
     data : dict, optional
         A user model's template data set (its shapes are simulated; its observed
         entries' values are not used). Not accepted for a catalog entry.
-    observed : sequence of str, optional
+    observed : sequence of str, or dict of str to str, optional
         Data entries that are observed values; default the entry's
-        ``observed``, or for a user model every array the model observes as is.
-        An entry without observed data (``neals_funnel``: its target is its
-        prior) is calibrated as is: every simulation fits the same target.
+        ``observed``, or for a user model every array the model observes as is
+        (passes as ``obs=``). Each is matched to the site that observes it: the
+        site given the entry itself, else the one site whose observed value
+        equals it (an error when several do: placeholder entries with equal
+        values, say all zeros, observed through a copy). A dict
+        ``{entry: site}`` names each entry's site outright. An entry without
+        observed data (``neals_funnel``: its target is its prior) is
+        calibrated as is: every simulation fits the same target.
     sites : sequence of str, optional
         Sites to rank; default the entry's sites of interest, or every latent
         (and deterministic) continuous site of a user model.
     """
+    if isinstance(observed, str) or (
+        isinstance(observed, Mapping)
+        and not all(isinstance(k, str) and isinstance(v, str) for k, v in observed.items())
+    ):
+        raise OptionError(
+            "observed is a list of data entries or a dict of data entry -> observed site "
+            f"(names), got {observed!r}"
+        )
     if isinstance(model, CatalogEntry):
         model = model.name
     if isinstance(model, str):
@@ -311,15 +422,7 @@ def make_problem(
     tr = trace_check(fn, base, name)
     _check_no_factor(tr, name)
     if not keys and template is not None:  # a user model: every array it observes as is
-        obs_values = [
-            s["value"] for s in tr.nodes.values() if s["type"] == "sample" and s["is_observed"]
-        ]
-        keys = tuple(
-            k
-            for k, v in base.items()
-            if isinstance(v, torch.Tensor)
-            and any(o is v or (o.shape == v.shape and torch.equal(o, v)) for o in obs_values)
-        )
+        keys = _detect_observed(tr, base)
         if not keys:
             raise IncompatibleError(
                 f"model {name!r} observes none of its data entries as given; name them with "
@@ -331,7 +434,7 @@ def make_problem(
             f"observed entr(ies) {', '.join(unknown)} are not in the data; data keys: "
             f"{', '.join(base)}"
         )
-    obs_map = _observed_sites(fn, base, keys)
+    obs_map = _observed_sites(tr, base, observed if isinstance(observed, Mapping) else keys)
     latent = {
         n: s
         for n, s in tr.nodes.items()
@@ -736,7 +839,7 @@ def calibrate(
     num_draws: int = 100,
     seed: int = 0,
     data: Mapping[str, Any] | None = None,
-    observed: Sequence[str] | None = None,
+    observed: Sequence[str] | Mapping[str, str] | None = None,
     sites: Sequence[str] | None = None,
     fit_options: Mapping[str, Any] | None = None,
     alpha: float = 0.05,
@@ -769,8 +872,9 @@ def calibrate(
     seed : int
         Base seed; simulation ``i`` and its fits derive theirs from it.
     data, observed, sites
-        For a user model: the template data, its observed entries, the sites
-        to rank (see :func:`make_problem`); ``sites`` also for a catalog entry.
+        For a user model: the template data, its observed entries (a list, or
+        a dict entry -> observed site), the sites to rank (see
+        :func:`make_problem`); ``sites`` also for a catalog entry.
     fit_options : dict, optional
         Other :func:`vimodels.fit` options (``lr``, ``convergence`` ...).
     alpha : float
