@@ -21,9 +21,13 @@ Guide draws (:func:`fit_to_inference_data`) and reference draws
     on request.
 
 Dimension names come from the model's plates (``schools``, ``data``) and
-are ``<site>_dim_<i>`` otherwise. ``az.from_pyro`` is not used: it files
-deterministic sites under ``log_likelihood``/``observed_data``, drops the
-log likelihood silently when it fails and keeps only ``diverging``.
+are ``<site>_dim_<i>`` otherwise. A plate's coordinates are ``0 .. size - 1``,
+except for a fit whose model subsamples a plate: then every group of one
+export refers to one batch of rows (the same for every draw and every group)
+and the plate's coordinates are those rows' indices in the full data.
+``az.from_pyro`` is not used: it files deterministic sites under
+``log_likelihood``/``observed_data``, drops the log likelihood silently when
+it fails and keeps only ``diverging``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +50,7 @@ from vimodels.svi.draws import model_info, replay_model, sample_guide
 from vimodels.svi.reparam import decentered_sites_of
 from vimodels.svi.resample import POOL_FACTOR, resampled_draws
 from vimodels.svi.scope import param_scope
+from vimodels.svi.subsample import IndexSupplier
 
 if TYPE_CHECKING:
     from diagnostics.nuts.reference import Reference
@@ -71,6 +77,7 @@ def build_inference_data(
     posterior_predictive: Mapping[str, np.ndarray] | None = None,
     plate_sizes: Mapping[str, int] | None = None,
     attrs: Mapping[str, Any] | None = None,
+    plate_coords: Mapping[str, np.ndarray] | None = None,
 ) -> InferenceData:
     """Assemble InferenceData from ``(chain, draw, *shape)`` arrays.
 
@@ -88,6 +95,9 @@ def build_inference_data(
         Named plate dimensions; coordinates are ``0 .. size - 1``.
     attrs : dict, optional
         Stored on every group; non-scalar values are written as JSON strings.
+    plate_coords : dict of str to ndarray, optional
+        Coordinate values of some plates (a subsampled plate: its rows' indices
+        in the full data, shape ``(size,)``), in place of ``0 .. size - 1``.
     """
     groups = {
         "posterior": dict(posterior),
@@ -97,6 +107,13 @@ def build_inference_data(
         "posterior_predictive": dict(posterior_predictive or {}),
     }
     coords = {name: np.arange(size) for name, size in (plate_sizes or {}).items()}
+    for name, values in (plate_coords or {}).items():
+        values = np.asarray(values)
+        if name in coords and len(values) != len(coords[name]):
+            raise ValueError(
+                f"plate {name!r} has {len(coords[name])} entries but {len(values)} coordinates"
+            )
+        coords[name] = values
     used = {n for g in groups.values() for n in g}
     dims_used = {n: tuple(d) for n, d in dims.items() if n in used}
     all_attrs = {
@@ -138,13 +155,31 @@ def fit_to_inference_data(
         attrs ``resampled`` and ``resample_k_hat`` say so. For a decentered fit
         (``reparam="decenter"``) the attr ``decentered`` names the user's sites that
         come back as deterministic values of the ``<site>_decentered`` draws.
+
+        For a model that subsamples its data (``result.subsample``) every group
+        refers to ONE batch of rows per subsampled plate, drawn from the draws'
+        seed (the rows of ``result.sample`` with the same seed, see
+        ``result.rows``): the local latents in ``posterior``, ``log_likelihood``,
+        ``observed_data`` and ``posterior_predictive`` are those rows, and the
+        plate's coordinates are their indices in the full data (attr
+        ``subsample_rows``). ``log_weight`` is evaluated on that same batch for
+        every draw, its log density scaled by ``size / batch`` (an estimate of the
+        full-data log weight from one batch; attr ``log_weight_note``): its
+        spread over draws is that of q given the batch, without the
+        batch-to-batch noise, so it is no full-data ELBO with a standard error
+        (the fit's ``elbo``/``elbo_se`` are, from independent batches).
     """
     check_option("num_samples", num_samples, kind=int, low=1)
     resample = (getattr(result, "settings", None) or {}).get("resample")
+    draws_seed = derive_seed(result.seed, 1) if seed is None else check_seed(seed)
+    subsampled = getattr(result, "subsample", None) is not None
+    # a subsampled plate takes one batch of rows for the whole export (model_info's trace, the
+    # guide draws, the replay), drawn from the draws' seed as FitResult.sample draws it
+    rows = IndexSupplier(draws_seed, "independent", hold=True) if subsampled else nullcontext()
     # the model runs in the fit's parameter scope (its pyro.param sites), as in FitResult.sample
-    with param_scope(result):
+    with param_scope(result), rows:
         info = model_info(result.model, result.args, {}, result.max_plate_nesting)
-        pyro.set_rng_seed(derive_seed(result.seed, 1) if seed is None else check_seed(seed))
+        pyro.set_rng_seed(draws_seed)
         if resample:  # Pathfinder, auto_laplace_is: PSIS-resampled from a pool of guide draws
             latent, log_w, k_hat = resampled_draws(
                 result.model, result.guide, result.args, {}, info, num_samples,
@@ -169,9 +204,19 @@ def fit_to_inference_data(
         "converged": result.converged,
         "num_steps": result.num_steps,
         "seed": result.seed,
-        "draws_seed": derive_seed(result.seed, 1) if seed is None else seed,
+        "draws_seed": draws_seed,
         "settings": result.settings,
     }
+    if info.plate_rows:  # a subsampled fit: the one batch every group refers to
+        attrs["subsample_rows"] = {
+            name: {"size": info.plate_full_sizes[name], "batch": len(r)}
+            for name, r in info.plate_rows.items()
+        }
+        attrs["log_weight_note"] = (
+            "log p(x, z) - log q(z) on one batch of rows (the subsampled plates' coordinates), "
+            "the same for every draw, scaled by size / batch: not the full-data log weight; "
+            "its spread leaves out the batch-to-batch noise"
+        )
     if resample:
         attrs["resampled"] = "psis"
         attrs["resample_k_hat"] = k_hat
@@ -186,6 +231,7 @@ def fit_to_inference_data(
         posterior_predictive={k: v[None] for k, v in replay.posterior_predictive.items()},
         plate_sizes=info.plate_sizes,
         attrs=attrs,
+        plate_coords=info.plate_rows,
     )
 
 

@@ -96,12 +96,20 @@ class ModelInfo:
         Size of each named plate dimension.
     observed_values : dict of str to ndarray
         The observed data of each observed site.
+    plate_rows : dict of str to ndarray
+        For each plate that subsampled its rows in this trace, the rows it took
+        (int64, shape ``(subsample_size,)``, indices into the full data): what
+        the plate's axis of every site holds.
+    plate_full_sizes : dict of str to int
+        For the same plates, the number of rows of the full data.
     """
 
     sites: dict[str, SiteInfo]
     max_plate_nesting: int
     plate_sizes: dict[str, int]
     observed_values: dict[str, np.ndarray] = field(repr=False)
+    plate_rows: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    plate_full_sizes: dict[str, int] = field(repr=False, default_factory=dict)
 
     def names(self, kind: str) -> tuple[str, ...]:
         """Names of the sites of one kind, in trace order."""
@@ -204,7 +212,15 @@ def model_info(
     sites: dict[str, SiteInfo] = {}
     plates: dict[str, int] = {}
     observed: dict[str, np.ndarray] = {}
+    rows: dict[str, np.ndarray] = {}
+    full_sizes: dict[str, int] = {}
     for name, site in tr.nodes.items():
+        if site["type"] == "sample" and site_is_subsample(site):
+            idx = torch.as_tensor(site["value"]).reshape(-1)
+            if len(idx) < int(site["fn"].size):  # a subsample, not the whole plate
+                rows[name] = idx.long().numpy().copy()
+                full_sizes[name] = int(site["fn"].size)
+            continue
         kind = _site_kind(site)
         if kind is None:
             continue
@@ -233,7 +249,7 @@ def model_info(
         )
         if kind == OBSERVED:
             observed[name] = _to_numpy(value)
-    return ModelInfo(sites, depth, plates, observed)
+    return ModelInfo(sites, depth, plates, observed, rows, full_sizes)
 
 
 def _to_numpy(x: torch.Tensor) -> np.ndarray:

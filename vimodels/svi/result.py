@@ -67,8 +67,8 @@ class FitProgress:
         try:
             if seed is not None:
                 pyro.set_rng_seed(seed)
-            # subsampled plates draw their own batches here, not the fit's next ones
-            batches = IndexSupplier(self.step if seed is None else seed, "independent")
+            # subsampled plates draw their own batch here (one for all draws), not the fit's next
+            batches = IndexSupplier(self.step if seed is None else seed, "independent", hold=True)
             with pyro.validation_enabled(False), batches:
                 return self._draw(num_samples, sites)
         finally:
@@ -166,6 +166,11 @@ class FitResult:
             For a fit with ``settings["resample"]`` (``pathfinder``, ``auto_laplace_is``):
             draws resampled by Pareto-smoothed importance weights from four times as
             many guide draws (:mod:`vimodels.svi.resample`).
+            For a model that subsamples its data, a local latent of a subsampled plate
+            comes back for ONE batch of rows, the same for every draw (shape
+            ``(num_samples, batch, ...)``): :meth:`rows` with the same ``seed`` says
+            which rows of the data they are (``to_inference_data`` with that seed uses
+            the same rows and the same draws).
         """
         num_samples = check_option("num_samples", num_samples, kind=int, low=1)
         sites = tuple(sites or self.sites)
@@ -176,7 +181,8 @@ class FitResult:
                 f"(and the model's other sample sites: {', '.join(self.site_shapes)})"
             )
         pyro.set_rng_seed(derive_seed(self.seed, 1) if seed is None else check_seed(seed))
-        with param_scope(self):
+        # a subsampled plate: one batch of rows for every draw (see rows())
+        with param_scope(self), self._batches(seed, 1, hold=True):
             info = model_info(self.model, self.args, {}, self.max_plate_nesting)
             check = self.settings.get("eval_vectorized") is not True
             if self.settings.get("resample"):  # Pathfinder, auto_laplace_is: PSIS-resampled
@@ -185,13 +191,34 @@ class FitResult:
                     self.settings["resample"].get("pool_factor", POOL_FACTOR),
                     sites=sites, check=check,
                 )[0]  # fmt: skip
-            with self._batches(seed, 1):
-                # the draws of to_inference_data with the same seed; the particle check
-                # is skipped where the fit's ELBO draws passed it
-                return sample_guide(
-                    self.model, self.guide, self.args, {}, info, num_samples, sites=sites,
-                    check=check, weights=False,
-                )[0]  # fmt: skip
+            # the draws of to_inference_data with the same seed; the particle check
+            # is skipped where the fit's ELBO draws passed it
+            return sample_guide(
+                self.model, self.guide, self.args, {}, info, num_samples, sites=sites,
+                check=check, weights=False,
+            )[0]  # fmt: skip
+
+    def rows(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        """The data rows of each subsampled plate in :meth:`sample` with the same ``seed``.
+
+        Parameters
+        ----------
+        seed : int, optional
+            As given to :meth:`sample` / :meth:`to_inference_data` (default: the fit's
+            seed + 1).
+
+        Returns
+        -------
+        dict of str to ndarray
+            Plate name to the indices (int64, shape ``(batch,)``, sorted) into the full
+            data of the rows its local latents and observed values are drawn for;
+            empty when the model subsamples no plate.
+        """
+        if self.subsample is None:
+            return {}
+        with param_scope(self), self._batches(seed, 1, hold=True):
+            info = model_info(self.model, self.args, {}, self.max_plate_nesting)
+        return dict(info.plate_rows)
 
     def log_weights(self, num_samples: int = 1000, seed: int | None = None) -> np.ndarray:
         """``log p(x, z) - log q(z)`` for ``num_samples`` guide draws, shape ``(num_samples,)``.
@@ -225,12 +252,17 @@ class FitResult:
     def _kwargs(self) -> dict:
         return positional_kwargs(self.args)
 
-    def _batches(self, seed: int | None, offset: int) -> contextlib.AbstractContextManager:
-        """Subsampled plates draw independent batches in O(batch) (when the model has any)."""
+    def _batches(
+        self, seed: int | None, offset: int, hold: bool = False
+    ) -> contextlib.AbstractContextManager:
+        """Subsampled plates draw independent batches in O(batch) (when the model has any).
+
+        With ``hold`` every plate entry gets one batch (the same rows for all draws).
+        """
         if self.subsample is None:
             return contextlib.nullcontext()
         return IndexSupplier(
-            derive_seed(self.seed, offset) if seed is None else seed, "independent"
+            derive_seed(self.seed, offset) if seed is None else seed, "independent", hold=hold
         )
 
     def to_inference_data(self, num_samples: int = 1000, seed: int | None = None):
