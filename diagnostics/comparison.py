@@ -36,10 +36,13 @@ from diagnostics.evidence import (  # noqa: F401  (re-exported)
     evidence_log_weights,
 )
 from diagnostics.nuts.reference import Reference
+from vimodels.data import RowArray
 from vimodels.errors import IncompatibleError, OptionError, check_option
 from vimodels.svi.draws import ModelInfo, model_info
+from vimodels.svi.minibatch_eval import EVAL_BATCHES, group_sizes, grouped_estimate
 from vimodels.svi.reparam import decentered_sites_of
 from vimodels.svi.scope import param_scope
+from vimodels.svi.subsample import full_data
 
 if TYPE_CHECKING:
     from vimodels.svi.fit import FitResult
@@ -187,6 +190,11 @@ def is_point_mass(draws: Mapping[str, np.ndarray]) -> bool:
 POINT_MASS = "point mass"
 #: Fit statuses that make a method a failure in a comparison (a row, no metrics).
 FAILED_STATUSES = ("nonfinite", "diverged")
+#: ``khat_verdict`` of a subsampled fit whose log weights could not be had on the full data.
+SUBSAMPLED = "not applicable (subsampled log weights)"
+#: Most likelihood rows (draws x full-data rows of the subsampled plates) that ``compare``
+#: evaluates to get the full-data log weights of a fit whose model subsamples its data.
+FULL_DATA_BUDGET = 20_000_000
 _METRIC_ERRORS = (ValueError, FloatingPointError, np.linalg.LinAlgError, RuntimeError, KeyError)
 _METRIC_COLUMNS = (
     "elbo elbo_se iwae iwae_se iwae_k khat w1_mean w1_max max_abs_std_mean_error "
@@ -213,11 +221,20 @@ def _method_metrics(
     """
     if result.status in FAILED_STATUSES:
         return None
-    idata = result.to_inference_data(num_draws, seed=seed)
+    row: dict[str, Any] = {"log_weight_data": "full"}
+    subsample = subsampled(result)
+    why_not = _why_not_full_data(result, subsample, num_draws) if subsample else None
+    if subsample and why_not is None:
+        # exact log weights: every subsampled plate on all its rows (a batch's estimate of a
+        # log weight scaled by N / batch is noisy, and exp() of that noise inflates IWAE and k-hat)
+        with full_data():
+            idata = result.to_inference_data(num_draws, seed=seed)
+        row["log_weight_data"] = "full (subsampled fit re-evaluated on all rows)"
+    else:
+        idata = result.to_inference_data(num_draws, seed=seed)
     post = {k: v[0] for k, v in group_arrays(idata, "posterior").items()}
     lw = group_arrays(idata, "sample_stats")["log_weight"][0]
     table = metrics.marginal_table(post, reference.draws, sites)
-    row: dict[str, Any] = {}
     finite = np.isfinite(lw)
     nan = float("nan")
     k = min(iwae_k, max(1, len(lw) // 2))
@@ -241,6 +258,12 @@ def _method_metrics(
             row["elbo_se"] = row["iwae_se"] = nan
         row["khat"] = metrics.psis_khat(lw) if finite.all() else float("inf")
         row["khat_verdict"] = metrics.khat_verdict(row["khat"])
+        if why_not is not None:
+            # one batch's log weights: their noise is not q's; IWAE and k-hat are not defined
+            row["elbo"], row["elbo_se"] = _minibatch_elbo(result, subsample, num_draws, seed)
+            row["iwae"] = row["iwae_se"] = row["khat"] = nan
+            row["khat_verdict"] = SUBSAMPLED
+            row["log_weight_data"] = f"subsampled ({why_not})"
     # in reference sds: elements of different sites have different units
     row["w1_mean"] = float(table["std_w1"].mean())
     row["w1_max"] = float(table["std_w1"].max())
@@ -256,6 +279,39 @@ def _method_metrics(
         row.update(metrics.joint_metrics(unc[ok], ref_unc[ref_ok], seed=seed))
         row["joint_dim"] = int(unc.shape[1])
     return row, table, post, idata, lw
+
+
+def subsampled(result: Any) -> dict | None:
+    """``settings["subsample"]`` of a fit whose model subsamples its data, else None."""
+    sub = getattr(result, "subsample", None)
+    if sub is None:
+        sub = (getattr(result, "settings", None) or {}).get("subsample")
+    return sub or None
+
+
+def _why_not_full_data(result: Any, subsample: dict, num_draws: int) -> str | None:
+    """Why a subsampled fit's log weights cannot be evaluated on the full data (None: they can)."""
+    if getattr(result, "stored_evidence_log_weights", None) is not None:
+        return "stored draws"
+    data = getattr(result, "data", None) or {}
+    values = list(getattr(result, "args", ())) + list(data.values())
+    if any(isinstance(v, RowArray) for v in values):
+        return "memory-mapped data"
+    rows = sum(int(p["size"]) for p in subsample.get("plates", []))
+    if rows * num_draws > FULL_DATA_BUDGET:
+        return f"{num_draws} draws x {rows} rows > {FULL_DATA_BUDGET:.0e}"
+    return None
+
+
+def _minibatch_elbo(result: Any, subsample: dict, num: int, seed: int) -> tuple[float, float]:
+    """The minibatch ELBO and its se (independent batches, as the fit's own estimate)."""
+    if not hasattr(result, "log_weights"):
+        return float("nan"), float("nan")
+    lw = result.log_weights(num, seed=seed)
+    sizes = group_sizes(num, subsample.get("eval_batches", EVAL_BATCHES))
+    if not np.isfinite(lw).all():
+        return float("nan"), float("nan")
+    return grouped_estimate(lw, sizes)
 
 
 def compare(
@@ -297,7 +353,8 @@ def compare(
         wall_time_s elbo elbo_se iwae iwae_se iwae_k khat khat_verdict w1_mean
         w1_max max_abs_std_mean_error worst_sd_ratio worst_sd_element coverage_min
         coverage_mean w2 sliced_w2 energy corr_max_error corr_rms_error joint_dim
-        log_evidence gap gap_se iwae_gap reliable point_mass outside_support`` (nats
+        log_evidence gap gap_se iwae_gap reliable point_mass outside_support
+        log_weight_data`` (nats
         for ELBO, IWAE and gaps; ``w1_mean``/``w1_max`` over the site elements of
         the marginal W1 divided by the element's reference sd; joint distances in
         reference-sd units of the unconstrained space). A point estimate
@@ -306,6 +363,15 @@ def compare(
         and it is never ``reliable``. Where ``outside_support`` guide draws have
         ``log p = -inf``, the ELBO and IWAE are
         ``-inf`` (the mean over the other draws would overstate them).
+        A fit whose model subsamples its data (``settings["subsample"]``) has its
+        draws and log weights evaluated on all the rows
+        (:func:`vimodels.svi.subsample.full_data`; ``log_weight_data`` says so)
+        while ``num_draws`` x rows stays within ``FULL_DATA_BUDGET`` and the data
+        are in memory; otherwise (memory-mapped data, stored draws, too many rows)
+        its ELBO is the minibatch estimate from independent batches, and IWAE and
+        k-hat are NaN with the verdict ``SUBSAMPLED`` and a flag: one batch's log
+        weights scaled by N / batch carry subsampling noise that would inflate
+        both and be blamed on q.
     """
     check_option("num_draws", num_draws, kind=int, low=10)
     check_option("iwae_k", iwae_k, kind=int, low=1)
@@ -455,6 +521,15 @@ def _flags(summary: pd.DataFrame, reference: Reference, le: LogEvidence) -> list
             flags.append(
                 f"{row.method}: {row.outside_support} guide draw(s) fall where log p(x, z) = "
                 "-inf (outside the posterior's support): its ELBO and IWAE are -inf"
+            )
+        data = getattr(row, "log_weight_data", "full")
+        if isinstance(data, str) and data.startswith("subsampled"):
+            flags.append(
+                f"{row.method}: its model subsamples the data and its log weights could not "
+                f"be evaluated on the full data ({data[len('subsampled (') : -1]}): IWAE and "
+                "k-hat are not given (a batch's log weight scaled by N / batch is noisy and "
+                "that noise, not q, would inflate them); the ELBO is the minibatch estimate "
+                "from independent batches"
             )
         if row.khat >= metrics.KHAT_BAD:
             flags.append(

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,7 @@ from vimodels.errors import derive_seed
 from vimodels.svi.draws import model_info, sample_guide
 from vimodels.svi.reparam import decentered_sites_of, source_model
 from vimodels.svi.scope import param_scope
+from vimodels.svi.subsample import full_data
 
 if TYPE_CHECKING:
     from diagnostics.nuts.reference import Reference
@@ -577,12 +579,15 @@ def evidence_log_weights(result: FitResult, num: int, seed: int) -> np.ndarray:
 
     What the importance-sampling estimate of ``log p(x)`` uses. A result that
     stores its own (a :class:`~vimodels.runs.tasks.StoredFit`, whose task called
-    this function on the live fit) returns those.
+    this function on the live fit) returns those. A fit whose model subsamples
+    its data is evaluated on all the rows (:func:`vimodels.svi.subsample.full_data`).
     """
     stored = getattr(result, "stored_evidence_log_weights", None)
     if stored is not None:
         return stored(num, seed)
-    with param_scope(result):  # the model's pyro.param sites: the fit's, not the global store
+    # a model that subsamples its data: exact weights need every row (one batch's are noisy)
+    rows = full_data() if getattr(result, "subsample", None) is not None else nullcontext()
+    with param_scope(result), rows:  # the model's pyro.param sites: the fit's
         info = model_info(result.model, result.args, {}, result.max_plate_nesting)
         pyro.set_rng_seed(seed)
         _, lw = sample_guide(result.model, result.guide, result.args, {}, info, num)

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.subsample_messenger import SubsampleMessenger, _Subsample
 
 from vimodels.errors import OptionError
 
@@ -292,3 +292,28 @@ def supplied(seed: int, scheme: str = "epoch") -> Iterator[IndexSupplier]:
     """``with supplied(seed) as s:`` -- an active :class:`IndexSupplier`."""
     with IndexSupplier(seed, scheme) as supplier:
         yield supplier
+
+
+@contextmanager
+def full_data() -> Iterator[None]:
+    """``with full_data():`` -- every subsampled plate takes all its rows (scale 1).
+
+    A plate declared with ``subsample_size`` (and no explicit ``subsample=``)
+    runs on ``range(size)`` while active, so a model's and a guide's log
+    densities are the full-data ones instead of a batch's scaled by
+    ``size / batch``: what exact log weights (PSIS k-hat, IWAE) need. The cost
+    is that of the full data. Process-wide while active, like
+    :class:`IndexSupplier`.
+    """
+    original = SubsampleMessenger.__dict__["_subsample"]
+
+    def whole(name, size=None, subsample_size=None, subsample=None, use_cuda=None, device=None):
+        if size is not None and subsample is None:
+            subsample_size = None  # the plate draws range(size)
+        return original.__func__(name, size, subsample_size, subsample, use_cuda, device)
+
+    SubsampleMessenger._subsample = staticmethod(whole)
+    try:
+        yield
+    finally:
+        SubsampleMessenger._subsample = original
