@@ -134,6 +134,22 @@ def test_subsampled_fit_is_reproducible_from_its_seed():
     assert a.elbo == b.elbo
 
 
+@pytest.mark.parametrize("jit", [True, False])
+def test_pyro_scheme_counts_the_batches_of_every_step(jit):
+    # Pyro's own draws ran inside the JIT-traced step, unseen: 7 batches for 1000 steps
+    x = np.random.default_rng(2).normal(size=500)
+    steps = 120
+    r = vimodels.fit(
+        normal_mean, data={"x": x, "batch": 50}, num_steps=steps, subsample="pyro", jit=jit,
+        progress=False, num_eval=20,
+    )  # fmt: skip
+    assert r.settings["jit"] is jit
+    (plate,) = r.settings["subsample"]["plates"]
+    # one batch per step (the guide draws it, the model replays it), plus a few checks
+    assert steps <= plate["batches"] <= steps + 5
+    assert plate["epochs"] == pytest.approx(plate["batches"] * 50 / 500)
+
+
 def test_unknown_subsample_scheme_is_an_option_error():
     with pytest.raises(OptionError, match="subsample must be one of"):
         vimodels.fit(normal_mean, data={"x": np.zeros(10), "batch": 2}, subsample="rows")

@@ -507,6 +507,17 @@ def finish(
         subsampled = {**supplier.record(), "eval_batches": min(num_eval, EVAL_BATCHES)}
         if subsampled["scheme"] != "pyro":
             subsampled["note"] = "JIT and the compiled step are off (indices drawn in NumPy)"
+        elif objective.jit or outcome.compiled:
+            # Pyro's draws inside a JIT-traced or compiled step never reach Python: the
+            # supplier saw only the tracing and the checks, so count one batch per step
+            # (and per particle when particles are not vectorized)
+            per_step = 1 if settings["vectorize_particles"] else settings["num_particles"]
+            for plate in subsampled["plates"]:
+                plate["batches"] = len(outcome.losses) * per_step
+                plate["epochs"] = round(plate["batches"] * plate["batch"] / plate["size"], 4)
+            subsampled["note"] = (
+                "batches counted from the steps: Pyro draws them inside the compiled step"
+            )
         settings["subsample"] = subsampled
     est, se = math.nan, math.nan
     evaluation: dict = {"vectorized": None, "reason": None}

@@ -270,10 +270,11 @@ class IndexSupplier:
                     "size": size,
                     "batch": batch,
                     "batches": draws,
+                    # passes over the data (Pyro's draws: expected passes, batches x batch / size)
                     "epochs": (
                         round(self.streams[(size, batch)].epochs, 4)
                         if (size, batch) in self.streams
-                        else None
+                        else round(draws * batch / size, 4)
                     ),
                 }
                 for (size, batch), draws in sorted(self.plates.items())
