@@ -201,11 +201,17 @@ class IWAE(DifferentiableLossELBO):
         ndim = st.max_plate_nesting + 1
         particles = pyro.plate("_iwae_particles", K, dim=pdim)
         if st.mode == HIERARCHICAL:
-            # draw the globals once; the K local particles share them
+            # draw the globals once; the K local particles share them. Only the sites inside
+            # the data plate are drawn anew: a global's auxiliary site (an autoguide's
+            # ``<site>_unconstrained``, outside the plate) stays with it, else the global
+            # is replayed as a Delta at its old value and log q of the new draw is -inf
             guide_g = poutine.trace(guide).get_trace(*args, **kwargs)
             for name in list(guide_g.nodes):
                 site = guide_g.nodes[name]
-                if site["type"] == "sample" and name not in st.global_sites:
+                if site["type"] == "sample" and (
+                    name not in st.global_sites
+                    and (site_is_subsample(site) or st.plate in _frames(site))
+                ):
                     guide_g.remove_node(name)
             run_guide = poutine.replay(guide, trace=guide_g)
         else:
