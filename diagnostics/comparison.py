@@ -34,9 +34,10 @@ from diagnostics.evidence import (  # noqa: F401  (re-exported)
     _log_evidence,
     check_bounds,
     evidence_log_weights,
+    subsampled,
+    why_not_full_data,
 )
 from diagnostics.nuts.reference import Reference
-from vimodels.data import RowArray
 from vimodels.errors import IncompatibleError, OptionError, check_option
 from vimodels.svi.draws import ModelInfo, model_info
 from vimodels.svi.minibatch_eval import EVAL_BATCHES, group_sizes, grouped_estimate
@@ -192,9 +193,6 @@ POINT_MASS = "point mass"
 FAILED_STATUSES = ("nonfinite", "diverged")
 #: ``khat_verdict`` of a subsampled fit whose log weights could not be had on the full data.
 SUBSAMPLED = "not applicable (subsampled log weights)"
-#: Most likelihood rows (draws x full-data rows of the subsampled plates) that ``compare``
-#: evaluates to get the full-data log weights of a fit whose model subsamples its data.
-FULL_DATA_BUDGET = 20_000_000
 _METRIC_ERRORS = (ValueError, FloatingPointError, np.linalg.LinAlgError, RuntimeError, KeyError)
 _METRIC_COLUMNS = (
     "elbo elbo_se iwae iwae_se iwae_k khat w1_mean w1_max max_abs_std_mean_error "
@@ -223,7 +221,7 @@ def _method_metrics(
         return None
     row: dict[str, Any] = {"log_weight_data": "full"}
     subsample = subsampled(result)
-    why_not = _why_not_full_data(result, subsample, num_draws) if subsample else None
+    why_not = why_not_full_data(result, subsample, num_draws) if subsample else None
     if subsample and why_not is None:
         # exact log weights: every subsampled plate on all its rows (a batch's estimate of a
         # log weight scaled by N / batch is noisy, and exp() of that noise inflates IWAE and k-hat)
@@ -279,28 +277,6 @@ def _method_metrics(
         row.update(metrics.joint_metrics(unc[ok], ref_unc[ref_ok], seed=seed))
         row["joint_dim"] = int(unc.shape[1])
     return row, table, post, idata, lw
-
-
-def subsampled(result: Any) -> dict | None:
-    """``settings["subsample"]`` of a fit whose model subsamples its data, else None."""
-    sub = getattr(result, "subsample", None)
-    if sub is None:
-        sub = (getattr(result, "settings", None) or {}).get("subsample")
-    return sub or None
-
-
-def _why_not_full_data(result: Any, subsample: dict, num_draws: int) -> str | None:
-    """Why a subsampled fit's log weights cannot be evaluated on the full data (None: they can)."""
-    if getattr(result, "stored_evidence_log_weights", None) is not None:
-        return "stored draws"
-    data = getattr(result, "data", None) or {}
-    values = list(getattr(result, "args", ())) + list(data.values())
-    if any(isinstance(v, RowArray) for v in values):
-        return "memory-mapped data"
-    rows = sum(int(p["size"]) for p in subsample.get("plates", []))
-    if rows * num_draws > FULL_DATA_BUDGET:
-        return f"{num_draws} draws x {rows} rows > {FULL_DATA_BUDGET:.0e}"
-    return None
 
 
 def _minibatch_elbo(result: Any, subsample: dict, num: int, seed: int) -> tuple[float, float]:
@@ -366,7 +342,8 @@ def compare(
         A fit whose model subsamples its data (``settings["subsample"]``) has its
         draws and log weights evaluated on all the rows
         (:func:`vimodels.svi.subsample.full_data`; ``log_weight_data`` says so)
-        while ``num_draws`` x rows stays within ``FULL_DATA_BUDGET`` and the data
+        while ``num_draws`` x rows stays within
+        :data:`diagnostics.evidence.FULL_DATA_BUDGET` and the data
         are in memory; otherwise (memory-mapped data, stored draws, too many rows)
         its ELBO is the minibatch estimate from independent batches, and IWAE and
         k-hat are NaN with the verdict ``SUBSAMPLED`` and a flag: one batch's log

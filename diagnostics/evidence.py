@@ -47,6 +47,7 @@ from scipy.special import gammaln, logsumexp
 
 from diagnostics import _arviz, metrics
 from diagnostics.nuts.kernel import BatchedPotential, FlatPotential
+from vimodels.data import RowArray
 from vimodels.errors import derive_seed
 from vimodels.svi.draws import model_info, sample_guide
 from vimodels.svi.reparam import decentered_sites_of, source_model
@@ -574,19 +575,67 @@ def _guide_log_evidence(
     )
 
 
+#: Most likelihood rows (draws x full-data rows of the subsampled plates) that ``compare``
+#: and :func:`evidence_log_weights` evaluate to get the full-data log weights of a fit
+#: whose model subsamples its data.
+FULL_DATA_BUDGET = 20_000_000
+
+
+def subsampled(result: Any) -> dict | None:
+    """``settings["subsample"]`` of a fit whose model subsamples its data, else None."""
+    sub = getattr(result, "subsample", None)
+    if sub is None:
+        sub = (getattr(result, "settings", None) or {}).get("subsample")
+    return sub or None
+
+
+def why_not_full_data(result: Any, subsample: dict, num_draws: int) -> str | None:
+    """Why a subsampled fit's log weights cannot be evaluated on the full data (None: they can).
+
+    Parameters
+    ----------
+    result : FitResult or StoredFit
+    subsample : dict
+        Its ``settings["subsample"]`` (:func:`subsampled`).
+    num_draws : int
+        Draws to evaluate.
+
+    Returns
+    -------
+    str or None
+        ``"stored draws"`` (a stored task: its draws cannot be re-evaluated),
+        ``"memory-mapped data"`` (reading every row is what the batches avoid), or
+        draws x rows over :data:`FULL_DATA_BUDGET`; None when affordable.
+    """
+    if getattr(result, "stored_evidence_log_weights", None) is not None:
+        return "stored draws"
+    data = getattr(result, "data", None) or {}
+    values = list(getattr(result, "args", ())) + list(data.values())
+    if any(isinstance(v, RowArray) for v in values):
+        return "memory-mapped data"
+    rows = sum(int(p["size"]) for p in subsample.get("plates", []))
+    if rows * num_draws > FULL_DATA_BUDGET:
+        return f"{num_draws} draws x {rows} rows > {FULL_DATA_BUDGET:.0e}"
+    return None
+
+
 def evidence_log_weights(result: FitResult, num: int, seed: int) -> np.ndarray:
     """``num`` log weights ``log p(x, z) - log q(z)`` of a fit's guide, drawn with ``seed``.
 
     What the importance-sampling estimate of ``log p(x)`` uses. A result that
     stores its own (a :class:`~vimodels.runs.tasks.StoredFit`, whose task called
     this function on the live fit) returns those. A fit whose model subsamples
-    its data is evaluated on all the rows (:func:`vimodels.svi.subsample.full_data`).
+    its data is evaluated on all the rows (:func:`vimodels.svi.subsample.full_data`),
+    or, where :func:`why_not_full_data` says it cannot be, gets NaN weights.
     """
     stored = getattr(result, "stored_evidence_log_weights", None)
     if stored is not None:
         return stored(num, seed)
     # a model that subsamples its data: exact weights need every row (one batch's are noisy)
-    rows = full_data() if getattr(result, "subsample", None) is not None else nullcontext()
+    sub = subsampled(result)
+    if sub and why_not_full_data(result, sub, num) is not None:
+        return np.full(num, np.nan)  # no estimate rather than a batch's noise
+    rows = full_data() if sub else nullcontext()
     with param_scope(result), rows:  # the model's pyro.param sites: the fit's
         info = model_info(result.model, result.args, {}, result.max_plate_nesting)
         pyro.set_rng_seed(seed)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from diagnostics import comparison
+from diagnostics import evidence
 from diagnostics.comparison import compare
 from diagnostics.nuts.reference import exact_reference
 from vimodels.catalog.conjugate import load_synthetic
@@ -64,7 +64,7 @@ def test_subsampled_fit_is_compared_on_full_data_log_weights(sub_fit):
 
 def test_subsampled_fit_too_large_for_full_data_gets_no_iwae_or_khat(sub_fit, monkeypatch):
     r, ref = sub_fit
-    monkeypatch.setattr(comparison, "FULL_DATA_BUDGET", 10, raising=False)
+    monkeypatch.setattr(evidence, "FULL_DATA_BUDGET", 10, raising=False)
     c = compare([r], ref, num_draws=1000, iwae_k=20, num_evidence=1000, seed=1)
     row = c.summary.iloc[0]
     assert math.isnan(row.iwae) and math.isnan(row.khat)
@@ -89,6 +89,18 @@ def test_memory_mapped_data_is_not_read_whole(tmp_path):
             pyro.sample("x", dist.Normal(mu, 1.0), obs=x[idx])
 
     r = fit(model, data={"x": x, "batch": 20}, seed=0, num_steps=5, progress=False, num_eval=20)
-    sub = comparison.subsampled(r)
+    sub = evidence.subsampled(r)
     assert sub["plates"][0]["size"] == 200
-    assert comparison._why_not_full_data(r, sub, 1000) == "memory-mapped data"
+    assert evidence.why_not_full_data(r, sub, 1000) == "memory-mapped data"
+
+
+def test_evidence_log_weights_of_a_subsampled_fit_are_full_data_or_nan(sub_fit, monkeypatch):
+    r, _ = sub_fit
+    lw = evidence.evidence_log_weights(r, 2000, seed=4)
+    # exact weights of a q close to the posterior: mean = the closed-form full-data ELBO, small
+    # spread (one batch of 10 of 50 rows, scaled by 5, spread them over several nats)
+    se = lw.std() / np.sqrt(len(lw))
+    assert lw.mean() == pytest.approx(full_data_elbo(r), abs=5 * se + F32)
+    assert lw.std() < 0.5
+    monkeypatch.setattr(evidence, "FULL_DATA_BUDGET", 10, raising=False)
+    assert np.isnan(evidence.evidence_log_weights(r, 100, seed=4)).all()
