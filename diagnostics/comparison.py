@@ -345,7 +345,8 @@ def compare(
         while ``num_draws`` x rows stays within
         :data:`diagnostics.evidence.FULL_DATA_BUDGET` and the data
         are in memory; otherwise (memory-mapped data, stored draws, too many rows)
-        its ELBO is the minibatch estimate from independent batches, and IWAE and
+        its ELBO is the minibatch estimate from independent batches (NaN for
+        stored draws, which cannot be re-evaluated), and IWAE and
         k-hat are NaN with the verdict ``SUBSAMPLED`` and a flag: one batch's log
         weights scaled by N / batch carry subsampling noise that would inflate
         both and be blamed on q.
