@@ -454,7 +454,13 @@ def test_radon_mean_field_underestimates_county_scale_sd(reference_cache):
             num_eval=10,
             progress=False,
         )
-        assert r.converged, r.message
+        if guide == "structured":
+            assert r.converged, r.message
+        else:
+            # mean-field on the centered model keeps gaining slowly (training loss 1098.98
+            # at step 300 to 1098.09 at 3000 and 1097.95 at 6000, seed 1): honestly "not
+            # converged" at 1500 steps, though its shrunken sd(sigma_a) is what is tested
+            assert r.status == "max_steps" and "not converged" in r.message, r.message
         sd, se = _sd_and_se(r.sample(NUM_GUIDE_DRAWS, sites=("sigma_a",))["sigma_a"])
         errors[guide] = (sd - ref_sd, math.hypot(se, ref_se))
     gap, se = errors["mean_field"]
