@@ -15,7 +15,13 @@ instead:
   own fingerprint, library functions, classes and modules by name: the library
   versions are part of the cache key);
 - for ``functools.partial`` objects and bound methods, the wrapped function
-  and the bound values.
+  and the bound values;
+- every layer of a decorated function (each ``functools.wraps`` wrapper's code,
+  closure and defaults, then the function it wraps);
+- the attributes of the user's classes (and their bases), of the user's modules
+  read through attribute chains (``pkg.sub.CONSTANT``, ``mod.Config.X``), and of
+  ``nn.Module`` objects: parameters, all buffers, hooks, plain attributes, and
+  submodules likewise.
 
 A value it cannot hash faithfully (an arbitrary object) raises
 :class:`Unfingerprintable`; the caller must then not cache, rather than risk
@@ -24,9 +30,9 @@ returning another model's draws.
 
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
-import inspect
 import sys
 import sysconfig
 import types
@@ -52,6 +58,17 @@ _LIBRARY_PACKAGES = frozenset(
 )
 # this project's packages: always hashed by content, wherever they are installed
 _FIRST_PARTY = frozenset({"vimodels", "diagnostics", "guides"})
+
+
+# what every nn.Module holds (hooks apart, hashed when set): not the user's attributes
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+
+
+def _class_internal(name: str, member: Any) -> bool:
+    """Class members that are Python's bookkeeping, not values the model reads."""
+    if name.startswith("__") and name.endswith("__"):
+        return True
+    return name.startswith("_abc_")  # abc's registry
 
 
 class Unfingerprintable(Exception):
@@ -146,15 +163,24 @@ class _Hasher:
         elif isinstance(obj, type):
             self.cls(obj, where, depth)
         elif isinstance(obj, torch.nn.Module):
-            self.put("nn.Module")
+            self.module(obj, where, depth)
+        elif isinstance(obj, torch.distributions.constraints.Constraint):
+            # a distribution class's arg_constraints, support: its class and parameters
             self.cls(type(obj), where, depth + 1)
-            self.value(dict(obj.state_dict()), f"{where}.state_dict()", depth + 1)
-            self.value(obj.training, f"{where}.training", depth + 1)
+            self.value(dict(vars(obj)), f"{where} attributes", depth + 1)
+        elif isinstance(obj, enum.Enum):
+            self.cls(type(obj), where, depth + 1)
+            self.put("enum", obj.name)
+            self.value(obj.value, f"{where}.value", depth + 1)
         elif callable(obj) and _is_library(obj) and hasattr(obj, "__qualname__"):
             # built-in functions and other library callables (torch.exp, math.sqrt ...)
             self.put("callable", getattr(obj, "__module__", ""), obj.__qualname__)
-        elif hasattr(obj, "__wrapped__"):
-            self.value(inspect.unwrap(obj), where, depth + 1)
+        elif hasattr(obj, "__wrapped__") and hasattr(obj, "__dict__"):
+            # a callable object wrapping a function: its class and all its attributes
+            # (the wrapped function among them), not the wrapped function alone
+            self.put("wrapper object")
+            self.cls(type(obj), where, depth + 1)
+            self.value(dict(vars(obj)), f"{where} attributes", depth + 1)
         elif type(obj).__module__ == "builtins" and type(obj).__name__ in ("ellipsis", "range"):
             self.put(repr(obj))
         else:
@@ -164,32 +190,90 @@ class _Hasher:
             )
 
     def cls(self, cls: type, where: str, depth: int) -> None:
+        """Hash a class: its name; a user's or the project's also by its contents.
+
+        Its bases, functions and attributes (``Config.PRIOR_SD``, a class-level
+        tensor ...), recursively (each class once, to ``_MAX_DEPTH``).
+        """
         self.put("class", cls.__module__, cls.__qualname__)
         if _is_library(cls) or id(cls) in self.seen:
             return
+        if depth > _MAX_DEPTH:
+            raise Unfingerprintable(f"{where} is nested too deeply to fingerprint")
         self.seen[id(cls)] = len(self.seen)
+        for base in cls.__bases__:
+            self.put("base")
+            self.cls(base, f"{where} base {base.__qualname__}", depth + 1)
         for name, member in sorted(vars(cls).items()):
             if isinstance(member, (staticmethod, classmethod)):
                 member = member.__func__
             if isinstance(member, property):
-                member = member.fget
+                self.put("property", name)
+                for accessor in (member.fget, member.fset, member.fdel):
+                    self.value(accessor, f"{where}.{name}", depth + 1)
+                continue
+            if isinstance(member, functools.cached_property):
+                member = member.func
             if isinstance(member, types.FunctionType):
                 self.put(name)
                 self.function(member, f"{where}.{name}", depth + 1)
+            elif not _class_internal(name, member):
+                self.put("class attribute", name)
+                self.value(member, f"{where}.{name}", depth + 1)
+
+    def module(self, obj: torch.nn.Module, where: str, depth: int) -> None:
+        """Hash an ``nn.Module`` by its class and everything it holds.
+
+        Its mode, parameters, all buffers (persistent or not), hooks and plain
+        attributes (``self.sd = 2.0``), and its submodules likewise.
+        """
+        self.put("nn.Module")
+        self.cls(type(obj), where, depth + 1)
+        if id(obj) in self.seen:  # shared or recursive submodule
+            self.put("recursive", self.seen[id(obj)])
+            return
+        self.seen[id(obj)] = len(self.seen)
+        state = vars(obj)
+        for name in sorted(state):
+            value = state[name]
+            if name in ("_parameters", "_buffers", "_modules"):
+                self.put(name)
+                self.value(dict(value), f"{where}.{name}", depth + 1)
+            elif name.endswith("hooks"):
+                if value:  # a hook changes what the module computes
+                    self.put(name)
+                    self.value(dict(value), f"{where}.{name}", depth + 1)
+            elif name in _MODULE_INTERNALS:
+                continue
+            else:
+                self.put("attribute", name)
+                self.value(value, f"{where}.{name}", depth + 1)
 
     def function(self, fn: types.FunctionType, where: str, depth: int) -> None:
-        fn = inspect.unwrap(fn)
-        if not isinstance(fn, types.FunctionType):
-            self.value(fn, where, depth + 1)
-            return
+        """Hash a function: its code, defaults, closure, the globals it reads, what it wraps.
+
+        Every function it wraps (``__wrapped__``, set by ``functools.wraps``) is
+        hashed likewise: a decorator's wrapper is part of what the model computes.
+        """
         self.put("function", fn.__module__, fn.__qualname__)
-        if _is_library(fn):
-            return
         if id(fn) in self.seen:  # recursion: the function itself is being hashed
             self.put("recursive", self.seen[id(fn)])
             return
         self.seen[id(fn)] = len(self.seen)
+        if _is_library(fn):
+            # by name (the library versions are in the key); one made at run time by a
+            # library (a decorator's wrapper) also by what it closes over and wraps
+            if fn.__closure__ or "__wrapped__" in vars(fn):
+                self.closure(fn, where, depth)
+                self.wrapped(fn, where, depth)
+            return
         names = self.code(fn.__code__)
+        self.closure(fn, where, depth)
+        self.globals_read(fn.__globals__, names, where, depth)
+        self.wrapped(fn, where, depth)
+
+    def closure(self, fn: types.FunctionType, where: str, depth: int) -> None:
+        """Hash a function's default arguments and the contents of its closure cells."""
         self.value(fn.__defaults__, f"{where} defaults", depth + 1)
         self.value(fn.__kwdefaults__, f"{where} keyword defaults", depth + 1)
         for var, cell in zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True):
@@ -200,22 +284,42 @@ class _Hasher:
                 continue
             self.put("cell", var)
             self.value(content, f"{where} closure variable {var!r}", depth + 1)
-        self.globals_read(fn.__globals__, names, where, depth)
+
+    def wrapped(self, fn: types.FunctionType, where: str, depth: int) -> None:
+        """Hash the function ``fn`` wraps (``functools.wraps``), if any: the next layer."""
+        if "__wrapped__" in vars(fn):
+            self.put("wraps")
+            self.value(vars(fn)["__wrapped__"], f"{where}.__wrapped__", depth + 1)
 
     def globals_read(self, space: dict, names: list[str], where: str, depth: int) -> None:
+        """Hash the globals the code reads and the module attributes it reads.
+
+        Attributes of the user's and the project's modules are followed through
+        chains (``pkg.sub.CONSTANT``, ``mod.Class.X``), each module once.
+        """
+        wanted = sorted(set(names))
         modules = []
-        for name in sorted(set(names)):
+        for name in wanted:
             if name in space:
                 value = space[name]
                 self.put("global", name)
                 self.value(value, f"{where} global {name!r}", depth + 1)
                 if isinstance(value, types.ModuleType) and not _is_library(value):
                     modules.append(value)
-        for module in modules:  # attributes of the project's own modules: mod.CONSTANT
-            for name in sorted(set(names)):
-                if name in vars(module) and not isinstance(vars(module)[name], types.ModuleType):
-                    self.put("attribute", module.__name__, name)
-                    self.value(vars(module)[name], f"{where} {module.__name__}.{name}", depth + 1)
+        visited: set[int] = set()
+        while modules:  # attributes of those modules, and of their submodules in turn
+            module = modules.pop(0)
+            if id(module) in visited:
+                continue
+            visited.add(id(module))
+            for name in wanted:
+                if name not in vars(module):
+                    continue
+                value = vars(module)[name]
+                self.put("attribute", module.__name__, name)
+                self.value(value, f"{where} {module.__name__}.{name}", depth + 1)
+                if isinstance(value, types.ModuleType) and not _is_library(value):
+                    modules.append(value)
 
     def code(self, code: types.CodeType) -> list[str]:
         """Hash a code object (without file name and line numbers); return the names it reads."""
