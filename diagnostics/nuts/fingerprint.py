@@ -43,8 +43,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from vimodels.data import RowArray
+
 _MAX_DEPTH = 12
 _MAX_ITEMS = 10_000
+_MAX_DATA_ITEMS = 10_000_000  # data: long lists of numbers are still hashed by content
+_CHUNK_BYTES = 1 << 26  # memory-mapped and row-read arrays: hashed 64 MiB of rows at a time
 _LIBRARY_ROOTS = tuple(
     str(Path(p).resolve())
     for p in {
@@ -88,6 +92,24 @@ def fingerprint(fn: Callable) -> str:
     return h.hexdigest()
 
 
+def data_fingerprint(data: Any) -> str:
+    """SHA-256 hex digest of a data set's content (the cache key's data part).
+
+    Every value by content, recursively through dicts, lists and tuples:
+    tensors and arrays by dtype, shape and bytes (memory-mapped arrays and
+    :class:`~vimodels.data.RowArray` read in chunks of rows, never whole),
+    numbers and strings by type and exact ``repr``.
+
+    Raises
+    ------
+    Unfingerprintable
+        When a value cannot be hashed by content (an arbitrary object).
+    """
+    h = hashlib.sha256()
+    _Hasher(h, max_items=_MAX_DATA_ITEMS).value(data, "data", 0)
+    return h.hexdigest()
+
+
 def _is_library(obj: Any) -> bool:
     """True for functions, classes and modules of the standard library or installed packages."""
     module = getattr(obj, "__module__", None) if not isinstance(obj, types.ModuleType) else None
@@ -109,10 +131,11 @@ def _is_library(obj: Any) -> bool:
 
 
 class _Hasher:
-    def __init__(self, h: Any):
+    def __init__(self, h: Any, max_items: int = _MAX_ITEMS):
         self.h = h
         self.seen: dict[int, int] = {}  # id of a function being hashed -> its order
         self.items = 0
+        self.max_items = max_items
 
     def put(self, *parts: object) -> None:
         for part in parts:
@@ -121,7 +144,7 @@ class _Hasher:
 
     def value(self, obj: Any, where: str, depth: int) -> None:  # noqa: C901 - one dispatch
         self.items += 1
-        if depth > _MAX_DEPTH or self.items > _MAX_ITEMS:
+        if depth > _MAX_DEPTH or self.items > self.max_items:
             raise Unfingerprintable(f"{where} is nested too deeply to fingerprint")
         if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
             self.put(type(obj).__name__, repr(obj))
@@ -133,10 +156,14 @@ class _Hasher:
                 "tensor", t.dtype, tuple(t.shape), hashlib.sha256(_tensor_bytes(t)).hexdigest()
             )
         elif isinstance(obj, (np.ndarray, np.generic)):
-            a = np.ascontiguousarray(obj)
-            if a.dtype.hasobject:
+            if obj.dtype.hasobject:
                 raise Unfingerprintable(f"{where} is an array of Python objects")
-            self.put("ndarray", a.dtype.str, a.shape, hashlib.sha256(a.tobytes()).hexdigest())
+            self.put("ndarray", obj.dtype.str, obj.shape, _array_digest(obj))
+        elif isinstance(obj, RowArray):  # data read by rows: its content, not its repr
+            dtype = np.dtype(obj.array.dtype)
+            if dtype.hasobject:
+                raise Unfingerprintable(f"{where} is an array of Python objects")
+            self.put("ndarray", dtype.str, obj.shape, _array_digest(obj.array))
         elif isinstance(obj, (tuple, list, set, frozenset)):
             items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
             self.put(type(obj).__name__, len(items))
@@ -342,6 +369,24 @@ class _Hasher:
             else:
                 self.put(type(const).__name__, repr(const))
         return names
+
+
+def _array_digest(array: Any) -> str:
+    """SHA-256 of an array's C-order bytes, read ``_CHUNK_BYTES`` of rows at a time.
+
+    The digest equals ``sha256(np.ascontiguousarray(array).tobytes())``; a
+    memory-mapped (or HDF5, zarr) array is streamed, never loaded whole.
+    """
+    h = hashlib.sha256()
+    shape = tuple(int(n) for n in array.shape)
+    if not shape:
+        h.update(np.ascontiguousarray(array).tobytes())
+        return h.hexdigest()
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(array.dtype).itemsize)
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    for start in range(0, shape[0], step):
+        h.update(np.ascontiguousarray(array[start : start + step]).tobytes())
+    return h.hexdigest()
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:

@@ -61,7 +61,7 @@ from pyro.poutine.util import site_is_subsample
 from diagnostics import chainstats
 from diagnostics.labels import element_labels
 from diagnostics.nuts.chains import is_lockstep, run_group, runs_grouped
-from diagnostics.nuts.fingerprint import Unfingerprintable, fingerprint
+from diagnostics.nuts.fingerprint import Unfingerprintable, data_fingerprint, fingerprint
 from diagnostics.nuts.kernel import ALGORITHM_VERSION, AUTO_DENSE_MAX_DIM, AUTO_DRAWS_PER_DIM
 from diagnostics.nuts.nutpie_engine import (
     NUTPIE_MAX_DIM,
@@ -467,32 +467,58 @@ def _code_text(fn: Callable) -> str:
     return f"{code.co_code.hex()}|{code.co_consts!r}|{code.co_names!r}"
 
 
-def _hash_data(h: Any, data: Mapping[str, Any]) -> None:
-    for key in sorted(data):
-        value = data[key]
-        h.update(key.encode())
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().numpy()
-        if isinstance(value, np.ndarray):
-            h.update(f"{value.dtype.str}{value.shape}".encode())
-            h.update(np.ascontiguousarray(value).tobytes())
-        else:
-            h.update(repr(value).encode())
+def data_id(data: Mapping[str, Any], params: Mapping[str, Any] | None = None) -> str | None:
+    """:func:`~diagnostics.nuts.fingerprint.data_fingerprint` of the data (and params), or None.
+
+    ``params`` are the values of the ``pyro.param`` sites the model reads
+    (from the param store: part of what it computes). None means: do not
+    cache (a value cannot be hashed by content); the reason is warned.
+    """
+    try:
+        return data_fingerprint({"data": dict(data), "params": dict(params or {})})
+    except Unfingerprintable as exc:
+        warnings.warn(
+            f"the reference of this model is not cached: {exc}; give the data as tensors, "
+            "arrays, numbers, strings, or dicts and lists of them to cache it",
+            NotCachedWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _hash_data(h: Any, data: Mapping[str, Any], params: Mapping[str, Any] | None = None) -> None:
+    try:
+        digest = data_fingerprint({"data": dict(data), "params": dict(params or {})})
+    except Unfingerprintable:  # not cached (run_nuts): the key only names the draws
+        digest = "unhashable:" + repr(sorted(data))
+    h.update(f"|data:{digest}|".encode())
+
+
+def param_values(tr: Any) -> dict[str, torch.Tensor]:
+    """The values of the ``pyro.param`` sites of a trace (read from the param store)."""
+    return {
+        name: site["value"].detach()
+        for name, site in tr.nodes.items()
+        if site["type"] == "param" and isinstance(site["value"], torch.Tensor)
+    }
 
 
 def cache_key(
-    model: Callable,
-    data: Mapping[str, Any],
+    model: Callable | str,
+    data: Mapping[str, Any] | str,
     settings: NutsSettings,
     seed: int,
     sites: tuple[str, ...],
     kind: str = NUTS_KIND,
     engine: str | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> str:
     """SHA-256 of the model, the data, the settings, the engine, the seed and the versions.
 
     ``model`` is a function (keyed by :func:`model_fingerprint`: its code,
-    closure, defaults and the globals it reads) or such a fingerprint. A NUTS
+    closure, defaults and the globals it reads) or such a fingerprint. ``data``
+    is a data set (hashed by content, :func:`data_id`) or such a digest;
+    ``params`` the values of the ``pyro.param`` sites the model reads. A NUTS
     key includes the sampler's ``ALGORITHM_VERSION`` (``diagnostics.nuts.kernel``),
     so a change of the algorithm serves no reference drawn before it.
     ``engine`` is the sampler that runs (``settings.sampler`` resolved,
@@ -507,7 +533,10 @@ def cache_key(
     if kind == NUTS_KIND:
         h.update(f"algorithm-v{ALGORITHM_VERSION}|".encode())
     h.update(_model_source(model).encode() if isinstance(model, Callable) else model.encode())
-    _hash_data(h, data)
+    if isinstance(data, str):
+        h.update(f"|data:{data}|".encode())
+    else:
+        _hash_data(h, data, params)
     h.update(
         json.dumps(
             {
@@ -894,13 +923,20 @@ def run_nuts(
         if cache:
             not_cached = "not cached: the model depends on a value that cannot be fingerprinted"
             cache = False
+    # the data by content, and the param store's values of the params the model reads
+    data_key = data_id(data_dict, param_values(tr))
+    if data_key is None:
+        data_key = "unhashable:" + repr(sorted(data_dict))
+        if cache:
+            not_cached = "not cached: the data holds a value that cannot be hashed by content"
+            cache = False
     engine = resolve_sampler(s.sampler, flat_dim(info))
     if engine == "nutpie" and nutpie_version() == "not installed":
         raise OptionError(
             f"NUTS sampler {s.sampler!r} runs nutpie on {name!r}, which is not installed; "
             'install the extra (pip install "vimodels[nutpie]") or use sampler="vimodels"'
         )
-    key = cache_key(model_id, data_dict, s, seed, sites, engine=engine)
+    key = cache_key(model_id, data_key, s, seed, sites, engine=engine)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     npz, manifest = _entry_paths(root, name, key)
     if not_cached:

@@ -8,6 +8,7 @@ a damaged entry.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 
@@ -17,15 +18,18 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from diagnostics.nuts.fingerprint import Unfingerprintable, fingerprint
+from diagnostics.nuts import fingerprint as fingerprint_module
+from diagnostics.nuts.fingerprint import Unfingerprintable, data_fingerprint, fingerprint
 from diagnostics.nuts.reference import (
     CacheWarning,
     NotCachedWarning,
     cache_key,
+    data_id,
     run_nuts,
 )
 from vimodels.catalog.base import NutsSettings
 from vimodels.catalog.registry import MODELS
+from vimodels.data import RowArray
 
 TINY = {"num_chains": 1, "num_warmup": 30, "num_samples": 30}
 DATA = {"y": torch.tensor([0.1, -0.2, 0.3])}
@@ -143,10 +147,62 @@ def _global_loc_model(y):
         pyro.sample("y", dist.Normal(mu, 10.0), obs=y)
 
 
+def _loc_arg_model(y, loc=0.0):
+    mu = pyro.sample("mu", dist.Normal(loc, 0.1))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu, 10.0), obs=y)
+
+
+def with_loc(loc):
+    """A user's decorator (functools.wraps): the wrapper passes ``loc``."""
+
+    def deco(f):
+        @functools.wraps(f)
+        def wrapper(y):
+            return f(y, loc)
+
+        return wrapper
+
+    return deco
+
+
+class _Priors:
+    LOC = 0.0  # read by _class_attribute_model; the fresh-reference test changes it
+
+
+def _class_attribute_model(y):
+    mu = pyro.sample("mu", dist.Normal(_Priors.LOC, 0.1))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu, 10.0), obs=y)
+
+
+def _param_model(y):
+    loc = pyro.param("prior_loc", torch.tensor(0.0))
+    mu = pyro.sample("mu", dist.Normal(loc, 0.1))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu, 10.0), obs=y)
+
+
+@pytest.fixture
+def _clean_param_store():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
 def _model_at(variant: str, loc: float, monkeypatch):
     """The model of ``variant`` with its location set to ``loc`` (same source text)."""
     if variant == "factory_float":
         return make_model(loc)
+    if variant == "decorator":
+        return with_loc(loc)(_loc_arg_model)
+    if variant == "class_attribute":
+        monkeypatch.setattr(_Priors, "LOC", loc)
+        return _class_attribute_model
+    if variant == "param_store":
+        pyro.clear_param_store()
+        pyro.param("prior_loc", torch.tensor(loc))
+        return _param_model
     if variant == "closure_tensor":
         return make_tensor_model(torch.tensor(loc))
     if variant == "module_constant":
@@ -157,10 +213,25 @@ def _model_at(variant: str, loc: float, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "variant", ["factory_float", "closure_tensor", "module_constant", "default_argument"]
+    "variant",
+    [
+        "factory_float",
+        "closure_tensor",
+        "module_constant",
+        "default_argument",
+        "decorator",
+        "class_attribute",
+        "param_store",
+    ],
 )
-def test_changed_value_gets_a_fresh_reference_not_the_cached_one(tmp_path, monkeypatch, variant):
-    """The reported bug: loc=10 returned the loc=0 draws from the cache."""
+def test_changed_value_gets_a_fresh_reference_not_the_cached_one(
+    tmp_path, monkeypatch, variant, _clean_param_store
+):
+    """The reported bug: loc=10 returned the loc=0 draws from the cache.
+
+    Also through a ``functools.wraps`` decorator's argument, a class attribute
+    and a ``pyro.param`` value in the param store (each served stale before).
+    """
 
     def run(loc):
         return run_nuts(
@@ -251,3 +322,51 @@ def test_edited_manifest_is_a_damaged_entry(cached, edit):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert run().from_cache  # the recomputed entry is whole again
+
+
+def test_a_value_deep_in_a_large_tensor_in_a_dict_changes_the_key():
+    """torch's repr of a 5000-element tensor elides the middle: the key hashed that repr."""
+    a = torch.zeros(5000)
+    b = a.clone()
+    b[2500] = 7.0
+    s = NutsSettings()
+    assert cache_key(_global_model, {"g": {"x": a}}, s, 0, ("mu",)) != cache_key(
+        _global_model, {"g": {"x": b}}, s, 0, ("mu",)
+    )
+    assert data_fingerprint({"s": np.float32(1.0)}) != data_fingerprint({"s": 1.0})
+    assert data_fingerprint({"g": [a, 1]}) == data_fingerprint({"g": [a.clone(), 1]})
+
+
+@pytest.mark.parametrize("lazy", ["memmap", "row_array"])
+def test_memory_mapped_data_is_keyed_by_its_content_in_chunks(tmp_path, monkeypatch, lazy):
+    """RowArray's repr is its key, shape and dtype: the key missed new values in the file."""
+    monkeypatch.setattr(fingerprint_module, "_CHUNK_BYTES", 64)  # 64 bytes: many chunks
+    values = np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32)
+    keys = []
+    for shift in (0.0, 0.0, 50.0):
+        path = tmp_path / f"y{shift}.npy"
+        np.save(path, values + shift)
+        y = np.load(path, mmap_mode="r")
+        keys.append(data_fingerprint({"y": y if lazy == "memmap" else RowArray("y", y)}))
+    assert keys[0] == keys[1] != keys[2]
+    # the chunked digest is the digest of the whole array's bytes
+    assert keys[0] == data_fingerprint({"y": values})
+
+
+def test_data_that_cannot_be_hashed_by_content_is_not_cached(tmp_path):
+    class Opaque:
+        pass
+
+    with pytest.warns(NotCachedWarning, match="not cached: .*Opaque"):
+        assert data_id({"y": DATA["y"], "extra": Opaque()}) is None
+
+    def model(y, extra):
+        mu = pyro.sample("mu", dist.Normal(0.0, 0.1))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(mu, 10.0), obs=y)
+
+    with pytest.warns(NotCachedWarning):
+        ref = run_nuts(
+            model, {"y": DATA["y"], "extra": Opaque()}, settings=TINY, cache_dir=tmp_path
+        )
+    assert ref.settings["cache"].startswith("not cached") and not list(tmp_path.rglob("*.npz"))
