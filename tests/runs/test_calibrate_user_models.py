@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 from pyro.distributions import constraints
 
+from diagnostics.nuts.reference import NotCachedWarning
 from vimodels.errors import DataError, IncompatibleError, OptionError
 from vimodels.runs.calibrate import calibrate, make_problem, simulate
 
@@ -170,3 +175,59 @@ def test_named_sites_are_checked():
         make_problem(two_obs, {"y1": [0.0] * 4, "y2": [1.0] * 4}, observed={"y1": "obs2"})
     with pytest.raises(OptionError, match="observed is a list"):
         make_problem(two_obs, ZEROS, observed="y1")
+
+
+PRIOR_A = 2.0  # read by coin_global; the problem-key test changes it
+
+
+def coin_global(trials, successes=None):
+    p = pyro.sample("p", dist.Beta(PRIOR_A, 2.0))
+    with pyro.plate("experiments", trials.shape[0]):
+        pyro.sample("successes", dist.Binomial(trials, p), obs=successes)
+
+
+def _with_prior(a):
+    """A user's decorator (functools.wraps) that scales the log density by ``a``."""
+
+    def deco(f):
+        @functools.wraps(f)
+        def wrapper(trials, successes=None):
+            with poutine.scale(scale=a):
+                return f(trials, successes)
+
+        return wrapper
+
+    return deco
+
+
+def test_a_user_problem_is_keyed_by_what_the_model_computes(monkeypatch):
+    """Saved simulations were reused after the prior changed: the key was the source text.
+
+    The problem key follows a module-level constant the model reads and a
+    decorator's argument, as the NUTS cache's fingerprint does.
+    """
+    before = make_problem(coin_global, DATA).fingerprint
+    assert make_problem(coin_global, DATA).fingerprint == before
+    monkeypatch.setattr(sys.modules[__name__], "PRIOR_A", 50.0)
+    assert make_problem(coin_global, DATA).fingerprint != before
+    assert (
+        make_problem(_with_prior(1.0)(coin), DATA).fingerprint
+        != make_problem(_with_prior(2.0)(coin), DATA).fingerprint
+    )
+
+
+def test_a_user_problem_that_cannot_be_fingerprinted_never_reuses_simulations():
+    class Opaque:
+        a = 2.0
+
+    thing = Opaque()
+
+    def opaque_coin(trials, successes=None):
+        p = pyro.sample("p", dist.Beta(thing.a, 2.0))
+        with pyro.plate("experiments", trials.shape[0]):
+            pyro.sample("successes", dist.Binomial(trials, p), obs=successes)
+
+    with pytest.warns(NotCachedWarning, match="not reused"):
+        first = make_problem(opaque_coin, DATA).fingerprint
+    with pytest.warns(NotCachedWarning):
+        assert make_problem(opaque_coin, DATA).fingerprint != first

@@ -33,6 +33,8 @@ import json
 import sys
 import tempfile
 import time
+import uuid
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -50,6 +52,8 @@ from diagnostics import calibration as stats
 from diagnostics.calibration import ranks as rank_of
 from diagnostics.calibration_report import write_calibration_report
 from diagnostics.metrics import element_labels
+from diagnostics.nuts.fingerprint import Unfingerprintable, data_fingerprint, fingerprint
+from diagnostics.nuts.reference import NotCachedWarning
 from guides.registry import get_guide_spec
 from vimodels.catalog.base import CatalogEntry
 from vimodels.catalog.registry import get_model
@@ -151,8 +155,10 @@ class Problem:
     sites : tuple of str
         Sites whose elements are ranked.
     fingerprint : str
-        SHA-256 (16 hex digits) of the model's source, the data, ``observed``
-        and ``sites``.
+        SHA-256 (16 hex digits) of the model, the data, ``observed`` and
+        ``sites``: a catalog entry's source (its code is also in each task's
+        ``code``), a user model's fingerprint (code, closure, defaults, the
+        globals, helpers and decorators it uses; as the NUTS cache keys it).
     """
 
     name: str
@@ -187,6 +193,25 @@ def _source(fn: Callable) -> str:
         return inspect.getsource(fn)
     except (OSError, TypeError):
         return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _user_problem_key(fn: Callable, data: Mapping[str, Any], name: str) -> str:
+    """What keys a user model's problem: its fingerprint and its data's, as the NUTS cache's.
+
+    The model's fingerprint (:func:`diagnostics.nuts.fingerprint.fingerprint`:
+    code, closure, defaults, globals and helpers read, decorators) and the
+    data by content. When either cannot be had, a fresh random key: saved
+    simulations are then never reused (:class:`NotCachedWarning`).
+    """
+    try:
+        return f"user-model|{fingerprint(fn)}|{data_fingerprint(dict(data))}"
+    except Unfingerprintable as exc:
+        warnings.warn(
+            f"saved simulations of {name!r} are not reused: {exc}; every run simulates anew",
+            NotCachedWarning,
+            stacklevel=3,
+        )
+        return f"not-reused|{uuid.uuid4().hex}"
 
 
 def _observed_values(tr: poutine.Trace) -> dict[str, torch.Tensor]:
@@ -455,15 +480,18 @@ def make_problem(
             f"site(s) {', '.join(missing) or '(none)'} are not latent sites of {name!r}; "
             f"latent sites: {', '.join(latent)}"
         )
-    h = hashlib.sha256(_source(fn).encode())
-    for k in sorted(base):
-        v = base[k]
-        h.update(k.encode())
-        h.update(
-            v.detach().cpu().numpy().tobytes() + str(tuple(v.shape)).encode()
-            if isinstance(v, torch.Tensor)
-            else repr(v).encode()
-        )
+    if template is None:  # a catalog entry: its source (its code is in the tasks' code hash)
+        h = hashlib.sha256(_source(fn).encode())
+        for k in sorted(base):
+            v = base[k]
+            h.update(k.encode())
+            h.update(
+                v.detach().cpu().numpy().tobytes() + str(tuple(v.shape)).encode()
+                if isinstance(v, torch.Tensor)
+                else repr(v).encode()
+            )
+    else:
+        h = hashlib.sha256(_user_problem_key(fn, base, name).encode())
     h.update(_canonical({"observed": obs_map, "sites": list(sites)}).encode())
     return Problem(
         name=name,
