@@ -23,9 +23,12 @@ and JSON files show it, nothing uses it silently.
 Results are cached under :func:`default_cache_dir` (``$VIMODELS_CACHE`` or
 the platform's user cache folder), keyed by a SHA-256 of the model's
 fingerprint (:mod:`diagnostics.nuts.fingerprint`: its code, closure values,
-defaults and the globals it reads), the data, the settings and the library
-versions; a model whose fingerprint cannot be had is not cached
-(:class:`NotCachedWarning`). Draws are stored as ``.npz`` (read with
+defaults, the globals, class attributes and module constants it reads, every
+decorator layer, ``nn.Module`` state), the data by content, the values of the
+``pyro.param`` sites it reads, the settings and the library versions; a model
+or data whose fingerprint cannot be had is not cached (:class:`NotCachedWarning`).
+The key cannot see what a model reads at call time from outside Python values
+(environment variables, side files). Draws are stored as ``.npz`` (read with
 ``allow_pickle=False``) next to a JSON manifest that holds the draws'
 checksum and its own; both are written atomically, the manifest last. An
 entry that is half-written or does not match a checksum is recomputed with a
