@@ -199,6 +199,15 @@ class _Hasher:
             self.cls(type(obj), where, depth + 1)
             self.put("enum", obj.name)
             self.value(obj.value, f"{where}.value", depth + 1)
+        elif isinstance(obj, types.BuiltinFunctionType):  # tuple.__new__, math.exp, x.append
+            owner = obj.__self__
+            self.put("builtin", getattr(obj, "__module__", None), obj.__qualname__)
+            if owner is not None and not isinstance(owner, (type, types.ModuleType)):
+                self.value(owner, f"{where}.__self__", depth + 1)  # bound to a value
+        elif isinstance(obj, (types.MemberDescriptorType, types.GetSetDescriptorType)):
+            self.put("descriptor", type(obj).__name__, obj.__name__)  # __slots__ members
+        elif type(obj).__name__ == "_tuplegetter":  # a NamedTuple's field: its index
+            self.put("tuplegetter", obj.__reduce__()[1][0])
         elif callable(obj) and _is_library(obj) and hasattr(obj, "__qualname__"):
             # built-in functions and other library callables (torch.exp, math.sqrt ...)
             self.put("callable", getattr(obj, "__module__", ""), obj.__qualname__)

@@ -9,10 +9,13 @@ would serve the draws of the one for the other.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import functools
 import importlib
 import sys
 import textwrap
+import typing
 
 import pyro
 import pyro.distributions as dist
@@ -185,3 +188,35 @@ def test_constants_through_submodules_and_module_classes_are_in_the_fingerprint(
     )
     assert len({base, sub, cls}) == 3
     assert base == same
+
+
+def _named_tuple_model(default):
+    class Priors(typing.NamedTuple):
+        sd: float = default
+
+    def model(y):
+        pyro.sample("mu", dist.Normal(0.0, Priors().sd))
+
+    return model
+
+
+def test_common_class_kinds_are_fingerprinted_by_content():
+    """Slots, NamedTuple, Enum and dataclass classes read by a model hash (not refused)."""
+
+    class Slotted:
+        __slots__ = ("a",)
+
+    class Kind(enum.Enum):
+        A = 1
+
+    @dataclasses.dataclass(frozen=True)
+    class Settings:
+        sd: float = 2.0
+
+    for cls in (Slotted, Kind, Kind.A, Settings):
+
+        def model(y, c=cls):
+            pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+        assert len(fingerprint(model)) == 64
+    assert fingerprint(_named_tuple_model(1.0)) != fingerprint(_named_tuple_model(5.0))
