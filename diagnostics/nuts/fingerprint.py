@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from pyro.infer.reparam.reparam import Reparam
+from pyro.poutine.messenger import Messenger
 
 from vimodels.data import RowArray
 
@@ -64,6 +66,10 @@ _LIBRARY_PACKAGES = frozenset(
 _FIRST_PARTY = frozenset({"vimodels", "diagnostics", "guides"})
 
 
+# library objects hashed by their class and attributes (plain values, functions: anything
+# else in them is refused): Pyro's effect handlers and reparameterizers, torch's grad modes
+_STATE_CLASSES = (Messenger, Reparam)
+_STATE_MODULES = frozenset({"torch.autograd.grad_mode"})
 # what every nn.Module holds (hooks apart, hashed when set): not the user's attributes
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 
@@ -191,6 +197,14 @@ class _Hasher:
             self.cls(obj, where, depth)
         elif isinstance(obj, torch.nn.Module):
             self.module(obj, where, depth)
+        elif isinstance(obj, _STATE_CLASSES) or type(obj).__module__ in _STATE_MODULES:
+            # Pyro's handlers (poutine.scale(model, 0.5), config_enumerate, condition,
+            # reparam), reparameterizers, torch.no_grad(): their class and their state
+            self.put("handler")
+            self.cls(type(obj), where, depth + 1)
+            if not hasattr(obj, "__dict__"):
+                raise Unfingerprintable(f"{where} is a {type(obj).__qualname__} without state")
+            self.value(dict(vars(obj)), f"{where} attributes", depth + 1)
         elif isinstance(obj, torch.distributions.constraints.Constraint):
             # a distribution class's arg_constraints, support: its class and parameters
             self.cls(type(obj), where, depth + 1)

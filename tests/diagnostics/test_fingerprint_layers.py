@@ -22,6 +22,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from pyro.infer.reparam import LocScaleReparam
 
 from diagnostics.nuts.fingerprint import Unfingerprintable, fingerprint
 
@@ -220,3 +221,22 @@ def test_common_class_kinds_are_fingerprinted_by_content():
 
         assert len(fingerprint(model)) == 64
     assert fingerprint(_named_tuple_model(1.0)) != fingerprint(_named_tuple_model(5.0))
+
+
+def test_pyro_handlers_around_a_model_are_hashed_by_their_state():
+    """poutine.scale / reparam around a model: their arguments are part of the model.
+
+    (``poutine.reparam`` was unwrapped to the bare model: a reparameterized
+    model shared the key of the model as written.)
+    """
+    assert fingerprint(poutine.scale(_base, scale=0.5)) != fingerprint(
+        poutine.scale(_base, scale=2.0)
+    )
+    assert fingerprint(poutine.scale(_base, scale=0.5)) == fingerprint(
+        poutine.scale(_base, scale=0.5)
+    )
+    decentered = poutine.reparam(_base, config={"mu": LocScaleReparam(0.0)})
+    assert fingerprint(decentered) != fingerprint(_base)
+    assert fingerprint(decentered) != fingerprint(
+        poutine.reparam(_base, config={"mu": LocScaleReparam(1.0)})
+    )
