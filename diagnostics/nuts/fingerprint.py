@@ -286,7 +286,15 @@ class _Hasher:
         state = vars(obj)
         for name in sorted(state):
             value = state[name]
-            if name in ("_parameters", "_buffers", "_modules"):
+            if name == "_modules":  # at this depth: a deep network is not "nested too deeply"
+                self.put(name, len(value))
+                for child_name, child in value.items():
+                    self.put("submodule", child_name)
+                    if child is None:
+                        self.put("None")
+                    else:
+                        self.module(child, f"{where}.{child_name}", depth)
+            elif name in ("_parameters", "_buffers"):
                 self.put(name)
                 self.value(dict(value), f"{where}.{name}", depth + 1)
             elif name.endswith("hooks"):

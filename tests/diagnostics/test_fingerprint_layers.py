@@ -240,3 +240,15 @@ def test_pyro_handlers_around_a_model_are_hashed_by_their_state():
     assert fingerprint(decentered) != fingerprint(
         poutine.reparam(_base, config={"mu": LocScaleReparam(1.0)})
     )
+
+
+def test_a_deep_network_is_fingerprinted():
+    """Submodules are hashed at their parent's depth: 30 nested levels are not refused."""
+
+    def deep(last_sd):
+        net = _Lik(last_sd)
+        for _ in range(30):
+            net = torch.nn.Sequential(net)
+        return _module_model(net)
+
+    assert fingerprint(deep(1.0)) != fingerprint(deep(5.0))
