@@ -136,6 +136,18 @@ def _is_library(obj: Any) -> bool:
     return any(resolved.startswith(root) for root in _LIBRARY_ROOTS)
 
 
+def _library_singleton(obj: Any) -> str | None:
+    """``module.name`` when ``obj`` is a module-level instance defined by an installed library."""
+    cls = type(obj)
+    if not _is_library(cls):
+        return None
+    module = sys.modules.get(cls.__module__)
+    for name, value in vars(module).items() if module is not None else ():
+        if value is obj:
+            return f"{cls.__module__}.{name}"
+    return None
+
+
 class _Hasher:
     def __init__(self, h: Any, max_items: int = _MAX_ITEMS):
         self.h = h
@@ -233,6 +245,10 @@ class _Hasher:
             self.value(dict(vars(obj)), f"{where} attributes", depth + 1)
         elif type(obj).__module__ == "builtins" and type(obj).__name__ in ("ellipsis", "range"):
             self.put(repr(obj))
+        elif (name := _library_singleton(obj)) is not None:
+            # a library's module-level instance (torch's transform_to, biject_to registries):
+            # by its name, as library functions are (the library versions are in the key)
+            self.put("library object", name)
         else:
             raise Unfingerprintable(
                 f"{where} is a {type(obj).__module__}.{type(obj).__qualname__} object, whose "

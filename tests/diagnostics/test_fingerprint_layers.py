@@ -252,3 +252,43 @@ def test_a_deep_network_is_fingerprinted():
         return _module_model(net)
 
     assert fingerprint(deep(1.0)) != fingerprint(deep(5.0))
+
+
+def _through_transform_to(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    sd = torch.distributions.transform_to(torch.distributions.constraints.positive)(mu)
+    pyro.sample("y", dist.Normal(0.0, sd), obs=y)
+
+
+_transform_registry = torch.distributions.constraint_registry.transform_to
+_biject_registry = torch.distributions.constraint_registry.biject_to
+
+
+def _reads_registry_a(x):
+    return _transform_registry(torch.distributions.constraints.positive)(x)
+
+
+def _reads_registry_b(x):
+    return _biject_registry(torch.distributions.constraints.positive)(x)
+
+
+class _Unnamed:
+    pass
+
+
+_user_instance = _Unnamed()
+
+
+def _reads_user_instance(x):
+    return _user_instance, x
+
+
+def test_library_singletons_are_hashed_by_name_and_user_objects_still_refused():
+    """A library's module-level instance (torch's ``transform_to`` registry) read as a
+    global is keyed by its name: a model reading it was refused (and so never cached);
+    two registries get different keys; a user's own object is still refused."""
+    assert fingerprint(_reads_registry_a) == fingerprint(_reads_registry_a)
+    assert fingerprint(_reads_registry_a) != fingerprint(_reads_registry_b)
+    fingerprint(_through_transform_to)
+    with pytest.raises(Unfingerprintable, match="_Unnamed"):
+        fingerprint(_reads_user_instance)
