@@ -1249,6 +1249,12 @@ def rebadged(
         )
     draws = {k: source.draws[k] for k in wanted}
     nuts = source.kind == NUTS_KIND
+    # the source's log density is another parameterization's (its Jacobian differs):
+    # kept under a name that says so, never as this model's ``lp``
+    stats = {("lp_source" if k == "lp" else k): v for k, v in source.sample_stats.items()}
+    # every site's dimension names from this model: its latent sites and the observed
+    # sites of log_likelihood and observed_data (named by their plates, not ``y_dim_0``)
+    shown = set(wanted) | set(source.log_likelihood) | set(source.observed_data)
     checks = run_checks(
         draws,
         tuple(sites),
@@ -1261,8 +1267,9 @@ def rebadged(
         draws=draws,
         sites=tuple(sites),
         latent_sites=tuple(info.latent),
-        dims={k: info.dims[k] for k in wanted if k in info.dims},
+        dims={k: v for k, v in info.dims.items() if k in shown},
         plate_sizes=dict(info.plate_sizes),
+        sample_stats=stats,
         checks=checks,
         trusted=all(c.ok for c in checks),
         settings={**source.settings, "reference_from": reference_from, **(settings or {})},

@@ -291,7 +291,8 @@ def test_rebadged_keeps_the_models_sites_and_says_where_the_draws_came_from(
     )
     assert ref.model_name == "renamed" and ref.sites == ("tau",)
     assert set(ref.draws) == {"mu", "tau", "theta"} and ref.latent_sites == ("mu", "tau", "theta")
-    assert ref.dims == {k: info.dims[k] for k in ("mu", "tau", "theta") if k in info.dims}
+    # the latent sites' and the observed site's (log_likelihood, observed_data) dims
+    assert ref.dims == {k: info.dims[k] for k in ("mu", "tau", "theta", "obs") if k in info.dims}
     assert ref.plate_sizes == info.plate_sizes
     assert ref.reference_from == "reference from elsewhere" and ref.settings["extra"] == 1
     assert {k: v for k, v in ref.settings.items() if k not in ("reference_from", "extra")} == (

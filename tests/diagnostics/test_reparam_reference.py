@@ -149,3 +149,48 @@ def test_centered_funnel_gets_a_trusted_reference_from_the_reparameterized_model
     payload = json.loads((out / "diagnostics.json").read_text())
     assert payload["reference"]["reference_from"] == label
     assert _arviz.from_netcdf(out / "reference.nc").attrs["reference_from"] == label
+
+
+def _hier_noncentered(y: torch.Tensor, sigma: torch.Tensor) -> None:
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(5.0))
+    with pyro.plate("units", y.shape[0]):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        theta = pyro.deterministic("theta", mu + tau * z)
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def _hier_centered(y: torch.Tensor, sigma: torch.Tensor) -> None:
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(5.0))
+    with pyro.plate("units", y.shape[0]):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def test_rebadged_reference_names_observed_dims_by_plate_and_keeps_no_foreign_lp(tmp_path):
+    """Draws of another parameterization stand in for a model: the observed site's
+    dimension is the model's plate (was ``y_dim_0`` in reference.nc) and the source's
+    log density, whose Jacobian is another model's, is not this model's ``lp``."""
+    from diagnostics.nuts.reference import rebadged
+    from vimodels.svi.draws import model_info
+
+    data = {"y": torch.tensor([2.0, -1.0, 0.5, 3.0]), "sigma": torch.tensor([1.0, 2.0, 1.0, 1.5])}
+    settings = {"num_chains": 2, "num_warmup": 50, "num_samples": 50}
+    source = run_nuts(_hier_noncentered, data, settings=settings, seed=0, cache_dir=tmp_path)
+    assert "lp" in source.sample_stats
+    ref = rebadged(
+        source,
+        model_info(_hier_centered, (), data, None),
+        model_name="hier_centered",
+        sites=("mu", "tau", "theta"),
+        reference_from="reference from hier_noncentered",
+        note="test",
+    )
+    assert ref.dims["theta"] == ("units",) and ref.dims["y"] == ("units",)
+    assert "lp" not in ref.sample_stats
+    np.testing.assert_array_equal(ref.sample_stats["lp_source"], source.sample_stats["lp"])
+    idata = _arviz.from_netcdf(save_netcdf(reference_to_inference_data(ref), tmp_path / "r.nc"))
+    assert idata.observed_data["y"].dims == ("units",)
+    assert idata.log_likelihood["y"].dims == ("chain", "draw", "units")
+    assert "lp" not in idata.sample_stats and "y_dim_0" not in idata.observed_data.dims
