@@ -138,25 +138,13 @@ def test_decentered_fit_observes_the_same_data():
         check_same_data({"decentered": r}, SimpleNamespace(observed_data=other))
 
 
-def test_memory_mapped_subsampled_fit_is_checked_on_one_batch(tmp_path):
+def test_memory_mapped_subsampled_fit_is_checked_on_one_batch(mmap_subsampled_fit):
     """Memory-mapped data are not read whole: one batch against the same rows of the reference."""
     from types import SimpleNamespace
 
-    import pyro
-    import pyro.distributions as dist
-
     from diagnostics.comparison import check_same_data
 
-    full = np.random.default_rng(0).normal(size=200)
-    np.save(tmp_path / "x.npy", full)
-    x = np.load(tmp_path / "x.npy", mmap_mode="r")
-
-    def model(x, batch=None):
-        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-        with pyro.plate("n", x.shape[0], subsample_size=batch) as idx:
-            pyro.sample("x", dist.Normal(mu, 1.0), obs=x[idx])
-
-    r = fit(model, data={"x": x, "batch": 20}, seed=0, num_steps=5, progress=False, num_eval=20)
+    full, r = mmap_subsampled_fit
     check_same_data({"mmap": r}, SimpleNamespace(observed_data={"x": full}))
     with pytest.raises(IncompatibleError, match="20 of 20 values differ"):
         check_same_data({"mmap": r}, SimpleNamespace(observed_data={"x": full + 1.0}))

@@ -76,19 +76,8 @@ def test_subsampled_fit_too_large_for_full_data_gets_no_iwae_or_khat(sub_fit, mo
     assert row.elbo == pytest.approx(full_data_elbo(r), abs=5 * row.elbo_se)
 
 
-def test_memory_mapped_data_is_not_read_whole(tmp_path):
-    import pyro
-    import pyro.distributions as dist
-
-    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=200))
-    x = np.load(tmp_path / "x.npy", mmap_mode="r")
-
-    def model(x, batch=None):
-        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-        with pyro.plate("n", x.shape[0], subsample_size=batch) as idx:
-            pyro.sample("x", dist.Normal(mu, 1.0), obs=x[idx])
-
-    r = fit(model, data={"x": x, "batch": 20}, seed=0, num_steps=5, progress=False, num_eval=20)
+def test_memory_mapped_data_is_not_read_whole(mmap_subsampled_fit):
+    _, r = mmap_subsampled_fit
     sub = evidence.subsampled(r)
     assert sub["plates"][0]["size"] == 200
     assert evidence.why_not_full_data(r, sub, 1000) == "memory-mapped data"
