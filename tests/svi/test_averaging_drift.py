@@ -56,7 +56,7 @@ def test_a_deliberately_slow_run_says_what_was_averaged_and_why():
         num_eval=20,
         convergence=vimodels.ConvergenceRule(early_stop=False),
     )
-    assert "still drifting" in r.message, r.message
+    assert "no such stretch" in r.message or "still drifting" in r.message, r.message
     averaged = r.settings["averaged"]
     assert averaged is None or averaged["num_drifting"] >= 1
     # the drifting mean keeps its last iterate: no lagging average

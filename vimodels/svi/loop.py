@@ -328,8 +328,8 @@ def run_loop(
         if averaged["num_drifting"]:
             message += (
                 f" (at most: each coordinate over its longest recent stretch without drift; "
-                f"{averaged['num_drifting']} of {averaged['num_coordinates']} were still "
-                "drifting and keep their last iterate)"
+                f"{averaged['num_drifting']} of {averaged['num_coordinates']} have no such "
+                "stretch and keep their last iterate)"
             )
     elif s.average and status != NONFINITE and averager.selection() is not None:
         message += (
