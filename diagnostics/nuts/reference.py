@@ -89,8 +89,9 @@ RHAT_MAX = 1.01
 ESS_MIN = 400.0
 EBFMI_MIN = 0.3
 # 3: ArviZ's sample_stats names (energy, n_steps ...); keyed by the model's fingerprint;
-# the manifest has its own checksum
-CACHE_FORMAT = 3
+# the manifest has its own checksum. 4: deterministic sites replayed per draw where a
+# vectorized replay does not keep the draws on their own axis (were scrambled across draws)
+CACHE_FORMAT = 4
 NUTS_KIND = "nuts"
 SAMPLER_NAMES = {
     "vimodels": "vimodels NUTS (Stan's multinomial NUTS and warm-up, on Pyro's potential)",

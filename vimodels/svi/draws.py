@@ -38,7 +38,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from vimodels.svi.logweight import NotVectorizable, trace_log_weights
-from vimodels.svi.particles import check_particles
+from vimodels.svi.particles import NUM_CHECK, check_particles
 
 LATENT = "latent"
 DETERMINISTIC = "deterministic"
@@ -354,6 +354,70 @@ def _pointwise(site: dict, n: int, info: SiteInfo) -> np.ndarray:
     return _as_draws(lp, n, batch)
 
 
+def _replay_one(
+    model: Callable,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    info: ModelInfo,
+    latent: Mapping[str, np.ndarray],
+    index: int,
+) -> poutine.Trace:
+    """The model's trace on draw ``index`` of ``latent`` alone (no draws plate)."""
+    fake = _fake_trace(latent, info, None, index=index)
+    return _tolerant(
+        lambda: poutine.trace(poutine.replay(model, trace=fake)).get_trace(*args, **kwargs)
+    )
+
+
+def _check_layout(
+    model: Callable,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    info: ModelInfo,
+    tr: poutine.Trace,
+    n: int,
+    names: tuple[str, ...],
+) -> None:
+    """Raise :class:`NotVectorizable` unless a vectorized pass lays ``names`` out per draw.
+
+    A deterministic site holds whatever the model computes from its latent values:
+    under a plate of ``n`` draws, ``torch.stack([a, b])`` has the draws on its last
+    axis, ``W.sum()`` sums over every draw, ``W.T`` moves them; laid out by element
+    count alone such values are scrambled across draws without any error. So the
+    first, the last and evenly spaced draws are replayed one at a time and their
+    deterministic values (and pointwise log likelihoods of observed sites) must
+    equal the vectorized pass's; otherwise the caller evaluates every draw alone.
+
+    Parameters
+    ----------
+    tr : Trace
+        The model's vectorized trace (draws plate just outside its plates).
+    n : int
+        Draws in that pass.
+    names : tuple of str
+        Deterministic and observed sites to check.
+    """
+    if not names or n < 2:
+        return
+    latent = {k: _as_draws(tr.nodes[k]["value"], n, info.sites[k].shape) for k in info.latent}
+    picks = sorted({int(round(x)) for x in np.linspace(0, n - 1, min(NUM_CHECK, n))})
+    for i in picks:
+        one = _replay_one(model, args, kwargs, info, latent, i)
+        for name in names:
+            site = info.sites[name]
+            if site.kind == OBSERVED:
+                many = _pointwise(tr.nodes[name], n, site)[i]
+                single = _pointwise(one.nodes[name], 1, site)[0]
+            else:
+                many = _as_draws(tr.nodes[name]["value"], n, site.shape)[i]
+                single = _as_draws(one.nodes[name]["value"], 1, site.shape)[0]
+            if not np.allclose(many, single, rtol=1e-4, atol=1e-5, equal_nan=True):
+                raise NotVectorizable(
+                    f"site {name!r} of draw {i} differs under a plate of {n} draws and on its "
+                    "own: the model's value does not keep the draws on their own axis"
+                )
+
+
 def sample_guide(
     model: Callable,
     guide: Callable,
@@ -477,6 +541,9 @@ def _sample_continuous(
                     part = _weights_and_values(model_tr, guide_tr, info, sites, n, ndim, weigh)
                     if first and check:  # the same check as the ELBO's (vimodels.svi.particles)
                         check_particles(model, guide, args, kwargs, model_tr, guide_tr, part[1])
+                    if first:  # deterministic sites: their layout, which the ELBO never sees
+                        det = tuple(s for s in sites if info.sites[s].kind == DETERMINISTIC)
+                        _check_layout(model, args, kwargs, info, model_tr, n, det)
                     return part
 
                 parts.append(_tolerant(vectorized_part))
@@ -834,8 +901,10 @@ def replay_model(
                         if predictive
                         else None
                     )
+                if start == 0:  # outside the draws plate: its draws replayed one at a time
+                    _check_layout(model, args, kwargs, info, tr, m, names["det"] + names["obs"])
                 collect(tr, m, pp)
-        except _FALLBACK_ERRORS:
+        except (NotVectorizable, *_FALLBACK_ERRORS):
             out = {"det": {}, "ll": {}, "pp": {}}
             for i in range(n):
                 fake = _fake_trace(latent, info, None, index=i)
