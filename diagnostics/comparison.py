@@ -486,6 +486,19 @@ def compare(
     first = fits[0]
     with param_scope(first):  # the model's pyro.param sites: the fit's, not the global store
         info = model_info(first.model, first.args, {}, first.max_plate_nesting)
+    if sites:  # named by the user: every one compared, or a clear error
+        unknown = [x for x in sites if x not in reference.draws]
+        if unknown:
+            raise OptionError(
+                f"unknown site(s) {unknown}: the reference has draws of "
+                f"{sorted(reference.draws)}; pass some of those as sites="
+            )
+        foreign = [x for x in sites if x not in info.sites]
+        if foreign:
+            raise IncompatibleError(
+                f"site(s) {foreign} of the reference are not sites of the fits' model "
+                f"(its latent and deterministic sites: {list(info.latent + info.deterministic)})"
+            )
     sites = tuple(s for s in (sites or reference.sites) if s in reference.draws)
     # a decentered fit's model records the user's decentered sites as deterministic:
     # the joint metrics still compare them (real support: their unconstraining is the identity)

@@ -163,13 +163,28 @@ def marginal_table(
     -------
     DataFrame
         Columns ``site``, ``element`` and those of :func:`marginal_metrics`.
+
+    Raises
+    ------
+    ValueError
+        When a site has no draws on one side, or another per-draw shape.
     """
     rows = []
     for site in sites:
-        if site not in approx or site not in reference:
-            continue
+        missing = [
+            name
+            for name, d in (("approximation", approx), ("reference", reference))
+            if site not in d
+        ]
+        if missing:  # never a silently shorter table
+            raise ValueError(f"site {site!r} has no draws in the {' and '.join(missing)}")
         a = np.asarray(approx[site], dtype=float)
         r = np.asarray(reference[site], dtype=float)
+        if a.shape[1:] != r.shape[2:]:  # same element count, other layout: not comparable
+            raise ValueError(
+                f"site {site!r} has per-draw shape {a.shape[1:]} in the approximation and "
+                f"{r.shape[2:]} in the reference"
+            )
         a2 = a.reshape(a.shape[0], -1)
         r3 = r.reshape(r.shape[0], r.shape[1], -1)
         for j, label in enumerate(element_labels(site, r.shape[2:])):

@@ -21,7 +21,7 @@ from diagnostics.nuts.reference import exact_reference
 from diagnostics.report import fmt, write_report
 from vimodels.catalog.registry import MODELS
 from vimodels.cli.main import main
-from vimodels.errors import IncompatibleError
+from vimodels.errors import IncompatibleError, OptionError
 from vimodels.svi.fit import fit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -211,6 +211,23 @@ def test_compare_refuses_fits_of_another_model(tiny_nuts_eight_schools):
     r = fit(CONJ, guide="mean_field", num_steps=5, progress=False, num_eval=20)
     with pytest.raises(IncompatibleError):
         compare([r], tiny_nuts_eight_schools, num_draws=50)
+
+
+def test_a_named_site_is_compared_or_refused_never_dropped():
+    """A typo in sites= was dropped without a word (the table silently shorter)."""
+    ref = exact_reference(CONJ, num_chains=2, num_draws=200, seed=0)
+    r = fit(CONJ, guide="mean_field", num_steps=5, progress=False, num_eval=20)
+    with pytest.raises(OptionError, match=r"unknown site\(s\) \['betta'\].*reference has draws of"):
+        compare([r], ref, num_draws=50, sites=("beta", "betta"))
+    c = compare([r], ref, num_draws=50, sites=("beta",))
+    assert set(c.sites["site"]) == {"beta"}
+    # the table itself refuses a site missing on one side or laid out differently
+    draws = {"w": np.zeros((10, 2, 3))}
+    refd = {"w": np.zeros((2, 5, 2, 3)), "v": np.zeros((2, 5, 2))}
+    with pytest.raises(ValueError, match="'v' has no draws in the approximation"):
+        metrics.marginal_table(draws, refd, ("w", "v"))
+    with pytest.raises(ValueError, match=r"per-draw shape \(3, 2\)"):
+        metrics.marginal_table({"w": np.zeros((10, 3, 2))}, refd, ("w",))
 
 
 def test_cli_compare_and_nuts(tmp_path, capsys):
