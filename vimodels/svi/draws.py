@@ -38,7 +38,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from vimodels.svi.logweight import NotVectorizable, trace_log_weights
-from vimodels.svi.particles import NUM_CHECK, check_particles
+from vimodels.svi.particles import ATOL, NUM_CHECK, RTOL, _is_delta, _one_draw, check_particles
 
 LATENT = "latent"
 DETERMINISTIC = "deterministic"
@@ -584,7 +584,7 @@ def _sample_discrete(
     try:
         latent, lw = _sample_guide_enum(call, num_samples, chunk, recover)
         report["vectorized"] = True
-    except _FALLBACK_ERRORS as exc:
+    except (NotVectorizable, *_FALLBACK_ERRORS) as exc:
         report["reason"] = "enumerated discrete sites summed out one draw at a time: " + _reason(
             exc
         )
@@ -694,6 +694,8 @@ def _sample_guide_enum(
                 if site["type"] == "sample" and not site["is_observed"]:
                     total = total - _per_draw(site["packed"]["log_prob"], symbol, n).double()
             weights.append(total.numpy().copy())
+            if start == 0:  # as check_particles does for models without discrete sites
+                _check_enum_weights(call, guide_tr, weights[0], depth)
             for name in info.continuous:
                 values[name].append(
                     _as_draws(model_tr.nodes[name]["value"], n, info.sites[name].shape)
@@ -702,6 +704,49 @@ def _sample_guide_enum(
     if recover:  # the discrete sites, from their conditional posterior
         draws.update(recover_discrete(model, args, kwargs, info, draws, chunk))
     return {name: draws[name] for name in info.latent if name in draws}, np.concatenate(weights)
+
+
+def _check_enum_weights(
+    call: _GuideCall, guide_tr: poutine.Trace, log_w: np.ndarray, depth: int
+) -> None:
+    """Raise :class:`NotVectorizable` unless a vectorized enumerated pass matches one-draw ones.
+
+    The first, the last and evenly spaced draws of the pass are re-evaluated alone
+    (the guide replayed on the draw's values, the discrete sites summed out by
+    ``TraceEnum_ELBO``): a model that does not broadcast over the draws (say
+    ``mu.reshape(-1)[0]``) gives every draw the first draw's likelihood under the
+    plate, with an ELBO above ``log p(x)`` and discrete draws from the wrong
+    conditional.
+    """
+    n = len(log_w)
+    model, guide, args, kwargs = call.model, call.guide, call.args, call.kwargs
+    elbo = TraceEnum_ELBO(max_plate_nesting=depth)
+    enum_model = config_enumerate(model, default="parallel")
+    picks = sorted({int(round(x)) for x in np.linspace(0, n - 1, min(NUM_CHECK, n))})
+    with torch.random.fork_rng(devices=[]):
+        one = poutine.trace(guide).get_trace(*args, **kwargs)
+        shapes = {
+            name: tuple(site["value"].shape)
+            for name, site in one.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not _is_delta(site["fn"])
+        }
+        for i in picks:
+            fake = poutine.Trace()
+            for name, shape in shapes.items():
+                node = guide_tr.nodes[name]
+                value = _one_draw(node["value"], i, n, shape)
+                infer = dict(node["infer"])  # replay copies it: keeps is_auxiliary
+                fake.add_node(
+                    name, type="sample", name=name, value=value, is_observed=False, infer=infer
+                )
+            w = -elbo.loss(enum_model, poutine.replay(guide, trace=fake), *args, **kwargs)
+            same = w == log_w[i] or (np.isnan(w) and np.isnan(log_w[i]))
+            if not same and not abs(w - log_w[i]) <= ATOL + RTOL * max(abs(w), abs(log_w[i])):
+                raise NotVectorizable(
+                    f"draw {i} of {n} has log weight {log_w[i]:.6g} under a particle plate "
+                    f"and {w:.6g} on its own (discrete sites summed out): the model does not "
+                    "broadcast over the particles"
+                )
 
 
 def _sample_guide_discrete(
