@@ -55,6 +55,7 @@ from vimodels.svi.by_optimizer import (
 )
 from vimodels.svi.convergence import ConvergenceRule
 from vimodels.svi.divergence import DivergenceRule
+from vimodels.svi.iwae import IWAE
 from vimodels.svi.loop import LoopOutcome, LoopSettings, Objective, run_loop
 from vimodels.svi.minibatch_eval import EVAL_BATCHES, minibatch_elbo
 from vimodels.svi.reparam import DECENTERED_SUFFIX, reparam_note, reparam_settings
@@ -291,6 +292,23 @@ def fit(
         label=f"{binding.name}/{guide if isinstance(guide, str) else 'guide'}/{elbo}",
         divergence=DivergenceRule(log_evidence=known_log_evidence(binding)),
     )
+    # vectorized particles on a model that does not broadcast over them train a wrong
+    # objective (cross terms: the likelihood counted P times, sds shrunk by 1/sqrt(P))
+    particles_note = None
+    # (not on a subsampled model: each pass draws its own rows, so one-draw evaluation
+    # cannot reproduce a vectorized pass's; its ELBO is the minibatch estimate)
+    why, always_vectorized = (
+        (None, False) if supplier.subsampled else particles_do_not_broadcast(binding, build)
+    )
+    if why is not None:
+        if always_vectorized:  # iwae: its K particles are one vectorized pass
+            raise IncompatibleError(
+                f"elbo {elbo!r} draws its particles in one vectorized pass and the model does "
+                f"not broadcast over them ({why}); write the model so that it broadcasts (see "
+                "README, 'When things go wrong') or use elbo='trace'"
+            )
+        vectorize_particles = False
+        particles_note = f"particles drawn one at a time: {why}"
     # private_units: the JIT ELBO's traced function is freed with the fit (torch's global
     # compilation unit would keep ~20 MB per fit for the life of the process)
     with (
@@ -314,6 +332,8 @@ def fit(
         )
     if start is not None:
         result.settings["init"] = start[2]
+    if particles_note is not None:
+        result.settings["particles_note"] = particles_note
     result.settings["lr_scale"] = lr_scale
     return record_reparam(result, binding.decentered)
 
@@ -370,6 +390,42 @@ def check_fit_options(
     if callback is not None and not callable(callback):
         raise OptionError(f"callback must be callable, got {type(callback).__name__}")
     return convergence or ConvergenceRule(), elbo_registry.get_elbo_spec(elbo)
+
+
+def particles_do_not_broadcast(
+    binding: Binding, build: Callable[[bool], Objective]
+) -> tuple[str | None, bool]:
+    """Why the model does not broadcast over the ELBO's vectorized particles (or ``None``).
+
+    Returns the reason and whether the ELBO can only vectorize its particles (IWAE).
+
+    Only where the ELBO vectorizes more than one particle: a few guide draws under
+    a particle plate are checked against one-draw evaluation
+    (:func:`vimodels.svi.draws.sample_guide`), in a scope of their own (the fit's
+    parameters, random state and data batches are untouched).
+    """
+    objective = build(False)
+    loss = objective.loss
+    many = int(getattr(loss, "num_particles", 1)) > 1
+    always = isinstance(loss, IWAE)
+    if not (many and (always or getattr(loss, "vectorize_particles", False))):
+        return None, always
+    report: dict = {}
+    with (
+        pyro.get_param_store().scope(),
+        torch.random.fork_rng(devices=[]),
+        torch.no_grad(),
+        pyro.validation_enabled(False),
+    ):
+        log_weights(
+            keyword_call(binding.model),
+            keyword_call(objective.guide),
+            positional_kwargs(binding.args),
+            4,
+            binding.depth,
+            report=report,
+        )
+    return (None if report.get("vectorized") else report.get("reason")), always
 
 
 def build_objective(
