@@ -86,7 +86,7 @@ import torch
 from pyro.infer.mcmc.util import initialize_model
 
 from diagnostics.nuts.progress import ChainStatus
-from vimodels.compile.record import freeze, record, simplify_graph
+from vimodels.compile.record import ValueRead, freeze, record, simplify_graph
 from vimodels.compile.units import private_units
 from vimodels.errors import IncompatibleError
 
@@ -201,6 +201,9 @@ class FlatPotential:
         try:
             self.graph, self._value_and_grad = _trace_value_and_grad(self.python_potential, example)
             self.mode = "fx"
+            return
+        except ValueRead as exc:  # torch.jit.trace would freeze the branch too
+            self.note = f"JIT unavailable ({exc}); ran the Python potential"
             return
         except Exception as exc:  # tracing failures vary widely
             errors.append(type(exc).__name__)
@@ -323,6 +326,8 @@ def _trace_value_and_grad(
                     "the traced potential differs from the model away from the trace point"
                 )
             return graph, compiled
+        except ValueRead:  # a value-dependent branch: no tracer may freeze it
+            raise
         except Exception as exc:  # tracing failures vary widely
             errors.append(exc)
     raise errors[-1]

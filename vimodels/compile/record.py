@@ -99,6 +99,21 @@ class UnsupportedTrace(RuntimeError):
     """:func:`record` met something it does not record faithfully."""
 
 
+class ValueRead(UnsupportedTrace):
+    """The function reads a value that depends on its inputs into Python.
+
+    ``bool()``, ``.item()``, ``float()`` (through dispatch) and ``.numpy()``,
+    ``.tolist()``, ``np.asarray()`` (memory read directly): whatever Python does
+    with the value is decided at the example point only. No other tracer may
+    freeze it either (``make_fx`` with real tensors, ``torch.jit.trace`` would
+    keep the example's branch everywhere): run the function eagerly.
+    """
+
+
+#: Tensor methods that read memory without going through dispatch.
+_DIRECT_READS = ("numpy", "tolist")
+
+
 def record(fn: Callable, *example: torch.Tensor) -> torch.fx.GraphModule:
     """The ATen operations ``fn(*example)`` runs, as an FX graph (autograd's backward included).
 
@@ -175,7 +190,7 @@ def record(fn: Callable, *example: torch.Tensor) -> torch.fx.GraphModule:
             if varies and not _all_tensors(out):
                 # a value read into Python (bool(), item()): what follows was decided
                 # at this point only
-                raise UnsupportedTrace(f"{func} reads a value that depends on the input")
+                raise ValueRead(f"{func} reads a value that depends on the input")
             node = graph.call_function(func, node_args, node_kwargs)
             if varies:
                 dynamic.add(node)
@@ -193,8 +208,31 @@ def record(fn: Callable, *example: torch.Tensor) -> torch.fx.GraphModule:
     for i, t in enumerate(example):
         bind(t, graph.placeholder(f"arg{i}"))
         dynamic.add(nodes[id(t)])
-    with Recorder():
-        result = fn(*example)
+    originals = {name: getattr(torch.Tensor, name) for name in _DIRECT_READS}
+    own = {name for name in _DIRECT_READS if name in vars(torch.Tensor)}  # else inherited
+
+    def guarded(name: str) -> Callable:
+        original = originals[name]
+
+        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            node = nodes.get(id(self))
+            if node is not None and node in dynamic:
+                raise ValueRead(f"Tensor.{name}() reads a value that depends on the input")
+            return original(self, *args, **kwargs)
+
+        return read
+
+    try:
+        for name in _DIRECT_READS:
+            setattr(torch.Tensor, name, guarded(name))
+        with Recorder():
+            result = fn(*example)
+    finally:
+        for name, original in originals.items():
+            if name in own:
+                setattr(torch.Tensor, name, original)
+            else:
+                delattr(torch.Tensor, name)
     outputs = result if isinstance(result, tuple) else (result,)
     if not all(isinstance(t, torch.Tensor) for t in outputs):
         raise UnsupportedTrace("the function returns something other than tensors")

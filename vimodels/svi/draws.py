@@ -916,15 +916,28 @@ def replay_model(
     out: dict[str, dict[str, list[np.ndarray]]] = {"det": {}, "ll": {}, "pp": {}}
 
     def collect(tr: poutine.Trace, m: int, pp_tr: poutine.Trace | None) -> None:
+        # a site the model skipped on this draw (a branch on the draw's value): a
+        # deterministic value is NaN, a log likelihood term 0 (nothing was added)
         for name in names["det"]:
-            out["det"].setdefault(name, []).append(
-                _as_draws(tr.nodes[name]["value"], m, info.sites[name].shape)
+            shape = info.sites[name].shape
+            value = (
+                _as_draws(tr.nodes[name]["value"], m, shape)
+                if name in tr.nodes
+                else np.full((m, *shape), np.nan)
             )
+            out["det"].setdefault(name, []).append(value)
         for name in names["obs"]:
-            out["ll"].setdefault(name, []).append(_pointwise(tr.nodes[name], m, info.sites[name]))
+            site = info.sites[name]
+            batch = site.shape[: len(site.shape) - site.event_dim]
+            present = name in tr.nodes
+            out["ll"].setdefault(name, []).append(
+                _pointwise(tr.nodes[name], m, site) if present else np.zeros((m, *batch))
+            )
             if pp_tr is not None:
                 out["pp"].setdefault(name, []).append(
-                    _as_draws(pp_tr.nodes[name]["value"], m, info.sites[name].shape)
+                    _as_draws(pp_tr.nodes[name]["value"], m, site.shape)
+                    if name in pp_tr.nodes
+                    else np.full((m, *site.shape), np.nan)
                 )
 
     def run(fn: Callable) -> poutine.Trace:
