@@ -19,7 +19,7 @@ import pytest
 import torch
 from scipy import integrate
 
-from vimodels.compile.record import ValueRead, record
+from vimodels.compile.record import UnsupportedTrace, ValueRead, record
 
 
 @pytest.mark.parametrize(
@@ -32,13 +32,17 @@ from vimodels.compile.record import ValueRead, record
     ],
     ids=["numpy", "tolist", "asarray", "item"],
 )
-def test_reading_an_input_dependent_value_fails_the_recording(read):
+def test_reading_an_input_dependent_value_fails_the_recording(read, request):
     def fn(x):
         y = x * 2.0
         return y if read(y.sum()) else -y
 
-    with pytest.raises(ValueRead):
+    # direct memory reads stop every tracer (ValueRead); a read through dispatch fails
+    # the recording only, and make_fx decides (it records cholesky's error check)
+    direct = request.node.callspec.id != "item"
+    with pytest.raises(ValueRead if direct else UnsupportedTrace) as info:
         record(fn, torch.tensor([0.3]))
+    assert isinstance(info.value, ValueRead) == direct
     # the methods are torch's own again, and constants may still be read
     assert torch.tensor([1.0, 2.0]).numpy().tolist() == [1.0, 2.0]
     const = torch.tensor(3.0)

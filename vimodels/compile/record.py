@@ -100,13 +100,15 @@ class UnsupportedTrace(RuntimeError):
 
 
 class ValueRead(UnsupportedTrace):
-    """The function reads a value that depends on its inputs into Python.
+    """The function reads a value that depends on its inputs into Python memory.
 
-    ``bool()``, ``.item()``, ``float()`` (through dispatch) and ``.numpy()``,
-    ``.tolist()``, ``np.asarray()`` (memory read directly): whatever Python does
-    with the value is decided at the example point only. No other tracer may
-    freeze it either (``make_fx`` with real tensors, ``torch.jit.trace`` would
-    keep the example's branch everywhere): run the function eagerly.
+    ``.numpy()``, ``.tolist()``, ``np.asarray()`` read the memory directly, past
+    torch's dispatch: whatever Python does with the value is decided at the
+    example point only, and no other tracer sees it either (``make_fx`` with
+    real tensors and ``torch.jit.trace`` would keep the example's branch
+    everywhere): run the function eagerly. Reads through dispatch (``bool()``,
+    ``.item()``) raise a plain :class:`UnsupportedTrace`: ``make_fx`` fails on
+    those branches by itself and records error checks (``linalg.cholesky``'s).
     """
 
 
@@ -190,7 +192,9 @@ def record(fn: Callable, *example: torch.Tensor) -> torch.fx.GraphModule:
             if varies and not _all_tensors(out):
                 # a value read into Python (bool(), item()): what follows was decided
                 # at this point only
-                raise ValueRead(f"{func} reads a value that depends on the input")
+                # (an error check such as linalg.cholesky's reads its info this way: make_fx
+                # may still record it, as it fails on a value-dependent branch itself)
+                raise UnsupportedTrace(f"{func} reads a value that depends on the input")
             node = graph.call_function(func, node_args, node_kwargs)
             if varies:
                 dynamic.add(node)
