@@ -161,3 +161,73 @@ def test_check_bounds_flags_a_bound_above_the_evidence():
 def test_catalog_entries_used_exist():
     for name in ("conjugate_linear_regression", "neals_funnel", "eight_schools_noncentered"):
         assert get_model(name).name == name
+
+
+# ------------------------------------------------- importance sampling only with k-hat < 0.5
+
+
+def _narrow_proposal_log_weights(s2: float, n: int = 4000, seed: int = 0) -> np.ndarray:
+    """Log weights of N(0, s2) draws against N(0, 1): log p(x) = 0, true Pareto k = 1 - s2."""
+    x = np.random.default_rng(seed).normal(size=n) * math.sqrt(s2)
+    return -0.5 * x**2 + 0.5 * x**2 / s2 + 0.5 * math.log(s2)
+
+
+def test_importance_sampling_se_is_understated_when_k_is_above_a_half():
+    """Why the threshold is 0.5, not 0.7: with infinite-variance weights (true k 0.6) the
+    delta-method se misses the truth by > 3 se far more often than 0.3 % (here >= 3 %),
+    while at k 0.3 it does not."""
+    from diagnostics import metrics
+
+    def misses(s2: float) -> float:
+        out = []
+        for seed in range(200):
+            value, se = metrics.log_evidence_is(_narrow_proposal_log_weights(s2, seed=seed))
+            out.append(abs(value) > 3 * se)
+        return float(np.mean(out))
+
+    assert misses(0.4) >= 0.03
+    assert misses(0.7) <= 0.015
+
+
+def _summary(khat: float) -> pd.DataFrame:
+    return pd.DataFrame([{"method": "q/trace", "khat": khat, "elbo": -1.0, "status": "converged"}])
+
+
+@pytest.mark.parametrize("s2, estimated", [(0.4, False), (0.8, True)])
+def test_guide_importance_sampling_needs_k_below_a_half(monkeypatch, s2, estimated):
+    """The last-resort guide IS printed log p(x) +- se for 0.5 <= k-hat < 0.7; now only
+    below 0.5 (weights of a too-narrow Gaussian proposal, true log p(x) = 0)."""
+    from diagnostics import evidence, metrics
+
+    lw = _narrow_proposal_log_weights(s2, seed=5)
+    khat = metrics.psis_khat(lw)
+    assert (0.5 <= khat < 0.7) if not estimated else khat < 0.5
+    monkeypatch.setattr(evidence, "evidence_log_weights", lambda result, num, seed: lw)
+    le = evidence._guide_log_evidence(
+        {"q/trace": object()}, _summary(0.3), len(lw), 0, "no reference draws"
+    )
+    if estimated:
+        assert le.kind == ESTIMATED and le.method == "guide importance sampling"
+        assert abs(le.value) <= 5 * le.se
+    else:
+        assert le.kind == "unknown" and math.isnan(le.value)
+        assert "variance is infinite" in le.source
+
+
+@pytest.mark.parametrize("khat, method", [(0.3, "importance sampling"), (0.6, "none")])
+def test_reference_importance_fallback_needs_k_below_a_half(monkeypatch, khat, method):
+    """When bridge sampling fails, the t-proposal IS is printed only with k-hat < 0.5."""
+    from diagnostics import evidence, metrics
+
+    entry, model, _ = _bound("conjugate_linear_regression")
+    truth = entry.exact_posterior().log_evidence
+    ref = exact_reference(entry, num_chains=4, num_draws=500, seed=0)
+    nan = {"value": float("nan"), "se": float("nan"), "n_post": 0, "n_eff": 0, "iterations": 0}
+    monkeypatch.setattr(evidence, "bridge_sampling", lambda *a, **k: dict(nan))
+    monkeypatch.setattr(metrics, "psis_khat", lambda lw: khat)
+    le = reference_log_evidence(model, (), ref, max_plate_nesting=entry.max_plate_nesting, seed=3)
+    assert le.method == method
+    if method == "none":
+        assert le.kind == "unknown" and "variance is infinite" in le.source
+    else:
+        assert abs(le.value - truth) <= 5 * le.se, (le.value, le.se, truth)
