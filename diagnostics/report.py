@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,13 +78,23 @@ def _color(i: int) -> tuple:
     return _COLORS[i % len(_COLORS)]
 
 
-def fmt(value: Any) -> str:
-    """How a table cell is printed: 4 significant digits for floats."""
+def fmt(value: Any, se: float | None = None) -> str:
+    """How a table cell is printed: 4 significant digits for floats.
+
+    With a finite positive standard error ``se``, a float is printed to the decimal
+    of the se's second significant digit (at least 4 significant digits), so that
+    an ELBO of -70.3218 +- 0.0043 and an IWAE of -70.3172 do not both read -70.32.
+    """
     if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
     if isinstance(value, (float, np.floating)):
         if np.isnan(value):
             return "nan"
+        if se is not None and np.isfinite(se) and se > 0 and np.isfinite(value):
+            decimals = 1 - math.floor(math.log10(float(se)))
+            if value != 0:  # never fewer significant digits than 4
+                decimals = max(decimals, 3 - math.floor(math.log10(abs(float(value)))))
+            return f"{float(value):.{min(max(decimals, 0), 12)}f}"
         return f"{float(value):.4g}"
     if isinstance(value, (int, np.integer)):
         return str(int(value))
@@ -262,10 +273,50 @@ def make_figures(c: Comparison) -> dict[str, bytes]:
 # ----------------------------------------------------------------------------- tables
 
 
+#: Columns of the method table printed to the precision of a standard error (column
+#: of ``Comparison.summary``), whether or not that se is a column of the table.
+_SE_OF = {"elbo": "elbo_se", "iwae": "iwae_se", "gap": "gap_se"}
+
+
 def summary_table(c: Comparison) -> pd.DataFrame:
-    """The per-method table as shown (selected columns, display names)."""
+    """The per-method table as shown (selected columns, display names).
+
+    ``attrs["se"]`` maps a display column to the standard errors that set its
+    printed precision (:func:`fmt`).
+    """
     cols = [(k, v) for k, v in SUMMARY_COLUMNS if k in c.summary]
-    return c.summary[[k for k, _ in cols]].rename(columns=dict(cols))
+    out = c.summary[[k for k, _ in cols]].rename(columns=dict(cols))
+    names = dict(cols)
+    out.attrs["se"] = {
+        names[k]: c.summary[se].to_numpy(dtype=float)
+        for k, se in _SE_OF.items()
+        if k in names and se in c.summary
+    }
+    return out
+
+
+def _cell_se(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per display column, the standard errors its cells are printed to (see :func:`fmt`).
+
+    ``attrs["se"]``, else a column named ``"<col> se"`` or ``"<col>_se"``.
+    """
+    out = dict(df.attrs.get("se", {}))
+    for col in df.columns:
+        for name in (f"{col} se", f"{col}_se"):
+            if col not in out and name in df.columns:
+                out[col] = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=float)
+    return {k: v for k, v in out.items() if len(v) == len(df)}
+
+
+def _row_cells(df: pd.DataFrame) -> list[list[tuple[Any, str]]]:
+    """Each row's ``(value, printed text)`` pairs."""
+    se = _cell_se(df)
+    rows = []
+    for i, row in enumerate(df.itertuples(index=False)):
+        rows.append(
+            [(v, fmt(v, se[col][i] if col in se else None)) for col, v in zip(df.columns, row)]
+        )
+    return rows
 
 
 def site_table(c: Comparison) -> pd.DataFrame:
@@ -278,13 +329,13 @@ def html_table(df: pd.DataFrame, table_id: str) -> str:
     """``df`` as an HTML table with id ``table_id``, numbers formatted by :func:`fmt`."""
     head = "".join(f"<th>{html.escape(str(col))}</th>" for col in df.columns)
     body = []
-    for row in df.itertuples(index=False):
+    for row in _row_cells(df):
         cells = []
-        for value in row:
+        for value, text in row:
             attr = ""
             if isinstance(value, (float, np.floating)) and not isinstance(value, bool):
                 attr = f' data-value="{float(value)!r}"'
-            cells.append(f"<td{attr}>{html.escape(fmt(value))}</td>")
+            cells.append(f"<td{attr}>{html.escape(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (
         f'<table id="{table_id}"><thead><tr>{head}</tr></thead>'
@@ -298,8 +349,8 @@ def md_table(df: pd.DataFrame) -> str:
         "| " + " | ".join(str(c) for c in df.columns) + " |",
         "|" + "|".join("---" for _ in df.columns) + "|",
     ]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(fmt(v).replace("|", "\\|") for v in row) + " |")
+    for row in _row_cells(df):
+        lines.append("| " + " | ".join(t.replace("|", "\\|") for _, t in row) + " |")
     return "\n".join(lines)
 
 
@@ -343,9 +394,11 @@ def evidence_line(c: Comparison) -> str:
     le = c.log_evidence
     if le.kind == "unknown":
         return f"log p(x): unknown ({le.source}); gaps are not shown."
-    se = "" if le.kind in ("exact", "given") else f" +- {le.se:.2g}"
+    exact = le.kind in ("exact", "given")
+    se = "" if exact else f" +- {le.se:.2g}"
     how = f" by {le.method}" if le.kind == "estimated" and le.method else ""
-    return f"log p(x) = {le.value:.5g}{se} nats, {le.kind}{how}: {le.source}."
+    value = f"{le.value:.6g}" if exact else fmt(float(le.value), le.se)
+    return f"log p(x) = {value}{se} nats, {le.kind}{how}: {le.source}."
 
 
 CSS = """

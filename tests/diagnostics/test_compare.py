@@ -18,7 +18,7 @@ from diagnostics import metrics
 from diagnostics.comparison import compare
 from diagnostics.convert import group_arrays, group_names, load_netcdf
 from diagnostics.nuts.reference import exact_reference
-from diagnostics.report import fmt, write_report
+from diagnostics.report import _SE_OF, fmt, md_table, write_report
 from vimodels.catalog.registry import MODELS
 from vimodels.cli.main import main
 from vimodels.errors import IncompatibleError, OptionError
@@ -140,7 +140,8 @@ def test_html_report_embeds_images_and_holds_the_numbers(conj_run):
         for html_row, (_, row) in zip(rows[1:], frame.iterrows()):
             for cell, key in zip(html_row, keys):
                 value = row[key]
-                assert cell["text"] == fmt(value), (table_id, key)
+                se = row.get(_SE_OF.get(key, ""), None) if table_id == "summary" else None
+                assert cell["text"] == fmt(value, se), (table_id, key)
                 if isinstance(value, float):
                     assert float(cell["value"]) == value or (
                         np.isnan(value) and cell["value"] == "nan"
@@ -363,3 +364,24 @@ def test_w1_summary_is_in_reference_sds(conj_run):
         mine = sites[sites["method"] == row.method]
         assert row.w1_mean == pytest.approx((mine["w1"] / mine["ref_sd"]).mean(), rel=1e-12)
         assert row.w1_max == pytest.approx((mine["w1"] / mine["ref_sd"]).max(), rel=1e-12)
+
+
+def test_numbers_with_a_standard_error_are_printed_to_its_precision():
+    """ELBO -70.3218 +- 0.0043, IWAE -70.3172 and log p(x) -70.3189 all read "-70.32"
+    at 4 significant digits; each is printed to its se's second digit."""
+    df = pd.DataFrame(
+        {
+            "method": ["a/trace"],
+            "ELBO": [-70.3218],
+            "ELBO se": [0.0043],
+            "big": [-12345.678],
+            "big se": [0.05],
+            "plain": [-70.3218],
+        }
+    )
+    md = md_table(df)
+    assert "| a/trace | -70.3218 | 0.0043 | -12345.678 | 0.05 | -70.32 |" in md, md
+    df.attrs["se"] = {"plain": np.array([0.0004])}
+    assert "| -70.32180 |" in md_table(df)
+    assert fmt(0.5, 10.0) == "0.5000" and fmt(float("nan"), 0.1) == "nan"
+    assert fmt(-70.3218, float("nan")) == "-70.32" and fmt(3.0, 0.0) == "3"
