@@ -90,8 +90,10 @@ ESS_MIN = 400.0
 EBFMI_MIN = 0.3
 # 3: ArviZ's sample_stats names (energy, n_steps ...); keyed by the model's fingerprint;
 # the manifest has its own checksum. 4: deterministic sites replayed per draw where a
-# vectorized replay does not keep the draws on their own axis (were scrambled across draws)
-CACHE_FORMAT = 4
+# vectorized replay does not keep the draws on their own axis (were scrambled across draws).
+# 5: discrete sites recovered one draw at a time where the model does not broadcast over
+# the draws (every draw's were drawn from the first draw's conditional)
+CACHE_FORMAT = 5
 NUTS_KIND = "nuts"
 SAMPLER_NAMES = {
     "vimodels": "vimodels NUTS (Stan's multinomial NUTS and warm-up, on Pyro's potential)",

@@ -64,3 +64,24 @@ def test_enumerated_elbo_of_a_model_that_does_not_broadcast_is_exact():
     for seed in (1, 2):
         est, se = elbo_estimate(r.log_weights(400, seed=seed))
         assert abs(est - truth) <= 5 * se, (est, se, truth)
+
+
+def test_recovered_discrete_draws_follow_each_draws_conditional():
+    """The NUTS reference's discrete draws (``recover_discrete``) of the same model: under
+    a plate of draws every draw's z came from draw 0's conditional. Exact conditional:
+    P(z_n = k | mu, y_n) proportional to W_k N(y_n; mu + C_k, 1); checked by quartile of
+    mu, each a sum of (z - p) over draws and rows against its exact sd."""
+    from vimodels.svi.draws import model_info, recover_discrete
+
+    y = torch.tensor(Y, dtype=torch.float32)
+    info = model_info(mix_first, (y,), {}, 1)
+    mu = np.random.default_rng(3).normal(0.5, 2.0, size=400).astype(np.float32)
+    pyro.set_rng_seed(0)
+    z = recover_discrete(mix_first, (y,), {}, info, {"mu": mu})["z"]
+    assert z.shape == (400, 12)
+    log_p = np.log(W) + norm.logpdf(Y[None, :, None], mu[:, None, None] + C, 1.0)
+    p1 = np.exp(log_p[..., 1] - logsumexp(log_p, axis=-1))  # (draws, rows)
+    for group in np.array_split(np.argsort(mu), 4):
+        resid = (z[group] - p1[group]).sum()
+        sd = np.sqrt((p1[group] * (1 - p1[group])).sum())
+        assert abs(resid) <= 5 * sd, (resid, sd)

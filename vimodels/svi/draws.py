@@ -800,7 +800,12 @@ def recover_discrete(
 
     Uses ``infer_discrete`` (temperature 1): each discrete site is drawn from
     its conditional posterior given the continuous latent values of the same
-    draw, so together they are joint posterior draws.
+    draw, so together they are joint posterior draws. The draws are vectorized
+    (a plate of draws) where the first pass's observed log densities equal
+    one-draw replays of the first, last and evenly spaced draws
+    (:func:`_check_layout`); a model that does not broadcast over the draws
+    (``mu.reshape(-1)[0]``) would draw every discrete site from the first draw's
+    conditional, and is sampled one draw at a time instead.
 
     Returns
     -------
@@ -829,9 +834,11 @@ def recover_discrete(
                     temperature=1,
                 )
                 tr = poutine.trace(sampler).get_trace(*args, **kwargs)
+                if start == 0:  # a model that does not broadcast over the draws: one at a time
+                    _check_layout(model, args, kwargs, info, tr, m, info.names(OBSERVED))
                 for name in info.discrete:
                     out[name].append(_as_draws(tr.nodes[name]["value"], m, info.sites[name].shape))
-        except _FALLBACK_ERRORS:
+        except _FALLBACK_ERRORS:  # NotVectorizable included
             out = {name: [] for name in info.discrete}
             for i in range(n):
                 sampler = infer_discrete(
