@@ -25,10 +25,12 @@ from typing import Any
 import pyro
 import torch
 from pyro.infer.autoguide import AutoLaplaceApproximation
+from pyro.poutine.util import site_is_subsample
 
 import guides as guide_registry
 from vimodels.catalog.base import CatalogEntry
 from vimodels.compile.units import private_units
+from vimodels.data import RowArray
 from vimodels.errors import (
     IncompatibleError,
     OptionError,
@@ -60,7 +62,7 @@ from vimodels.svi.loop import LoopOutcome, LoopSettings, Objective, run_loop
 from vimodels.svi.minibatch_eval import EVAL_BATCHES, minibatch_elbo
 from vimodels.svi.reparam import DECENTERED_SUFFIX, reparam_note, reparam_settings
 from vimodels.svi.result import DIVERGED, NONFINITE, FitProgress, FitResult
-from vimodels.svi.subsample import IndexSupplier
+from vimodels.svi.subsample import IndexSupplier, full_data
 from vimodels.svi.weights import elbo_estimate, log_weights
 from vimodels.versions import versions
 
@@ -295,11 +297,8 @@ def fit(
     # vectorized particles on a model that does not broadcast over them train a wrong
     # objective (cross terms: the likelihood counted P times, sds shrunk by 1/sqrt(P))
     particles_note = None
-    # (not on a subsampled model: each pass draws its own rows, so one-draw evaluation
-    # cannot reproduce a vectorized pass's; its ELBO is the minibatch estimate)
-    why, always_vectorized = (
-        (None, False) if supplier.subsampled else particles_do_not_broadcast(binding, build)
-    )
+    # (a subsampled model on all its rows: each pass would draw its own rows)
+    why, always_vectorized = particles_do_not_broadcast(binding, build, supplier.subsampled)
     if why is not None:
         if always_vectorized:  # iwae: its K particles are one vectorized pass
             raise IncompatibleError(
@@ -392,8 +391,24 @@ def check_fit_options(
     return convergence or ConvergenceRule(), elbo_registry.get_elbo_spec(elbo)
 
 
+#: Most rows (summed over the subsampled plates) for which a subsampled model's
+#: vectorized particles are checked on the full data before training.
+PARTICLE_CHECK_ROWS = 1_000_000
+
+
+def _subsampled_rows(binding: Binding) -> int:
+    """Rows of the full data summed over the plates that subsample (0: none)."""
+    rows = 0
+    for site in binding.trace.nodes.values():
+        if site["type"] == "sample" and site_is_subsample(site):
+            size = getattr(site["fn"], "size", None)
+            if size is not None and site["value"].numel() < size:
+                rows += int(size)
+    return rows
+
+
 def particles_do_not_broadcast(
-    binding: Binding, build: Callable[[bool], Objective]
+    binding: Binding, build: Callable[[bool], Objective], subsampled: bool = False
 ) -> tuple[str | None, bool]:
     """Why the model does not broadcast over the ELBO's vectorized particles (or ``None``).
 
@@ -402,7 +417,11 @@ def particles_do_not_broadcast(
     Only where the ELBO vectorizes more than one particle: a few guide draws under
     a particle plate are checked against one-draw evaluation
     (:func:`vimodels.svi.draws.sample_guide`), in a scope of their own (the fit's
-    parameters, random state and data batches are untouched).
+    parameters, random state and data batches are untouched). A model that
+    subsamples its data is checked with every plate on all its rows
+    (:func:`vimodels.svi.subsample.full_data`: each pass would otherwise draw its
+    own rows), where the data are in memory and the subsampled plates hold at most
+    :data:`PARTICLE_CHECK_ROWS` rows; otherwise it is not checked.
     """
     objective = build(False)
     loss = objective.loss
@@ -410,8 +429,15 @@ def particles_do_not_broadcast(
     always = isinstance(loss, IWAE)
     if not (many and (always or getattr(loss, "vectorize_particles", False))):
         return None, always
+    rows = contextlib.nullcontext()
+    if subsampled:
+        memory_mapped = any(isinstance(v, RowArray) for v in binding.data.values())
+        if memory_mapped or _subsampled_rows(binding) > PARTICLE_CHECK_ROWS:
+            return None, always
+        rows = full_data()
     report: dict = {}
     with (
+        rows,
         pyro.get_param_store().scope(),
         torch.random.fork_rng(devices=[]),
         torch.no_grad(),
