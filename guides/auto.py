@@ -229,6 +229,20 @@ def _fitted_by_optimizer(model: Callable, data: dict, hidden: tuple[str, ...] = 
 
 _SCALE = ("init_scale", "init_loc_fn")
 
+#: Autoguides that lay their parameters out from the shapes of one prototype trace
+#: (Pyro's ``AutoContinuous`` family and ``AutoStructured``): a latent site inside a
+#: subsampled plate gets one batch's worth of parameters, shared by whichever rows a
+#: step draws. ``auto_normal`` (and ``auto_delta``) keep a parameter per row instead.
+BATCH_SHAPED_GUIDES = frozenset(
+    {
+        "auto_diagonal_normal",
+        "auto_multivariate_normal",
+        "auto_lowrank_multivariate_normal",
+        "auto_iaf_normal",
+        "auto_structured",
+    }
+)
+
 AUTO_GUIDES: tuple[GuideSpec, ...] = (
     GuideSpec(
         "auto_normal",

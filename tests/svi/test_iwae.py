@@ -158,7 +158,9 @@ def test_hierarchical_iwae_with_an_autoguide_matches_its_hand_written_twin(x):
     assert m_auto <= _exact_hier(x) + 3 * se_auto
 
 
-@pytest.mark.parametrize("guide", ["auto_normal", "auto_diagonal_normal"])
+# (auto_diagonal_normal: refused, its parameters would not follow the rows of z;
+# tests/svi/test_subsample_guides.py)
+@pytest.mark.parametrize("guide", ["auto_normal"])
 def test_iwae_fit_with_an_autoguide_on_a_subsampled_hierarchical_model(x, guide):
     r = vimodels.fit(
         hier_model, data={"x": x, "subsample_size": B}, guide=guide, elbo="iwae",

@@ -29,6 +29,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.poutine.util import site_is_subsample
 
 from vimodels.errors import IncompatibleError, OptionError
+from vimodels.mode.plates import subsampled_plates
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,15 @@ def make_potential(
         pyro.validation_enabled(False),
     ):
         tr = poutine.trace(InitMessenger(init_loc_fn or init_to_median)(model)).get_trace(**data)
+    plates = subsampled_plates(tr)
+    if plates:  # each evaluation would draw other rows: L-BFGS needs one objective
+        plate, (size, taken) = next(iter(plates.items()))
+        raise IncompatibleError(
+            f"model {name!r} subsamples plate {plate!r} ({taken} of {size} rows, drawn anew "
+            "on each call); the mode, Laplace and Pathfinder need the same log density at "
+            "every evaluation. Fit the model without subsample_size (all rows) or use an SVI "
+            "guide such as 'auto_normal'"
+        )
     sites = _latent_sites(tr)
     discrete = [s["name"] for s in sites if s["fn"].support.is_discrete]
     if discrete:

@@ -25,9 +25,9 @@ from typing import Any
 import pyro
 import torch
 from pyro.infer.autoguide import AutoLaplaceApproximation
-from pyro.poutine.util import site_is_subsample
 
 import guides as guide_registry
+from guides.auto import BATCH_SHAPED_GUIDES
 from vimodels.catalog.base import CatalogEntry
 from vimodels.compile.units import private_units
 from vimodels.data import RowArray
@@ -38,6 +38,7 @@ from vimodels.errors import (
     check_seed,
     derive_seed,
 )
+from vimodels.mode.plates import local_latent_sites, rows_of, subsampled_plates
 from vimodels.svi import elbos as elbo_registry
 from vimodels.svi.binding import (
     Binding,
@@ -248,6 +249,17 @@ def fit(
     supplier = IndexSupplier(seed, subsample)  # OptionError for an unknown scheme
     with supplier:
         binding = bind(model, data, discrete_ok=elbo_spec.discrete, sites=sites, reparam=reparam)
+    if supplier.subsampled and isinstance(guide, str) and guide in BATCH_SHAPED_GUIDES:
+        plates = subsampled_plates(binding.trace)
+        local = local_latent_sites(binding.trace, plates)
+        if local:  # a batch's worth of parameters, shared by every batch's rows
+            plate, (size, taken) = next(iter(plates.items()))
+            raise IncompatibleError(
+                f"guide {guide!r} sizes its parameters from one trace, so site(s) "
+                f"{', '.join(local)} in subsampled plate {plate!r} would get {taken} sets of "
+                f"parameters shared by whichever {taken} of its {size} rows a step draws; "
+                "use guide='auto_normal' (a parameter per row) or fit without subsample_size"
+            )
     if supplier.subsampled and subsample != "pyro":
         jit = False  # NumPy-drawn indices would be frozen into a traced graph
     guide_opts, elbo_opts = dict(guide_options or {}), dict(elbo_options or {})
@@ -396,17 +408,6 @@ def check_fit_options(
 PARTICLE_CHECK_ROWS = 1_000_000
 
 
-def _subsampled_rows(binding: Binding) -> int:
-    """Rows of the full data summed over the plates that subsample (0: none)."""
-    rows = 0
-    for site in binding.trace.nodes.values():
-        if site["type"] == "sample" and site_is_subsample(site):
-            size = getattr(site["fn"], "size", None)
-            if size is not None and site["value"].numel() < size:
-                rows += int(size)
-    return rows
-
-
 def particles_do_not_broadcast(
     binding: Binding, build: Callable[[bool], Objective], subsampled: bool = False
 ) -> tuple[str | None, bool]:
@@ -432,7 +433,7 @@ def particles_do_not_broadcast(
     rows = contextlib.nullcontext()
     if subsampled:
         memory_mapped = any(isinstance(v, RowArray) for v in binding.data.values())
-        if memory_mapped or _subsampled_rows(binding) > PARTICLE_CHECK_ROWS:
+        if memory_mapped or rows_of(subsampled_plates(binding.trace)) > PARTICLE_CHECK_ROWS:
             return None, always
         rows = full_data()
     report: dict = {}
