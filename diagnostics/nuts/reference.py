@@ -50,7 +50,7 @@ import pickle
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +66,7 @@ from diagnostics.labels import element_labels
 from diagnostics.nuts.chains import is_lockstep, run_group, runs_grouped
 from diagnostics.nuts.fingerprint import Unfingerprintable, data_fingerprint, fingerprint
 from diagnostics.nuts.kernel import ALGORITHM_VERSION, AUTO_DENSE_MAX_DIM, AUTO_DRAWS_PER_DIM
+from diagnostics.nuts.modes import unvisited_mode_check
 from diagnostics.nuts.nutpie_engine import (
     NUTPIE_MAX_DIM,
     flat_dim,
@@ -134,7 +135,8 @@ class Check:
     Attributes
     ----------
     name : str
-        ``rhat``, ``ess_bulk``, ``ess_tail``, ``divergences`` or ``ebfmi``.
+        ``rhat``, ``ess_bulk``, ``ess_tail``, ``divergences``, ``ebfmi`` or ``modes``
+        (a mode the chains never visited, :mod:`diagnostics.nuts.modes`).
     ok : bool
     value : float
         Worst value seen (max R-hat, min ESS, number of divergences, min E-BFMI).
@@ -152,6 +154,28 @@ class Check:
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
         return dataclasses.asdict(self)
+
+
+#: Checks that the draws alone cannot recompute (``modes``: L-BFGS runs on the model,
+#: :mod:`diagnostics.nuts.modes`): kept in the cache manifest and restored on reading.
+STORED_CHECKS = ("modes",)
+
+
+def _stored_checks(entries: Sequence[Mapping[str, Any]]) -> tuple[Check, ...]:
+    """The :data:`STORED_CHECKS` of a manifest's ``checks`` list, as Check objects."""
+    out = []
+    for c in entries:
+        if c.get("name") in STORED_CHECKS:
+            out.append(
+                Check(
+                    str(c["name"]),
+                    bool(c["ok"]),
+                    float(c["value"]),
+                    float(c["threshold"]),
+                    str(c["detail"]),
+                )
+            )
+    return tuple(out)
 
 
 @dataclass(frozen=True, eq=False)
@@ -700,6 +724,7 @@ def _read_cache(npz: Path, manifest_path: Path, key: str) -> Reference | None:
         int(np.sum(div)) if kind == NUTS_KIND and div is not None else None,
         groups["sample_stats"].get("energy") if kind == NUTS_KIND else None,
     )
+    checks = (*checks, *_stored_checks(manifest.get("checks", [])))
     return Reference(
         model_name=manifest["model"],
         kind=kind,
@@ -1050,13 +1075,17 @@ def _compute_nuts(
     draws = {k: flat[k].reshape(shape + flat[k].shape[1:]) for k in info.latent}
     draws.update({k: v.reshape(shape + v.shape[1:]) for k, v in replay.deterministic.items()})
     log_lik = {k: v.reshape(shape + v.shape[1:]) for k, v in replay.log_likelihood.items()}
-    wall = time.perf_counter() - t0
     if info.discrete:
         notes.append(
             f"discrete site(s) {', '.join(info.discrete)} summed out by NUTS and "
             "recovered with infer_discrete"
         )
     checks = run_checks(draws, sites, int(stats["diverging"].sum()), stats.get("energy"))
+    if all(c.ok for c in checks) and not info.discrete:  # a mode no chain found?
+        found = unvisited_mode_check(fn, data, continuous, seed=seed)
+        if found is not None:
+            checks = (*checks, Check("modes", found.ok, found.value, found.threshold, found.detail))
+    wall = time.perf_counter() - t0
     used = {
         **dataclasses.asdict(settings),
         "sampler": SAMPLER_NAMES[settings.sampler],
@@ -1264,6 +1293,8 @@ def rebadged(
         source.num_divergences if nuts else None,
         source.sample_stats.get("energy") if nuts else None,
     )
+    # the same posterior in another parameterization: its modes are this model's
+    checks = (*checks, *(c for c in source.checks if c.name in STORED_CHECKS))
     return dataclasses.replace(
         source,
         model_name=model_name,

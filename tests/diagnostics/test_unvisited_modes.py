@@ -1,0 +1,75 @@
+"""A mode no chain visited makes the NUTS reference untrusted.
+
+An equal mixture of N(-8, 0.5) and N(8, 0.5): four chains started in
+Uniform(-2, 2) all land in the same mode one seed in eight (seed 0 here), R-hat,
+ESS, divergences and E-BFMI all pass, and the reference was trusted with half
+the posterior missing (mean 8 where the truth is 0). L-BFGS from four more such
+starts finds the other mode, with Laplace mass equal to the sampled one's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from diagnostics.nuts.modes import MASS_RATIO_MIN, unvisited_mode_check
+from diagnostics.references import get_reference
+
+
+def _mixture(weight: float):
+    def model():
+        x = pyro.sample("x", dist.Normal(0.0, 1000.0))
+        lp = dist.Normal(torch.tensor([-8.0, 8.0]), 0.5).log_prob(x.unsqueeze(-1))
+        w = torch.tensor([weight, 1.0 - weight])
+        pyro.factor("mix", torch.logsumexp(lp + w.log(), -1))
+
+    return model
+
+
+@pytest.mark.slow
+def test_a_reference_whose_chains_all_sit_in_one_mode_is_untrusted(tmp_path):
+    ref = get_reference(_mixture(0.5), {}, seed=0, cache_dir=tmp_path)
+    x = ref.draws["x"]
+    assert (x > 0).all()  # every chain in the + mode: what R-hat cannot see
+    others = [c for c in ref.checks if c.name != "modes"]
+    assert all(c.ok for c in others)
+    (modes,) = [c for c in ref.checks if c.name == "modes"]
+    assert not modes.ok and not ref.trusted
+    assert modes.value == pytest.approx(0.0, abs=0.05)  # equal masses
+    assert "x = -8" in modes.detail
+    again = get_reference(_mixture(0.5), {}, seed=0, cache_dir=tmp_path)  # kept in the cache
+    assert again.from_cache and not again.trusted
+    assert [c.ok for c in again.checks if c.name == "modes"] == [False]
+
+
+@pytest.mark.parametrize("weight, ok", [(0.5, False), (0.02, False), (0.002, True)])
+def test_the_check_weighs_the_missing_mode_by_its_laplace_mass(weight, ok):
+    """Draws from the + mode only; the - mode has mass weight / (1 - weight) of it:
+    fails from MASS_RATIO_MIN (1 %) on, and the value is that log ratio."""
+    rng = np.random.default_rng(0)
+    draws = {"x": 8.0 + 0.5 * rng.standard_normal((4, 500))}
+    found = None
+    for seed in range(3):  # starts that reach the - mode (the prior median is 0)
+        found = unvisited_mode_check(_mixture(weight), {}, draws, seed=seed)
+        if found is not None and found.value > -math.inf:
+            break
+    assert found is not None and found.ok is ok
+    assert found.value == pytest.approx(math.log(weight / (1 - weight)), abs=0.01)
+    assert found.threshold == pytest.approx(math.log(MASS_RATIO_MIN))
+
+
+def test_a_unimodal_posterior_passes():
+    rng = np.random.default_rng(1)
+
+    def model():
+        pyro.sample("mu", dist.Normal(0.0, 10.0))
+        pyro.sample("s", dist.HalfNormal(2.0))
+
+    draws = {"mu": rng.normal(0, 10, (4, 500)), "s": np.abs(rng.normal(0, 2, (4, 500)))}
+    found = unvisited_mode_check(model, {}, draws)
+    assert found is not None and found.ok and found.value == -math.inf
