@@ -30,10 +30,34 @@ import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution
 from pyro.poutine.messenger import Messenger
-from torch.distributions import transform_to
+from torch.distributions import biject_to, constraints, transform_to
 
 _ADAPTED = "_vimodels_adapted"
 RADIUS = 2.0
+
+
+def _register_mixture_support() -> None:
+    """Give ``MixtureSameFamily``'s support its components' transforms.
+
+    torch wraps the support of a ``MixtureSameFamily`` in a
+    ``MixtureSameFamilyConstraint`` that ``biject_to`` / ``transform_to`` do not
+    know, so a model with a mixture prior (``pyro.sample("x",
+    dist.MixtureSameFamily(...))``) raised ``NotImplementedError: Cannot
+    transform MixtureSameFamilyConstraint constraints`` in every autoguide, in
+    NUTS and in the mode search. The values of such a site lie in its
+    components' support, so their bijection serves. Registered once, process-wide
+    (torch's registries are global), only where torch has the class and nothing
+    is registered for it yet.
+    """
+    cls = getattr(constraints, "MixtureSameFamilyConstraint", None)
+    if cls is None:
+        return
+    for registry in (biject_to, transform_to):
+        if cls not in registry._registry:
+            registry.register(cls)(lambda c, _r=registry: _r(c.base_constraint))
+
+
+_register_mixture_support()
 
 
 class InitSampleable(TorchDistribution):
