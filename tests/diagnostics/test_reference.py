@@ -62,7 +62,8 @@ def test_nuts_matches_exact_posterior_of_conjugate_model(conjugate_nuts):
         assert abs(row["sd"] - exact.sd["beta"][i]) < 5 * se_sd, row
     assert ref.kind == "nuts" and ref.trusted, ref.describe()
     assert ref.num_divergences == 0
-    assert {c.name for c in ref.checks} == {"rhat", "ess_bulk", "ess_tail", "divergences", "ebfmi"}
+    names = {c.name for c in ref.checks}
+    assert names == {"rhat", "ess_bulk", "ess_tail", "divergences", "ebfmi", "modes"}
     assert ref.draws["beta"].shape == (2, 1000, 3)
     assert ref.log_likelihood["obs"].shape == (2, 1000, 50)
     s = ref.summary()

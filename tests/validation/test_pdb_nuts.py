@@ -40,13 +40,14 @@ def test_nuts_agrees_with_posteriordb(name):
 
     ref = get_reference(name, seed=0)
     assert ref.trusted, ref.describe()
-    # every check ran, E-BFMI (Stan's energy diagnostic) included
+    # every check ran, E-BFMI (Stan's energy diagnostic) and the unvisited-mode search included
     assert {c.name for c in ref.checks} == {
         "rhat",
         "ess_bulk",
         "ess_tail",
         "divergences",
         "ebfmi",
+        "modes",
     }
     _assert_means_agree(ref, name)
 
