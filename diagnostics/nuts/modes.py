@@ -156,6 +156,8 @@ def unvisited_mode_check(
             "start ended inside the draws; none found a mode outside them",
         )
     mass_in = _log_mass(potential, u_in, lp_in)
+    if math.isnan(mass_in):  # no curvature at the sampled mode: nothing to weigh against
+        return None
     worst, where = -math.inf, ""
     for lp, u in unvisited:
         mass = _log_mass(potential, u, lp)

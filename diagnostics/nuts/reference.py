@@ -1082,7 +1082,11 @@ def _compute_nuts(
         )
     checks = run_checks(draws, sites, int(stats["diverging"].sum()), stats.get("energy"))
     if all(c.ok for c in checks) and not info.discrete:  # a mode no chain found?
-        found = unvisited_mode_check(fn, data, continuous, seed=seed)
+        try:
+            found = unvisited_mode_check(fn, data, continuous, seed=seed)
+        except Exception as exc:  # an auxiliary search must not lose the draws: say so
+            found = None
+            notes.append(f"mode search not run ({type(exc).__name__}: {str(exc)[:120]})")
         if found is not None:
             checks = (*checks, Check("modes", found.ok, found.value, found.threshold, found.detail))
     wall = time.perf_counter() - t0

@@ -73,3 +73,22 @@ def test_a_unimodal_posterior_passes():
     draws = {"mu": rng.normal(0, 10, (4, 500)), "s": np.abs(rng.normal(0, 2, (4, 500)))}
     found = unvisited_mode_check(model, {}, draws)
     assert found is not None and found.ok and found.value == -math.inf
+
+
+def test_a_failing_mode_search_keeps_the_draws_and_says_so(monkeypatch, tmp_path):
+    import diagnostics.nuts.reference as reference
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("no such transform")
+
+    monkeypatch.setattr(reference, "unvisited_mode_check", broken)
+
+    def model():
+        pyro.sample("mu", dist.Normal(1.0, 2.0))
+
+    ref = get_reference(
+        model, {}, seed=0, cache=False, settings={"num_warmup": 200, "num_samples": 300}
+    )
+    assert ref.draws["mu"].shape == (4, 300)
+    assert "modes" not in {c.name for c in ref.checks}
+    assert any("mode search not run (NotImplementedError" in n for n in ref.notes)
