@@ -92,3 +92,50 @@ def test_a_failing_mode_search_keeps_the_draws_and_says_so(monkeypatch, tmp_path
     assert ref.draws["mu"].shape == (4, 300)
     assert "modes" not in {c.name for c in ref.checks}
     assert any("mode search not run (NotImplementedError" in n for n in ref.notes)
+
+
+def _minor_mode_model(main_loc: float = 4.0):
+    """0.95 N(4, 0.5) + 0.05 N(-4, 0.5)."""
+
+    def model():
+        x = pyro.sample("x", dist.Normal(0.0, 10.0))
+        lp = dist.Normal(torch.tensor([main_loc, -main_loc]), 0.5).log_prob(x.unsqueeze(-1))
+        pyro.factor("mix", torch.logsumexp(lp + torch.tensor([0.95, 0.05]).log(), -1))
+
+    return model
+
+
+def test_chains_in_the_minor_mode_fail_when_every_search_finds_the_major_one():
+    """Every chain in the 5 % mode and every L-BFGS start in the 95 % one: the check
+    returned None ("not applicable") and the reference stayed trusted with 95 % of the
+    mass missing. The draws' median is now a start (it ends where the chains are)."""
+    rng = np.random.default_rng(0)
+    draws = {"x": -4.0 + 0.5 * rng.standard_normal((4, 500))}
+    # seed 443: every one of the chains' kind of start (and the prior median) ends at +4
+    found = unvisited_mode_check(_minor_mode_model(), {}, draws, seed=443)
+    assert found is not None and not found.ok
+    assert found.value == pytest.approx(math.log(0.95 / 0.05), abs=0.01)
+
+
+def test_a_mode_inside_the_box_of_correlated_draws_is_found():
+    """A 20 % mode at (2.5, -2.5) beside a main mode with correlation 0.975: the main
+    draws span -7..7 in each coordinate, so a per-coordinate box called the minor mode
+    visited; in the draws' whitened space it is 8 units from the nearest draw."""
+    main = dist.MultivariateNormal(torch.zeros(2), torch.tensor([[4.0, 3.9], [3.9, 4.0]]))
+    minor = dist.MultivariateNormal(torch.tensor([2.5, -2.5]), 0.09 * torch.eye(2))
+
+    def model():
+        x = pyro.sample("x", dist.Normal(0.0, 10.0).expand([2]).to_event(1))
+        pyro.factor(
+            "f",
+            torch.logaddexp(math.log(0.8) + main.log_prob(x), math.log(0.2) + minor.log_prob(x)),
+        )
+
+    torch.manual_seed(0)
+    draws = {"x": main.sample((4, 500)).numpy()}
+    results = [unvisited_mode_check(model, {}, draws, seed=s) for s in range(4)]
+    hits = [r for r in results if r is not None and r.value > -math.inf]
+    assert hits, results  # some seed's starts reach the minor mode's basin
+    for r in hits:
+        assert not r.ok and "whitened units" in r.detail
+        assert r.value == pytest.approx(math.log(0.2 / 0.8), abs=0.1)
