@@ -14,6 +14,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.subsample_messenger import _Subsample
 
 from vimodels.errors import DataError, ModelError, PrecisionWarning
 
@@ -450,7 +451,35 @@ def trace_check(model: Callable, data: Mapping[str, Any], name: str) -> poutine.
         raise err from exc
     check_observed_shapes(tr, data, name)
     _check_latent_dtype(tr, data, name)
+    _check_supports(tr, name)
     return tr
+
+
+def _check_supports(tr: poutine.Trace, name: str) -> None:
+    """ModelError for a continuous latent site whose support torch cannot unconstrain.
+
+    Every guide, NUTS and the mode search move latent sites in unconstrained space
+    through ``biject_to(support)``; a support class with no registered transform
+    raised a bare ``NotImplementedError`` from deep inside whichever ran first.
+    """
+    for site_name, site in tr.nodes.items():
+        if site["type"] != "sample" or site["is_observed"]:
+            continue
+        if site_name.endswith("_subsample") or site["infer"].get("_do_not_trace"):
+            continue
+        support = getattr(site["fn"], "support", None)
+        if support is None or support.is_discrete or isinstance(site["fn"], _Subsample):
+            continue
+        try:
+            torch.distributions.biject_to(support)
+        except NotImplementedError:
+            raise ModelError(
+                f"latent site {site_name!r} of model {name!r} has support "
+                f"{type(support).__name__}, which torch cannot map to unconstrained space (no "
+                "biject_to transform is registered for it); sample an unconstrained variable "
+                "and transform it with pyro.deterministic, or register one with "
+                "torch.distributions.biject_to.register and transform_to.register"
+            ) from None
 
 
 def _needs_float64(data: Mapping[str, Any]) -> dict[str, float]:
