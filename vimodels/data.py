@@ -14,7 +14,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import site_is_subsample
 
 from vimodels.errors import DataError, ModelError, PrecisionWarning
 
@@ -463,12 +463,10 @@ def _check_supports(tr: poutine.Trace, name: str) -> None:
     raised a bare ``NotImplementedError`` from deep inside whichever ran first.
     """
     for site_name, site in tr.nodes.items():
-        if site["type"] != "sample" or site["is_observed"]:
-            continue
-        if site_name.endswith("_subsample") or site["infer"].get("_do_not_trace"):
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
             continue
         support = getattr(site["fn"], "support", None)
-        if support is None or support.is_discrete or isinstance(site["fn"], _Subsample):
+        if support is None or support.is_discrete:
             continue
         try:
             torch.distributions.biject_to(support)

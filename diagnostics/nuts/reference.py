@@ -79,6 +79,7 @@ from vimodels.catalog.registry import get_model
 from vimodels.data import trace_check
 from vimodels.errors import IncompatibleError, OptionError, check_option, check_seed
 from vimodels.io import atomic_write, atomic_write_json, ensure_dir, jsonable, safe_name
+from vimodels.mode.plates import subsampled_plates
 from vimodels.resolve import resolve_model
 from vimodels.svi.draws import ModelInfo, model_info, recover_discrete, replay_model
 from vimodels.versions import versions
@@ -996,16 +997,14 @@ def run_nuts(
 
 def _check_nuts_applies(tr: Any, name: str) -> None:
     """IncompatibleError for a model NUTS cannot sample: subsampled plates, no latent site."""
-    for site_name, site in tr.nodes.items():
-        if site["type"] != "sample" or not site_is_subsample(site):
-            continue
-        size = getattr(site["fn"], "size", None)
-        if size is not None and site["value"].numel() < size:
-            raise IncompatibleError(
-                f"model {name!r} subsamples plate {site_name!r} ({site['value'].numel()} of "
-                f"{size}): NUTS needs the full data in every step; remove subsample_size "
-                "from the plate for the reference (subsampling is for SVI)"
-            )
+    plates = subsampled_plates(tr)
+    if plates:
+        plate, (size, taken) = next(iter(plates.items()))
+        raise IncompatibleError(
+            f"model {name!r} subsamples plate {plate!r} ({taken} of {size}): NUTS needs the "
+            "full data in every step; remove subsample_size from the plate for the reference "
+            "(subsampling is for SVI)"
+        )
     latent = [
         n
         for n, s in tr.nodes.items()
