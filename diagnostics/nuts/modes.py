@@ -29,38 +29,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from diagnostics.nuts.checks import Check
 from vimodels.errors import IncompatibleError
 from vimodels.mode.laplace import negative_hessian
 from vimodels.mode.lbfgs import UNBOUNDED, find_mode
 from vimodels.mode.potential import make_potential
-
-
-@dataclass(frozen=True)
-class ModeCheck:
-    """The outcome of :func:`unvisited_mode_check` (the reference wraps it as a ``Check``).
-
-    Attributes
-    ----------
-    ok : bool
-    value : float
-        Log Laplace-mass ratio of the heaviest unvisited mode to the best visited one
-        (``-inf``: none).
-    threshold : float
-        ``log MASS_RATIO_MIN``.
-    detail : str
-    """
-
-    ok: bool
-    value: float
-    threshold: float
-    detail: str
-
 
 #: An unvisited mode with at least this fraction of the visited mode's Laplace mass fails.
 MASS_RATIO_MIN = 0.01
@@ -152,7 +130,7 @@ def unvisited_mode_check(
     *,
     seed: int = 0,
     num_starts: int = NUM_STARTS,
-) -> ModeCheck | None:
+) -> Check | None:
     """Whether L-BFGS finds a mode with real mass that no chain visited.
 
     Parameters
@@ -169,8 +147,8 @@ def unvisited_mode_check(
 
     Returns
     -------
-    ModeCheck or None
-        Value the log mass ratio of the heaviest unvisited mode to the
+    Check or None
+        ``modes``: value the log mass ratio of the heaviest unvisited mode to the
         best visited one (``-inf`` when none), threshold ``log MASS_RATIO_MIN``;
         None where the check does not apply (discrete sites, more than
         :data:`MAX_DIM` dimensions, an unbounded density, no run converged).
@@ -204,7 +182,8 @@ def unvisited_mode_check(
         (visited if near.distance(end) <= near.radius else unvisited).append((lp, end))
     threshold = math.log(MASS_RATIO_MIN)
     if not visited and unvisited:
-        return ModeCheck(
+        return Check(
+            "modes",
             False,
             math.inf,
             threshold,
@@ -215,7 +194,8 @@ def unvisited_mode_check(
         return None
     lp_in, u_in = max(visited, key=lambda t: t[0])
     if not unvisited:
-        return ModeCheck(
+        return Check(
+            "modes",
             True,
             -math.inf,
             threshold,
@@ -236,7 +216,8 @@ def unvisited_mode_check(
             worst = ratio
             where = near.describe(potential, u)
     if worst == -math.inf:
-        return ModeCheck(
+        return Check(
+            "modes",
             True,
             -math.inf,
             threshold,
@@ -245,7 +226,8 @@ def unvisited_mode_check(
         )
     ok = worst < threshold
     share = math.exp(min(worst, 50.0))
-    return ModeCheck(
+    return Check(
+        "modes",
         ok,
         float(worst),
         threshold,

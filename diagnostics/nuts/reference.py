@@ -64,6 +64,7 @@ from pyro.poutine.util import site_is_subsample
 from diagnostics import chainstats
 from diagnostics.labels import element_labels
 from diagnostics.nuts.chains import is_lockstep, run_group, runs_grouped
+from diagnostics.nuts.checks import Check
 from diagnostics.nuts.fingerprint import Unfingerprintable, data_fingerprint, fingerprint
 from diagnostics.nuts.kernel import ALGORITHM_VERSION, AUTO_DENSE_MAX_DIM, AUTO_DRAWS_PER_DIM
 from diagnostics.nuts.modes import unvisited_mode_check
@@ -129,54 +130,14 @@ class NotCachedWarning(UserWarning):
     """A model depends on a value that cannot be fingerprinted: its reference is not cached."""
 
 
-@dataclass(frozen=True)
-class Check:
-    """One self-check of a reference.
-
-    Attributes
-    ----------
-    name : str
-        ``rhat``, ``ess_bulk``, ``ess_tail``, ``divergences``, ``ebfmi`` or ``modes``
-        (a mode the chains never visited, :mod:`diagnostics.nuts.modes`).
-    ok : bool
-    value : float
-        Worst value seen (max R-hat, min ESS, number of divergences, min E-BFMI).
-    threshold : float
-    detail : str
-        One line naming the worst site element.
-    """
-
-    name: str
-    ok: bool
-    value: float
-    threshold: float
-    detail: str
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form."""
-        return dataclasses.asdict(self)
-
-
 #: Checks that the draws alone cannot recompute (``modes``: L-BFGS runs on the model,
 #: :mod:`diagnostics.nuts.modes`): kept in the cache manifest and restored on reading.
 STORED_CHECKS = ("modes",)
 
 
 def _stored_checks(entries: Sequence[Mapping[str, Any]]) -> tuple[Check, ...]:
-    """The :data:`STORED_CHECKS` of a manifest's ``checks`` list, as Check objects."""
-    out = []
-    for c in entries:
-        if c.get("name") in STORED_CHECKS:
-            out.append(
-                Check(
-                    str(c["name"]),
-                    bool(c["ok"]),
-                    float(c["value"]),
-                    float(c["threshold"]),
-                    str(c["detail"]),
-                )
-            )
-    return tuple(out)
+    """The :data:`STORED_CHECKS` of a manifest's ``checks`` list (``Check.as_dict``)."""
+    return tuple(Check(**c) for c in entries if c.get("name") in STORED_CHECKS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -1087,7 +1048,7 @@ def _compute_nuts(
             found = None
             notes.append(f"mode search not run ({type(exc).__name__}: {str(exc)[:120]})")
         if found is not None:
-            checks = (*checks, Check("modes", found.ok, found.value, found.threshold, found.detail))
+            checks = (*checks, found)
     wall = time.perf_counter() - t0
     used = {
         **dataclasses.asdict(settings),
