@@ -158,3 +158,13 @@ def test_scripts_import_only_what_exists(path):
         assert hasattr(mod, name) or importlib.util.find_spec(f"{module}.{name}"), (
             f"{path.name}: {module} has no {name}"
         )
+
+
+def test_bench_potential_counts_the_frozen_graph_and_times_it():
+    """Benchmark 3f's row without Inductor: the frozen batched graph's operations are
+    counted from the graph the reference runs, and its call is timed."""
+    bench = _load("bench_potential")
+    row = bench.bench("eight_schools_noncentered", calls=10, inductor=False)
+    assert row["mode"] == "vmap" and row["dim"] == 10
+    assert 10 < row["ops"] < 200 and row["frozen_us"] > 0
+    assert "inductor_us" not in row
