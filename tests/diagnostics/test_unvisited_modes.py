@@ -94,6 +94,31 @@ def test_a_failing_mode_search_keeps_the_draws_and_says_so(monkeypatch, tmp_path
     assert any("mode search not run (NotImplementedError" in n for n in ref.notes)
 
 
+def test_the_mode_search_time_is_recorded_within_the_wall_time(monkeypatch):
+    """Benchmarks that set a fit's time against the reference's take the sampling's
+    time: the search's own seconds are in ``settings["mode_search_s"]``."""
+    import time as _time
+
+    import diagnostics.nuts.reference as reference
+
+    real = reference.unvisited_mode_check
+
+    def slow(*args, **kwargs):
+        _time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "unvisited_mode_check", slow)
+
+    def model():
+        pyro.sample("mu", dist.Normal(1.0, 2.0))
+
+    ref = get_reference(
+        model, {}, seed=0, cache=False, settings={"num_warmup": 200, "num_samples": 300}
+    )
+    assert "modes" in {c.name for c in ref.checks}
+    assert 0.5 <= ref.settings["mode_search_s"] < ref.wall_time
+
+
 def _minor_mode_model(main_loc: float = 4.0):
     """0.95 N(4, 0.5) + 0.05 N(-4, 0.5)."""
 
