@@ -216,13 +216,16 @@ def vsbc_test(
     -------
     statistic, p_value : float
     """
-    x = fractional(rank, num_ranks).reshape(-1) - 0.5
-    n = len(x)
+    # u - 1/2 = (2 r + 1 - num_ranks) / (2 num_ranks): grouped and signed on the integer
+    # numerator, since in floating point mirror ranks r and num_ranks - 1 - r can differ
+    # in the last bit of |u - 1/2| and split their tie group, inflating D
+    k = 2 * np.asarray(rank, dtype=np.int64).reshape(-1) + 1 - num_ranks
+    n = len(k)
     if n == 0:
         return float("nan"), float("nan")
-    order = np.argsort(-np.abs(x), kind="stable")
-    a = np.abs(x)[order]
-    s = np.sign(x)[order]
+    order = np.argsort(-np.abs(k), kind="stable")
+    a = np.abs(k)[order]
+    s = np.sign(k)[order]
     ends = np.r_[np.nonzero(np.diff(a))[0], n - 1]  # last index of each |x| group
     observed = float(np.abs(np.cumsum(s)[ends]).max()) / n
     rng = np.random.default_rng(seed)
