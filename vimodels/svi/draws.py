@@ -38,6 +38,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from vimodels.svi.logweight import NotVectorizable, trace_log_weights
+from vimodels.svi.marginal import marginal_pointwise
 from vimodels.svi.particles import ATOL, NUM_CHECK, RTOL, _is_delta, _one_draw, check_particles
 
 LATENT = "latent"
@@ -950,6 +951,7 @@ def replay_model(
     def run(fn: Callable) -> poutine.Trace:
         return _tolerant(lambda: poutine.trace(fn).get_trace(*args, **kwargs))
 
+    vectorized = True
     with torch.no_grad():
         try:
             for start, stop in _chunks(n, chunk):
@@ -971,6 +973,7 @@ def replay_model(
                 collect(tr, m, pp)
         except (NotVectorizable, *_FALLBACK_ERRORS):
             out = {"det": {}, "ll": {}, "pp": {}}
+            vectorized = False
             for i in range(n):
                 fake = _fake_trace(latent, info, None, index=i)
                 tr = run(poutine.replay(model, trace=fake))
@@ -981,4 +984,47 @@ def replay_model(
                 )
                 collect(tr, 1, pp)
     cat = {key: {k: np.concatenate(v) for k, v in group.items()} for key, group in out.items()}
+    if info.discrete and names["obs"] and n:
+        # LOO needs log p(x_i | theta), not log p(x_i | z_i, theta) with z_i drawn given x_i
+        cat["ll"].update(
+            _marginal_log_likelihood(model, args, kwargs, info, latent, chunk if vectorized else 1)
+        )
     return Replay(cat["det"], cat["ll"], cat["pp"])
+
+
+def _marginal_log_likelihood(
+    model: Callable,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    info: ModelInfo,
+    latent: Mapping[str, np.ndarray],
+    chunk: int,
+) -> dict[str, np.ndarray]:
+    """Observed sites' pointwise log likelihood with their local discrete sites summed out.
+
+    The continuous draws are replayed under parallel enumeration of the discrete
+    sites (:func:`vimodels.svi.marginal.marginal_pointwise` says which observed
+    sites qualify); ``chunk`` draws at a time (1 for a model that does not
+    vectorize over draws). Sites that do not qualify are absent.
+    """
+    cont = {k: v for k, v in latent.items() if k in info.continuous}
+    n = len(next(iter(latent.values())))
+    depth = info.max_plate_nesting
+    enum_model = config_enumerate(model, default="parallel")
+    parts: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        for start, stop in _chunks(n, chunk):
+            m = stop - start
+            fake = _fake_trace({k: v[start:stop] for k, v in cont.items()}, info, depth)
+            fn = poutine.enum(
+                _in_plate(poutine.replay(enum_model, trace=fake), m, depth),
+                first_available_dim=-(depth + 2),
+            )
+            tr = _tolerant(lambda fn=fn: poutine.trace(fn).get_trace(*args, **kwargs))
+            found = marginal_pointwise(tr, info.names(OBSERVED), info.discrete, depth)
+            for name, lp in found.items():
+                site = info.sites[name]
+                batch = site.shape[: len(site.shape) - site.event_dim]
+                parts.setdefault(name, []).append(_as_draws(lp, m, batch))
+    chunks = len(range(0, n, chunk))
+    return {k: np.concatenate(v) for k, v in parts.items() if len(v) == chunks}

@@ -1,0 +1,102 @@
+"""Pointwise log likelihood with the local discrete latents summed out.
+
+For leave-one-out cross-validation (PSIS-LOO, WAIC) the pointwise log
+likelihood of an observation must not condition on latents that belong to
+that observation alone: in a mixture, ``log p(x_i | z_i, theta)`` with
+``z_i`` drawn from its posterior given ``x_i`` keeps the left-out point's own
+assignment in the prediction. The quantity LOO needs is
+``log p(x_i | theta) = log sum_k p(z_i = k | theta) p(x_i | z_i = k, theta)``.
+
+:func:`marginal_pointwise` takes a trace of the model run under parallel
+enumeration of its discrete sites (continuous latents replayed at ``m``
+draws, a plate of draws at dim ``-(depth + 1)``, enumeration to its left) and
+sums out, per observed site, the discrete sites it depends on, where that is
+a per-observation sum: each such discrete site has one value per element of
+the observed site (the same plates), depends on no discrete site outside the
+sum, and no other observed site depends on it. Observed sites that depend on
+no discrete site are returned as they are; those where the sum is not
+per-observation (a global discrete site, a chain of discrete states, two
+observed sites sharing one assignment) are left out, and the caller keeps
+their conditional log likelihood.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def _enum_dims(lp: torch.Tensor, depth: int) -> set[int]:
+    """Negative dims of ``lp`` left of the draws plate where it varies (enumeration)."""
+    return {d for d in range(-lp.dim(), -(depth + 1)) if lp.shape[d] > 1}
+
+
+def _local(lp: torch.Tensor, depth: int) -> torch.Size:
+    """The draws-and-plates part of ``lp``'s shape (its last ``depth + 1`` dims)."""
+    full = lp.reshape((1,) * max(0, depth + 1 - lp.dim()) + tuple(lp.shape))
+    return full.shape[-(depth + 1) :]
+
+
+def marginal_pointwise(
+    trace: object,
+    observed: Iterable[str],
+    discrete: Iterable[str],
+    depth: int,
+) -> dict[str, torch.Tensor]:
+    """Per observed site, ``log p(x | continuous latents)`` with its local discrete sites summed.
+
+    Parameters
+    ----------
+    trace : pyro.poutine.Trace
+        The model under ``poutine.enum`` (parallel) inside a plate of draws at
+        dim ``-(depth + 1)``; enumeration dims at ``-(depth + 2)`` and left.
+    observed, discrete : iterable of str
+        Names of the observed and the discrete latent sites.
+    depth : int
+        The model's ``max_plate_nesting``.
+
+    Returns
+    -------
+    dict of str to Tensor
+        Each eligible observed site's log likelihood, shape ``(m, *plates)`` as
+        the draws-and-plates part of its ``log_prob`` (enumeration dims summed
+        out and dropped). Sites not eligible (see the module docstring) are absent.
+    """
+    nodes = trace.nodes
+    observed = [name for name in observed if name in nodes]
+    lps = {name: nodes[name]["fn"].log_prob(nodes[name]["value"]) for name in observed}
+    dim_of: dict[int, str] = {}
+    lp_d: dict[str, torch.Tensor] = {}
+    for name in discrete:
+        if name not in nodes or "_enumerate_dim" not in nodes[name]["infer"]:
+            continue
+        dim_of[nodes[name]["infer"]["_enumerate_dim"]] = name
+        lp_d[name] = nodes[name]["fn"].log_prob(nodes[name]["value"])
+    users: dict[str, list[str]] = {}
+    for name, lp in lps.items():
+        for d in _enum_dims(lp, depth):
+            if d in dim_of:
+                users.setdefault(dim_of[d], []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for name, lp in lps.items():
+        dims = _enum_dims(lp, depth)
+        if not dims:
+            out[name] = lp.reshape(_local(lp, depth))
+            continue
+        if not dims <= set(dim_of):
+            continue
+        sites = [dim_of[d] for d in dims]
+        if any(
+            users[s] != [name]
+            or not _enum_dims(lp_d[s], depth) <= dims
+            or _local(lp_d[s], depth) != _local(lp, depth)
+            for s in sites
+        ):
+            continue
+        total = lp
+        for s in sites:
+            total = total + lp_d[s]
+        total = total.logsumexp(dim=sorted(dims), keepdim=True)
+        out[name] = total.reshape(_local(total, depth))
+    return out
