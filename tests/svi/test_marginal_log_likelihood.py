@@ -97,3 +97,41 @@ def test_exported_log_likelihood_of_an_enumerated_fit_is_the_mixture_density():
     mu = idata.posterior["mu"].values.reshape(-1)
     ll = idata.log_likelihood["y"].values.reshape(len(mu), -1)
     np.testing.assert_allclose(ll, _marginal(mu), rtol=1e-8, atol=1e-8)
+
+
+def poisson_latent(y):
+    """A discrete latent per row without finite support: it cannot be summed out."""
+    lam = pyro.sample("lam", dist.Gamma(2.0, 1.0))
+    with pyro.plate("n", y.shape[0]):
+        k = pyro.sample("k", dist.Poisson(lam))
+        pyro.sample("y", dist.Normal(k, 1.0), obs=y)
+
+
+def branching(y):
+    """An assignment read into Python: enumeration cannot run the model."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
+    z = pyro.sample("z", dist.Bernoulli(0.3))
+    shift = 2.0 if float(z) > 0.5 else -2.0
+    with pyro.plate("n", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu + shift, 1.0), obs=y)
+
+
+def test_a_discrete_site_that_cannot_be_enumerated_keeps_the_conditional_log_likelihood():
+    """Not replaced by a trace in which the latent was drawn afresh from its prior."""
+    y = torch.tensor(Y)
+    rng = np.random.default_rng(2)
+    lam = rng.gamma(2.0, 1.0, size=30)
+    k = rng.poisson(3.0, size=(30, len(Y)))
+    info = model_info(poisson_latent, (y,), {}, 1)
+    ll = replay_model(poisson_latent, (y,), {}, info, {"lam": lam, "k": k}).log_likelihood["y"]
+    np.testing.assert_allclose(ll, norm.logpdf(Y[None], k, 1.0), rtol=1e-6)
+
+
+def test_a_model_that_cannot_run_enumerated_keeps_the_conditional_log_likelihood():
+    y = torch.tensor(Y)
+    rng = np.random.default_rng(3)
+    mu, z = rng.normal(size=30), rng.integers(0, 2, size=30)
+    info = model_info(branching, (y,), {}, 1)
+    ll = replay_model(branching, (y,), {}, info, {"mu": mu, "z": z}).log_likelihood["y"]
+    shift = np.where(z > 0.5, 2.0, -2.0)
+    np.testing.assert_allclose(ll, norm.logpdf(Y[None], (mu + shift)[:, None], 1.0), rtol=1e-6)

@@ -1020,11 +1020,14 @@ def _marginal_log_likelihood(
                 _in_plate(poutine.replay(enum_model, trace=fake), m, depth),
                 first_available_dim=-(depth + 2),
             )
-            tr = _tolerant(lambda fn=fn: poutine.trace(fn).get_trace(*args, **kwargs))
-            found = marginal_pointwise(tr, info.names(OBSERVED), info.discrete, depth)
-            for name, lp in found.items():
-                site = info.sites[name]
-                batch = site.shape[: len(site.shape) - site.event_dim]
-                parts.setdefault(name, []).append(_as_draws(lp, m, batch))
+            try:
+                tr = _tolerant(lambda fn=fn: poutine.trace(fn).get_trace(*args, **kwargs))
+                found = marginal_pointwise(tr, info.names(OBSERVED), info.discrete, depth)
+                for name, lp in found.items():
+                    site = info.sites[name]
+                    batch = site.shape[: len(site.shape) - site.event_dim]
+                    parts.setdefault(name, []).append(_as_draws(lp, m, batch))
+            except (NotImplementedError, *_FALLBACK_ERRORS):  # cannot be enumerated: conditional
+                return {}
     chunks = len(range(0, n, chunk))
     return {k: np.concatenate(v) for k, v in parts.items() if len(v) == chunks}

@@ -64,13 +64,16 @@ def marginal_pointwise(
         out and dropped). Sites not eligible (see the module docstring) are absent.
     """
     nodes = trace.nodes
+    discrete = [name for name in discrete if name in nodes]
+    if any("_enumerate_dim" not in nodes[name]["infer"] for name in discrete):
+        # a discrete site not enumerated in parallel (no finite support, or sequential)
+        # was drawn at random in this trace: nothing here is conditioned on the draws
+        return {}
     observed = [name for name in observed if name in nodes]
     lps = {name: nodes[name]["fn"].log_prob(nodes[name]["value"]) for name in observed}
     dim_of: dict[int, str] = {}
     lp_d: dict[str, torch.Tensor] = {}
     for name in discrete:
-        if name not in nodes or "_enumerate_dim" not in nodes[name]["infer"]:
-            continue
         dim_of[nodes[name]["infer"]["_enumerate_dim"]] = name
         lp_d[name] = nodes[name]["fn"].log_prob(nodes[name]["value"])
     users: dict[str, list[str]] = {}
