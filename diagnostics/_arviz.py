@@ -43,12 +43,15 @@ def from_dict(
     if unknown:
         raise ValueError(f"unknown InferenceData group(s): {sorted(unknown)}")
     kwargs = {name: dict(values) for name, values in groups.items() if values}
-    return az.from_dict(
+    idata = az.from_dict(
         **kwargs,
         dims={k: list(v) for k, v in dims.items()},
         coords={k: np.asarray(v) for k, v in coords.items()},
         attrs=dict(attrs),
     )
+    for name in idata.groups():  # ArviZ 0.23 puts them on the root and observed_data only
+        idata[name].attrs.update(attrs)
+    return idata
 
 
 def to_netcdf(idata: InferenceData, path: str | os.PathLike) -> None:

@@ -74,7 +74,12 @@ def test_fit_to_inference_data_layout(name, tmp_path):
     lw = group_arrays(idata, "sample_stats")["log_weight"]
     assert lw.shape == (1, 200) and np.isfinite(lw).all()
     assert "posterior_predictive" not in groups
-    assert_round_trip(idata, tmp_path / f"{name}.nc")
+    # the attributes (model, guide, versions ...) on every group, as documented: a group
+    # taken out on its own (idata.posterior) still says where it came from
+    for group in groups:
+        assert idata[group].attrs.get("model") == idata.attrs["model"], group
+    back = assert_round_trip(idata, tmp_path / f"{name}.nc")
+    assert back.posterior.attrs.get("model") == idata.attrs["model"]
 
 
 def test_log_weights_are_the_elbo_and_loglik_is_pointwise():
