@@ -201,7 +201,9 @@ def child(sampler: str, model: str, s: dict, seed: int, out: str) -> None:
 
 def _mean_mcse(draws: dict) -> dict:
     """``{(site, index): (mean, mcse of the mean)}`` of draws ``{site: (C, S, *shape)}``."""
-    import arviz as az
+    from vimodels.arviz_import import import_arviz
+
+    az = import_arviz()
     import numpy as np
 
     out = {}

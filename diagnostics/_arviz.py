@@ -11,8 +11,11 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import arviz as az
 import numpy as np
+
+from vimodels.arviz_import import import_arviz
+
+az = import_arviz()
 
 InferenceData = az.InferenceData
 

@@ -12,7 +12,11 @@ import pyro
 import pytest
 import torch
 
+from vimodels.arviz_import import import_arviz
 from vimodels.compile.units import private_units
+
+# before any test module imports ArviZ: its first import of the day races between workers
+import_arviz()
 
 # tests/ holds helpers shared by the test packages (fit_models, sweep_helpers)
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -20,7 +20,14 @@ PACKAGES = ("vimodels", "guides", "diagnostics")
 
 # lowest first; a module belongs to the first prefix that matches it
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("vimodels.errors", "vimodels.io", "vimodels.versions", "vimodels.data", "vimodels.adapt"),
+    (
+        "vimodels.errors",
+        "vimodels.io",
+        "vimodels.versions",
+        "vimodels.data",
+        "vimodels.adapt",
+        "vimodels.arviz_import",
+    ),
     ("vimodels.usermodel",),
     ("vimodels.catalog", "vimodels.validation", "vimodels.resolve"),
     ("guides",),

@@ -40,6 +40,7 @@ from pyro.infer import MCMC, NUTS
 
 from diagnostics import metrics
 from guides.vae import encoder_guide
+from vimodels.arviz_import import import_arviz
 from vimodels.catalog.vae import digits_split, digits_vae
 from vimodels.compile.units import private_units
 from vimodels.errors import IncompatibleError, OptionError, check_option
@@ -723,7 +724,7 @@ def chain_diagnostics(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     A chain that never moved (zero variance, e.g. after a very short warm-up)
     gives a non-finite R-hat, reported as such instead of a division warning.
     """
-    import arviz as az
+    az = import_arviz()
 
     dataset = az.convert_to_dataset({"z": draws})
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vimodels.arviz_import import import_arviz
 from vimodels.catalog.base import CatalogEntry
 from vimodels.validation.models import read_json
 from vimodels.validation.registry import get_spec
@@ -97,7 +98,7 @@ def reference_table(name: str | CatalogEntry) -> pandas.DataFrame:
     (10 chains x 100), ``mcse_mean`` (ArviZ, of ``mean``), ``mean_full`` and
     ``sd_full`` (posteriordb's summary over all 10 000 draws).
     """
-    import arviz as az
+    az = import_arviz()
     import pandas as pd
 
     ref = reference_json(name)
