@@ -58,8 +58,12 @@ def test_handwritten_guide_of_another_model_is_refused():
 
 
 def test_handwritten_guide_refused_for_user_model():
-    with pytest.raises(IncompatibleError, match="not for a user model"):
+    with pytest.raises(IncompatibleError, match="not for a user model") as info:
         vimodels.fit(normal_model, data={"x": np.zeros(3)}, guide="mean_field", **FAST)
+    # the list offered instead holds only guides that work here (it listed mean_field itself)
+    offered = str(info.value).split("guides for this model: ")[1].split(", ")
+    assert "mean_field" not in offered and "structured" not in offered
+    assert "auto_normal" in offered and "auto_multivariate_normal" in offered
 
 
 def test_user_guide_with_wrong_sites_is_refused():

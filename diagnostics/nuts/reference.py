@@ -96,8 +96,9 @@ EBFMI_MIN = 0.3
 # vectorized replay does not keep the draws on their own axis (were scrambled across draws).
 # 5: discrete sites recovered one draw at a time where the model does not broadcast over
 # the draws (every draw's were drawn from the first draw's conditional). 6: the pointwise
-# log likelihood sums out local discrete sites (was conditional on the drawn assignment)
-CACHE_FORMAT = 6
+# log likelihood sums out local discrete sites (was conditional on the drawn assignment).
+# 7: masked-out observations score 0 in the pointwise log likelihood (the mask was ignored)
+CACHE_FORMAT = 7
 NUTS_KIND = "nuts"
 SAMPLER_NAMES = {
     "vimodels": "vimodels NUTS (Stan's multinomial NUTS and warm-up, on Pyro's potential)",

@@ -25,6 +25,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
+from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.poutine.util import site_is_subsample
 
@@ -270,10 +271,8 @@ class Potential:
             for site in tr.nodes.values():
                 if site["type"] != "sample" or site_is_subsample(site):
                     continue
-                lp = site["fn"].log_prob(site["value"])
-                scale = site["scale"]
-                if not (isinstance(scale, float) and scale == 1.0):
-                    lp = lp * scale
+                # scaled and masked as Trace.log_prob_sum does (poutine.scale, poutine.mask)
+                lp = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
                 if lp.dim() < ndim:
                     lp = lp.reshape((1,) * (ndim - lp.dim()) + lp.shape)
                 total = total + lp.reshape(lp.shape[0], -1).sum(-1).expand(n)

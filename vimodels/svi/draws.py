@@ -38,7 +38,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from vimodels.svi.logweight import NotVectorizable, trace_log_weights
-from vimodels.svi.marginal import marginal_pointwise
+from vimodels.svi.marginal import marginal_pointwise, site_log_prob
 from vimodels.svi.particles import ATOL, NUM_CHECK, RTOL, _is_delta, _one_draw, check_particles
 
 LATENT = "latent"
@@ -349,8 +349,11 @@ def _check_vectorized(site: dict, n: int, info: ModelInfo) -> None:
 
 
 def _pointwise(site: dict, n: int, info: SiteInfo) -> np.ndarray:
-    """Unscaled log density of an observed site per draw, shape ``(n, *batch_shape)``."""
-    lp = site["fn"].log_prob(site["value"])
+    """Unscaled log density of an observed site per draw, shape ``(n, *batch_shape)``.
+
+    Entries masked out (``poutine.mask``) are 0, as in the model's joint density.
+    """
+    lp = site_log_prob(site)
     batch = info.shape[: len(info.shape) - info.event_dim]
     return _as_draws(lp, n, batch)
 

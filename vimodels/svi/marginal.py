@@ -18,6 +18,13 @@ no discrete site are returned as they are; those where the sum is not
 per-observation (a global discrete site, a chain of discrete states, two
 observed sites sharing one assignment) are left out, and the caller keeps
 their conditional log likelihood.
+
+Masks (``poutine.mask``, ``Distribution.mask``) are honoured as in the
+model's joint density: a masked-out observation contributes 0 (it is not
+observed), whether or not it has a discrete latent; a masked-out discrete
+prior drops out of the sum as Pyro drops it from the joint. Scales
+(subsampling, ``poutine.scale``) are not applied: the log likelihood is per
+observation.
 """
 
 from __future__ import annotations
@@ -25,6 +32,30 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from pyro.distributions.util import scale_and_mask
+
+
+def site_log_prob(site: dict, masked: bool = True) -> torch.Tensor:
+    """Unscaled ``log_prob`` of a trace site's value, masked entries 0 unless ``masked=False``.
+
+    ``site["mask"]`` is what ``poutine.mask`` set (None, a bool, or a bool
+    tensor broadcasting against the batch shape); a ``MaskedDistribution``
+    masks in its own ``log_prob``.
+    """
+    lp = site["fn"].log_prob(site["value"])
+    if not masked:
+        return lp
+    return scale_and_mask(lp, 1.0, site.get("mask"))
+
+
+def _masked_like(total: torch.Tensor, site: dict) -> torch.Tensor:
+    """``total`` with the entries where ``site``'s mask is False set to 0."""
+    mask = site.get("mask")
+    if mask is None or mask is True:
+        return total
+    if mask is False:
+        return torch.zeros_like(total)
+    return torch.where(mask, total, total.new_zeros(()))
 
 
 def _enum_dims(lp: torch.Tensor, depth: int) -> set[int]:
@@ -70,12 +101,13 @@ def marginal_pointwise(
         # was drawn at random in this trace: nothing here is conditioned on the draws
         return {}
     observed = [name for name in observed if name in nodes]
-    lps = {name: nodes[name]["fn"].log_prob(nodes[name]["value"]) for name in observed}
+    # unmasked here: the sum over a masked observation's latent would give log K, not 0
+    lps = {name: site_log_prob(nodes[name], masked=False) for name in observed}
     dim_of: dict[int, str] = {}
     lp_d: dict[str, torch.Tensor] = {}
     for name in discrete:
         dim_of[nodes[name]["infer"]["_enumerate_dim"]] = name
-        lp_d[name] = nodes[name]["fn"].log_prob(nodes[name]["value"])
+        lp_d[name] = site_log_prob(nodes[name])
     users: dict[str, list[str]] = {}
     for name, lp in lps.items():
         for d in _enum_dims(lp, depth):
@@ -85,6 +117,7 @@ def marginal_pointwise(
     for name, lp in lps.items():
         dims = _enum_dims(lp, depth)
         if not dims:
+            lp = _masked_like(lp, nodes[name])
             out[name] = lp.reshape(_local(lp, depth))
             continue
         if not dims <= set(dim_of):
@@ -100,6 +133,6 @@ def marginal_pointwise(
         total = lp
         for s in sites:
             total = total + lp_d[s]
-        total = total.logsumexp(dim=sorted(dims), keepdim=True)
+        total = _masked_like(total.logsumexp(dim=sorted(dims), keepdim=True), nodes[name])
         out[name] = total.reshape(_local(total, depth))
     return out
