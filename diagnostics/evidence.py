@@ -525,6 +525,25 @@ def exact_log_evidence(results: Sequence[FitResult]) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def bridge_fit(fits: Sequence[FitResult]) -> FitResult:
+    """The fit whose model bridge sampling evaluates the reference draws under.
+
+    The reference's draws are of the model as written: a decentered fit's model
+    has other latent sites (bridge sampling on it raised and fell back to guide
+    IS), and a subsampled fit's model scores a minibatch (bridge sampling refused
+    it, and a later full-data fit was not tried). First choice: a fit neither
+    decentered nor subsampled; then one not decentered; then the first.
+    """
+    for ok in (
+        lambda f: not decentered_sites_of(f) and subsampled(f) is None,
+        lambda f: not decentered_sites_of(f),
+    ):
+        found = next((f for f in fits if ok(f)), None)
+        if found is not None:
+            return found
+    return fits[0]
+
+
 def _log_evidence(
     fits: Sequence[FitResult],
     named: Mapping[str, FitResult],
@@ -544,9 +563,7 @@ def _log_evidence(
         )
     why = "no reference draws"
     if reference is not None:
-        # the reference's draws are of the model as written: a decentered fit's model
-        # has other latent sites (bridge sampling on it raised and fell back to guide IS)
-        first = next((f for f in fits if not decentered_sites_of(f)), fits[0])
+        first = bridge_fit(fits)
         try:
             with param_scope(first):  # the model's pyro.param sites: the fit's
                 le = reference_log_evidence(

@@ -15,6 +15,7 @@ from diagnostics.evidence import (
     EXACT,
     LogEvidence,
     StudentT,
+    bridge_fit,
     bridge_sampling,
     check_bounds,
     reference_log_evidence,
@@ -231,3 +232,15 @@ def test_reference_importance_fallback_needs_k_below_a_half(monkeypatch, khat, m
         assert le.kind == "unknown" and "variance is infinite" in le.source
     else:
         assert abs(le.value - truth) <= 5 * le.se, (le.value, le.se, truth)
+
+
+def test_bridge_sampling_runs_on_a_full_data_fit_when_one_is_given():
+    """A subsampled or decentered first fit no longer forces guide IS when another fit fits."""
+    from types import SimpleNamespace
+
+    sub = SimpleNamespace(settings={"subsample": {"plates": []}}, subsample={"plates": []})
+    dec = SimpleNamespace(settings={"reparam": {"sites": ["theta"]}}, subsample=None)
+    full = SimpleNamespace(settings={}, subsample=None)
+    assert bridge_fit([sub, dec, full]) is full
+    assert bridge_fit([dec, sub]) is sub  # the model as written, if only on a minibatch
+    assert bridge_fit([dec]) is dec
