@@ -452,7 +452,18 @@ def trace_check(model: Callable, data: Mapping[str, Any], name: str) -> poutine.
     check_observed_shapes(tr, data, name)
     _check_latent_dtype(tr, data, name)
     _check_supports(tr, name)
+    _check_static_supports(model, data, tr, name)
     return tr
+
+
+def _continuous_supports(tr: poutine.Trace) -> Iterator[tuple[str, Any]]:
+    """``(name, support)`` of each continuous latent sample site of ``tr``."""
+    for site_name, site in tr.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        support = getattr(site["fn"], "support", None)
+        if support is not None and not support.is_discrete:
+            yield site_name, support
 
 
 def _check_supports(tr: poutine.Trace, name: str) -> None:
@@ -462,12 +473,7 @@ def _check_supports(tr: poutine.Trace, name: str) -> None:
     through ``biject_to(support)``; a support class with no registered transform
     raised a bare ``NotImplementedError`` from deep inside whichever ran first.
     """
-    for site_name, site in tr.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
-            continue
-        support = getattr(site["fn"], "support", None)
-        if support is None or support.is_discrete:
-            continue
+    for site_name, support in _continuous_supports(tr):
         try:
             torch.distributions.biject_to(support)
         except NotImplementedError:
@@ -478,6 +484,77 @@ def _check_supports(tr: poutine.Trace, name: str) -> None:
                 "and transform it with pyro.deterministic, or register one with "
                 "torch.distributions.biject_to.register and transform_to.register"
             ) from None
+
+
+def _bounds(constraint: Any, depth: int = 0) -> list[torch.Tensor]:
+    """The tensors a constraint holds (interval bounds ...), through wrapped constraints."""
+    out: list[torch.Tensor] = []
+    if depth > 4:
+        return out
+    for value in vars(constraint).values():
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif isinstance(value, torch.distributions.constraints.Constraint):
+            out += _bounds(value, depth + 1)
+    return out
+
+
+def _bounded_latents(tr: poutine.Trace) -> dict[str, list[torch.Tensor]]:
+    out = {}
+    for site_name, support in _continuous_supports(tr):
+        bounds = _bounds(support)
+        if bounds:
+            out[site_name] = bounds
+    return out
+
+
+def _check_static_supports(
+    model: Callable, data: Mapping[str, Any], tr: poutine.Trace, name: str
+) -> None:
+    """ModelError for a continuous latent site whose support moves with other latent values.
+
+    Every guide (Pyro's autoguides too), NUTS (Pyro's ``initialize_model``) and the
+    mode search fix a site's unconstrained transform ``biject_to(support)`` at the
+    support of one initial trace. ``b ~ Uniform(0, a)`` with ``a`` latent is then
+    confined to ``(0, a_0)``: where ``a > a_0`` the region ``(a_0, a)`` is never
+    reached, a wrong posterior with no error (NUTS's chains from other initial
+    points raised "potential not finite"). Checked by a second run of the model
+    at other prior draws (its subsample indices replayed, the RNG state
+    restored), only when some latent's support holds tensors (bounds).
+    """
+    first = _bounded_latents(tr)
+    if not first:
+        return
+    keep = poutine.Trace()
+    for site_name, site in tr.nodes.items():
+        if site["type"] == "sample" and site_is_subsample(site):
+            keep.add_node(site_name, **site)
+    try:
+        with (
+            torch.random.fork_rng(devices=[]),
+            pyro.validation_enabled(False),
+            poutine.block(),
+        ):
+            torch.manual_seed(torch.initial_seed() % (2**63) + 1)
+            other = poutine.trace(poutine.replay(model, trace=keep)).get_trace(**data)
+    except Exception:  # a model that runs once can fail on other draws: nothing to compare
+        return
+    second = _bounded_latents(other)
+    for site_name, bounds in first.items():
+        again = second.get(site_name)
+        if again is None or len(again) != len(bounds):
+            continue
+        if any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(bounds, again)):
+            support = tr.nodes[site_name]["fn"].support
+            raise ModelError(
+                f"latent site {site_name!r} of model {name!r} has a support that depends on "
+                f"other latent values ({support}, with bounds that changed between two prior "
+                "draws): guides, NUTS and the mode search map each site to unconstrained space "
+                "with a transform fixed at one initial value, so the fit and the reference "
+                "would cover the wrong range; sample a variable with a fixed support and "
+                "transform it (for b ~ Uniform(0, a): b_unit ~ Uniform(0, 1), "
+                'b = pyro.deterministic("b", a * b_unit))'
+            )
 
 
 def _needs_float64(data: Mapping[str, Any]) -> dict[str, float]:
