@@ -64,7 +64,7 @@ def get_guide_spec(name: str, family: str | None = None) -> GuideSpec:
         raise IncompatibleError(
             f"guide {name!r} is hand-written for {', '.join(owners)}, not for "
             f"{family or 'a user model'}; guides for this model: "
-            f"{', '.join([*GENERIC, *HANDWRITTEN.get(family or '', {})])}"
+            f"{', '.join(guide_names(family) if family is not None else GENERIC)}"
         )
     raise UnknownNameError("guide", name, guide_names(family))
 

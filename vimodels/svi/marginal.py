@@ -35,27 +35,19 @@ import torch
 from pyro.distributions.util import scale_and_mask
 
 
-def site_log_prob(site: dict, masked: bool = True) -> torch.Tensor:
-    """Unscaled ``log_prob`` of a trace site's value, masked entries 0 unless ``masked=False``.
+def site_log_prob(site: dict) -> torch.Tensor:
+    """Unscaled ``log_prob`` of a trace site's value, the entries masked out 0.
 
     ``site["mask"]`` is what ``poutine.mask`` set (None, a bool, or a bool
     tensor broadcasting against the batch shape); a ``MaskedDistribution``
     masks in its own ``log_prob``.
     """
-    lp = site["fn"].log_prob(site["value"])
-    if not masked:
-        return lp
+    return _masked(site["fn"].log_prob(site["value"]), site)
+
+
+def _masked(lp: torch.Tensor, site: dict) -> torch.Tensor:
+    """``lp`` with the entries where ``site``'s mask is False set to 0 (no scale)."""
     return scale_and_mask(lp, 1.0, site.get("mask"))
-
-
-def _masked_like(total: torch.Tensor, site: dict) -> torch.Tensor:
-    """``total`` with the entries where ``site``'s mask is False set to 0."""
-    mask = site.get("mask")
-    if mask is None or mask is True:
-        return total
-    if mask is False:
-        return torch.zeros_like(total)
-    return torch.where(mask, total, total.new_zeros(()))
 
 
 def _enum_dims(lp: torch.Tensor, depth: int) -> set[int]:
@@ -102,7 +94,7 @@ def marginal_pointwise(
         return {}
     observed = [name for name in observed if name in nodes]
     # unmasked here: the sum over a masked observation's latent would give log K, not 0
-    lps = {name: site_log_prob(nodes[name], masked=False) for name in observed}
+    lps = {name: nodes[name]["fn"].log_prob(nodes[name]["value"]) for name in observed}
     dim_of: dict[int, str] = {}
     lp_d: dict[str, torch.Tensor] = {}
     for name in discrete:
@@ -117,7 +109,7 @@ def marginal_pointwise(
     for name, lp in lps.items():
         dims = _enum_dims(lp, depth)
         if not dims:
-            lp = _masked_like(lp, nodes[name])
+            lp = _masked(lp, nodes[name])
             out[name] = lp.reshape(_local(lp, depth))
             continue
         if not dims <= set(dim_of):
@@ -133,6 +125,6 @@ def marginal_pointwise(
         total = lp
         for s in sites:
             total = total + lp_d[s]
-        total = _masked_like(total.logsumexp(dim=sorted(dims), keepdim=True), nodes[name])
+        total = _masked(total.logsumexp(dim=sorted(dims), keepdim=True), nodes[name])
         out[name] = total.reshape(_local(total, depth))
     return out
