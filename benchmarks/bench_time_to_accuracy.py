@@ -70,6 +70,7 @@ EXTRA_METHODS = (
     ("auto_laplace", "auto_laplace", None),
     ("auto_laplace_is", "auto_laplace_is", None),
     ("pathfinder", "pathfinder", None),
+    ("nested_laplace", "nested_laplace", None),
     ("auto_multivariate_normal, init=laplace", "auto_multivariate_normal", "laplace"),
     ("auto_multivariate_normal, init=pathfinder", "auto_multivariate_normal", "pathfinder"),
 )
@@ -93,7 +94,7 @@ DECENTERED_METHODS = (
         "pathfinder",
     ),
 )
-ONE_SHOT = ("auto_laplace", "auto_laplace_is", "pathfinder", "auto_delta")
+ONE_SHOT = ("auto_laplace", "auto_laplace_is", "pathfinder", "auto_delta", "nested_laplace")
 
 
 def uptime() -> str:

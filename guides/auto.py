@@ -212,6 +212,7 @@ OPTIMIZER_GUIDES: dict[str, tuple[str, ...]] = {
     "auto_laplace": _LAPLACE_OPTIONS,
     "auto_laplace_is": _LAPLACE_OPTIONS,
     "auto_delta": ("num_inits", "max_iters", "history_size", "dtype", "gtol", "ftol"),
+    "nested_laplace": ("hyper_sites", "grid_step", "grid_drop", "dtype", "resample"),
 }
 
 
@@ -219,12 +220,16 @@ def _optimizer_options(name: str) -> tuple[str, ...]:
     return OPTIMIZER_GUIDES[name]
 
 
-def _fitted_by_optimizer(model: Callable, data: dict, hidden: tuple[str, ...] = (), **options):
-    """Pathfinder has no SVI guide to build: ``vimodels.fit`` runs it (vimodels.mode)."""
-    raise IncompatibleError(
-        "guide 'pathfinder' is fitted by L-BFGS, not built for SVI: call "
-        "vimodels.fit(model, guide='pathfinder') or vimodels.pathfinder(model, data)"
-    )
+def _fitted_by_optimizer(name: str, call: str) -> Callable:
+    """Pathfinder and nested Laplace have no SVI guide to build: ``vimodels.fit`` runs them."""
+
+    def build(model: Callable, data: dict, hidden: tuple[str, ...] = (), **options):
+        raise IncompatibleError(
+            f"guide {name!r} is fitted by its own optimizer, not built for SVI: call "
+            f"vimodels.fit(model, guide={name!r}) or {call}"
+        )
+
+    return build
 
 
 _SCALE = ("init_scale", "init_loc_fn")
@@ -297,9 +302,16 @@ AUTO_GUIDES: tuple[GuideSpec, ...] = (
     ),
     GuideSpec(
         "pathfinder",
-        _fitted_by_optimizer,
+        _fitted_by_optimizer("pathfinder", "vimodels.pathfinder(model, data)"),
         "Pathfinder: 4 L-BFGS paths' best Gaussians, draws PSIS-resampled (Zhang et al. 2022)",
         options=_optimizer_options("pathfinder"),
+    ),
+    GuideSpec(
+        "nested_laplace",
+        _fitted_by_optimizer("nested_laplace", "vimodels.mode.nested_laplace(potential)"),
+        "Nested Laplace (INLA's grid): Gaussians of the latents at grid points of a few "
+        "hyperparameters, draws PSIS-resampled",
+        options=_optimizer_options("nested_laplace"),
     ),
     GuideSpec(
         "auto_structured",

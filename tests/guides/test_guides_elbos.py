@@ -50,10 +50,11 @@ def test_short_fit(model, guide, elbo):
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("guide", list(OPTIMIZER_GUIDES))
 def test_optimizer_guide(model, guide):
-    """pathfinder, auto_laplace, auto_delta run by L-BFGS (vimodels.mode) on both forms."""
-    kw = dict(guide=guide, num_eval=20, guide_options={"max_iters": 100})
-    result = vimodels.fit(model, **kw)
-    if model == "eight_schools_centered" and guide != "pathfinder":
+    """pathfinder, auto_laplace, auto_delta (L-BFGS) and nested_laplace (a grid over tau) on
+    both forms."""
+    options = {} if guide == "nested_laplace" else {"max_iters": 100}
+    result = vimodels.fit(model, guide=guide, num_eval=20, guide_options=options)
+    if model == "eight_schools_centered" and guide not in ("pathfinder", "nested_laplace"):
         # the centered density grows without bound as tau -> 0: no mode, and it says so
         assert result.status == "diverged" and "unbounded along tau" in result.message
         assert math.isnan(result.elbo)

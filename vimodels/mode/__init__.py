@@ -4,7 +4,9 @@
   (strong Wolfe, float64, several starts, a convergence report);
 - :func:`laplace`: a Gaussian at the mode with the exact Hessian, checked
   positive definite (:class:`~vimodels.errors.CurvatureError` names the direction);
-- :func:`pathfinder`: multi-path Pathfinder (Zhang et al. 2022).
+- :func:`pathfinder`: multi-path Pathfinder (Zhang et al. 2022);
+- :func:`nested_laplace`: Gaussians of the latents at the grid points of a few
+  hyperparameters (R-INLA's grid integration).
 
 ``vimodels.fit(model, guide="pathfinder" | "auto_laplace" | "auto_delta")`` runs
 them as a fit, and ``init="laplace" | "pathfinder"`` starts SVI from them.
@@ -13,6 +15,7 @@ This package does not import :mod:`diagnostics`.
 
 from vimodels.mode.laplace import Gaussian, LaplaceResult, laplace
 from vimodels.mode.lbfgs import ModeReport, ModeResult, find_mode
+from vimodels.mode.nested import NestedLaplaceResult, nested_laplace
 from vimodels.mode.pathfinder import PathfinderResult, pathfinder
 from vimodels.mode.potential import Potential, make_potential
 
@@ -21,10 +24,12 @@ __all__ = [
     "LaplaceResult",
     "ModeReport",
     "ModeResult",
+    "NestedLaplaceResult",
     "PathfinderResult",
     "Potential",
     "find_mode",
     "laplace",
     "make_potential",
+    "nested_laplace",
     "pathfinder",
 ]

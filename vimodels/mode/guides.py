@@ -1,8 +1,9 @@
 """Pyro guides from Gaussians over the flat unconstrained latents, and SVI starts from them.
 
 :class:`FixedGaussianGuide` is an ``AutoContinuous`` guide whose posterior is
-a fixed Gaussian (Laplace) or an equal-weight mixture of Gaussians
-(Pathfinder's paths), so draws, log weights and PSIS work as for any autoguide.
+a fixed Gaussian (Laplace) or a mixture of Gaussians (Pathfinder's paths,
+equal weights; nested Laplace's grid, weighted), so draws, log weights and
+PSIS work as for any autoguide.
 :func:`initialize_gaussian_guide` writes a Gaussian into the parameters of
 ``AutoNormal``, ``AutoMultivariateNormal`` or ``AutoLowRankMultivariateNormal``,
 so SVI starts where the optimizer left off.
@@ -64,12 +65,14 @@ class FixedGaussianGuide(autoguide.AutoContinuous):
     locs : Tensor, shape (P, dim)
         Component means (``P = 1``: a single Gaussian).
     scale_trils : Tensor, shape (P, dim, dim)
-        Lower Cholesky factors of the component covariances. The mixture weights are equal.
+        Lower Cholesky factors of the component covariances.
     potential : Potential, optional
         The model's flat unconstrained log density (Jacobian included) over the same
         layout, kept as :attr:`potential`: the importance resampling evaluates its
         proposal pool through the potential's frozen batched graph where that gives
         the same log weights (:mod:`vimodels.svi.pool`).
+    logits : Tensor, shape (P,), optional
+        Mixture log weights (normalized here); default equal weights.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class FixedGaussianGuide(autoguide.AutoContinuous):
         locs: torch.Tensor,
         scale_trils: torch.Tensor,
         potential: Potential | None = None,
+        logits: torch.Tensor | None = None,
     ):
         super().__init__(model)
         self.potential = potential
@@ -88,6 +92,11 @@ class FixedGaussianGuide(autoguide.AutoContinuous):
             )
         self.register_buffer("locs", locs.detach().clone())
         self.register_buffer("scale_trils", scale_trils.detach().clone())
+        if logits is None:
+            logits = locs.new_zeros(locs.shape[0])
+        if logits.shape != locs.shape[:1] or not bool(torch.isfinite(logits).all()):
+            raise OptionError(f"logits must be {locs.shape[0]} finite numbers")
+        self.register_buffer("logits", torch.log_softmax(logits.detach().to(locs.dtype), 0))
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
@@ -98,21 +107,21 @@ class FixedGaussianGuide(autoguide.AutoContinuous):
             )
 
     def get_posterior(self, *args, **kwargs):
-        """The fixed Gaussian, or the equal-weight mixture of the components."""
+        """The fixed Gaussian, or the mixture of the components (weights ``softmax(logits)``)."""
         # fixed, already checked factors: no per-call validation (a Cholesky check each time)
         if self.locs.shape[0] == 1:
             return dist.MultivariateNormal(
                 self.locs[0], scale_tril=self.scale_trils[0], validate_args=False
             )
-        mix = dist.Categorical(logits=self.locs.new_zeros(self.locs.shape[0]), validate_args=False)
+        mix = dist.Categorical(logits=self.logits, validate_args=False)
         comp = dist.MultivariateNormal(self.locs, scale_tril=self.scale_trils, validate_args=False)
         return dist.MixtureSameFamily(mix, comp, validate_args=False)
 
     def _loc_scale(self, *args, **kwargs):
-        weights = 1.0 / self.locs.shape[0]
-        loc = self.locs.mean(0)
-        second = (self.scale_trils @ self.scale_trils.transpose(-1, -2)).sum(0) * weights
-        second = second + (self.locs[:, :, None] * self.locs[:, None, :]).sum(0) * weights
+        w = self.logits.exp()[:, None, None]
+        loc = (w[:, :, 0] * self.locs).sum(0)
+        second = (self.scale_trils @ self.scale_trils.transpose(-1, -2) * w).sum(0)
+        second = second + (self.locs[:, :, None] * self.locs[:, None, :] * w).sum(0)
         cov = second - loc[:, None] * loc[None, :]
         return loc, cov.diagonal().clamp_min(0).sqrt()
 
@@ -122,11 +131,17 @@ def gaussian_guide(
     gaussians: tuple[Gaussian, ...],
     dtype: torch.dtype = torch.float32,
     potential: Potential | None = None,
+    logits: torch.Tensor | None = None,
 ) -> FixedGaussianGuide:
-    """A :class:`FixedGaussianGuide` from one or more :class:`Gaussian` (mixture if several)."""
+    """A :class:`FixedGaussianGuide` from one or more :class:`Gaussian` (mixture if several).
+
+    ``logits`` (P,) weight the mixture (default: equal weights).
+    """
     locs = torch.stack([g.loc.to(dtype) for g in gaussians])
     trils = torch.stack([g.scale_tril.to(dtype) for g in gaussians])
-    return FixedGaussianGuide(model, locs, trils, potential)
+    if logits is not None:
+        logits = logits.to(dtype)
+    return FixedGaussianGuide(model, locs, trils, potential, logits)
 
 
 def lowrank_factors(cov: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,9 @@
 """Optimizer-based methods as a :class:`~vimodels.svi.result.FitResult`, like any SVI fit.
 
 ``fit_by_optimizer`` runs ``pathfinder``, ``auto_laplace`` (L-BFGS mode plus the
-exact Hessian), ``auto_laplace_is`` (the same, importance-resampled) or
-``auto_delta`` (L-BFGS constrained MAP) and wraps the result: its guide is a
+exact Hessian), ``auto_laplace_is`` (the same, importance-resampled),
+``auto_delta`` (L-BFGS constrained MAP) or ``nested_laplace`` (Gaussians at the
+grid points of a few hyperparameters, importance-resampled) and wraps the result: its guide is a
 Pyro guide over the model's latent sites (a fixed Gaussian or mixture of
 Gaussians; ``AutoDelta`` at the MAP), so ``sample``, ``log_weights``, PSIS
 k-hat, ArviZ export, compare and sweeps treat it as any other fit.
@@ -39,6 +40,7 @@ from vimodels.errors import IncompatibleError, OptionError, check_option
 from vimodels.mode.guides import gaussian_guide, initialize_gaussian_guide
 from vimodels.mode.laplace import MAX_HESSIAN_DIM, Gaussian, laplace_from_mode
 from vimodels.mode.lbfgs import ModeResult, find_mode
+from vimodels.mode.nested import nested_laplace
 from vimodels.mode.pathfinder import PathfinderResult, pathfinder
 from vimodels.mode.potential import Potential, make_potential
 from vimodels.svi.binding import bind, keyword_call, latent_sites, positional_kwargs
@@ -227,7 +229,35 @@ def fit_by_optimizer(
             )
             unbounded = False
             resample = guide == "auto_laplace_is"
-            if guide == "pathfinder":
+            if guide == "nested_laplace":
+                resample = bool(opts.pop("resample", True))
+                nl = nested_laplace(potential, **opts)
+                sample_guide = gaussian_guide(
+                    bound_model,
+                    tuple(Gaussian(m, t) for m, t in zip(nl.locs, nl.scale_trils)),
+                    latent_dtype,
+                    potential,
+                    nl.logits,
+                )
+                losses = -nl.log_marginal.double().numpy()
+                converged = "NOT converged" not in nl.message
+                num_steps = nl.iterations
+                message = f"nested Laplace: {nl.message}"
+                params = {
+                    "locs": nl.locs.double().numpy(),
+                    "scale_trils": nl.scale_trils.double().numpy(),
+                    "logits": nl.logits.double().numpy(),
+                }
+                settings["nested_laplace"] = {
+                    "message": nl.message,
+                    "hyper_sites": list(nl.hyper_sites),
+                    "mode": nl.mode.tolist(),
+                    "hyper_cov": nl.hyper_cov.tolist(),
+                    "num_grid_points": len(nl.grid),
+                    "num_evals": nl.num_evals,
+                    "wall_time_s": nl.wall_time,
+                }
+            elif guide == "pathfinder":
                 resample = bool(opts.pop("resample", True))
                 # the proposal of the resampling is the paper's mixture of the paths
                 mixture = bool(opts.pop("mixture", resample))

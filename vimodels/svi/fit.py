@@ -210,7 +210,8 @@ def fit(
     -----
     ``guide="pathfinder"``, ``"auto_laplace"``, ``"auto_laplace_is"`` and ``"auto_delta"``
     are fitted by L-BFGS, not Adam (:func:`vimodels.svi.by_optimizer.fit_by_optimizer`): Pathfinder,
-    the mode plus the exact Hessian, the constrained MAP. The SVI options
+    the mode plus the exact Hessian, the constrained MAP; ``"nested_laplace"`` by Newton's
+    method on a grid of hyperparameters (:mod:`vimodels.mode.nested`). The SVI options
     (``num_steps``, ``lr``, ``elbo_options``, ``callback`` ...) do not apply to them;
     their ``guide_options`` are the optimizer's (``num_paths``, ``max_iters`` ...).
     """

@@ -170,9 +170,12 @@ def _agrees(
 
 
 def gaussian_log_density(
-    locs: torch.Tensor, scale_trils: torch.Tensor, u: torch.Tensor
+    locs: torch.Tensor,
+    scale_trils: torch.Tensor,
+    u: torch.Tensor,
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Log density of the equal-weight mixture of ``N(locs[p], L_p L_p^T)`` at each row of ``u``.
+    """Log density of the mixture of ``N(locs[p], L_p L_p^T)`` at each row of ``u``.
 
     The formula of torch's ``MultivariateNormal`` and ``MixtureSameFamily``, with
     one triangular solve per component for all rows: under a plate of ``n`` draws
@@ -184,6 +187,8 @@ def gaussian_log_density(
     locs : Tensor, shape (P, dim)
     scale_trils : Tensor, shape (P, dim, dim)
     u : Tensor, shape (n, dim)
+    logits : Tensor, shape (P,), optional
+        Normalized mixture log weights; default equal weights.
 
     Returns
     -------
@@ -197,7 +202,9 @@ def gaussian_log_density(
     comp = -0.5 * (locs.shape[-1] * math.log(2 * math.pi) + m) - half_log_det.unsqueeze(-1)
     if locs.shape[0] == 1:
         return comp[0]
-    log_mix = torch.log_softmax(locs.new_zeros(locs.shape[0]), -1).unsqueeze(-1)
+    if logits is None:
+        logits = locs.new_zeros(locs.shape[0])
+    log_mix = torch.log_softmax(logits.to(locs.dtype), -1).unsqueeze(-1)
     return torch.logsumexp(comp + log_mix, dim=0)
 
 
@@ -231,7 +238,7 @@ def _frozen_pool(
                 guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
             site = guide_tr.nodes[aux]
             u = site["value"].reshape(n, potential.dim).to(potential.dtype)
-            log_q = gaussian_log_density(guide.locs, guide.scale_trils, u).double()
+            log_q = gaussian_log_density(guide.locs, guide.scale_trils, u, guide.logits).double()
             log_p = torch.empty(n, dtype=torch.float64)
             for i in range(0, n, rows):
                 part = u[i : i + rows]
