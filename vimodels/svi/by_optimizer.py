@@ -163,7 +163,8 @@ def fit_by_optimizer(
         ``status`` ``converged`` when the L-BFGS runs met their tolerance,
         ``diverged`` (ELBO NaN, draws at the last iterate) when ``auto_delta``'s
         or ``auto_laplace``'s density is unbounded (no mode exists), else
-        ``max_steps``; ``losses`` are ``-log p`` along the chosen L-BFGS run;
+        ``max_steps``; ``losses`` are ``-log p`` along the chosen L-BFGS run (none for
+        ``nested_laplace``: ``settings["nested_laplace"]`` has log p~ at its grid points);
         ``settings["mode"]`` (Laplace, delta) or ``settings["pathfinder"]`` report it.
 
     Raises
@@ -239,7 +240,8 @@ def fit_by_optimizer(
                     potential,
                     nl.logits,
                 )
-                losses = -nl.log_marginal.double().numpy()
+                # no loss trajectory: log p~ at the grid points is not an ELBO to plot
+                losses = np.zeros(0)
                 converged = "NOT converged" not in nl.message
                 num_steps = nl.iterations
                 message = f"nested Laplace: {nl.message}"
@@ -254,6 +256,8 @@ def fit_by_optimizer(
                     "mode": nl.mode.tolist(),
                     "hyper_cov": nl.hyper_cov.tolist(),
                     "num_grid_points": len(nl.grid),
+                    "grid": nl.grid.tolist(),
+                    "log_marginal": nl.log_marginal.tolist(),
                     "num_evals": nl.num_evals,
                     "wall_time_s": nl.wall_time,
                 }
