@@ -224,3 +224,92 @@ def test_errors(potential):
         vimodels.fit(hier, DATA, guide="nested_laplace", guide_options={"hyper_sites": "mu"})
     r = vimodels.fit(hier, DATA, guide="nested_laplace", guide_options={"hyper_sites": ["tau"]})
     assert r.settings["nested_laplace"]["hyper_sites"] == ["tau"]
+
+
+Y5 = torch.tensor([1.0, 0.0, 3.0, 5.0, 2.0])
+Y3 = torch.tensor([0.3, -0.8, 1.1])
+
+
+def pois(y, y2, c):
+    """A latent site first, a size-2 hyper site between two latent ones, Poisson counts."""
+    z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([5]).to_event(1))
+    tau = pyro.sample("tau", dist.HalfNormal(1.0).expand([2]).to_event(1))
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    mu = mu[..., None]  # batches: a plate of draws outside adds a dimension on the left
+    pyro.sample("y", dist.Poisson((mu + tau[..., :1] * z).exp()).to_event(1), obs=y)
+    pyro.sample("y2", dist.Normal(mu, tau[..., 1:]).to_event(1), obs=y2)
+    pyro.factor("c", c)
+
+
+def test_grid_does_not_depend_on_a_constant_in_the_density():
+    """A constant added to log p (large data make |log p| large) leaves the posterior as it
+    is: the same mode and curvature of log p~, to 1e-6 (Newton's tolerance was relative to
+    |log p|: at |log p| = 1e6 the sds came out 0.375 and 0.259 for 0.532 and 0.387)."""
+    out = []
+    for c in (0.0, -1e6):
+        pot = make_potential(pois, {"y": Y5, "y2": Y3, "c": torch.tensor(c)})
+        res = nested_laplace(pot)
+        assert res.hyper_sites == ("tau",) and res.hyper_index.tolist() == [5, 6]
+        out.append(res)
+    torch.testing.assert_close(out[0].mode, out[1].mode, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[0].hyper_cov, out[1].hyper_cov, atol=1e-6, rtol=1e-5)
+    assert len(out[0].grid) == len(out[1].grid)
+
+
+def test_a_model_that_reads_one_particle_is_evaluated_row_by_row():
+    """``s[0]`` of a one-element site reads the first particle's value in every batched row:
+    the batch check compares more than the first row, so the potential goes row by row."""
+
+    def reads_first(y):
+        s = pyro.sample("s", dist.HalfNormal(torch.ones(1, dtype=y.dtype)).to_event(1))
+        x = pyro.sample("x", dist.Normal(0.0, s[0]).expand([5]).to_event(1))
+        pyro.sample("y", dist.Normal(x, 1.0).to_event(1), obs=y)
+
+    y = torch.tensor([0.9, -1.7, 2.5, 0.3, -0.4], dtype=torch.float64)
+    pot = make_potential(reads_first, {"y": y})
+    u = torch.randn(3, pot.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = pot.log_density_batch(u)
+    assert pot._batch_ok is False
+    torch.testing.assert_close(got, torch.stack([pot.log_density(r) for r in u]))
+    res = nested_laplace(make_potential(reads_first, {"y": y}))
+    assert "grid cut at 12 sd along -axis 1" in res.message  # log s's long left tail
+
+
+def test_a_model_undefined_on_part_of_the_grid():
+    """The model's covariance is not positive definite for s >= 1.2: the grid and draws
+    that land there get no density (weight 0) instead of a crash; E[s] against quadrature."""
+    n = 5
+    y = torch.tensor([0.5, -0.3, 1.2, 0.8, -1.0], dtype=torch.float64)
+
+    def model(y):
+        s = pyro.sample("s", dist.LogNormal(torch.tensor(0.0, dtype=y.dtype), 0.1))
+        cov = torch.eye(n, dtype=y.dtype) + (1 - s) * torch.ones(n, n, dtype=y.dtype)
+        x = pyro.sample("x", dist.MultivariateNormal(torch.zeros(n, dtype=y.dtype), cov))
+        pyro.sample("y", dist.Normal(x, 1.0).to_event(1), obs=y)
+
+    yn = y.numpy()
+
+    def log_m(s):
+        cov = 2 * np.eye(n) + (1 - s) * np.ones((n, n))
+        return stats.multivariate_normal(np.zeros(n), cov).logpdf(yn) + stats.lognorm(0.1).logpdf(s)
+
+    top = log_m(1.0)
+    z = integrate.quad(lambda s: math.exp(log_m(s) - top), 0.5, 1.2)[0]
+    m1 = integrate.quad(lambda s: s * math.exp(log_m(s) - top), 0.5, 1.2)[0] / z
+    m2 = integrate.quad(lambda s: s * s * math.exp(log_m(s) - top), 0.5, 1.2)[0] / z
+    sd = math.sqrt(m2 - m1**2)
+    r = vimodels.fit(model, {"y": y}, guide="nested_laplace", seed=0, num_eval=200)
+    lw = r.log_weights(2000, seed=2)
+    assert np.isneginf(lw).any() and np.isfinite(lw).mean() > 0.5
+    s = r.sample(1000, seed=1)["s"]
+    assert s.max() < 1.2
+    p = np.exp(psis(np.where(np.isfinite(lw), lw, lw[np.isfinite(lw)].min() - 1e3))[0])
+    n_eff = 1.0 / (1.0 / (1.0 / float((p**2).sum())) + 1.0 / 1000)
+    assert abs(s.mean() - m1) <= 5 * sd / math.sqrt(n_eff)
+
+
+def test_grid_size_is_capped(potential):
+    with pytest.raises(IncompatibleError, match="grid would have .* points.*raise grid_step"):
+        nested_laplace(
+            make_potential(pois, {"y": Y5, "y2": Y3, "c": torch.tensor(0.0)}), grid_step=0.02
+        )

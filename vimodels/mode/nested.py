@@ -51,10 +51,16 @@ MAX_HYPER_DIM = 3
 GRID_STEP = 0.75
 #: keep grid points within this many nats of the top (R-INLA's ``diff.logdens`` is 6)
 GRID_DROP = 6.0
-#: farthest grid point along an axis, in standardized units
-MAX_Z = 6.0
-#: Newton's method for x | h: stop when the decrement ``g^T A^-1 g`` is below this (nats)
-NEWTON_TOL = 1e-10
+#: farthest grid point along an axis, in standardized units (the message says when an
+#: axis stopped here with log p~ still within ``grid_drop`` of the top)
+MAX_Z = 12.0
+#: grid points at most (the box of the axis extents); more is an error naming the fix
+MAX_GRID_POINTS = 20_000
+#: rows per batched evaluation (memory: rows x dim x dim Hessians)
+CHUNK = 1024
+#: Newton's method for x | h: the decrement ``g^T A^-1 g`` (nats) below which the last full
+#: step is taken and the row stops; never below what the dtype resolves at ``|log p|``
+NEWTON_TOL = 1e-12
 NEWTON_ITERS = 60
 #: finite-difference step for the curvature of log p~(h), in (current) standard deviations
 FD_STEP = 0.1
@@ -277,6 +283,8 @@ def conditional_modes(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Newton's method for ``x*(h)`` at each row of ``hyper`` (n, d_h), from ``x0`` (n, d_x).
 
+    Evaluated in chunks of :data:`CHUNK` rows.
+
     Returns
     -------
     x : Tensor, shape (n, d_x)
@@ -289,7 +297,24 @@ def conditional_modes(
     lp : Tensor, shape (n,)
         ``log p(h, x*)``.
     """
+    if hyper.shape[0] > CHUNK:
+        parts = [
+            _conditional_modes(batch, hyper[i : i + CHUNK], x0[i : i + CHUNK], hi, li)
+            for i in range(0, hyper.shape[0], CHUNK)
+        ]
+        return tuple(torch.cat(t) for t in zip(*parts))  # type: ignore[return-value]
+    return _conditional_modes(batch, hyper, x0, hi, li)
+
+
+def _conditional_modes(
+    batch: _Batch,
+    hyper: torch.Tensor,
+    x0: torch.Tensor,
+    hi: torch.Tensor,
+    li: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     x = x0.detach().clone()
+    eps = torch.finfo(x.dtype).eps
     done = torch.zeros(hyper.shape[0], dtype=torch.bool)
     for _ in range(NEWTON_ITERS):
         lp, g, h = batch.derivatives(_assemble(hyper, x, hi, li))
@@ -304,22 +329,31 @@ def conditional_modes(
             side = torch.where((gx[~pd] * v).sum(-1) < 0, -1.0, 1.0)
             d[~pd] = d[~pd] + v * (side / evals[:, 0].abs().clamp_min(1e-8).sqrt())[:, None]
         decrement = (gx * d).sum(-1)
-        small = decrement <= NEWTON_TOL * lp.abs().clamp_min(1.0)
-        done = done | bad | (small & pd)
+        # rounding of log p at this size: no line search can see gains below it
+        noise = 100 * eps * lp.abs().clamp_min(1.0)
+        small = pd & (decrement <= torch.clamp(noise, min=NEWTON_TOL)) & ~done & ~bad
+        if bool(small.any()):  # the last full Newton step (quadratic convergence), then stop
+            rows = small.nonzero()[:, 0]
+            cand = x[rows] + d[rows]
+            new = batch.value(_assemble(hyper[rows], cand, hi, li))
+            ok = torch.isfinite(new) & (new >= lp[rows] - noise[rows])
+            x[rows[ok]] = cand[ok]
+        done = done | bad | small
         if bool(done.all()):
             break
         # backtracking (Armijo) on the rows still moving
         t = torch.ones_like(lp)
         move = ~done
         for _ls in range(40):
-            cand = x + t[:, None] * d
             rows = move.nonzero()[:, 0]
-            new = batch.value(_assemble(hyper[rows], cand[rows], hi, li))
+            cand = x[rows] + t[rows, None] * d[rows]
+            if bool((cand == x[rows]).all()):
+                break  # steps below the resolution of x: as far as these rows get
+            new = batch.value(_assemble(hyper[rows], cand, hi, li))
             gain = 1e-4 * t[rows] * decrement[rows]
             ok = torch.isfinite(new) & (new >= lp[rows] + gain) & ((new > lp[rows]) | pd[rows])
-            accept = rows[ok]
-            x[accept] = cand[accept]
-            move[accept] = False
+            x[rows[ok]] = cand[ok]
+            move[rows[ok]] = False
             if not bool(move.any()):
                 break
             t = torch.where(move, t * 0.5, t)
@@ -374,19 +408,32 @@ def hyper_mode(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, int]:
     """The mode of ``log p~(h)`` by Newton's method on central differences.
 
+    Each iteration evaluates the stencil around the current point; a step that
+    lowered ``log p~`` (or left its support) is halved from the previous point.
+
     Returns ``(mode, hyper_cov, x*(mode), converged, iterations)``.
     """
     d = h0.shape[0]
     offsets = _stencil(d, h0.dtype)
     h, x = h0.clone(), x0.clone()
     step = torch.full((d,), 0.05, dtype=h0.dtype)
-    cov = None
+    accepted = None  # (h, f(h), x*(h), cov, decrement) at the last accepted point
     converged = False
+    halvings = 0
     it = 0
     while it < max_iters:
         it += 1
         pts = h + offsets * step
         xs, f, _, _ = conditional_modes(batch, pts, x.expand(len(pts), -1), hi, li)
+        worse = accepted is not None and not bool(
+            f[0] >= accepted[1] - 1e-12 * max(1.0, abs(accepted[1]))
+        )
+        if worse and halvings < 20:  # overshot (or left the support): halve the step
+            h = accepted[0] + 0.5 * (h - accepted[0])
+            halvings += 1
+            continue
+        if worse:
+            break  # no gain along the direction: the last accepted point
         if not bool(torch.isfinite(f[0])):
             raise CurvatureError(
                 "nested_laplace: the conditional density of the other latent sites has no "
@@ -395,38 +442,34 @@ def hyper_mode(
                 "there (a scale of theirs left off the grid?). Put the sites that make it so "
                 "on the grid with guide_options={'hyper_sites': [...]}, or use pathfinder"
             )
+        halvings = 0
         x = xs[0]
         f = torch.where(torch.isfinite(f), f, f[0] - 1e6)
         grad, hess = _curvature(f, d, step)
-        neg = -hess
-        chol, info = torch.linalg.cholesky_ex(neg)
+        chol, info = torch.linalg.cholesky_ex(-hess)
+        cov, decrement = None, math.inf
         if int(info) == 0:
             direction = torch.cholesky_solve(grad[:, None], chol)[:, 0]
             decrement = float(grad @ direction)
             cov = torch.cholesky_inverse(chol)
-            sd = cov.diagonal().sqrt()
-            step = (FD_STEP * sd).clamp(1e-4, 0.5)
-            if decrement < 1e-6:
-                converged = True
-                break
+            step = (FD_STEP * cov.diagonal().sqrt()).clamp(1e-4, 0.5)
         else:
             direction = grad / max(1.0, float(grad.abs().max()))
-        direction = direction * min(1.0, 2.0 / max(float(direction.abs().max()), 1e-300))
-        ts = torch.tensor([1.0, 0.5, 0.25, 0.125, 0.0625], dtype=h.dtype)
-        cands = h + ts[:, None] * direction
-        _, fc, _, _ = conditional_modes(batch, cands, x.expand(len(cands), -1), hi, li)
-        best = int(torch.argmax(fc))
-        if not bool(fc[best] > f[0]):
-            # no gain along the direction: the curvature estimate decides
-            converged = cov is not None and int(info) == 0
+        accepted = (h, float(f[0]), x, cov, decrement)
+        if decrement < 1e-6:
+            converged = True
             break
-        h = cands[best]
-    if cov is None:
+        h = h + direction * min(1.0, 2.0 / max(float(direction.abs().max()), 1e-300))
+    if accepted is None or accepted[3] is None:
+        where = h.tolist() if accepted is None else accepted[0].tolist()
         raise CurvatureError(
             "nested_laplace: log p~(h) of the hyperparameters has no negative definite "
-            f"curvature after {it} Newton steps (last point {h.tolist()}): its marginal "
+            f"curvature after {it} Newton steps (last point {where}): its marginal "
             "posterior may be improper or flat; give the hyperparameters proper priors"
         )
+    h, _, x, cov, decrement = accepted
+    # stopped without gain: a mode only if Newton's decrement was small too
+    converged = converged or decrement < 1e-3
     return h, 0.5 * (cov + cov.T), x, converged, it
 
 
@@ -439,33 +482,55 @@ def grid_points(
     li: torch.Tensor,
     step: float,
     drop: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """R-INLA's grid: ``(h (K, d_h), x* (K, d_x), log p~ (K,), Hessians (K, dim, dim), z map)``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """R-INLA's grid over the hyperparameters, and each point's conditional Laplace fit.
+
+    Returns ``(h (K, d_h), x* (K, d_x), log p~ (K,), Hessians (K, dim, dim), z map,
+    truncated)``; ``truncated`` names the axis ends that stopped at :data:`MAX_Z` with
+    ``log p~`` still within ``drop`` of the top.
+
+    Along each axis direction the points ``+-k * step`` are evaluated a few at a time
+    until ``log p~`` falls ``drop`` below the top (that point is the extent, one past the
+    last within, as R-INLA); then the box of the extents, keeping the points within ``drop``.
+    """
     d = mode.shape[0]
     evals, evecs = torch.linalg.eigh(cov)
     zmap = evecs * evals.clamp_min(1e-300).sqrt()  # h = mode + zmap @ z
     kmax = max(1, math.ceil(MAX_Z / step))
-    ks = torch.arange(1, kmax + 1, dtype=mode.dtype) * step
-    axis = []
-    for i in range(d):
-        for sign in (1.0, -1.0):
-            z = torch.zeros(kmax, d, dtype=mode.dtype)
-            z[:, i] = sign * ks
-            axis.append(z)
-    z_axis = torch.cat(axis)
-    _, f_axis, _, _ = conditional_modes(
-        batch, mode + z_axis @ zmap.T, x_mode.expand(len(z_axis), -1), hi, li
-    )
     _, f0, _, _ = conditional_modes(batch, mode[None], x_mode[None], hi, li)
     top = float(f0[0])
-    extents = []
-    for j in range(2 * d):
-        f = f_axis[j * kmax : (j + 1) * kmax]
-        within = (f >= top - drop).tolist()
-        n = 0
-        while n < kmax and within[n]:
-            n += 1
-        extents.append(min(kmax, n + 1))  # one point past the last within, as R-INLA
+    directions = [(i, sign) for i in range(d) for sign in (1.0, -1.0)]
+    extents = [kmax] * len(directions)
+    open_ = list(range(len(directions)))
+    last_x = {j: x_mode for j in open_}
+    k0 = 0
+    per_block = max(4, math.ceil(4.0 / step))  # about 4 sd of each direction per block
+    while open_ and k0 < kmax:
+        ks = torch.arange(k0 + 1, min(k0 + per_block, kmax) + 1, dtype=mode.dtype)
+        z = torch.zeros(len(open_) * len(ks), d, dtype=mode.dtype)
+        starts = []
+        for n, j in enumerate(open_):
+            i, sign = directions[j]
+            z[n * len(ks) : (n + 1) * len(ks), i] = sign * ks * step
+            starts.append(last_x[j].expand(len(ks), -1))
+        xs, f, _, _ = conditional_modes(batch, mode + z @ zmap.T, torch.cat(starts), hi, li)
+        still = []
+        for n, j in enumerate(open_):
+            block = f[n * len(ks) : (n + 1) * len(ks)]
+            below = (~(block >= top - drop)).nonzero()
+            if len(below):
+                extents[j] = k0 + int(below[0, 0]) + 1
+            else:
+                last_x[j] = xs[(n + 1) * len(ks) - 1]
+                still.append(j)
+        open_ = still
+        k0 += len(ks)
+        # the box already has at least this many points: refuse before evaluating more
+        _check_size([extents[j] if j not in open_ else k0 for j in range(2 * d)], step, drop)
+    truncated = [
+        f"{'+' if directions[j][1] > 0 else '-'}axis {directions[j][0] + 1}" for j in open_
+    ]
+    _check_size(extents, step, drop)
     ranges = [
         torch.arange(-extents[2 * i + 1], extents[2 * i] + 1, dtype=mode.dtype) * step
         for i in range(d)
@@ -474,7 +539,19 @@ def grid_points(
     h = mode + z @ zmap.T
     x, f, hess, _ = conditional_modes(batch, h, x_mode.expand(len(h), -1), hi, li)
     keep = torch.isfinite(f) & (f >= max(top, float(f.max())) - drop)
-    return h[keep], x[keep], f[keep], hess[keep], zmap
+    return h[keep], x[keep], f[keep], hess[keep], zmap, truncated
+
+
+def _check_size(extents: list[int], step: float, drop: float) -> None:
+    """IncompatibleError when the box of these axis extents has over :data:`MAX_GRID_POINTS`."""
+    sizes = [extents[2 * i] + extents[2 * i + 1] + 1 for i in range(len(extents) // 2)]
+    total = math.prod(sizes)
+    if total > MAX_GRID_POINTS:
+        raise IncompatibleError(
+            f"nested_laplace's grid would have {total} points or more "
+            f"({' x '.join(map(str, sizes))}); at most {MAX_GRID_POINTS}: raise grid_step "
+            f"(now {step:g}) or lower grid_drop (now {drop:g})"
+        )
 
 
 def _components(
@@ -546,10 +623,12 @@ def nested_laplace(
     t0 = time.perf_counter()
     names, hi, li = split_index(potential, hyper_sites)
     u0 = potential.init_values.detach().to(potential.dtype)
-    potential.log_density_batch(u0[None].expand(2, -1).clone())  # can it batch? (checked once)
+    # can it batch? (checked once, on two different rows)
+    shift = torch.linspace(-0.5, 0.7, potential.dim, dtype=u0.dtype)
+    potential.log_density_batch(torch.stack([u0, u0 + shift]))
     batch = _Batch(potential)
     mode, cov, x_mode, converged, iters = hyper_mode(batch, u0[hi], u0[li], hi, li)
-    grid, x, f, hess, zmap = grid_points(
+    grid, x, f, hess, zmap, truncated = grid_points(
         batch, mode, cov, x_mode, hi, li, float(grid_step), float(grid_drop)
     )
     if grid.shape[0] == 0:
@@ -562,6 +641,12 @@ def nested_laplace(
         f"{grid_drop:g} nats); mode of log p~ {'found' if converged else 'NOT converged'} "
         f"after {iters} Newton steps, sd {sds} (unconstrained)"
     )
+    if truncated:
+        message += (
+            f"; grid cut at {MAX_Z:g} sd along {', '.join(truncated)} with log p~ still within "
+            f"{grid_drop:g} nats of the top (a long tail: the resampling's Pareto k tells "
+            "whether it matters)"
+        )
     return NestedLaplaceResult(
         names,
         hi,

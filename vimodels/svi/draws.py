@@ -557,7 +557,16 @@ def _sample_continuous(
             parts = []
 
             def one_draw() -> tuple:
-                guide_tr, model_tr = traces()
+                guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+                try:
+                    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
+                        *args, **kwargs
+                    )
+                except torch.linalg.LinAlgError:
+                    # the model's own linear algebra fails at this draw (a covariance it
+                    # builds is not positive definite): no density there, weight 0, as
+                    # Potential.log_density has it; its latent values are the guide's
+                    return _undefined_draw(guide_tr, info, sites)
                 return _weights_and_values(model_tr, guide_tr, info, sites, 1, None, weights)
 
             for _ in range(num_samples):
@@ -568,6 +577,24 @@ def _sample_continuous(
         else {}
     )
     return draws, np.concatenate([p[1] for p in parts]) if parts else np.zeros(0)
+
+
+def _undefined_draw(
+    guide_tr: poutine.Trace, info: ModelInfo, sites: tuple[str, ...]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One draw where the model cannot be evaluated: log weight ``-inf``.
+
+    Latent values from the guide's trace; other sites (deterministic, predictive)
+    NaN, since the model never computed them.
+    """
+    values = {}
+    for name in sites:
+        shape = info.sites[name].shape
+        if name in guide_tr.nodes and info.sites[name].kind == LATENT:
+            values[name] = _as_draws(guide_tr.nodes[name]["value"], 1, shape)
+        else:
+            values[name] = np.full((1, *shape), np.nan)
+    return values, np.array([-np.inf])
 
 
 def _reason(exc: Exception) -> str:
