@@ -256,7 +256,10 @@ def _method_metrics(
             # are -inf, not the mean over the other draws
             row["elbo"] = row["iwae"] = -math.inf
             row["elbo_se"] = row["iwae_se"] = nan
-        row["khat"] = metrics.psis_khat(lw) if finite.all() else float("inf")
+        # a draw with log p = -inf is a weight of 0 (ArviZ's psislw keeps it so): it
+        # cannot lengthen the tail k measures; NaN or +inf weights leave k undefined
+        valid = not (np.isnan(lw).any() or np.isposinf(lw).any()) and np.isfinite(lw).sum() > 1
+        row["khat"] = metrics.psis_khat(lw) if valid else float("inf")
         row["khat_verdict"] = metrics.khat_verdict(row["khat"])
         if why_not is not None:
             # one batch's log weights: their noise is not q's; IWAE and k-hat are not defined
@@ -448,7 +451,8 @@ def compare(
         its ELBO, IWAE, gap and k-hat are NaN, its k-hat verdict ``"point mass"``,
         and it is never ``reliable``. Where ``outside_support`` guide draws have
         ``log p = -inf``, the ELBO and IWAE are
-        ``-inf`` (the mean over the other draws would overstate them).
+        ``-inf`` (the mean over the other draws would overstate them) and k-hat
+        counts them as weights of 0 (as ArviZ's ``psislw``).
         A fit whose model subsamples its data (``settings["subsample"]``) has its
         draws and log weights evaluated on all the rows
         (:func:`vimodels.svi.subsample.full_data`; ``log_weight_data`` says so)
@@ -622,7 +626,8 @@ def _flags(summary: pd.DataFrame, reference: Reference, le: LogEvidence) -> list
         if getattr(row, "outside_support", 0):
             flags.append(
                 f"{row.method}: {row.outside_support} guide draw(s) fall where log p(x, z) = "
-                "-inf (outside the posterior's support): its ELBO and IWAE are -inf"
+                "-inf (outside the posterior's support): its ELBO and IWAE are -inf; "
+                "its k-hat counts them as weights of 0"
             )
         data = getattr(row, "log_weight_data", "full")
         if isinstance(data, str) and data.startswith("subsampled"):

@@ -307,6 +307,10 @@ def test_a_model_undefined_on_part_of_the_grid():
     p = np.exp(psis(np.where(np.isfinite(lw), lw, lw[np.isfinite(lw)].min() - 1e3))[0])
     n_eff = 1.0 / (1.0 / (1.0 / float((p**2).sum())) + 1.0 / 1000)
     assert abs(s.mean() - m1) <= 5 * sd / math.sqrt(n_eff)
+    # the draws of weight 0 do not make k infinite (it was, by fiat); the message counts them
+    rs = r.settings["resample"]
+    assert rs["zero_weight"] > 0 and math.isfinite(rs["k_hat"]) and rs["k_hat"] < 0.7
+    assert "of weight 0 where log p = -inf" in r.message and rs["reliable"]
 
 
 def test_grid_size_is_capped(potential):

@@ -340,7 +340,9 @@ def fit_by_optimizer(
                 est, se = elbo_estimate(log_w)
                 if resample:
                     settings["resample"] = resample_settings(log_w)
-                    message = f"{message}; {khat_note(settings['resample']['k_hat'], len(log_w))}"
+                    rs = settings["resample"]
+                    note = khat_note(rs["k_hat"], len(log_w), rs["zero_weight"])
+                    message = f"{message}; {note}"
             if params is None:
                 params = {
                     name: pyro.param(name).detach().double().numpy().copy()

@@ -48,45 +48,54 @@ def resample_settings(log_w: np.ndarray, pool_factor: int = POOL_FACTOR) -> dict
     the tail (fewer than :data:`MIN_DRAWS`).
     """
     k_hat = khat_of(log_w) if len(log_w) >= MIN_DRAWS else None
-    out = {"method": "psis", "pool_factor": int(pool_factor), "k_hat": k_hat}
+    zero = int(np.isneginf(np.asarray(log_w, dtype=float)).sum())
+    out = {"method": "psis", "pool_factor": int(pool_factor), "k_hat": k_hat, "zero_weight": zero}
     out["reliable"] = None if k_hat is None else bool(k_hat < KHAT_BAD)
     return out
 
 
-def khat_note(k_hat: float | None, n: int) -> str:
-    """One line on a Pareto k of ``n`` weights."""
+def khat_note(k_hat: float | None, n: int, zero: int = 0) -> str:
+    """One line on a Pareto k of ``n`` weights, ``zero`` of them 0 (``log p = -inf``)."""
     if k_hat is None:
         return f"importance weights' Pareto k not estimated ({n} draws; {MIN_DRAWS} needed)"
+    draws = f"{n} draws" + (f", {zero} of weight 0 where log p = -inf" if zero else "")
     if k_hat < KHAT_BAD:
-        return f"importance weights' Pareto k {k_hat:.2f} ({n} draws): resampling reliable"
+        return f"importance weights' Pareto k {k_hat:.2f} ({draws}): resampling reliable"
     return (
-        f"importance weights' Pareto k {k_hat:.2f} >= {KHAT_BAD} ({n} draws): the proposal "
+        f"importance weights' Pareto k {k_hat:.2f} >= {KHAT_BAD} ({draws}): the proposal "
         "misses posterior mass, so the resampled draws are not reliable (they lean toward "
         "the proposal); use NUTS, or a richer guide"
     )
 
 
 def khat_of(log_w: np.ndarray) -> float:
-    """Pareto k of log weights (``inf`` when fewer than two are finite)."""
+    """Pareto k of log weights.
+
+    A log weight of ``-inf`` (a draw where ``log p = -inf``: outside the model's
+    support, or where its density failed) is a weight of 0, as in ArviZ's
+    ``psislw``: it cannot lengthen the tail that ``k`` measures. ``inf`` when a
+    weight is NaN or ``+inf``, or fewer than two are positive.
+    """
     lw = np.asarray(log_w, dtype=float)
-    finite = np.isfinite(lw)
-    if finite.sum() < 2:
-        return float("inf")
-    if not finite.all():
+    if np.isnan(lw).any() or np.isposinf(lw).any() or np.isfinite(lw).sum() < 2:
         return float("inf")
     return psis(lw)[1]
 
 
 def psis_probabilities(log_w: np.ndarray) -> tuple[np.ndarray, float]:
-    """Resampling probabilities from Pareto-smoothed weights (non-finite weights get 0), and k."""
+    """Resampling probabilities from Pareto-smoothed weights (non-finite weights get 0), and k.
+
+    ``k`` as :func:`khat_of` (draws of weight 0 do not count against it; a NaN or
+    ``+inf`` weight makes it ``inf``).
+    """
     lw = np.asarray(log_w, dtype=float)
     finite = np.isfinite(lw)
     if not finite.any():
         raise ValueError("no proposal draw has a finite importance weight")
     fill = np.where(finite, lw, np.min(lw[finite]) - 1e3)
-    smoothed, k_hat = psis(fill)
+    smoothed, _ = psis(fill)
     probs = np.where(finite, np.exp(smoothed - smoothed.max()), 0.0)
-    return probs / probs.sum(), (k_hat if finite.all() else float("inf"))
+    return probs / probs.sum(), khat_of(lw)
 
 
 def resampled_draws(
