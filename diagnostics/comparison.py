@@ -452,7 +452,8 @@ def compare(
         and it is never ``reliable``. Where ``outside_support`` guide draws have
         ``log p = -inf``, the ELBO and IWAE are
         ``-inf`` (the mean over the other draws would overstate them) and k-hat
-        counts them as weights of 0 (as ArviZ's ``psislw``).
+        counts them as weights of 0 (as ArviZ's ``psislw``); such a row is
+        ``reliable`` only if its fit resamples (its own draws are then inside).
         A fit whose model subsamples its data (``settings["subsample"]``) has its
         draws and log weights evaluated on all the rows
         (:func:`vimodels.svi.subsample.full_data`; ``log_weight_data`` says so)
@@ -566,9 +567,14 @@ def compare(
     summary["reference"] = reference.kind + (
         f", {reference.reference_from}" if reference.reference_from else ""
     )
+    # draws outside the support are weights of 0 to k-hat, but a guide's own draws there
+    # are no posterior's (a resampling fit never returns them)
+    resampled = summary["method"].map(lambda m: bool(named[m].settings.get("resample")))
+    inside = summary["outside_support"].fillna(0).eq(0) | resampled
     summary["reliable"] = (
         summary["converged"]
         & (summary["khat"] < metrics.KHAT_BAD)
+        & inside
         & ~summary["point_mass"].fillna(False).astype(bool)
         & ~summary["failed"]
         & reference.trusted

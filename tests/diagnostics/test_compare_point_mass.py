@@ -10,6 +10,7 @@ All of these tests fail on the code before the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -109,6 +110,11 @@ def test_draws_outside_the_support_make_the_elbo_minus_inf_not_the_mean_of_the_r
     assert row["outside_support"] > 0 and row["gap"] == math.inf
     # the draws of weight 0 do not make k-hat infinite (ArviZ's psislw counts them as 0)
     assert np.isfinite(row["khat"])
+    # converged or not, its own draws fall outside: no posterior's, never reliable
+    done = dataclasses.replace(r, converged=True, status="converged")
+    good_ref = dataclasses.replace(ref, trusted=True)  # (the short run is not: not the point)
+    again = compare([done], good_ref, num_draws=2000, iwae_k=10, num_evidence=500, seed=1).summary
+    assert again.iloc[0]["khat"] < 0.7 and not again.iloc[0]["reliable"]
     assert any("outside the posterior's support" in f for f in c.flags)
 
 
