@@ -44,6 +44,7 @@ from vimodels.errors import IncompatibleError, OptionError, check_option
 from vimodels.svi.draws import ModelInfo, model_info
 from vimodels.svi.minibatch_eval import EVAL_BATCHES, group_sizes, grouped_estimate
 from vimodels.svi.reparam import decentered_sites_of
+from vimodels.svi.resample import khat_defined
 from vimodels.svi.scope import param_scope
 from vimodels.svi.subsample import full_data
 
@@ -258,8 +259,7 @@ def _method_metrics(
             row["elbo_se"] = row["iwae_se"] = nan
         # a draw with log p = -inf is a weight of 0 (ArviZ's psislw keeps it so): it
         # cannot lengthen the tail k measures; NaN or +inf weights leave k undefined
-        valid = not (np.isnan(lw).any() or np.isposinf(lw).any()) and np.isfinite(lw).sum() > 1
-        row["khat"] = metrics.psis_khat(lw) if valid else float("inf")
+        row["khat"] = metrics.psis_khat(lw) if khat_defined(lw) else float("inf")
         row["khat_verdict"] = metrics.khat_verdict(row["khat"])
         if why_not is not None:
             # one batch's log weights: their noise is not q's; IWAE and k-hat are not defined

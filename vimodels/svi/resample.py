@@ -76,10 +76,13 @@ def khat_of(log_w: np.ndarray) -> float:
     ``psislw``: it cannot lengthen the tail that ``k`` measures. ``inf`` when a
     weight is NaN or ``+inf``, or fewer than two are positive.
     """
+    return psis(log_w)[1] if khat_defined(log_w) else float("inf")
+
+
+def khat_defined(log_w: np.ndarray) -> bool:
+    """Whether log weights have a Pareto k: no NaN or ``+inf``, at least two finite."""
     lw = np.asarray(log_w, dtype=float)
-    if np.isnan(lw).any() or np.isposinf(lw).any() or np.isfinite(lw).sum() < 2:
-        return float("inf")
-    return psis(lw)[1]
+    return not (np.isnan(lw).any() or np.isposinf(lw).any()) and int(np.isfinite(lw).sum()) > 1
 
 
 def psis_probabilities(log_w: np.ndarray) -> tuple[np.ndarray, float]:
@@ -93,9 +96,10 @@ def psis_probabilities(log_w: np.ndarray) -> tuple[np.ndarray, float]:
     if not finite.any():
         raise ValueError("no proposal draw has a finite importance weight")
     fill = np.where(finite, lw, np.min(lw[finite]) - 1e3)
-    smoothed, _ = psis(fill)
+    # the fill lies far below the tail's cutoff: the same k as psis of the -inf weights
+    smoothed, k_hat = psis(fill)
     probs = np.where(finite, np.exp(smoothed - smoothed.max()), 0.0)
-    return probs / probs.sum(), khat_of(lw)
+    return probs / probs.sum(), (k_hat if khat_defined(lw) else float("inf"))
 
 
 def resampled_draws(
